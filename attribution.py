@@ -1,0 +1,80 @@
+"""Attribution maps for a classifier: saliency, Grad-CAM, integrated gradients (thin over captum).
+
+Every function takes images in [0, 1] of shape (B, C, H, W) and targets as an int or a (B,) long
+tensor, runs the model in eval mode, and leaves the model (mode, requires_grad, hooks) as found.
+"""
+from contextlib import contextmanager
+
+import torch
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
+
+import models
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+@contextmanager
+def _untouched(model):
+    """Run `model` in eval mode with grad enabled; restore modes, requires_grad and hooks on exit."""
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    hooks = [(m, name, set(getattr(m, name))) for m in modules for name in _HOOK_DICTS if hasattr(m, name)]
+    try:
+        model.eval()
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.training = mode
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, name, before in hooks:  # drop anything a library left behind
+            d = getattr(m, name)
+            for key in set(d) - before:
+                del d[key]
+
+
+def _prepare(images, targets):
+    """A detached float copy of the images (B, C, H, W) and the targets as a (B,) long tensor."""
+    x = images.detach().clone().float().requires_grad_()  # captum warns unless inputs require grad
+    t = torch.as_tensor(targets, dtype=torch.long, device=x.device)
+    return x, t.expand(len(x)).contiguous() if t.dim() == 0 else t
+
+
+def saliency(model, images, targets):
+    """|d logit_target / d pixel|, max over channels: (B, H, W), non-negative."""
+    x, t = _prepare(images, targets)
+    with _untouched(model):
+        attr = Saliency(model).attribute(x, target=t, abs=True)  # (B, C, H, W)
+    return attr.amax(1).detach()
+
+
+def grad_cam(model, images, targets, layer="block3.act2"):
+    """Grad-CAM at `layer` (a name or a module), relu'd and bilinearly upsampled to the input: (B, H, W)."""
+    layer = models.get_layer(model, layer) if isinstance(layer, str) else layer
+    x, t = _prepare(images, targets)
+    with _untouched(model):
+        cam = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)  # (B, 1, h, w)
+    cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")
+    return cam[:, 0].clamp_min(0)  # (B, H, W)
+
+
+def integrated_gradients(model, images, targets, baseline=None, steps=32, internal_batch_size=64):
+    """Integrated gradients from `baseline` (default black) to the images: signed, (B, C, H, W)."""
+    x, t = _prepare(images, targets)
+    b = torch.zeros_like(x) if baseline is None else torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
+    b = b.expand_as(x).contiguous()
+    with _untouched(model):
+        attr = IntegratedGradients(model).attribute(
+            x, baselines=b, target=t, n_steps=steps, internal_batch_size=internal_batch_size)
+    return attr.detach()
+
+
+def to_heatmap(attr, signed=False):
+    """Reduce (B, C, H, W) attributions to (B, H, W): sum over channels of |attr|, or of attr if signed."""
+    attr = attr.detach()
+    if attr.dim() == 3:  # already one map per image
+        return attr if signed else attr.abs()
+    return attr.sum(1) if signed else attr.abs().sum(1)

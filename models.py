@@ -1,0 +1,301 @@
+"""Neural networks: the CNN family and the convolutional VAE. Modules only, no I/O.
+
+Every model takes images in [0, 1] of shape (B, C, 32, 32); the classifier normalizes inside.
+Build any model from its config dict with `build_model(config)`, so a checkpoint can rebuild it.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------- classifier
+
+CNN_PRESETS = {
+    # port of airbench94 (Keller Jordan): ~94% on CIFAR-10 in ~10 epochs
+    "airbench": dict(widths=(64, 256, 256)),
+    # same architecture, narrow: for smoke runs and tests
+    "small": dict(widths=(16, 32, 32)),
+}
+
+
+def cnn_config(preset="airbench", in_channels=3, num_classes=10, mean=None, std=None, **overrides):
+    """Config dict for a CNN of the named preset; mean/std are the per-channel input statistics."""
+    if preset not in CNN_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(CNN_PRESETS)}")
+    config = dict(
+        kind="cnn",
+        preset=preset,
+        in_channels=in_channels,   # 1 (Fashion-MNIST) or 3
+        num_classes=num_classes,
+        widths=(64, 256, 256),     # channels of block1..block3
+        whiten_kernel=2,           # patch size of the frozen whitening conv
+        bn_momentum=0.6,           # airbench convention: weight of the old running stat
+        logit_scale=1 / 9,         # logits are divided by 9 (temperature)
+        mean=list(mean) if mean is not None else [0.5] * in_channels,
+        std=list(std) if std is not None else [0.25] * in_channels,
+    )
+    config.update(CNN_PRESETS[preset])
+    config.update(overrides)
+    config["widths"] = list(config["widths"])
+    return config
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std with per-channel buffers, so the model sees [0, 1] images."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm with the scale frozen at 1 and only the bias trained (airbench)."""
+
+    def __init__(self, channels, momentum=0.6, eps=1e-12):
+        super().__init__(channels, eps=eps, momentum=1 - momentum)
+        self.weight.requires_grad = False
+
+
+class Conv(nn.Conv2d):
+    """3x3 'same' conv without bias, initialized partly as identity (dirac) like airbench."""
+
+    def __init__(self, cin, cout, kernel_size=3, padding="same", bias=False):
+        super().__init__(cin, cout, kernel_size, padding=padding, bias=bias)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if self.bias is not None:
+            self.bias.data.zero_()
+        w = self.weight.data
+        nn.init.dirac_(w[: min(w.size(0), w.size(1))])
+
+
+class ConvBlock(nn.Module):
+    """conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU; halves the resolution."""
+
+    def __init__(self, cin, cout, bn_momentum):
+        super().__init__()
+        self.conv1 = Conv(cin, cout)
+        self.pool = nn.MaxPool2d(2)
+        self.bn1 = BatchNorm(cout, bn_momentum)
+        self.act1 = nn.GELU()
+        self.conv2 = Conv(cout, cout)
+        self.bn2 = BatchNorm(cout, bn_momentum)
+        self.act2 = nn.GELU()
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.pool(self.conv1(x))))
+        return self.act2(self.bn2(self.conv2(x)))
+
+
+class CNN(nn.Module):
+    """airbench94-style classifier: frozen patch-whitening conv, three conv blocks, max pool, linear."""
+
+    def __init__(self, config):
+        super().__init__()
+        c, k, w = config["in_channels"], config["whiten_kernel"], config["widths"]
+        self.config = config
+        self.normalize = Normalize(config["mean"], config["std"])
+        self.whiten = Conv(c, 2 * c * k * k, k, padding=0, bias=True)  # (B, 2ck^2, 31, 31)
+        self.whiten.weight.requires_grad = False
+        self.whiten_act = nn.GELU()
+        self.block1 = ConvBlock(2 * c * k * k, w[0], config["bn_momentum"])  # (B, w0, 15, 15)
+        self.block2 = ConvBlock(w[0], w[1], config["bn_momentum"])  # (B, w1, 7, 7)
+        self.block3 = ConvBlock(w[1], w[2], config["bn_momentum"])  # (B, w2, 3, 3)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(w[2], config["num_classes"], bias=False)
+        self.logit_scale = config["logit_scale"]
+
+    def features(self, x):
+        """Penultimate features (B, w2): what the linear head sees."""
+        x = self.whiten_act(self.whiten(self.normalize(x)))
+        x = self.block3(self.block2(self.block1(x)))
+        return self.pool(x).flatten(1)
+
+    def forward(self, x):
+        return self.head(self.features(x)) * self.logit_scale  # (B, num_classes)
+
+    @torch.no_grad()
+    def init_whiten(self, images, eps=5e-4):
+        """Set the whitening filters to the scaled eigenvectors of the patch covariance of `images`."""
+        x = self.normalize(images.float())
+        c, k = x.size(1), self.config["whiten_kernel"]
+        patches = x.unfold(2, k, 1).unfold(3, k, 1)  # (B, C, H', W', k, k)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
+        cov = patches.T @ patches / len(patches)
+        eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+        eigvals, eigvecs = eigvals.flip(0), eigvecs.T.flip(0)
+        filters = (eigvecs / torch.sqrt(eigvals.clamp_min(0) + eps)[:, None]).view(-1, c, k, k)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).float())
+
+
+# ----------------------------------------------------------------------------- VAE
+
+VAE_PRESETS = {
+    "default": dict(widths=(64, 128, 256), latent_dim=128),
+    "small": dict(widths=(16, 32, 32), latent_dim=32),
+}
+
+
+def vae_config(preset="default", in_channels=3, **overrides):
+    """Config dict for a VAE of the named preset."""
+    if preset not in VAE_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(VAE_PRESETS)}")
+    config = dict(
+        kind="vae",
+        preset=preset,
+        in_channels=in_channels,
+        widths=(64, 128, 256),  # encoder channels at 16, 8, 4 px; the decoder mirrors them
+        latent_dim=128,         # z is a flat vector of this size
+        min_log_scale=-7.0,     # floor of the discretized logistic's log scale
+    )
+    config.update(VAE_PRESETS[preset])
+    config.update(overrides)
+    config["widths"] = list(config["widths"])
+    return config
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.net = nn.Sequential(nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1), nn.SiLU(), nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+def discretized_logistic_nll(x, mean, log_scale):
+    """-log P(x) per pixel under a logistic discretized to 256 levels; x, mean in [-1, 1]."""
+    centered = x - mean
+    inv_s = torch.exp(-log_scale)
+    plus = inv_s * (centered + 1 / 255)
+    minus = inv_s * (centered - 1 / 255)
+    log_cdf_plus = plus - F.softplus(plus)        # log sigmoid(plus): mass of the lowest bin
+    log_one_minus_cdf_minus = -F.softplus(minus)  # log(1 - sigmoid(minus)): mass of the top bin
+    cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
+    mid = inv_s * centered
+    log_pdf_mid = mid - log_scale - 2 * F.softplus(mid) - math.log(127.5)  # when the bin mass underflows
+    log_mid = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), log_pdf_mid)
+    log_p = torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_mid))
+    return -log_p
+
+
+class VAE(nn.Module):
+    """Convolutional VAE with a flat latent and a discretized-logistic decoder (true bits/dim)."""
+
+    def __init__(self, config):
+        super().__init__()
+        c, (w1, w2, w3), d = config["in_channels"], config["widths"], config["latent_dim"]
+        self.config, self.latent_dim = config, d
+        self.encoder = nn.Sequential(
+            nn.Conv2d(c, w1, 4, 2, 1), ResBlock(w1), nn.SiLU(),   # (B, w1, 16, 16)
+            nn.Conv2d(w1, w2, 4, 2, 1), ResBlock(w2), nn.SiLU(),  # (B, w2, 8, 8)
+            nn.Conv2d(w2, w3, 4, 2, 1), ResBlock(w3), nn.SiLU(),  # (B, w3, 4, 4)
+            nn.Flatten(),
+            nn.Linear(w3 * 16, 2 * d),
+        )
+        self.decoder = nn.Sequential(
+            nn.Linear(d, w3 * 16), nn.Unflatten(1, (w3, 4, 4)),
+            ResBlock(w3), nn.SiLU(), nn.ConvTranspose2d(w3, w2, 4, 2, 1),  # (B, w2, 8, 8)
+            ResBlock(w2), nn.SiLU(), nn.ConvTranspose2d(w2, w1, 4, 2, 1),  # (B, w1, 16, 16)
+            ResBlock(w1), nn.SiLU(), nn.ConvTranspose2d(w1, 2 * c, 4, 2, 1),  # (B, 2C, 32, 32)
+        )
+        # statistics of the encoder means over the training set (filled in after training)
+        self.register_buffer("latent_mean", torch.zeros(d))
+        self.register_buffer("latent_cov", torch.eye(d))
+        self.register_buffer("latent_lo", torch.full((d,), -3.0))  # 0.5th percentile per dim
+        self.register_buffer("latent_hi", torch.full((d,), 3.0))   # 99.5th percentile per dim
+
+    def encode(self, x):
+        """Posterior q(z|x) of images in [0, 1]: (mean, logvar), each (B, latent_dim)."""
+        mu, logvar = self.encoder(x * 2 - 1).chunk(2, dim=1)
+        return mu, logvar.clamp(-12, 8)
+
+    def decode_params(self, z):
+        """Discretized-logistic parameters in [-1, 1] space: (mean, log_scale), each (B, C, H, W)."""
+        mean, log_scale = self.decoder(z).chunk(2, dim=1)
+        return torch.tanh(mean), log_scale.clamp_min(self.config["min_log_scale"])
+
+    def decode(self, z):
+        """The decoder's mean image in [0, 1] (differentiable in z)."""
+        return (self.decode_params(z)[0] + 1) / 2
+
+    def forward(self, x):
+        return self.reconstruct(x)
+
+    def reconstruct(self, x):
+        """Decode the posterior mean of x."""
+        return self.decode(self.encode(x)[0])
+
+    def sample(self, n, generator=None, temperature=1.0):
+        """Mean images of n draws of z from the N(0, I) prior."""
+        device = self.latent_mean.device
+        z = torch.randn(n, self.latent_dim, generator=generator, device=device) * temperature
+        return self.decode(z)
+
+    def elbo(self, x, kl_weight=1.0, free_bits=0.0, generator=None):
+        """Loss terms per image, in nats summed over pixels (and in bits/dim for the negative ELBO)."""
+        mu, logvar = self.encode(x)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        z = mu + eps * torch.exp(0.5 * logvar)
+        mean, log_scale = self.decode_params(z)
+        target = (torch.round(x * 255) / 255) * 2 - 1
+        nll = discretized_logistic_nll(target, mean, log_scale).flatten(1).sum(1)  # (B,)
+        kl_dims = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)  # (B, D)
+        kl = kl_dims.sum(1)
+        kl_train = kl_dims.mean(0).clamp_min(free_bits).sum() if free_bits > 0 else kl.mean()
+        dims = x[0].numel()
+        return dict(
+            loss=nll.mean() + kl_weight * kl_train,  # what training minimizes
+            nll=nll, kl=kl,
+            bpd=(nll + kl) / (dims * math.log(2)),  # negative ELBO in bits/dim, per image
+        )
+
+
+# ----------------------------------------------------------------------------- common
+
+def build_model(config):
+    """Rebuild a model from its config dict (as stored in a checkpoint)."""
+    kinds = {"cnn": CNN, "vae": VAE}
+    if config.get("kind") not in kinds:
+        raise ValueError(f"config kind must be one of {sorted(kinds)}, got {config.get('kind')!r}")
+    return kinds[config["kind"]](config)
+
+
+def list_layers(model):
+    """Names of the layers a user can target: convolutions, activations, and the head."""
+    kinds = (nn.Conv2d, nn.GELU, nn.ReLU, nn.SiLU, nn.Linear)
+    return [name for name, m in model.named_modules() if name and isinstance(m, kinds)]
+
+
+def get_layer(model, name):
+    """The submodule called `name`; a clear error listing the valid names otherwise."""
+    modules = dict(model.named_modules())
+    if name not in modules or not name:
+        raise ValueError(f"unknown layer {name!r}; valid layers: {', '.join(list_layers(model))}")
+    return modules[name]
+
+
+@torch.no_grad()
+def capture(model, images, layers):
+    """Outputs of the named layers for a batch, as {name: tensor}; hooks are removed afterwards."""
+    out, handles = {}, []
+    try:
+        for name in layers:
+            hook = lambda module, args, output, name=name: out.__setitem__(name, output.detach())
+            handles.append(get_layer(model, name).register_forward_hook(hook))
+        was_training = model.training
+        model.eval()
+        try:
+            model(images)
+        finally:
+            model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: out[name] for name in layers}

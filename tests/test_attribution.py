@@ -1,0 +1,179 @@
+"""Attribution maps on tiny models whose evidence sits at known pixels / regions."""
+import pytest
+import torch
+from torch import nn
+
+import attribution
+import models
+
+A = (0, 5, 7)    # (channel, row, col) of the pixel that drives class 0
+B = (2, 20, 11)  # the pixel that drives class 1
+
+
+class PixelModel(nn.Module):
+    """Logits that depend only on pixels A and B, nonlinearly: class 0 up with A, class 1 down with B."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.frozen = nn.Parameter(torch.tensor(2.0), requires_grad=False)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, 3)
+        a, b = x[:, A[0], A[1], A[2]], x[:, B[0], B[1], B[2]]
+        logit0 = self.frozen * torch.tanh(3 * a)   # increasing in a
+        logit1 = -self.scale * (b + 2 * b ** 2)     # decreasing in b (b >= 0)
+        logit2 = 4 * a * b                          # an interaction
+        return torch.stack([logit0, logit1, logit2], 1)
+
+
+class RegionModel(nn.Module):
+    """Class 0 = mean redness, class 1 = mean blueness, read from an 8x8 feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0, 0] = 1  # channel 0 sees red
+            self.conv.weight[1, 2] = 1  # channel 1 sees blue
+        self.act = nn.ReLU()
+        self.pool = nn.AvgPool2d(4)  # (B, 2, 8, 8)
+        self.head = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(2))
+
+    def forward(self, x):
+        f = self.pool(self.act(self.conv(x)))  # (B, 2, 8, 8)
+        return self.head(f.mean((2, 3)))
+
+
+def pixel_images(n=2):
+    x = torch.zeros(n, 3, 32, 32)
+    x[:, A[0], A[1], A[2]] = torch.linspace(0.3, 0.9, n)
+    x[:, B[0], B[1], B[2]] = torch.linspace(0.8, 0.4, n)
+    return x
+
+
+def region_images():
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.05
+    x[:, 0, :8, :8] = 1.0     # red patch top-left
+    x[:, 2, 24:, 24:] = 1.0   # blue patch bottom-right
+    return x
+
+
+def assert_untouched(model, modes, flags):
+    for m in model.modules():
+        for name in ("_forward_hooks", "_backward_hooks", "_forward_pre_hooks", "_backward_pre_hooks"):
+            assert len(getattr(m, name)) == 0, f"{name} left on {type(m).__name__}"
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def snapshot(model):
+    return [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]
+
+
+def test_saliency_is_nonzero_exactly_at_the_known_pixels():
+    model, x = PixelModel(), pixel_images()
+    sal = attribution.saliency(model, x, torch.tensor([0, 1]))
+    assert sal.shape == (2, 32, 32) and (sal >= 0).all()
+    for i, (_, r, c) in enumerate([A, B]):
+        nz = sal[i].nonzero().tolist()
+        assert nz == [[r, c]]
+    both = attribution.saliency(model, x, 2)  # interaction: both pixels
+    assert {tuple(p) for p in both[0].nonzero().tolist()} == {A[1:], B[1:]}
+
+
+def test_integrated_gradients_sign_and_completeness():
+    model, x = PixelModel(), pixel_images()
+    for target, (px, sign) in [(0, (A, 1)), (1, (B, -1))]:
+        ig = attribution.integrated_gradients(model, x, target, steps=32)
+        assert ig.shape == x.shape
+        assert (torch.sign(ig[:, px[0], px[1], px[2]]) == sign).all()
+        mask = torch.ones_like(ig, dtype=torch.bool)
+        mask[:, px[0], px[1], px[2]] = False
+        assert ig[mask].abs().max() == 0
+    # completeness on the interaction logit, against f(x) - f(0) and an independent Riemann sum
+    ig = attribution.integrated_gradients(model, x, 2, steps=32)
+    with torch.no_grad():
+        delta = model(x)[:, 2] - model(torch.zeros_like(x))[:, 2]
+    torch.testing.assert_close(ig.flatten(1).sum(1), delta, atol=1e-4, rtol=1e-4)
+    alphas = (torch.arange(500) + 0.5) / 500  # midpoint rule
+    path = (alphas.view(-1, 1, 1, 1, 1) * x).reshape(-1, *x.shape[1:]).requires_grad_()
+    grads, = torch.autograd.grad(model(path)[:, 2].sum(), path)
+    reference = grads.view(len(alphas), *x.shape).mean(0) * x
+    torch.testing.assert_close(ig, reference, atol=1e-4, rtol=1e-3)
+
+
+def test_integrated_gradients_custom_baseline():
+    model, x = PixelModel(), pixel_images()
+    ig = attribution.integrated_gradients(model, x, 1, baseline=0.5, steps=16, internal_batch_size=8)
+    with torch.no_grad():
+        delta = model(x)[:, 1] - model(torch.full_like(x, 0.5))[:, 1]
+    torch.testing.assert_close(ig.flatten(1).sum(1), delta, atol=1e-4, rtol=1e-4)
+
+
+def test_grad_cam_peaks_in_the_known_region():
+    model, x = RegionModel(), region_images()
+    red = attribution.grad_cam(model, x, 0, layer="act")
+    blue = attribution.grad_cam(model, x, torch.tensor([1, 1]), layer=model.pool)
+    assert red.shape == blue.shape == (2, 32, 32) and (red >= 0).all() and (blue >= 0).all()
+    for cam, (rows, cols) in [(red, (slice(0, 8), slice(0, 8))), (blue, (slice(24, 32), slice(24, 32)))]:
+        for m in cam:
+            r, c = divmod(int(m.argmax()), 32)
+            assert rows.start <= r < rows.stop and cols.start <= c < cols.stop
+            assert m[rows, cols].mean() > 4 * m.mean()  # the patch is 1/16 of the image
+
+
+def test_bad_layer_name_lists_valid_layers():
+    model = RegionModel()
+    with pytest.raises(ValueError, match=r"valid layers:.*conv.*act.*head"):
+        attribution.grad_cam(model, region_images(), 0, layer="nope")
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_model_left_as_found(train):
+    model, x = PixelModel(), pixel_images()
+    region, xr = RegionModel(), region_images()
+    model.train(train)
+    region.train(train)
+    region.head.weight.requires_grad_(False)
+    before, before_r = snapshot(model), snapshot(region)
+    x0 = x.clone()
+    attribution.saliency(model, x, 0)
+    assert_untouched(model, *before)
+    attribution.integrated_gradients(model, x, 1, steps=4)
+    assert_untouched(model, *before)
+    attribution.grad_cam(region, xr, 0, layer="act")
+    assert_untouched(region, *before_r)
+    assert torch.equal(x, x0) and not x.requires_grad and x.grad is None
+
+
+def test_hooks_removed_when_attribution_fails():
+    region = RegionModel()
+    with pytest.raises(Exception):
+        attribution.grad_cam(region, region_images(), 5, layer="act")  # target out of range
+    assert_untouched(region, *snapshot(region))
+
+
+def test_to_heatmap():
+    attr = torch.tensor([[1.0, -2.0], [-3.0, 0.5]]).view(1, 2, 1, 2)  # (B, C, H, W)
+    torch.testing.assert_close(attribution.to_heatmap(attr), torch.tensor([[[4.0, 2.5]]]))
+    torch.testing.assert_close(attribution.to_heatmap(attr, signed=True), torch.tensor([[[-2.0, -1.5]]]))
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_real_small_cnn_shapes(channels):
+    model = models.build_model(models.cnn_config("small", in_channels=channels)).train()
+    before, stats = snapshot(model), model.block1.bn1.running_mean.clone()
+    x = torch.rand(2, channels, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([3, 7])
+    assert attribution.saliency(model, x, t).shape == (2, 32, 32)
+    cam = attribution.grad_cam(model, x, t)
+    assert cam.shape == (2, 32, 32) and (cam >= 0).all()
+    assert attribution.grad_cam(model, x, 1, layer="block1.act2").shape == (2, 32, 32)
+    ig = attribution.integrated_gradients(model, x, t, steps=4)
+    assert ig.shape == x.shape and not ig.requires_grad
+    assert attribution.to_heatmap(ig).shape == (2, 32, 32)
+    assert_untouched(model, *before)
+    assert torch.equal(model.block1.bn1.running_mean, stats)  # ran in eval mode: BN stats unchanged

@@ -1,0 +1,150 @@
+import pickle
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+def test_synthetic_is_deterministic_and_well_formed():
+    a = data.load_data("synthetic", n_train=500, n_test=100, seed=3)
+    b = data.load_data("synthetic", n_train=500, n_test=100, seed=3)
+    c = data.load_data("synthetic", n_train=500, n_test=100, seed=4)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert not torch.equal(a.train_x, c.train_x)
+    assert a.train_x.dtype == torch.uint8 and a.train_x.shape[1:] == (3, 32, 32)
+    assert a.train_y.dtype == torch.int64 and len(a.classes) == 10
+    assert a.templates.shape == (10, 3, 32, 32)
+    assert len(a.train_y) + len(a.val_y) == 500 and len(a.test_y) == 100
+
+
+def test_synthetic_images_carry_their_planted_feature(synthetic):
+    x = synthetic.test_x.float().div(255).flatten(1)
+    t = synthetic.templates.flatten(1)
+    x, t = x - x.mean(1, keepdim=True), t - t.mean(1, keepdim=True)
+    corr = (x / x.norm(dim=1, keepdim=True)) @ (t / t.norm(dim=1, keepdim=True)).T  # (N, 10)
+    assert (corr.argmax(1) == synthetic.test_y).float().mean() > 0.95
+
+
+def test_templates_are_flip_symmetric():
+    t = data.synthetic_templates()
+    assert torch.allclose(t, t.flip(3))
+
+
+@pytest.mark.parametrize("n, val", [(50000, 5000), (1000, 100), (61, 6)])
+def test_split_is_deterministic_disjoint_and_complete(n, val):
+    tr, va = data.split_indices(n, seed=1)
+    tr2, va2 = data.split_indices(n, seed=1)
+    assert torch.equal(tr, tr2) and torch.equal(va, va2)
+    assert len(va) == val and len(tr) == n - val
+    assert torch.equal(torch.cat([tr, va]).sort().values, torch.arange(n))
+    assert not torch.equal(va, data.split_indices(n, seed=2)[1])
+
+
+def test_unknown_dataset_names_the_choices():
+    with pytest.raises(ValueError, match="cifar10, fashion-mnist, synthetic"):
+        data.load_data("imagenet")
+
+
+def test_loader_augmentation_keeps_labels_aligned():
+    # image i is constant with value 10 * label: any crop or flip keeps it constant
+    y = torch.arange(200) % 10
+    x = (y * 10).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 32, 32).contiguous()
+    loader = data.Loader(x, y, batch_size=64, shuffle=True, augment=True, seed=0)
+    seen = []
+    for xb, yb in loader:
+        assert xb.dtype == torch.float32 and xb.shape[1:] == (3, 32, 32)
+        assert torch.allclose(xb.amax((1, 2, 3)), yb.float() * 10 / 255)
+        assert torch.allclose(xb.amin((1, 2, 3)), yb.float() * 10 / 255)
+        seen.append(yb)
+    assert len(seen) == 4 and sorted(torch.cat(seen).tolist()) == sorted(y.tolist())
+
+
+def test_loader_translates_and_flips_within_range():
+    # one bright pixel per image at a known place; after augmentation it moves at most 2 px,
+    # possibly mirrored, and both flips and several shifts occur
+    n = 400
+    x = torch.zeros(n, 1, 32, 32, dtype=torch.uint8)
+    x[:, 0, 10, 6] = 255
+    loader = data.Loader(x, torch.zeros(n, dtype=torch.int64), batch_size=n, augment=True, seed=1)
+    xb, _ = next(iter(loader))
+    pos = xb[:, 0].flatten(1).argmax(1)
+    rows, cols = pos // 32, pos % 32
+    assert (xb.flatten(1).amax(1) == 1).all() and (xb.flatten(1) > 0).sum(1).eq(1).all()
+    assert ((rows - 10).abs() <= 2).all()
+    mirrored = cols > 16
+    assert ((cols[~mirrored] - 6).abs() <= 2).all() and ((cols[mirrored] - 25).abs() <= 2).all()
+    assert 0.35 < mirrored.float().mean() < 0.65
+    assert len(set(zip(rows.tolist(), cols.tolist()))) >= 40  # 5 x 5 shifts x 2 flips = 50
+
+
+def test_loader_without_augmentation_is_exact_and_ordered():
+    x = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(70)
+    batches = list(data.Loader(x, y, batch_size=32))
+    assert [len(b[1]) for b in batches] == [32, 32, 6]
+    assert torch.equal(torch.cat([b[0] for b in batches]), x.float() / 255)
+    assert len(data.Loader(x, y, batch_size=32, drop_last=True)) == 2
+
+
+def _write_cifar(root, n_per_batch=20):
+    """A small CIFAR-10 copy in the real on-disk format (python pickles of uint8 rows)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, n_per_batch).tolist()
+        batches[name] = (images, labels)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "data": images, "labels": labels}, f)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names, "num_vis": 3072}, f)
+    return batches, names
+
+
+def test_cifar10_reads_the_real_on_disk_format(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+
+    batches, names = _write_cifar(tmp_path)
+    # our small files cannot have the real files' md5 sums; everything else is torchvision's real path
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+    d = data.load_data("cifar10", root=tmp_path)
+    assert d.classes == names and d.channels == 3
+    assert len(d.train_y) + len(d.val_y) == 100 and len(d.val_y) == 10
+    img, label = batches["test_batch"][0][0], batches["test_batch"][1][0]
+    assert torch.equal(d.test_x[0], torch.from_numpy(img.reshape(3, 32, 32)))  # channel-first, not scrambled
+    assert d.test_y[0].item() == label
+
+
+def test_cifar10_offline_error_says_where_to_put_the_archive(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    def offline(self):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(CIFAR10, "download", offline)
+    with pytest.raises(data.DatasetUnavailable, match="cifar-10-python.tar.gz") as e:
+        data.load_data("cifar10", root=tmp_path)
+    assert str(tmp_path) in str(e.value) and "DATASET=synthetic" in str(e.value)
+
+
+def test_fashion_mnist_error_when_nothing_is_reachable(tmp_path, monkeypatch):
+    from torchvision.datasets import FashionMNIST
+
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(FashionMNIST, "download", lambda self: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(data.DatasetUnavailable, match="dataset-fashion-mnist"):
+        data.load_data("fashion-mnist", root=tmp_path)
+
+
+@pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.exists(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_from_the_debian_package(tmp_path):
+    d = data.load_data("fashion-mnist", root=tmp_path)
+    assert d.train_x.shape[1:] == (1, 32, 32) and d.channels == 1
+    assert len(d.train_y) == 54000 and len(d.val_y) == 6000 and len(d.test_y) == 10000
+    assert d.train_x[:, :, :2].max() == 0 and d.train_x[:, :, :, -2:].max() == 0  # zero padding
+    assert d.classes[0] == "T-shirt/top" and not list(tmp_path.rglob("*.tmp"))

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+import models
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("preset", ["small", "airbench"])
+def test_cnn_shapes(preset, channels):
+    model = models.build_model(models.cnn_config(preset, in_channels=channels, num_classes=7)).eval()
+    x = torch.rand(2, channels, 32, 32)
+    assert model(x).shape == (2, 7)
+    assert model.features(x).shape == (2, models.CNN_PRESETS[preset]["widths"][-1])
+
+
+def test_cnn_normalizes_its_input_inside():
+    cfg = models.cnn_config("small", mean=[0.1, 0.2, 0.3], std=[0.5, 0.4, 0.2])
+    model = models.build_model(cfg).eval()
+    x = torch.rand(3, 3, 32, 32)
+    expected = (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    assert torch.allclose(model.normalize(x), expected)
+
+
+def test_layer_names_read_well_and_bad_names_list_the_valid_ones():
+    model = models.build_model(models.cnn_config("small"))
+    layers = models.list_layers(model)
+    for name in ["whiten", "block1.conv1", "block1.act1", "block2.conv2", "block3.act2", "head"]:
+        assert name in layers
+        assert models.get_layer(model, name) is dict(model.named_modules())[name]
+    with pytest.raises(ValueError, match="block1.conv1") as e:
+        models.get_layer(model, "block9.conv1")
+    assert "block9.conv1" in str(e.value)
+
+
+def test_whitening_layer_whitens_patches():
+    torch.manual_seed(0)
+    # correlated images: smooth noise with a colour cast
+    x = torch.nn.functional.avg_pool2d(torch.rand(200, 3, 34, 34), 3, 1) * torch.tensor([1.0, 0.8, 0.5]).view(1, 3, 1, 1)
+    model = models.build_model(models.cnn_config("small"))
+    model.init_whiten(x, eps=1e-9)
+    with torch.no_grad():
+        out = model.whiten(model.normalize(x)) - model.whiten.bias.view(1, -1, 1, 1)
+    half = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)  # the 12 eigen-filters (the rest are negatives)
+    cov = half.T @ half / len(half)
+    assert torch.allclose(cov, torch.eye(12), atol=0.05)
+    assert torch.allclose(out[:, 12:], -out[:, :12])
+    assert not model.whiten.weight.requires_grad
+
+
+def test_bn_scale_is_frozen_and_momentum_follows_airbench():
+    model = models.build_model(models.cnn_config("small"))
+    bn = model.block1.bn1
+    assert not bn.weight.requires_grad and bn.bias.requires_grad
+    assert bn.momentum == pytest.approx(0.4) and bn.eps == 1e-12
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match="airbench"):
+        models.cnn_config("huge")
+    with pytest.raises(ValueError, match="kind"):
+        models.build_model({"kind": "transformer"})
+
+
+def test_capture_returns_layer_outputs_and_leaves_no_hooks():
+    model = models.build_model(models.cnn_config("small")).train()
+    x = torch.rand(2, 3, 32, 32)
+    maps = models.capture(model, x, ["block1.act2", "block3.conv1"])
+    with torch.no_grad():
+        model.eval()
+        h = model.whiten_act(model.whiten(model.normalize(x)))
+        expected = model.block1(h)
+    assert torch.allclose(maps["block1.act2"], expected) and maps["block3.conv1"].shape == (2, 32, 7, 7)
+    assert all(not m._forward_hooks for m in model.modules())
+    model.train()
+    models.capture(model, x, ["head"])
+    assert model.training
+    with pytest.raises(ValueError, match="valid layers"):
+        models.capture(model, x, ["nope"])
+    assert all(not m._forward_hooks for m in model.modules())

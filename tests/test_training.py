@@ -1,0 +1,140 @@
+import math
+
+import pytest
+import torch
+
+import data
+import models
+import training
+
+TINY = dict(epochs=3, batch_size=200)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return data.load_data("synthetic", n_train=1200, n_test=300, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    model, ckpt = training.train_classifier(tiny_data, path / "cnn.pt", preset="small", hyp=TINY,
+                                            csv_path=path / "metrics.csv", progress=False)
+    return model, ckpt, path
+
+
+def test_csv_has_one_row_per_epoch(trained):
+    _, ckpt, path = trained
+    rows = training.read_csv(path / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+    assert all(0 <= r["val_acc"] <= 1 and r["seconds"] > 0 and math.isfinite(r["train_loss"]) for r in rows)
+    assert rows[-1]["val_acc"] > 0.5  # it learned
+    assert not list(path.glob(".*.tmp"))
+
+
+def test_best_checkpoint_is_the_best_epoch(trained, tiny_data):
+    model, ckpt, path = trained
+    rows = training.read_csv(path / "metrics.csv")
+    best = max(rows, key=lambda r: r["val_acc"])
+    assert ckpt["epoch"] == best["epoch"] and ckpt["complete"]
+    assert ckpt["val_acc"] == pytest.approx(best["val_acc"])
+    # the stored weights really give that validation accuracy
+    assert training.evaluate(model, tiny_data.val_x, tiny_data.val_y)["acc"] == pytest.approx(best["val_acc"])
+
+
+def test_checkpoint_round_trip(trained, tiny_data, tmp_path):
+    model, _, _ = trained
+    training.save_checkpoint(tmp_path / "c.pt", model, note="x")
+    loaded, ckpt = training.load_checkpoint(tmp_path / "c.pt")
+    assert ckpt["note"] == "x" and ckpt["config"] == model.config and not loaded.training
+    x = tiny_data.test_x[:16].float() / 255
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_missing_and_corrupt_checkpoints_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train the model first"):
+        training.load_checkpoint(tmp_path / "none.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="corrupt"):
+        training.load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_same_settings_reload_instead_of_retraining(trained, tiny_data, monkeypatch):
+    model, _, path = trained
+    monkeypatch.setattr(training, "fit", lambda *a, **k: pytest.fail("retrained"))
+    again, _ = training.train_classifier(tiny_data, path / "cnn.pt", preset="small", hyp=TINY)
+    assert torch.equal(again.head.weight, model.head.weight)
+    calls = []
+    monkeypatch.setattr(training, "fit", lambda *a, **k: calls.append(1))
+    for kwargs in [dict(hyp={**TINY, "epochs": 4}), dict(hyp=TINY, retrain=True), dict(hyp=TINY, seed=5)]:
+        with pytest.raises(FileNotFoundError):  # our fake fit wrote nothing to load
+            training.train_classifier(tiny_data, path / "other.pt", preset="small", **kwargs)
+    assert len(calls) == 3
+
+
+def test_interrupted_run_leaves_whole_files_and_is_not_reused(tiny_data, tmp_path, monkeypatch):
+    calls = []
+    real = training.evaluate
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(training, "evaluate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_classifier(tiny_data, tmp_path / "cnn.pt", preset="small", hyp=TINY,
+                                  csv_path=tmp_path / "m.csv", progress=False)
+    assert len(training.read_csv(tmp_path / "m.csv")) == 1
+    _, ckpt = training.load_checkpoint(tmp_path / "cnn.pt")
+    assert ckpt["epoch"] == 1 and not ckpt["complete"]
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert not training.reusable(tmp_path / "cnn.pt", config=ckpt["config"], hyp=ckpt["hyp"])
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = [training.lr_factor(s, 100, 0.23) for s in range(100)]
+    assert f[0] == pytest.approx(0.2) and max(f) == pytest.approx(1.0) and f.index(1.0) == 23
+    assert f[-1] == pytest.approx(1 - 0.93 * 76 / 77)
+    assert all(a <= b for a, b in zip(f[:23], f[1:24])) and all(a >= b for a, b in zip(f[23:], f[24:]))
+
+
+def test_tta_averages_flipped_and_shifted_views():
+    model = models.build_model(models.cnn_config("small")).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+        flip = 0.5 * (model(x) + model(x.flip(3)))
+    assert torch.allclose(training.predict(model, x, 0), plain, atol=1e-6)
+    assert torch.allclose(training.predict(model, x, 1), flip, atol=1e-6)
+    assert not torch.allclose(training.predict(model, x, 2), flip, atol=1e-4)
+    uint8 = (x * 255).round().to(torch.uint8)
+    assert torch.allclose(training.predict(model, uint8), training.predict(model, uint8.float() / 255))
+
+
+def test_confusion_report_and_hardest_pairs():
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    p = torch.tensor([0, 1, 1, 1, 0, 2, 1, 1, 1])
+    cm = training.confusion_matrix(y, p, 3)
+    assert cm.tolist() == [[1, 2, 0], [1, 1, 0], [0, 3, 1]]
+    report = training.per_class_report(cm, ["a", "b", "c"])
+    assert report[1] == dict(cls="b", precision=pytest.approx(1 / 6), recall=0.5, support=2)
+    assert training.hardest_pairs(cm, ["a", "b", "c"], k=2) == [("c", "b", 3), ("a", "b", 2)]
+
+
+def test_device_choice_defaults_and_override():
+    assert training.get_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else None
+    if expected:
+        assert training.get_device().type == expected
+
+
+@pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.exists(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_short_run_beats_85_percent(tmp_path):
+    d = data.load_data("fashion-mnist", root=tmp_path / "data")
+    model, ckpt = training.train_classifier(d, tmp_path / "fm.pt", preset="small",
+                                            hyp=dict(epochs=1, batch_size=512), progress=False)
+    acc = training.evaluate(model, d.test_x, d.test_y)["acc"]
+    assert acc > 0.85, acc

@@ -1,0 +1,171 @@
+"""Plotting helpers: figure structure, titles, gray/uint8 handling, atomic saving."""
+import csv
+from collections import OrderedDict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+import utils  # noqa: E402
+
+CLASSES = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+ROWS = [  # as csv.DictReader gives them: strings
+    dict(epoch="1", train_loss="2.1", train_acc="0.25", val_loss="1.9", val_acc="0.31"),
+    dict(epoch="2", train_loss="1.5", train_acc="0.45", val_loss="1.4", val_acc="0.5"),
+    dict(epoch="3", train_loss="1.1", train_acc="0.61", val_loss="1.2", val_acc="0.58"),
+]
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def images(n=4, c=3, seed=0):
+    return torch.rand(n, c, 8, 8, generator=torch.Generator().manual_seed(seed))  # (N, C, H, W)
+
+
+def image_axes(fig):
+    return [ax for ax in fig.axes if ax.get_visible() and ax.images]
+
+
+def titles(fig):
+    return [ax.get_title() for ax in image_axes(fig)]
+
+
+def test_show_images_titles_and_grid():
+    fig = utils.show_images(images(12), labels=torch.arange(12) % 10, classes=CLASSES, ncols=5, title="train")
+    assert isinstance(fig, Figure)
+    assert len(image_axes(fig)) == 12 and len(fig.axes) == 15  # 3 rows of 5, 3 hidden
+    assert titles(fig) == [CLASSES[i % 10] for i in range(12)]
+    assert fig._suptitle.get_text() == "train"
+    np.testing.assert_allclose(image_axes(fig)[0].images[0].get_array(), images(12)[0].permute(1, 2, 0).numpy())
+
+
+def test_gray_and_uint8_images():
+    x = (images(3, c=1) * 255).to(torch.uint8)  # (N, 1, H, W) uint8
+    fig = utils.show_images(x)
+    im = image_axes(fig)[0].images[0]
+    assert im.get_array().shape == (8, 8) and im.get_cmap().name == "gray"
+    assert im.get_clim() == (0, 1)
+    np.testing.assert_allclose(im.get_array(), x[0, 0].numpy() / 255, rtol=1e-6)
+    fig = utils.show_images(x.numpy())  # arrays work too
+    assert len(image_axes(fig)) == 3
+
+
+def test_plot_curves_reads_string_rows_and_csv(tmp_path):
+    path = tmp_path / "metrics.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(ROWS[0]))
+        writer.writeheader()
+        writer.writerows(ROWS)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for fig in (utils.plot_curves(rows), utils.plot_curves(path), utils.plot_curves(str(path))):
+        loss_ax, acc_ax = fig.axes
+        for ax, metric in ((loss_ax, "loss"), (acc_ax, "acc")):
+            lines = {line.get_label(): line for line in ax.get_lines()}
+            assert set(lines) == {"train", "val"}
+            for split, line in lines.items():
+                np.testing.assert_allclose(line.get_xdata(), [1, 2, 3])
+                np.testing.assert_allclose(line.get_ydata(), [float(r[f"{split}_{metric}"]) for r in ROWS])
+
+
+def test_plot_confusion_labels_and_counts():
+    cm = torch.tensor([[5, 1, 0], [2, 7, 1], [0, 0, 9]])
+    fig = utils.plot_confusion(cm, CLASSES[:3])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES[:3]
+    assert [t.get_text() for t in ax.get_yticklabels()] == CLASSES[:3]
+    assert [t.get_text() for t in ax.texts] == [str(v) for v in cm.flatten().tolist()]
+    np.testing.assert_allclose(ax.images[0].get_array().sum(1), 1)  # rows normalized
+    fig = utils.plot_confusion(cm.numpy(), CLASSES[:3], normalize=False)
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), cm.numpy())
+
+
+def test_plot_misclassified_titles():
+    true, pred = torch.tensor([3, 1, 5, 2, 0]), torch.tensor([5, 1, 3, 2, 8])
+    fig = utils.plot_misclassified(images(5), true, pred, CLASSES, n=2)
+    assert titles(fig) == ["True: cat\nPred: dog", "True: dog\nPred: cat"]
+    fig = utils.plot_misclassified(images(5), true, pred, CLASSES)
+    assert len(image_axes(fig)) == 3 and "True: plane\nPred: ship" in titles(fig)
+    fig = utils.plot_misclassified(images(2), true[:2] * 0, pred[:2] * 0, CLASSES)  # none wrong
+    assert isinstance(fig, Figure) and not image_axes(fig)
+
+
+def test_plot_filters_rgb_and_gray():
+    fig = utils.plot_filters(torch.randn(6, 3, 3, 3))
+    arrays = [ax.images[0].get_array() for ax in image_axes(fig)]
+    assert len(arrays) == 6 and all(a.shape == (3, 3, 3) for a in arrays)
+    assert all(np.isclose(a.min(), 0) and np.isclose(a.max(), 1) for a in arrays)  # per filter min-max
+    fig = utils.plot_filters(torch.nn.Conv2d(2, 4, 5).weight)  # parameter with grad, 2 input channels
+    ims = [ax.images[0] for ax in image_axes(fig)]
+    assert len(ims) == 4 and all(im.get_array().shape == (5, 5) and im.get_cmap().name == "gray" for im in ims)
+
+
+def test_plot_feature_maps_rows_and_labels():
+    fmap1 = torch.zeros(10, 6, 6)
+    fmap1[[7, 2]] = torch.tensor([2.0, 1.0]).view(2, 1, 1)  # channel 7 most active, then 2
+    maps = OrderedDict([("block1.act2", fmap1), ("block3.act2", torch.rand(1, 4, 3, 3))])
+    fig = utils.plot_feature_maps(maps, max_channels=8, image=images(1)[0])
+    assert len(image_axes(fig)) == 1 + 8 + 4
+    axes = np.array(fig.axes).reshape(2, 9)
+    assert axes[0, 0].get_title() == "input"
+    assert [axes[0, 1].get_ylabel(), axes[1, 1].get_ylabel()] == ["block1.act2", "block3.act2"]
+    assert [axes[0, 1].get_title(), axes[0, 2].get_title()] == ["ch 7", "ch 2"]
+    fig = utils.plot_feature_maps(maps, max_channels=3, most_active=False)
+    assert len(image_axes(fig)) == 6 and fig.axes[0].get_title() == "ch 0"
+
+
+def test_plot_heatmaps_overlays_normalized_maps():
+    x, m = images(3), torch.rand(3, 8, 8) * 7 + 2  # (B, H, W), not in [0, 1]
+    fig = utils.plot_heatmaps(x, m, titles=CLASSES[:3])
+    assert len(image_axes(fig)) == 6 and titles(fig)[:3] == CLASSES[:3]
+    overlay = image_axes(fig)[3].images[1].get_array()
+    assert overlay.min() == 0 and np.isclose(overlay.max(), 1)
+    fig = utils.plot_heatmaps(images(2, c=1), {"saliency": m[:2], "grad-cam": torch.rand(2, 2, 2)})
+    axes = np.array(fig.axes).reshape(3, 2)
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["input", "saliency", "grad-cam"]
+    assert all(len(ax.images) == 2 for ax in axes[1:].flat)
+    assert axes[2, 0].images[1].get_array().shape == (8, 8)  # upsampled to the image size
+
+
+def test_comparison_grid_labels():
+    rows = OrderedDict([("pixel", images(3)), ("fourier", images(3, c=1)), ("latent", images(2))])
+    fig = utils.comparison_grid(rows, col_labels=CLASSES[:3])
+    assert len(image_axes(fig)) == 8
+    axes = np.array(fig.axes).reshape(3, 3)
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == list(rows)
+    assert [ax.get_title() for ax in axes[0]] == CLASSES[:3]
+    assert axes[1, 0].images[0].get_cmap().name == "gray"
+
+
+CALLS = {
+    "show_images": lambda save: utils.show_images(images(2), save=save),
+    "plot_curves": lambda save: utils.plot_curves(ROWS, save=save),
+    "plot_confusion": lambda save: utils.plot_confusion(np.eye(2), CLASSES[:2], save=save),
+    "plot_misclassified": lambda save: utils.plot_misclassified(images(2), [0, 1], [1, 0], CLASSES, save=save),
+    "plot_filters": lambda save: utils.plot_filters(torch.randn(2, 3, 3, 3), save=save),
+    "plot_feature_maps": lambda save: utils.plot_feature_maps({"a": torch.rand(2, 4, 4)}, save=save),
+    "plot_heatmaps": lambda save: utils.plot_heatmaps(images(2), torch.rand(2, 8, 8), save=save),
+    "comparison_grid": lambda save: utils.comparison_grid({"a": images(2)}, save=save),
+}
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_save_writes_png_atomically(tmp_path, name):
+    path = tmp_path / "new" / "dir" / f"{name}.png"
+    fig = CALLS[name](path)
+    assert isinstance(fig, Figure)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 100
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+    (tmp_path / "reference").touch()
+    assert path.stat().st_mode == (tmp_path / "reference").stat().st_mode  # usual permissions, not 0600
+    CALLS[name](str(path))  # overwrite in place
+    assert [p.name for p in path.parent.iterdir()] == [path.name]

@@ -1,0 +1,454 @@
+"""Training and evaluation loops, checkpoints, CSV metrics, seeding and device choice.
+
+The classifier recipe is a port of airbench94 (Keller Jordan): Nesterov SGD with decoupled
+hyperparameters, warm-up then linear decay, label smoothing, lookahead (EMA) of the weights,
+flip + translate augmentation, and flip + translate test-time augmentation (TTA).
+"""
+import csv
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from data import Loader
+from models import BatchNorm, build_model, cnn_config, vae_config
+
+CNN_HYP = dict(
+    epochs=10,               # airbench94 trains 9.9 epochs
+    batch_size=1024,
+    lr=11.5,                 # per 1024 examples, decoupled from momentum
+    momentum=0.85,           # Nesterov
+    weight_decay=0.0153,     # per 1024 examples, decoupled from the lr
+    bias_scaler=64.0,        # lr multiplier for BatchNorm biases
+    label_smoothing=0.2,
+    whiten_bias_epochs=3,    # the whitening conv's bias trains for this many epochs, then freezes
+    warmup=0.23,             # fraction of steps with a linear lr warm-up (from 0.2x), then decay to 0.07x
+    translate=2,             # augmentation: random translate (px) and horizontal flip
+    ema_every=5,             # lookahead: pull weights towards their EMA every this many steps
+    tta_level=2,             # 0 none, 1 flip, 2 flip + 1-px translate
+)
+
+VAE_HYP = dict(
+    epochs=30,
+    batch_size=128,
+    lr=2e-3,                 # Adam, cosine decay to 10%
+    kl_warmup_epochs=3,      # KL weight rises linearly from 0 to 1 over these epochs
+    free_bits=0.0,           # nats per latent dim below which the KL is not penalized
+    grad_clip=200.0,         # max gradient norm
+    flip=True,               # augmentation: horizontal flip only (the likelihood is per pixel)
+)
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+def seed_everything(seed):
+    """Seed torch, numpy and random."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(device=None):
+    """The device to use: the argument, else cuda, then mps, then cpu."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto path: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_csv(rows, path):
+    """Write a list of dicts as CSV, atomically."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(path, write)
+
+
+def read_csv(path):
+    """Rows of a metrics CSV as dicts of floats."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def save_checkpoint(path, model, **info):
+    """Save the state_dict with the config that rebuilds the model, plus any info (metrics...)."""
+    ckpt = dict(config=model.config, state_dict=model.state_dict(), **info)
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def load_checkpoint(path, device=None):
+    """Rebuild a model from a checkpoint; returns (model in eval mode, checkpoint dict)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: train the model first (or fix the path)")
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location=get_device(device))
+        model = build_model(ckpt["config"])
+        model.load_state_dict(ckpt["state_dict"])
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {path} is corrupt or incompatible ({e}); delete it and retrain") from e
+    return model.to(get_device(device)).eval(), ckpt
+
+
+def reusable(path, **expected):
+    """True if a complete checkpoint at path was trained with exactly these settings."""
+    if not Path(path).exists():
+        return False
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception:
+        return False
+    return ckpt.get("complete", False) and all(ckpt.get(k) == v for k, v in expected.items())
+
+
+# ----------------------------------------------------------------------------- classifier
+
+def lr_factor(step, total, warmup):
+    """airbench schedule: linear 0.2 -> 1 over the warm-up, then linear 1 -> 0.07."""
+    warm = int(total * warmup)
+    if step < warm:
+        return 0.2 + 0.8 * step / warm
+    return 1.0 - 0.93 * (step - warm) / max(1, total - warm)
+
+
+def make_optimizer(model, hyp):
+    """Nesterov SGD with airbench's decoupled lr / weight decay, BN biases at a higher lr."""
+    kilostep = 1024 * (1 + 1 / (1 - hyp["momentum"]))
+    lr = hyp["lr"] / kilostep
+    wd = hyp["weight_decay"] * hyp["batch_size"] / kilostep
+    bn = {id(p) for m in model.modules() if isinstance(m, BatchNorm) for p in m.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    bn_params = [p for p in params if id(p) in bn]
+    other = [p for p in params if id(p) not in bn]
+    lr_bn = lr * hyp["bias_scaler"]
+    groups = [dict(params=bn_params, lr=lr_bn, weight_decay=wd / lr_bn),
+              dict(params=other, lr=lr, weight_decay=wd / lr)]
+    opt = torch.optim.SGD(groups, momentum=hyp["momentum"], nesterov=True)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    return opt
+
+
+@torch.no_grad()
+def predict(model, images, tta_level=0, batch_size=1000):
+    """Logits for images (uint8 or float in [0, 1]), with optional flip/translate TTA."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    def flip_avg(x):
+        return model(x) if tta_level == 0 else 0.5 * (model(x) + model(x.flip(3)))
+
+    out = []
+    try:
+        for x in images.split(batch_size):
+            x = x.to(device)
+            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+            logits = flip_avg(x)
+            if tta_level >= 2:
+                h, w = x.shape[2:]
+                p = F.pad(x, (1, 1, 1, 1), mode="reflect")
+                shifted = [flip_avg(p[:, :, :h, :w]), flip_avg(p[:, :, 2:, 2:])]
+                logits = 0.5 * logits + 0.25 * (shifted[0] + shifted[1])
+            out.append(logits.float())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def evaluate(model, images, labels, tta_level=0):
+    """Cross-entropy loss and accuracy on a labelled set."""
+    logits = predict(model, images, tta_level)
+    labels = labels.to(logits.device)
+    return dict(loss=F.cross_entropy(logits, labels).item(),
+                acc=(logits.argmax(1) == labels).float().mean().item())
+
+
+class Lookahead:
+    """EMA of all float state; every few steps the weights are pulled onto it (airbench)."""
+
+    def __init__(self, model):
+        self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model, decay):
+        for (k, ema), v in zip(self.ema.items(), model.state_dict().values()):
+            if v.dtype.is_floating_point:
+                ema.lerp_(v, 1 - decay)
+                v.copy_(ema)
+
+
+def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=None,
+        progress=True, max_steps=None, extra=None):
+    """Train a CNN on data.train, validate on data.val each epoch, keep the best checkpoint.
+
+    Returns the per-epoch metrics rows; the model ends with the best epoch's weights.
+    `extra` is stored in the checkpoint (e.g. the dataset name). `max_steps` cuts the run short
+    (benchmarks); the schedule still spans the full epochs.
+    """
+    hyp = {**CNN_HYP, **(hyp or {})}
+    seed_everything(seed)
+    device = get_device(device)
+    cuda = device.type == "cuda"
+    model.to(device)
+    if not cuda:
+        model.to(memory_format=torch.channels_last)
+    loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=True,
+                    translate=hyp["translate"], drop_last=len(data.train_y) >= hyp["batch_size"],
+                    device=device, seed=seed, channels_last=True)
+    total = math.ceil(len(loader) * hyp["epochs"])
+    opt = make_optimizer(model, hyp)
+    ema_decay = 0.95 ** 5 * (torch.arange(total + 1) / total) ** 3
+    lookahead = Lookahead(model)
+    rows, best, best_state, step = [], -1.0, None, 0
+    bar = tqdm(total=total if max_steps is None else min(total, max_steps), desc="train",
+               disable=not progress)
+    try:
+        for epoch in range(math.ceil(hyp["epochs"])):
+            start = time.perf_counter()
+            model.train()
+            model.whiten.bias.requires_grad_(epoch < hyp["whiten_bias_epochs"])
+            loss_sum = correct = seen = 0
+            for x, y in loader:
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * lr_factor(step, total, hyp["warmup"])
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    out = model(x)
+                    loss = F.cross_entropy(out.float(), y, label_smoothing=hyp["label_smoothing"],
+                                           reduction="sum")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                if step % hyp["ema_every"] == 0:
+                    lookahead.update(model, ema_decay[step].item())
+                loss_sum += loss.item()
+                correct += (out.argmax(1) == y).sum().item()
+                seen += len(y)
+                bar.update()
+                if step >= total or (max_steps and step >= max_steps):
+                    break
+            if step >= total:
+                lookahead.update(model, 1.0)
+            val = evaluate(model, data.val_x, data.val_y)
+            rows.append(dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen,
+                             val_loss=val["loss"], val_acc=val["acc"], lr=opt.param_groups[1]["lr"],
+                             seconds=time.perf_counter() - start))
+            bar.set_postfix(epoch=epoch + 1, val_acc=f"{val['acc']:.4f}")
+            if val["acc"] > best:
+                best = val["acc"]
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if ckpt_path:
+                    save_checkpoint(ckpt_path, model, hyp=hyp, epoch=epoch + 1, val_acc=best,
+                                    history=rows, complete=False, **(extra or {}))
+            if csv_path:
+                write_csv(rows, csv_path)
+            if max_steps and step >= max_steps:
+                break
+    finally:
+        bar.close()
+        model.whiten.bias.requires_grad_(True)
+    model.load_state_dict(best_state)
+    model.eval()
+    if ckpt_path:
+        best_epoch = max(rows, key=lambda r: r["val_acc"])["epoch"]
+        save_checkpoint(ckpt_path, model, hyp=hyp, epoch=best_epoch, val_acc=best, history=rows,
+                        complete=True, **(extra or {}))
+    return rows
+
+
+def train_classifier(data, ckpt_path, preset="airbench", hyp=None, retrain=False, seed=0,
+                     device=None, csv_path=None, progress=True, **config_overrides):
+    """Load the checkpoint if it was trained with the same config and settings, else train one.
+
+    Returns (model in eval mode, checkpoint dict).
+    """
+    mean, std = data.channel_stats()
+    config = cnn_config(preset, data.channels, len(data.classes), mean, std, **config_overrides)
+    hyp = {**CNN_HYP, **(hyp or {})}
+    if not retrain and reusable(ckpt_path, config=config, hyp=hyp, dataset=data.name, seed=seed):
+        return load_checkpoint(ckpt_path, device)
+    seed_everything(seed)
+    model = build_model(config)
+    model.init_whiten(data.train_x[:5000].float() / 255)
+    fit(model, data, hyp, device, seed, ckpt_path, csv_path, progress,
+        extra=dict(dataset=data.name, seed=seed))
+    return load_checkpoint(ckpt_path, device)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+def confusion_matrix(y_true, y_pred, num_classes):
+    """(K, K) counts, rows = true class, columns = predicted class."""
+    idx = y_true.cpu() * num_classes + y_pred.cpu()
+    return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def per_class_report(cm, classes):
+    """Per-class precision, recall and support from a confusion matrix."""
+    cm = cm.double()
+    tp = cm.diag()
+    precision = tp / cm.sum(0).clamp_min(1)
+    recall = tp / cm.sum(1).clamp_min(1)
+    return [dict(cls=c, precision=p.item(), recall=r.item(), support=int(s))
+            for c, p, r, s in zip(classes, precision, recall, cm.sum(1))]
+
+
+def hardest_pairs(cm, classes, k=5):
+    """The k most frequent (true, predicted) confusions, as (true name, predicted name, count)."""
+    off = cm.clone()
+    off.fill_diagonal_(0)
+    counts, flat = off.flatten().topk(k)
+    n = len(classes)
+    return [(classes[i // n], classes[i % n], int(c)) for c, i in zip(counts.tolist(), flat.tolist())]
+
+
+# ----------------------------------------------------------------------------- VAE
+
+@torch.no_grad()
+def evaluate_vae(vae, images, batch_size=500, seed=0):
+    """Mean negative ELBO (bits/dim), reconstruction NLL and KL (nats per image) on a set."""
+    device = vae.latent_mean.device
+    was_training = vae.training
+    vae.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sums = dict(bpd=0.0, nll=0.0, kl=0.0)
+    try:
+        for x in images.split(batch_size):
+            out = vae.elbo(x.to(device).float() / 255, generator=gen)
+            for k in sums:
+                sums[k] += out[k].sum().item()
+    finally:
+        vae.train(was_training)
+    return {k: v / len(images) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def latent_statistics(vae, images, batch_size=500):
+    """Mean, covariance and 0.5/99.5 percentiles of the encoder means over a set of images."""
+    device = vae.latent_mean.device
+    mu = torch.cat([vae.encode(x.to(device).float() / 255)[0] for x in images.split(batch_size)])
+    mu = mu.double()
+    mean = mu.mean(0)
+    cov = (mu - mean).T @ (mu - mean) / (len(mu) - 1)
+    lo, hi = torch.quantile(mu, torch.tensor([0.005, 0.995], dtype=mu.dtype, device=mu.device), dim=0)
+    return dict(latent_mean=mean.float(), latent_cov=cov.float(), latent_lo=lo.float(), latent_hi=hi.float())
+
+
+def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=None,
+            progress=True, max_steps=None, extra=None):
+    """Train a VAE on data.train (negative ELBO), keep the best checkpoint by validation bits/dim.
+
+    Stops with a clear error if the loss becomes NaN/inf; the best checkpoint so far is kept.
+    Returns the per-epoch metrics rows; the model ends with the best epoch's weights and the latent
+    statistics of the training set stored in its buffers.
+    """
+    hyp = {**VAE_HYP, **(hyp or {})}
+    seed_everything(seed)
+    device = get_device(device)
+    vae.to(device)
+    loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=hyp["flip"],
+                    translate=0, drop_last=len(data.train_y) >= hyp["batch_size"], device=device,
+                    seed=seed)
+    total = math.ceil(len(loader) * hyp["epochs"])
+    warm = max(1, int(len(loader) * hyp["kl_warmup_epochs"]))
+    opt = torch.optim.Adam(vae.parameters(), lr=hyp["lr"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / total)))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rows, best, best_state, step = [], math.inf, None, 0
+    bar = tqdm(total=total if max_steps is None else min(total, max_steps), desc="train VAE",
+               disable=not progress)
+    try:
+        for epoch in range(math.ceil(hyp["epochs"])):
+            start = time.perf_counter()
+            vae.train()
+            sums = dict(loss=0.0, bpd=0.0, nll=0.0, kl=0.0)
+            seen = 0
+            for x, _ in loader:
+                kl_weight = min(1.0, step / warm)
+                out = vae.elbo(x, kl_weight, hyp["free_bits"], generator=gen)
+                if not torch.isfinite(out["loss"]):
+                    raise FloatingPointError(
+                        f"VAE loss became {out['loss'].item()} at step {step} (epoch {epoch + 1}); "
+                        f"training stopped. The best checkpoint so far is kept"
+                        f"{f' at {ckpt_path}' if ckpt_path else ''}. Try a lower lr or grad_clip.")
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), hyp["grad_clip"])
+                opt.step()
+                sched.step()
+                step += 1
+                sums["loss"] += out["loss"].item() * len(x)
+                for k in ("bpd", "nll", "kl"):
+                    sums[k] += out[k].sum().item()
+                seen += len(x)
+                bar.update()
+                bar.set_postfix(bpd=f"{out['bpd'].mean().item():.3f}")
+                if step >= total or (max_steps and step >= max_steps):
+                    break
+            val = evaluate_vae(vae, data.val_x, seed=seed)
+            rows.append(dict(epoch=epoch + 1, **{f"train_{k}": v / seen for k, v in sums.items()},
+                             val_bpd=val["bpd"], val_nll=val["nll"], val_kl=val["kl"],
+                             kl_weight=kl_weight, lr=opt.param_groups[0]["lr"],
+                             seconds=time.perf_counter() - start))
+            if val["bpd"] < best:
+                best = val["bpd"]
+                best_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+                if ckpt_path:
+                    save_checkpoint(ckpt_path, vae, hyp=hyp, epoch=epoch + 1, val_bpd=best,
+                                    history=rows, complete=False, **(extra or {}))
+            if csv_path:
+                write_csv(rows, csv_path)
+            if max_steps and step >= max_steps:
+                break
+    finally:
+        bar.close()
+    vae.load_state_dict(best_state)
+    vae.eval()
+    for name, value in latent_statistics(vae, data.train_x).items():
+        getattr(vae, name).copy_(value)
+    if ckpt_path:
+        best_epoch = min(rows, key=lambda r: r["val_bpd"])["epoch"]
+        save_checkpoint(ckpt_path, vae, hyp=hyp, epoch=best_epoch, val_bpd=best, history=rows,
+                        complete=True, **(extra or {}))
+    return rows
+
+
+def train_vae(data, ckpt_path, preset="default", hyp=None, retrain=False, seed=0, device=None,
+              csv_path=None, progress=True, **config_overrides):
+    """Load the VAE checkpoint if trained with the same config and settings, else train one.
+
+    Returns (vae in eval mode, checkpoint dict).
+    """
+    config = vae_config(preset, data.channels, **config_overrides)
+    hyp = {**VAE_HYP, **(hyp or {})}
+    if not retrain and reusable(ckpt_path, config=config, hyp=hyp, dataset=data.name, seed=seed):
+        return load_checkpoint(ckpt_path, device)
+    seed_everything(seed)
+    fit_vae(build_model(config), data, hyp, device, seed, ckpt_path, csv_path, progress,
+            extra=dict(dataset=data.name, seed=seed))
+    return load_checkpoint(ckpt_path, device)

@@ -1,0 +1,232 @@
+"""Plotting helpers only: image grids, learning curves, confusion matrix, filters, feature maps, heatmaps.
+
+Images are tensors (or arrays) of shape (N, C, H, W), C = 1 or 3, floats in [0, 1] or uint8 in 0..255;
+1-channel images are shown in gray. Every function returns the Figure; `save=path` also writes it
+(atomically). No backend is forced here, so notebooks keep their inline backend.
+"""
+import csv
+import math
+import os
+import uuid
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _numpy_images(images):
+    """(N, C, H, W) tensor/array, float [0, 1] or uint8 -> float array (N, H, W, 3) or (N, H, W) if gray."""
+    x = torch.as_tensor(images).detach().cpu()
+    x = x[None] if x.dim() == 3 else x
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    x = x.clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+    return x[..., 0] if x.shape[-1] == 1 else x
+
+
+def _clean(ax):
+    """No ticks or frame, but keep the axis labels visible (row labels live in ylabel)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _imshow(ax, img, **kwargs):
+    """Show one (H, W, 3) or gray (H, W) image in [0, 1]."""
+    gray = img.ndim == 2
+    kwargs = dict(cmap="gray" if gray else None, vmin=0, vmax=1, interpolation="nearest") | kwargs
+    ax.imshow(img, **kwargs)
+    _clean(ax)
+
+
+def _grid(n, ncols, size=1.4, extra_height=0.0):
+    """A figure with a grid of at least n axes (squeezed to 2D), ncols wide."""
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, math.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, (size + extra_height) * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def _name(label, classes):
+    """Class name of an int label (or the label itself as text)."""
+    if isinstance(label, str):
+        return label
+    label = int(label)
+    return classes[label] if classes is not None else str(label)
+
+
+def _finish(fig, save):
+    """Lay out the figure and, if `save` is a path, write it atomically (temp file + os.replace)."""
+    fig.tight_layout()
+    if save is not None:
+        path = Path(save)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex[:8]}{path.suffix or '.png'}"  # not mkstemp: keep umask
+        try:
+            fig.savefig(tmp, format=path.suffix[1:] or "png", bbox_inches="tight")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return fig
+
+
+def _minmax(x, eps=1e-12):
+    """Scale an array to [0, 1] (a constant array becomes zeros)."""
+    x = np.asarray(x, dtype=np.float64)
+    return (x - x.min()) / max(x.max() - x.min(), eps)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def show_images(images, labels=None, classes=None, ncols=10, title=None, save=None):
+    """A grid of images, each titled with its class name when labels are given."""
+    x = _numpy_images(images)
+    fig, axes = _grid(len(x), ncols, extra_height=0.2 if labels is not None else 0)
+    for i, ax in enumerate(axes.flat[: len(x)]):
+        _imshow(ax, x[i])
+        if labels is not None:
+            ax.set_title(_name(labels[i], classes), fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return _finish(fig, save)
+
+
+def plot_curves(rows, save=None):
+    """Loss and accuracy per epoch, train vs val, from metric rows (dicts, strings allowed) or a CSV path."""
+    if isinstance(rows, (str, Path)):
+        with open(rows, newline="") as f:
+            rows = list(csv.DictReader(f))
+
+    def column(key):
+        return [float(r[key]) if r.get(key) not in (None, "") else math.nan for r in rows]
+
+    epochs = column("epoch")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, metric in zip(axes, ("loss", "acc")):
+        for split in ("train", "val"):
+            if rows and f"{split}_{metric}" in rows[0]:
+                ax.plot(epochs, column(f"{split}_{metric}"), marker="o", ms=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_title("loss" if metric == "loss" else "accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _finish(fig, save)
+
+
+def plot_confusion(cm, classes, normalize=True, save=None):
+    """Confusion matrix (rows true, cols predicted); colour is the row fraction if normalize, text the counts."""
+    counts = np.asarray(torch.as_tensor(cm).detach().cpu(), dtype=np.float64)  # (K, K)
+    shown = counts / np.maximum(counts.sum(1, keepdims=True), 1) if normalize else counts
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(0.6 * k + 2.5, 0.6 * k + 1.5))
+    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    high = 0.5 if normalize else shown.max() / 2  # white text on dark cells
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{counts[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                    color="white" if shown[i, j] > high else "black")
+    return _finish(fig, save)
+
+
+def plot_misclassified(images, true, pred, classes, n=16, save=None):
+    """The first n images whose prediction is wrong, titled 'True: cat / Pred: dog'."""
+    true, pred = torch.as_tensor(true).cpu(), torch.as_tensor(pred).cpu()
+    wrong = (true != pred).nonzero().flatten()[:n]
+    if len(wrong) == 0:
+        fig, ax = plt.subplots(figsize=(3, 1))
+        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        ax.axis("off")
+        return _finish(fig, save)
+    x = _numpy_images(torch.as_tensor(images)[wrong])
+    fig, axes = _grid(len(x), 8, size=1.5, extra_height=0.4)
+    for ax, img, i in zip(axes.flat, x, wrong.tolist()):
+        _imshow(ax, img)
+        ax.set_title(f"True: {_name(true[i], classes)}\nPred: {_name(pred[i], classes)}", fontsize=8)
+    return _finish(fig, save)
+
+
+def plot_filters(weight, save=None):
+    """Conv filters (O, I, kh, kw): RGB when I == 3, else the first input channel in gray; each min-max scaled."""
+    w = torch.as_tensor(weight).detach().cpu().float().numpy()
+    fig, axes = _grid(len(w), 16, size=0.8)
+    for ax, f in zip(axes.flat, w):
+        img = _minmax(f).transpose(1, 2, 0) if f.shape[0] == 3 else _minmax(f[0])  # (kh, kw, 3) or (kh, kw)
+        _imshow(ax, img)
+    return _finish(fig, save)
+
+
+def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_active=True):
+    """One row per layer of (C, H, W) maps of one image: the most active (or first) max_channels channels."""
+    ncols = max_channels + (image is not None)
+    fig, axes = plt.subplots(len(feature_maps), ncols, figsize=(1.3 * ncols, 1.4 * len(feature_maps)), squeeze=False)
+    for row, (name, fmap) in zip(axes, feature_maps.items()):
+        fmap = torch.as_tensor(fmap).detach().cpu().float()
+        fmap = fmap[0] if fmap.dim() == 4 else fmap  # (C, H, W)
+        k = min(max_channels, len(fmap))
+        channels = fmap.mean((1, 2)).argsort(descending=True)[:k] if most_active else torch.arange(k)
+        cells = row[1:] if image is not None else row
+        for ax in row:
+            ax.set_visible(False)
+        for ax, c in zip(cells, channels.tolist()):
+            ax.set_visible(True)
+            ax.imshow(fmap[c].numpy(), cmap="viridis", interpolation="nearest")
+            ax.set_title(f"ch {c}", fontsize=8)
+            _clean(ax)
+        cells[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    if image is not None:
+        axes[0, 0].set_visible(True)
+        _imshow(axes[0, 0], _numpy_images(image)[0])
+        axes[0, 0].set_title("input", fontsize=8)
+    return _finish(fig, save)
+
+
+def plot_heatmaps(images, maps, titles=None, row_labels=None, save=None):
+    """The images on top, then one row per method with its (H, W) map (normalized per image) overlaid."""
+    x = _numpy_images(images)
+    maps = maps if isinstance(maps, dict) else {"map": maps}
+    labels = row_labels if row_labels is not None else ["input", *maps]
+    fig, axes = plt.subplots(1 + len(maps), len(x), figsize=(1.6 * len(x), 1.6 * (1 + len(maps))), squeeze=False)
+    for j, img in enumerate(x):
+        _imshow(axes[0, j], img)
+        if titles is not None:
+            axes[0, j].set_title(titles[j], fontsize=9)
+    for row, m in zip(axes[1:], maps.values()):
+        m = torch.as_tensor(m).detach().cpu().float()  # (B, h, w)
+        if m.shape[-2:] != x.shape[1:3]:
+            m = F.interpolate(m[:, None], size=x.shape[1:3], mode="bilinear")[:, 0]
+        for ax, img, mj in zip(row, x, m.numpy()):
+            _imshow(ax, img)
+            ax.imshow(_minmax(mj), cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+    for ax, label in zip(axes[:, 0], labels):
+        ax.set_ylabel(label, fontsize=9)
+    return _finish(fig, save)
+
+
+def comparison_grid(rows, col_labels=None, save=None):
+    """A grid of images: one row per entry of `rows` (label -> (N, C, H, W)), labels left and on top."""
+    ncols = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.4 * ncols, 1.5 * len(rows)), squeeze=False)
+    for row, (label, images) in zip(axes, rows.items()):
+        x = _numpy_images(images)
+        for j, ax in enumerate(row):
+            if j < len(x):
+                _imshow(ax, x[j])
+            else:
+                ax.set_visible(False)
+        row[0].set_ylabel(label, fontsize=9)
+    for ax, label in zip(axes[0], col_labels or []):
+        ax.set_title(label, fontsize=9)
+    return _finish(fig, save)
