@@ -238,6 +238,16 @@ class VAE(nn.Module):
         z = torch.randn(n, self.latent_dim, generator=generator, device=device) * temperature
         return self.decode(z)
 
+    def latent_cholesky(self, jitter=1e-5):
+        """Lower-triangular L with L L^T = covariance of the encoder means (+ jitter on the diagonal)."""
+        eye = torch.eye(self.latent_dim, device=self.latent_cov.device)
+        return torch.linalg.cholesky(self.latent_cov.double() + jitter * eye).float()
+
+    def sample_aggregate(self, n, generator=None):
+        """Mean images of z drawn from the Gaussian fitted to the encoder means (aggregate posterior)."""
+        eps = torch.randn(n, self.latent_dim, generator=generator, device=self.latent_mean.device)
+        return self.decode(self.latent_mean + eps @ self.latent_cholesky().T)
+
     def elbo(self, x, kl_weight=1.0, free_bits=0.0, generator=None):
         """Loss terms per image, in nats summed over pixels (and in bits/dim for the negative ELBO)."""
         mu, logvar = self.encode(x)

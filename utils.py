@@ -99,8 +99,13 @@ def show_images(images, labels=None, classes=None, ncols=10, title=None, save=No
     return _finish(fig, save)
 
 
-def plot_curves(rows, save=None):
-    """Loss and accuracy per epoch, train vs val, from metric rows (dicts, strings allowed) or a CSV path."""
+TITLES = dict(loss="loss", acc="accuracy", bpd="negative ELBO (bits/dim)", nll="reconstruction NLL (nats)",
+              kl="KL (nats)")
+
+
+def plot_curves(rows, metrics=("loss", "acc"), save=None):
+    """One panel per metric (default loss and accuracy), train vs val per epoch, from metric rows
+    (dicts, strings allowed) or a CSV path."""
     if isinstance(rows, (str, Path)):
         with open(rows, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -109,13 +114,13 @@ def plot_curves(rows, save=None):
         return [float(r[key]) if r.get(key) not in (None, "") else math.nan for r in rows]
 
     epochs = column("epoch")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, metric in zip(axes, ("loss", "acc")):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
         for split in ("train", "val"):
             if rows and f"{split}_{metric}" in rows[0]:
                 ax.plot(epochs, column(f"{split}_{metric}"), marker="o", ms=3, label=split)
         ax.set_xlabel("epoch")
-        ax.set_title("loss" if metric == "loss" else "accuracy")
+        ax.set_title(TITLES.get(metric, metric))
         ax.grid(alpha=0.3)
         ax.legend()
     return _finish(fig, save)
@@ -229,4 +234,19 @@ def comparison_grid(rows, col_labels=None, save=None):
         row[0].set_ylabel(label, fontsize=9)
     for ax, label in zip(axes[0], col_labels or []):
         ax.set_title(label, fontsize=9)
+    return _finish(fig, save)
+
+
+def plot_spectrum(eigenvalues, title="latent covariance spectrum", save=None):
+    """Sorted eigenvalues on a log scale, with the cumulative share of variance."""
+    ev = torch.as_tensor(eigenvalues).detach().cpu().double().sort(descending=True).values.clamp_min(1e-12).numpy()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.semilogy(np.arange(1, len(ev) + 1), ev, marker=".")
+    a.set_xlabel("component")
+    a.set_title(title)
+    b.plot(np.arange(1, len(ev) + 1), np.cumsum(ev) / ev.sum())
+    b.set_xlabel("components")
+    b.set_title("cumulative share of variance")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
     return _finish(fig, save)

@@ -169,3 +169,18 @@ def test_save_writes_png_atomically(tmp_path, name):
     assert path.stat().st_mode == (tmp_path / "reference").stat().st_mode  # usual permissions, not 0600
     CALLS[name](str(path))  # overwrite in place
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_plot_curves_with_vae_metrics_and_spectrum(tmp_path):
+    rows = [dict(epoch=e, train_bpd=5 - e, val_bpd=5.5 - e, train_kl=10 * e, val_kl=11 * e) for e in (1, 2, 3)]
+    fig = utils.plot_curves(rows, metrics=("bpd", "kl"))
+    axes = fig.axes
+    assert len(axes) == 2 and "bits/dim" in axes[0].get_title()
+    assert list(axes[0].lines[1].get_ydata()) == [4.5, 3.5, 2.5]
+    assert list(axes[1].lines[0].get_ydata()) == [10, 20, 30]
+    plt.close(fig)
+    fig = utils.plot_spectrum(torch.tensor([1.0, 4.0, 2.0]), save=tmp_path / "s.png")
+    assert list(fig.axes[0].lines[0].get_ydata()) == [4.0, 2.0, 1.0]
+    assert fig.axes[1].lines[0].get_ydata()[-1] == pytest.approx(1.0)
+    assert (tmp_path / "s.png").stat().st_size > 0
+    plt.close(fig)

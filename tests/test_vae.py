@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+
+import data
+import models
+import training
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return data.load_data("synthetic", n_train=600, n_test=100, seed=2)
+
+
+def small_vae(channels=3):
+    torch.manual_seed(0)
+    return models.build_model(models.vae_config("small", in_channels=channels))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shapes_and_finite_elbo_with_nonnegative_kl(channels):
+    vae = small_vae(channels)
+    x = torch.rand(4, channels, 32, 32)
+    mu, logvar = vae.encode(x)
+    assert mu.shape == logvar.shape == (4, vae.latent_dim)
+    assert vae.decode(mu).shape == (4, channels, 32, 32)
+    assert 0 <= vae.reconstruct(x).min() and vae.reconstruct(x).max() <= 1
+    assert vae.sample(3).shape == (3, channels, 32, 32)
+    out = vae.elbo(x)
+    for key in ("loss", "nll", "kl", "bpd"):
+        assert torch.isfinite(out[key]).all()
+    assert (out["kl"] >= 0).all()
+    assert torch.allclose(out["bpd"], (out["nll"] + out["kl"]) / (channels * 1024 * math.log(2)))
+
+
+def test_discretized_logistic_is_a_distribution_over_256_levels():
+    levels = torch.arange(256, dtype=torch.float64) / 255 * 2 - 1  # every possible pixel value
+    for mean, log_scale in [(0.0, -1.0), (0.7, -3.0), (-1.0, 0.5), (0.3, -7.0)]:
+        nll = models.discretized_logistic_nll(levels, torch.tensor(mean, dtype=torch.float64),
+                                              torch.tensor(log_scale, dtype=torch.float64))
+        assert torch.exp(-nll).sum().item() == pytest.approx(1.0, abs=2e-3)
+
+
+def test_exact_decoder_is_near_the_entropy_bound_and_constant_decoder_is_worse():
+    x = torch.randint(0, 256, (2, 3, 32, 32)).float() / 255 * 2 - 1
+    dims_ln2 = x[0].numel() * math.log(2)
+    exact = models.discretized_logistic_nll(x, x, torch.full_like(x, -7.0)).flatten(1).sum(1) / dims_ln2
+    constant = models.discretized_logistic_nll(x, torch.zeros_like(x), torch.zeros_like(x)).flatten(1).sum(1) / dims_ln2
+    assert (exact >= 0).all() and (exact < 0.05).all()  # a deterministic image has entropy 0
+    assert (constant > 5).all()  # uniform noise needs ~8 bits/dim
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch():
+    vae = small_vae()
+    x = torch.rand(8, 3, 32, 32)
+    loss = lambda: vae.elbo(x, generator=torch.Generator().manual_seed(0))["loss"]
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    before = loss()
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    assert loss().item() < before.item()
+
+
+def test_free_bits_floor_the_trained_kl():
+    vae = small_vae()
+    x = torch.rand(4, 3, 32, 32)
+    gen = lambda: torch.Generator().manual_seed(1)
+    plain, floored = vae.elbo(x, generator=gen()), vae.elbo(x, free_bits=100.0, generator=gen())
+    assert floored["loss"].item() == pytest.approx(plain["nll"].mean().item() + 100.0 * vae.latent_dim, rel=1e-5)
+    assert torch.equal(plain["kl"], floored["kl"])  # reported KL is the true one
+
+
+def test_latent_statistics_match_an_independent_computation(tiny):
+    vae = small_vae()
+    stats = training.latent_statistics(vae, tiny.train_x, batch_size=64)
+    d = vae.latent_dim
+    with torch.no_grad():
+        mu = vae.encode(tiny.train_x.float() / 255)[0].double()
+    assert stats["latent_mean"].shape == (d,) and stats["latent_cov"].shape == (d, d)
+    assert torch.allclose(stats["latent_mean"].double(), mu.mean(0), atol=1e-5)
+    assert torch.allclose(stats["latent_cov"].double(), torch.cov(mu.T), atol=1e-5)
+    assert torch.linalg.eigvalsh(stats["latent_cov"].double()).min() > -1e-6  # positive semi-definite
+    assert (stats["latent_lo"] <= stats["latent_mean"]).all() and (stats["latent_mean"] <= stats["latent_hi"]).all()
+
+
+def test_training_stores_statistics_and_round_trips(tiny, tmp_path):
+    vae, ckpt = training.train_vae(tiny, tmp_path / "vae.pt", preset="small", hyp=dict(epochs=2, batch_size=64),
+                                   csv_path=tmp_path / "vae.csv", progress=False)
+    rows = training.read_csv(tmp_path / "vae.csv")
+    assert len(rows) == 2 and rows[0]["kl_weight"] < rows[1]["kl_weight"] <= 1
+    best = min(rows, key=lambda r: r["val_bpd"])
+    assert ckpt["epoch"] == best["epoch"] and ckpt["complete"]
+    assert training.evaluate_vae(vae, tiny.val_x)["bpd"] == pytest.approx(best["val_bpd"], rel=1e-4)
+    expected = training.latent_statistics(vae, tiny.train_x)
+    for name, value in expected.items():
+        assert torch.allclose(getattr(vae, name), value, atol=1e-5), name
+    assert not torch.equal(vae.latent_cov, torch.eye(vae.latent_dim))
+    L = vae.latent_cholesky()
+    assert torch.allclose(L @ L.T, vae.latent_cov, atol=1e-4)
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    real = models.VAE.elbo
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 12:  # second epoch (9 steps per epoch)
+                out["loss"] = out["loss"] * float("nan")
+        return out
+    monkeypatch.setattr(models.VAE, "elbo", poisoned)
+    with pytest.raises(FloatingPointError, match="best checkpoint so far is kept"):
+        training.train_vae(tiny, tmp_path / "vae.pt", preset="small", hyp=dict(epochs=3, batch_size=60),
+                           progress=False)
+    vae, ckpt = training.load_checkpoint(tmp_path / "vae.pt")
+    assert ckpt["epoch"] == 1 and not ckpt["complete"]
+    assert all(torch.isfinite(p).all() for p in vae.parameters())
