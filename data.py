@@ -208,23 +208,29 @@ class Loader:
                  else torch.arange(n, device=self.device))
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.x[idx].float().div_(255)
+            x = self.x[idx]
             if self.augment:
                 x = self.augment_batch(x)
+            x = x.float().div_(255)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.y[idx]
 
     def augment_batch(self, x):
-        """Random translate (reflect pad + crop) and horizontal flip, per image, with no Python loop."""
-        b, _, h, w = x.shape
-        if self.translate:
-            r = self.translate
-            padded = F.pad(x, (r, r, r, r), mode="reflect")  # (B, C, H+2r, W+2r)
-            dy, dx = torch.randint(0, 2 * r + 1, (2, b, 1), generator=self.gen, device=x.device)
-            rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
-            cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
-            x = padded.gather(2, rows.expand(b, x.size(1), h, w + 2 * r))
-            x = x.gather(3, cols.expand(b, x.size(1), h, w))
-        flip = torch.rand(b, generator=self.gen, device=x.device) < 0.5
-        return torch.where(flip[:, None, None, None], x.flip(3), x)
+        """Random translate (with reflection at the border) and horizontal flip per image: one gather."""
+        b, c, h, w = x.shape
+        r = self.translate
+        dy, dx = torch.randint(-r, r + 1, (2, b, 1, 1), generator=self.gen, device=x.device)
+        flip = torch.rand(b, 1, 1, generator=self.gen, device=x.device) < 0.5
+        i = torch.arange(h, device=x.device).view(1, h, 1)
+        j = torch.arange(w, device=x.device).view(1, 1, w)
+        rows = _reflect(i + dy, h)  # (B, H, 1)
+        cols = _reflect(torch.where(flip, w - 1 - j, j) + dx, w)  # (B, 1, W): a flip reverses the columns
+        index = (rows * w + cols).view(b, 1, h * w)
+        return x.flatten(2).gather(2, index.expand(b, c, h * w)).view(b, c, h, w)
+
+
+def _reflect(k, n):
+    """Indices reflected into [0, n) like reflect padding: -1 -> 1, n -> n - 2."""
+    k = k.abs()
+    return torch.where(k >= n, 2 * (n - 1) - k, k)

@@ -148,3 +148,15 @@ def test_fashion_mnist_from_the_debian_package(tmp_path):
     assert len(d.train_y) == 54000 and len(d.val_y) == 6000 and len(d.test_y) == 10000
     assert d.train_x[:, :, :2].max() == 0 and d.train_x[:, :, :, -2:].max() == 0  # zero padding
     assert d.classes[0] == "T-shirt/top" and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_augmented_images_are_reflect_padded_crops_of_the_original():
+    import torch.nn.functional as F
+
+    x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    out, _ = next(iter(data.Loader(x, torch.zeros(32, dtype=torch.int64), 32, augment=True, seed=5)))
+    padded = F.pad(x.float(), (2, 2, 2, 2), mode="reflect") / 255
+    for k in range(32):
+        views = [v for dy in range(5) for dx in range(5) for v in (padded[k, :, dy:dy + 32, dx:dx + 32],)]
+        views += [v.flip(2) for v in views]
+        assert any(torch.equal(out[k], v) for v in views)

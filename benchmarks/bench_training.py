@@ -1,0 +1,122 @@
+"""Training benchmarks: accuracy and wall time on Fashion-MNIST, and data-path throughput ratios.
+
+    python benchmarks/bench_training.py accuracy --epochs 4     # default recipe on Fashion-MNIST
+    python benchmarks/bench_training.py throughput               # our loader vs bare steps vs DataLoader+PIL
+
+Run on an idle machine: every ratio is measured in one process, on the same model.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data  # noqa: E402
+import models  # noqa: E402
+import training  # noqa: E402
+
+
+def accuracy(args):
+    d = data.load_data("fashion-mnist", args.data_dir)
+    start = time.perf_counter()
+    model, ckpt = training.train_classifier(d, Path(args.ckpt_dir) / "bench_fashion_airbench.pt", preset="airbench",
+                                            hyp=dict(epochs=args.epochs), retrain=True, seed=args.seed)
+    train_s = time.perf_counter() - start
+    plain = training.evaluate(model, d.test_x, d.test_y, tta_level=0)["acc"]
+    tta = training.evaluate(model, d.test_x, d.test_y, tta_level=2)["acc"]
+    total_s = time.perf_counter() - start
+    print(f"Fashion-MNIST, airbench preset, {args.epochs} epochs, {torch.get_num_threads()} threads, "
+          f"device {training.get_device()}:")
+    print(f"  test accuracy {plain:.4f} (no TTA), {tta:.4f} (flip+translate TTA); best epoch {ckpt['epoch']}, "
+          f"val {ckpt['val_acc']:.4f}")
+    print(f"  wall time: training {train_s:.0f} s, training + TTA evaluation {total_s:.0f} s")
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """The plain torchvision way: PIL images through per-image transforms."""
+
+    def __init__(self, x, y):
+        import torchvision.transforms as T
+        from PIL import Image
+        mode = "L" if x.shape[1] == 1 else "RGB"
+        self.images = [Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy(), mode) for img in x]
+        self.y = y
+        self.tf = T.Compose([T.RandomCrop(32, padding=2, padding_mode="reflect"), T.RandomHorizontalFlip(), T.ToTensor()])
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.tf(self.images[i]), self.y[i]
+
+
+def throughput(args):
+    torch.manual_seed(0)
+    d = data.load_data("synthetic", n_train=12000, n_test=10)
+    x, y = d.train_x, d.train_y
+    mean, std = d.channel_stats()
+    setups = {
+        "airbench CNN": (models.build_model(models.cnn_config("airbench", mean=mean, std=std)), 1024, args.steps_big),
+        "small CNN": (models.build_model(models.cnn_config("small", mean=mean, std=std)), 1024, args.steps),
+        "VAE (default)": (models.build_model(models.vae_config("default")), 128, args.steps * 4),
+    }
+    print(f"throughput in images/s, {torch.get_num_threads()} threads; each row one process, same model")
+    print("| model | bare step on one batch | our Loader | DataLoader+PIL (0 workers) | DataLoader+PIL (2 workers) "
+          "| ours / bare | ours / PIL best |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (model, batch, steps) in setups.items():
+        model.train()
+        is_vae = isinstance(model, models.VAE)
+        if not is_vae:
+            model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+        def step(xb, yb):
+            loss = model.elbo(xb)["loss"] if is_vae else F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        def rate(batches):
+            it = iter(batches)
+            step(*next(it))  # warm-up
+            n, start = 0, time.perf_counter()
+            for _ in range(steps):
+                xb, yb = next(it)
+                step(xb, yb)
+                n += len(yb)
+            return n / (time.perf_counter() - start)
+
+        fixed = (x[:batch].float() / 255).contiguous(memory_format=torch.channels_last), y[:batch]
+        bare = rate(iter(lambda: fixed, None))
+        ours = rate(data.Loader(x, y, batch, shuffle=True, augment=True, drop_last=True, channels_last=not is_vae))
+        pil = PILDataset(x, y)
+        pil0 = rate(torch.utils.data.DataLoader(pil, batch, shuffle=True, drop_last=True, num_workers=0))
+        pil2 = rate(torch.utils.data.DataLoader(pil, batch, shuffle=True, drop_last=True, num_workers=2))
+        print(f"| {name} (batch {batch}) | {bare:.0f} | {ours:.0f} | {pil0:.0f} | {pil2:.0f} | {ours / bare:.3f} "
+              f"| {ours / max(pil0, pil2):.2f}x |", flush=True)
+    # the data path alone
+    for name, loader in [("our Loader", data.Loader(x, y, 512, shuffle=True, augment=True)),
+                         ("DataLoader+PIL, 0 workers", torch.utils.data.DataLoader(PILDataset(x, y), 512, shuffle=True))]:
+        start, n = time.perf_counter(), 0
+        for xb, yb in loader:
+            n += len(yb)
+        print(f"data path alone, {name}: {n / (time.perf_counter() - start):.0f} images/s")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("accuracy")
+    a.add_argument("--epochs", type=float, default=4)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--data-dir", default=None)
+    a.add_argument("--ckpt-dir", default="checkpoints/bench")
+    t = sub.add_parser("throughput")
+    t.add_argument("--steps", type=int, default=8)
+    t.add_argument("--steps-big", type=int, default=3)
+    args = p.parse_args()
+    {"accuracy": accuracy, "throughput": throughput}[args.cmd](args)
