@@ -137,7 +137,7 @@ class CNN(nn.Module):
 # ----------------------------------------------------------------------------- VAE
 
 VAE_PRESETS = {
-    "default": dict(widths=(64, 128, 256), latent_dim=128),
+    "default": dict(widths=(32, 64, 128), latent_dim=128),  # sized for minutes per epoch on a CPU
     "small": dict(widths=(16, 32, 32), latent_dim=32),
 }
 
@@ -150,7 +150,7 @@ def vae_config(preset="default", in_channels=3, **overrides):
         kind="vae",
         preset=preset,
         in_channels=in_channels,
-        widths=(64, 128, 256),  # encoder channels at 16, 8, 4 px; the decoder mirrors them
+        widths=(32, 64, 128),   # encoder channels at 16, 8, 4 px; the decoder mirrors them
         latent_dim=128,         # z is a flat vector of this size
         min_log_scale=-7.0,     # floor of the discretized logistic's log scale
     )
