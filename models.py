@@ -309,3 +309,10 @@ def capture(model, images, layers):
         for h in handles:
             h.remove()
     return {name: out[name] for name in layers}
+
+
+def layer_channels(model, name):
+    """Number of channels (or features) the named layer outputs."""
+    p = next(model.parameters())
+    x = torch.zeros(1, model.config["in_channels"], 32, 32, device=p.device)
+    return capture(model, x, [name])[name].shape[1]

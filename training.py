@@ -99,11 +99,11 @@ def save_checkpoint(path, model, **info):
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
-def load_checkpoint(path, device=None):
+def load_checkpoint(path, device=None, hint="train the model first (or fix the path)"):
     """Rebuild a model from a checkpoint; returns (model in eval mode, checkpoint dict)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}: train the model first (or fix the path)")
+        raise FileNotFoundError(f"no checkpoint at {path}: {hint}")
     try:
         ckpt = torch.load(path, weights_only=True, map_location=get_device(device))
         model = build_model(ckpt["config"])

@@ -250,3 +250,18 @@ def plot_spectrum(eigenvalues, title="latent covariance spectrum", save=None):
     for ax in (a, b):
         ax.grid(alpha=0.3)
     return _finish(fig, save)
+
+
+def plot_unit(image, exemplars, values=None, title=None, save=None):
+    """A visualization (C, H, W) beside the dataset images that excite the same unit (with activations)."""
+    ex = _numpy_images(exemplars)
+    fig, axes = plt.subplots(1, len(ex) + 1, figsize=(1.5 * (len(ex) + 1), 2.0), squeeze=False)
+    _imshow(axes[0, 0], _numpy_images(image)[0])
+    axes[0, 0].set_title("visualization", fontsize=9)
+    for k, (ax, img) in enumerate(zip(axes[0, 1:], ex)):
+        _imshow(ax, img)
+        if values is not None:
+            ax.set_title(f"{float(values[k]):.2f}", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _finish(fig, save)

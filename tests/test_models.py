@@ -77,3 +77,9 @@ def test_capture_returns_layer_outputs_and_leaves_no_hooks():
     with pytest.raises(ValueError, match="valid layers"):
         models.capture(model, x, ["nope"])
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_layer_channels():
+    model = models.build_model(models.cnn_config("small", in_channels=1))
+    assert models.layer_channels(model, "block2.conv1") == 32
+    assert models.layer_channels(model, "whiten") == 8 and models.layer_channels(model, "head") == 10

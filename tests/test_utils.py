@@ -184,3 +184,12 @@ def test_plot_curves_with_vae_metrics_and_spectrum(tmp_path):
     assert fig.axes[1].lines[0].get_ydata()[-1] == pytest.approx(1.0)
     assert (tmp_path / "s.png").stat().st_size > 0
     plt.close(fig)
+
+
+def test_plot_unit_shows_visualization_and_exemplars(tmp_path):
+    fig = utils.plot_unit(torch.rand(3, 32, 32), torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8),
+                          torch.tensor([3.0, 2.5, 2.0, 1.0]), title="unit", save=tmp_path / "u.png")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["visualization", "3.00", "2.50", "2.00", "1.00"] and len(fig.axes[0].images) == 1
+    assert (tmp_path / "u.png").stat().st_size > 0
+    plt.close(fig)
