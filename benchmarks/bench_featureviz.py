@@ -1,0 +1,189 @@
+"""Feature visualization benchmark: the quality of every technique, and the speed of render() vs Lucent.
+
+    python benchmarks/bench_featureviz.py --dataset fashion-mnist      # quality table + grid PNG
+    python benchmarks/bench_featureviz.py --dataset synthetic          # + planted-template recovery
+    python benchmarks/bench_featureviz.py --speed                      # timings, ratios vs Lucent
+    add --quick for a smoke run (small models, few steps, a data subset)
+
+Quality: the classifier (airbench preset), an independent one (other seed, other widths) and a VAE
+are trained once (or loaded) under checkpoints/bench/. Each technique renders the 10 classes with
+--seeds seeds. Metrics (featureviz): normalized activation (vs the test set's max), transfer top-1 on
+the independent classifier, plausibility (kNN feature distance to the class's training images,
+relative to held-out real images; 1.0 = real), diversity across seeds (independent features), and on
+the synthetic data the fraction of visualizations closest to their own planted template.
+Lucent (pip install torch-lucent --no-deps; it needs kornia==0.4.1 and decorator) joins both tables
+when importable: at 32 px in the quality table, at its default 224 px upsampling in --speed.
+"""
+import argparse
+import copy
+import dataclasses
+import functools
+import operator
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import featureviz as fv  # noqa: E402
+import models  # noqa: E402
+import training  # noqa: E402
+import utils  # noqa: E402
+
+try:
+    from lucent.optvis import objectives as lucent_objectives
+    from lucent.optvis import param as lucent_param
+    from lucent.optvis import render as lucent_render
+except Exception as e:  # not installed, or its kornia does not import
+    lucent_render, LUCENT_ERROR = None, e
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "synthetic", "cifar10"])
+    p.add_argument("--speed", action="store_true", help="time render() against Lucent instead")
+    p.add_argument("--quick", action="store_true", help="smoke run: small models, few steps")
+    p.add_argument("--seeds", type=int, default=4, help="renders per technique (>= 4 for the table)")
+    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--preset", default="airbench", help="classifier preset (models.CNN_PRESETS)")
+    p.add_argument("--vae-preset", default="default", help="VAE preset (models.VAE_PRESETS)")
+    p.add_argument("--epochs", type=int, default=5, help="classifier epochs")
+    p.add_argument("--vae-epochs", type=int, default=20)
+    p.add_argument("--techniques", default=",".join(fv.TECHNIQUES), help="comma-separated names")
+    p.add_argument("--lucent-224", action="store_true", help="also render Lucent at 224 px (slow on CPU)")
+    p.add_argument("--png", default=None, help="comparison grid (default outputs/bench_featureviz_<dataset>.png)")
+    p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints" / "bench"))
+    args = p.parse_args()
+    if args.quick:
+        args.seeds, args.steps, args.epochs, args.vae_epochs = min(args.seeds, 2), 16, 1, 1
+        args.preset, args.vae_preset = "small", "small"
+    return args
+
+
+# ----------------------------------------------------------------------------- models
+
+def load_data(args):
+    """The dataset; --quick keeps a small slice of it."""
+    d = data.load_data(args.dataset, **(dict(n_train=3000, n_test=500) if args.dataset == "synthetic" else {}))
+    if args.quick:
+        n = 3000
+        d = dataclasses.replace(d, train_x=d.train_x[:n], train_y=d.train_y[:n], val_x=d.val_x[:500],
+                                val_y=d.val_y[:500], test_x=d.test_x[:500], test_y=d.test_y[:500])
+    return d
+
+
+def load_models(args, d):
+    """(classifier, independent classifier, VAE), trained once and reused from checkpoints/bench/."""
+    ckpt = Path(args.ckpt_dir)
+    tag = f"{d.name}{'_quick' if args.quick else ''}"
+    widths = models.CNN_PRESETS[args.preset]["widths"]
+    other_widths = [w * 3 // 4 if w > 32 else w * 3 // 2 for w in widths]  # an independent architecture
+    hyp = dict(epochs=args.epochs, **(dict(batch_size=256) if args.quick else {}))
+    model, _ = training.train_classifier(d, ckpt / f"cnn_{args.preset}_{tag}.pt", args.preset, hyp, seed=0)
+    other, _ = training.train_classifier(d, ckpt / f"cnn_other_{args.preset}_{tag}.pt", args.preset, hyp,
+                                         seed=1, widths=other_widths)
+    vae, _ = training.train_vae(d, ckpt / f"vae_{args.vae_preset}_{tag}.pt", args.vae_preset,
+                                dict(epochs=args.vae_epochs), seed=0)
+    return model, other, vae
+
+
+# ----------------------------------------------------------------------------- Lucent
+
+def lucent_classes(model, classes, steps, size=None, seed=0, channels=3):
+    """Lucent's render of several classes in one batch (summed objectives); images (T, C, 32, 32)."""
+    training.seed_everything(seed)  # Lucent draws from the global RNGs
+    model = copy.deepcopy(model)    # Lucent leaves its hooks on the model
+    if len(classes) == 1:
+        obj = lucent_objectives.channel("head", classes[0])
+    else:
+        obj = functools.reduce(operator.add, [lucent_objectives.channel("head", k, batch=i)
+                                              for i, k in enumerate(classes)])
+    param_f = lambda: lucent_param.image(32, batch=len(classes), channels=channels,  # noqa: E731
+                                         decorrelate=channels == 3)
+    out = lucent_render.render_vis(model, obj, param_f, thresholds=(steps,), show_image=False,
+                                   progress=False, preprocess=False, fixed_image_size=size)
+    return torch.as_tensor(out[-1]).permute(0, 3, 1, 2).float()
+
+
+# ----------------------------------------------------------------------------- quality
+
+def quality(args):
+    d = load_data(args)
+    model, other, vae = load_models(args, d)
+    techniques = {name: fv.TECHNIQUES[name] for name in args.techniques.split(",")}
+    if lucent_render is not None:
+        for name, size in [("lucent@32", 32)] + ([("lucent@224", None)] if args.lucent_224 else []):
+            def lucent(seed, size=size):
+                x = lucent_classes(model, list(range(10)), args.steps, size, seed, d.channels)
+                return x, fv.activations(model, x, list(range(10))).diagonal()
+            techniques[name] = lucent
+    else:
+        print(f"(Lucent not importable: {LUCENT_ERROR}; pip install torch-lucent --no-deps kornia==0.4.1 "
+              f"decorator to compare)\n")
+    rows, grid = fv.quality_table(model, other, d, techniques, seeds=args.seeds, steps=args.steps, vae=vae,
+                                  color_cov=fv.color_covariance(d.train_x))
+    for name, acc in [("classifier", training.evaluate(model, d.test_x, d.test_y)["acc"]),
+                      ("independent classifier", training.evaluate(other, d.test_x, d.test_y)["acc"])]:
+        print(f"{name}: test accuracy {acc:.4f}")
+    print(f"\n{args.dataset}: 10 classes x {args.seeds} seeds, {args.steps} steps{' (quick)' if args.quick else ''}\n")
+    print(fv.format_table(rows))
+    print("\nnormalized activation: logit / max over the test set; plausibility: 1.0 = as close to the "
+          "class's training images as a held-out real image (lower is more plausible); diversity: mean "
+          "feature distance between seeds of one class.")
+    save_grid(grid, model, d, args)
+
+
+def save_grid(grid, model, d, args):
+    """Seed-0 visualizations of every technique, above the top test exemplar of each class."""
+    top = fv.exemplars(model, d.test_x, list(range(10)), k=1).top[0]  # (10,)
+    rows = {"top exemplar": d.test_x[top]}
+    if d.templates is not None:
+        rows["planted template"] = d.templates if d.channels == 3 else d.templates[:, :1]
+    rows.update(grid)
+    path = Path(args.png or ROOT / "outputs" / f"bench_featureviz_{args.dataset}.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    utils.comparison_grid(rows, col_labels=[c[:12] for c in d.classes], save=path)
+    print(f"\ngrid: {path}")
+
+
+# ----------------------------------------------------------------------------- speed
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def speed(args):
+    """Seconds for 256 steps: one target and 10 classes batched, ours and Lucent's, on one model."""
+    torch.manual_seed(0)
+    preset = args.preset
+    model = models.build_model(models.cnn_config(preset)).eval()  # speed does not depend on the weights
+    steps = args.steps
+    fv.render(model, [0], steps=4, progress=False)  # warm-up
+    rows = [("ours: 1 class", timed(lambda: fv.render(model, [0], steps=steps, progress=False))),
+            ("ours: 10 classes batched", timed(lambda: fv.render(model, list(range(10)), steps=steps,
+                                                                 progress=False))),
+            ("ours: 1 channel of block1", timed(lambda: fv.render(model, [fv.Channel("block1.act2", 0)],
+                                                                  steps=steps, progress=False)))]
+    ours = {1: rows[0][1], 10: rows[1][1]}
+    if lucent_render is not None:
+        for size, label in ((None, "224 px, its default"), (32, "32 px")):
+            for n in (1, 10):
+                t = timed(lambda: lucent_classes(model, list(range(n)), steps, size))
+                rows.append((f"Lucent ({label}): {n} class{'es batched' if n > 1 else ''}", t, t / ours[n]))
+    else:
+        print(f"(Lucent not importable: {LUCENT_ERROR})")
+    print(f"\n{preset} CNN, {steps} steps, {torch.get_num_threads()} threads\n")
+    print("| run | seconds | Lucent / ours |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row[0]} | {row[1]:.2f} | {f'{row[2]:.1f}x' if len(row) > 2 else ''} |")
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    speed(args) if args.speed else quality(args)

@@ -1,0 +1,499 @@
+"""Feature visualization: parameterizations, transforms, targets, render(), exemplars, metrics.
+
+Unit tests use untrained models; the planted-feature and transfer tests use a small classifier, an
+independent one and a small VAE trained once on the synthetic dataset (module fixtures).
+"""
+import pytest
+import torch
+from torch import nn
+
+import data
+import featureviz as fv
+import models
+import training
+
+HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
+
+
+def cnn(channels=3, seed=0):
+    torch.manual_seed(seed)
+    return models.build_model(models.cnn_config("small", in_channels=channels)).eval()
+
+
+def vae_with_stats(channels=3, seed=0):
+    """An untrained small VAE whose latent statistics are set by hand (a known covariance)."""
+    torch.manual_seed(seed)
+    vae = models.build_model(models.vae_config("small", in_channels=channels)).eval()
+    d = vae.latent_dim
+    a = torch.randn(d, d, generator=torch.Generator().manual_seed(seed)) / d ** 0.5
+    with torch.no_grad():
+        vae.latent_mean.copy_(torch.linspace(-1, 1, d))
+        vae.latent_cov.copy_(a @ a.T + 0.1 * torch.eye(d))
+        vae.latent_lo.copy_(vae.latent_mean - 2)
+        vae.latent_hi.copy_(vae.latent_mean + 2)
+    return vae
+
+
+def snapshot(model):
+    """Everything render must leave as it found: modes, requires_grad, grads, strides, values."""
+    return dict(
+        modes=[m.training for m in model.modules()],
+        flags=[p.requires_grad for p in model.parameters()],
+        grads=[p.grad for p in model.parameters()],
+        strides=[p.stride() for p in model.parameters()],
+        state={k: v.clone() for k, v in model.state_dict().items()},
+        hooks=sum(len(getattr(m, h)) for m in model.modules() for h in HOOKS),
+    )
+
+
+def assert_untouched(model, before):
+    after = snapshot(model)
+    assert after["hooks"] == 0
+    assert after["modes"] == before["modes"]
+    assert after["flags"] == before["flags"]
+    assert all(g is None for g in after["grads"])
+    assert after["strides"] == before["strides"]
+    assert all(torch.equal(before["state"][k], v) for k, v in after["state"].items())
+
+
+# ----------------------------------------------------------------------------- parameterizations
+
+@pytest.mark.parametrize("kind", ["pixel", "fourier", "latent", "whitened"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_param_images_in_range_and_gradients_reach_parameters(kind, channels):
+    gen = torch.Generator().manual_seed(0)
+    cov = torch.tensor([[1.0, 0.5, 0.2], [0.5, 1.0, 0.3], [0.2, 0.3, 1.0]])
+    p = fv.make_param(kind, 5, channels, vae=vae_with_stats(channels), color_cov=cov, generator=gen)
+    x = p()
+    assert x.shape == (5, channels, 32, 32)
+    assert x.min() >= 0 and x.max() <= 1
+    (x * torch.linspace(0, 1, 32)).sum().backward()
+    params = list(p.parameters())
+    assert len(params) == 1  # the VAE's weights are not optimized
+    assert params[0].grad is not None and params[0].grad.abs().sum() > 0
+
+
+def test_make_param_errors():
+    with pytest.raises(ValueError, match="needs a VAE"):
+        fv.make_param("latent", 2, 3)
+    with pytest.raises(ValueError, match="needs a VAE"):
+        fv.make_param("whitened", 2, 3)
+    with pytest.raises(ValueError, match="unknown parameterization"):
+        fv.make_param("wavelet", 2, 3)
+
+
+def test_color_covariance_matches_torch_cov():
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    ref = torch.cov(x.float().div(255).transpose(0, 1).flatten(1))
+    assert torch.allclose(fv.color_covariance(x), ref, atol=1e-6)
+    assert torch.allclose(fv.color_covariance(x.float() / 255), ref, atol=1e-6)
+
+
+def test_fourier_color_transform_is_a_square_root_of_the_covariance():
+    a = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.5, 0.0], [0.3, 0.6, 0.4]])
+    cov = a @ a.T
+    p = fv.FourierParam(64, 3, color_cov=cov, sd=0.3, generator=torch.Generator().manual_seed(0))
+    m = p.color
+    ratio = (m @ m.T) / cov
+    assert torch.allclose(ratio, ratio[0, 0].expand(3, 3), rtol=1e-4)
+    # and the colours it makes are correlated like the data: the pre-sigmoid image's colour covariance
+    y = torch.logit(p().detach()).transpose(0, 1).flatten(1)  # (C, N*H*W)
+    corr = torch.corrcoef(y)
+    ref = cov / cov.diagonal().sqrt()[:, None] / cov.diagonal().sqrt()[None]
+    assert torch.allclose(corr, ref, atol=0.03)
+
+
+def test_fourier_scale_is_one_over_frequency():
+    for decay in (1.0, 2.0):
+        s = fv.fourier_scale(32, decay)  # (32, 17); entry [0, k] is frequency k/32
+        assert s.shape == (32, 17)
+        assert torch.isclose(s[0, 1] / s[0, 4], torch.tensor(4.0 ** decay), rtol=1e-5)
+        assert torch.isclose(s[0, 0], s[0, 1])  # floored at 1/size
+    measured = fv.spectrum(torch.rand(4, 3, 32, 32))
+    assert measured.shape == (32, 17)
+    assert torch.allclose(fv.fourier_scale(32, spectrum=measured).pow(2).mean(), torch.tensor(1.0))
+
+
+def test_fourier_and_pixel_params_start_from_given_images():
+    images = torch.rand(3, 3, 32, 32) * 0.9 + 0.05
+    cov = torch.tensor([[1.0, 0.5, 0.2], [0.5, 1.0, 0.3], [0.2, 0.3, 1.0]])
+    for kind in ("fourier", "pixel"):
+        p = fv.make_param(kind, 3, 3, color_cov=cov, init=images)
+        assert torch.allclose(p(), images, atol=1e-4)
+
+
+def test_whitened_latent_maps_zero_to_mean_and_has_the_latent_covariance():
+    vae = vae_with_stats()
+    p = fv.WhitenedLatentParam(vae, 20000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p.u.normal_(generator=torch.Generator().manual_seed(1))
+        z = p.latent()
+        assert torch.allclose(torch.cov(z.T), vae.latent_cov, atol=0.05)
+        p.u.zero_()
+        assert torch.allclose(p.latent(), vae.latent_mean.expand(20000, -1), atol=1e-6)
+
+
+def test_latent_param_stays_in_range():
+    vae = vae_with_stats()
+    p = fv.LatentParam(vae, 4, generator=torch.Generator().manual_seed(0))
+    assert ((p.z >= vae.latent_lo) & (p.z <= vae.latent_hi)).all()
+    with torch.no_grad():
+        p.z.add_(100.0)
+    p.project()
+    assert torch.equal(p.z.detach(), vae.latent_hi.expand(4, -1))
+    assert p.penalty().shape == (4,)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+TRANSFORMS = dict(jitter=fv.jitter(2), scale=fv.scale(0.8, 1.2), rotate=fv.rotate(20),
+                  standard=fv.STANDARD, light=fv.LIGHT)
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_transforms_keep_size_are_seeded_and_differ_per_image(name):
+    t = TRANSFORMS[name]
+    x = torch.rand(1, 3, 32, 32).expand(16, -1, -1, -1)  # 16 copies of one image
+    a = t(x, torch.Generator().manual_seed(0))
+    b = t(x, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape
+    assert torch.equal(a, b)
+    assert not torch.equal(a, t(x, torch.Generator().manual_seed(1)))
+    distinct = {tuple(img.flatten()[:64].tolist()) for img in a}
+    assert len(distinct) > 1
+
+
+def test_pad_and_crop_return_exactly_the_model_size():
+    x = torch.rand(2, 3, 32, 32)
+    assert fv.pad(3)(x, None).shape == (2, 3, 38, 38)
+    assert torch.equal(fv.compose(fv.pad(3), fv.crop(32))(x, None), x)  # centre crop undoes the pad
+    assert fv.crop(32)(torch.rand(2, 3, 28, 28), None).shape == (2, 3, 32, 32)
+
+
+def test_jitter_is_an_integer_shift():
+    x = torch.arange(32.0).view(1, 1, 1, 32).expand(4, 3, 32, 32)
+    y = fv.jitter(2)(x, torch.Generator().manual_seed(0))
+    shift = y[:, 0, 0, 10] - 10  # interior columns move rigidly
+    assert torch.equal(y[:, :, :, 5:27], x[:, :, :, 5:27] + shift[:, None, None, None])
+    assert shift.abs().max() <= 2
+
+
+# ----------------------------------------------------------------------------- targets
+
+def test_activations_match_a_direct_forward():
+    model = cnn()
+    before = snapshot(model)
+    x = torch.rand(7, 3, 32, 32)
+    v = torch.randn(32)
+    targets = [fv.Class(3), fv.Channel("block1.act2", 5), fv.Class(7), fv.Neuron("block1.act2", 2, 4, 9),
+               fv.Class(3, log_prob=True), fv.Neuron("block2.act2", 1), fv.Direction("block3.act2", v),
+               fv.Channel("block1.act2", 0)]  # interleaved kinds and layers
+    got = fv.activations(model, x, targets, batch_size=3)
+    with torch.no_grad():
+        h = model.whiten_act(model.whiten(model.normalize(x)))
+        b1 = model.block1(h)
+        b2 = model.block2(b1)
+        b3 = model.block3(b2)
+        out = model(x)
+    ref = torch.stack([out[:, 3], b1[:, 5].mean((1, 2)), out[:, 7], b1[:, 2, 4, 9], out.log_softmax(1)[:, 3],
+                       b2[:, 1, 3, 3], b3.mean((2, 3)) @ v, b1[:, 0].mean((1, 2))], 1)
+    assert got.shape == (7, 8)
+    assert torch.allclose(got, ref, atol=1e-4)
+    assert torch.allclose(fv.activations(model, (x * 255).round().to(torch.uint8), targets),
+                          fv.activations(model, (x * 255).round() / 255, targets), atol=1e-5)
+    assert_untouched(model, before)
+    assert torch.allclose(fv.activations(model, (x * 255).round().to(torch.uint8), targets),
+                          fv.activations(model, (x * 255).round() / 255, targets), atol=1e-5)
+
+
+def test_exemplars_are_the_true_top_and_bottom_k():
+    model = cnn()
+    x = torch.rand(50, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    target = fv.Channel("block2.act2", 4)
+    a = fv.activations(model, x, [target])[:, 0]
+    order = a.argsort(descending=True)
+    ex = fv.exemplars(model, x, target, k=5, batch_size=16)
+    assert torch.equal(ex.top, order[:5])
+    assert torch.equal(ex.bottom, order.flip(0)[:5])
+    assert torch.allclose(ex.top_values, a[order[:5]])
+    targets = [target, fv.Class(3), fv.Neuron("block1.act2", 2, 4, 5)]
+    many = fv.exemplars(model, x, targets, k=4, batch_size=16)  # one pass for several targets
+    assert many.top.shape == (4, 3) and torch.equal(many.top[:, 0], order[:4])
+    for j, t in enumerate(targets):
+        assert torch.equal(many.bottom[:, j], fv.exemplars(model, x, t, k=4).bottom)
+
+
+@pytest.mark.parametrize("target, match", [
+    (fv.Channel("block9.act2", 0), "unknown layer 'block9.act2'; valid layers: whiten, "),
+    (fv.Channel("block1.act2", 16), "layer 'block1.act2' has 16 channels"),
+    (fv.Neuron("block2.act2", 0, 7, 0), "is 7x7"),
+    (fv.Neuron("block2.act2", 40), "has 32 channels"),
+    (fv.Class(10), "has 10 classes"),
+    (fv.Direction("block1.act2", torch.ones(5)), "has 16 channels"),
+])
+def test_render_rejects_bad_targets_clearly_and_leaves_no_hooks(target, match):
+    model = cnn()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        fv.render(model, [fv.Class(0), target], steps=2, progress=False)
+    assert_untouched(model, before)
+
+
+def test_latent_render_without_vae_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs a VAE"):
+        fv.render(cnn(), [0], param="whitened", steps=2, progress=False)
+
+
+# ----------------------------------------------------------------------------- render
+
+def test_render_is_deterministic_for_a_seed():
+    model = cnn()
+    kw = dict(steps=12, progress=False, images_per_target=2, diversity=0.5, tv=0.1)
+    a = fv.render(model, [0, 1], seed=3, **kw)
+    b = fv.render(model, [0, 1], seed=3, **kw)
+    c = fv.render(model, [0, 1], seed=4, **kw)
+    assert torch.equal(a.images, b.images) and torch.equal(a.history, b.history)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_render_leaves_the_model_as_found():
+    model = cnn()
+    model.train()
+    model.block2.eval()  # a mixed state must come back exactly
+    model.head.weight.requires_grad_(False)
+    before = snapshot(model)
+    assert before["flags"].count(False) >= 3  # BN weights and the whitening conv are frozen on purpose
+    fv.render(model, [fv.Class(1), fv.Channel("block1.act2", 0)], steps=3, progress=False)
+    assert_untouched(model, before)
+
+
+def test_render_cleans_up_when_interrupted_mid_run():
+    model = cnn()
+    before = snapshot(model)
+    calls = []
+
+    def interrupt_at_step_3(x, gen):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return x
+
+    with pytest.raises(KeyboardInterrupt):
+        fv.render(model, [fv.Class(0), fv.Channel("block1.act2", 0)], transforms=interrupt_at_step_3,
+                  steps=10, progress=False)
+    assert_untouched(model, before)
+
+
+def test_render_output_shapes_and_ranges():
+    model = cnn()
+    r = fv.render(model, [fv.Class(2), fv.Channel("block2.act2", 1), fv.Neuron("block1.conv1", 0)],
+                  steps=5, images_per_target=2, restarts=2, progress=False)
+    assert r.images.shape == (6, 3, 32, 32) and r.images.min() >= 0 and r.images.max() <= 1
+    assert r.activation.shape == (6,) and r.history.shape == (5, 6)
+    assert r.target_index.tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.allclose(r.activation, fv.activations(model, r.images, r.targets)[torch.arange(6), r.target_index],
+                          atol=1e-4)
+
+
+def test_restarts_keep_the_best_candidate():
+    model = cnn()
+    targets = [fv.Class(0), fv.Channel("block2.act2", 3)]
+    every = fv.render(model, targets, steps=6, images_per_target=3, progress=False)  # same candidates
+    best = fv.render(model, targets, steps=6, restarts=3, progress=False)
+    idx = every.activation.view(2, 3).argmax(1) + torch.tensor([0, 3])
+    assert torch.equal(best.images, every.images[idx])
+    assert torch.equal(best.activation, every.activation[idx])
+
+
+def test_one_channel_model_renders():
+    r = fv.render(cnn(channels=1), [fv.Channel("block1.act2", 0)], steps=3, progress=False)
+    assert r.images.shape == (1, 1, 32, 32)
+
+
+@pytest.mark.parametrize("target", [fv.Class(4), fv.Channel("block2.act2", 3)])
+def test_activation_rises_over_steps(trained, target):
+    r = fv.render(trained["model"], [target], steps=64, progress=False)
+    assert r.history[-1] > r.history[0] + 0.25
+    assert r.activation > fv.activations(trained["model"], torch.full((1, 3, 32, 32), 0.5), [target])
+
+
+def test_batched_targets_render_like_each_alone():
+    model = cnn()
+    targets = [fv.Channel("block2.act2", c) for c in (0, 5, 9)]
+    gen = torch.Generator().manual_seed(0)
+    batched = fv.FourierParam(3, 3, generator=gen)
+    alone = []
+    for i, t in enumerate(targets):
+        p = fv.FourierParam(1, 3)
+        with torch.no_grad():
+            p.coeffs.copy_(batched.coeffs[i:i + 1])
+        alone.append(fv.render(model, [t], param=p, steps=30, transforms=None, progress=False))
+    r = fv.render(model, targets, param=batched, steps=30, transforms=None, progress=False)
+    for i, a in enumerate(alone):
+        assert torch.allclose(r.images[i], a.images[0], atol=2e-3)
+        assert torch.allclose(r.activation[i], a.activation[0], rtol=1e-2)
+    acts = fv.activations(model, r.images, targets)  # (image, target)
+    assert (acts.argmax(0) == torch.arange(3)).all()  # each image excites its own target most
+
+
+def test_early_stop_skips_the_rest_of_the_network():
+    model = cnn()
+    calls = []
+    h = model.block3.register_forward_pre_hook(lambda m, i: calls.append(1))
+    try:
+        fv.render(model, [fv.Channel("block1.act2", 0)], steps=4, progress=False)
+        assert not calls
+        fv.render(model, [fv.Class(0)], steps=4, progress=False)
+        assert len(calls) >= 4
+    finally:
+        h.remove()
+
+
+def test_two_stage_render_and_init_pool():
+    model, vae = cnn(), vae_with_stats()
+    before = snapshot(vae)
+    r = fv.render(model, [0, 1], param="whitened>fourier", steps=6, restarts=2, init_pool=16, vae=vae,
+                  refine=dict(lr=0.01), progress=False)
+    assert r.images.shape == (2, 3, 32, 32) and r.history.shape == (6, 2)
+    assert_untouched(vae, before)
+
+
+def test_init_pool_starts_each_target_from_its_best_draw():
+    model, vae = cnn(), vae_with_stats()
+    targets = [fv.Class(0), fv.Class(1), fv.Channel("block1.act2", 2)]
+    r = fv.render(model, targets, param="latent", steps=0, init_pool=32, vae=vae, seed=5, progress=False)
+    pool = fv.make_param("latent", 32, 3, vae=vae, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        best = fv.activations(model, pool(), targets).max(0).values
+    assert torch.allclose(r.activation, best, atol=1e-5)
+
+
+def test_render_accepts_a_built_parameterization_and_checks_its_size():
+    model = cnn()
+    r = fv.render(model, [0, 1], param=fv.PixelParam(2, 3), steps=2, progress=False)
+    assert r.images.shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="need"):
+        fv.render(model, [0, 1], param=fv.PixelParam(3, 3), steps=2, progress=False)
+
+
+def test_regularizers_by_hand():
+    x = torch.zeros(2, 1, 4, 4)
+    x[1, 0, :, 2:] = 1.0  # a vertical edge
+    assert torch.allclose(fv.l2_penalty(x), torch.tensor([0.25, 0.25]))
+    assert torch.allclose(fv.tv_penalty(x), torch.tensor([0.0, 4 / 12]))  # 4 jumps among 12 pairs
+    assert fv.blur_penalty(x)[0] == 0 and fv.blur_penalty(x)[1] > 0
+    act = torch.rand(4, 3, 5, 5)
+    act[1] = act[0] * 2  # same Gram matrix up to scale
+    groups = torch.tensor([0, 0, 1, 2])
+    d = fv.diversity_penalty(act, groups)
+    assert torch.allclose(d[:2], torch.ones(2)) and torch.equal(d[2:], torch.zeros(2))
+
+
+def test_visualize_unit_builds_the_right_target():
+    model = cnn()
+    kw = dict(steps=2, progress=False)
+    assert fv.visualize_unit(model, "head", 3, **kw).targets == [fv.Class(3)]
+    assert fv.visualize_unit(model, "block1.act2", 2, technique="pixel", **kw).targets == [
+        fv.Channel("block1.act2", 2)]
+    assert fv.visualize_unit(model, "block1.act2", [0, 1], neuron=(3, 4), **kw).targets == [
+        fv.Neuron("block1.act2", 0, 3, 4), fv.Neuron("block1.act2", 1, 3, 4)]
+    with pytest.raises(ValueError, match="unknown technique"):
+        fv.visualize_unit(model, "head", 0, technique="deepdream")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class FeatureModel(nn.Module):
+    """features(x) = the first two pixels of channel 0; logits = the first 3 pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def features(self, x):
+        return x[:, 0, 0, :2]
+
+    def forward(self, x):
+        return x[:, 0, 0, :3]
+
+
+def points(xy):
+    x = torch.zeros(len(xy), 1, 32, 32)
+    x[:, 0, 0, :2] = torch.tensor(xy, dtype=torch.float32)
+    return x
+
+
+def test_quality_metrics_by_hand():
+    fm = FeatureModel()
+    assert torch.allclose(fv.normalized_activation(torch.tensor([2.0, 3.0]), torch.tensor([[1.0, 6.0], [4.0, 2.0]])),
+                          torch.tensor([0.5, 0.5]))
+    logits = torch.zeros(4, 1, 32, 32)
+    logits[:, 0, 0, :3] = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
+    assert fv.transferability(fm, logits, torch.tensor([0, 1, 2, 2])) == 0.75
+    train = points([[0, 0], [0, 0.2], [5, 5]])
+    train_y = torch.tensor([0, 0, 1])
+    held, held_y = points([[0.1, 0], [5, 5.5]]), torch.tensor([0, 1])
+    vis, vis_y = points([[0.3, 0.0], [5, 6]]), torch.tensor([0, 1])
+    # k=1: class 0 vis at distance 0.3 vs held-out 0.1 -> 3; class 1: 1.0 vs 0.5 -> 2; mean 2.5
+    assert fv.plausibility(fm, vis, vis_y, train, train_y, held, held_y, k=1) == pytest.approx(2.5)
+    imgs = points([[0, 0], [3, 4], [1, 1], [1, 2]])
+    assert fv.diversity(fm, imgs, [0, 0, 1, 1]) == pytest.approx((5 + 1) / 2)
+    t = torch.rand(3, 3, 32, 32)
+    r = fv.template_recovery(torch.cat([t, 1 - t[:1]]), t)
+    ref = torch.corrcoef(torch.cat([t, 1 - t[:1], t]).flatten(1))[:4, 4:]
+    assert torch.allclose(r, ref, atol=1e-5)
+    assert torch.allclose(r.diagonal()[:3], torch.ones(3)) and r[3, 0] == pytest.approx(-1, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- planted features
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small classifier, an independent one (other seed and width) and a small VAE on synthetic data."""
+    ckpt = tmp_path_factory.mktemp("featureviz")
+    d = data.load_data("synthetic", n_train=5000, n_test=1000)
+    kw = dict(preset="small", progress=False)
+    model, _ = training.train_classifier(d, ckpt / "a.pt", hyp=dict(epochs=3, batch_size=256), seed=0, **kw)
+    other, _ = training.train_classifier(d, ckpt / "b.pt", hyp=dict(epochs=2, batch_size=256), seed=1,
+                                         widths=(24, 48, 48), **kw)
+    vae, _ = training.train_vae(d, ckpt / "vae.pt", preset="small", seed=0, progress=False,
+                                hyp=dict(epochs=6, batch_size=64, lr=3e-3, kl_warmup_epochs=1))
+    return dict(data=d, model=model, other=other, vae=vae, cov=fv.color_covariance(d.train_x))
+
+
+def test_class_visualizations_recover_the_planted_templates(trained):
+    d = trained["data"]
+    r = fv.render(trained["model"], list(range(10)), vae=trained["vae"], progress=False,
+                  **fv.TECHNIQUES["whitened"])
+    corr = fv.template_recovery(r.images, d.templates)  # (10 visualizations, 10 templates)
+    own = corr.diagonal()
+    best_other = (corr - 10 * torch.eye(10)).max(1).values
+    assert (own > best_other).sum() >= 9, corr
+
+
+def test_decorrelated_fourier_transfers_better_than_raw_pixels(trained):
+    top1 = {}
+    for name in ("pixel", "fourier"):
+        r = fv.render(trained["model"], list(range(10)), images_per_target=3, color_cov=trained["cov"],
+                      progress=False, **fv.TECHNIQUES[name])
+        top1[name] = fv.transferability(trained["other"], r.images, r.target_index)
+    assert top1["fourier"] >= top1["pixel"] + 0.2, top1
+
+
+def test_quality_table_scores_every_technique_and_real_images(trained):
+    d = trained["data"]
+    calls = []
+
+    def fake(seed):  # an outside renderer: real test images of each class, one per class
+        calls.append(seed)
+        idx = torch.stack([(d.test_y == k).nonzero()[seed, 0] for k in range(10)])
+        return d.test_x[idx], fv.activations(trained["model"], d.test_x[idx], list(range(10))).diagonal()
+    rows, grid = fv.quality_table(trained["model"], trained["other"], d, {"pixel": fv.TECHNIQUES["pixel"],
+                                  "real": fake}, seeds=2, steps=4, progress=False, n_ref=2000)
+    assert [r["technique"] for r in rows] == ["real test images", "pixel", "real"] and calls == [0, 1]
+    assert grid["pixel"].shape == (10, 3, 32, 32) and torch.equal(grid["real"], fake(0)[0])
+    real = rows[2]
+    assert real["planted"] >= 0.9 and real["transfer"] >= 0.8  # real images: planted feature, transferable
+    assert 0.5 < real["plausibility"] < 1.5 and real["act"] <= 1.0
+    table = fv.format_table(rows)
+    assert "| planted recovery |" in table and table.count("\n") == 4 and f"{real['transfer']:.2f}" in table
