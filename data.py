@@ -217,17 +217,25 @@ class Loader:
             yield x, self.y[idx]
 
     def augment_batch(self, x):
-        """Random translate (with reflection at the border) and horizontal flip per image: one gather."""
-        b, c, h, w = x.shape
+        """Random translate (with reflection at the border) and horizontal flip, per image."""
         r = self.translate
-        dy, dx = torch.randint(-r, r + 1, (2, b, 1, 1), generator=self.gen, device=x.device)
-        flip = torch.rand(b, 1, 1, generator=self.gen, device=x.device) < 0.5
-        i = torch.arange(h, device=x.device).view(1, h, 1)
-        j = torch.arange(w, device=x.device).view(1, 1, w)
-        rows = _reflect(i + dy, h)  # (B, H, 1)
-        cols = _reflect(torch.where(flip, w - 1 - j, j) + dx, w)  # (B, 1, W): a flip reverses the columns
-        index = (rows * w + cols).view(b, 1, h * w)
-        return x.flatten(2).gather(2, index.expand(b, c, h * w)).view(b, c, h, w)
+        dy, dx = torch.randint(-r, r + 1, (2, len(x)), generator=self.gen, device=x.device)
+        flip = torch.rand(len(x), generator=self.gen, device=x.device) < 0.5
+        return shift(x, dy, dx, flip)
+
+
+def shift(x, dy, dx, flip=None):
+    """Translate each image (B, C, H, W) by its own (dy, dx) px, reflecting at the border, and mirror
+    it where flip (B,) is True: one gather, any dtype, differentiable."""
+    b, c, h, w = x.shape
+    i = torch.arange(h, device=x.device).view(1, h, 1)
+    j = torch.arange(w, device=x.device).view(1, 1, w)
+    if flip is not None:
+        j = torch.where(flip.view(b, 1, 1), w - 1 - j, j)  # (B, 1, W): a flip reverses the columns
+    rows = _reflect(i - dy.view(b, 1, 1), h)  # (B, H, 1): output row i reads input row i - dy
+    cols = _reflect(j - dx.view(b, 1, 1), w)  # (B, 1, W)
+    index = (rows * w + cols).view(b, 1, h * w)
+    return x.flatten(2).gather(2, index.expand(b, c, h * w)).view(b, c, h, w)
 
 
 def _reflect(k, n):

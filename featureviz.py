@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+import data
 import models
 
 SIZE = 32  # every model here takes (B, C, 32, 32)
@@ -151,11 +152,8 @@ class WhitenedLatentParam(nn.Module):
     def __init__(self, vae, n, sd=1.0, jitter=1e-4, generator=None, init=None):
         super().__init__()
         object.__setattr__(self, "vae", vae)  # not a submodule (see LatentParam)
-        cov = vae.latent_cov.double()
-        eye = torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
-        chol = torch.linalg.cholesky(cov + jitter * cov.diagonal().mean() * eye)
         self.register_buffer("mean", vae.latent_mean.clone())
-        self.register_buffer("chol", chol.float())  # (D, D) lower triangular
+        self.register_buffer("chol", vae.latent_cholesky(jitter))  # (D, D) lower triangular
         self.register_buffer("lo", vae.latent_lo.clone())
         self.register_buffer("hi", vae.latent_hi.clone())
         u = sd * torch.randn(n, vae.latent_dim, generator=generator).to(self.mean.device)
@@ -208,13 +206,8 @@ def pad(px, mode="reflect"):
 def jitter(px):
     """Shift each image by its own integer offset in [-px, px]^2 (reflect at the border); same size."""
     def t(x, gen):
-        b, c, h, w = x.shape
-        d = torch.randint(0, 2 * px + 1, (2, b, 1), generator=gen, device=x.device)
-        x = F.pad(x, (px, px, px, px), mode="reflect")                      # (N, C, H+2px, W+2px)
-        rows = (d[0] + torch.arange(h, device=x.device))[:, None, :, None]  # (N, 1, H, 1)
-        cols = (d[1] + torch.arange(w, device=x.device))[:, None, None, :]  # (N, 1, 1, W)
-        x = x.gather(2, rows.expand(b, c, h, w + 2 * px))
-        return x.gather(3, cols.expand(b, c, h, w))
+        dy, dx = torch.randint(-px, px + 1, (2, len(x)), generator=gen, device=x.device)
+        return data.shift(x, dy, dx)
     return t
 
 

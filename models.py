@@ -238,10 +238,11 @@ class VAE(nn.Module):
         z = torch.randn(n, self.latent_dim, generator=generator, device=device) * temperature
         return self.decode(z)
 
-    def latent_cholesky(self, jitter=1e-5):
-        """Lower-triangular L with L L^T = covariance of the encoder means (+ jitter on the diagonal)."""
-        eye = torch.eye(self.latent_dim, device=self.latent_cov.device)
-        return torch.linalg.cholesky(self.latent_cov.double() + jitter * eye).float()
+    def latent_cholesky(self, jitter=1e-4):
+        """Lower-triangular L with L L^T = covariance of the encoder means (+ jitter x its mean variance)."""
+        cov = self.latent_cov.double()
+        eye = torch.eye(self.latent_dim, dtype=cov.dtype, device=cov.device)
+        return torch.linalg.cholesky(cov + jitter * cov.diagonal().mean() * eye).float()
 
     def sample_aggregate(self, n, generator=None):
         """Mean images of z drawn from the Gaussian fitted to the encoder means (aggregate posterior)."""

@@ -124,6 +124,46 @@ def reusable(path, **expected):
     return ckpt.get("complete", False) and all(ckpt.get(k) == v for k, v in expected.items())
 
 
+class BestKeeper:
+    """Per-epoch bookkeeping of both training loops: the metrics CSV, and the best epoch's weights in
+    memory and in an unfinished checkpoint; `finish` restores them and marks the checkpoint complete."""
+
+    def __init__(self, model, key, higher, ckpt_path=None, csv_path=None, **info):
+        self.model, self.key, self.sign = model, key, 1 if higher else -1
+        self.ckpt_path, self.csv_path, self.info = ckpt_path, csv_path, info
+        self.rows, self.best, self.state = [], None, None
+
+    def update(self, row):
+        """Record one epoch's metrics; keep the weights if the epoch is the best so far."""
+        self.rows.append(row)
+        if self.best is None or self.sign * row[self.key] > self.sign * self.best[self.key]:
+            self.best = row
+            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.save(complete=False)
+        if self.csv_path:
+            write_csv(self.rows, self.csv_path)
+
+    def restore(self):
+        """Load the best epoch's weights into the model, in eval mode."""
+        self.model.load_state_dict(self.state)
+        self.model.eval()
+
+    def save(self, complete):
+        if self.ckpt_path:
+            save_checkpoint(self.ckpt_path, self.model, epoch=self.best["epoch"], **{self.key: self.best[self.key]},
+                            history=self.rows, complete=complete, **self.info)
+
+
+def _train_or_load(fit_fn, build, data, ckpt_path, config, hyp, retrain, seed, device, csv_path, progress):
+    """Load a complete checkpoint trained with exactly these settings, else build, fit and load."""
+    if not retrain and reusable(ckpt_path, config=config, hyp=hyp, dataset=data.name, seed=seed):
+        return load_checkpoint(ckpt_path, device)
+    seed_everything(seed)
+    fit_fn(build(), data, hyp, device, seed, ckpt_path, csv_path, progress,
+           extra=dict(dataset=data.name, seed=seed))
+    return load_checkpoint(ckpt_path, device)
+
+
 # ----------------------------------------------------------------------------- classifier
 
 def lr_factor(step, total, warmup):
@@ -223,7 +263,8 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     opt = make_optimizer(model, hyp)
     ema_decay = 0.95 ** 5 * (torch.arange(total + 1) / total) ** 3
     lookahead = Lookahead(model)
-    rows, best, best_state, step = [], -1.0, None, 0
+    keeper = BestKeeper(model, "val_acc", True, ckpt_path, csv_path, hyp=hyp, **(extra or {}))
+    step = 0
     bar = tqdm(total=total if max_steps is None else min(total, max_steps), desc="train",
                disable=not progress)
     try:
@@ -254,30 +295,18 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
             if step >= total:
                 lookahead.update(model, 1.0)
             val = evaluate(model, data.val_x, data.val_y)
-            rows.append(dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen,
-                             val_loss=val["loss"], val_acc=val["acc"], lr=opt.param_groups[1]["lr"],
-                             seconds=time.perf_counter() - start))
+            keeper.update(dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen,
+                               val_loss=val["loss"], val_acc=val["acc"], lr=opt.param_groups[1]["lr"],
+                               seconds=time.perf_counter() - start))
             bar.set_postfix(epoch=epoch + 1, val_acc=f"{val['acc']:.4f}")
-            if val["acc"] > best:
-                best = val["acc"]
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if ckpt_path:
-                    save_checkpoint(ckpt_path, model, hyp=hyp, epoch=epoch + 1, val_acc=best,
-                                    history=rows, complete=False, **(extra or {}))
-            if csv_path:
-                write_csv(rows, csv_path)
             if max_steps and step >= max_steps:
                 break
     finally:
         bar.close()
         model.whiten.bias.requires_grad_(True)
-    model.load_state_dict(best_state)
-    model.eval()
-    if ckpt_path:
-        best_epoch = max(rows, key=lambda r: r["val_acc"])["epoch"]
-        save_checkpoint(ckpt_path, model, hyp=hyp, epoch=best_epoch, val_acc=best, history=rows,
-                        complete=True, **(extra or {}))
-    return rows
+    keeper.restore()
+    keeper.save(complete=True)
+    return keeper.rows
 
 
 def train_classifier(data, ckpt_path, preset="airbench", hyp=None, retrain=False, seed=0,
@@ -288,15 +317,13 @@ def train_classifier(data, ckpt_path, preset="airbench", hyp=None, retrain=False
     """
     mean, std = data.channel_stats()
     config = cnn_config(preset, data.channels, len(data.classes), mean, std, **config_overrides)
-    hyp = {**CNN_HYP, **(hyp or {})}
-    if not retrain and reusable(ckpt_path, config=config, hyp=hyp, dataset=data.name, seed=seed):
-        return load_checkpoint(ckpt_path, device)
-    seed_everything(seed)
-    model = build_model(config)
-    model.init_whiten(data.train_x[:5000].float() / 255)
-    fit(model, data, hyp, device, seed, ckpt_path, csv_path, progress,
-        extra=dict(dataset=data.name, seed=seed))
-    return load_checkpoint(ckpt_path, device)
+
+    def build():
+        model = build_model(config)
+        model.init_whiten(data.train_x[:5000].float() / 255)
+        return model
+    return _train_or_load(fit, build, data, ckpt_path, config, {**CNN_HYP, **(hyp or {})}, retrain, seed,
+                          device, csv_path, progress)
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -379,7 +406,8 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / total)))
     gen = torch.Generator(device=device).manual_seed(seed)
-    rows, best, best_state, step = [], math.inf, None, 0
+    keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, **(extra or {}))
+    step = 0
     bar = tqdm(total=total if max_steps is None else min(total, max_steps), desc="train VAE",
                disable=not progress)
     try:
@@ -411,31 +439,19 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
                 if step >= total or (max_steps and step >= max_steps):
                     break
             val = evaluate_vae(vae, data.val_x, seed=seed)
-            rows.append(dict(epoch=epoch + 1, **{f"train_{k}": v / seen for k, v in sums.items()},
-                             val_bpd=val["bpd"], val_nll=val["nll"], val_kl=val["kl"],
-                             kl_weight=kl_weight, lr=opt.param_groups[0]["lr"],
-                             seconds=time.perf_counter() - start))
-            if val["bpd"] < best:
-                best = val["bpd"]
-                best_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
-                if ckpt_path:
-                    save_checkpoint(ckpt_path, vae, hyp=hyp, epoch=epoch + 1, val_bpd=best,
-                                    history=rows, complete=False, **(extra or {}))
-            if csv_path:
-                write_csv(rows, csv_path)
+            keeper.update(dict(epoch=epoch + 1, **{f"train_{k}": v / seen for k, v in sums.items()},
+                               val_bpd=val["bpd"], val_nll=val["nll"], val_kl=val["kl"],
+                               kl_weight=kl_weight, lr=opt.param_groups[0]["lr"],
+                               seconds=time.perf_counter() - start))
             if max_steps and step >= max_steps:
                 break
     finally:
         bar.close()
-    vae.load_state_dict(best_state)
-    vae.eval()
+    keeper.restore()
     for name, value in latent_statistics(vae, data.train_x).items():
         getattr(vae, name).copy_(value)
-    if ckpt_path:
-        best_epoch = min(rows, key=lambda r: r["val_bpd"])["epoch"]
-        save_checkpoint(ckpt_path, vae, hyp=hyp, epoch=best_epoch, val_bpd=best, history=rows,
-                        complete=True, **(extra or {}))
-    return rows
+    keeper.save(complete=True)
+    return keeper.rows
 
 
 def train_vae(data, ckpt_path, preset="default", hyp=None, retrain=False, seed=0, device=None,
@@ -445,10 +461,5 @@ def train_vae(data, ckpt_path, preset="default", hyp=None, retrain=False, seed=0
     Returns (vae in eval mode, checkpoint dict).
     """
     config = vae_config(preset, data.channels, **config_overrides)
-    hyp = {**VAE_HYP, **(hyp or {})}
-    if not retrain and reusable(ckpt_path, config=config, hyp=hyp, dataset=data.name, seed=seed):
-        return load_checkpoint(ckpt_path, device)
-    seed_everything(seed)
-    fit_vae(build_model(config), data, hyp, device, seed, ckpt_path, csv_path, progress,
-            extra=dict(dataset=data.name, seed=seed))
-    return load_checkpoint(ckpt_path, device)
+    return _train_or_load(fit_vae, lambda: build_model(config), data, ckpt_path, config,
+                          {**VAE_HYP, **(hyp or {})}, retrain, seed, device, csv_path, progress)
