@@ -52,7 +52,10 @@ def parse_args():
     p.add_argument("--preset", default="airbench", help="classifier preset (models.CNN_PRESETS)")
     p.add_argument("--vae-preset", default="default", help="VAE preset (models.VAE_PRESETS)")
     p.add_argument("--epochs", type=int, default=5, help="classifier epochs")
+    p.add_argument("--batch-size", type=int, default=1024, help="classifier batch size")
     p.add_argument("--vae-epochs", type=int, default=20)
+    p.add_argument("--vae-batch-size", type=int, default=training.VAE_HYP["batch_size"])
+    p.add_argument("--vae-lr", type=float, default=training.VAE_HYP["lr"])
     p.add_argument("--techniques", default=",".join(fv.TECHNIQUES), help="comma-separated names")
     p.add_argument("--lucent-224", action="store_true", help="also render Lucent at 224 px (slow on CPU)")
     p.add_argument("--png", default=None, help="comparison grid (default outputs/bench_featureviz_<dataset>.png)")
@@ -68,7 +71,7 @@ def parse_args():
 
 def load_data(args):
     """The dataset; --quick keeps a small slice of it."""
-    d = data.load_data(args.dataset, **(dict(n_train=3000, n_test=500) if args.dataset == "synthetic" else {}))
+    d = data.load_data(args.dataset)
     if args.quick:
         n = 3000
         d = dataclasses.replace(d, train_x=d.train_x[:n], train_y=d.train_y[:n], val_x=d.val_x[:500],
@@ -82,12 +85,12 @@ def load_models(args, d):
     tag = f"{d.name}{'_quick' if args.quick else ''}"
     widths = models.CNN_PRESETS[args.preset]["widths"]
     other_widths = [w * 3 // 4 if w > 32 else w * 3 // 2 for w in widths]  # an independent architecture
-    hyp = dict(epochs=args.epochs, **(dict(batch_size=256) if args.quick else {}))
+    hyp = dict(epochs=args.epochs, batch_size=256 if args.quick else args.batch_size)
     model, _ = training.train_classifier(d, ckpt / f"cnn_{args.preset}_{tag}.pt", args.preset, hyp, seed=0)
     other, _ = training.train_classifier(d, ckpt / f"cnn_other_{args.preset}_{tag}.pt", args.preset, hyp,
                                          seed=1, widths=other_widths)
     vae, _ = training.train_vae(d, ckpt / f"vae_{args.vae_preset}_{tag}.pt", args.vae_preset,
-                                dict(epochs=args.vae_epochs), seed=0)
+                                dict(epochs=args.vae_epochs, batch_size=args.vae_batch_size, lr=args.vae_lr), seed=0)
     return model, other, vae
 
 
