@@ -36,16 +36,17 @@ def _untouched(model):
                 del d[key]
 
 
-def _prepare(images, targets):
-    """A detached float copy of the images (B, C, H, W) and the targets as a (B,) long tensor."""
-    x = images.detach().clone().float().requires_grad_()  # captum warns unless inputs require grad
+def _prepare(images, targets, model):
+    """A detached float copy of the images (B, C, H, W) on the model's device, and the targets (B,)."""
+    device = next(model.parameters()).device
+    x = images.detach().to(device).clone().float().requires_grad_()  # captum warns unless inputs require grad
     t = torch.as_tensor(targets, dtype=torch.long, device=x.device)
     return x, t.expand(len(x)).contiguous() if t.dim() == 0 else t
 
 
 def saliency(model, images, targets):
     """|d logit_target / d pixel|, max over channels: (B, H, W), non-negative."""
-    x, t = _prepare(images, targets)
+    x, t = _prepare(images, targets, model)
     with _untouched(model):
         attr = Saliency(model).attribute(x, target=t, abs=True)  # (B, C, H, W)
     return attr.amax(1).detach()
@@ -54,7 +55,7 @@ def saliency(model, images, targets):
 def grad_cam(model, images, targets, layer="block3.act2"):
     """Grad-CAM at `layer` (a name or a module), relu'd and bilinearly upsampled to the input: (B, H, W)."""
     layer = models.get_layer(model, layer) if isinstance(layer, str) else layer
-    x, t = _prepare(images, targets)
+    x, t = _prepare(images, targets, model)
     with _untouched(model):
         cam = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)  # (B, 1, h, w)
     cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")
@@ -63,7 +64,7 @@ def grad_cam(model, images, targets, layer="block3.act2"):
 
 def integrated_gradients(model, images, targets, baseline=None, steps=32, internal_batch_size=64):
     """Integrated gradients from `baseline` (default black) to the images: signed, (B, C, H, W)."""
-    x, t = _prepare(images, targets)
+    x, t = _prepare(images, targets, model)
     b = torch.zeros_like(x) if baseline is None else torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
     b = b.expand_as(x).contiguous()
     with _untouched(model):

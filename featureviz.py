@@ -654,6 +654,7 @@ def exemplars(model, images, target, k=8, batch_size=500):
     """Top-k and bottom-k images of a dataset for a target (or a list of targets), in one pass."""
     single = not isinstance(target, (list, tuple, range))
     a = activations(model, images, [target] if single else target, batch_size)  # (N, T)
+    k = min(k, len(a))
     top, bottom = a.topk(k, dim=0), a.topk(k, dim=0, largest=False)
     pick = (lambda t: t[:, 0]) if single else (lambda t: t)
     return Exemplars(pick(top.indices), pick(top.values), pick(bottom.indices), pick(bottom.values))
@@ -696,10 +697,12 @@ def plausibility(feature_model, vis, vis_labels, train_x, train_y, heldout_x, he
     vis_labels, train_y, heldout_y = vis_labels.cpu(), train_y.cpu(), heldout_y.cpu()
     ratios = []
     for c in vis_labels.unique().tolist():
-        refs = f_train[train_y == c]
-        real = _knn_distance(f_held[heldout_y == c], refs, k).mean()
+        refs, held = f_train[train_y == c], f_held[heldout_y == c]
+        if not len(refs) or not len(held):  # no real images of this class to compare with
+            continue
+        real = _knn_distance(held, refs, k).mean()
         ratios.append(_knn_distance(f_vis[vis_labels == c], refs, k) / real)
-    return torch.cat(ratios).mean().item()
+    return torch.cat(ratios).mean().item() if ratios else float("nan")
 
 
 def diversity(feature_model, images, groups):
@@ -711,7 +714,7 @@ def diversity(feature_model, images, groups):
         if len(fg) > 1:
             d = torch.cdist(fg, fg)
             means.append(d.sum() / (len(fg) * (len(fg) - 1)))
-    return torch.stack(means).mean().item()
+    return torch.stack(means).mean().item() if means else float("nan")  # nan: no group has two images
 
 
 def template_recovery(images, templates):

@@ -306,8 +306,21 @@ def test_restarts_keep_the_best_candidate():
 
 
 def test_one_channel_model_renders():
-    r = fv.render(cnn(channels=1), [fv.Channel("block1.act2", 0)], steps=3, progress=False)
+    r = fv.render(cnn(channels=1), [fv.Channel("block1.act2", 0)], steps=20, progress=False)
     assert r.images.shape == (1, 1, 32, 32)
+    assert r.history[-1, 0] > r.history[0, 0]
+
+
+def test_metrics_degrade_gracefully_on_small_inputs():
+    model = cnn()
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert fv.diversity(model, x[:3], y[:3]) != fv.diversity(model, x[:3], y[:3])  # nan: no pairs
+    ex = fv.exemplars(model, x, fv.Class(0), k=10)  # k larger than the set
+    assert len(ex.top) == 6 and sorted(ex.top.tolist()) == list(range(6))
+    # class 2 has no held-out images: it is skipped, not nan
+    p = fv.plausibility(model, x, y, x, y, x[:2], y[:2])
+    assert p == p and p > 0
 
 
 @pytest.mark.parametrize("target", [fv.Class(4), fv.Channel("block2.act2", 3)])
