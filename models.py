@@ -244,6 +244,18 @@ class VAE(nn.Module):
         eye = torch.eye(self.latent_dim, dtype=cov.dtype, device=cov.device)
         return torch.linalg.cholesky(cov + jitter * cov.diagonal().mean() * eye).float()
 
+    @torch.no_grad()
+    def latent_summary(self):
+        """How correlated the latent is: covariance eigenvalues (descending), participation ratio
+        (effective number of dimensions), dims with variance > 0.01, mean |correlation| between dims."""
+        cov = self.latent_cov.double()
+        eig = torch.linalg.eigvalsh(cov).flip(0).clamp_min(0)
+        std = cov.diagonal().sqrt()
+        corr = cov / (std[:, None] * std[None, :]).clamp_min(1e-12)
+        off = ~torch.eye(len(cov), dtype=torch.bool, device=cov.device)
+        return dict(eigenvalues=eig.cpu(), participation_ratio=(eig.sum() ** 2 / (eig ** 2).sum()).item(),
+                    active_dims=int((cov.diagonal() > 0.01).sum()), mean_abs_corr=corr[off].abs().mean().item())
+
     def sample_aggregate(self, n, generator=None):
         """Mean images of z drawn from the Gaussian fitted to the encoder means (aggregate posterior)."""
         eps = torch.randn(n, self.latent_dim, generator=generator, device=self.latent_mean.device)

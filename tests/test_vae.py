@@ -119,3 +119,17 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tiny, tmp_path, m
     vae, ckpt = training.load_checkpoint(tmp_path / "vae.pt")
     assert ckpt["epoch"] == 1 and not ckpt["complete"]
     assert all(torch.isfinite(p).all() for p in vae.parameters())
+
+
+def test_latent_summary_of_a_known_covariance():
+    vae = small_vae()
+    d = vae.latent_dim
+    cov = torch.eye(d) * 0.001
+    cov[:2, :2] = torch.tensor([[4.0, 2.0], [2.0, 4.0]])  # two correlated dims (corr 0.5), the rest near-dead
+    vae.latent_cov.copy_(cov)
+    s = vae.latent_summary()
+    assert s["active_dims"] == 2
+    assert torch.allclose(s["eigenvalues"][:2].float(), torch.tensor([6.0, 2.0]), atol=1e-5)
+    eig = torch.cat([torch.tensor([6.0, 2.0]), torch.full((d - 2,), 0.001)]).double()
+    assert s["participation_ratio"] == pytest.approx((eig.sum() ** 2 / (eig ** 2).sum()).item(), rel=1e-6)
+    assert s["mean_abs_corr"] == pytest.approx(2 * 0.5 / (d * (d - 1)), rel=1e-6)
