@@ -5,12 +5,14 @@ import models
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("preset", ["small", "airbench"])
+@pytest.mark.parametrize("preset", sorted(models.CNN_PRESETS))
 def test_cnn_shapes(preset, channels):
     model = models.build_model(models.cnn_config(preset, in_channels=channels, num_classes=7)).eval()
     x = torch.rand(2, channels, 32, 32)
+    widths = models.CNN_PRESETS[preset]["widths"]
     assert model(x).shape == (2, 7)
-    assert model.features(x).shape == (2, models.CNN_PRESETS[preset]["widths"][-1])
+    assert model.features(x).shape == (2, widths[-1])
+    assert [models.layer_channels(model, f"block{i}.conv2") for i in (1, 2, 3)] == list(widths)
 
 
 def test_cnn_normalizes_its_input_inside():
