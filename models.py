@@ -11,7 +11,7 @@ from torch import nn
 
 # ----------------------------------------------------------------------------- classifier
 
-CNN_PRESETS = {
+CNN_PRESETS = {  # widths: channels of block1..block3
     # port of airbench94 (Keller Jordan): ~94% on CIFAR-10 in ~10 epochs
     "airbench": dict(widths=(64, 256, 256)),
     # the same recipe at half width, 3.5x faster on a CPU: ~94.5% on Fashion-MNIST in 10 epochs, 14 min on 2 cores
@@ -30,7 +30,6 @@ def cnn_config(preset="airbench", in_channels=3, num_classes=10, mean=None, std=
         preset=preset,
         in_channels=in_channels,   # 1 (Fashion-MNIST) or 3
         num_classes=num_classes,
-        widths=(64, 256, 256),     # channels of block1..block3
         whiten_kernel=2,           # patch size of the frozen whitening conv
         bn_momentum=0.6,           # airbench convention: weight of the old running stat
         logit_scale=1 / 9,         # logits are divided by 9 (temperature)
@@ -138,7 +137,7 @@ class CNN(nn.Module):
 
 # ----------------------------------------------------------------------------- VAE
 
-VAE_PRESETS = {
+VAE_PRESETS = {  # widths: encoder channels at 16, 8, 4 px (the decoder mirrors them); z is flat, latent_dim long
     "default": dict(widths=(32, 64, 128), latent_dim=128),  # sized for minutes per epoch on a CPU
     "small": dict(widths=(16, 32, 32), latent_dim=32),
 }
@@ -152,8 +151,6 @@ def vae_config(preset="default", in_channels=3, **overrides):
         kind="vae",
         preset=preset,
         in_channels=in_channels,
-        widths=(32, 64, 128),   # encoder channels at 16, 8, 4 px; the decoder mirrors them
-        latent_dim=128,         # z is a flat vector of this size
         min_log_scale=-7.0,     # floor of the discretized logistic's log scale
     )
     config.update(VAE_PRESETS[preset])

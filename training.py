@@ -126,7 +126,8 @@ def reusable(path, **expected):
 
 class BestKeeper:
     """Per-epoch bookkeeping of both training loops: the metrics CSV, and the best epoch's weights in
-    memory and in an unfinished checkpoint; `finish` restores them and marks the checkpoint complete."""
+    memory and in an unfinished checkpoint; `restore` loads them back into the model, and
+    `save(complete=True)` marks the checkpoint finished."""
 
     def __init__(self, model, key, higher, ckpt_path=None, csv_path=None, **info):
         self.model, self.key, self.sign = model, key, 1 if higher else -1
@@ -242,12 +243,11 @@ class Lookahead:
 
 
 def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=None,
-        progress=True, max_steps=None, extra=None):
+        progress=True, extra=None):
     """Train a CNN on data.train, validate on data.val each epoch, keep the best checkpoint.
 
     Returns the per-epoch metrics rows; the model ends with the best epoch's weights.
-    `extra` is stored in the checkpoint (e.g. the dataset name). `max_steps` cuts the run short
-    (benchmarks); the schedule still spans the full epochs.
+    `extra` is stored in the checkpoint (e.g. the dataset name).
     """
     hyp = {**CNN_HYP, **(hyp or {})}
     seed_everything(seed)
@@ -265,14 +265,13 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     lookahead = Lookahead(model)
     keeper = BestKeeper(model, "val_acc", True, ckpt_path, csv_path, hyp=hyp, **(extra or {}))
     step = 0
-    bar = tqdm(total=total if max_steps is None else min(total, max_steps), desc="train",
-               disable=not progress)
+    bar = tqdm(total=total, desc="train", disable=not progress)
     try:
         for epoch in range(math.ceil(hyp["epochs"])):
             start = time.perf_counter()
             model.train()
             model.whiten.bias.requires_grad_(epoch < hyp["whiten_bias_epochs"])
-            loss_sum = correct = seen = 0
+            loss_sum = correct = seen = 0  # summed on the device: no host sync per step
             for x, y in loader:
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * lr_factor(step, total, hyp["warmup"])
@@ -286,21 +285,19 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
                 step += 1
                 if step % hyp["ema_every"] == 0:
                     lookahead.update(model, ema_decay[step].item())
-                loss_sum += loss.item()
-                correct += (out.argmax(1) == y).sum().item()
+                loss_sum += loss.detach().double()
+                correct += (out.argmax(1) == y).sum()
                 seen += len(y)
                 bar.update()
-                if step >= total or (max_steps and step >= max_steps):
+                if step >= total:
                     break
             if step >= total:
                 lookahead.update(model, 1.0)
             val = evaluate(model, data.val_x, data.val_y)
-            keeper.update(dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen,
+            keeper.update(dict(epoch=epoch + 1, train_loss=float(loss_sum) / seen, train_acc=int(correct) / seen,
                                val_loss=val["loss"], val_acc=val["acc"], lr=opt.param_groups[1]["lr"],
                                seconds=time.perf_counter() - start))
             bar.set_postfix(epoch=epoch + 1, val_acc=f"{val['acc']:.4f}")
-            if max_steps and step >= max_steps:
-                break
     finally:
         bar.close()
         model.whiten.bias.requires_grad_(True)
@@ -386,7 +383,7 @@ def latent_statistics(vae, images, batch_size=500):
 
 
 def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=None,
-            progress=True, max_steps=None, extra=None):
+            progress=True, extra=None):
     """Train a VAE on data.train (negative ELBO), keep the best checkpoint by validation bits/dim.
 
     Stops with a clear error if the loss becomes NaN/inf; the best checkpoint so far is kept.
@@ -408,8 +405,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     gen = torch.Generator(device=device).manual_seed(seed)
     keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, **(extra or {}))
     step = 0
-    bar = tqdm(total=total if max_steps is None else min(total, max_steps), desc="train VAE",
-               disable=not progress)
+    bar = tqdm(total=total, desc="train VAE", disable=not progress)
     try:
         for epoch in range(math.ceil(hyp["epochs"])):
             start = time.perf_counter()
@@ -435,16 +431,14 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
                     sums[k] += out[k].sum().item()
                 seen += len(x)
                 bar.update()
-                bar.set_postfix(bpd=f"{out['bpd'].mean().item():.3f}")
-                if step >= total or (max_steps and step >= max_steps):
+                if step >= total:
                     break
             val = evaluate_vae(vae, data.val_x, seed=seed)
             keeper.update(dict(epoch=epoch + 1, **{f"train_{k}": v / seen for k, v in sums.items()},
                                val_bpd=val["bpd"], val_nll=val["nll"], val_kl=val["kl"],
                                kl_weight=kl_weight, lr=opt.param_groups[0]["lr"],
                                seconds=time.perf_counter() - start))
-            if max_steps and step >= max_steps:
-                break
+            bar.set_postfix(epoch=epoch + 1, val_bpd=f"{val['bpd']:.3f}")
     finally:
         bar.close()
     keeper.restore()

@@ -23,8 +23,9 @@ import training  # noqa: E402
 def accuracy(args):
     d = data.load_data("fashion-mnist", args.data_dir)
     start = time.perf_counter()
-    model, ckpt = training.train_classifier(d, Path(args.ckpt_dir) / f"bench_fashion_{args.preset}.pt", preset=args.preset,
-                                            hyp=dict(epochs=args.epochs), retrain=True, seed=args.seed)
+    ckpt_path = Path(args.ckpt_dir) / f"bench_fashion_{args.preset}.pt"
+    model, ckpt = training.train_classifier(d, ckpt_path, preset=args.preset, hyp=dict(epochs=args.epochs),
+                                            retrain=True, seed=args.seed)
     train_s = time.perf_counter() - start
     plain = training.evaluate(model, d.test_x, d.test_y, tta_level=0)["acc"]
     tta = training.evaluate(model, d.test_x, d.test_y, tta_level=2)["acc"]
