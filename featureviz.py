@@ -554,7 +554,7 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     rows = torch.arange(n, device=device)
     weights = dict(l2=l2, tv=tv, blur=blur)
     gen = torch.Generator(device=device).manual_seed(seed)
-    history = torch.zeros(steps, n)
+    history = torch.zeros(steps, n, device=device)  # on the device: no host sync per step
     with frozen(model, vae, getattr(param, "vae", None)):
         objective = Objective(model, targets, [diversity_layer] if diversity else [], channels)
         with objective.hooked(model) as run:
@@ -583,12 +583,12 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
                 loss.sum().backward()
                 opt.step()
                 project()
-                history[step] = values.detach().cpu()
+                history[step] = values.detach()
             with torch.no_grad():
                 images = param()
                 final = objective(run(_channels_last(images)))[rows, tidx]
     keep = (final.view(-1, restarts).argmax(1) + torch.arange(0, n, restarts, device=device)).cpu()
-    return Render(images.detach().cpu()[keep], final.cpu()[keep], history[:, keep], targets)
+    return Render(images.detach().cpu()[keep], final.cpu()[keep], history.cpu()[:, keep], targets)
 
 
 @torch.no_grad()
@@ -694,6 +694,11 @@ def plausibility(feature_model, vis, vis_labels, train_x, train_y, heldout_x, he
     """Mean kNN feature distance of each visualization to its class's training images, relative to
     the same for held-out real images of that class (1.0 = as plausible as a real image)."""
     f_vis, f_train, f_held = (features(feature_model, x) for x in (vis, train_x, heldout_x))
+    return _plausibility(f_vis, vis_labels, f_train, train_y, f_held, heldout_y, k)
+
+
+def _plausibility(f_vis, vis_labels, f_train, train_y, f_held, heldout_y, k=5):
+    """plausibility() on features already computed."""
     vis_labels, train_y, heldout_y = vis_labels.cpu(), train_y.cpu(), heldout_y.cpu()
     ratios = []
     for c in vis_labels.unique().tolist():
@@ -707,7 +712,12 @@ def plausibility(feature_model, vis, vis_labels, train_x, train_y, heldout_x, he
 
 def diversity(feature_model, images, groups):
     """Mean pairwise feature distance between images of the same group (target), averaged over groups."""
-    f, groups = features(feature_model, images), torch.as_tensor(groups).cpu()
+    return _diversity(features(feature_model, images), groups)
+
+
+def _diversity(f, groups):
+    """diversity() on features already computed."""
+    groups = torch.as_tensor(groups).cpu()
     means = []
     for g in groups.unique():
         fg = f[groups == g]
@@ -726,13 +736,25 @@ def template_recovery(images, templates):
     return (a @ b.T).float()
 
 
-def score(images, labels, acts, real_max, other, train_x, train_y, heldout_x, heldout_y, templates=None):
-    """All quality metrics of a set of class visualizations (labels = their classes) as a dict."""
+def reference(other, train_x, train_y, heldout_x, heldout_y, templates=None):
+    """What score() compares with, computed once: features of real training and held-out images under
+    the independent classifier `other`, their labels, and the class templates (synthetic data)."""
+    return dict(other=other, f_train=features(other, train_x), train_y=train_y, f_held=features(other, heldout_x),
+                heldout_y=heldout_y, templates=templates)
+
+
+def score(images, labels, acts, real_acts, ref):
+    """All quality metrics of a set of class visualizations (labels = their classes) as a dict.
+
+    acts: (N,) each visualization's activation; real_acts: (M, K) the activations of real images for
+    all classes; ref: reference().
+    """
     labels = torch.as_tensor(labels).cpu()
-    row = dict(act=(acts.cpu() / real_max.cpu()[labels]).mean().item(),
+    other, templates, f = ref["other"], ref["templates"], features(ref["other"], images)
+    row = dict(act=normalized_activation(acts.cpu(), real_acts.cpu()[:, labels]).mean().item(),
                transfer=transferability(other, images, labels),
-               plausibility=plausibility(other, images, labels, train_x, train_y, heldout_x, heldout_y),
-               diversity=diversity(other, images, labels))
+               plausibility=_plausibility(f, labels, ref["f_train"], ref["train_y"], ref["f_held"], ref["heldout_y"]),
+               diversity=_diversity(f, labels))
     if templates is not None:
         row["planted"] = (template_recovery(images, templates).argmax(1) == labels).float().mean().item()
     return row
@@ -747,12 +769,11 @@ def quality_table(model, other, d, techniques, seeds=4, steps=256, vae=None, col
     """
     classes = list(range(len(d.classes)))
     keep = torch.randperm(len(d.train_y), generator=torch.Generator().manual_seed(0))[:n_ref]
-    ref = (other, d.train_x[keep], d.train_y[keep], d.val_x, d.val_y, d.templates)
+    ref = reference(other, d.train_x[keep], d.train_y[keep], d.val_x, d.val_y, d.templates)
     real = activations(model, d.test_x, classes)  # (N, K)
-    real_max = real.max(0).values
     x, y = d.test_x[:1000], d.test_y[:1000]
     rows = [dict(technique="real test images", seconds=float("nan"),
-                 **score(x, y, real[torch.arange(len(y)), y], real_max, *ref))]
+                 **score(x, y, real[torch.arange(len(y)), y], real, ref))]
     grid = {}
     for name, how in tqdm(techniques.items(), desc="techniques", disable=not progress):
         images, acts, start = [], [], time.perf_counter()
@@ -768,7 +789,7 @@ def quality_table(model, other, d, techniques, seeds=4, steps=256, vae=None, col
         seconds = (time.perf_counter() - start) / seeds
         labels = torch.tensor(classes).repeat(seeds)
         rows.append(dict(technique=name, seconds=seconds, **score(torch.cat(images), labels, torch.cat(acts),
-                                                                  real_max, *ref)))
+                                                                  real, ref)))
         grid[name] = images[0]
     return rows, grid
 
