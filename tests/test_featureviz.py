@@ -202,8 +202,6 @@ def test_activations_match_a_direct_forward():
     assert torch.allclose(fv.activations(model, (x * 255).round().to(torch.uint8), targets),
                           fv.activations(model, (x * 255).round() / 255, targets), atol=1e-5)
     assert_untouched(model, before)
-    assert torch.allclose(fv.activations(model, (x * 255).round().to(torch.uint8), targets),
-                          fv.activations(model, (x * 255).round() / 255, targets), atol=1e-5)
 
 
 def test_exemplars_are_the_true_top_and_bottom_k():
@@ -369,6 +367,12 @@ def test_two_stage_render_and_init_pool():
                   refine=dict(lr=0.01), progress=False)
     assert r.images.shape == (2, 3, 32, 32) and r.history.shape == (6, 2)
     assert_untouched(vae, before)
+    # the same two stages by hand: whitened latent (with restarts and the init pool), then Fourier from its images
+    a = fv.render(model, [0, 1], param="whitened", steps=3, restarts=2, init_pool=16, vae=vae, progress=False)
+    p = fv.make_param("fourier", 2, 3, None, None, torch.Generator().manual_seed(0), init=a.images)
+    b = fv.render(model, [0, 1], param=p, steps=3, lr=0.01, progress=False)
+    assert torch.allclose(r.images, b.images) and torch.equal(r.history, torch.cat([a.history, b.history]))
+    assert not torch.allclose(r.images, a.images, atol=1e-3)  # the refinement changed the images
 
 
 def test_init_pool_starts_each_target_from_its_best_draw():

@@ -70,6 +70,14 @@ def test_free_bits_floor_the_trained_kl():
     plain, floored = vae.elbo(x, generator=gen()), vae.elbo(x, free_bits=100.0, generator=gen())
     assert floored["loss"].item() == pytest.approx(plain["nll"].mean().item() + 100.0 * vae.latent_dim, rel=1e-5)
     assert torch.equal(plain["kl"], floored["kl"])  # reported KL is the true one
+    # a floor between the dims' KLs: dims above it keep their batch-mean KL, dims below count the floor
+    mu, logvar = vae.encode(x)
+    per_dim = (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)).mean(0)
+    floor = per_dim.median().item()
+    mid = vae.elbo(x, free_bits=floor, generator=gen())
+    expected = plain["nll"].mean() + per_dim.clamp_min(floor).sum()
+    assert (per_dim < floor).any() and (per_dim > floor).any()
+    assert mid["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_latent_statistics_match_an_independent_computation(tiny):
