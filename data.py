@@ -1,18 +1,25 @@
 """Datasets as uint8 tensors, the train/val split, and the in-memory batch loader with augmentation.
 
-`load_data(name, root)` returns a `Data`: uint8 images (N, C, 32, 32), int64 labels, class names,
-split into train / val / test. `Loader` slices batches from memory on the training device and
+`load_data(name, root)` returns a `Data`: uint8 images (N, C, H, W), int64 labels, class names,
+split into train / val / test. `name` is a built-in dataset, or an image folder or archive
+(train/<class>/*, test/<class>/*) given by its path or by its base name in DATA_DIR. `Loader` slices batches from memory on the training device and
 augments there (random translate with reflect padding, horizontal flip), with no per-image Python.
 """
+import glob
 import gzip
+import hashlib
+import io
 import math
 import os
 import shutil
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 DATASETS = ("cifar10", "fashion-mnist", "synthetic")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -26,7 +33,7 @@ class DatasetUnavailable(RuntimeError):
 class Data:
     name: str
     classes: list           # class names, index = label
-    train_x: torch.Tensor   # (N, C, 32, 32) uint8
+    train_x: torch.Tensor   # (N, C, H, W) uint8
     train_y: torch.Tensor   # (N,) int64
     val_x: torch.Tensor
     val_y: torch.Tensor
@@ -54,18 +61,37 @@ def data_dir(root=None):
 
 
 def load_data(name="cifar10", root=None, seed=0, val_size=None, **synthetic_kwargs):
-    """Load a dataset by name and split its training set into train/val deterministically."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    """Load a dataset and split its training set into train/val deterministically.
+
+    `name` is one of DATASETS, or an image folder or .tar/.tar.gz archive of one: its path, or its
+    base name in `root`. The Data's name is that base name, so both spellings share checkpoints.
+    """
+    root = data_dir(root)
     templates = None
     if name == "cifar10":
-        (x, y), (tx, ty), classes = load_cifar10(data_dir(root))
+        (x, y), (tx, ty), classes = load_cifar10(root)
     elif name == "fashion-mnist":
-        (x, y), (tx, ty), classes = load_fashion_mnist(data_dir(root))
-    else:
+        (x, y), (tx, ty), classes = load_fashion_mnist(root)
+    elif name == "synthetic":
         (x, y), (tx, ty), classes, templates = make_synthetic(seed=seed, **synthetic_kwargs)
+    else:
+        path = find_image_folder(name, root)
+        (x, y), (tx, ty), classes = load_image_folder(path, root)
+        name = folder_name(path)
     train_idx, val_idx = split_indices(len(y), val_size, seed)
     return Data(name, classes, x[train_idx], y[train_idx], x[val_idx], y[val_idx], tx, ty, templates)
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto path: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def split_indices(n, val_size=None, seed=0):
@@ -106,11 +132,7 @@ def load_fashion_mnist(root):
     for gz in sorted(DEBIAN_FASHION_MNIST.glob("*-ubyte.gz")):
         target = raw / gz.name[:-3]
         if not target.exists():  # unpack the Debian copy: no download needed
-            raw.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".tmp")
-            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, target)
+            atomic_write(target, lambda tmp: _gunzip(gz, tmp))
     try:
         train, test = (FashionMNIST(root, train=t, download=True) for t in (True, False))
     except Exception as e:
@@ -122,6 +144,175 @@ def load_fashion_mnist(root):
     pad = lambda t: F.pad(t, (2, 2, 2, 2))  # 28x28 -> 32x32, zero border like the background
     (x, y), (tx, ty) = _to_tensors(train), _to_tensors(test)
     return (pad(x), y), (pad(tx), ty), list(train.classes)
+
+
+def _gunzip(src, dst):
+    with gzip.open(src, "rb") as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+SPLITS = ("train", "test")
+
+
+def folder_name(path):
+    """A dataset's name from its folder or archive: the base name without the archive suffix."""
+    name = Path(path).name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
+def find_image_folder(name, root):
+    """The folder or archive that `name` means: a path, or a short name looked up in root."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if os.sep in name or "/" in name or name.endswith(ARCHIVE_SUFFIXES):
+        raise FileNotFoundError(
+            f"dataset path {name!r} does not exist; give a folder or a .tar/.tar.gz archive laid out "
+            f"as train/<class>/*.jpg and test/<class>/*.jpg")
+    for candidate in [root / name] + [root / f"{name}{s}" for s in ARCHIVE_SUFFIXES]:
+        if candidate.exists():
+            return candidate
+    raise ValueError(
+        f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, give the path of an image folder "
+        f"or archive (train/<class>/*, test/<class>/*), or put {name}.tar.gz or the folder {name}/ into "
+        f"{root.resolve()} (DATA_DIR)")
+
+
+def load_image_folder(path, root):
+    """An image-folder dataset, decoded once into a uint8 cache in root, read from it afterwards."""
+    path = Path(path)
+    files = _list_archive(path) if path.is_file() else _list_folder(path)
+    key = hashlib.sha256(repr(files).encode()).hexdigest()[:16]
+    cache = root / f"{folder_name(path)}.{key}.pt"
+    if cache.exists():
+        c = torch.load(cache, weights_only=True)
+    else:
+        c = _decode_image_folder(path, files)
+        atomic_write(cache, lambda tmp: torch.save(c, tmp))
+        for stale in root.glob(f"{glob.escape(folder_name(path))}.*.pt"):
+            if stale != cache:
+                stale.unlink()
+    return (c["train_x"], c["train_y"]), (c["test_x"], c["test_y"]), list(c["classes"])
+
+
+def _list_folder(path):
+    """(relative path, size, mtime) of every file under a folder, sorted: the cache key's input."""
+    out = []
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            out.append((f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def _list_archive(path):
+    """An archive is keyed by its own name, size and mtime: reading its listing means decompressing it."""
+    if not path.name.endswith(ARCHIVE_SUFFIXES):
+        raise ValueError(f"{path} is a file but not a .tar or .tar.gz archive; give a folder or an archive")
+    st = path.stat()
+    return [(path.name, st.st_size, st.st_mtime_ns)]
+
+
+def _read_files(path):
+    """Yield (relative posix path, bytes) for each image of a folder or archive, and (path, None) for
+    each folder, in any order."""
+    if path.is_dir():
+        for f in sorted(path.rglob("*")):
+            if f.is_dir() or _is_image(f.name):
+                yield f.relative_to(path).as_posix(), None if f.is_dir() else f.read_bytes()
+        return
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            if member.isdir() or (member.isfile() and _is_image(member.name)):
+                yield member.name, None if member.isdir() else tar.extractfile(member).read()
+
+
+def _is_image(name):
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not Path(name).name.startswith(".")
+
+
+def _place(rel, is_dir):
+    """(split, class) of the folder train/<class> or of an image in it (one wrapping folder allowed)."""
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if len(parts) > 1 and parts[0] not in SPLITS and parts[1] in SPLITS:
+        parts = parts[1:]  # an archive of the folder itself: <name>/train/<class>/<file>
+    if parts and parts[0] in SPLITS and len(parts) == (2 if is_dir else 3):
+        return parts[0], parts[1]
+    return None
+
+
+def _decode_image_folder(path, files):
+    """Decode every image of the tree into uint8 tensors; checks the layout, classes and sizes."""
+    from PIL import Image
+
+    images = {split: {} for split in SPLITS}  # split -> class -> [(relative path, HxW or HxWx3 array)]
+    total = sum(1 for f in files if _is_image(f[0])) or None  # unknown for an archive
+    for rel, blob in tqdm(_read_files(path), desc=f"decoding {path.name}", unit=" files", total=total):
+        place = _place(rel, blob is None)
+        if place is None:
+            continue
+        found = images[place[0]].setdefault(place[1], [])
+        if blob is None:
+            continue
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                array = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"))
+        except Exception as e:
+            raise ValueError(f"cannot read the image {rel} in {path} ({e}); delete or replace it") from e
+        found.append((rel, array))
+    classes = _check_classes(path, images)
+    _check_sizes(path, images)
+    channels = 3 if any(a.ndim == 3 for s in images.values() for c in s.values() for _, a in c) else 1
+    out = dict(classes=classes)
+    for split in SPLITS:
+        xs, ys = [], []
+        for label, cls in enumerate(classes):
+            for _, a in sorted(images[split][cls], key=lambda item: item[0]):
+                a = torch.from_numpy(a.copy())
+                xs.append(a.permute(2, 0, 1) if a.ndim == 3 else a[None].expand(channels, -1, -1))
+                ys.append(label)
+        out[f"{split}_x"] = torch.stack(xs).contiguous()  # (N, C, H, W) uint8
+        out[f"{split}_y"] = torch.tensor(ys, dtype=torch.int64)
+    return out
+
+
+def _check_classes(path, images):
+    """The sorted class names; errors for a missing split, differing class folders or an empty class."""
+    for split in SPLITS:
+        if not images[split]:
+            raise ValueError(f"no {split}/<class>/ folders in {path}: expected train/<class>/<image> and "
+                             f"test/<class>/<image> (png, jpg or bmp), one folder per class")
+    train, test = set(images["train"]), set(images["test"])
+    if train != test:
+        raise ValueError(f"the class folders of train/ and test/ differ in {path}: only in train/: "
+                         f"{sorted(train - test) or 'none'}; only in test/: {sorted(test - train) or 'none'}")
+    for split in SPLITS:
+        for cls in sorted(images[split]):
+            if not images[split][cls]:
+                raise ValueError(f"the class folder {split}/{cls}/ in {path} has no images (png, jpg or bmp); "
+                                 f"add images or remove the class from train/ and test/")
+    return sorted(train)
+
+
+def _check_sizes(path, images):
+    """All images must share one size: otherwise name two that differ."""
+    first = None
+    for split in SPLITS:
+        for cls in sorted(images[split]):
+            for rel, a in images[split][cls]:
+                if first is None:
+                    first = (rel, a.shape[:2])
+                elif a.shape[:2] != first[1]:
+                    raise ValueError(
+                        f"images of different sizes in {path}: {first[0]} is {first[1][1]}x{first[1][0]} and "
+                        f"{rel} is {a.shape[1]}x{a.shape[0]} (width x height); resize them to one size")
 
 
 # ----------------------------------------------------------------------------- synthetic

@@ -140,6 +140,7 @@ class CNN(nn.Module):
 VAE_PRESETS = {  # widths: encoder channels at 16, 8, 4 px (the decoder mirrors them); z is flat, latent_dim long
     "default": dict(widths=(32, 64, 128), latent_dim=128),  # sized for minutes per epoch on a CPU
     "small": dict(widths=(16, 32, 32), latent_dim=32),
+    "wide": dict(widths=(64, 128, 256), latent_dim=256),    # 4x the parameters of default: for a GPU
 }
 
 

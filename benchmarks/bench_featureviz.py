@@ -1,5 +1,6 @@
 """Feature visualization benchmark: the quality of every technique, and the speed of render() vs Lucent.
 
+    python benchmarks/bench_featureviz.py                              # CIFAR-10 (JPEG copy in DATA_DIR)
     python benchmarks/bench_featureviz.py --dataset fashion-mnist      # quality table + grid PNG
     python benchmarks/bench_featureviz.py --dataset synthetic          # + planted-template recovery
     python benchmarks/bench_featureviz.py --speed                      # timings, ratios vs Lucent
@@ -44,7 +45,7 @@ except Exception as e:  # not installed, or its kornia does not import
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "synthetic", "cifar10"])
+    p.add_argument("--dataset", default="cifar10-jpeg", help="a dataset name or image-folder path (data.load_data)")
     p.add_argument("--speed", action="store_true", help="time render() against Lucent instead")
     p.add_argument("--quick", action="store_true", help="smoke run: small models, few steps")
     p.add_argument("--seeds", type=int, default=4, help="renders per technique (>= 4 for the table)")
@@ -132,7 +133,7 @@ def quality(args):
     for name, acc in [("classifier", training.evaluate(model, d.test_x, d.test_y)["acc"]),
                       ("independent classifier", training.evaluate(other, d.test_x, d.test_y)["acc"])]:
         print(f"{name}: test accuracy {acc:.4f}")
-    print(f"\n{args.dataset}: 10 classes x {args.seeds} seeds, {args.steps} steps{' (quick)' if args.quick else ''}\n")
+    print(f"\n{d.name}: 10 classes x {args.seeds} seeds, {args.steps} steps{' (quick)' if args.quick else ''}\n")
     print(fv.format_table(rows))
     print("\nnormalized activation: logit / max over the test set; plausibility: 1.0 = as close to the "
           "class's training images as a held-out real image (lower is more plausible); diversity: mean "
@@ -147,7 +148,7 @@ def save_grid(grid, model, d, args):
     if d.templates is not None:
         rows["planted template"] = d.templates if d.channels == 3 else d.templates[:, :1]
     rows.update(grid)
-    path = Path(args.png or ROOT / "outputs" / f"bench_featureviz_{args.dataset}.png")
+    path = Path(args.png or ROOT / "outputs" / f"bench_featureviz_{d.name}.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     utils.comparison_grid(rows, col_labels=[c[:12] for c in d.classes], save=path)
     print(f"\ngrid: {path}")

@@ -1,7 +1,7 @@
-"""Training benchmarks: accuracy and wall time on Fashion-MNIST, and data-path throughput ratios.
+"""Training benchmarks: accuracy and wall time on a dataset, and data-path throughput ratios.
 
-    python benchmarks/bench_training.py accuracy --epochs 2.4                    # default recipe on Fashion-MNIST
-    python benchmarks/bench_training.py accuracy --preset compact --epochs 10    # the same recipe at half width
+    python benchmarks/bench_training.py accuracy --preset compact --epochs 10    # CIFAR-10 (JPEG copy in DATA_DIR)
+    python benchmarks/bench_training.py accuracy --dataset fashion-mnist --epochs 2.4
     python benchmarks/bench_training.py throughput               # our loader vs bare steps vs DataLoader+PIL
 
 Run on an idle machine: every ratio is measured in one process, on the same model.
@@ -21,16 +21,16 @@ import training  # noqa: E402
 
 
 def accuracy(args):
-    d = data.load_data("fashion-mnist", args.data_dir)
+    d = data.load_data(args.dataset, args.data_dir)
     start = time.perf_counter()
-    ckpt_path = Path(args.ckpt_dir) / f"bench_fashion_{args.preset}.pt"
+    ckpt_path = Path(args.ckpt_dir) / f"bench_{d.name}_{args.preset}.pt"
     model, ckpt = training.train_classifier(d, ckpt_path, preset=args.preset, hyp=dict(epochs=args.epochs),
                                             retrain=True, seed=args.seed)
     train_s = time.perf_counter() - start
     plain = training.evaluate(model, d.test_x, d.test_y, tta_level=0)["acc"]
     tta = training.evaluate(model, d.test_x, d.test_y, tta_level=2)["acc"]
     total_s = time.perf_counter() - start
-    print(f"Fashion-MNIST, {args.preset} preset, {args.epochs} epochs, {torch.get_num_threads()} threads, "
+    print(f"{d.name}, {args.preset} preset, {args.epochs} epochs, {torch.get_num_threads()} threads, "
           f"device {training.get_device()}:")
     print(f"  test accuracy {plain:.4f} (no TTA), {tta:.4f} (flip+translate TTA); best epoch {ckpt['epoch']}, "
           f"val {ckpt['val_acc']:.4f}")
@@ -137,6 +137,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("accuracy")
+    a.add_argument("--dataset", default="cifar10-jpeg", help="a dataset name or image-folder path (data.load_data)")
     a.add_argument("--preset", default="airbench", choices=sorted(models.CNN_PRESETS))
     a.add_argument("--epochs", type=float, default=10)
     a.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -13,3 +14,26 @@ def synthetic():
     """A small synthetic dataset shared by the tests."""
     import data
     return data.load_data("synthetic", n_train=3000, n_test=600, seed=0)
+
+
+CIFAR10_JPEG = Path(os.environ.get("CIFAR10_JPEG") or
+                    Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpeg_path():
+    """The CIFAR-10 JPEG archive (CIFAR10_JPEG, else ../shared/data/); missing: skip, or fail under CI."""
+    if not CIFAR10_JPEG.exists():
+        reason = f"the CIFAR-10 JPEG archive is not at {CIFAR10_JPEG} (set CIFAR10_JPEG to its path)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return CIFAR10_JPEG
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpeg(cifar10_jpeg_path, tmp_path_factory):
+    """(DATA_DIR holding its decoded cache, Data) of the CIFAR-10 JPEG copy, decoded once per session."""
+    import data
+    root = tmp_path_factory.mktemp("cifar10-jpeg-cache")
+    return root, data.load_data(str(cifar10_jpeg_path), root)

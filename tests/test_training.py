@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -138,3 +139,31 @@ def test_fashion_mnist_short_run_beats_85_percent(tmp_path):
                                             hyp=dict(epochs=1, batch_size=512), progress=False)
     acc = training.evaluate(model, d.test_x, d.test_y)["acc"]
     assert acc > 0.85, acc
+
+
+def test_device_defaults_fit_the_device():
+    cpu, gpu = training.device_defaults("cpu"), training.device_defaults("cuda")
+    assert cpu["preset"] == "compact" and gpu["preset"] == "airbench"
+    assert models.VAE_PRESETS[gpu["vae_preset"]]["latent_dim"] > models.VAE_PRESETS[cpu["vae_preset"]]["latent_dim"]
+    assert gpu["vae_epochs"] > cpu["vae_epochs"]
+    for d in (cpu, gpu):
+        models.cnn_config(d["preset"])  # the names exist
+        models.vae_config(d["vae_preset"])
+
+
+def test_forecast_extrapolates_the_pace_of_the_first_steps(monkeypatch, capsys):
+    clock = iter([100.0, 110.0])  # step 1 done at 100 s, step 11 at 110 s: 1 s per step
+    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    forecast = training.Forecast(total=600, desc="training", device=torch.device("cpu"))
+    for step in range(1, 600):
+        forecast.update(step)  # reads the clock at steps 1 and 11 only (a third read would fail)
+    out = capsys.readouterr().out
+    assert out.count("training:") == 1 and "about 10.0 min for all 600 steps" in out
+
+
+def test_forecast_is_silent_without_progress(monkeypatch, capsys):
+    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: pytest.fail("timed a silent run")))
+    forecast = training.Forecast(total=600, desc="training", device=torch.device("cpu"), steps=0)
+    for step in range(1, 20):
+        forecast.update(step)
+    assert capsys.readouterr().out == ""
