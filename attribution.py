@@ -1,6 +1,6 @@
 """Attribution maps for a classifier: saliency, Grad-CAM, integrated gradients (thin over captum).
 
-Every function takes images in [0, 1] of shape (B, C, H, W) and targets as an int or a (B,) long
+Every function takes images (B, C, H, W), uint8 in [0, 255] or float in [0, 1], and targets as an int or a (B,) long
 tensor, runs the model in eval mode, and leaves the model (mode, requires_grad, hooks) as found.
 """
 from contextlib import contextmanager
@@ -9,6 +9,7 @@ import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
 
 import models
+from data import to_float
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
@@ -37,10 +38,18 @@ def _untouched(model):
 
 
 def _prepare(images, targets, model):
-    """A detached float copy of the images (B, C, H, W) on the model's device, and the targets (B,)."""
+    """A detached float copy of the images (B, C, H, W) on the model's device, and the targets (B,),
+    checked against the model's number of outputs."""
     device = next(model.parameters()).device
-    x = images.detach().to(device).clone().float().requires_grad_()  # captum warns unless inputs require grad
-    t = torch.as_tensor(targets, dtype=torch.long, device=x.device)
+    x = to_float(images).detach().to(device).clone().requires_grad_()  # captum warns unless inputs require grad
+    t = torch.as_tensor(targets, device=x.device)
+    if t.is_floating_point() or t.dim() > 1 or (t.dim() == 1 and len(t) != len(x)):
+        raise ValueError(f"targets must be a class index or {len(x)} of them (one per image); got {targets!r}")
+    with _untouched(model), torch.no_grad():
+        k = model(x[:1]).shape[1]
+    if len(t.flatten()) and not (0 <= t.min() and t.max() < k):
+        raise ValueError(f"targets must be class indices in 0..{k - 1}; got {t.flatten().tolist()}")
+    t = t.long()
     return x, t.expand(len(x)).contiguous() if t.dim() == 0 else t
 
 
@@ -54,8 +63,13 @@ def saliency(model, images, targets):
 
 def grad_cam(model, images, targets, layer="block3.act2"):
     """Grad-CAM at `layer` (a name or a module), relu'd and bilinearly upsampled to the input: (B, H, W)."""
-    layer = models.get_layer(model, layer) if isinstance(layer, str) else layer
     x, t = _prepare(images, targets, model)
+    name = layer if isinstance(layer, str) else next(n for n, m in model.named_modules() if m is layer)
+    shape = models.capture(model, x[:1].detach(), [name])[name].shape
+    if len(shape) != 4:
+        raise ValueError(f"Grad-CAM needs a layer with a spatial output (B, C, H, W); {name!r} gives "
+                         f"{tuple(shape)}: pick a conv layer (models.list_layers)")
+    layer = models.get_layer(model, name)
     with _untouched(model):
         cam = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)  # (B, 1, h, w)
     cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")

@@ -11,7 +11,7 @@ import hashlib
 import io
 import math
 import os
-import shutil
+import struct
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +55,51 @@ class Data:
                 f"val {len(self.val_y)}, test {len(self.test_y)}, classes {self.classes})")
 
 
+IMAGE_FORMS = "uint8 in [0, 255] or float in [0, 1]"
+
+
+def check_images(images, name="images"):
+    """Refuse anything but uint8 in [0, 255] or float in [0, 1] (up to 1 + 1e-3), with an error that
+    names the accepted forms; returns the images unchanged. Called at entry points, never per step."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, {IMAGE_FORMS}; got {type(images).__name__}")
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be {IMAGE_FORMS}; got dtype {images.dtype}")
+    if images.numel():
+        lo, hi = torch.aminmax(images.detach())
+        if not (lo >= 0 and hi <= 1 + 1e-3):  # NaN fails too
+            hint = " (floats in 0-255: divide by 255, or pass uint8)" if hi > 1.5 else ""
+            raise ValueError(f"{name} must be {IMAGE_FORMS}; got floats in [{lo.item():.4g}, {hi.item():.4g}]{hint}")
+    return images
+
+
+def to_float(images, name="images"):
+    """The one converter at every public entry point that takes images: check_images, then float in [0, 1]."""
+    images = check_images(images, name)
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+
+
 def data_dir(root=None):
     """DATA_DIR from the argument, else the environment, else ./data."""
     return Path(root or os.environ.get("DATA_DIR") or "data")
+
+
+def writable_dir(root):
+    """root, created if missing; an error that says what to do where it is a file or not writable."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"DATA_DIR {root} is a file, not a folder: set DATA_DIR to a folder "
+                                 f"(it is created if missing)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"DATA_DIR {root} cannot be created ({e}): set DATA_DIR to a folder you "
+                              f"can write to") from e
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise PermissionError(f"DATA_DIR {root} is not writable: set DATA_DIR to a folder you can write to")
+    return root
 
 
 def load_data(name="cifar10", root=None, seed=0, val_size=None, **synthetic_kwargs):
@@ -69,15 +111,20 @@ def load_data(name="cifar10", root=None, seed=0, val_size=None, **synthetic_kwar
     root = data_dir(root)
     templates = None
     if name == "cifar10":
-        (x, y), (tx, ty), classes = load_cifar10(root)
+        (x, y), (tx, ty), classes = load_cifar10(writable_dir(root))
     elif name == "fashion-mnist":
         (x, y), (tx, ty), classes = load_fashion_mnist(root)
     elif name == "synthetic":
         (x, y), (tx, ty), classes, templates = make_synthetic(seed=seed, **synthetic_kwargs)
     else:
         path = find_image_folder(name, root)
-        (x, y), (tx, ty), classes = load_image_folder(path, root)
+        (x, y), (tx, ty), classes = load_image_folder(path, writable_dir(root))
         name = folder_name(path)
+    for split, labels in (("training", y), ("test", ty)):
+        if len(labels) and not (0 <= labels.min() and labels.max() < len(classes)):
+            raise ValueError(f"the {name} {split} labels run from {labels.min().item()} to {labels.max().item()}, "
+                             f"outside 0..{len(classes) - 1} for its {len(classes)} classes: the files are "
+                             f"corrupt; delete them from {root} and load again")
     train_idx, val_idx = split_indices(len(y), val_size, seed)
     return Data(name, classes, x[train_idx], y[train_idx], x[val_idx], y[val_idx], tx, ty, templates)
 
@@ -110,8 +157,16 @@ def _to_tensors(dset):
 
 def load_cifar10(root):
     """CIFAR-10 through torchvision; downloads into root, or extracts cifar-10-python.tar.gz there."""
-    from torchvision.datasets import CIFAR10
+    from torchvision.datasets import CIFAR10, cifar
 
+    folder = Path(root) / CIFAR10.base_folder
+    if folder.exists() and not (Path(root) / CIFAR10.filename).exists():  # no archive to extract again
+        for fname, md5 in CIFAR10.train_list + CIFAR10.test_list:
+            if (folder / fname).exists() and not cifar.check_integrity(str(folder / fname), md5):
+                raise DatasetUnavailable(
+                    f"the CIFAR-10 file {folder / fname} is corrupt or truncated (its checksum does not match): "
+                    f"delete it (or the folder {folder}) and put cifar-10-python.tar.gz into {Path(root).resolve()}, "
+                    f"or let torchvision download it")
     try:
         train, test = (CIFAR10(root, train=t, download=True) for t in (True, False))
     except Exception as e:  # offline: URLError, OSError, RuntimeError...
@@ -125,30 +180,36 @@ def load_cifar10(root):
 
 
 def load_fashion_mnist(root):
-    """Fashion-MNIST through torchvision (also from the Debian package's files), padded to 32x32."""
+    """Fashion-MNIST, padded to 32x32: the Debian package's files read in place, else torchvision."""
     from torchvision.datasets import FashionMNIST
 
-    raw = Path(root) / "FashionMNIST" / "raw"
-    for gz in sorted(DEBIAN_FASHION_MNIST.glob("*-ubyte.gz")):
-        target = raw / gz.name[:-3]
-        if not target.exists():  # unpack the Debian copy: no download needed
-            atomic_write(target, lambda tmp: _gunzip(gz, tmp))
-    try:
-        train, test = (FashionMNIST(root, train=t, download=True) for t in (True, False))
-    except Exception as e:
-        raise DatasetUnavailable(
-            f"Fashion-MNIST is not in {Path(root).resolve()} and could not be downloaded ({e}). "
-            f"Install the Debian package (apt-get install dataset-fashion-mnist), or put the four "
-            f"*-ubyte.gz files into {raw.resolve()}, or use DATASET=synthetic."
-        ) from e
+    debian = {f: DEBIAN_FASHION_MNIST / f"{f}-ubyte.gz" for f in
+              ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")}
+    if all(p.exists() for p in debian.values()):
+        x, y, tx, ty = (_read_idx_gz(p) for p in debian.values())
+        train, test = (x[:, None], y.long()), (tx[:, None], ty.long())
+    else:
+        raw = writable_dir(root) / "FashionMNIST" / "raw"
+        try:
+            train, test = (_to_tensors(FashionMNIST(root, train=t, download=True)) for t in (True, False))
+        except Exception as e:
+            raise DatasetUnavailable(
+                f"Fashion-MNIST is not in {Path(root).resolve()} and could not be downloaded, or its files in "
+                f"{raw.resolve()} are damaged ({e}). Install the Debian package (apt-get install "
+                f"dataset-fashion-mnist), or delete {raw.resolve()} and put the four *-ubyte.gz files there, "
+                f"or use DATASET=synthetic."
+            ) from e
     pad = lambda t: F.pad(t, (2, 2, 2, 2))  # 28x28 -> 32x32, zero border like the background
-    (x, y), (tx, ty) = _to_tensors(train), _to_tensors(test)
-    return (pad(x), y), (pad(tx), ty), list(train.classes)
+    return (pad(train[0]), train[1]), (pad(test[0]), test[1]), list(FashionMNIST.classes)
 
 
-def _gunzip(src, dst):
-    with gzip.open(src, "rb") as fin, open(dst, "wb") as fout:
-        shutil.copyfileobj(fin, fout)
+def _read_idx_gz(path):
+    """A gzipped IDX file (the MNIST format) as a uint8 tensor of the shape in its header."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(*shape)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -383,6 +444,9 @@ class Loader:
 
     def __init__(self, x, y, batch_size=1024, shuffle=False, augment=False, translate=2,
                  drop_last=False, device="cpu", seed=0, channels_last=False):
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
+            raise TypeError(f"Loader takes uint8 images (N, C, H, W) in [0, 255], as data.load_data returns; "
+                            f"got {getattr(x, 'dtype', type(x).__name__)}")
         self.x, self.y = x.to(device), y.to(device)  # uint8 (N, C, H, W), int64 (N,)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.translate, self.drop_last, self.device = translate, drop_last, torch.device(device)

@@ -27,23 +27,18 @@ import models
 SIZE = 32  # every model here takes (B, C, 32, 32)
 
 
-def _float_images(images):
-    """uint8 in [0, 255] or float in [0, 1] -> float in [0, 1]."""
-    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
-
-
 # ----------------------------------------------------------------------------- data statistics
 
 def color_covariance(images):
     """(C, C) covariance of the pixel colours of a set of images (uint8 or float)."""
-    x = _float_images(images).transpose(0, 1).flatten(1).double()  # (C, N*H*W)
+    x = data.to_float(images).transpose(0, 1).flatten(1).double()  # (C, N*H*W)
     x = x - x.mean(1, keepdim=True)
     return (x @ x.T / (x.size(1) - 1)).float()
 
 
 def spectrum(images):
     """(H, W//2+1) mean magnitude of the rfft2 of the (mean-removed) images: the data's own 1/f."""
-    x = _float_images(images)
+    x = data.to_float(images)
     x = x - x.mean((0, 2, 3), keepdim=True)
     return torch.fft.rfft2(x, norm="ortho").abs().mean((0, 1))
 
@@ -87,7 +82,12 @@ def color_sqrt(color_cov, channels):
     """(C, C) colour transform: symmetric sqrt of the covariance, spectral norm 1 (identity if None)."""
     if color_cov is None or channels == 1:
         return torch.eye(channels)
-    root = _sqrt_psd(torch.as_tensor(color_cov))
+    color_cov = torch.as_tensor(color_cov)
+    if color_cov.shape != (channels, channels) or not torch.isfinite(color_cov).all():
+        raise ValueError(f"color_cov must be a finite ({channels}, {channels}) covariance, as color_covariance(images) "
+                         f"returns; got shape {tuple(color_cov.shape)}"
+                         f"{'' if torch.isfinite(color_cov).all() else ' with NaN or inf'}")
+    root = _sqrt_psd(color_cov)
     return (root / torch.linalg.matrix_norm(root, 2)).float()
 
 
@@ -113,7 +113,7 @@ class FourierParam(nn.Module):
     @torch.no_grad()
     def set_images(self, images):
         """Set the coefficients so that forward() returns `images` (N, C, H, W) in [0, 1]."""
-        x = _logit(images.float().to(self.coeffs.device))
+        x = _logit(data.to_float(images).to(self.coeffs.device))
         x = torch.einsum("dc,nchw->ndhw", torch.linalg.pinv(self.color), x)
         spec = torch.fft.rfft2(x, norm="ortho") / self.scale
         self.coeffs.copy_(torch.view_as_real(spec))
@@ -183,6 +183,7 @@ def make_param(kind, n, channels=3, vae=None, color_cov=None, generator=None, in
     """A parameterization of n images by name: 'pixel', 'fourier', 'latent' or 'whitened'."""
     if kind not in PARAMS:
         raise ValueError(f"unknown parameterization {kind!r}; choose one of {', '.join(PARAMS)}")
+    init = None if init is None else data.to_float(init, "init")
     if kind in ("latent", "whitened"):
         if vae is None:
             raise ValueError(f"parameterization {kind!r} needs a VAE: pass vae=... (a trained models.VAE)")
@@ -351,14 +352,26 @@ class Direction:
         return lambda a: _mean_spatial(a) @ v.T
 
 
+TARGETS = (Class, Channel, Neuron, Direction)
+
+
 def as_targets(targets):
-    """A list of targets from one target, a list, or class indices (ints)."""
-    if isinstance(targets, (Class, Channel, Neuron, Direction, int)):
+    """A list of targets from one target, a list, or class indices (ints or integer tensors)."""
+    if isinstance(targets, TARGETS + (int,)) or (isinstance(targets, torch.Tensor) and targets.dim() == 0):
         targets = [targets]
-    targets = [Class(t) if isinstance(t, int) else t for t in targets]
-    if not targets:
+    if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
+        raise TypeError(f"targets must be a class index, a Class/Channel/Neuron/Direction, or a list of them; "
+                        f"got {targets!r}")
+    out = []
+    for t in targets:
+        if isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point():
+            t = int(t)
+        if isinstance(t, bool) or not isinstance(t, TARGETS + (int,)):
+            raise TypeError(f"a target must be a class index (int), Class, Channel, Neuron or Direction; got {t!r}")
+        out.append(Class(t) if isinstance(t, int) else t)
+    if not out:
         raise ValueError("no targets given")
-    return targets
+    return out
 
 
 class _Stop(Exception):
@@ -469,6 +482,9 @@ REGULARIZERS = dict(l2=l2_penalty, tv=tv_penalty, blur=blur_penalty)
 
 def diversity_penalty(act, groups):
     """Mean cosine similarity of the Gram matrices of act (N, C, H, W) to the other images of the group."""
+    if act.dim() != 4:
+        raise ValueError(f"diversity_layer must have a spatial output (N, C, H, W); it gives {tuple(act.shape)}: "
+                         f"pick a conv layer (models.list_layers)")
     f = act.flatten(2)                                            # (N, C, HW)
     gram = F.normalize((f @ f.transpose(1, 2)).flatten(1), dim=1)  # (N, C*C)
     sim = gram @ gram.T                                           # (N, N)
@@ -541,6 +557,9 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     seed: seeds the initialization and the transforms; the same seed gives the same images.
     """
     targets = as_targets(targets)
+    for name, value, low in [("steps", steps, 0), ("images_per_target", images_per_target, 1), ("restarts", restarts, 1)]:
+        if not (isinstance(value, int) and value >= low):
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     kw = dict(lr=lr, transforms=transforms, images_per_target=images_per_target, restarts=restarts,
               init_pool=init_pool, decay_lr=decay_lr, l2=l2, tv=tv, blur=blur, diversity=diversity,
               diversity_layer=diversity_layer, penalty=penalty, seed=seed, vae=vae, color_cov=color_cov,
@@ -633,11 +652,12 @@ def _render_staged(model, targets, kinds, steps, kw, refine):
 def activations(model, images, targets, batch_size=500):
     """(N_images, T) each target's activation on real images (uint8 or float in [0, 1])."""
     targets = as_targets(targets)
+    data.check_images(images)
     device = _device(model)
     with frozen(model):
         objective = Objective(model, targets)
         with objective.hooked(model) as run:
-            out = [objective(run(_channels_last(_float_images(x.to(device)))))
+            out = [objective(run(_channels_last(data.to_float(x.to(device)))))
                    for x in images.split(batch_size)]
     return torch.cat(out).cpu()
 
@@ -663,9 +683,10 @@ def exemplars(model, images, target, k=8, batch_size=500):
 @torch.no_grad()
 def features(model, images, batch_size=500):
     """(N, w) penultimate features (model.features) of images, model left as found."""
+    data.check_images(images)
     device = _device(model)
     with frozen(model):
-        out = [model.features(_channels_last(_float_images(x.to(device)))) for x in images.split(batch_size)]
+        out = [model.features(_channels_last(data.to_float(x.to(device)))) for x in images.split(batch_size)]
     return torch.cat(out).float().cpu()
 
 
@@ -681,7 +702,7 @@ def transferability(other_model, images, labels):
     """Top-1 accuracy of an independently trained classifier on the class visualizations."""
     device = _device(other_model)
     with frozen(other_model):
-        logits = other_model(_channels_last(_float_images(images.to(device))))
+        logits = other_model(_channels_last(data.to_float(images).to(device)))
     return (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
 
 
@@ -729,8 +750,8 @@ def _diversity(f, groups):
 
 def template_recovery(images, templates):
     """(T, K) Pearson correlation between each visualization and each class template."""
-    a = _float_images(images).flatten(1).double()
-    b = _float_images(templates).flatten(1).double()
+    a = data.to_float(images).flatten(1).double()
+    b = data.to_float(templates, "templates").flatten(1).double()
     a = F.normalize(a - a.mean(1, keepdim=True), dim=1)
     b = F.normalize(b - b.mean(1, keepdim=True), dim=1)
     return (a @ b.T).float()

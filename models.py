@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data import to_float
+
 # ----------------------------------------------------------------------------- classifier
 
 CNN_PRESETS = {  # widths: channels of block1..block3
@@ -306,7 +308,8 @@ def get_layer(model, name):
 
 @torch.no_grad()
 def capture(model, images, layers):
-    """Outputs of the named layers for a batch, as {name: tensor}; hooks are removed afterwards."""
+    """Outputs of the named layers for a batch of images (uint8 or float in [0, 1]), as {name: tensor};
+    hooks are removed afterwards."""
     out, handles = {}, []
     try:
         for name in layers:
@@ -315,7 +318,7 @@ def capture(model, images, layers):
         was_training = model.training
         model.eval()
         try:
-            model(images)
+            model(to_float(images))
         finally:
             model.train(was_training)
     finally:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import Loader, atomic_write
+from data import Loader, atomic_write, check_images, to_float
 from models import BatchNorm, build_model, cnn_config, vae_config
 
 CNN_HYP = dict(
@@ -127,7 +127,7 @@ def save_checkpoint(path, model, **info):
 
 
 def load_checkpoint(path, device=None, hint="train the model first (or fix the path)"):
-    """Rebuild a model from a checkpoint; returns (model in eval mode, checkpoint dict)."""
+    """Rebuild a model from a finished checkpoint; returns (model in eval mode, checkpoint dict)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: {hint}")
@@ -137,6 +137,9 @@ def load_checkpoint(path, device=None, hint="train the model first (or fix the p
         model.load_state_dict(ckpt["state_dict"])
     except Exception as e:
         raise RuntimeError(f"checkpoint {path} is corrupt or incompatible ({e}); delete it and retrain") from e
+    if ckpt.get("complete") is False:
+        raise RuntimeError(f"checkpoint {path} is from a run that did not finish (best epoch so far: "
+                           f"{ckpt.get('epoch')}); {hint}, and let it run to the end")
     return model.to(get_device(device)).eval(), ckpt
 
 
@@ -151,10 +154,16 @@ def reusable(path, **expected):
     return ckpt.get("complete", False) and all(ckpt.get(k) == v for k, v in expected.items())
 
 
+def partial_path(path):
+    """Where a run in progress writes a file: beside the finished one, which it replaces on completion."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
 class BestKeeper:
-    """Per-epoch bookkeeping of both training loops: the metrics CSV, and the best epoch's weights in
-    memory and in an unfinished checkpoint; `restore` loads them back into the model, and
-    `save(complete=True)` marks the checkpoint finished."""
+    """Per-epoch bookkeeping of both training loops: the metrics CSV and the best epoch's weights, in
+    memory and in files beside the finished ones (`partial_path`); `restore` loads the best weights
+    back into the model, and `finish` replaces the finished checkpoint and CSV with this run's."""
 
     def __init__(self, model, key, higher, ckpt_path=None, csv_path=None, **info):
         self.model, self.key, self.sign = model, key, 1 if higher else -1
@@ -167,23 +176,47 @@ class BestKeeper:
         if self.best is None or self.sign * row[self.key] > self.sign * self.best[self.key]:
             self.best = row
             self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.save(complete=False)
+            if self.ckpt_path:
+                self._save(partial_path(self.ckpt_path), complete=False)
         if self.csv_path:
-            write_csv(self.rows, self.csv_path)
+            write_csv(self.rows, partial_path(self.csv_path))
 
     def restore(self):
         """Load the best epoch's weights into the model, in eval mode."""
         self.model.load_state_dict(self.state)
         self.model.eval()
 
-    def save(self, complete):
-        if self.ckpt_path:
-            save_checkpoint(self.ckpt_path, self.model, epoch=self.best["epoch"], **{self.key: self.best[self.key]},
-                            history=self.rows, complete=complete, **self.info)
+    def finish(self):
+        """Save the model as the finished checkpoint and the CSV over the old ones; drop the partial files."""
+        for path, write in [(self.ckpt_path, lambda p: self._save(p, complete=True)),
+                            (self.csv_path, lambda p: write_csv(self.rows, p))]:
+            if path:
+                write(path)
+                partial_path(path).unlink(missing_ok=True)
+
+    def _save(self, path, complete):
+        save_checkpoint(path, self.model, epoch=self.best["epoch"], **{self.key: self.best[self.key]},
+                        history=self.rows, complete=complete, **self.info)
+
+
+def hyperparameters(defaults, hyp):
+    """defaults updated with hyp; an error naming the bad key or value and what is valid."""
+    hyp = dict(hyp or {})
+    unknown = sorted(set(hyp) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s) {unknown}; valid: {', '.join(defaults)}")
+    hyp = {**defaults, **hyp}
+    if not (isinstance(hyp["epochs"], (int, float)) and hyp["epochs"] > 0):
+        raise ValueError(f"epochs must be a number > 0, got {hyp['epochs']!r}")
+    if not (isinstance(hyp["batch_size"], int) and hyp["batch_size"] >= 1):
+        raise ValueError(f"batch_size must be an int >= 1, got {hyp['batch_size']!r}")
+    return hyp
 
 
 def _train_or_load(fit_fn, build, data, ckpt_path, config, hyp, retrain, seed, device, csv_path, progress):
     """Load a complete checkpoint trained with exactly these settings, else build, fit and load."""
+    if ckpt_path is None:
+        raise ValueError("ckpt_path is required: the checkpoint to reuse, or to write when training")
     if not retrain and reusable(ckpt_path, config=config, hyp=hyp, dataset=data.name, seed=seed):
         return load_checkpoint(ckpt_path, device)
     seed_everything(seed)
@@ -223,6 +256,7 @@ def make_optimizer(model, hyp):
 @torch.no_grad()
 def predict(model, images, tta_level=0, batch_size=1000):
     """Logits for images (uint8 or float in [0, 1]), with optional flip/translate TTA."""
+    check_images(images)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -233,8 +267,7 @@ def predict(model, images, tta_level=0, batch_size=1000):
     out = []
     try:
         for x in images.split(batch_size):
-            x = x.to(device)
-            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+            x = to_float(x.to(device))
             logits = flip_avg(x)
             if tta_level >= 2:
                 h, w = x.shape[2:]
@@ -276,7 +309,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     Returns the per-epoch metrics rows; the model ends with the best epoch's weights.
     `extra` is stored in the checkpoint (e.g. the dataset name).
     """
-    hyp = {**CNN_HYP, **(hyp or {})}
+    hyp = hyperparameters(CNN_HYP, hyp)
     seed_everything(seed)
     device = get_device(device)
     cuda = device.type == "cuda"
@@ -320,6 +353,10 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
                 bar.update()
                 if step >= total:
                     break
+            if not torch.isfinite(loss_sum):
+                raise FloatingPointError(
+                    f"training loss became {float(loss_sum)} in epoch {epoch + 1}; training stopped. "
+                    f"{_kept(ckpt_path)} Try a lower lr (now {hyp['lr']}).")
             if step >= total:
                 lookahead.update(model, 1.0)
             val = evaluate(model, data.val_x, data.val_y)
@@ -330,9 +367,28 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     finally:
         bar.close()
         model.whiten.bias.requires_grad_(True)
+    _check_learned(keeper.best["val_acc"], len(data.classes), len(data.val_y), hyp["lr"], ckpt_path)
     keeper.restore()
-    keeper.save(complete=True)
+    keeper.finish()
     return keeper.rows
+
+
+def _kept(ckpt_path):
+    """What a stopped run leaves: the finished checkpoint untouched, the best epoch beside it."""
+    if not ckpt_path:
+        return "Nothing was saved."
+    return (f"Any finished checkpoint at {ckpt_path} is untouched; the best epoch so far is in "
+            f"{partial_path(ckpt_path)}.")
+
+
+def _check_learned(val_acc, num_classes, num_val, lr, ckpt_path):
+    """Refuse to finish a run whose best validation accuracy is within 3 standard errors of chance."""
+    chance = 1 / num_classes
+    if val_acc < chance + 3 * math.sqrt(chance * (1 - chance) / max(1, num_val)):
+        raise RuntimeError(
+            f"the best validation accuracy, {val_acc:.1%}, is at chance level ({chance:.1%} for {num_classes} "
+            f"classes): the run diverged or did not learn, so it is not saved as finished. {_kept(ckpt_path)} "
+            f"Try a lower lr (now {lr}, e.g. {lr / 10:g}).")
 
 
 def train_classifier(data, ckpt_path, preset="airbench", hyp=None, retrain=False, seed=0,
@@ -346,9 +402,9 @@ def train_classifier(data, ckpt_path, preset="airbench", hyp=None, retrain=False
 
     def build():
         model = build_model(config)
-        model.init_whiten(data.train_x[:5000].float() / 255)
+        model.init_whiten(to_float(data.train_x[:5000]))
         return model
-    return _train_or_load(fit, build, data, ckpt_path, config, {**CNN_HYP, **(hyp or {})}, retrain, seed,
+    return _train_or_load(fit, build, data, ckpt_path, config, hyperparameters(CNN_HYP, hyp), retrain, seed,
                           device, csv_path, progress)
 
 
@@ -384,6 +440,7 @@ def hardest_pairs(cm, classes, k=5):
 @torch.no_grad()
 def evaluate_vae(vae, images, batch_size=500, seed=0):
     """Mean negative ELBO (bits/dim), reconstruction NLL and KL (nats per image) on a set."""
+    check_images(images)
     device = vae.latent_mean.device
     was_training = vae.training
     vae.eval()
@@ -391,7 +448,7 @@ def evaluate_vae(vae, images, batch_size=500, seed=0):
     sums = dict(bpd=0.0, nll=0.0, kl=0.0)
     try:
         for x in images.split(batch_size):
-            out = vae.elbo(x.to(device).float() / 255, generator=gen)
+            out = vae.elbo(to_float(x.to(device)), generator=gen)
             for k in sums:
                 sums[k] += out[k].sum().item()
     finally:
@@ -403,7 +460,8 @@ def evaluate_vae(vae, images, batch_size=500, seed=0):
 def latent_statistics(vae, images, batch_size=500):
     """Mean, covariance and 0.5/99.5 percentiles of the encoder means over a set of images."""
     device = vae.latent_mean.device
-    mu = torch.cat([vae.encode(x.to(device).float() / 255)[0] for x in images.split(batch_size)])
+    check_images(images)
+    mu = torch.cat([vae.encode(to_float(x.to(device)))[0] for x in images.split(batch_size)])
     mu = mu.double()
     mean = mu.mean(0)
     cov = (mu - mean).T @ (mu - mean) / (len(mu) - 1)
@@ -419,7 +477,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     Returns the per-epoch metrics rows; the model ends with the best epoch's weights and the latent
     statistics of the training set stored in its buffers.
     """
-    hyp = {**VAE_HYP, **(hyp or {})}
+    hyp = hyperparameters(VAE_HYP, hyp)
     seed_everything(seed)
     device = get_device(device)
     vae.to(device)
@@ -448,8 +506,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
                 if not torch.isfinite(out["loss"]):
                     raise FloatingPointError(
                         f"VAE loss became {out['loss'].item()} at step {step} (epoch {epoch + 1}); "
-                        f"training stopped. The best checkpoint so far is kept"
-                        f"{f' at {ckpt_path}' if ckpt_path else ''}. Try a lower lr or grad_clip.")
+                        f"training stopped. {_kept(ckpt_path)} Try a lower lr or grad_clip.")
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(vae.parameters(), hyp["grad_clip"])
@@ -475,7 +532,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     keeper.restore()
     for name, value in latent_statistics(vae, data.train_x).items():
         getattr(vae, name).copy_(value)
-    keeper.save(complete=True)
+    keeper.finish()
     return keeper.rows
 
 
@@ -487,4 +544,4 @@ def train_vae(data, ckpt_path, preset="default", hyp=None, retrain=False, seed=0
     """
     config = vae_config(preset, data.channels, **config_overrides)
     return _train_or_load(fit_vae, lambda: build_model(config), data, ckpt_path, config,
-                          {**VAE_HYP, **(hyp or {})}, retrain, seed, device, csv_path, progress)
+                          hyperparameters(VAE_HYP, hyp), retrain, seed, device, csv_path, progress)

@@ -15,14 +15,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data import to_float
+
 # ----------------------------------------------------------------------------- helpers
 
 
 def _numpy_images(images):
     """(N, C, H, W) tensor/array, float [0, 1] or uint8 -> float array (N, H, W, 3) or (N, H, W) if gray."""
     x = torch.as_tensor(images).detach().cpu()
-    x = x[None] if x.dim() == 3 else x
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    x = to_float(x[None] if x.dim() == 3 else x)
     x = x.clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
     return x[..., 0] if x.shape[-1] == 1 else x
 

@@ -157,8 +157,12 @@ def save_grid(grid, model, d, args):
 # ----------------------------------------------------------------------------- speed
 
 def timed(fn):
+    """Seconds that fn() takes, with the GPU's queued work included."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -166,7 +170,8 @@ def speed(args):
     """Seconds for 256 steps: one target and 10 classes batched, ours and Lucent's, on one model."""
     torch.manual_seed(0)
     preset = args.preset
-    model = models.build_model(models.cnn_config(preset)).eval()  # speed does not depend on the weights
+    device = training.get_device()
+    model = models.build_model(models.cnn_config(preset)).to(device).eval()  # speed does not depend on the weights
     steps = args.steps
     fv.render(model, [0], steps=4, progress=False)  # warm-up
     rows = [("ours: 1 class", timed(lambda: fv.render(model, [0], steps=steps, progress=False))),
@@ -182,7 +187,7 @@ def speed(args):
                 rows.append((f"Lucent ({label}): {n} class{'es batched' if n > 1 else ''}", t, t / ours[n]))
     else:
         print(f"(Lucent not importable: {LUCENT_ERROR})")
-    print(f"\n{preset} CNN, {steps} steps, {torch.get_num_threads()} threads\n")
+    print(f"\n{preset} CNN, {steps} steps, {torch.get_num_threads()} threads, device {device}\n")
     print("| run | seconds | Lucent / ours |\n|---|---|---|")
     for row in rows:
         print(f"| {row[0]} | {row[1]:.2f} | {f'{row[2]:.1f}x' if len(row) > 2 else ''} |")

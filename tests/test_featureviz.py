@@ -428,7 +428,7 @@ class FeatureModel(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(1))
 
     def features(self, x):
-        return x[:, 0, 0, :2]
+        return x[:, 0, 0, :2] * 10  # points() stores coordinates / 10, so that they are valid images
 
     def forward(self, x):
         return x[:, 0, 0, :3]
@@ -436,7 +436,7 @@ class FeatureModel(nn.Module):
 
 def points(xy):
     x = torch.zeros(len(xy), 1, 32, 32)
-    x[:, 0, 0, :2] = torch.tensor(xy, dtype=torch.float32)
+    x[:, 0, 0, :2] = torch.tensor(xy, dtype=torch.float32) / 10  # images in [0, 1]
     return x
 
 

@@ -49,7 +49,7 @@ def test_checkpoint_round_trip(trained, tiny_data, tmp_path):
     training.save_checkpoint(tmp_path / "c.pt", model, note="x")
     loaded, ckpt = training.load_checkpoint(tmp_path / "c.pt")
     assert ckpt["note"] == "x" and ckpt["config"] == model.config and not loaded.training
-    x = tiny_data.test_x[:16].float() / 255
+    x = tiny_data.test_x[:16].float().div(255).to(next(model.parameters()).device)  # cuda where trained there
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 
@@ -88,11 +88,14 @@ def test_interrupted_run_leaves_whole_files_and_is_not_reused(tiny_data, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         training.train_classifier(tiny_data, tmp_path / "cnn.pt", preset="small", hyp=TINY,
                                   csv_path=tmp_path / "m.csv", progress=False)
-    assert len(training.read_csv(tmp_path / "m.csv")) == 1
-    _, ckpt = training.load_checkpoint(tmp_path / "cnn.pt")
+    assert not (tmp_path / "cnn.pt").exists() and not (tmp_path / "m.csv").exists()  # nothing finished yet
+    assert len(training.read_csv(tmp_path / "m.partial.csv")) == 1
+    ckpt = torch.load(tmp_path / "cnn.partial.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and not ckpt["complete"]
     assert not list(tmp_path.glob(".*.tmp"))
-    assert not training.reusable(tmp_path / "cnn.pt", config=ckpt["config"], hyp=ckpt["hyp"])
+    assert not training.reusable(tmp_path / "cnn.partial.pt", config=ckpt["config"], hyp=ckpt["hyp"])
+    with pytest.raises(RuntimeError, match="did not finish"):
+        training.load_checkpoint(tmp_path / "cnn.partial.pt")
 
 
 def test_lr_schedule_warms_up_then_decays():

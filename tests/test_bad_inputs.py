@@ -1,0 +1,327 @@
+"""Bad inputs and faults: each gets a clear error, and nothing good is lost or silently wrong."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import models
+import training
+
+TINY = dict(epochs=2, batch_size=200)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return data.load_data("synthetic", n_train=1200, n_test=300, seed=1)
+
+
+@pytest.fixture()
+def finished(tiny_data, tmp_path):
+    """A finished classifier checkpoint and CSV, and their bytes."""
+    ckpt, csv = tmp_path / "cnn.pt", tmp_path / "cnn.csv"
+    training.train_classifier(tiny_data, ckpt, preset="small", hyp=TINY, csv_path=csv, progress=False)
+    return ckpt, csv, ckpt.read_bytes(), csv.read_bytes()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_unfinished_checkpoint_is_refused_with_what_to_rerun(tiny_data, tmp_path):
+    model = models.build_model(models.cnn_config("small"))
+    training.save_checkpoint(tmp_path / "c.pt", model, epoch=1, complete=False)
+    with pytest.raises(RuntimeError, match="did not finish.*run Classifier.ipynb"):
+        training.load_checkpoint(tmp_path / "c.pt", hint="run Classifier.ipynb first")
+
+
+def _interrupt_after_first_epoch(monkeypatch, module_fn):
+    calls = []
+    real = getattr(training, module_fn)
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(training, module_fn, flaky)
+
+
+def test_killed_retraining_keeps_the_finished_classifier(finished, tiny_data, monkeypatch):
+    ckpt, csv, ckpt_bytes, csv_bytes = finished
+    _interrupt_after_first_epoch(monkeypatch, "evaluate")
+    with pytest.raises(KeyboardInterrupt):
+        training.train_classifier(tiny_data, ckpt, preset="small", hyp={**TINY, "epochs": 3}, retrain=True,
+                                  csv_path=csv, progress=False)
+    assert ckpt.read_bytes() == ckpt_bytes and csv.read_bytes() == csv_bytes
+    model, loaded = training.load_checkpoint(ckpt)
+    assert loaded["complete"] and loaded["hyp"]["epochs"] == 2
+
+
+def test_killed_retraining_keeps_the_finished_vae(tiny_data, tmp_path, monkeypatch):
+    ckpt, csv = tmp_path / "vae.pt", tmp_path / "vae.csv"
+    hyp = dict(epochs=1, batch_size=100)
+    training.train_vae(tiny_data, ckpt, preset="small", hyp=hyp, csv_path=csv, progress=False)
+    before = ckpt.read_bytes(), csv.read_bytes()
+    _interrupt_after_first_epoch(monkeypatch, "evaluate_vae")
+    with pytest.raises(KeyboardInterrupt):
+        training.train_vae(tiny_data, ckpt, preset="small", hyp={**hyp, "epochs": 2}, retrain=True, csv_path=csv,
+                           progress=False)
+    assert (ckpt.read_bytes(), csv.read_bytes()) == before
+    assert training.load_checkpoint(ckpt)[1]["complete"]
+
+
+def test_a_finished_run_replaces_the_files_and_drops_the_partial_ones(finished, tiny_data):
+    ckpt, csv, ckpt_bytes, _ = finished
+    training.train_classifier(tiny_data, ckpt, preset="small", hyp={**TINY, "epochs": 1}, csv_path=csv,
+                              progress=False)
+    assert ckpt.read_bytes() != ckpt_bytes and len(training.read_csv(csv)) == 1
+    assert not training.partial_path(ckpt).exists() and not training.partial_path(csv).exists()
+
+
+def test_diverging_classifier_is_not_saved_as_finished(finished, tiny_data):
+    ckpt, csv, ckpt_bytes, csv_bytes = finished
+    with pytest.raises(RuntimeError, match="chance level.*lower lr"):
+        training.train_classifier(tiny_data, ckpt, preset="small", hyp={**TINY, "lr": 1e6}, retrain=True,
+                                  csv_path=csv, progress=False)
+    assert ckpt.read_bytes() == ckpt_bytes and csv.read_bytes() == csv_bytes
+
+
+def test_nan_loss_stops_the_classifier(finished, tiny_data, monkeypatch):
+    ckpt, csv, ckpt_bytes, _ = finished
+    real = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(training.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(FloatingPointError, match="loss became nan in epoch 1.*untouched"):
+        training.train_classifier(tiny_data, ckpt, preset="small", hyp=TINY, retrain=True, csv_path=csv,
+                                  progress=False)
+    assert ckpt.read_bytes() == ckpt_bytes
+
+
+# ----------------------------------------------------------------------------- image formats
+
+import inspect  # noqa: E402
+
+import attribution  # noqa: E402
+import featureviz as fv  # noqa: E402
+import utils  # noqa: E402
+
+FORMS = r"uint8 in \[0, 255\] or float in \[0, 1\]"
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    cnn = models.build_model(models.cnn_config("small")).eval()
+    vae = models.build_model(models.vae_config("small")).eval()
+    return cnn, vae
+
+
+Y = torch.arange(8) % 10
+# every public function that takes images, called with the images `x` (all other arguments valid)
+ENTRY_POINTS = {
+    "training.predict": lambda x, cnn, vae: training.predict(cnn, x),
+    "training.evaluate": lambda x, cnn, vae: training.evaluate(cnn, x, Y),
+    "training.evaluate_vae": lambda x, cnn, vae: training.evaluate_vae(vae, x),
+    "training.latent_statistics": lambda x, cnn, vae: training.latent_statistics(vae, x),
+    "models.capture": lambda x, cnn, vae: models.capture(cnn, x, ["block1.act2"]),
+    "attribution.saliency": lambda x, cnn, vae: attribution.saliency(cnn, x, 0),
+    "attribution.grad_cam": lambda x, cnn, vae: attribution.grad_cam(cnn, x, 0),
+    "attribution.integrated_gradients": lambda x, cnn, vae: attribution.integrated_gradients(cnn, x, 0, steps=2),
+    "featureviz.color_covariance": lambda x, cnn, vae: fv.color_covariance(x),
+    "featureviz.spectrum": lambda x, cnn, vae: fv.spectrum(x),
+    "featureviz.make_param": lambda x, cnn, vae: fv.make_param("pixel", len(x), init=x),
+    "featureviz.FourierParam.set_images": lambda x, cnn, vae: fv.FourierParam(len(x)).set_images(x),
+    "featureviz.activations": lambda x, cnn, vae: fv.activations(cnn, x, [0]),
+    "featureviz.exemplars": lambda x, cnn, vae: fv.exemplars(cnn, x, 0, k=2),
+    "featureviz.features": lambda x, cnn, vae: fv.features(cnn, x),
+    "featureviz.transferability": lambda x, cnn, vae: fv.transferability(cnn, x, Y),
+    "featureviz.plausibility": lambda x, cnn, vae: fv.plausibility(cnn, x, Y, _good(), Y, _good(), Y),
+    "featureviz.diversity": lambda x, cnn, vae: fv.diversity(cnn, x, Y % 2),
+    "featureviz.template_recovery": lambda x, cnn, vae: fv.template_recovery(x, _good()),
+    "utils.show_images": lambda x, cnn, vae: utils.show_images(x),
+    "utils.plot_misclassified": lambda x, cnn, vae: utils.plot_misclassified(x, Y, (Y + 1) % 10, list("abcdefghij")),
+    "utils.plot_heatmaps": lambda x, cnn, vae: utils.plot_heatmaps(x, {"m": torch.rand(8, 32, 32)}),
+    "utils.comparison_grid": lambda x, cnn, vae: utils.comparison_grid({"row": x}),
+    "utils.plot_unit": lambda x, cnn, vae: utils.plot_unit(x[0], x),
+    "utils.plot_feature_maps": lambda x, cnn, vae: utils.plot_feature_maps({"l": torch.rand(4, 8, 8)}, image=x[0]),
+}
+# public functions with an image-like argument that take something else: (name -> why)
+NOT_IMAGES = {
+    "featureviz.score": "takes the visualizations through features() and transferability(), both checked",
+    "featureviz.reference": "takes the real images through features(), checked",
+    "featureviz.quality_table": "takes a Data, whose images are uint8 by construction",
+    "data.to_float": "the converter itself",
+    "data.check_images": "the check itself",
+    "data.shift": "a differentiable gather on any dtype, used inside the loader and the transforms",
+    "models.discretized_logistic_nll": "takes pixels scaled to [-1, 1] inside the VAE's loss",
+    **{f"featureviz.{n}": "runs on the rendered batch inside render()'s step loop, where a check would sync"
+       for n in ("LIGHT", "STANDARD", "blur_penalty", "blurred", "l2_penalty", "tv_penalty")},
+}
+IMAGE_ARGS = {"images", "image", "init", "x", "vis", "train_x", "heldout_x", "exemplars"}
+
+
+def _good(n=8):
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(n))
+
+
+BAD = {
+    "float in 0-255": lambda x: x * 255,
+    "negative floats": lambda x: x - 0.5,
+    "NaN": lambda x: x * float("nan"),
+    "int64 in 0-255": lambda x: (x * 255).long(),
+    "a numpy array in 0-255": lambda x: (x * 255).numpy(),
+}
+
+
+@pytest.mark.parametrize("bad", BAD)
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_entry_point_refuses_images_in_a_wrong_form(name, bad, nets):
+    with pytest.raises((TypeError, ValueError), match=FORMS):
+        ENTRY_POINTS[name](BAD[bad](_good()), *nets)
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_entry_point_takes_uint8_and_float_alike(name, nets):
+    as_uint8 = (_good() * 255).round().to(torch.uint8)
+    _assert_same(ENTRY_POINTS[name](as_uint8, *nets), ENTRY_POINTS[name](as_uint8.float() / 255, *nets))
+
+
+def _assert_same(a, b):
+    """The same result from uint8 and float images: tensors, numbers, dicts and dataclasses of them."""
+    import matplotlib.pyplot as plt
+    if isinstance(a, torch.Tensor):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4, equal_nan=True)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, abs=1e-4, nan_ok=True)
+    elif isinstance(a, dict):
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, fv.Exemplars):
+        _assert_same(vars(a), vars(b))
+    plt.close("all")
+
+
+def test_every_public_function_that_takes_images_is_checked():
+    import data as data_module
+    unlisted = []
+    for module in (training, models, attribution, fv, utils, data_module):
+        for fname, fn in inspect.getmembers(module, inspect.isfunction):
+            if fname.startswith("_") or fn.__module__ != module.__name__:
+                continue
+            name = f"{module.__name__}.{fname}"
+            if IMAGE_ARGS & set(inspect.signature(fn).parameters) and name not in ENTRY_POINTS | NOT_IMAGES:
+                unlisted.append(name)
+    assert not unlisted, f"public functions that take images but are not checked here: {unlisted}"
+
+
+def test_the_loader_takes_uint8_only():
+    with pytest.raises(TypeError, match="uint8"):
+        data.Loader(_good(), Y)
+
+
+# ----------------------------------------------------------------------------- errors that say what to do
+
+def test_data_dir_that_is_a_file_or_cannot_be_created(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(NotADirectoryError, match="DATA_DIR .* is a file"):
+        data.load_data("cifar10", root=f)
+    with pytest.raises(PermissionError, match="cannot be created.*set DATA_DIR"):
+        data.load_data("cifar10", root=f / "sub")
+
+
+def test_data_dir_that_is_not_writable(tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    real = data.os.access  # root may write anywhere, so the folder reads as unwritable through os.access
+    monkeypatch.setattr(data.os, "access", lambda p, mode: Path(p) != ro and real(p, mode))
+    with pytest.raises(PermissionError, match="not writable"):
+        data.load_data("cifar10", root=ro)
+
+
+@pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.exists(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_reads_the_debian_files_in_place(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")  # a DATA_DIR that could hold nothing: it is never needed
+    d = data.load_data("fashion-mnist", root=f)
+    assert len(d.test_y) == 10000 and d.train_x.shape[1:] == (1, 32, 32)
+
+
+def test_fashion_mnist_damaged_raw_files_say_to_delete_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"):
+        (raw / f"{name}-ubyte").write_bytes(b"\x00\x00")  # half unpacked
+    with pytest.raises(data.DatasetUnavailable, match="damaged.*delete"):
+        data.load_data("fashion-mnist", root=tmp_path)
+
+
+def test_truncated_cifar10_file_is_named(tmp_path):
+    from test_data import _write_cifar
+    _write_cifar(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(data.DatasetUnavailable, match="data_batch_1 is corrupt or truncated.*delete it"):
+        data.load_data("cifar10", root=tmp_path)
+
+
+def test_labels_outside_the_classes_are_found_at_load_time(tmp_path, monkeypatch):
+    x = torch.zeros(20, 3, 32, 32, dtype=torch.uint8)
+    y = torch.arange(20) % 11  # label 10 with 10 classes
+    monkeypatch.setattr(data, "load_cifar10", lambda root: ((x, y), (x, y % 10), list("abcdefghij")))
+    with pytest.raises(ValueError, match="training labels run from 0 to 10, outside 0..9"):
+        data.load_data("cifar10", root=tmp_path)
+
+
+def test_attribution_targets_out_of_range_and_a_layer_without_space(nets):
+    cnn, _ = nets
+    x = _good(2)
+    for fn in (attribution.saliency, attribution.grad_cam, attribution.integrated_gradients):
+        with pytest.raises(ValueError, match=r"class indices in 0..9; got \[10\]"):
+            fn(cnn, x, 10)
+        with pytest.raises(ValueError, match="one per image"):
+            fn(cnn, x, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="spatial output.*'head'"):
+        attribution.grad_cam(cnn, x, 0, layer="head")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=-1), "steps must be an int >= 0"),
+    (dict(images_per_target=0), "images_per_target must be an int >= 1"),
+    (dict(restarts=0), "restarts must be an int >= 1"),
+    (dict(diversity=1.0, diversity_layer="head", images_per_target=2), "diversity_layer must have a spatial output"),
+    (dict(color_cov=torch.eye(2)), r"color_cov must be a finite \(3, 3\) covariance"),
+    (dict(color_cov=torch.full((3, 3), float("nan"))), "with NaN"),
+])
+def test_render_refuses_bad_settings_by_name(nets, kwargs, match):
+    cnn, _ = nets
+    with pytest.raises(ValueError, match=match):
+        fv.render(cnn, [0], steps=kwargs.pop("steps", 2), progress=False, **kwargs)
+
+
+def test_targets_as_strings_are_refused_and_integer_tensors_taken(nets):
+    cnn, _ = nets
+    for bad in ("cat", ["cat"], 1.5):
+        with pytest.raises(TypeError, match="class index"):
+            fv.render(cnn, bad, steps=1, progress=False)
+    a = fv.render(cnn, torch.tensor(3), steps=3, progress=False)
+    b = fv.render(cnn, 3, steps=3, progress=False)
+    assert a.targets == b.targets and torch.equal(a.images, b.images)
+
+
+@pytest.mark.parametrize("hyp, match", [
+    (dict(epochs=0), "epochs must be a number > 0"),
+    (dict(epochs=-1), "epochs must be a number > 0"),
+    (dict(batch_size=0), "batch_size must be an int >= 1"),
+    (dict(epoch=3), r"unknown hyperparameter\(s\) \['epoch'\]; valid: epochs"),
+])
+@pytest.mark.parametrize("train", [training.train_classifier, training.train_vae])
+def test_training_refuses_bad_settings_by_name(tiny_data, tmp_path, hyp, match, train):
+    with pytest.raises(ValueError, match=match):
+        train(tiny_data, tmp_path / "m.pt", preset="small", hyp=hyp, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("train", [training.train_classifier, training.train_vae])
+def test_training_needs_a_checkpoint_path(tiny_data, train):
+    with pytest.raises(ValueError, match="ckpt_path is required"):
+        train(tiny_data, None, preset="small", hyp=dict(epochs=1), progress=False)
