@@ -530,8 +530,8 @@ def frozen(*modules):
     finally:
         for s, mode in zip(subs, modes):
             s.training = mode
-        for p, flag, data in zip(params, flags, datas):
-            p.data = data
+        for p, flag, saved in zip(params, flags, datas):
+            p.data = saved
             p.requires_grad_(flag)
 
 

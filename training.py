@@ -6,7 +6,6 @@ flip + translate augmentation, and flip + translate test-time augmentation (TTA)
 """
 import csv
 import math
-import os
 import random
 import time
 from pathlib import Path
