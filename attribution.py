@@ -11,36 +11,17 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Sal
 import models
 from data import to_float
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
-
-
 @contextmanager
 def _untouched(model):
-    """Run `model` in eval mode with grad enabled; restore modes, requires_grad and hooks on exit."""
-    modules = list(model.modules())
-    modes = [m.training for m in modules]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    hooks = [(m, name, set(getattr(m, name))) for m in modules for name in _HOOK_DICTS if hasattr(m, name)]
-    try:
-        model.eval()
-        with torch.enable_grad():
-            yield
-    finally:
-        for m, mode in zip(modules, modes):
-            m.training = mode
-        for p, flag in grads:
-            p.requires_grad_(flag)
-        for m, name, before in hooks:  # drop anything a library left behind
-            d = getattr(m, name)
-            for key in set(d) - before:
-                del d[key]
+    """models.evaluating with gradients enabled (captum differentiates with respect to the input)."""
+    with models.evaluating(model), torch.enable_grad():
+        yield
 
 
 def _prepare(images, targets, model):
     """A detached float copy of the images (B, C, H, W) on the model's device, and the targets (B,),
     checked against the model's number of outputs."""
-    device = next(model.parameters()).device
+    device = models.device_of(model)
     x = to_float(images).detach().to(device).clone().requires_grad_()  # captum warns unless inputs require grad
     t = torch.as_tensor(targets, device=x.device)
     if t.is_floating_point() or t.dim() > 1 or (t.dim() == 1 and len(t) != len(x)):
@@ -61,9 +42,12 @@ def saliency(model, images, targets):
     return attr.amax(1).detach()
 
 
-def grad_cam(model, images, targets, layer="block3.act2"):
-    """Grad-CAM at `layer` (a name or a module), relu'd and bilinearly upsampled to the input: (B, H, W)."""
+def grad_cam(model, images, targets, layer=None):
+    """Grad-CAM at `layer` (a name or a module; default the model's last spatial layer), relu'd and
+    bilinearly upsampled to the input: (B, H, W)."""
     x, t = _prepare(images, targets, model)
+    if layer is None:
+        layer = models.last_spatial_layer(model, x.shape[-1])
     name = layer if isinstance(layer, str) else next(n for n, m in model.named_modules() if m is layer)
     shape = models.capture(model, x[:1].detach(), [name])[name].shape
     if len(shape) != 4:

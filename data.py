@@ -45,6 +45,11 @@ class Data:
     def channels(self):
         return self.train_x.shape[1]
 
+    @property
+    def size(self):
+        """Side of the (square) images in pixels."""
+        return self.train_x.shape[-1]
+
     def channel_stats(self):
         """Per-channel mean and std of the training images in [0, 1] (for the model's Normalize)."""
         x = self.train_x.float().div_(255).transpose(0, 1).flatten(1)  # (C, N*H*W)

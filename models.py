@@ -1,9 +1,13 @@
 """Neural networks: the CNN family and the convolutional VAE. Modules only, no I/O.
 
-Every model takes images in [0, 1] of shape (B, C, 32, 32); the classifier normalizes inside.
+Every model takes images in [0, 1] of shape (B, C, H, W); the classifier normalizes inside. The CNN is
+fully convolutional (any size; its config records the size it was trained at), the VAE is 32x32.
 Build any model from its config dict with `build_model(config)`, so a checkpoint can rebuild it.
+The helpers at the end work for any nn.Module: layers by name, captured activations, input shape,
+and `evaluating`, the one way this project runs a model without changing it.
 """
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +27,10 @@ CNN_PRESETS = {  # widths: channels of block1..block3
 }
 
 
-def cnn_config(preset="airbench", in_channels=3, num_classes=10, mean=None, std=None, **overrides):
-    """Config dict for a CNN of the named preset; mean/std are the per-channel input statistics."""
+def cnn_config(preset="airbench", in_channels=3, num_classes=10, mean=None, std=None, image_size=None,
+               **overrides):
+    """Config dict for a CNN of the named preset; mean/std are the per-channel input statistics and
+    image_size the side of the training images (the network takes any size; this records its own)."""
     if preset not in CNN_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(CNN_PRESETS)}")
     config = dict(
@@ -37,6 +43,7 @@ def cnn_config(preset="airbench", in_channels=3, num_classes=10, mean=None, std=
         logit_scale=1 / 9,         # logits are divided by 9 (temperature)
         mean=list(mean) if mean is not None else [0.5] * in_channels,
         std=list(std) if std is not None else [0.25] * in_channels,
+        image_size=image_size,     # side of the training images, e.g. 32 (None: not recorded)
     )
     config.update(CNN_PRESETS[preset])
     config.update(overrides)
@@ -190,6 +197,8 @@ def discretized_logistic_nll(x, mean, log_scale):
 class VAE(nn.Module):
     """Convolutional VAE with a flat latent and a discretized-logistic decoder (true bits/dim)."""
 
+    image_size = 32  # fixed by the architecture: three stride-2 stages down to a flat 4x4 grid
+
     def __init__(self, config):
         super().__init__()
         c, (w1, w2, w3), d = config["in_channels"], config["widths"], config["latent_dim"]
@@ -306,29 +315,101 @@ def get_layer(model, name):
     return modules[name]
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+@contextmanager
+def evaluating(*modules):
+    """Run modules in eval mode with frozen weights; on exit their train/eval modes and requires_grad
+    flags are restored and every hook registered meanwhile (by us or a library) is removed."""
+    modules = [m for m in modules if m is not None]
+    subs = [s for m in modules for s in m.modules()]
+    modes = [s.training for s in subs]
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    hooks = [(s, name, set(getattr(s, name))) for s in subs for name in _HOOK_DICTS if hasattr(s, name)]
+    try:
+        for m in modules:
+            m.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for s, mode in zip(subs, modes):
+            s.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for s, name, before in hooks:
+            d = getattr(s, name)
+            for key in set(d) - before:
+                del d[key]
+
+
+def device_of(model):
+    """The device of the model's first parameter (or buffer); the CPU for a model with neither."""
+    t = next(model.parameters(), None)
+    t = next(model.buffers(), None) if t is None else t
+    return torch.device("cpu") if t is None else t.device
+
+
+def input_channels(model):
+    """Number of channels the model's input has: from its config, else its first convolution."""
+    config = getattr(model, "config", None) or {}
+    if "in_channels" in config:
+        return config["in_channels"]
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise ValueError(f"cannot tell how many input channels {type(model).__name__} takes: it has no "
+                         f"config['in_channels'] and no nn.Conv2d")
+    return conv.in_channels
+
+
+def input_size(model, size=None):
+    """Side in pixels of the square images the model takes: `size` if given, else what the model records
+    (`model.image_size` or `model.config['image_size']`); an error asking for size= otherwise."""
+    if size is None:
+        size = getattr(model, "image_size", None) or (getattr(model, "config", None) or {}).get("image_size")
+    if size is None:
+        raise ValueError(f"cannot tell the image size {type(model).__name__} takes (it records none): pass "
+                         f"size=..., the side in pixels of its input images (e.g. size=32 for CIFAR-10)")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be an int >= 1 (pixels), got {size!r}")
+    return size
+
+
 @torch.no_grad()
 def capture(model, images, layers):
     """Outputs of the named layers for a batch of images (uint8 or float in [0, 1]), as {name: tensor};
-    hooks are removed afterwards."""
-    out, handles = {}, []
-    try:
-        for name in layers:
-            hook = lambda module, args, output, name=name: out.__setitem__(name, output.detach())
-            handles.append(get_layer(model, name).register_forward_hook(hook))
-        was_training = model.training
-        model.eval()
-        try:
-            model(to_float(images))
-        finally:
-            model.train(was_training)
-    finally:
-        for h in handles:
-            h.remove()
+    the model is left as found (see `evaluating`)."""
+    out = {}
+    modules = [get_layer(model, name) for name in layers]
+    with evaluating(model):
+        for name, m in zip(layers, modules):
+            m.register_forward_hook(lambda module, args, output, name=name: out.__setitem__(name, output.detach()))
+        model(to_float(images))
     return {name: out[name] for name in layers}
 
 
-def layer_channels(model, name):
+def _probe(model, size=None):
+    """A zero image of the model's input shape on its device: (1, C, H, W)."""
+    side = input_size(model, size)
+    return torch.zeros(1, input_channels(model), side, side, device=device_of(model))
+
+
+def layer_channels(model, name, size=None):
     """Number of channels (or features) the named layer outputs."""
-    p = next(model.parameters())
-    x = torch.zeros(1, model.config["in_channels"], 32, 32, device=p.device)
-    return capture(model, x, [name])[name].shape[1]
+    return capture(model, _probe(model, size), [name])[name].shape[1]
+
+
+def last_spatial_layer(model, size=None):
+    """Name of the last layer (in the order the forward pass runs them) whose output is (B, C, H, W)."""
+    order = []
+    with evaluating(model), torch.no_grad():
+        for name in list_layers(model):
+            get_layer(model, name).register_forward_hook(
+                lambda module, args, out, name=name: order.append(name) if out.dim() == 4 else None)
+        model(_probe(model, size))
+    if not order:
+        raise ValueError(f"{type(model).__name__} has no layer with a spatial output (B, C, H, W) among "
+                         f"{', '.join(list_layers(model))}")
+    return order[-1]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data import Loader, atomic_write, check_images, to_float
-from models import BatchNorm, build_model, cnn_config, vae_config
+from models import BatchNorm, build_model, cnn_config, device_of, evaluating, vae_config
 
 CNN_HYP = dict(
     epochs=10,               # airbench94 trains 9.9 epochs
@@ -256,15 +256,13 @@ def make_optimizer(model, hyp):
 def predict(model, images, tta_level=0, batch_size=1000):
     """Logits for images (uint8 or float in [0, 1]), with optional flip/translate TTA."""
     check_images(images)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    device = device_of(model)
 
     def flip_avg(x):
         return model(x) if tta_level == 0 else 0.5 * (model(x) + model(x.flip(3)))
 
     out = []
-    try:
+    with evaluating(model):
         for x in images.split(batch_size):
             x = to_float(x.to(device))
             logits = flip_avg(x)
@@ -274,8 +272,6 @@ def predict(model, images, tta_level=0, batch_size=1000):
                 shifted = [flip_avg(p[:, :, :h, :w]), flip_avg(p[:, :, 2:, 2:])]
                 logits = 0.5 * logits + 0.25 * (shifted[0] + shifted[1])
             out.append(logits.float())
-    finally:
-        model.train(was_training)
     return torch.cat(out)
 
 
@@ -301,6 +297,35 @@ class Lookahead:
                 v.copy_(ema)
 
 
+def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progress=True):
+    """The loop both fits share: `total` steps in epochs over `loader`, a progress bar and a duration
+    forecast; train_step(step, x, y) runs one step and returns its sums {name: tensor} (kept on the
+    device, no host sync per step); end_epoch(epoch, sums, seen) returns the epoch's metrics row
+    (validation included), which goes to `keeper` with the epoch number and its seconds."""
+    step = 0
+    bar = tqdm(total=total, desc=desc, disable=not progress)
+    forecast = Forecast(total, desc, device_of(model), steps=10 if progress else 0)
+    try:
+        for epoch in range(math.ceil(total / len(loader))):
+            start = time.perf_counter()
+            model.train()
+            sums, seen = {}, 0
+            for x, y in loader:
+                for k, v in train_step(step, x, y).items():
+                    sums[k] = sums.get(k, 0) + v
+                seen += len(y)
+                step += 1
+                forecast.update(step)
+                bar.update()
+                if step >= total:
+                    break
+            row = end_epoch(epoch, sums, seen)
+            keeper.update(dict(epoch=epoch + 1, **row, seconds=time.perf_counter() - start))
+            bar.set_postfix(epoch=epoch + 1, **{keeper.key: f"{row[keeper.key]:.4f}"})
+    finally:
+        bar.close()
+
+
 def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=None,
         progress=True, extra=None):
     """Train a CNN on data.train, validate on data.val each epoch, keep the best checkpoint.
@@ -323,48 +348,35 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     ema_decay = 0.95 ** 5 * (torch.arange(total + 1) / total) ** 3
     lookahead = Lookahead(model)
     keeper = BestKeeper(model, "val_acc", True, ckpt_path, csv_path, hyp=hyp, **(extra or {}))
-    step = 0
-    bar = tqdm(total=total, desc="train", disable=not progress)
-    forecast = Forecast(total, "training", device, steps=10 if progress else 0)
+
+    def train_step(step, x, y):
+        model.whiten.bias.requires_grad_(step < len(loader) * hyp["whiten_bias_epochs"])
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(step, total, hyp["warmup"])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = model(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=hyp["label_smoothing"], reduction="sum")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % hyp["ema_every"] == 0:
+            lookahead.update(model, ema_decay[step + 1].item())
+        if step + 1 == total:
+            lookahead.update(model, 1.0)
+        return dict(loss=loss.detach().double(), correct=(out.argmax(1) == y).sum())
+
+    def end_epoch(epoch, sums, seen):
+        if not torch.isfinite(sums["loss"]):
+            raise FloatingPointError(
+                f"training loss became {float(sums['loss'])} in epoch {epoch + 1}; training stopped. "
+                f"{_kept(ckpt_path)} Try a lower lr (now {hyp['lr']}).")
+        val = evaluate(model, data.val_x, data.val_y)
+        return dict(train_loss=float(sums["loss"]) / seen, train_acc=int(sums["correct"]) / seen,
+                    val_loss=val["loss"], val_acc=val["acc"], lr=opt.param_groups[1]["lr"])
+
     try:
-        for epoch in range(math.ceil(hyp["epochs"])):
-            start = time.perf_counter()
-            model.train()
-            model.whiten.bias.requires_grad_(epoch < hyp["whiten_bias_epochs"])
-            loss_sum = correct = seen = 0  # summed on the device: no host sync per step
-            for x, y in loader:
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * lr_factor(step, total, hyp["warmup"])
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    out = model(x)
-                    loss = F.cross_entropy(out.float(), y, label_smoothing=hyp["label_smoothing"],
-                                           reduction="sum")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                if step % hyp["ema_every"] == 0:
-                    lookahead.update(model, ema_decay[step].item())
-                forecast.update(step)
-                loss_sum += loss.detach().double()
-                correct += (out.argmax(1) == y).sum()
-                seen += len(y)
-                bar.update()
-                if step >= total:
-                    break
-            if not torch.isfinite(loss_sum):
-                raise FloatingPointError(
-                    f"training loss became {float(loss_sum)} in epoch {epoch + 1}; training stopped. "
-                    f"{_kept(ckpt_path)} Try a lower lr (now {hyp['lr']}).")
-            if step >= total:
-                lookahead.update(model, 1.0)
-            val = evaluate(model, data.val_x, data.val_y)
-            keeper.update(dict(epoch=epoch + 1, train_loss=float(loss_sum) / seen, train_acc=int(correct) / seen,
-                               val_loss=val["loss"], val_acc=val["acc"], lr=opt.param_groups[1]["lr"],
-                               seconds=time.perf_counter() - start))
-            bar.set_postfix(epoch=epoch + 1, val_acc=f"{val['acc']:.4f}")
+        run_epochs(model, loader, total, train_step, end_epoch, keeper, "training", progress)
     finally:
-        bar.close()
         model.whiten.bias.requires_grad_(True)
     _check_learned(keeper.best["val_acc"], len(data.classes), len(data.val_y), hyp["lr"], ckpt_path)
     keeper.restore()
@@ -397,7 +409,8 @@ def train_classifier(data, ckpt_path, preset="airbench", hyp=None, retrain=False
     Returns (model in eval mode, checkpoint dict).
     """
     mean, std = data.channel_stats()
-    config = cnn_config(preset, data.channels, len(data.classes), mean, std, **config_overrides)
+    config = cnn_config(preset, data.channels, len(data.classes), mean, std, image_size=data.size,
+                        **config_overrides)
 
     def build():
         model = build_model(config)
@@ -440,18 +453,14 @@ def hardest_pairs(cm, classes, k=5):
 def evaluate_vae(vae, images, batch_size=500, seed=0):
     """Mean negative ELBO (bits/dim), reconstruction NLL and KL (nats per image) on a set."""
     check_images(images)
-    device = vae.latent_mean.device
-    was_training = vae.training
-    vae.eval()
+    device = device_of(vae)
     gen = torch.Generator(device=device).manual_seed(seed)
     sums = dict(bpd=0.0, nll=0.0, kl=0.0)
-    try:
+    with evaluating(vae):
         for x in images.split(batch_size):
             out = vae.elbo(to_float(x.to(device)), generator=gen)
             for k in sums:
                 sums[k] += out[k].sum().item()
-    finally:
-        vae.train(was_training)
     return {k: v / len(images) for k, v in sums.items()}
 
 
@@ -490,44 +499,27 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
         opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / total)))
     gen = torch.Generator(device=device).manual_seed(seed)
     keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, **(extra or {}))
-    step = 0
-    bar = tqdm(total=total, desc="train VAE", disable=not progress)
-    forecast = Forecast(total, "VAE training", device, steps=10 if progress else 0)
-    try:
-        for epoch in range(math.ceil(hyp["epochs"])):
-            start = time.perf_counter()
-            vae.train()
-            sums = dict(loss=0.0, bpd=0.0, nll=0.0, kl=0.0)
-            seen = 0
-            for x, _ in loader:
-                kl_weight = min(1.0, step / warm)
-                out = vae.elbo(x, kl_weight, hyp["free_bits"], generator=gen)
-                if not torch.isfinite(out["loss"]):
-                    raise FloatingPointError(
-                        f"VAE loss became {out['loss'].item()} at step {step} (epoch {epoch + 1}); "
-                        f"training stopped. {_kept(ckpt_path)} Try a lower lr or grad_clip.")
-                opt.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(vae.parameters(), hyp["grad_clip"])
-                opt.step()
-                sched.step()
-                step += 1
-                forecast.update(step)
-                sums["loss"] += out["loss"].item() * len(x)
-                for k in ("bpd", "nll", "kl"):
-                    sums[k] += out[k].sum().item()
-                seen += len(x)
-                bar.update()
-                if step >= total:
-                    break
-            val = evaluate_vae(vae, data.val_x, seed=seed)
-            keeper.update(dict(epoch=epoch + 1, **{f"train_{k}": v / seen for k, v in sums.items()},
-                               val_bpd=val["bpd"], val_nll=val["nll"], val_kl=val["kl"],
-                               kl_weight=kl_weight, lr=opt.param_groups[0]["lr"],
-                               seconds=time.perf_counter() - start))
-            bar.set_postfix(epoch=epoch + 1, val_bpd=f"{val['bpd']:.3f}")
-    finally:
-        bar.close()
+
+    def train_step(step, x, y):
+        out = vae.elbo(x, min(1.0, step / warm), hyp["free_bits"], generator=gen)
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(
+                f"VAE loss became {out['loss'].item()} at step {step} (epoch {step // len(loader) + 1}); "
+                f"training stopped. {_kept(ckpt_path)} Try a lower lr or grad_clip.")
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), hyp["grad_clip"])
+        opt.step()
+        sched.step()
+        return dict(loss=out["loss"].detach() * len(x), **{k: out[k].detach().sum() for k in ("bpd", "nll", "kl")})
+
+    def end_epoch(epoch, sums, seen):
+        val = evaluate_vae(vae, data.val_x, seed=seed)
+        return dict(**{f"train_{k}": float(v) / seen for k, v in sums.items()},
+                    val_bpd=val["bpd"], val_nll=val["nll"], val_kl=val["kl"],
+                    kl_weight=min(1.0, (min((epoch + 1) * len(loader), total) - 1) / warm), lr=opt.param_groups[0]["lr"])
+
+    run_epochs(vae, loader, total, train_step, end_epoch, keeper, "VAE training", progress)
     keeper.restore()
     for name, value in latent_statistics(vae, data.train_x).items():
         getattr(vae, name).copy_(value)

@@ -109,7 +109,7 @@ FORMS = r"uint8 in \[0, 255\] or float in \[0, 1\]"
 @pytest.fixture(scope="module")
 def nets():
     torch.manual_seed(0)
-    cnn = models.build_model(models.cnn_config("small")).eval()
+    cnn = models.build_model(models.cnn_config("small", image_size=32)).eval()
     vae = models.build_model(models.vae_config("small")).eval()
     return cnn, vae
 
@@ -127,8 +127,8 @@ ENTRY_POINTS = {
     "attribution.integrated_gradients": lambda x, cnn, vae: attribution.integrated_gradients(cnn, x, 0, steps=2),
     "featureviz.color_covariance": lambda x, cnn, vae: fv.color_covariance(x),
     "featureviz.spectrum": lambda x, cnn, vae: fv.spectrum(x),
-    "featureviz.make_param": lambda x, cnn, vae: fv.make_param("pixel", len(x), init=x),
-    "featureviz.FourierParam.set_images": lambda x, cnn, vae: fv.FourierParam(len(x)).set_images(x),
+    "featureviz.parameterization": lambda x, cnn, vae: fv.parameterization("pixel", init=x)(len(x), 3, 32),
+    "featureviz.FourierParam.set_images": lambda x, cnn, vae: fv.FourierParam(len(x), 3, 32).set_images(x),
     "featureviz.activations": lambda x, cnn, vae: fv.activations(cnn, x, [0]),
     "featureviz.exemplars": lambda x, cnn, vae: fv.exemplars(cnn, x, 0, k=2),
     "featureviz.features": lambda x, cnn, vae: fv.features(cnn, x),
@@ -288,14 +288,28 @@ def test_attribution_targets_out_of_range_and_a_layer_without_space(nets):
     (dict(steps=-1), "steps must be an int >= 0"),
     (dict(images_per_target=0), "images_per_target must be an int >= 1"),
     (dict(restarts=0), "restarts must be an int >= 1"),
-    (dict(diversity=1.0, diversity_layer="head", images_per_target=2), "diversity_layer must have a spatial output"),
-    (dict(color_cov=torch.eye(2)), r"color_cov must be a finite \(3, 3\) covariance"),
-    (dict(color_cov=torch.full((3, 3), float("nan"))), "with NaN"),
+    (dict(regularizers=[fv.Diversity(1.0, layer="head")], images_per_target=2),
+     "Diversity layer must have a spatial output"),
+    (dict(regularizers=[fv.Prior(1.0)]), "the Prior regularizer needs a parameterization with a prior"),
+    (dict(param=fv.parameterization("fourier", color_cov=torch.eye(2))), r"color_cov must be a finite \(3, 3\) covariance"),
+    (dict(param=fv.parameterization("fourier", color_cov=torch.full((3, 3), float("nan")))), "with NaN"),
+    (dict(param="wavelet"), "unknown parameterization 'wavelet'; choose one of pixel, fourier"),
+    (dict(size=0), "size must be an int >= 1"),
 ])
 def test_render_refuses_bad_settings_by_name(nets, kwargs, match):
     cnn, _ = nets
     with pytest.raises(ValueError, match=match):
         fv.render(cnn, [0], steps=kwargs.pop("steps", 2), progress=False, **kwargs)
+
+
+def test_render_refuses_what_is_not_a_regularizer_or_a_parameterization(nets):
+    cnn, _ = nets
+    with pytest.raises(TypeError, match=r"regularizers must be a list of terms \(L2, TV, Blur, Prior, Diversity\)"):
+        fv.render(cnn, [0], steps=1, regularizers=[("tv", 2.0)], progress=False)
+    with pytest.raises(TypeError, match="param must be a parameterization name"):
+        fv.render(cnn, [0], steps=1, param=3, progress=False)
+    with pytest.raises(ValueError, match="TV weight must be a finite number"):
+        fv.TV(float("nan"))
 
 
 def test_targets_as_strings_are_refused_and_integer_tensors_taken(nets):

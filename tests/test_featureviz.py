@@ -17,7 +17,7 @@ HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
 
 def cnn(channels=3, seed=0):
     torch.manual_seed(seed)
-    return models.build_model(models.cnn_config("small", in_channels=channels)).eval()
+    return models.build_model(models.cnn_config("small", in_channels=channels, image_size=32)).eval()
 
 
 def vae_with_stats(channels=3, seed=0):
@@ -63,7 +63,10 @@ def assert_untouched(model, before):
 def test_param_images_in_range_and_gradients_reach_parameters(kind, channels):
     gen = torch.Generator().manual_seed(0)
     cov = torch.tensor([[1.0, 0.5, 0.2], [0.5, 1.0, 0.3], [0.2, 0.3, 1.0]])
-    p = fv.make_param(kind, 5, channels, vae=vae_with_stats(channels), color_cov=cov, generator=gen)
+    options = dict(vae=vae_with_stats(channels)) if kind in ("latent", "whitened") else {}
+    if kind == "fourier":
+        options = dict(color_cov=cov)
+    p = fv.parameterization(kind, **options)(5, channels, 32, gen)
     x = p()
     assert x.shape == (5, channels, 32, 32)
     assert x.min() >= 0 and x.max() <= 1
@@ -73,13 +76,17 @@ def test_param_images_in_range_and_gradients_reach_parameters(kind, channels):
     assert params[0].grad is not None and params[0].grad.abs().sum() > 0
 
 
-def test_make_param_errors():
+def test_parameterization_errors():
     with pytest.raises(ValueError, match="needs a VAE"):
-        fv.make_param("latent", 2, 3)
+        fv.parameterization("latent")
     with pytest.raises(ValueError, match="needs a VAE"):
-        fv.make_param("whitened", 2, 3)
+        fv.parameterization("whitened")
     with pytest.raises(ValueError, match="unknown parameterization"):
-        fv.make_param("wavelet", 2, 3)
+        fv.parameterization("wavelet")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['decay'\] for parameterization 'pixel'; valid: sd, init"):
+        fv.parameterization("pixel", decay=1.5)
+    with pytest.raises(ValueError, match="pool must be an int >= 0"):
+        fv.parameterization("pixel", pool=-1)
 
 
 def test_color_covariance_matches_torch_cov():
@@ -92,7 +99,7 @@ def test_color_covariance_matches_torch_cov():
 def test_fourier_color_transform_is_a_square_root_of_the_covariance():
     a = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.5, 0.0], [0.3, 0.6, 0.4]])
     cov = a @ a.T
-    p = fv.FourierParam(64, 3, color_cov=cov, sd=0.3, generator=torch.Generator().manual_seed(0))
+    p = fv.FourierParam(64, 3, 32, color_cov=cov, sd=0.3, generator=torch.Generator().manual_seed(0))
     m = p.color
     ratio = (m @ m.T) / cov
     assert torch.allclose(ratio, ratio[0, 0].expand(3, 3), rtol=1e-4)
@@ -118,13 +125,14 @@ def test_fourier_and_pixel_params_start_from_given_images():
     images = torch.rand(3, 3, 32, 32) * 0.9 + 0.05
     cov = torch.tensor([[1.0, 0.5, 0.2], [0.5, 1.0, 0.3], [0.2, 0.3, 1.0]])
     for kind in ("fourier", "pixel"):
-        p = fv.make_param(kind, 3, 3, color_cov=cov, init=images)
+        options = dict(color_cov=cov) if kind == "fourier" else {}
+        p = fv.parameterization(kind, init=images, **options)(3, 3, 32)
         assert torch.allclose(p(), images, atol=1e-4)
 
 
 def test_whitened_latent_maps_zero_to_mean_and_has_the_latent_covariance():
     vae = vae_with_stats()
-    p = fv.WhitenedLatentParam(vae, 20000, generator=torch.Generator().manual_seed(0))
+    p = fv.WhitenedLatentParam(20000, 3, 32, vae, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         p.u.normal_(generator=torch.Generator().manual_seed(1))
         z = p.latent()
@@ -135,7 +143,7 @@ def test_whitened_latent_maps_zero_to_mean_and_has_the_latent_covariance():
 
 def test_latent_param_stays_in_range():
     vae = vae_with_stats()
-    p = fv.LatentParam(vae, 4, generator=torch.Generator().manual_seed(0))
+    p = fv.LatentParam(4, 3, 32, vae, generator=torch.Generator().manual_seed(0))
     assert ((p.z >= vae.latent_lo) & (p.z <= vae.latent_hi)).all()
     with torch.no_grad():
         p.z.add_(100.0)
@@ -146,14 +154,15 @@ def test_latent_param_stays_in_range():
 
 # ----------------------------------------------------------------------------- transforms
 
-TRANSFORMS = dict(jitter=fv.jitter(2), scale=fv.scale(0.8, 1.2), rotate=fv.rotate(20),
-                  standard=fv.STANDARD, light=fv.LIGHT)
+TRANSFORMS = dict(jitter=fv.jitter(2 / 32), scale=fv.scale(0.8, 1.2), rotate=fv.rotate(20),
+                  resample=fv.resample(0.1, (0.9, 1.1), 10), standard=fv.STANDARD, light=fv.LIGHT)
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)
-def test_transforms_keep_size_are_seeded_and_differ_per_image(name):
+@pytest.mark.parametrize("side", [28, 32, 64])
+def test_transforms_keep_size_are_seeded_and_differ_per_image(name, side):
     t = TRANSFORMS[name]
-    x = torch.rand(1, 3, 32, 32).expand(16, -1, -1, -1)  # 16 copies of one image
+    x = torch.rand(1, 3, side, side).expand(16, -1, -1, -1)  # 16 copies of one image
     a = t(x, torch.Generator().manual_seed(0))
     b = t(x, torch.Generator().manual_seed(0))
     assert a.shape == x.shape
@@ -163,19 +172,29 @@ def test_transforms_keep_size_are_seeded_and_differ_per_image(name):
     assert len(distinct) > 1
 
 
-def test_pad_and_crop_return_exactly_the_model_size():
-    x = torch.rand(2, 3, 32, 32)
-    assert fv.pad(3)(x, None).shape == (2, 3, 38, 38)
-    assert torch.equal(fv.compose(fv.pad(3), fv.crop(32))(x, None), x)  # centre crop undoes the pad
-    assert fv.crop(32)(torch.rand(2, 3, 28, 28), None).shape == (2, 3, 32, 32)
+def test_resample_without_amounts_is_the_identity():
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.allclose(fv.resample()(x, torch.Generator().manual_seed(0)), x, atol=1e-5)
 
 
-def test_jitter_is_an_integer_shift():
-    x = torch.arange(32.0).view(1, 1, 1, 32).expand(4, 3, 32, 32)
-    y = fv.jitter(2)(x, torch.Generator().manual_seed(0))
-    shift = y[:, 0, 0, 10] - 10  # interior columns move rigidly
-    assert torch.equal(y[:, :, :, 5:27], x[:, :, :, 5:27] + shift[:, None, None, None])
-    assert shift.abs().max() <= 2
+@pytest.mark.parametrize("side", [28, 32, 64])
+def test_resample_shifts_in_proportion_to_the_side(side):
+    x = torch.arange(float(side)).view(1, 1, 1, side).expand(64, 1, side, side)  # value = column
+    y = fv.resample(shift=3 / 32)(x, torch.Generator().manual_seed(0))
+    d = (y[:, 0, side // 2, side // 2] - side // 2).abs()  # how far the centre pixel moved, in px
+    assert d.max() <= 3 / 32 * side + 1e-3
+    assert d.max() > 0.8 * 3 / 32 * side  # 64 draws reach most of the range
+
+
+@pytest.mark.parametrize("side", [32, 64])
+def test_jitter_is_an_integer_shift_in_proportion_to_the_side(side):
+    x = torch.arange(float(side)).view(1, 1, 1, side).expand(32, 3, side, side)
+    y = fv.jitter(2 / 32)(x, torch.Generator().manual_seed(0))
+    px = 2 * side // 32
+    shift = y[:, 0, 0, side // 2] - side // 2  # interior columns move rigidly
+    inner = slice(px + 1, side - px - 1)
+    assert torch.equal(y[:, :, :, inner], x[:, :, :, inner] + shift[:, None, None, None])
+    assert shift.abs().max() == px
 
 
 # ----------------------------------------------------------------------------- targets
@@ -240,13 +259,15 @@ def test_render_rejects_bad_targets_clearly_and_leaves_no_hooks(target, match):
 def test_latent_render_without_vae_is_a_clear_error():
     with pytest.raises(ValueError, match="needs a VAE"):
         fv.render(cnn(), [0], param="whitened", steps=2, progress=False)
+    with pytest.raises(ValueError, match="draws through a VAE"):
+        fv.visualize_unit(cnn(), "head", 0, technique="hybrid", steps=2)
 
 
 # ----------------------------------------------------------------------------- render
 
 def test_render_is_deterministic_for_a_seed():
     model = cnn()
-    kw = dict(steps=12, progress=False, images_per_target=2, diversity=0.5, tv=0.1)
+    kw = dict(steps=12, progress=False, images_per_target=2, regularizers=[fv.Diversity(0.5), fv.TV(0.1)])
     a = fv.render(model, [0, 1], seed=3, **kw)
     b = fv.render(model, [0, 1], seed=3, **kw)
     c = fv.render(model, [0, 1], seed=4, **kw)
@@ -332,10 +353,10 @@ def test_batched_targets_render_like_each_alone():
     model = cnn()
     targets = [fv.Channel("block2.act2", c) for c in (0, 5, 9)]
     gen = torch.Generator().manual_seed(0)
-    batched = fv.FourierParam(3, 3, generator=gen)
+    batched = fv.FourierParam(3, 3, 32, generator=gen)
     alone = []
     for i, t in enumerate(targets):
-        p = fv.FourierParam(1, 3)
+        p = fv.FourierParam(1, 3, 32)
         with torch.no_grad():
             p.coeffs.copy_(batched.coeffs[i:i + 1])
         alone.append(fv.render(model, [t], param=p, steps=30, transforms=None, progress=False))
@@ -363,13 +384,14 @@ def test_early_stop_skips_the_rest_of_the_network():
 def test_two_stage_render_and_init_pool():
     model, vae = cnn(), vae_with_stats()
     before = snapshot(vae)
-    r = fv.render(model, [0, 1], param="whitened>fourier", steps=6, restarts=2, init_pool=16, vae=vae,
-                  refine=dict(lr=0.01), progress=False)
+    first = dict(param=fv.parameterization("whitened", vae=vae, pool=16), restarts=2)
+    r = fv.render_in_stages(model, [0, 1], first, dict(param=fv.parameterization("fourier"), lr=0.01), steps=6,
+                            progress=False)
     assert r.images.shape == (2, 3, 32, 32) and r.history.shape == (6, 2)
     assert_untouched(vae, before)
     # the same two stages by hand: whitened latent (with restarts and the init pool), then Fourier from its images
-    a = fv.render(model, [0, 1], param="whitened", steps=3, restarts=2, init_pool=16, vae=vae, progress=False)
-    p = fv.make_param("fourier", 2, 3, None, None, torch.Generator().manual_seed(0), init=a.images)
+    a = fv.render(model, [0, 1], steps=3, progress=False, **first)
+    p = fv.parameterization("fourier", init=a.images)(2, 3, 32, torch.Generator().manual_seed(0))
     b = fv.render(model, [0, 1], param=p, steps=3, lr=0.01, progress=False)
     assert torch.allclose(r.images, b.images) and torch.equal(r.history, torch.cat([a.history, b.history]))
     assert not torch.allclose(r.images, a.images, atol=1e-3)  # the refinement changed the images
@@ -378,8 +400,9 @@ def test_two_stage_render_and_init_pool():
 def test_init_pool_starts_each_target_from_its_best_draw():
     model, vae = cnn(), vae_with_stats()
     targets = [fv.Class(0), fv.Class(1), fv.Channel("block1.act2", 2)]
-    r = fv.render(model, targets, param="latent", steps=0, init_pool=32, vae=vae, seed=5, progress=False)
-    pool = fv.make_param("latent", 32, 3, vae=vae, generator=torch.Generator().manual_seed(5))
+    r = fv.render(model, targets, param=fv.parameterization("latent", vae=vae, pool=32), steps=0, seed=5,
+                  progress=False)
+    pool = fv.LatentParam(32, 3, 32, vae, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         best = fv.activations(model, pool(), targets).max(0).values
     assert torch.allclose(r.activation, best, atol=1e-5)
@@ -387,10 +410,10 @@ def test_init_pool_starts_each_target_from_its_best_draw():
 
 def test_render_accepts_a_built_parameterization_and_checks_its_size():
     model = cnn()
-    r = fv.render(model, [0, 1], param=fv.PixelParam(2, 3), steps=2, progress=False)
+    r = fv.render(model, [0, 1], param=fv.PixelParam(2, 3, 32), steps=2, progress=False)
     assert r.images.shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="need"):
-        fv.render(model, [0, 1], param=fv.PixelParam(3, 3), steps=2, progress=False)
+        fv.render(model, [0, 1], param=fv.PixelParam(3, 3, 32), steps=2, progress=False)
 
 
 def test_regularizers_by_hand():
@@ -480,8 +503,7 @@ def trained(tmp_path_factory):
 
 def test_class_visualizations_recover_the_planted_templates(trained):
     d = trained["data"]
-    r = fv.render(trained["model"], list(range(10)), vae=trained["vae"], progress=False,
-                  **fv.TECHNIQUES["whitened"])
+    r = fv.get_technique("whitened", vae=trained["vae"])(trained["model"], list(range(10)), progress=False)
     corr = fv.template_recovery(r.images, d.templates)  # (10 visualizations, 10 templates)
     own = corr.diagonal()
     best_other = (corr - 10 * torch.eye(10)).max(1).values
@@ -491,8 +513,8 @@ def test_class_visualizations_recover_the_planted_templates(trained):
 def test_decorrelated_fourier_transfers_better_than_raw_pixels(trained):
     top1 = {}
     for name in ("pixel", "fourier"):
-        r = fv.render(trained["model"], list(range(10)), images_per_target=3, color_cov=trained["cov"],
-                      progress=False, **fv.TECHNIQUES[name])
+        how = fv.get_technique(name, color_cov=trained["cov"])
+        r = how(trained["model"], list(range(10)), images_per_target=3, progress=False)
         top1[name] = fv.transferability(trained["other"], r.images, r.target_index)
     assert top1["fourier"] >= top1["pixel"] + 0.2, top1
 
@@ -505,7 +527,7 @@ def test_quality_table_scores_every_technique_and_real_images(trained):
         calls.append(seed)
         idx = torch.stack([(d.test_y == k).nonzero()[seed, 0] for k in range(10)])
         return d.test_x[idx], fv.activations(trained["model"], d.test_x[idx], list(range(10))).diagonal()
-    rows, grid = fv.quality_table(trained["model"], trained["other"], d, {"pixel": fv.TECHNIQUES["pixel"],
+    rows, grid = fv.quality_table(trained["model"], trained["other"], d, {"pixel": fv.get_technique("pixel"),
                                   "real": fake}, seeds=2, steps=4, progress=False, n_ref=2000)
     assert [r["technique"] for r in rows] == ["real test images", "pixel", "real"] and calls == [0, 1]
     assert grid["pixel"].shape == (10, 3, 32, 32) and torch.equal(grid["real"], fake(0)[0])

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ def test_cnn_shapes(preset, channels):
     widths = models.CNN_PRESETS[preset]["widths"]
     assert model(x).shape == (2, 7)
     assert model.features(x).shape == (2, widths[-1])
-    assert [models.layer_channels(model, f"block{i}.conv2") for i in (1, 2, 3)] == list(widths)
+    assert [models.layer_channels(model, f"block{i}.conv2", size=32) for i in (1, 2, 3)] == list(widths)
 
 
 def test_cnn_normalizes_its_input_inside():
@@ -82,6 +84,35 @@ def test_capture_returns_layer_outputs_and_leaves_no_hooks():
 
 
 def test_layer_channels():
-    model = models.build_model(models.cnn_config("small", in_channels=1))
+    model = models.build_model(models.cnn_config("small", in_channels=1, image_size=28))
     assert models.layer_channels(model, "block2.conv1") == 32
     assert models.layer_channels(model, "whiten") == 8 and models.layer_channels(model, "head") == 10
+
+
+def test_evaluating_restores_modes_and_flags_and_drops_hooks_added_inside():
+    model = models.build_model(models.cnn_config("small")).train()
+    model.block2.eval()  # a mixed state must come back exactly
+    model.head.weight.requires_grad_(False)
+    kept = model.block1.register_forward_hook(lambda *a: None)  # the caller's own hook stays
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    for fail in (False, True):
+        with pytest.raises(KeyboardInterrupt) if fail else contextlib.nullcontext():
+            with models.evaluating(model, None):
+                assert not any(m.training for m in model.modules())
+                assert not any(p.requires_grad for p in model.parameters())
+                model.block3.register_forward_hook(lambda *a: None)
+                model.head.register_forward_pre_hook(lambda *a: None)
+                if fail:
+                    raise KeyboardInterrupt
+        assert [m.training for m in model.modules()] == modes
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert list(model.block1._forward_hooks) == [kept.id]
+        assert not model.block3._forward_hooks and not model.head._forward_pre_hooks
+
+
+def test_input_channels_from_the_config_or_the_first_convolution():
+    assert models.input_channels(models.build_model(models.cnn_config("small", in_channels=1))) == 1
+    assert models.input_channels(torch.nn.Sequential(torch.nn.Conv2d(4, 2, 3))) == 4
+    with pytest.raises(ValueError, match="cannot tell how many input channels"):
+        models.input_channels(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)))

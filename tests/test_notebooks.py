@@ -1,6 +1,5 @@
 """Execute the notebooks headless in smoke mode; check they are committed without outputs."""
 import json
-import os
 from pathlib import Path
 
 import nbformat

@@ -34,6 +34,12 @@ def test_csv_has_one_row_per_epoch(trained):
     assert not list(path.glob(".*.tmp"))
 
 
+def test_classifier_records_the_size_of_its_training_data(trained, tiny_data):
+    model, ckpt, _ = trained
+    assert model.config["image_size"] == ckpt["config"]["image_size"] == tiny_data.size == 32
+    assert models.input_size(model) == 32
+
+
 def test_best_checkpoint_is_the_best_epoch(trained, tiny_data):
     model, ckpt, path = trained
     rows = training.read_csv(path / "metrics.csv")
