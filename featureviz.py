@@ -742,7 +742,7 @@ def _optimize(step, param, gen, lr, history, progress):
     otherwise bound by the launch of its many small kernels.
     """
     steps, schedule = len(history), (lr if callable(lr) else lambda t: lr)
-    device = next(param.parameters()).device
+    device = models.device_of(param)
     graphed = CUDA_GRAPHS and device.type == "cuda" and steps > _WARMUP
     opt = torch.optim.Adam(param.parameters(), lr=torch.tensor(schedule(0.0), device=device) if graphed
                            else schedule(0.0), capturable=graphed)
