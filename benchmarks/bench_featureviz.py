@@ -216,7 +216,7 @@ def speed(args):
     for name, t in best.items():
         print(f"| {name} | {1000 * t:.2f} | {t / bare:.2f}x |")
     if "Lucent at 32 px" in best:
-        print(f"\nLucent at 32 px / our fourier: {best['Lucent at 32 px'] / best['fourier']:.1f}x (goal >= 2.5x)")
+        print(f"\nLucent at 32 px / our fourier: {best['Lucent at 32 px'] / best['fourier']:.2f}x (goal >= 2.5x)")
     else:
         print(f"(Lucent not importable: {LUCENT_ERROR})")
     print(f"goal: every image-space technique within 1.15x of the bare step: "
