@@ -1,4 +1,4 @@
-"""Feature visualization: parameterizations, transforms, targets, regularizers, render(), exemplars, metrics.
+"""Feature visualization: parameterizations, transforms, targets, regularizers, render(), exemplars.
 
 Activation maximization for any model and image size: every target (class, channel, neuron,
 direction) of one call renders in ONE batch, one forward pass per step, each image reading only its
@@ -11,11 +11,10 @@ own target. The image size comes from the model (models.input_size) or from size
     r = visualize_unit(model, "block2.act2", 7, technique="hybrid", vae=vae, color_cov=cov)
 
 Sections: data statistics, parameterizations, transforms, targets, regularizers, render, real-image
-activations and exemplars, quality metrics, techniques (techniques(): name -> Technique).
+activations and exemplars, techniques (techniques(): name -> Technique). How good the images are: metrics.py.
 """
 import inspect
 import math
-import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -874,152 +873,6 @@ def exemplars(model, images, target, k=8, batch_size=500):
     top, bottom = a.topk(k, dim=0), a.topk(k, dim=0, largest=False)
     pick = (lambda t: t[:, 0]) if single else (lambda t: t)
     return Exemplars(pick(top.indices), pick(top.values), pick(bottom.indices), pick(bottom.values))
-
-
-@torch.no_grad()
-def features(model, images, batch_size=500):
-    """(N, w) penultimate features (model.features) of images, model left as found."""
-    data.check_images(images)
-    device = models.device_of(model)
-    with frozen(model):
-        out = [model.features(_channels_last(data.to_float(x.to(device)))) for x in images.split(batch_size)]
-    return torch.cat(out).float().cpu()
-
-
-# ----------------------------------------------------------------------------- quality metrics
-
-def normalized_activation(vis_act, real_acts):
-    """Activation of each visualization / max over real images; real_acts (M, N) aligned with vis_act (N,)."""
-    return vis_act / real_acts.max(0).values
-
-
-@torch.no_grad()
-def transferability(other_model, images, labels):
-    """Top-1 accuracy of an independently trained classifier on the class visualizations."""
-    device = models.device_of(other_model)
-    with frozen(other_model):
-        logits = other_model(_channels_last(data.to_float(images).to(device)))
-    return (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
-
-
-def _knn_distance(queries, refs, k):
-    """(Q,) mean Euclidean distance from each query to its k nearest references."""
-    return torch.cdist(queries, refs).topk(min(k, len(refs)), largest=False).values.mean(1)
-
-
-def plausibility(feature_model, vis, vis_labels, train_x, train_y, heldout_x, heldout_y, k=5):
-    """Mean kNN feature distance of each visualization to its class's training images, relative to
-    the same for held-out real images of that class (1.0 = as plausible as a real image)."""
-    f_vis, f_train, f_held = (features(feature_model, x) for x in (vis, train_x, heldout_x))
-    return _plausibility(f_vis, vis_labels, f_train, train_y, f_held, heldout_y, k)
-
-
-def _plausibility(f_vis, vis_labels, f_train, train_y, f_held, heldout_y, k=5):
-    """plausibility() on features already computed."""
-    vis_labels, train_y, heldout_y = vis_labels.cpu(), train_y.cpu(), heldout_y.cpu()
-    ratios = []
-    for c in vis_labels.unique().tolist():
-        refs, held = f_train[train_y == c], f_held[heldout_y == c]
-        if not len(refs) or not len(held):  # no real images of this class to compare with
-            continue
-        real = _knn_distance(held, refs, k).mean()
-        ratios.append(_knn_distance(f_vis[vis_labels == c], refs, k) / real)
-    return torch.cat(ratios).mean().item() if ratios else float("nan")
-
-
-def diversity(feature_model, images, groups):
-    """Mean pairwise feature distance between images of the same group (target), averaged over groups."""
-    return _diversity(features(feature_model, images), groups)
-
-
-def _diversity(f, groups):
-    """diversity() on features already computed."""
-    groups = torch.as_tensor(groups).cpu()
-    means = []
-    for g in groups.unique():
-        fg = f[groups == g]
-        if len(fg) > 1:
-            d = torch.cdist(fg, fg)
-            means.append(d.sum() / (len(fg) * (len(fg) - 1)))
-    return torch.stack(means).mean().item() if means else float("nan")  # nan: no group has two images
-
-
-def template_recovery(images, templates):
-    """(T, K) Pearson correlation between each visualization and each class template."""
-    a = data.to_float(images).flatten(1).double()
-    b = data.to_float(templates, "templates").flatten(1).double()
-    a = F.normalize(a - a.mean(1, keepdim=True), dim=1)
-    b = F.normalize(b - b.mean(1, keepdim=True), dim=1)
-    return (a @ b.T).float()
-
-
-def reference(other, train_x, train_y, heldout_x, heldout_y, templates=None):
-    """What score() compares with, computed once: features of real training and held-out images under
-    the independent classifier `other`, their labels, and the class templates (synthetic data)."""
-    return dict(other=other, f_train=features(other, train_x), train_y=train_y, f_held=features(other, heldout_x),
-                heldout_y=heldout_y, templates=templates)
-
-
-def score(images, labels, acts, real_acts, ref):
-    """All quality metrics of a set of class visualizations (labels = their classes) as a dict.
-
-    acts: (N,) each visualization's activation; real_acts: (M, K) the activations of real images for
-    all classes; ref: reference().
-    """
-    labels = torch.as_tensor(labels).cpu()
-    other, templates, f = ref["other"], ref["templates"], features(ref["other"], images)
-    row = dict(act=normalized_activation(acts.cpu(), real_acts.cpu()[:, labels]).mean().item(),
-               transfer=transferability(other, images, labels),
-               plausibility=_plausibility(f, labels, ref["f_train"], ref["train_y"], ref["f_held"], ref["heldout_y"]),
-               diversity=_diversity(f, labels))
-    if templates is not None:
-        row["planted"] = (template_recovery(images, templates).argmax(1) == labels).float().mean().item()
-    return row
-
-
-def quality_table(model, other, d, techniques, seeds=4, steps=256, n_ref=10000, progress=True):
-    """Render the classes with each technique over several seeds and score them; also real test images.
-
-    techniques: name -> Technique (as techniques() returns), or name -> fn(seed) returning (images,
-    activations) for renderers of other libraries. Returns (rows, grid): metric dicts, and seed-0 images
-    per technique.
-    """
-    classes = list(range(len(d.classes)))
-    keep = torch.randperm(len(d.train_y), generator=torch.Generator().manual_seed(0))[:n_ref]
-    ref = reference(other, d.train_x[keep], d.train_y[keep], d.val_x, d.val_y, d.templates)
-    real = activations(model, d.test_x, classes)  # (N, K)
-    x, y = d.test_x[:1000], d.test_y[:1000]
-    rows = [dict(technique="real test images", seconds=float("nan"),
-                 **score(x, y, real[torch.arange(len(y)), y], real, ref))]
-    grid = {}
-    for name, how in tqdm(techniques.items(), desc="techniques", disable=not progress):
-        images, acts, start = [], [], time.perf_counter()
-        for seed in range(seeds):
-            if isinstance(how, Technique):
-                r = how(model, classes, steps=steps, seed=seed, size=d.size, progress=False)
-                im, a = r.images, r.activation
-            else:
-                im, a = how(seed)
-            images.append(im)
-            acts.append(a)
-        seconds = (time.perf_counter() - start) / seeds
-        labels = torch.tensor(classes).repeat(seeds)
-        rows.append(dict(technique=name, seconds=seconds, **score(torch.cat(images), labels, torch.cat(acts),
-                                                                  real, ref)))
-        grid[name] = images[0]
-    return rows, grid
-
-
-def format_table(rows):
-    """Markdown table of quality_table rows."""
-    cols = dict(technique="technique", seconds="s / render", act="normalized activation",
-                transfer="transfer top-1", plausibility="plausibility", diversity="diversity",
-                planted="planted recovery")
-    keys = [k for k in cols if k in rows[0]]
-    fmt = lambda r, k: r[k] if k == "technique" else ("-" if r[k] != r[k] else f"{r[k]:.2f}")  # noqa: E731
-    lines = ["| " + " | ".join(cols[k] for k in keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r, k) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- techniques

@@ -401,15 +401,29 @@ def layer_channels(model, name, size=None):
     return capture(model, _probe(model, size), [name])[name].shape[1]
 
 
-def last_spatial_layer(model, size=None):
-    """Name of the last layer (in the order the forward pass runs them) whose output is (B, C, H, W)."""
+def _spatial_outputs(model, size=None):
+    """[(name, (C, H, W))] of the layers with a spatial output (B, C, H, W), in the order the forward
+    pass runs them; an error if there is none."""
     order = []
     with evaluating(model), torch.no_grad():
         for name in list_layers(model):
             get_layer(model, name).register_forward_hook(
-                lambda module, args, out, name=name: order.append(name) if out.dim() == 4 else None)
+                lambda module, args, out, name=name: order.append((name, tuple(out.shape[1:]))) if out.dim() == 4 else None)
         model(_probe(model, size))
     if not order:
         raise ValueError(f"{type(model).__name__} has no layer with a spatial output (B, C, H, W) among "
                          f"{', '.join(list_layers(model))}")
-    return order[-1]
+    return order
+
+
+def last_spatial_layer(model, size=None):
+    """Name of the last layer (in the order the forward pass runs them) whose output is (B, C, H, W)."""
+    return _spatial_outputs(model, size)[-1][0]
+
+
+def block_layers(model, size=None):
+    """Names of the last spatial layer of each top-level block (child module) of the model, in forward
+    order: whiten, whiten_act, block1.act2, block2.act2, block3.act2 for our CNN; layer1.1.relu ... for
+    a torchvision ResNet; every spatial layer of a flat nn.Sequential."""
+    last = {name.split(".")[0]: name for name, _ in _spatial_outputs(model, size)}  # the last one of each block wins
+    return list(last.values())

@@ -420,33 +420,6 @@ def train_classifier(data, ckpt_path, preset="airbench", hyp=None, retrain=False
                           device, csv_path, progress)
 
 
-# ----------------------------------------------------------------------------- analysis
-
-def confusion_matrix(y_true, y_pred, num_classes):
-    """(K, K) counts, rows = true class, columns = predicted class."""
-    idx = y_true.cpu() * num_classes + y_pred.cpu()
-    return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
-
-
-def per_class_report(cm, classes):
-    """Per-class precision, recall and support from a confusion matrix."""
-    cm = cm.double()
-    tp = cm.diag()
-    precision = tp / cm.sum(0).clamp_min(1)
-    recall = tp / cm.sum(1).clamp_min(1)
-    return [dict(cls=c, precision=p.item(), recall=r.item(), support=int(s))
-            for c, p, r, s in zip(classes, precision, recall, cm.sum(1))]
-
-
-def hardest_pairs(cm, classes, k=5):
-    """The k most frequent (true, predicted) confusions, as (true name, predicted name, count)."""
-    off = cm.clone()
-    off.fill_diagonal_(0)
-    counts, flat = off.flatten().topk(k)
-    n = len(classes)
-    return [(classes[i // n], classes[i % n], int(c)) for c, i in zip(counts.tolist(), flat.tolist())]
-
-
 # ----------------------------------------------------------------------------- VAE
 
 @torch.no_grad()

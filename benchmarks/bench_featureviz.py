@@ -6,12 +6,15 @@
     python benchmarks/bench_featureviz.py --speed                      # timings, ratios vs Lucent
     add --quick for a smoke run (small models, few steps, a data subset)
 
+    python benchmarks/bench_featureviz.py --notebook-models            # the notebooks' own checkpoints
+
 Quality: the classifier (airbench preset), an independent one (other seed, other widths) and a VAE
-are trained once (or loaded) under checkpoints/bench/. Each technique renders the 10 classes with
---seeds seeds. Metrics (featureviz): normalized activation (vs the test set's max), transfer top-1 on
-the independent classifier, plausibility (kNN feature distance to the class's training images,
-relative to held-out real images; 1.0 = real), diversity across seeds (independent features), and on
-the synthetic data the fraction of visualizations closest to their own planted template.
+are trained once (or loaded) under checkpoints/bench/, or with --notebook-models the checkpoints the
+three notebooks wrote under checkpoints/. Each technique renders the 10 classes and a fixed sample of
+channels with --seeds seeds; the table (metrics.quality_table) keeps the real-image rows and the
+known-bad inputs (uniform noise, shuffled pixels, another class; and unregularized pixel ascent) and
+shows every metric as mean ± SD over the seeds. Then the margins: how much worse each known-bad input
+scores than real images, against the seed-to-seed spread of that difference.
 Lucent (pip install torch-lucent --no-deps; it needs kornia==0.4.1 and decorator) joins both tables
 when importable: at 32 px in the quality table and in --speed (per-step time against a bare step).
 """
@@ -31,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import featureviz as fv  # noqa: E402
+import metrics  # noqa: E402
 import models  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
@@ -61,6 +65,8 @@ def parse_args():
     p.add_argument("--lucent-224", action="store_true", help="also render Lucent at 224 px (slow on CPU)")
     p.add_argument("--png", default=None, help="comparison grid (default outputs/bench_featureviz_<dataset>.png)")
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints" / "bench"))
+    p.add_argument("--notebook-models", action="store_true",
+                   help="use the notebooks' checkpoints (checkpoints/, their CPU or GPU default presets)")
     args = p.parse_args()
     if args.quick:
         args.seeds, args.steps, args.epochs, args.vae_epochs = min(args.seeds, 2), 16, 1, 1
@@ -81,7 +87,14 @@ def load_data(args):
 
 
 def load_models(args, d):
-    """(classifier, independent classifier, VAE), trained once and reused from checkpoints/bench/."""
+    """(classifier, independent classifier, VAE), trained once and reused from checkpoints/bench/, or
+    those the notebooks wrote (--notebook-models)."""
+    if args.notebook_models:
+        defaults, ckpt = training.device_defaults(), ROOT / "checkpoints"
+        hint = "run the three notebooks first, with the same DATASET"
+        return tuple(training.load_checkpoint(ckpt / name, hint=hint)[0] for name in (
+            f"classifier_{d.name}_{defaults['preset']}.pt", f"independent_{d.name}.pt",
+            f"vae_{d.name}_{defaults['vae_preset']}.pt"))
     ckpt = Path(args.ckpt_dir)
     tag = f"{d.name}{'_quick' if args.quick else ''}"
     widths = models.CNN_PRESETS[args.preset]["widths"]
@@ -122,23 +135,45 @@ def quality(args):
     techniques = {name: every[name] for name in args.techniques.split(",")}
     if lucent_render is not None:
         for name, size in [("lucent@32", 32)] + ([("lucent@224", None)] if args.lucent_224 else []):
-            def lucent(seed, size=size):
-                x = lucent_classes(model, list(range(10)), args.steps, size, seed, d.channels)
-                return x, fv.activations(model, x, list(range(10))).diagonal()
+            def lucent(targets, seed, size=size):  # classes only
+                if not isinstance(targets[0], fv.Class):
+                    return None
+                return lucent_classes(model, [t.idx for t in targets], args.steps, size, seed, d.channels)
             techniques[name] = lucent
     else:
         print(f"(Lucent not importable: {LUCENT_ERROR}; pip install torch-lucent --no-deps kornia==0.4.1 "
               f"decorator to compare)\n")
-    rows, grid = fv.quality_table(model, other, d, techniques, seeds=args.seeds, steps=args.steps)
+    rows, grid = metrics.quality_table(model, other, d, techniques, seeds=args.seeds, steps=args.steps)
     for name, acc in [("classifier", training.evaluate(model, d.test_x, d.test_y)["acc"]),
                       ("independent classifier", training.evaluate(other, d.test_x, d.test_y)["acc"])]:
         print(f"{name}: test accuracy {acc:.4f}")
-    print(f"\n{d.name}: 10 classes x {args.seeds} seeds, {args.steps} steps{' (quick)' if args.quick else ''}\n")
-    print(fv.format_table(rows))
-    print("\nnormalized activation: logit / max over the test set; plausibility: 1.0 = as close to the "
-          "class's training images as a held-out real image (lower is more plausible); diversity: mean "
-          "feature distance between seeds of one class.")
+    channels = ", ".join(f"{t.layer}:{t.channel}" for t in metrics.channel_sample(model, size=d.size))
+    print(f"\n{d.name}: 10 classes and the channels {channels}, x {args.seeds} seeds, {args.steps} steps"
+          f"{' (quick)' if args.quick else ''}\n")
+    print(metrics.format_table(rows))
+    print_margins({r["technique"]: r for r in rows})
     save_grid(grid, model, d, args)
+
+
+# metric -> (the real row it is compared with, True if a higher value is worse)
+MARGINS = dict(naturalness=("real test images", True), path_flagged=("dataset exemplars", True),
+               act=("real test images", False), transfer=("real test images", False),
+               two_choice=("dataset exemplars", False))
+KNOWN_BAD = ("pixel", "shuffled pixels", "uniform noise", "another class")
+
+
+def print_margins(rows):
+    """How much worse each known-bad row scores than the real row, mean ± the SD of the difference over
+    seeds; a margin counts when it exceeds that spread."""
+    print("\n| metric (vs) | " + " | ".join(b for b in KNOWN_BAD if b in rows) + " |")
+    print("|---|" + "---|" * sum(b in rows for b in KNOWN_BAD))
+    for metric, (real, higher_is_worse) in MARGINS.items():
+        cells = []
+        for bad in (b for b in KNOWN_BAD if b in rows):
+            diff = (1 if higher_is_worse else -1) * (rows[bad][metric] - rows[real][metric])
+            spread = (rows[bad][metric + "_sd"] ** 2 + rows[real][metric + "_sd"] ** 2) ** 0.5
+            cells.append(f"{diff:+.2f} ± {spread:.2f}{'' if diff > spread else ' (no margin)'}")
+        print(f"| {metric} (vs {real}) | " + " | ".join(cells) + " |")
 
 
 def save_grid(grid, model, d, args):

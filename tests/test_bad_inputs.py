@@ -101,6 +101,7 @@ import inspect  # noqa: E402
 
 import attribution  # noqa: E402
 import featureviz as fv  # noqa: E402
+import metrics  # noqa: E402
 import utils  # noqa: E402
 
 FORMS = r"uint8 in \[0, 255\] or float in \[0, 1\]"
@@ -131,11 +132,12 @@ ENTRY_POINTS = {
     "featureviz.FourierParam.set_images": lambda x, cnn, vae: fv.FourierParam(len(x), 3, 32).set_images(x),
     "featureviz.activations": lambda x, cnn, vae: fv.activations(cnn, x, [0]),
     "featureviz.exemplars": lambda x, cnn, vae: fv.exemplars(cnn, x, 0, k=2),
-    "featureviz.features": lambda x, cnn, vae: fv.features(cnn, x),
-    "featureviz.transferability": lambda x, cnn, vae: fv.transferability(cnn, x, Y),
-    "featureviz.plausibility": lambda x, cnn, vae: fv.plausibility(cnn, x, Y, _good(), Y, _good(), Y),
-    "featureviz.diversity": lambda x, cnn, vae: fv.diversity(cnn, x, Y % 2),
-    "featureviz.template_recovery": lambda x, cnn, vae: fv.template_recovery(x, _good()),
+    "metrics.features": lambda x, cnn, vae: metrics.features(cnn, x),
+    "metrics.block_activations": lambda x, cnn, vae: metrics.block_activations(cnn, x, metrics.pooled),
+    "metrics.transferability": lambda x, cnn, vae: metrics.transferability(cnn, x, Y),
+    "metrics.naturalness": lambda x, cnn, vae: metrics.naturalness(cnn, x, Y, _good(), Y, _good(), Y),
+    "metrics.diversity": lambda x, cnn, vae: metrics.diversity(cnn, x, Y % 2),
+    "metrics.template_recovery": lambda x, cnn, vae: metrics.template_recovery(x, _good()),
     "utils.show_images": lambda x, cnn, vae: utils.show_images(x),
     "utils.plot_misclassified": lambda x, cnn, vae: utils.plot_misclassified(x, Y, (Y + 1) % 10, list("abcdefghij")),
     "utils.plot_heatmaps": lambda x, cnn, vae: utils.plot_heatmaps(x, {"m": torch.rand(8, 32, 32)}),
@@ -145,9 +147,7 @@ ENTRY_POINTS = {
 }
 # public functions with an image-like argument that take something else: (name -> why)
 NOT_IMAGES = {
-    "featureviz.score": "takes the visualizations through features() and transferability(), both checked",
-    "featureviz.reference": "takes the real images through features(), checked",
-    "featureviz.quality_table": "takes a Data, whose images are uint8 by construction",
+    "metrics.quality_table": "takes a Data, whose images are uint8 by construction",
     "data.to_float": "the converter itself",
     "data.check_images": "the check itself",
     "data.shift": "a differentiable gather on any dtype, used inside the loader and the transforms",
@@ -155,7 +155,7 @@ NOT_IMAGES = {
     **{f"featureviz.{n}": "runs on the rendered batch inside render()'s step loop, where a check would sync"
        for n in ("LIGHT", "STANDARD", "blur_penalty", "blurred", "l2_penalty", "tv_penalty")},
 }
-IMAGE_ARGS = {"images", "image", "init", "x", "vis", "train_x", "heldout_x", "exemplars"}
+IMAGE_ARGS = {"images", "image", "init", "x", "vis", "train_x", "heldout_x", "exemplars", "channel_images"}
 
 
 def _good(n=8):
@@ -202,7 +202,7 @@ def _assert_same(a, b):
 def test_every_public_function_that_takes_images_is_checked():
     import data as data_module
     unlisted = []
-    for module in (training, models, attribution, fv, utils, data_module):
+    for module in (training, models, attribution, fv, metrics, utils, data_module):
         for fname, fn in inspect.getmembers(module, inspect.isfunction):
             if fname.startswith("_") or fn.__module__ != module.__name__:
                 continue

@@ -5,10 +5,10 @@ independent one and a small VAE trained once on the synthetic dataset (module fi
 """
 import pytest
 import torch
-from torch import nn
 
 import data
 import featureviz as fv
+import metrics
 import models
 import training
 
@@ -330,18 +330,6 @@ def test_one_channel_model_renders():
     assert r.history[-1, 0] > r.history[0, 0]
 
 
-def test_metrics_degrade_gracefully_on_small_inputs():
-    model = cnn()
-    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    y = torch.tensor([0, 1, 2, 0, 1, 2])
-    assert fv.diversity(model, x[:3], y[:3]) != fv.diversity(model, x[:3], y[:3])  # nan: no pairs
-    ex = fv.exemplars(model, x, fv.Class(0), k=10)  # k larger than the set
-    assert len(ex.top) == 6 and sorted(ex.top.tolist()) == list(range(6))
-    # class 2 has no held-out images: it is skipped, not nan
-    p = fv.plausibility(model, x, y, x, y, x[:2], y[:2])
-    assert p == p and p > 0
-
-
 @pytest.mark.parametrize("target", [fv.Class(4), fv.Channel("block2.act2", 3)])
 def test_activation_rises_over_steps(trained, target):
     r = fv.render(trained["model"], [target], steps=64, progress=False)
@@ -462,50 +450,6 @@ def test_visualize_unit_builds_the_right_target():
         fv.visualize_unit(model, "head", 0, technique="deepdream")
 
 
-# ----------------------------------------------------------------------------- metrics
-
-class FeatureModel(nn.Module):
-    """features(x) = the first two pixels of channel 0; logits = the first 3 pixels."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = nn.Parameter(torch.zeros(1))
-
-    def features(self, x):
-        return x[:, 0, 0, :2] * 10  # points() stores coordinates / 10, so that they are valid images
-
-    def forward(self, x):
-        return x[:, 0, 0, :3]
-
-
-def points(xy):
-    x = torch.zeros(len(xy), 1, 32, 32)
-    x[:, 0, 0, :2] = torch.tensor(xy, dtype=torch.float32) / 10  # images in [0, 1]
-    return x
-
-
-def test_quality_metrics_by_hand():
-    fm = FeatureModel()
-    assert torch.allclose(fv.normalized_activation(torch.tensor([2.0, 3.0]), torch.tensor([[1.0, 6.0], [4.0, 2.0]])),
-                          torch.tensor([0.5, 0.5]))
-    logits = torch.zeros(4, 1, 32, 32)
-    logits[:, 0, 0, :3] = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
-    assert fv.transferability(fm, logits, torch.tensor([0, 1, 2, 2])) == 0.75
-    train = points([[0, 0], [0, 0.2], [5, 5]])
-    train_y = torch.tensor([0, 0, 1])
-    held, held_y = points([[0.1, 0], [5, 5.5]]), torch.tensor([0, 1])
-    vis, vis_y = points([[0.3, 0.0], [5, 6]]), torch.tensor([0, 1])
-    # k=1: class 0 vis at distance 0.3 vs held-out 0.1 -> 3; class 1: 1.0 vs 0.5 -> 2; mean 2.5
-    assert fv.plausibility(fm, vis, vis_y, train, train_y, held, held_y, k=1) == pytest.approx(2.5)
-    imgs = points([[0, 0], [3, 4], [1, 1], [1, 2]])
-    assert fv.diversity(fm, imgs, [0, 0, 1, 1]) == pytest.approx((5 + 1) / 2)
-    t = torch.rand(3, 3, 32, 32)
-    r = fv.template_recovery(torch.cat([t, 1 - t[:1]]), t)
-    ref = torch.corrcoef(torch.cat([t, 1 - t[:1], t]).flatten(1))[:4, 4:]
-    assert torch.allclose(r, ref, atol=1e-5)
-    assert torch.allclose(r.diagonal()[:3], torch.ones(3)) and r[3, 0] == pytest.approx(-1, abs=1e-5)
-
-
 # ----------------------------------------------------------------------------- planted features
 
 @pytest.fixture(scope="module")
@@ -525,7 +469,7 @@ def trained(tmp_path_factory):
 def test_class_visualizations_recover_the_planted_templates(trained):
     d = trained["data"]
     r = fv.get_technique("whitened", vae=trained["vae"])(trained["model"], list(range(10)), progress=False)
-    corr = fv.template_recovery(r.images, d.templates)  # (10 visualizations, 10 templates)
+    corr = metrics.template_recovery(r.images, d.templates)  # (10 visualizations, 10 templates)
     own = corr.diagonal()
     best_other = (corr - 10 * torch.eye(10)).max(1).values
     assert (own > best_other).sum() >= 9, corr
@@ -536,24 +480,35 @@ def test_decorrelated_fourier_transfers_better_than_raw_pixels(trained):
     for name in ("pixel", "fourier"):
         how = fv.get_technique(name, color_cov=trained["cov"])
         r = how(trained["model"], list(range(10)), images_per_target=3, progress=False)
-        top1[name] = fv.transferability(trained["other"], r.images, r.target_index)
+        top1[name] = metrics.transferability(trained["other"], r.images, r.target_index)
     assert top1["fourier"] >= top1["pixel"] + 0.2, top1
 
 
-def test_quality_table_scores_every_technique_and_real_images(trained):
+def test_quality_table_scores_every_technique_and_the_baselines(trained):
     d = trained["data"]
     calls = []
 
-    def fake(seed):  # an outside renderer: real test images of each class, one per class
+    def outside(targets, seed):  # an outside renderer: real test images of each class; no channels
         calls.append(seed)
-        idx = torch.stack([(d.test_y == k).nonzero()[seed, 0] for k in range(10)])
-        return d.test_x[idx], fv.activations(trained["model"], d.test_x[idx], list(range(10))).diagonal()
-    rows, grid = fv.quality_table(trained["model"], trained["other"], d, {"pixel": fv.get_technique("pixel"),
-                                  "real": fake}, seeds=2, steps=4, progress=False, n_ref=2000)
-    assert [r["technique"] for r in rows] == ["real test images", "pixel", "real"] and calls == [0, 1]
-    assert grid["pixel"].shape == (10, 3, 32, 32) and torch.equal(grid["real"], fake(0)[0])
-    real = rows[2]
+        if not isinstance(targets[0], fv.Class):
+            return None
+        return d.test_x[torch.stack([(d.test_y == t.idx).nonzero()[seed, 0] for t in targets])]
+    channels = [fv.Channel("block2.act2", 0), fv.Channel("block3.act2", 5)]
+    rows, grid = metrics.quality_table(trained["model"], trained["other"], d, {"pixel": fv.get_technique("pixel"),
+                                       "outside": outside}, seeds=2, steps=4, progress=False, n_ref=2000,
+                                       channels=channels)
+    names = [r["technique"] for r in rows]
+    assert names == ["real test images", "dataset exemplars", "uniform noise", "shuffled pixels", "another class",
+                     "pixel", "outside"] and calls == [0, 0, 1, 1]  # classes, channels
+    assert grid["pixel"].shape == (10, 3, 32, 32)
+    assert torch.equal(grid["outside"], outside([fv.Class(k) for k in range(10)], 0))
+    by = dict(zip(names, rows))
+    real, noise = by["outside"], by["uniform noise"]
     assert real["planted"] >= 0.9 and real["transfer"] >= 0.8  # real images: planted feature, transferable
-    assert 0.5 < real["plausibility"] < 1.5 and real["act"] <= 1.0
-    table = fv.format_table(rows)
-    assert "| planted recovery |" in table and table.count("\n") == 4 and f"{real['transfer']:.2f}" in table
+    assert 0.5 < real["naturalness"] < 2 < noise["naturalness"] and real["act"] <= 1.0
+    assert "two_choice_channels" not in real and "two_choice_channels" in by["pixel"]
+    table = metrics.format_table(rows)
+    assert "| planted recovery |" in table and table.count("\n") == len(rows) + 1
+    assert f"{real['transfer']:.2f} ± {real['transfer_sd']:.2f}" in table
+
+

@@ -124,16 +124,6 @@ def test_tta_averages_flipped_and_shifted_views():
     assert torch.allclose(training.predict(model, uint8), training.predict(model, uint8.float() / 255))
 
 
-def test_confusion_report_and_hardest_pairs():
-    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
-    p = torch.tensor([0, 1, 1, 1, 0, 2, 1, 1, 1])
-    cm = training.confusion_matrix(y, p, 3)
-    assert cm.tolist() == [[1, 2, 0], [1, 1, 0], [0, 3, 1]]
-    report = training.per_class_report(cm, ["a", "b", "c"])
-    assert report[1] == dict(cls="b", precision=pytest.approx(1 / 6), recall=0.5, support=2)
-    assert training.hardest_pairs(cm, ["a", "b", "c"], k=2) == [("c", "b", 3), ("a", "b", 2)]
-
-
 def test_device_choice_defaults_and_override():
     assert training.get_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else None

@@ -1,0 +1,356 @@
+"""How good is it: the classifier's analysis (confusion matrix, per-class report, hardest pairs) and the
+quality metrics and table of feature visualizations.
+
+Every metric is tested where it must fail (tests/test_metrics.py): real held-out images score best, and
+known-bad inputs (unregularized pixel ascent, shuffled pixels, uniform noise, real images of another
+class) score worse by more than the seed-to-seed spread.
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import data
+import featureviz as fv
+import models
+
+# ----------------------------------------------------------------------------- classifier analysis
+
+def confusion_matrix(y_true, y_pred, num_classes):
+    """(K, K) counts, rows = true class, columns = predicted class."""
+    idx = y_true.cpu() * num_classes + y_pred.cpu()
+    return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def per_class_report(cm, classes):
+    """Per-class precision, recall and support from a confusion matrix."""
+    cm = cm.double()
+    tp = cm.diag()
+    precision = tp / cm.sum(0).clamp_min(1)
+    recall = tp / cm.sum(1).clamp_min(1)
+    return [dict(cls=c, precision=p.item(), recall=r.item(), support=int(s))
+            for c, p, r, s in zip(classes, precision, recall, cm.sum(1))]
+
+
+def hardest_pairs(cm, classes, k=5):
+    """The k most frequent (true, predicted) confusions, as (true name, predicted name, count)."""
+    off = cm.clone()
+    off.fill_diagonal_(0)
+    counts, flat = off.flatten().topk(k)
+    n = len(classes)
+    return [(classes[i // n], classes[i % n], int(c)) for c, i in zip(counts.tolist(), flat.tolist())]
+
+
+# ----------------------------------------------------------------------------- what a model sees
+
+@torch.no_grad()
+def features(model, images, batch_size=500):
+    """(N, w) penultimate features (model.features) of images, model left as found."""
+    data.check_images(images)
+    device = models.device_of(model)
+    with fv.frozen(model):
+        out = [model.features(fv._channels_last(data.to_float(x.to(device)))) for x in images.split(batch_size)]
+    return torch.cat(out).float().cpu()
+
+
+@torch.no_grad()
+def block_activations(model, images, reduce, batch_size=500):
+    """[(N, ...)] per block of the model (models.block_layers), reduce(activation (B, C, H, W)) of the images."""
+    data.check_images(images)
+    layers = models.block_layers(model, images.shape[-1])
+    device = models.device_of(model)
+    out = [models.capture(model, data.to_float(x.to(device)), layers) for x in images.split(batch_size)]
+    return [torch.cat([reduce(o[name]).float().cpu() for o in out]) for name in layers]
+
+
+def spatial_statistics(a):
+    """(B, 2C) per channel, the mean and the standard deviation of an activation (B, C, H, W) over the image."""
+    return torch.cat([a.mean((2, 3)), a.std((2, 3))], 1)
+
+
+def pooled(a):
+    """(B, C) the spatial mean of an activation (B, C, H, W)."""
+    return a.mean((2, 3))
+
+
+# ----------------------------------------------------------------------------- class evidence
+
+def normalized_activation(vis_act, real_acts):
+    """Activation of each visualization / max over real images; real_acts (M, N) aligned with vis_act (N,)."""
+    return vis_act / real_acts.max(0).values
+
+
+@torch.no_grad()
+def transferability(other_model, images, labels):
+    """Top-1 accuracy of an independently trained classifier on the class visualizations."""
+    device = models.device_of(other_model)
+    with fv.frozen(other_model):
+        logits = other_model(fv._channels_last(data.to_float(images).to(device)))
+    return (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
+
+
+# ----------------------------------------------------------------------------- naturalness
+
+def _knn_distance(queries, refs, k):
+    """(Q,) mean Euclidean distance from each query to its k nearest references."""
+    return torch.cdist(queries, refs).topk(min(k, len(refs)), largest=False).values.mean(1)
+
+
+def knn_ratio(f_vis, vis_labels, f_train, train_y, f_held, heldout_y, k=5):
+    """Mean kNN distance of each visualization to its class's training points, relative to the same for
+    held-out real points of that class (1.0: as close as a real image; higher: farther)."""
+    vis_labels, train_y, heldout_y = vis_labels.cpu(), train_y.cpu(), heldout_y.cpu()
+    ratios = []
+    for c in vis_labels.unique().tolist():
+        refs, held = f_train[train_y == c], f_held[heldout_y == c]
+        if not len(refs) or not len(held):  # no real images of this class to compare with
+            continue
+        real = _knn_distance(held, refs, k).mean()
+        ratios.append(_knn_distance(f_vis[vis_labels == c], refs, k) / real)
+    return torch.cat(ratios).mean().item() if ratios else float("nan")
+
+
+class Statistics:
+    """The spatial statistics of every block of an independent model, standardized on real training
+    images: each dimension z-scored, each block scaled to weigh the same in a distance."""
+
+    def __init__(self, other, train_x):
+        self.other = other
+        ref = block_activations(other, train_x, spatial_statistics)
+        self.mean = [s.mean(0) for s in ref]
+        self.sd = [s.std(0).clamp_min(1e-2 * s.std(0).mean()) for s in ref]  # a dead channel cannot dominate
+        self.train = self._standardize(ref)
+
+    def __call__(self, images):
+        """(N, D) the standardized statistics of images."""
+        return self._standardize(block_activations(self.other, images, spatial_statistics))
+
+    def _standardize(self, stats):
+        return torch.cat([(s - m) / sd / s.shape[1] ** 0.5 for s, m, sd in zip(stats, self.mean, self.sd)], 1)
+
+
+def naturalness(other, vis, vis_labels, train_x, train_y, heldout_x, heldout_y, k=5):
+    """kNN distance of each visualization to its class's training images in the spatial statistics of
+    every block of the independent model `other`, relative to held-out real images of the class (1.0: as
+    natural as a real image of the class; higher: less natural)."""
+    stats = Statistics(other, train_x)
+    return knn_ratio(stats(vis), vis_labels, stats.train, train_y, stats(heldout_x), heldout_y, k)
+
+
+def diversity(feature_model, images, groups):
+    """Mean pairwise feature distance between images of the same group (target), averaged over groups."""
+    return _diversity(features(feature_model, images), groups)
+
+
+def _diversity(f, groups):
+    """diversity() on features already computed."""
+    groups = torch.as_tensor(groups).cpu()
+    means = []
+    for g in groups.unique():
+        fg = f[groups == g]
+        if len(fg) > 1:
+            d = torch.cdist(fg, fg)
+            means.append(d.sum() / (len(fg) * (len(fg) - 1)))
+    return torch.stack(means).mean().item() if means else float("nan")  # nan: no group has two images
+
+
+def template_recovery(images, templates):
+    """(T, K) Pearson correlation between each visualization and each class template."""
+    a = data.to_float(images).flatten(1).double()
+    b = data.to_float(templates, "templates").flatten(1).double()
+    a = F.normalize(a - a.mean(1, keepdim=True), dim=1)
+    b = F.normalize(b - b.mean(1, keepdim=True), dim=1)
+    return (a @ b.T).float()
+
+
+# ----------------------------------------------------------------------------- processing path and two-choice
+
+PATH_THRESHOLD = 0.5  # flagged: at some block, less like the unit's top natural images than the median random image
+
+
+def path_percentiles(a_vis, a_top, a_random):
+    """(N, L) per image and block: the percentile, among random natural images, of its similarity to
+    the unit's top natural images (after Geirhos et al. 2024, "Don't trust your eyes").
+
+    a_vis [(N, C_l)], a_top [(R, C_l)], a_random [(M, C_l)]: per block, pooled activations of the images,
+    of the unit's top natural images and of random natural images. Similarity: the cosine between an
+    image's activations and the mean of the top images', both centred on the random images' mean.
+    """
+    out = []
+    for v, t, r in zip(a_vis, a_top, a_random):
+        centre = r.mean(0)
+        direction = F.normalize(t.mean(0) - centre, dim=0)
+        sim_v, sim_r = (F.normalize(a - centre, dim=1) @ direction for a in (v, r))
+        out.append((sim_v[:, None] > sim_r[None]).float().mean(1))
+    return torch.stack(out, 1)
+
+
+def two_choice(f_refs, f_top, f_bottom):
+    """Share of query pairs (f_top[j], f_bottom[j]) in which the top image is the more similar to the
+    references f_refs (R, D) (cosine, averaged over the references): 0.5 is chance."""
+    refs = F.normalize(f_refs, dim=1)
+    s_top, s_bottom = ((F.normalize(f, dim=1) @ refs.T).mean(1) for f in (f_top, f_bottom))
+    return (s_top > s_bottom).float().mean().item()
+
+
+def channel_sample(model, per_block=2, seed=0, size=None):
+    """A fixed sample of channels: per_block of each block's last spatial layer (models.block_layers),
+    drawn with `seed`, as Channel targets."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for layer in models.block_layers(model, size):
+        n = models.layer_channels(model, layer, size)
+        out += [fv.Channel(layer, c) for c in sorted(torch.randperm(n, generator=gen)[:per_block].tolist())]
+    return out
+
+
+# ----------------------------------------------------------------------------- the quality table
+
+R = 10  # per unit: its 10 top test images set the path's direction, the next 10 are the two-choice queries
+        # (beside its 10 weakest), the next 10 are the "dataset exemplars" row
+
+
+class Reference:
+    """Everything a row of the quality table is compared with, computed once: the classes and the channel
+    sample of `model`, their top and weakest test images, the test set through both models, and the
+    spatial statistics of real training and held-out images under the independent model `other`."""
+
+    def __init__(self, model, other, d, channels, n_ref=10000, n_random=200):
+        self.model, self.other, self.classes = model, other, list(range(len(d.classes)))
+        self.units = [fv.Class(c) for c in self.classes] + list(channels)
+        keep = torch.randperm(len(d.train_y), generator=torch.Generator().manual_seed(0))[:n_ref]
+        self.stats = Statistics(other, d.train_x[keep])
+        self.train_y, self.held, self.held_y = d.train_y[keep], self.stats(d.val_x), d.val_y
+        self.test_x, self.test_y, self.templates = d.test_x, d.test_y, d.templates
+        self.real = fv.activations(model, d.test_x, self.units)  # (N_test, U)
+        order = self.real.argsort(0, descending=True).T          # (U, N_test), strongest first
+        self.top, self.bottom = order[:, :3 * R], order[:, -R:]
+        self.f_test = features(other, d.test_x)
+        self.a_test = block_activations(model, d.test_x, pooled)
+        self.random = torch.randperm(len(d.test_y), generator=torch.Generator().manual_seed(1))[:n_random]
+
+    def score(self, images, channel_images=None):
+        """The metrics of one image per class (in class order) and, optionally, one per channel of the
+        sample, as a dict; diversity needs several images per class: diversity()."""
+        images, labels, n = data.to_float(images), torch.arange(len(self.classes)), len(self.classes)
+        units = labels  # unit index: the classes first, then the channels
+        if channel_images is not None:
+            images = torch.cat([images, data.to_float(channel_images)])
+            units = torch.arange(len(images))
+        acts = fv.activations(self.model, images[:n], self.classes).diagonal()
+        f = features(self.other, images)
+        row = dict(act=normalized_activation(acts, self.real[:, :n]).mean().item(),
+                   transfer=transferability(self.other, images[:n], labels),
+                   naturalness=knn_ratio(self.stats(images[:n]), labels, self.stats.train, self.train_y,
+                                         self.held, self.held_y),
+                   two_choice=self._two_choice(f[:n], units[:n]))
+        if channel_images is not None:
+            row["two_choice_channels"] = self._two_choice(f[n:], units[n:])
+        row["path_flagged"], row["least_similar"] = self._path(images, units)
+        if self.templates is not None:
+            row["planted"] = (template_recovery(images[:n], self.templates).argmax(1) == labels).float().mean().item()
+        return row
+
+    def _two_choice(self, f, units):
+        """Mean over units of two_choice with the unit's images as references, its next R top test images
+        against its R weakest as queries."""
+        return sum(two_choice(f[units == u], self.f_test[self.top[u, R:2 * R]], self.f_test[self.bottom[u]])
+                   for u in units.unique().tolist()) / len(units.unique())
+
+    def _path(self, images, units):
+        """(the share of images the path check flags, the block that is most often the least similar)."""
+        a = block_activations(self.model, images, pooled)
+        p = torch.cat([path_percentiles([x[units == u] for x in a], [x[self.top[u, :R]] for x in self.a_test],
+                                        [x[self.random] for x in self.a_test]) for u in units.unique().tolist()])
+        layers = models.block_layers(self.model, images.shape[-1])
+        return (p.min(1).values < PATH_THRESHOLD).float().mean().item(), layers[p.argmin(1).mode().values.item()]
+
+
+def _pick(d, targets, seed, shift=0):
+    """One random test image per target: of the target's class (+ shift) for a Class, any for another."""
+    gen, k = torch.Generator().manual_seed(seed), len(d.classes)
+    idx = []
+    for t in targets:
+        pool = (d.test_y == (t.idx + shift) % k).nonzero()[:, 0] if isinstance(t, fv.Class) else torch.arange(len(d.test_y))
+        idx.append(pool[torch.randint(len(pool), (1,), generator=gen)])
+    return d.test_x[torch.cat(idx)]
+
+
+def _shuffled(images, seed):
+    """Each image with its pixel positions shuffled (its colours kept), by its own permutation."""
+    gen, (n, c, h, w) = torch.Generator().manual_seed(seed), images.shape
+    perm = torch.stack([torch.randperm(h * w, generator=gen) for _ in range(n)])  # (N, HW)
+    return images.flatten(2).gather(2, perm[:, None].expand(n, c, h * w)).view(n, c, h, w)
+
+
+def baselines(d, ref):
+    """name -> fn(targets, seed) -> images for the rows every table shows beside the techniques: real test
+    images and the dataset exemplars (which should score well), and the known-bad inputs uniform noise,
+    shuffled pixels and real images of another class (which must score badly on what they miss)."""
+    shape = d.test_x.shape[1:]
+    return {
+        "real test images": lambda t, seed: _pick(d, t, seed),
+        "dataset exemplars": lambda t, seed: d.test_x[ref.top[[ref.units.index(u) for u in t], 2 * R + seed % R]],
+        "uniform noise": lambda t, seed: torch.rand(len(t), *shape, generator=torch.Generator().manual_seed(seed)),
+        "shuffled pixels": lambda t, seed: _shuffled(_pick(d, t, seed), seed),
+        "another class": lambda t, seed: _pick(d, t, seed, shift=1) if isinstance(t[0], fv.Class) else None,
+    }
+
+
+def quality_table(model, other, d, techniques, seeds=4, steps=256, n_ref=10000, channels=None, progress=True):
+    """Score the baselines and every technique on the classes and a fixed sample of channels
+    (channel_sample(model) unless given), each seed apart: every metric is its mean over the seeds, with
+    its standard deviation under name + "_sd". Returns (rows, grid): metric dicts, and seed-0 class images.
+
+    techniques: name -> Technique (as featureviz.techniques() returns), or name -> fn(targets, seed)
+    returning images (or None for targets it cannot render), for renderers of other libraries.
+    """
+    channels = channel_sample(model, size=d.size) if channels is None else channels
+    ref = Reference(model, other, d, channels, n_ref)
+    classes, rows, grid = ref.units[:len(d.classes)], [], {}
+    makers = {**baselines(d, ref), **{name: _renderer(how, model, steps, d.size) for name, how in techniques.items()}}
+    for name, make in tqdm(makers.items(), desc="quality table", disable=not progress):
+        start, per_seed, images = time.perf_counter(), [], []
+        for seed in range(seeds):
+            images.append(make(classes, seed))
+            per_seed.append(ref.score(images[-1], make(channels, seed)))
+        seconds = (time.perf_counter() - start) / seeds if name in techniques else float("nan")
+        row = dict(technique=name, seconds=seconds, least_similar=max(
+            (r["least_similar"] for r in per_seed), key=[r["least_similar"] for r in per_seed].count))
+        for k in per_seed[0]:
+            if k != "least_similar":
+                values = torch.tensor([r[k] for r in per_seed])
+                row[k], row[k + "_sd"] = values.mean().item(), values.std().item() if seeds > 1 else float("nan")
+        row["diversity"] = diversity(other, torch.cat(images), torch.arange(len(classes)).repeat(seeds))
+        rows.append(row)
+        grid[name] = images[0]
+    return rows, grid
+
+
+def _renderer(how, model, steps, size):
+    """fn(targets, seed) -> images of a Technique (an outside renderer's fn is already one)."""
+    if not isinstance(how, fv.Technique):
+        return how
+    return lambda targets, seed: how(model, targets, steps=steps, seed=seed, size=size, progress=False).images
+
+
+COLUMNS = dict(technique="technique", seconds="s / render", act="normalized activation", transfer="transfer top-1",
+               naturalness="naturalness", path_flagged="path flagged", least_similar="least similar block",
+               two_choice="two-choice classes", two_choice_channels="two-choice channels", diversity="diversity",
+               planted="planted recovery")
+
+
+def format_table(rows):
+    """Markdown table of quality_table rows: mean ± SD over the seeds; "-" where a row has no value."""
+    keys = [k for k in COLUMNS if k in rows[0]]
+    lines = ["| " + " | ".join(COLUMNS[k] for k in keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(r, k) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _cell(row, key):
+    value, sd = row.get(key, float("nan")), row.get(key + "_sd", float("nan"))
+    if isinstance(value, str):
+        return value
+    return "-" if value != value else f"{value:.2f}" + ("" if sd != sd else f" ± {sd:.2f}")

@@ -1,0 +1,182 @@
+"""metrics: the classifier analysis and every quality metric by hand, then each metric where it must fail:
+on the CIFAR-10 copy, with two small classifiers trained here, real images score best and the known-bad
+inputs (pixel ascent, shuffled pixels, uniform noise, real images of another class) worse, by more than
+the seed-to-seed spread."""
+import pytest
+import torch
+from torch import nn
+
+import featureviz as fv
+import metrics
+import models
+import training
+
+
+def test_confusion_report_and_hardest_pairs():
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    p = torch.tensor([0, 1, 1, 1, 0, 2, 1, 1, 1])
+    cm = metrics.confusion_matrix(y, p, 3)
+    assert cm.tolist() == [[1, 2, 0], [1, 1, 0], [0, 3, 1]]
+    report = metrics.per_class_report(cm, ["a", "b", "c"])
+    assert report[1] == dict(cls="b", precision=pytest.approx(1 / 6), recall=0.5, support=2)
+    assert metrics.hardest_pairs(cm, ["a", "b", "c"], k=2) == [("c", "b", 3), ("a", "b", 2)]
+
+
+class FeatureModel(nn.Module):
+    """features(x) = the first two pixels of channel 0; logits = the first 3 pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def features(self, x):
+        return x[:, 0, 0, :2] * 10  # points() stores coordinates / 10, so that they are valid images
+
+    def forward(self, x):
+        return x[:, 0, 0, :3]
+
+
+def points(xy):
+    x = torch.zeros(len(xy), 1, 32, 32)
+    x[:, 0, 0, :2] = torch.tensor(xy, dtype=torch.float32) / 10  # images in [0, 1]
+    return x
+
+
+def test_quality_metrics_by_hand():
+    fm = FeatureModel()
+    assert torch.allclose(metrics.normalized_activation(torch.tensor([2.0, 3.0]), torch.tensor([[1.0, 6.0], [4.0, 2.0]])),
+                          torch.tensor([0.5, 0.5]))
+    logits = torch.zeros(4, 1, 32, 32)
+    logits[:, 0, 0, :3] = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
+    assert metrics.transferability(fm, logits, torch.tensor([0, 1, 2, 2])) == 0.75
+    train, train_y = torch.tensor([[0, 0], [0, 0.2], [5, 5]]), torch.tensor([0, 0, 1])
+    held, held_y = torch.tensor([[0.1, 0], [5, 5.5]]), torch.tensor([0, 1])
+    vis, vis_y = torch.tensor([[0.3, 0.0], [5, 6]]), torch.tensor([0, 1])
+    # k=1: class 0 vis at distance 0.3 vs held-out 0.1 -> 3; class 1: 1.0 vs 0.5 -> 2; mean 2.5
+    assert metrics.knn_ratio(vis, vis_y, train, train_y, held, held_y, k=1) == pytest.approx(2.5)
+    imgs = points([[0, 0], [3, 4], [1, 1], [1, 2]])
+    assert metrics.diversity(fm, imgs, [0, 0, 1, 1]) == pytest.approx((5 + 1) / 2)
+    t = torch.rand(3, 3, 32, 32)
+    r = metrics.template_recovery(torch.cat([t, 1 - t[:1]]), t)
+    ref = torch.corrcoef(torch.cat([t, 1 - t[:1], t]).flatten(1))[:4, 4:]
+    assert torch.allclose(r, ref, atol=1e-5)
+    assert torch.allclose(r.diagonal()[:3], torch.ones(3)) and r[3, 0] == pytest.approx(-1, abs=1e-5)
+
+
+def test_metrics_degrade_gracefully_on_small_inputs():
+    torch.manual_seed(0)
+    model = models.build_model(models.cnn_config("small", image_size=32)).eval()
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert metrics.diversity(model, x[:3], y[:3]) != metrics.diversity(model, x[:3], y[:3])  # nan: no pairs
+    ex = fv.exemplars(model, x, fv.Class(0), k=10)  # k larger than the set
+    assert len(ex.top) == 6 and sorted(ex.top.tolist()) == list(range(6))
+    # class 2 has no held-out images: it is skipped, not nan
+    p = metrics.naturalness(model, x, y, x, y, x[:2], y[:2])
+    assert p == p and p > 0
+
+
+def test_two_choice_by_hand_and_at_chance_for_random_references():
+    top, bottom = torch.tensor([[1.0, 0.0], [0.9, 0.1]]), torch.tensor([[0.0, 1.0], [0.2, 0.8]])
+    assert metrics.two_choice(torch.tensor([[1.0, 0.1]]), top, bottom) == 1.0
+    assert metrics.two_choice(torch.tensor([[0.1, 1.0]]), top, bottom) == 0.0
+    # random references (isotropic) cannot tell the top images from the weakest: 50% on average
+    gen = torch.Generator().manual_seed(0)
+    scores = [metrics.two_choice(torch.randn(1, 16, generator=gen), torch.randn(10, 16, generator=gen) + 1,
+                                 torch.randn(10, 16, generator=gen)) for _ in range(1000)]
+    assert abs(sum(scores) / len(scores) - 0.5) < 0.03
+
+
+def test_path_percentiles_by_hand():
+    random = [torch.randn(200, 4, generator=torch.Generator().manual_seed(0))]
+    top = [torch.tensor([[3.0, 0, 0, 0], [2.0, 0, 0, 0]])]  # the unit's natural images lie along +x
+    vis = [torch.tensor([[5.0, 0, 0, 0], [-5.0, 0, 0, 0], [0, 5.0, 0, 0]])]
+    p = metrics.path_percentiles(vis, top, random)
+    assert p.shape == (3, 1)
+    assert p[0, 0] == 1.0 and p[1, 0] == 0.0 and 0.3 < p[2, 0] < 0.7  # along, against, across the path
+
+
+def test_block_layers_and_channel_sample():
+    torch.manual_seed(0)
+    model = models.build_model(models.cnn_config("small", image_size=32)).eval()
+    assert models.block_layers(model) == ["whiten", "whiten_act", "block1.act2", "block2.act2", "block3.act2"]
+    sample = metrics.channel_sample(model, per_block=2)
+    assert [t.layer for t in sample] == [l for l in models.block_layers(model) for _ in range(2)]
+    assert sample == metrics.channel_sample(model, per_block=2) != metrics.channel_sample(model, per_block=2, seed=1)
+    stats = metrics.block_activations(model, torch.rand(3, 3, 32, 32), metrics.spatial_statistics)
+    assert [s.shape[1] for s in stats] == [2 * models.layer_channels(model, l) for l in models.block_layers(model)]
+
+
+def test_shuffled_pixels_keep_each_images_colours_and_move_its_pixels():
+    x = torch.rand(2, 3, 8, 8)
+    s = metrics._shuffled(x, seed=0)
+    assert torch.equal(s.flatten(2).sort(2).values, x.flatten(2).sort(2).values)  # the same values per channel
+    assert not torch.equal(s, x)
+    pixels = lambda im: set(map(tuple, im.flatten(1).T.tolist()))  # noqa: E731 (RGB triples, kept together)
+    assert pixels(s[0]) == pixels(x[0])
+
+
+# ----------------------------------------------------------------------------- where the metrics must fail
+
+@pytest.fixture(scope="module")
+def table(cifar10_jpeg, tmp_path_factory):
+    """The quality table on the CIFAR-10 copy: two small classifiers (1 epoch each: 61% and 65% test
+    accuracy), 3 seeds, unregularized pixel ascent as the technique; also the Data and the models."""
+    _, d = cifar10_jpeg
+    ckpt = tmp_path_factory.mktemp("metrics")
+    kw = dict(preset="small", hyp=dict(epochs=1, batch_size=256), device="cpu", progress=False)
+    model, _ = training.train_classifier(d, ckpt / "a.pt", seed=0, **kw)
+    other, _ = training.train_classifier(d, ckpt / "b.pt", seed=1, widths=(24, 48, 48), **kw)
+    rows, _ = metrics.quality_table(model, other, d, {"pixel": fv.get_technique("pixel")}, seeds=3, steps=64,
+                                    n_ref=5000, progress=False)
+    print("\n" + metrics.format_table(rows))
+    return {r["technique"]: r for r in rows}, d, other
+
+
+def margin(rows, metric, good, bad, higher_is_worse):
+    """(how much worse `bad` scores than `good`, the seed-to-seed spread of that difference)."""
+    sign = 1 if higher_is_worse else -1
+    diff = sign * (rows[bad][metric] - rows[good][metric])
+    return diff, (rows[bad][metric + "_sd"] ** 2 + rows[good][metric + "_sd"] ** 2) ** 0.5
+
+
+KNOWN_BAD = ["pixel", "shuffled pixels", "uniform noise", "another class"]
+
+
+@pytest.mark.parametrize("bad", KNOWN_BAD)
+@pytest.mark.parametrize("metric, real", [("naturalness", "real test images"), ("path_flagged", "dataset exemplars")])
+def test_naturalness_metrics_rank_real_images_above_every_known_bad_input(table, metric, real, bad):
+    rows, _, _ = table
+    diff, spread = margin(rows, metric, real, bad, higher_is_worse=True)
+    assert diff > spread, (metric, bad, rows[real][metric], rows[bad][metric], spread)
+
+
+@pytest.mark.parametrize("bad", ["uniform noise", "shuffled pixels", "another class"])
+@pytest.mark.parametrize("metric", ["act", "transfer"])
+def test_class_evidence_metrics_score_noise_and_other_classes_low(table, metric, bad):
+    rows, _, _ = table
+    diff, spread = margin(rows, metric, "real test images", bad, higher_is_worse=False)
+    assert diff > spread, (metric, bad, rows["real test images"][metric], rows[bad][metric], spread)
+
+
+def test_two_choice_tells_exemplars_from_random_references(table):
+    rows, _, _ = table
+    # real test images are random references for a channel: chance; the channel's exemplars: better
+    chance = rows["real test images"]["two_choice_channels"]
+    assert abs(chance - 0.5) < 0.1
+    diff, spread = margin(rows, "two_choice_channels", "dataset exemplars", "real test images", higher_is_worse=False)
+    assert diff > spread
+    for bad in ("uniform noise", "shuffled pixels"):
+        diff, spread = margin(rows, "two_choice", "dataset exemplars", bad, higher_is_worse=False)
+        assert diff > spread, bad
+
+
+def test_diversity_is_zero_for_copies_and_high_for_real_images_of_a_class(table):
+    _, d, other = table
+    real = d.test_x[d.test_y == 3][:6]
+    copies = real[:1].expand(6, -1, -1, -1)
+    groups = torch.zeros(6, dtype=torch.long)
+    assert metrics.diversity(other, copies, groups) < 1e-3
+    nearly = (copies.float() + torch.randint(-1, 2, copies.shape)).clamp(0, 255).to(torch.uint8)  # +-1 grey level
+    # measured: 11.8 for six real images of a class, 1.19 for the nearly identical copies
+    assert metrics.diversity(other, real, groups) > 5 * metrics.diversity(other, nearly, groups)
