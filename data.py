@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-DATASETS = ("cifar10", "fashion-mnist", "synthetic")
+DATASETS = ("cifar10", "fashion-mnist", "synthetic", "synthetic-hard")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -121,6 +121,8 @@ def load_data(name="cifar10", root=None, seed=0, val_size=None, **synthetic_kwar
         (x, y), (tx, ty), classes = load_fashion_mnist(root)
     elif name == "synthetic":
         (x, y), (tx, ty), classes, templates = make_synthetic(seed=seed, **synthetic_kwargs)
+    elif name == "synthetic-hard":
+        (x, y), (tx, ty), classes = make_synthetic_hard(seed=seed, **synthetic_kwargs)
     else:
         path = find_image_folder(name, root)
         (x, y), (tx, ty), classes = load_image_folder(path, writable_dir(root))
@@ -436,6 +438,67 @@ def make_synthetic(n_train=10000, n_test=2000, seed=0, noise=0.12):
         return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
     return draw(n_train), draw(n_test), list(SYNTHETIC_CLASSES), templates
+
+
+# ----------------------------------------------------------------------------- the harder synthetic set
+# Each class is a Gabor patch: a grating along a colour axis, horizontal or vertical, coarse or fine. In
+# every image it sits at a random position, phase and scale over a textured background, beside faint
+# patches of two other classes; metrics.PlantedDetector finds it wherever it is and however large.
+
+COLOUR_AXES = dict(luminance=(1.0, 1.0, 1.0), red_green=(1.0, -1.0, 0.0), yellow_blue=(0.5, 0.5, -1.0))
+HARD_FEATURES = [  # (colour axis, stripes, wavelength in px): the 10 classes, each symmetric under a flip
+    (axis, stripes, wavelength) for axis in COLOUR_AXES for wavelength in (8.0, 4.0) for stripes in ("horizontal", "vertical")
+    if not (axis == "luminance" and wavelength == 4.0)]
+HARD_SCALE = (0.85, 1.2)  # each patch's random scale: of its wavelength and its envelope
+
+
+def gabor_patches(features, size, gen, amplitude):
+    """(N, 3, size, size) one Gabor patch per entry of features (HARD_FEATURES entries), each at a random
+    centre, phase and scale, with the given peak amplitude."""
+    n = len(features)
+    u = torch.rand(n, 4, generator=gen)
+    centre = size * (0.3 + 0.4 * u[:, :2])                         # (N, 2) y, x: away from the border
+    phase = 2 * math.pi * u[:, 2]
+    scale = HARD_SCALE[0] + (HARD_SCALE[1] - HARD_SCALE[0]) * u[:, 3]
+    wavelength = torch.tensor([f[2] for f in features]) * scale * size / 32
+    vertical = torch.tensor([f[1] == "vertical" for f in features])
+    r = torch.arange(size, dtype=torch.float32)
+    yy, xx = r.view(1, -1, 1) - centre[:, 0, None, None], r.view(1, 1, -1) - centre[:, 1, None, None]
+    across = torch.where(vertical[:, None, None], xx, yy)          # the stripes vary along this axis
+    sigma = (0.75 * wavelength)[:, None, None]
+    patch = torch.exp(-(yy ** 2 + xx ** 2) / (2 * sigma ** 2)) * torch.cos(
+        2 * math.pi * across / wavelength[:, None, None] + phase[:, None, None])
+    axes = torch.tensor([COLOUR_AXES[f[0]] for f in features])     # (N, 3)
+    return amplitude * patch[:, None] * axes[:, :, None, None]
+
+
+def textured_background(n, size, gen, contrast=0.08):
+    """(N, 3, size, size) zero-mean colour noise with a 1/f spectrum (like natural texture), RMS `contrast`."""
+    f = (torch.fft.fftfreq(size)[:, None] ** 2 + torch.fft.rfftfreq(size)[None] ** 2).sqrt().clamp_min(1 / size)
+    spec = torch.randn(n, 3, size, size // 2 + 1, 2, generator=gen) / f[..., None]
+    x = torch.fft.irfft2(torch.view_as_complex(spec), s=(size, size))
+    x = x - x.mean((2, 3), keepdim=True)
+    return contrast * x / x.pow(2).mean((1, 2, 3), keepdim=True).sqrt()
+
+
+def make_synthetic_hard(n_train=10000, n_test=2000, seed=0, size=32):
+    """A deterministic 10-class dataset whose classes are HARD_FEATURES: each image is its class's patch
+    (random position, phase, scale) over a textured, tinted background, with faint patches of two other
+    classes as distractors. The class is in the patch only: no fixed position, no template."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    k = len(HARD_FEATURES)
+
+    def draw(n):
+        y = (torch.arange(n) % k)[torch.randperm(n, generator=gen)]
+        others = (y[:, None] + torch.randint(1, k, (n, 2), generator=gen)) % k  # two other classes
+        x = 0.5 + textured_background(n, size, gen) + torch.empty(n, 3, 1, 1).uniform_(-0.1, 0.1, generator=gen)
+        x = x + gabor_patches([HARD_FEATURES[i] for i in y.tolist()], size, gen, amplitude=0.3)
+        for j in range(2):
+            x = x + gabor_patches([HARD_FEATURES[i] for i in others[:, j].tolist()], size, gen, amplitude=0.08)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    classes = [f"{axis.replace('_', '-')} {stripes} {'coarse' if w == 8.0 else 'fine'}" for axis, stripes, w in HARD_FEATURES]
+    return draw(n_train), draw(n_test), classes
 
 
 # ----------------------------------------------------------------------------- loader

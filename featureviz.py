@@ -44,6 +44,16 @@ def spectrum(images):
     return torch.fft.rfft2(x, norm="ortho").abs().mean((0, 1))
 
 
+def magnitude_spectrum(images, color_cov=None):
+    """(C, H, W//2+1) mean magnitude of the rfft2 of the images in the decorrelated colour space that
+    FourierParam and MaCoParam use (color_sqrt(color_cov)), mean removed: the data's own spectrum per
+    channel, which MaCo keeps fixed."""
+    x = data.to_float(images) - 0.5
+    x = torch.einsum("dc,nchw->ndhw", torch.linalg.pinv(color_sqrt(color_cov, x.size(1))), x)
+    x = x - x.mean((2, 3), keepdim=True)
+    return torch.fft.rfft2(x, norm="ortho").abs().mean(0)
+
+
 def _sqrt_psd(cov):
     """Symmetric square root of a positive semi-definite matrix."""
     vals, vecs = torch.linalg.eigh(cov.double())
@@ -124,6 +134,44 @@ class FourierParam(nn.Module):
         self.coeffs.copy_(torch.view_as_real(spec))
 
 
+class MaCoParam(nn.Module):
+    """MaCo (Fel et al. 2023): only the Fourier phase is optimized; the magnitude spectrum stays the
+    data's own (magnitude_spectrum(train images)), so every image has natural-image frequency content.
+    The inverse FFT is standardized per image, colour-correlated as in FourierParam, then a sigmoid."""
+
+    def __init__(self, n, channels, size, magnitude=None, color_cov=None, contrast=1.0, generator=None, init=None):
+        super().__init__()
+        self.size, self.contrast = size, contrast
+        shape = (channels, size, size // 2 + 1)
+        if magnitude is None:
+            raise ValueError("MaCo needs the data's magnitude spectrum: parameterization('maco', "
+                             "magnitude=magnitude_spectrum(train_images, color_cov), color_cov=color_cov)")
+        magnitude = torch.as_tensor(magnitude).float().cpu()
+        if tuple(magnitude.shape) != shape:
+            raise ValueError(f"magnitude must be {shape} for {channels}-channel {size}x{size} images, as "
+                             f"magnitude_spectrum(images) returns; got {tuple(magnitude.shape)}")
+        self.register_buffer("magnitude", magnitude)                   # (C, H, W//2+1)
+        self.register_buffer("color", color_sqrt(color_cov, channels))  # (C, C)
+        phase = (2 * torch.rand((n, *shape), generator=generator) - 1) * math.pi
+        self.phase = nn.Parameter(phase)                                # (N, C, H, W//2+1)
+        if init is not None:
+            self.set_images(init)
+
+    def forward(self):
+        spec = torch.polar(self.magnitude.expand_as(self.phase), self.phase)
+        x = torch.fft.irfft2(spec, s=(self.size, self.size), norm="ortho")  # (N, C, H, W)
+        x = x - x.mean((1, 2, 3), keepdim=True)
+        x = x * (self.contrast / (x.pow(2).mean((1, 2, 3), keepdim=True).sqrt() + 1e-6))
+        return torch.sigmoid(torch.einsum("dc,nchw->ndhw", self.color, x))
+
+    @torch.no_grad()
+    def set_images(self, images):
+        """Set the phases to those of `images` (N, C, H, W) in [0, 1] (their magnitude is not kept)."""
+        x = _logit(data.to_float(images, "init").to(self.phase.device))
+        x = torch.einsum("dc,nchw->ndhw", torch.linalg.pinv(self.color), x)
+        self.phase.copy_(torch.fft.rfft2(x, norm="ortho").angle())
+
+
 def _check_vae_fits(vae, channels, size):
     """The latent techniques draw the VAE's images: it must make the model's channels and size."""
     if vae is None:
@@ -199,7 +247,8 @@ class WhitenedLatentParam(nn.Module):
         return self.u.pow(2).mean(1)
 
 
-PARAMS = dict(pixel=PixelParam, fourier=FourierParam, latent=LatentParam, whitened=WhitenedLatentParam)
+PARAMS = dict(pixel=PixelParam, fourier=FourierParam, maco=MaCoParam, latent=LatentParam,
+              whitened=WhitenedLatentParam)
 _BUILT_BY_RENDER = ("n", "channels", "size", "generator")  # what render() passes, not an option
 
 
@@ -219,8 +268,9 @@ class Recipe:
 
 
 def parameterization(kind, pool=0, **options):
-    """A recipe for render(param=...): 'pixel', 'fourier', 'latent' or 'whitened' with its own options
-    (fourier: color_cov, decay, spectrum, sd; latent and whitened: vae, sd; every kind: init images).
+    """A recipe for render(param=...): 'pixel', 'fourier', 'maco', 'latent' or 'whitened' with its own
+    options (fourier: color_cov, decay, spectrum, sd; maco: magnitude, color_cov, contrast; latent and
+    whitened: vae, sd; every kind: init images).
 
     pool: draw this many random initializations and start each image from the best ones for its target
     (one forward pass; useful for the latent parameterizations, whose draws differ).
@@ -234,6 +284,9 @@ def parameterization(kind, pool=0, **options):
     if "vae" in valid and options.get("vae") is None:
         raise ValueError(f"parameterization {kind!r} needs a VAE: parameterization({kind!r}, vae=vae) with a trained "
                          f"models.VAE")
+    if kind == "maco" and options.get("magnitude") is None:
+        raise ValueError("parameterization 'maco' needs the data's magnitude spectrum: parameterization('maco', "
+                         "magnitude=magnitude_spectrum(train_images, color_cov), color_cov=color_cov)")
     if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
         raise ValueError(f"pool must be an int >= 0, got {pool!r}")
     return Recipe(PARAMS[kind], options, pool)
@@ -477,7 +530,8 @@ class Objective:
 
 # ----------------------------------------------------------------------------- regularizers
 # The penalties map images (N, C, H, W) to a per-image penalty (N,). render(regularizers=[...]) takes
-# weighted terms: term(images, acts, param, groups) -> weight x penalty, (N,), added to the loss. The
+# weighted terms: term(images, acts, param, groups, values) -> weight x penalty, (N,), added to the loss
+# (values: each image's activation of its target). The
 # penalties of the images alone also have their gradient in closed form (_*_grad, d penalty_n / d x_n):
 # render adds those gradients without building a graph through the penalty.
 
@@ -553,7 +607,7 @@ class ImageTerm(Term):
     the images' gradient instead of differentiating the penalty (no graph, fewer ops per step)."""
     penalty = grad = None  # set by each subclass: the penalty and its gradient
 
-    def __call__(self, images, acts, param, groups):
+    def __call__(self, images, acts, param, groups, values):
         return self.weight * type(self).penalty(images)
 
     def gradient(self, images):
@@ -579,17 +633,26 @@ class Blur(ImageTerm):
 class Prior(Term):
     """A latent parameterization's prior: its penalty() (the VAE's negative log density of z)."""
 
-    def __call__(self, images, acts, param, groups):
+    def __call__(self, images, acts, param, groups, values):
         return self.weight * param.penalty()
+
+
+# the default from benchmarks/bench_diversity.py on CIFAR-10 (fourier, 6 images per unit; README): the
+# smallest weight at which images of a class are as diverse as real ones and each still excites its class
+# more than the best real image
+DIVERSITY_WEIGHT = 0.5
 
 
 @dataclass(frozen=True)
 class Diversity(Term):
-    """Images of one target pushed apart: the similarity of their Gram matrices at `layer`."""
+    """Images of one target pushed apart: the similarity of their Gram matrices at `layer`, in units of
+    each image's own activation (detached). So one weight means the same for a class logit, a channel
+    mean or a neuron, whatever their scale: at weight w, full similarity costs w x the activation."""
+    weight: float = DIVERSITY_WEIGHT
     layer: str = LAST_SPATIAL
 
-    def __call__(self, images, acts, param, groups):
-        return self.weight * diversity_penalty(acts[self.layer], groups)
+    def __call__(self, images, acts, param, groups, values):
+        return self.weight * values.detach().abs() * diversity_penalty(acts[self.layer], groups)
 
 
 def _resolve(regularizers, model, size):
@@ -654,7 +717,7 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
       built parameterization module.
     lr: Adam's learning rate, or a schedule f(fraction of steps done) -> lr such as cosine(0.3).
     transforms: t(x, gen) -> x applied to the images at each step; None optimizes the raw images.
-    regularizers: weighted terms added to the loss, e.g. [L2(1.0), TV(2.0)], [Prior(0.1)], [Diversity(10.0)].
+    regularizers: weighted terms added to the loss, e.g. [L2(1.0), TV(2.0)], [Prior(0.1)], [Diversity()].
     restarts: optimize this many candidates per image and keep the one with the highest activation.
     size: the side of the images, if the model does not record it (models.input_size).
     seed: seeds the initialization and the transforms; the same seed gives the same images.
@@ -754,7 +817,7 @@ def _step(param, objective, run, transforms, terms, groups, gen):
         values = objective(acts)[rows, groups]                       # (N,) each image's own target
         loss = -values.sum()
         for term in others:
-            loss = loss + term(x, acts, param, groups).sum()
+            loss = loss + term(x, acts, param, groups, values).sum()
         if not on_images:
             loss.backward()
         else:  # the image terms' gradient enters at x directly, without a graph through them
@@ -899,12 +962,13 @@ class Technique:
         return render_in_stages(model, targets, self.settings, self.refine, steps, **common)
 
 
-TECHNIQUE_NAMES = ("pixel", "pixel+reg", "fourier", "latent", "whitened", "hybrid")
+TECHNIQUE_NAMES = ("pixel", "pixel+reg", "fourier", "maco", "latent", "whitened", "hybrid")
 LATENT_TECHNIQUES = ("latent", "whitened", "hybrid")  # these need a VAE
 
 
-def techniques(vae=None, color_cov=None):
-    """name -> Technique for the techniques the given models allow (the latent ones need the VAE)."""
+def techniques(vae=None, color_cov=None, magnitude=None):
+    """name -> Technique for the techniques the given statistics and models allow: maco needs the data's
+    magnitude spectrum (magnitude_spectrum(train images, color_cov)), the latent ones the VAE."""
     # at 32 px a steeper spectrum than 1/f (decay 1.5) gives smoother images that transfer better
     fourier = parameterization("fourier", color_cov=color_cov, decay=1.5)
     out = {
@@ -912,6 +976,8 @@ def techniques(vae=None, color_cov=None):
         "pixel+reg": Technique(dict(param="pixel", regularizers=[L2(1.0), TV(2.0), Blur(4.0)])),
         "fourier": Technique(dict(param=fourier)),
     }
+    if magnitude is not None:
+        out["maco"] = Technique(dict(param=parameterization("maco", magnitude=magnitude, color_cov=color_cov)))
     if vae is not None:
         search = dict(transforms=LIGHT, lr=cosine(0.3), restarts=4)  # restarts from the best of 256 draws
         out["latent"] = Technique(dict(param=parameterization("latent", vae=vae, pool=256), **search))
@@ -922,13 +988,16 @@ def techniques(vae=None, color_cov=None):
     return out
 
 
-def get_technique(name, vae=None, color_cov=None):
-    """The Technique called `name`, with a clear error for an unknown name or a missing VAE."""
+def get_technique(name, vae=None, color_cov=None, magnitude=None):
+    """The Technique called `name`, with a clear error for an unknown name, a missing VAE or spectrum."""
     if name not in TECHNIQUE_NAMES:
         raise ValueError(f"unknown technique {name!r}; choose one of {', '.join(TECHNIQUE_NAMES)}")
     if name in LATENT_TECHNIQUES and vae is None:
         raise ValueError(f"technique {name!r} draws through a VAE: pass vae=... (a trained models.VAE)")
-    return techniques(vae, color_cov)[name]
+    if name == "maco" and magnitude is None:
+        raise ValueError("technique 'maco' keeps the data's magnitude spectrum: pass magnitude=magnitude_spectrum("
+                         "train_images, color_cov), or a Technique from techniques(vae, color_cov, magnitude)")
+    return techniques(vae, color_cov, magnitude)[name]
 
 
 def visualize_unit(model, layer, channel=0, neuron=None, technique="fourier", vae=None, color_cov=None, **common):

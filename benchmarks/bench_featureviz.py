@@ -131,7 +131,8 @@ def lucent_classes(model, classes, steps, size=None, seed=0, channels=3):
 def quality(args):
     d = load_data(args)
     model, other, vae = load_models(args, d)
-    every = fv.techniques(vae, fv.color_covariance(d.train_x))
+    cov = fv.color_covariance(d.train_x)
+    every = fv.techniques(vae, cov, fv.magnitude_spectrum(d.train_x[:10000], cov))
     techniques = {name: every[name] for name in args.techniques.split(",")}
     if lucent_render is not None:
         for name, size in [("lucent@32", 32)] + ([("lucent@224", None)] if args.lucent_224 else []):

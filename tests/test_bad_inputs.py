@@ -128,6 +128,7 @@ ENTRY_POINTS = {
     "attribution.integrated_gradients": lambda x, cnn, vae: attribution.integrated_gradients(cnn, x, 0, steps=2),
     "featureviz.color_covariance": lambda x, cnn, vae: fv.color_covariance(x),
     "featureviz.spectrum": lambda x, cnn, vae: fv.spectrum(x),
+    "featureviz.magnitude_spectrum": lambda x, cnn, vae: fv.magnitude_spectrum(x),
     "featureviz.parameterization": lambda x, cnn, vae: fv.parameterization("pixel", init=x)(len(x), 3, 32),
     "featureviz.FourierParam.set_images": lambda x, cnn, vae: fv.FourierParam(len(x), 3, 32).set_images(x),
     "featureviz.activations": lambda x, cnn, vae: fv.activations(cnn, x, [0]),

@@ -160,3 +160,25 @@ def test_augmented_images_are_reflect_padded_crops_of_the_original():
         views = [v for dy in range(5) for dx in range(5) for v in (padded[k, :, dy:dy + 32, dx:dx + 32],)]
         views += [v.flip(2) for v in views]
         assert any(torch.equal(out[k], v) for v in views)
+
+
+def _template_strength(d):
+    """Mean over classes of: the spatial SD of the class's mean image over the mean spatial SD of its
+    images. High when each class has a fixed template, near 0 when its feature moves and changes phase."""
+    x = d.train_x.float() / 255
+    out = []
+    for k in range(len(d.classes)):
+        xk = x[d.train_y == k]
+        out.append(xk.mean(0).std() / xk.std((1, 2, 3)).mean())
+    return torch.stack(out).mean().item()
+
+
+def test_synthetic_hard_is_deterministic_balanced_and_has_no_fixed_template():
+    a = data.load_data("synthetic-hard", n_train=1000, n_test=200)
+    b = data.load_data("synthetic-hard", n_train=1000, n_test=200)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert a.train_x.dtype == torch.uint8 and a.test_x.shape == (200, 3, 32, 32)
+    assert len(set(a.classes)) == 10 and a.templates is None
+    assert torch.bincount(a.test_y, minlength=10).tolist() == [20] * 10
+    easy = data.load_data("synthetic", n_train=1000, n_test=200)
+    assert _template_strength(a) < 0.5 * _template_strength(easy)  # measured: 0.11 against 0.90

@@ -58,7 +58,7 @@ def assert_untouched(model, before):
 
 # ----------------------------------------------------------------------------- parameterizations
 
-@pytest.mark.parametrize("kind", ["pixel", "fourier", "latent", "whitened"])
+@pytest.mark.parametrize("kind", ["pixel", "fourier", "maco", "latent", "whitened"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_param_images_in_range_and_gradients_reach_parameters(kind, channels):
     gen = torch.Generator().manual_seed(0)
@@ -66,6 +66,8 @@ def test_param_images_in_range_and_gradients_reach_parameters(kind, channels):
     options = dict(vae=vae_with_stats(channels)) if kind in ("latent", "whitened") else {}
     if kind == "fourier":
         options = dict(color_cov=cov)
+    if kind == "maco":
+        options = dict(color_cov=cov, magnitude=torch.rand(channels, 32, 17, generator=gen) + 0.1)
     p = fv.parameterization(kind, **options)(5, channels, 32, gen)
     x = p()
     assert x.shape == (5, channels, 32, 32)
@@ -74,6 +76,51 @@ def test_param_images_in_range_and_gradients_reach_parameters(kind, channels):
     params = list(p.parameters())
     assert len(params) == 1  # the VAE's weights are not optimized
     assert params[0].grad is not None and params[0].grad.abs().sum() > 0
+
+
+def _interior(spec):
+    """The rfft2 bins that irfft2 keeps as given: not the DC bin, not the self-conjugate columns."""
+    return spec[..., 1:, 1:-1]
+
+
+def test_maco_keeps_the_data_magnitude_and_optimizes_only_the_phase():
+    gen = torch.Generator().manual_seed(0)
+    magnitude = torch.rand(3, 16, 9, generator=gen) + 0.1
+    p = fv.MaCoParam(2, 3, 16, magnitude=magnitude, generator=gen)  # no color_cov: the identity
+    assert [name for name, _ in p.named_parameters()] == ["phase"]
+    opt = torch.optim.Adam(p.parameters(), lr=0.1)
+    for _ in range(5):  # after some steps of any objective, the magnitude is still the data's
+        opt.zero_grad()
+        (p() * torch.linspace(0, 1, 16)).sum().backward()
+        opt.step()
+    got = _interior(torch.fft.rfft2(torch.logit(p().detach().double()), norm="ortho").abs())
+    ratio = got / _interior(magnitude).double()  # one scale per image (the standardization)
+    assert torch.allclose(ratio, ratio.flatten(1).mean(1).view(2, 1, 1, 1), rtol=1e-3)
+    images = torch.rand(2, 3, 16, 16, generator=gen) * 0.8 + 0.1
+    p.set_images(images)  # their phases, the data's magnitude
+    want = _interior(torch.fft.rfft2(torch.logit(images.double()), norm="ortho"))
+    got = _interior(torch.fft.rfft2(torch.logit(p().detach().double()), norm="ortho"))
+    assert (torch.angle(got / want)).abs().max() < 1e-3
+
+
+def test_magnitude_spectrum_finds_the_data_frequency():
+    y, x = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    wave = 0.5 + 0.4 * torch.cos(2 * torch.pi * (3 * x + 2 * y) / 16)  # 3 cycles across, 2 down
+    images = wave.expand(4, 3, 16, 16) + 0.02 * torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    m = fv.magnitude_spectrum(images.clamp(0, 1))
+    assert m.shape == (3, 16, 9)
+    assert all(divmod(m[c].argmax().item(), 9) == (2, 3) for c in range(3))
+
+
+def test_maco_technique_needs_the_magnitude():
+    with pytest.raises(ValueError, match="magnitude spectrum"):
+        fv.parameterization("maco")
+    with pytest.raises(ValueError, match="magnitude_spectrum"):
+        fv.get_technique("maco")
+    with pytest.raises(ValueError, match=r"magnitude must be \(3, 32, 17\)"):
+        fv.render(cnn(), [0], param=fv.parameterization("maco", magnitude=torch.ones(3, 16, 9)), steps=1,
+                  progress=False)
+    assert "maco" not in fv.techniques() and "maco" in fv.techniques(magnitude=torch.ones(3, 32, 17))
 
 
 def test_parameterization_errors():
@@ -275,6 +322,21 @@ def test_render_is_deterministic_for_a_seed():
     assert not torch.equal(a.images, c.images)
 
 
+def test_diversity_weight_means_the_same_on_any_activation_scale():
+    """Diversity is in units of each image's activation: for activations 100x larger (a logit against a
+    channel mean) the term is 100x larger too, so one weight keeps the same balance against them."""
+    term = fv.Diversity(3.0, layer="block3.act2")
+    acts = {"block3.act2": torch.rand(4, 8, 5, 5, generator=torch.Generator().manual_seed(0))}
+    groups, values = torch.tensor([0, 0, 1, 1]), torch.tensor([0.5, -2.0, 1.0, 3.0])
+    small, large = term(None, acts, None, groups, values), term(None, acts, None, groups, 100 * values)
+    assert torch.allclose(large, 100 * small) and (small > 0).all()
+    assert torch.allclose(small, 3.0 * values.abs() * fv.diversity_penalty(acts["block3.act2"], groups))
+    model, kw = cnn(), dict(param="pixel", steps=8, progress=False, images_per_target=3)
+    with_term = fv.render(model, [0, 1], regularizers=[fv.Diversity(3.0)], **kw)
+    without = fv.render(model, [0, 1], regularizers=[fv.Diversity(0.0)], **kw)
+    assert (with_term.images - without.images).abs().max() > 1e-3  # the term acts inside render
+
+
 def test_render_leaves_the_model_as_found():
     model = cnn()
     model.train()
@@ -420,7 +482,7 @@ def test_regularizers_by_hand():
 @pytest.mark.parametrize("term", [fv.L2(1.5), fv.TV(2.0), fv.Blur(4.0)], ids=["L2", "TV", "Blur"])
 def test_image_terms_closed_form_gradient_equals_autograd(term):
     x = torch.rand(3, 2, 7, 9, requires_grad=True)  # not square: the axes cannot be swapped unnoticed
-    term(x, None, None, None).sum().backward()
+    term(x, None, None, None, None).sum().backward()
     assert torch.allclose(term.gradient(x.detach()), x.grad, atol=1e-7)
     assert x.grad.abs().sum() > 0
 
@@ -428,7 +490,7 @@ def test_image_terms_closed_form_gradient_equals_autograd(term):
 def test_render_with_image_terms_follows_their_penalties():
     """render() adds the closed-form gradients; differentiating the same penalties gives the same images."""
     class Autograd(fv.Term):  # TV(2) + Blur(4) + L2(1), differentiated by autograd
-        def __call__(self, images, acts, param, groups):
+        def __call__(self, images, acts, param, groups, values):
             return 2 * fv.tv_penalty(images) + 4 * fv.blur_penalty(images) + fv.l2_penalty(images)
     model, kw = cnn(), dict(param="pixel", steps=6, progress=False)
     a = fv.render(model, [0, 1], regularizers=[fv.TV(2.0), fv.Blur(4.0), fv.L2(1.0)], **kw)

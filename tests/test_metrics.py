@@ -180,3 +180,31 @@ def test_diversity_is_zero_for_copies_and_high_for_real_images_of_a_class(table)
     nearly = (copies.float() + torch.randint(-1, 2, copies.shape)).clamp(0, 255).to(torch.uint8)  # +-1 grey level
     # measured: 11.8 for six real images of a class, 1.19 for the nearly identical copies
     assert metrics.diversity(other, real, groups) > 5 * metrics.diversity(other, nearly, groups)
+
+
+# ----------------------------------------------------------------------------- the harder synthetic set
+
+@pytest.fixture(scope="module")
+def hard():
+    import data
+    d = data.load_data("synthetic-hard", n_train=2000, n_test=1000)
+    return d, metrics.PlantedDetector(d.train_x)
+
+
+def test_planted_detector_finds_each_feature_wherever_and_however_large_it_is(hard):
+    import data
+    _, detector = hard
+    gen = torch.Generator().manual_seed(0)
+    for k, feature in enumerate(data.HARD_FEATURES):  # a clean patch on grey, at random places and scales
+        x = (0.5 + data.gabor_patches([feature] * 20, 32, gen, amplitude=0.3)).clamp(0, 1)
+        assert (detector(x) == k).all(), (k, detector(x))
+
+
+def test_planted_detector_on_real_samples_and_where_it_must_fail(hard):
+    d, detector = hard
+    acc = (detector(d.test_x) == d.test_y).float().mean().item()
+    flipped = (detector(d.test_x.flip(-1)) == d.test_y).float().mean().item()  # a flip keeps every class
+    shuffled = (detector(metrics._shuffled(d.test_x, 0)) == d.test_y).float().mean().item()
+    noise = (detector(torch.rand(1000, 3, 32, 32)) == d.test_y).float().mean().item()
+    assert acc > 0.9 and flipped > 0.9, (acc, flipped)
+    assert shuffled < 0.25 and noise < 0.25, (shuffled, noise)

@@ -1,0 +1,90 @@
+"""The sweep behind Diversity's default weight: several images per class and per channel, at each weight.
+
+    python benchmarks/bench_diversity.py                  # the notebooks' checkpoints (run them first)
+    python benchmarks/bench_diversity.py --weights 0,1,3 --images 6 --technique fourier
+
+For every weight, the technique renders --images images of each of the 10 classes and of each channel
+of a fixed sample (metrics.channel_sample: two per block) and prints, averaged over the units:
+diversity (mean pairwise distance in the independent classifier's features) against the reference
+(random real test images of the class; a channel's top exemplars), the lowest and the mean normalized
+activation (1.0 = the best real image), and the naturalness metrics of the quality table
+(naturalness, share flagged by the path check) for the classes, which must not get worse than at 0.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import featureviz as fv  # noqa: E402
+import metrics  # noqa: E402
+import training  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="cifar10-jpeg")
+    p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints"), help="where the notebooks' checkpoints are")
+    p.add_argument("--weights", default="0,0.1,0.3,1,3,10", help="comma-separated Diversity weights")
+    p.add_argument("--images", type=int, default=6, help="images per unit")
+    p.add_argument("--technique", default="fourier")
+    p.add_argument("--steps", type=int, default=256)
+    return p.parse_args()
+
+
+def load(args):
+    d = data.load_data(args.dataset)
+    defaults, ckpt = training.device_defaults(), Path(args.ckpt_dir)
+    hint = "run the notebooks first, with the same DATASET"
+    model = training.load_checkpoint(ckpt / f"classifier_{d.name}_{defaults['preset']}.pt", hint=hint)[0]
+    other = training.load_checkpoint(ckpt / f"independent_{d.name}.pt", hint=hint)[0]
+    return d, model, other
+
+
+def reference_diversity(f, pools, k, draws=5):
+    """Mean over units of the diversity of k images drawn from each unit's pool of test-image indices
+    (f: the features of the test images)."""
+    gen, out = torch.Generator().manual_seed(0), []
+    for pool in pools:
+        picks = [pool[torch.randperm(len(pool), generator=gen)[:k]] for _ in range(draws)]
+        out.append(sum(metrics._diversity(f[idx], torch.zeros(k)) for idx in picks) / draws)
+    return sum(out) / len(out)
+
+
+def main():
+    args = parse_args()
+    d, model, other = load(args)
+    cov = fv.color_covariance(d.train_x[:10000])
+    how = fv.techniques(color_cov=cov, magnitude=fv.magnitude_spectrum(d.train_x[:10000], cov))[args.technique]
+    channels = metrics.channel_sample(model, size=d.size)
+    ref = metrics.Reference(model, other, d, channels, n_ref=10000)
+    k, n_cls = args.images, len(d.classes)
+    real_cls = reference_diversity(ref.f_test, [(d.test_y == c).nonzero()[:, 0] for c in range(n_cls)], k)
+    real_ch = sum(metrics._diversity(ref.f_test[ref.top[n_cls + j, :k]], torch.zeros(k))
+                  for j in range(len(channels))) / len(channels)
+    print(f"{d.name}, {args.technique}, {k} images per unit, {args.steps} steps; reference diversity: "
+          f"{real_cls:.2f} (random real images of a class), {real_ch:.2f} (a channel's top {k} exemplars)\n")
+    print("| weight | class diversity | lowest / mean class act. | naturalness | path flagged | "
+          "channel diversity | lowest / mean channel act. |\n|---|---|---|---|---|---|---|")
+    for w in (float(x) for x in args.weights.split(",")):
+        row = {}
+        for name, units in [("classes", ref.units[:n_cls]), ("channels", channels)]:
+            r = how(model, units, steps=args.steps, images_per_target=k, regularizers=[fv.Diversity(w)], progress=False)
+            idx = r.target_index + (0 if name == "classes" else n_cls)
+            act = r.activation / ref.real.max(0).values[idx]
+            row[name] = (metrics.diversity(other, r.images, r.target_index), act.min().item(), act.mean().item())
+            if name == "classes":
+                row["nat"] = metrics.knn_ratio(ref.stats(r.images), r.target_index, ref.stats.train, ref.train_y,
+                                               ref.held, ref.held_y)
+                row["path"] = ref._path(r.images, r.target_index)[0]
+        c, h = row["classes"], row["channels"]
+        print(f"| {w:g} | {c[0]:.2f} | {c[1]:.2f} / {c[2]:.2f} | {row['nat']:.2f} | {row['path']:.2f} | "
+              f"{h[0]:.2f} | {h[1]:.2f} / {h[2]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
