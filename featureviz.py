@@ -134,14 +134,26 @@ class FourierParam(nn.Module):
         self.coeffs.copy_(torch.view_as_real(spec))
 
 
+def _rms(magnitude, size):
+    """RMS over (C, H, W) of the image whose ortho rfft2 has this magnitude, for any phases (Parseval):
+    every column but the first (and, for an even size, the last) stands for itself and its conjugate."""
+    weight = torch.full((magnitude.shape[-1],), 2.0)
+    weight[0] = 1.0
+    if size % 2 == 0:
+        weight[-1] = 1.0
+    return ((magnitude ** 2 * weight).sum() / (magnitude.shape[0] * size * size)).sqrt()
+
+
 class MaCoParam(nn.Module):
     """MaCo (Fel et al. 2023): only the Fourier phase is optimized; the magnitude spectrum stays the
     data's own (magnitude_spectrum(train images)), so every image has natural-image frequency content.
-    The inverse FFT is standardized per image, colour-correlated as in FourierParam, then a sigmoid."""
+    The magnitude is scaled once so that every image's RMS is about `contrast`, whatever its phases
+    (Parseval: no per-image standardization needed); then the colours are correlated as in
+    FourierParam, and a sigmoid."""
 
     def __init__(self, n, channels, size, magnitude=None, color_cov=None, contrast=1.0, generator=None, init=None):
         super().__init__()
-        self.size, self.contrast = size, contrast
+        self.size = size
         shape = (channels, size, size // 2 + 1)
         if magnitude is None:
             raise ValueError("MaCo needs the data's magnitude spectrum: parameterization('maco', "
@@ -150,7 +162,7 @@ class MaCoParam(nn.Module):
         if tuple(magnitude.shape) != shape:
             raise ValueError(f"magnitude must be {shape} for {channels}-channel {size}x{size} images, as "
                              f"magnitude_spectrum(images) returns; got {tuple(magnitude.shape)}")
-        self.register_buffer("magnitude", magnitude)                   # (C, H, W//2+1)
+        self.register_buffer("magnitude", magnitude * (contrast / _rms(magnitude, size)))  # (C, H, W//2+1)
         self.register_buffer("color", color_sqrt(color_cov, channels))  # (C, C)
         phase = (2 * torch.rand((n, *shape), generator=generator) - 1) * math.pi
         self.phase = nn.Parameter(phase)                                # (N, C, H, W//2+1)
@@ -159,9 +171,7 @@ class MaCoParam(nn.Module):
 
     def forward(self):
         spec = torch.polar(self.magnitude.expand_as(self.phase), self.phase)
-        x = torch.fft.irfft2(spec, s=(self.size, self.size), norm="ortho")  # (N, C, H, W)
-        x = x - x.mean((1, 2, 3), keepdim=True)
-        x = x * (self.contrast / (x.pow(2).mean((1, 2, 3), keepdim=True).sqrt() + 1e-6))
+        x = torch.fft.irfft2(spec, s=(self.size, self.size), norm="ortho")  # (N, C, H, W), RMS about contrast
         return torch.sigmoid(torch.einsum("dc,nchw->ndhw", self.color, x))
 
     @torch.no_grad()

@@ -202,7 +202,7 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-IMAGE_SPACE = ("pixel", "pixel+reg", "fourier")
+IMAGE_SPACE = ("pixel", "pixel+reg", "fourier", "maco")
 
 
 def bare_step(model, classes, steps):
@@ -224,7 +224,9 @@ def bare_step(model, classes, steps):
 def per_step(args, model, rounds=3):
     """Seconds per step for 10 classes: the bare step and each image-space technique, best of `rounds`
     interleaved rounds in this process (so that a slow moment hits every row alike)."""
-    classes, how = list(range(10)), fv.techniques()
+    side = models.input_size(model)
+    magnitude = fv.magnitude_spectrum(torch.rand(64, 3, side, side, generator=torch.Generator().manual_seed(0)))
+    classes, how = list(range(10)), fv.techniques(magnitude=magnitude)  # any spectrum times the same
     runs = {"bare forward + backward + Adam": lambda: bare_step(model, classes, args.steps),
             **{name: (lambda t=how[name]: t(model, classes, steps=args.steps, progress=False)) for name in IMAGE_SPACE}}
     if lucent_render is not None:

@@ -88,6 +88,8 @@ def test_maco_keeps_the_data_magnitude_and_optimizes_only_the_phase():
     magnitude = torch.rand(3, 16, 9, generator=gen) + 0.1
     p = fv.MaCoParam(2, 3, 16, magnitude=magnitude, generator=gen)  # no color_cov: the identity
     assert [name for name, _ in p.named_parameters()] == ["phase"]
+    rms = torch.logit(p().detach().double()).pow(2).mean((1, 2, 3)).sqrt()  # the contrast, whatever the phases
+    assert torch.allclose(rms, torch.ones(2, dtype=torch.double), rtol=0.1), rms
     opt = torch.optim.Adam(p.parameters(), lr=0.1)
     for _ in range(5):  # after some steps of any objective, the magnitude is still the data's
         opt.zero_grad()
