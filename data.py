@@ -450,6 +450,12 @@ HARD_FEATURES = [  # (colour axis, stripes, wavelength in px): the 10 classes, e
     (axis, stripes, wavelength) for axis in COLOUR_AXES for wavelength in (8.0, 4.0) for stripes in ("horizontal", "vertical")
     if not (axis == "luminance" and wavelength == 4.0)]
 HARD_SCALE = (0.85, 1.2)  # each patch's random scale: of its wavelength and its envelope
+HARD_ENVELOPE = 0.75      # the Gaussian envelope's sigma, in wavelengths
+
+
+def hard_wavelength(feature, size, scale=1.0):
+    """A HARD_FEATURES entry's wavelength in px for images of side `size` (its figure is at 32 px)."""
+    return feature[2] * scale * size / 32
 
 
 def gabor_patches(features, size, gen, amplitude):
@@ -460,12 +466,12 @@ def gabor_patches(features, size, gen, amplitude):
     centre = size * (0.3 + 0.4 * u[:, :2])                         # (N, 2) y, x: away from the border
     phase = 2 * math.pi * u[:, 2]
     scale = HARD_SCALE[0] + (HARD_SCALE[1] - HARD_SCALE[0]) * u[:, 3]
-    wavelength = torch.tensor([f[2] for f in features]) * scale * size / 32
+    wavelength = torch.tensor([hard_wavelength(f, size) for f in features]) * scale
     vertical = torch.tensor([f[1] == "vertical" for f in features])
     r = torch.arange(size, dtype=torch.float32)
     yy, xx = r.view(1, -1, 1) - centre[:, 0, None, None], r.view(1, 1, -1) - centre[:, 1, None, None]
     across = torch.where(vertical[:, None, None], xx, yy)          # the stripes vary along this axis
-    sigma = (0.75 * wavelength)[:, None, None]
+    sigma = (HARD_ENVELOPE * wavelength)[:, None, None]
     patch = torch.exp(-(yy ** 2 + xx ** 2) / (2 * sigma ** 2)) * torch.cos(
         2 * math.pi * across / wavelength[:, None, None] + phase[:, None, None])
     axes = torch.tensor([COLOUR_AXES[f[0]] for f in features])     # (N, 3)

@@ -49,9 +49,19 @@ def magnitude_spectrum(images, color_cov=None):
     FourierParam and MaCoParam use (color_sqrt(color_cov)), mean removed: the data's own spectrum per
     channel, which MaCo keeps fixed."""
     x = data.to_float(images) - 0.5
-    x = torch.einsum("dc,nchw->ndhw", torch.linalg.pinv(color_sqrt(color_cov, x.size(1))), x)
+    x = _decorrelate(color_sqrt(color_cov, x.size(1)), x)
     x = x - x.mean((2, 3), keepdim=True)
     return torch.fft.rfft2(x, norm="ortho").abs().mean(0)
+
+
+def _decorrelate(color, x):
+    """x (N, C, H, W) in the decorrelated colour space of the (C, C) colour transform `color`."""
+    return torch.einsum("dc,nchw->ndhw", torch.linalg.pinv(color), x)
+
+
+def _to_image(color, x):
+    """Images in [0, 1] from decorrelated x (N, C, H, W): colours correlated by `color`, then a sigmoid."""
+    return torch.sigmoid(torch.einsum("dc,nchw->ndhw", color, x))
 
 
 def _sqrt_psd(cov):
@@ -123,13 +133,13 @@ class FourierParam(nn.Module):
     def forward(self):
         spec = torch.view_as_complex(self.coeffs) * self.scale              # (N, C, H, W//2+1)
         x = torch.fft.irfft2(spec, s=(self.size, self.size), norm="ortho")  # (N, C, H, W)
-        return torch.sigmoid(torch.einsum("dc,nchw->ndhw", self.color, x))
+        return _to_image(self.color, x)
 
     @torch.no_grad()
     def set_images(self, images):
         """Set the coefficients so that forward() returns `images` (N, C, H, W) in [0, 1]."""
         x = _logit(data.to_float(images, "init").to(self.coeffs.device))
-        x = torch.einsum("dc,nchw->ndhw", torch.linalg.pinv(self.color), x)
+        x = _decorrelate(self.color, x)
         spec = torch.fft.rfft2(x, norm="ortho") / self.scale
         self.coeffs.copy_(torch.view_as_real(spec))
 
@@ -172,13 +182,13 @@ class MaCoParam(nn.Module):
     def forward(self):
         spec = torch.polar(self.magnitude.expand_as(self.phase), self.phase)
         x = torch.fft.irfft2(spec, s=(self.size, self.size), norm="ortho")  # (N, C, H, W), RMS about contrast
-        return torch.sigmoid(torch.einsum("dc,nchw->ndhw", self.color, x))
+        return _to_image(self.color, x)
 
     @torch.no_grad()
     def set_images(self, images):
         """Set the phases to those of `images` (N, C, H, W) in [0, 1] (their magnitude is not kept)."""
         x = _logit(data.to_float(images, "init").to(self.phase.device))
-        x = torch.einsum("dc,nchw->ndhw", torch.linalg.pinv(self.color), x)
+        x = _decorrelate(self.color, x)
         self.phase.copy_(torch.fft.rfft2(x, norm="ortho").angle())
 
 

@@ -7,6 +7,7 @@ class) score worse by more than the seed-to-seed spread.
 """
 import math
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +57,11 @@ def features(model, images, batch_size=500):
 
 
 @torch.no_grad()
-def block_activations(model, images, reduce, batch_size=500):
-    """[(N, ...)] per block of the model (models.block_layers), reduce(activation (B, C, H, W)) of the images."""
+def block_activations(model, images, reduce, layers=None, batch_size=500):
+    """[(N, ...)] per layer (default: each block's, models.block_layers), reduce(activation (B, C, H, W))
+    of the images."""
     data.check_images(images)
-    layers = models.block_layers(model, images.shape[-1])
+    layers = models.block_layers(model, images.shape[-1]) if layers is None else layers
     device = models.device_of(model)
     out = [models.capture(model, data.to_float(x.to(device)), layers) for x in images.split(batch_size)]
     return [torch.cat([reduce(o[name]).float().cpu() for o in out]) for name in layers]
@@ -117,15 +119,15 @@ class Statistics:
     images: each dimension z-scored, each block scaled to weigh the same in a distance."""
 
     def __init__(self, other, train_x):
-        self.other = other
-        ref = block_activations(other, train_x, spatial_statistics)
+        self.other, self.layers = other, models.block_layers(other, train_x.shape[-1])
+        ref = block_activations(other, train_x, spatial_statistics, self.layers)
         self.mean = [s.mean(0) for s in ref]
         self.sd = [s.std(0).clamp_min(1e-2 * s.std(0).mean()) for s in ref]  # a dead channel cannot dominate
         self.train = self._standardize(ref)
 
     def __call__(self, images):
         """(N, D) the standardized statistics of images."""
-        return self._standardize(block_activations(self.other, images, spatial_statistics))
+        return self._standardize(block_activations(self.other, images, spatial_statistics, self.layers))
 
     def _standardize(self, stats):
         return torch.cat([(s - m) / sd / s.shape[1] ** 0.5 for s, m, sd in zip(stats, self.mean, self.sd)], 1)
@@ -141,11 +143,11 @@ def naturalness(other, vis, vis_labels, train_x, train_y, heldout_x, heldout_y, 
 
 def diversity(feature_model, images, groups):
     """Mean pairwise feature distance between images of the same group (target), averaged over groups."""
-    return _diversity(features(feature_model, images), groups)
+    return feature_diversity(features(feature_model, images), groups)
 
 
-def _diversity(f, groups):
-    """diversity() on features already computed."""
+def feature_diversity(f, groups):
+    """diversity() on features already computed, (N, D)."""
     groups = torch.as_tensor(groups).cpu()
     means = []
     for g in groups.unique():
@@ -172,7 +174,7 @@ class PlantedDetector:
     images. detector(images) -> (N,) the class whose feature stands out most. Fixed by the set's
     definition, not tuned on visualizations."""
 
-    SCALES = (0.85, 1.0, 1.2)  # data.HARD_SCALE's range and its middle
+    SCALES = (data.HARD_SCALE[0], 1.0, data.HARD_SCALE[1])  # the set's smallest, natural and largest scale
 
     def __init__(self, train_x):
         self.size = train_x.shape[-1]
@@ -181,9 +183,9 @@ class PlantedDetector:
         bumps, axes = [], []
         for axis, stripes, wavelength in data.HARD_FEATURES:
             for s in self.SCALES:
-                lam = wavelength * s * self.size / 32
+                lam = data.hard_wavelength((axis, stripes, wavelength), self.size, s)
                 f0y, f0x = (0.0, 1 / lam) if stripes == "vertical" else (1 / lam, 0.0)
-                sigma_f = 1 / (2 * math.pi * 0.75 * lam)  # the patch's envelope, in frequency
+                sigma_f = 1 / (2 * math.pi * data.HARD_ENVELOPE * lam)  # the patch's envelope, in frequency
                 bumps.append(torch.exp(-((fy - f0y) ** 2 + (fx - f0x) ** 2) / (2 * sigma_f ** 2)))
                 axes.append(F.normalize(torch.tensor(data.COLOUR_AXES[axis]), dim=0))
         self.bumps, self.axes = torch.stack(bumps), torch.stack(axes)  # (F, P, P) one-sided, (F, 3)
@@ -269,7 +271,8 @@ class Reference:
         order = self.real.argsort(0, descending=True).T          # (U, N_test), strongest first
         self.top, self.bottom = order[:, :3 * R], order[:, -R:]
         self.f_test = features(other, d.test_x)
-        self.a_test = block_activations(model, d.test_x, pooled)
+        self.layers = models.block_layers(model, d.size)
+        self.a_test = block_activations(model, d.test_x, pooled, self.layers)
         self.random = torch.randperm(len(d.test_y), generator=torch.Generator().manual_seed(1))[:n_random]
 
     def score(self, images, channel_images=None):
@@ -289,7 +292,7 @@ class Reference:
                    two_choice=self._two_choice(f[:n], units[:n]))
         if channel_images is not None:
             row["two_choice_channels"] = self._two_choice(f[n:], units[n:])
-        row["path_flagged"], row["least_similar"] = self._path(images, units)
+        row["path_flagged"], row["least_similar"] = self.path_check(images, units)
         if self.templates is not None:  # the synthetic set: its fixed templates
             row["planted"] = (template_recovery(images[:n], self.templates).argmax(1) == labels).float().mean().item()
         if self.detector is not None:   # the harder synthetic set: its features found wherever they are
@@ -302,13 +305,13 @@ class Reference:
         return sum(two_choice(f[units == u], self.f_test[self.top[u, R:2 * R]], self.f_test[self.bottom[u]])
                    for u in units.unique().tolist()) / len(units.unique())
 
-    def _path(self, images, units):
-        """(the share of images the path check flags, the block that is most often the least similar)."""
-        a = block_activations(self.model, images, pooled)
+    def path_check(self, images, units):
+        """(the share of images the path check flags, the block that is most often the least similar);
+        units: (N,) each image's unit, an index into self.units."""
+        a = block_activations(self.model, images, pooled, self.layers)
         p = torch.cat([path_percentiles([x[units == u] for x in a], [x[self.top[u, :R]] for x in self.a_test],
                                         [x[self.random] for x in self.a_test]) for u in units.unique().tolist()])
-        layers = models.block_layers(self.model, images.shape[-1])
-        return (p.min(1).values < PATH_THRESHOLD).float().mean().item(), layers[p.argmin(1).mode().values.item()]
+        return (p.min(1).values < PATH_THRESHOLD).float().mean().item(), self.layers[p.argmin(1).mode().values.item()]
 
 
 def _pick(d, targets, seed, shift=0):
@@ -360,8 +363,8 @@ def quality_table(model, other, d, techniques, seeds=4, steps=256, n_ref=10000, 
             images.append(make(classes, seed))
             per_seed.append(ref.score(images[-1], make(channels, seed)))
         seconds = (time.perf_counter() - start) / seeds if name in techniques else float("nan")
-        row = dict(technique=name, seconds=seconds, least_similar=max(
-            (r["least_similar"] for r in per_seed), key=[r["least_similar"] for r in per_seed].count))
+        blocks = Counter(r["least_similar"] for r in per_seed)
+        row = dict(technique=name, seconds=seconds, least_similar=blocks.most_common(1)[0][0])
         for k in per_seed[0]:
             if k != "least_similar":
                 values = torch.tensor([r[k] for r in per_seed])

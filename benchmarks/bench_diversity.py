@@ -51,7 +51,7 @@ def reference_diversity(f, pools, k, draws=5):
     gen, out = torch.Generator().manual_seed(0), []
     for pool in pools:
         picks = [pool[torch.randperm(len(pool), generator=gen)[:k]] for _ in range(draws)]
-        out.append(sum(metrics._diversity(f[idx], torch.zeros(k)) for idx in picks) / draws)
+        out.append(sum(metrics.feature_diversity(f[idx], torch.zeros(k)) for idx in picks) / draws)
     return sum(out) / len(out)
 
 
@@ -64,7 +64,7 @@ def main():
     ref = metrics.Reference(model, other, d, channels, n_ref=10000)
     k, n_cls = args.images, len(d.classes)
     real_cls = reference_diversity(ref.f_test, [(d.test_y == c).nonzero()[:, 0] for c in range(n_cls)], k)
-    real_ch = sum(metrics._diversity(ref.f_test[ref.top[n_cls + j, :k]], torch.zeros(k))
+    real_ch = sum(metrics.feature_diversity(ref.f_test[ref.top[n_cls + j, :k]], torch.zeros(k))
                   for j in range(len(channels))) / len(channels)
     print(f"{d.name}, {args.technique}, {k} images per unit, {args.steps} steps; reference diversity: "
           f"{real_cls:.2f} (random real images of a class), {real_ch:.2f} (a channel's top {k} exemplars)\n")
@@ -80,7 +80,7 @@ def main():
             if name == "classes":
                 row["nat"] = metrics.knn_ratio(ref.stats(r.images), r.target_index, ref.stats.train, ref.train_y,
                                                ref.held, ref.held_y)
-                row["path"] = ref._path(r.images, r.target_index)[0]
+                row["path"] = ref.path_check(r.images, r.target_index)[0]
         c, h = row["classes"], row["channels"]
         print(f"| {w:g} | {c[0]:.2f} | {c[1]:.2f} / {c[2]:.2f} | {row['nat']:.2f} | {row['path']:.2f} | "
               f"{h[0]:.2f} | {h[1]:.2f} / {h[2]:.2f} |", flush=True)
