@@ -153,6 +153,9 @@ VAE_PRESETS = {  # widths: encoder channels at 16, 8, 4 px (the decoder mirrors 
 }
 
 
+MIXTURES = 5  # components of the decoder's per-pixel logistic mixture
+
+
 def vae_config(preset="default", in_channels=3, **overrides):
     """Config dict for a VAE of the named preset."""
     if preset not in VAE_PRESETS:
@@ -162,6 +165,7 @@ def vae_config(preset="default", in_channels=3, **overrides):
         preset=preset,
         in_channels=in_channels,
         min_log_scale=-7.0,     # floor of the discretized logistic's log scale
+        mixtures=MIXTURES,      # logistic components per pixel; their channels are linearly coupled
     )
     config.update(VAE_PRESETS[preset])
     config.update(overrides)
@@ -179,23 +183,48 @@ class ResBlock(nn.Module):
 
 
 def discretized_logistic_nll(x, mean, log_scale):
-    """-log P(x) per pixel under a logistic discretized to 256 levels; x, mean in [-1, 1]."""
+    """-log P(x) per pixel under a logistic discretized to 256 levels; x, mean in [-1, 1]. The lowest
+    and the highest level take the logistic's tails (their bin edge at -inf or +inf)."""
     centered = x - mean
     inv_s = torch.exp(-log_scale)
-    plus = inv_s * (centered + 1 / 255)
-    minus = inv_s * (centered - 1 / 255)
-    log_cdf_plus = plus - F.softplus(plus)        # log sigmoid(plus): mass of the lowest bin
-    log_one_minus_cdf_minus = -F.softplus(minus)  # log(1 - sigmoid(minus)): mass of the top bin
+    plus = torch.where(x > 0.999, math.inf, inv_s * (centered + 1 / 255))
+    minus = torch.where(x < -0.999, -math.inf, inv_s * (centered - 1 / 255))
     cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
     mid = inv_s * centered
     log_pdf_mid = mid - log_scale - 2 * F.softplus(mid) - math.log(127.5)  # when the bin mass underflows
-    log_mid = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), log_pdf_mid)
-    log_p = torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_mid))
-    return -log_p
+    return -torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), log_pdf_mid)
+
+
+def mixture_logistic_nll(x, logits, means, log_scales, coeffs):
+    """-log P(x) per pixel under a mixture of discretized logistics whose channels are coupled
+    linearly, as in PixelCNN++: in component k, channel j has mean means[k, j] + sum over i < j of
+    coeffs[k, pair(i, j)] * x_i, so P(x) = sum_k pi_k P_k(x_0) P_k(x_1 | x_0) P_k(x_2 | x_0, x_1) ...
+    is a distribution over the 256^C joint values of a pixel (each factor sums to one).
+
+    x (B, C, H, W) in [-1, 1]; logits (B, K, H, W); means, log_scales (B, K, C, H, W);
+    coeffs (B, K, C(C-1)/2, H, W) in pair order (0, 1), (0, 2), (1, 2), ...; returns (B, H, W)."""
+    x = x.unsqueeze(1)                                   # (B, 1, C, H, W)
+    coupled = coupled_means(means, coeffs, x)            # (B, K, C, H, W)
+    log_p = -discretized_logistic_nll(x, coupled, log_scales).sum(2) + F.log_softmax(logits, dim=1)
+    return -torch.logsumexp(log_p, dim=1)
+
+
+def coupled_means(means, coeffs, x):
+    """Channel means of each component given the channels before them: means[:, :, j] + the
+    coefficient-weighted x[:, :, i] for i < j (x broadcasts over the components)."""
+    channels, out, pair = means.shape[2], [], 0
+    for j in range(channels):
+        mean = means[:, :, j]
+        for i in range(j):
+            mean = mean + coeffs[:, :, pair] * x[:, :, i]
+            pair += 1
+        out.append(mean)
+    return torch.stack(out, dim=2)
 
 
 class VAE(nn.Module):
-    """Convolutional VAE with a flat latent and a discretized-logistic decoder (true bits/dim)."""
+    """Convolutional VAE with a flat latent and a decoder that gives each pixel a mixture of
+    discretized logistics with coupled colour channels (a true likelihood: bits/dim are a bound)."""
 
     image_size = 32  # fixed by the architecture: three stride-2 stages down to a flat 4x4 grid
 
@@ -203,6 +232,11 @@ class VAE(nn.Module):
         super().__init__()
         c, (w1, w2, w3), d = config["in_channels"], config["widths"], config["latent_dim"]
         self.config, self.latent_dim = config, d
+        if "mixtures" not in config:
+            raise ValueError("this VAE config (or checkpoint) predates the decoder's logistic mixture: retrain "
+                             "it (VAE.ipynb with RETRAIN=1, or training.train_vae(..., retrain=True))")
+        k = config["mixtures"]
+        self.split = (k, k * c, k * c, k * (c * (c - 1) // 2))  # logits, means, log scales, coupling
         self.encoder = nn.Sequential(
             nn.Conv2d(c, w1, 4, 2, 1), ResBlock(w1), nn.SiLU(),   # (B, w1, 16, 16)
             nn.Conv2d(w1, w2, 4, 2, 1), ResBlock(w2), nn.SiLU(),  # (B, w2, 8, 8)
@@ -214,7 +248,7 @@ class VAE(nn.Module):
             nn.Linear(d, w3 * 16), nn.Unflatten(1, (w3, 4, 4)),
             ResBlock(w3), nn.SiLU(), nn.ConvTranspose2d(w3, w2, 4, 2, 1),  # (B, w2, 8, 8)
             ResBlock(w2), nn.SiLU(), nn.ConvTranspose2d(w2, w1, 4, 2, 1),  # (B, w1, 16, 16)
-            ResBlock(w1), nn.SiLU(), nn.ConvTranspose2d(w1, 2 * c, 4, 2, 1),  # (B, 2C, 32, 32)
+            ResBlock(w1), nn.SiLU(), nn.ConvTranspose2d(w1, sum(self.split), 4, 2, 1),  # (B, ., 32, 32)
         )
         # statistics of the encoder means over the training set (filled in after training)
         self.register_buffer("latent_mean", torch.zeros(d))
@@ -228,13 +262,24 @@ class VAE(nn.Module):
         return mu, logvar.clamp(-12, 8)
 
     def decode_params(self, z):
-        """Discretized-logistic parameters in [-1, 1] space: (mean, log_scale), each (B, C, H, W)."""
-        mean, log_scale = self.decoder(z).chunk(2, dim=1)
-        return torch.tanh(mean), log_scale.clamp_min(self.config["min_log_scale"])
+        """The mixture's parameters in [-1, 1] pixel space, as mixture_logistic_nll takes them:
+        logits (B, K, H, W); means, log_scales (B, K, C, H, W); coeffs (B, K, C(C-1)/2, H, W)."""
+        out = self.decoder(z)
+        b, (k, c), hw = len(z), (self.split[0], self.config["in_channels"]), out.shape[-2:]
+        logits, means, log_scales, coeffs = out.split(self.split, dim=1)
+        return (logits, torch.tanh(means).view(b, k, c, *hw),
+                log_scales.clamp_min(self.config["min_log_scale"]).view(b, k, c, *hw),
+                torch.tanh(coeffs).view(b, k, -1, *hw))
 
     def decode(self, z):
-        """The decoder's mean image in [0, 1] (differentiable in z)."""
-        return (self.decode_params(z)[0] + 1) / 2
+        """The decoder's mean image in [0, 1] (differentiable in z): each component's channel means,
+        coupled through the component's own means, averaged with the mixture weights."""
+        logits, means, _, coeffs = self.decode_params(z)
+        mean = torch.zeros_like(means)
+        for _ in range(means.shape[2]):  # channel j's mean needs the means of the channels before it
+            mean = coupled_means(means, coeffs, mean)
+        weights = torch.softmax(logits, dim=1).unsqueeze(2)
+        return ((weights * mean).sum(1).clamp(-1, 1) + 1) / 2
 
     def forward(self, x):
         return self.reconstruct(x)
@@ -277,9 +322,8 @@ class VAE(nn.Module):
         mu, logvar = self.encode(x)
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + eps * torch.exp(0.5 * logvar)
-        mean, log_scale = self.decode_params(z)
         target = (torch.round(x * 255) / 255) * 2 - 1
-        nll = discretized_logistic_nll(target, mean, log_scale).flatten(1).sum(1)  # (B,)
+        nll = mixture_logistic_nll(target, *self.decode_params(z)).flatten(1).sum(1)  # (B,)
         kl_dims = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)  # (B, D)
         kl = kl_dims.sum(1)
         kl_train = kl_dims.mean(0).clamp_min(free_bits).sum() if free_bits > 0 else kl.mean()

@@ -42,6 +42,41 @@ def test_discretized_logistic_is_a_distribution_over_256_levels():
         assert torch.exp(-nll).sum().item() == pytest.approx(1.0, abs=2e-3)
 
 
+def test_mixture_with_coupled_channels_is_a_distribution_over_every_rgb_value():
+    """The joint of the three coupled channels, summed over all 256^3 colours of a pixel, is 1."""
+    gen = torch.Generator().manual_seed(0)
+    k = 3
+    rand = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)
+    logits, means = rand(1, k, 1, 1) * 4 - 2, rand(1, k, 3, 1, 1) * 2 - 1
+    log_scales, coeffs = rand(1, k, 3, 1, 1) * -5, rand(1, k, 3, 1, 1) * 2 - 1
+    levels = torch.arange(256, dtype=torch.float64) / 255 * 2 - 1
+    g, b = torch.meshgrid(levels, levels, indexing="ij")
+    total = 0.0
+    for r in levels:  # 256 slices of 65,536 colours
+        x = torch.stack([torch.full_like(g, r), g, b]).flatten(1).T[:, :, None, None]  # (65536, 3, 1, 1)
+        n = len(x)
+        nll = models.mixture_logistic_nll(x, logits.expand(n, -1, -1, -1), means.expand(n, -1, -1, -1, -1),
+                                          log_scales.expand(n, -1, -1, -1, -1), coeffs.expand(n, -1, -1, -1, -1))
+        total += torch.exp(-nll).sum().item()
+    assert total == pytest.approx(1.0, abs=1e-4)
+
+
+def test_coupling_makes_a_channel_that_follows_another_cheap():
+    """Green equal to red: with coupling coefficient 1 green costs almost nothing given red; with 0 it is
+    as costly as red itself. Swapping which channel conditions on which would break this."""
+    x = (torch.randint(0, 256, (4, 3, 8, 8), generator=torch.Generator().manual_seed(0)).double() / 255) * 2 - 1
+    x[:, 1] = x[:, 0]
+    b, hw = len(x), (8, 8)
+    logits = torch.zeros(b, 1, *hw, dtype=torch.float64)
+    means = torch.zeros(b, 1, 3, *hw, dtype=torch.float64)
+    log_scales = torch.full((b, 1, 3, *hw), -6.0, dtype=torch.float64)
+    log_scales[:, :, 0] = log_scales[:, :, 2] = 0.0
+    coupled, free = torch.zeros(b, 1, 3, *hw, dtype=torch.float64), torch.zeros(b, 1, 3, *hw, dtype=torch.float64)
+    coupled[:, :, 0] = 1.0  # pair (0, 1): green's mean follows red
+    assert models.mixture_logistic_nll(x, logits, means, log_scales, coupled).mean() < \
+        models.mixture_logistic_nll(x, logits, means, log_scales, free).mean() - 5
+
+
 def test_exact_decoder_is_near_the_entropy_bound_and_constant_decoder_is_worse():
     x = torch.randint(0, 256, (2, 3, 32, 32)).float() / 255 * 2 - 1
     dims_ln2 = x[0].numel() * math.log(2)
@@ -142,3 +177,10 @@ def test_latent_summary_of_a_known_covariance():
     eig = torch.cat([torch.tensor([6.0, 2.0]), torch.full((d - 2,), 0.001)]).double()
     assert s["participation_ratio"] == pytest.approx((eig.sum() ** 2 / (eig ** 2).sum()).item(), rel=1e-6)
     assert s["mean_abs_corr"] == pytest.approx(2 * 0.5 / (d * (d - 1)), rel=1e-6)
+
+
+def test_a_config_from_before_the_mixture_asks_for_retraining():
+    config = models.vae_config("small")
+    del config["mixtures"]
+    with pytest.raises(ValueError, match="predates the decoder's logistic mixture: retrain"):
+        models.build_model(config)
