@@ -375,6 +375,21 @@ def quality_table(model, other, d, techniques, seeds=4, steps=256, n_ref=10000, 
     return rows, grid
 
 
+RANKED_BY = ("naturalness", "path_flagged")  # lower is better for both
+
+
+def rank_techniques(rows, names):
+    """The rows of the named techniques, best first: by the sum of their ranks on naturalness and on
+    the path check (lower is better on both), among the techniques whose class evidence holds
+    (normalized activation >= 1 and transfer >= 0.9); ties go to the more natural."""
+    candidates = [r for r in rows if r["technique"] in names and r["act"] >= 1.0 and r["transfer"] >= 0.9]
+    ranks = {r["technique"]: 0 for r in candidates}
+    for key in RANKED_BY:
+        for i, r in enumerate(sorted(candidates, key=lambda r: r[key])):
+            ranks[r["technique"]] += i
+    return sorted(candidates, key=lambda r: (ranks[r["technique"]], r["naturalness"]))
+
+
 def _renderer(how, model, steps, size):
     """fn(targets, seed) -> images of a Technique (an outside renderer's fn is already one)."""
     if not isinstance(how, fv.Technique):

@@ -153,6 +153,9 @@ def quality(args):
           f"{' (quick)' if args.quick else ''}\n")
     print(metrics.format_table(rows))
     print_margins({r["technique"]: r for r in rows})
+    ranked = metrics.rank_techniques(rows, fv.TECHNIQUE_NAMES)
+    print("\nranked by naturalness + path check (the defaults follow it): " + ", ".join(
+        f"{r['technique']} ({r['naturalness']:.2f}, {r['path_flagged']:.2f})" for r in ranked))
     save_grid(grid, model, d, args)
 
 

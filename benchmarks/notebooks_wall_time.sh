@@ -2,7 +2,7 @@
 # Run the three notebooks top to bottom, one process after another, from fresh checkpoints, and log
 # the wall time of each (executed copies, with per-cell timings, go to outputs/).
 #
-#   DATASET=path/to/cifar10-jpeg.tar.gz bash benchmarks/notebooks_wall_time.sh
+#   DATASET=path/to/cifar10-jpeg.tar.gz bash benchmarks/notebooks_wall_time.sh [NOTEBOOK ...]
 #
 # Settings come from the environment as in the notebooks; the CPU or GPU defaults apply otherwise.
 set -euo pipefail
@@ -14,10 +14,12 @@ log=outputs/notebooks_wall_time.log
 mkdir -p outputs
 echo "$(date -u +%FT%TZ) DATASET=${DATASET:-cifar10} on $($PY -c 'import training; print(training.get_device())'), $(nproc) cores" | tee -a "$log"
 total=0
-for nb in Classifier.ipynb VAE.ipynb Visualization.ipynb; do
+notebooks=("$@")  # default: all three, in order
+[ ${#notebooks[@]} -gt 0 ] || notebooks=(Classifier.ipynb VAE.ipynb Visualization.ipynb)
+for nb in "${notebooks[@]}"; do
   start=$(date +%s)
   $PY -m jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 --output-dir outputs "$nb"
   took=$(( $(date +%s) - start )); total=$(( total + took ))
   echo "$nb: ${took} s" | tee -a "$log"
 done
-echo "all three: ${total} s ($(( total / 60 )) min $(( total % 60 )) s)" | tee -a "$log"
+echo "${notebooks[*]}: ${total} s ($(( total / 60 )) min $(( total % 60 )) s)" | tee -a "$log"

@@ -208,3 +208,14 @@ def test_planted_detector_on_real_samples_and_where_it_must_fail(hard):
     noise = (detector(torch.rand(1000, 3, 32, 32)) == d.test_y).float().mean().item()
     assert acc > 0.9 and flipped > 0.9, (acc, flipped)
     assert shuffled < 0.25 and noise < 0.25, (shuffled, noise)
+
+
+def test_rank_techniques_orders_by_both_naturalness_metrics_among_those_with_class_evidence():
+    row = lambda name, nat, path, act=2.0, transfer=1.0: dict(technique=name, naturalness=nat, path_flagged=path,
+                                                              act=act, transfer=transfer)
+    rows = [row("real test images", 0.9, 0.3),          # not a technique: never ranked
+            row("a", 1.2, 0.6), row("b", 1.5, 0.4), row("c", 2.0, 0.5),
+            row("weak", 1.0, 0.2, act=0.5),                # most natural, but does not excite its unit
+            row("foreign", 1.0, 0.2, transfer=0.4)]        # another model disagrees
+    ranked = [r["technique"] for r in metrics.rank_techniques(rows, ["a", "b", "c", "weak", "foreign"])]
+    assert ranked == ["b", "a", "c"]  # rank sums 1, 2, 3

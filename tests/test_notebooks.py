@@ -23,7 +23,7 @@ def test_committed_without_outputs_and_parameters_first(name):
 def test_notebook_runs_in_smoke_mode(name, monkeypatch):
     if not (ROOT / name).exists():
         pytest.fail(f"{name} is missing")
-    for key, value in dict(SMOKE="1", DATASET="synthetic", RETRAIN="1", MPLBACKEND="Agg").items():
+    for key, value in dict(SMOKE="1", DATASET="synthetic", RETRAIN="1", MPLBACKEND="Agg", ATLAS="1").items():
         monkeypatch.setenv(key, value)
     nb = nbformat.read(ROOT / name, as_version=4)
     client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
@@ -33,3 +33,5 @@ def test_notebook_runs_in_smoke_mode(name, monkeypatch):
     nbformat.write(nb, out)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    if name == "Visualization.ipynb":  # its last cell built the atlas (ATLAS=1)
+        assert (ROOT / "outputs" / "atlas_smoke" / "index.html").is_file()

@@ -1,0 +1,346 @@
+"""The atlas: a static site of every channel of a trained classifier, browsable offline.
+
+    python atlas.py --dataset cifar10-jpeg      # the notebooks' checkpoints -> outputs/atlas/index.html
+    index = atlas.build_atlas(model, d, vae)     # from Python; returns the path of index.html
+
+- index.html: every layer (its channel count and a strip of its most class-selective channels) and
+  every class;
+- one page per layer: every channel as a card with its visualization under two techniques, its top
+  and bottom test images with their activations, and its mean activation per class as a bar chart;
+- one page per class: its visualizations, its top test images, the classes it is confused with, and
+  the channels of the last block that add most to its logit, each linking to its card.
+
+Plain HTML and CSS with PNG images: no server, no network, no JavaScript; it opens from the file
+system and can be shared as a folder. Each layer is one render of all its channels and one pass over
+the test set. Every finished layer is recorded in atlas.json under a key of the model, the VAE, the
+data and the settings: an interrupted build resumes at the next layer, and a build under another key
+starts afresh, so stale pages are never reused.
+"""
+import argparse
+import hashlib
+import html
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+import data
+import featureviz as fv
+import metrics
+import models
+import training
+
+ATLAS_DIR = Path("outputs") / "atlas"
+ATLAS_TECHNIQUES = ("maco", "whitened")  # the best image-space and the best latent technique by the quality table
+TOP, BOTTOM = 8, 4                     # exemplars per card
+STRIP = 8                              # most selective channels per layer on the index
+CONTRIBUTORS = 8                       # channels listed per class
+VERSION = 1                            # of the pages: a new version never reuses older pages
+CLASSES = "classes"                    # the manifest's entry for the class pages
+MANIFEST = "atlas.json"
+
+
+# ----------------------------------------------------------------------------- the build
+
+def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, layers=None, steps=256,
+                progress=True):
+    """Build (or resume) the atlas of `model` on the data `d` into the folder `out`; returns index.html's path.
+
+    techniques: technique names (featureviz.TECHNIQUE_NAMES), shown side by side; the latent ones need `vae`.
+    layers: the layers whose channels get pages (default: every block's last spatial layer,
+      models.block_layers).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    layers = list(models.block_layers(model, d.size) if layers is None else layers)
+    if not layers or not techniques:
+        raise ValueError(f"layers and techniques must not be empty, got layers={layers!r}, techniques={techniques!r}")
+    for name in layers:
+        models.get_layer(model, name)  # an unknown name fails here, naming the valid ones
+    cov = fv.color_covariance(d.train_x[:10000])
+    hows = {name: fv.get_technique(name, vae, cov, fv.magnitude_spectrum(d.train_x[:10000], cov))
+            for name in techniques}
+    out = Path(out)
+    key = fingerprint(VERSION, model, vae, list(techniques), steps, layers, d.name, d.classes, d.test_x, d.test_y)
+    done = _resume(out, key)
+    site = Site(out, d, list(techniques))
+    for unit in tqdm(layers + [CLASSES], desc="atlas", disable=not progress):
+        if unit not in done:
+            done[unit] = (_class_pages(model, d, hows, steps, site, layers[-1], done) if unit == CLASSES
+                          else _layer_page(model, d, unit, hows, steps, site))
+            _save_manifest(out, key, done)
+    site.write("index.html", _index(site, layers, done))
+    return out / "index.html"
+
+
+def fingerprint(*parts):
+    """A short hash of models (their state), tensors and plain values: the atlas's cache key."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, nn.Module):
+            for name, t in part.state_dict().items():
+                h.update(name.encode())
+                h.update(_bytes(t))
+        elif isinstance(part, torch.Tensor):
+            h.update(_bytes(part))
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()[:16]
+
+
+def _bytes(t):
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _resume(out, key):
+    """The finished units recorded under this key; a folder built under another key is emptied first.
+    A folder that is not an atlas is never touched."""
+    manifest = out / MANIFEST
+    if manifest.exists():
+        saved = json.loads(manifest.read_text())
+        if saved.get("key") == key:
+            return saved["done"]
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"out={str(out)!r} is a folder with other files in it (no {MANIFEST}): choose an empty "
+                         f"or new folder for the atlas")
+    return {}
+
+
+def _save_manifest(out, key, done):
+    data.atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(dict(key=key, done=done), indent=1)))
+
+
+# ----------------------------------------------------------------------------- what the pages show
+
+def selectivity(class_means):
+    """(C,) per channel: its largest per-class mean activation over its mean over the classes
+    (negative means count as 0; a channel silent on every class scores 0)."""
+    m = class_means.clamp_min(0)
+    return m.max(0).values / m.mean(0).clamp_min(1e-8)
+
+
+def class_means(acts, labels, num_classes):
+    """(K, T) the mean of each column of acts (N, T) over the images of each class."""
+    return torch.stack([acts[labels == k].mean(0) for k in range(num_classes)])
+
+
+def head_contributions(model, images, labels, num_classes):
+    """(K, F) head weight x the mean of each head input over each class's images, for a model whose
+    last module is an nn.Linear on pooled channels (None for another kind of head)."""
+    head = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    if not isinstance(head, nn.Linear):
+        return None
+    inputs = []
+    with models.evaluating(model), torch.no_grad():
+        head.register_forward_pre_hook(lambda module, args: inputs.append(args[0].flatten(1).float().cpu()))
+        training.predict(model, images)
+    return head.weight.detach().float().cpu() * class_means(torch.cat(inputs), labels, num_classes)
+
+
+def _layer_page(model, d, layer, hows, steps, site):
+    """Render every channel of the layer (one render per technique), find the exemplars (one pass),
+    write the layer's page; returns the summary the index needs."""
+    n = models.layer_channels(model, layer, d.size)
+    targets = [fv.Channel(layer, c) for c in range(n)]
+    acts = fv.activations(model, d.test_x, targets)  # (N, n)
+    means = class_means(acts, d.test_y, len(d.classes))
+    for name, how in hows.items():
+        site.save_images(layer, name, how(model, targets, steps=steps, size=d.size, progress=False).images)
+    top, bottom = acts.topk(min(TOP, len(acts)), dim=0), acts.topk(min(BOTTOM, len(acts)), dim=0, largest=False)
+    cards = [site.card(layer, c, top.indices[:, c], top.values[:, c], bottom.indices[:, c], bottom.values[:, c],
+                       means[:, c]) for c in range(n)]
+    sel = selectivity(means)
+    nav = '<p class="nav">channel: ' + " ".join(f'<a href="#c{c}">{c}</a>' for c in range(n)) + "</p>"
+    site.write(site.layer_file(layer), site.page(f"{layer}: {n} channels", f'{nav}<div class="cards">{"".join(cards)}</div>'))
+    return dict(channels=n, selective=sel.argsort(descending=True)[:STRIP].tolist())
+
+
+def _class_pages(model, d, hows, steps, site, last_layer, done):
+    """One page per class; the contributing channels are those of the last layer (when the head reads them)."""
+    k = len(d.classes)
+    targets = [fv.Class(c) for c in range(k)]
+    logits = fv.activations(model, d.test_x, targets)  # (N, K)
+    cm = metrics.confusion_matrix(d.test_y, logits.argmax(1), k)
+    for name, how in hows.items():
+        site.save_images(CLASSES, name, how(model, targets, steps=steps, size=d.size, progress=False).images)
+    contrib = head_contributions(model, d.test_x, d.test_y, k)
+    if contrib is not None and contrib.shape[1] != done[last_layer]["channels"]:
+        contrib = None  # the head does not read the last layer's channels one to one
+    top = logits.topk(min(TOP, len(logits)), dim=0)
+    for c in range(k):
+        body = site.class_body(c, top.indices[:, c], top.values[:, c], cm, last_layer,
+                               None if contrib is None else contrib[c])
+        site.write(f"class-{c}.html", site.page(f"class {c}: {d.classes[c]}", body))
+    return dict(accuracy=(cm.diag().sum() / cm.sum()).item())
+
+
+def _index(site, layers, done):
+    rows = "".join(site.layer_entry(layer, done[layer]) for layer in layers)
+    classes = site.class_strip()
+    acc = done[CLASSES]["accuracy"]
+    body = (f"<p>Test accuracy {acc:.1%}. Each channel's card shows its visualizations "
+            f"({', '.join(site.techniques)}), its top {TOP} and bottom {BOTTOM} test images with their "
+            f"activations, and its mean activation per class.</p><h2>Layers</h2>{rows}<h2>Classes</h2>{classes}")
+    return site.page("atlas", body, home=False)
+
+
+# ----------------------------------------------------------------------------- the files
+
+def safe(name):
+    """A file name for a layer or technique name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+CSS = """body{font-family:sans-serif;margin:1.5em;color:#222}a{color:#14c}h2{margin-top:1.4em}
+img{image-rendering:pixelated;width:64px;height:64px;display:block}
+.cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;border-radius:6px;padding:8px;width:590px}
+.card:target{border-color:#14c;box-shadow:0 0 6px #14c}.row{display:flex;gap:4px;align-items:flex-end;margin:4px 0}
+figure{margin:0;text-align:center;font-size:11px}.label{width:52px;font-size:12px;color:#555}
+.bars{display:flex;gap:3px;align-items:flex-end;height:48px}.bar{width:22px;background:#5a8;min-height:1px}
+.barlabel{width:22px;font-size:9px;overflow:hidden;text-align:center}.strip{display:flex;gap:6px;flex-wrap:wrap}
+table{border-collapse:collapse}.row .label{align-self:center}td,th{padding:2px 8px;text-align:left}"""
+
+
+class Site:
+    """Writes the atlas's files into one folder: pages, images, the stylesheet."""
+
+    def __init__(self, out, d, techniques):
+        self.out, self.d, self.techniques = Path(out), d, techniques
+        self.write("atlas.css", CSS)
+
+    def write(self, name, text):
+        data.atomic_write(self.out / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def save_png(self, rel, image):
+        """image (C, H, W) uint8 or float in [0, 1] -> out/rel."""
+        x = image if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).round().to(torch.uint8)
+        array = x.permute(1, 2, 0).cpu().numpy()
+        pil = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+        data.atomic_write(self.out / rel, lambda tmp: pil.save(tmp, format="PNG"))
+
+    def save_images(self, unit, technique, images):
+        for i, image in enumerate(images):
+            self.save_png(self.vis_file(unit, technique, i), image)
+
+    def vis_file(self, unit, technique, i):
+        return f"img/{safe(unit)}/{safe(technique)}-{i}.png"
+
+    def test_image(self, i):
+        """The path of test image i, written the first time a page shows it."""
+        rel = f"img/test/{i}.png"
+        if not (self.out / rel).exists():
+            self.save_png(rel, self.d.test_x[i])
+        return rel
+
+    def layer_file(self, layer):
+        return f"layer-{safe(layer)}.html"
+
+    def page(self, title, body, home=True):
+        back = '<p><a href="index.html">&larr; atlas index</a></p>' if home else ""
+        return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+                f'<link rel="stylesheet" href="atlas.css"></head><body>{back}<h1>{html.escape(title)}</h1>'
+                f'{body}</body></html>\n')
+
+    def figure(self, src, caption, href=None):
+        img = f'<img src="{src}" alt="{html.escape(caption)}">'
+        link = f'<a href="{href}">{img}</a>' if href else img
+        return f"<figure>{link}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+    def exemplar_row(self, label, indices, values):
+        figs = "".join(self.figure(self.test_image(i), f"{v:.2f}") for i, v in zip(indices.tolist(), values.tolist()))
+        return f'<div class="row"><span class="label">{label}</span>{figs}</div>'
+
+    def bars(self, values):
+        """Mean activation per class as CSS bars (negative means as empty bars; exact values on hover)."""
+        scale = max(values.max().item(), 1e-8)
+        bars = "".join(f'<div class="bar" style="height:{max(v, 0) / scale * 100:.0f}%" '
+                       f'title="{html.escape(name)}: {v:.3f}"></div>' for name, v in zip(self.d.classes, values.tolist()))
+        labels = "".join(f'<div class="barlabel">{html.escape(name[:4])}</div>' for name in self.d.classes)
+        return f'<div class="bars">{bars}</div><div class="row">{labels}</div>'
+
+    def card(self, layer, c, top, top_values, bottom, bottom_values, means):
+        vis = "".join(self.figure(self.vis_file(layer, t, c), t) for t in self.techniques)
+        return (f'<div class="card" id="c{c}"><b>channel {c}</b><div class="row">{vis}</div>'
+                f'{self.exemplar_row("top", top, top_values)}{self.exemplar_row("bottom", bottom, bottom_values)}'
+                f'<div>mean activation per class</div>{self.bars(means)}</div>')
+
+    def class_body(self, c, top, top_values, cm, last_layer, contrib):
+        names = self.d.classes
+        vis = "".join(self.figure(self.vis_file(CLASSES, t, c), t) for t in self.techniques)
+        confused = (cm[c] + cm[:, c]).clone()
+        confused[c] = -1
+        rows = "".join(f'<tr><td><a href="class-{j}.html">{html.escape(names[j])}</a></td><td>{int(cm[c, j])}</td>'
+                       f'<td>{int(cm[j, c])}</td></tr>' for j in confused.argsort(descending=True)[:3].tolist())
+        body = (f'<div class="row">{vis}</div><h2>Top test images (logit)</h2>{self.exemplar_row("top", top, top_values)}'
+                f'<h2>Most confused with</h2><table><tr><th>class</th><th>{html.escape(names[c])} taken for it</th>'
+                f'<th>it taken for {html.escape(names[c])}</th></tr>{rows}</table>')
+        if contrib is None:
+            return body + f"<p>The head does not read the channels of {html.escape(last_layer)} one to one.</p>"
+        top_ch = contrib.argsort(descending=True)[:CONTRIBUTORS].tolist()
+        figs = "".join(self.figure(self.vis_file(last_layer, self.techniques[0], j), f"ch {j}: {contrib[j]:+.2f}",
+                                   f"{self.layer_file(last_layer)}#c{j}") for j in top_ch)
+        return body + (f"<h2>Channels of {html.escape(last_layer)} that add most to its logit</h2>"
+                       f"<p>head weight x mean activation on the class's test images</p><div class=\"strip\">{figs}</div>")
+
+    def layer_entry(self, layer, summary):
+        href = self.layer_file(layer)
+        figs = "".join(self.figure(self.vis_file(layer, self.techniques[0], c), f"ch {c}", f"{href}#c{c}")
+                       for c in summary["selective"])
+        return (f'<h3><a href="{href}">{html.escape(layer)}</a> ({summary["channels"]} channels)</h3>'
+                f'<div>most class-selective channels:</div><div class="strip">{figs}</div>')
+
+    def class_strip(self):
+        figs = "".join(self.figure(self.vis_file(CLASSES, self.techniques[0], c), name, f"class-{c}.html")
+                       for c, name in enumerate(self.d.classes))
+        return f'<div class="strip">{figs}</div>'
+
+
+# ----------------------------------------------------------------------------- command line
+
+def command(dataset, preset, vae_preset, data_dir="data"):
+    """The command line that builds the atlas from the notebooks' checkpoints."""
+    return f"python atlas.py --dataset {dataset} --preset {preset} --vae-preset {vae_preset} --data-dir {data_dir}"
+
+
+def notebook_models(dataset, data_dir, preset, vae_preset, techniques):
+    """(classifier, data, VAE or None) from the checkpoints the notebooks wrote under checkpoints/."""
+    d = data.load_data(dataset, data_dir)
+    device, hint = training.get_device(), f"run the notebooks first (with DATASET={dataset})"
+    model, _ = training.load_checkpoint(Path("checkpoints") / f"classifier_{d.name}_{preset}.pt", device, hint)
+    vae = None
+    if any(t in fv.LATENT_TECHNIQUES for t in techniques):
+        vae, _ = training.load_checkpoint(Path("checkpoints") / f"vae_{d.name}_{vae_preset}.pt", device, hint)
+    return model, d, vae
+
+
+def arguments(description, argv=None):
+    """The command line of the atlas (and of its benchmark)."""
+    defaults = training.device_defaults()
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--dataset", default="cifar10", help="the dataset the notebooks ran on (data.load_data)")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--preset", default=defaults["preset"], help="the classifier's preset (models.CNN_PRESETS)")
+    p.add_argument("--vae-preset", default=defaults["vae_preset"], help="the VAE's preset (models.VAE_PRESETS)")
+    p.add_argument("--techniques", default=",".join(ATLAS_TECHNIQUES), help="comma-separated technique names")
+    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--out", default=str(ATLAS_DIR))
+    args = p.parse_args(argv)
+    args.techniques = args.techniques.split(",")
+    return args
+
+
+def main(argv=None):
+    args = arguments("Build the atlas of the notebooks' classifier (checkpoints/).", argv)
+    model, d, vae = notebook_models(args.dataset, args.data_dir, args.preset, args.vae_preset, args.techniques)
+    index = build_atlas(model, d, vae, args.techniques, args.out, steps=args.steps)
+    print(f"the atlas is built: open {index.resolve()} in a browser")
+
+
+if __name__ == "__main__":
+    main()

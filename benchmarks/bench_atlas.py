@@ -1,0 +1,62 @@
+"""Atlas benchmark: the whole atlas of the notebooks' classifier, built from scratch, and its time.
+
+    python benchmarks/bench_atlas.py --dataset cifar10-jpeg     # after the three notebooks
+
+Builds into outputs/atlas_bench/ (emptied first, so nothing is reused): every channel of every block's
+last spatial layer and the 10 classes, under both techniques at their default steps. Goals: the CPU
+default model (`compact`) in at most 15 minutes on 2 CPU cores; `airbench` in at most 1 minute on a GPU.
+Then, where Playwright and Chromium are installed, a screenshot of the last layer's page goes to
+docs/atlas_layer.png (the README's).
+"""
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import atlas  # noqa: E402
+import models  # noqa: E402
+import training  # noqa: E402
+
+
+def main():
+    args = atlas.arguments(__doc__.split("\n")[0])
+    out = Path(args.out if args.out != str(atlas.ATLAS_DIR) else "outputs/atlas_bench")
+    model, d, vae = atlas.notebook_models(args.dataset, args.data_dir, args.preset, args.vae_preset, args.techniques)
+    shutil.rmtree(out, ignore_errors=True)
+    layers = models.block_layers(model, d.size)
+    channels = sum(models.layer_channels(model, layer, d.size) for layer in layers)
+    start = time.perf_counter()
+    atlas.build_atlas(model, d, vae, args.techniques, out, steps=args.steps)
+    took = time.perf_counter() - start
+    device = training.get_device()
+    goal = "1 min on a GPU (airbench)" if str(device).startswith("cuda") else "15 min on 2 CPU cores (compact)"
+    print(f"atlas of {args.preset} on {d.name}: {channels} channels in {len(layers)} layers + {len(d.classes)} "
+          f"classes, techniques {', '.join(args.techniques)}, {args.steps} steps, {torch.get_num_threads()} threads, "
+          f"{device}: {took:.0f} s ({took / 60:.1f} min); goal {goal}")
+    screenshot(out / f"layer-{atlas.safe(layers[-1])}.html", Path("docs") / "atlas_layer.png")
+
+
+def screenshot(page_path, png):
+    """A screenshot of the top of one atlas page, in headless Chromium (skipped without it)."""
+    chromium = shutil.which("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        chromium = None
+    if chromium is None:
+        print("(no screenshot: needs Playwright and Chromium)")
+        return
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport=dict(width=1280, height=900))
+        page.goto(page_path.resolve().as_uri())
+        page.screenshot(path=str(png))
+        browser.close()
+    print(f"screenshot: {png}")
+
+
+if __name__ == "__main__":
+    main()

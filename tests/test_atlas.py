@@ -1,0 +1,226 @@
+"""The atlas: page structure (every channel has its card, every link and image resolves), resuming and
+stale keys, the selectivity and head-contribution numbers, and a real headless browser."""
+import os
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import torch
+
+import atlas
+import data
+import featureviz as fv
+import metrics
+import models
+
+STEPS = 4
+TECHNIQUES = atlas.ATLAS_TECHNIQUES
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    d = data.load_data("synthetic", n_train=400, n_test=120, seed=1)
+    torch.manual_seed(0)
+    model = models.build_model(models.cnn_config("small", image_size=32)).eval()
+    vae = models.build_model(models.vae_config("small")).eval()
+    return model, d, vae
+
+
+@pytest.fixture(scope="module")
+def built(tiny, tmp_path_factory):
+    model, d, vae = tiny
+    out = tmp_path_factory.mktemp("atlas")
+    index = atlas.build_atlas(model, d, vae, TECHNIQUES, out, steps=STEPS, progress=False)
+    return out, index
+
+
+class Links(HTMLParser):
+    """Every href and img src of a page, and the ids of its channel cards."""
+
+    def __init__(self):
+        super().__init__()
+        self.hrefs, self.srcs, self.cards = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "a":
+            self.hrefs.append(a["href"])
+        if tag in ("img", "link"):
+            self.srcs.append(a.get("src") or a.get("href"))
+        if tag == "div" and a.get("class") == "card":
+            self.cards.append(a["id"])
+
+
+def parse(path):
+    p = Links()
+    p.feed(path.read_text())
+    return p
+
+
+def test_every_channel_of_every_block_has_its_card_and_every_link_resolves(tiny, built):
+    model, d, _ = tiny
+    out, index = built
+    assert index == out / "index.html"
+    layers = models.block_layers(model, 32)
+    pages = [index] + [out / f"layer-{atlas.safe(layer)}.html" for layer in layers] + \
+            [out / f"class-{c}.html" for c in range(len(d.classes))]
+    for layer in layers:
+        cards = parse(out / f"layer-{atlas.safe(layer)}.html").cards
+        assert cards == [f"c{c}" for c in range(models.layer_channels(model, layer, 32))]
+    for page in pages:
+        links = parse(page)
+        for ref in links.hrefs + links.srcs:
+            target = urlparse(ref)
+            assert not target.scheme and not target.netloc, f"{page.name} links outside the folder: {ref}"
+            path = out / (target.path or page.name)  # "#c3": a card on this page
+            assert path.is_file(), f"{page.name} links to a missing {ref}"
+            if target.fragment:
+                assert target.fragment in parse(path).cards, ref
+    linked = {urlparse(h).path for h in parse(index).hrefs}
+    assert {p.name for p in pages[1:]} <= linked  # the index reaches every layer and class page
+
+
+def test_class_pages_list_the_channels_that_add_most_to_the_logit(tiny, built):
+    model, d, _ = tiny
+    out, _ = built
+    last = models.block_layers(model, 32)[-1]
+    contrib = atlas.head_contributions(model, d.test_x, d.test_y, len(d.classes))
+    best = contrib[3].argsort(descending=True)[:atlas.CONTRIBUTORS].tolist()
+    cards = [h for h in parse(out / "class-3.html").hrefs if "#c" in h]
+    assert cards == [f"layer-{atlas.safe(last)}.html#c{j}" for j in best]
+
+
+def test_head_contributions_are_head_weight_times_the_class_mean_of_its_inputs(tiny):
+    model, d, _ = tiny
+    contrib = atlas.head_contributions(model, d.test_x, d.test_y, len(d.classes))
+    feats = metrics.features(model, d.test_x)  # what our CNN's head reads
+    expected = torch.stack([model.head.weight[k].detach() * feats[d.test_y == k].mean(0) for k in range(10)])
+    assert torch.allclose(contrib, expected, atol=1e-4)
+    conv_head = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 32), torch.nn.Flatten())
+    assert atlas.head_contributions(conv_head, d.test_x, d.test_y, 10) is None
+
+
+def test_selectivity_is_high_for_a_one_class_channel_and_low_for_an_even_one():
+    means = torch.zeros(10, 3)
+    means[4, 0] = 2.0       # fires for one class only: 10x its mean over the classes
+    means[:, 1] = 0.7       # fires alike for every class
+    sel = atlas.selectivity(means)  # channel 2 never fires
+    assert sel.tolist() == pytest.approx([10.0, 1.0, 0.0])
+
+
+def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_path, monkeypatch):
+    model, d, vae = tiny
+    layers = models.block_layers(model, 32)[-2:]
+    calls = []
+    real_layer, real_classes = atlas._layer_page, atlas._class_pages
+    monkeypatch.setattr(atlas, "_layer_page", lambda *a: calls.append(a[2]) or real_layer(*a))
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atlas, "_class_pages", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS, progress=False)
+    assert calls == layers and not (tmp_path / "index.html").exists()
+    monkeypatch.setattr(atlas, "_class_pages", real_classes)
+    atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS, progress=False)
+    assert calls == layers  # the finished layers were kept, only the classes ran
+    atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS, progress=False)
+    assert calls == layers
+    stale = tmp_path / "img" / "stale.png"
+    stale.write_bytes(b"")
+    atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS + 1, progress=False)  # other settings
+    assert calls == layers * 2 and not stale.exists()  # started afresh
+
+
+def test_bad_arguments_name_what_is_wrong(tiny, tmp_path):
+    model, d, vae = tiny
+    with pytest.raises(ValueError, match="unknown technique 'sharp'"):
+        atlas.build_atlas(model, d, vae, ("maco", "sharp"), tmp_path, steps=STEPS, progress=False)
+    with pytest.raises(ValueError, match="draws through a VAE"):
+        atlas.build_atlas(model, d, None, TECHNIQUES, tmp_path, steps=STEPS, progress=False)
+    with pytest.raises(ValueError, match="unknown layer 'block9'"):
+        atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, ["block9"], STEPS, progress=False)
+    with pytest.raises(ValueError, match="steps must be"):
+        atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, steps=0, progress=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="other files in it"):
+        atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, steps=STEPS, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # a folder that is not an atlas is left alone
+
+
+def test_the_cards_show_the_channels_own_exemplars(tiny, built):
+    model, d, _ = tiny
+    out, _ = built
+    layer = models.block_layers(model, 32)[-1]
+    ex = fv.exemplars(model, d.test_x, fv.Channel(layer, 5), k=atlas.TOP)
+    page = (out / f"layer-{atlas.safe(layer)}.html").read_text()
+    card = page[page.index('id="c5"'):page.index('id="c6"')]
+    shown = [int(s.split(".png")[0]) for s in card.split("img/test/")[1:]]
+    assert shown[:atlas.TOP] == ex.top.tolist()
+
+
+# ----------------------------------------------------------------------------- a real browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (the Debian package) driven by Playwright; under CI=true a missing one fails."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or CHROMIUM is None:
+        reason = "needs Playwright (pip) and Chromium (apt-get install chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def _loaded(page, errors):
+    """The page finished loading, every image on it has pixels, and nothing went wrong."""
+    page.wait_for_load_state("load")
+    broken = page.eval_on_selector_all("img", "imgs => imgs.filter(i => !i.complete || i.naturalWidth === 0)"
+                                               ".map(i => i.getAttribute('src'))")
+    assert broken == [], f"images that did not load on {page.url}: {broken[:5]}"
+    assert page.eval_on_selector_all("img", "imgs => imgs.length") > 0
+    assert errors == [], f"errors on {page.url}: {errors[:5]}"
+
+
+def test_the_atlas_opens_offline_in_a_browser(built, browser, tmp_path):
+    out, index = built
+    page = browser.new_page()
+    errors = []
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("requestfailed", lambda req: errors.append(f"failed: {req.url}"))
+    home = index.resolve().as_uri()
+    page.goto(home)
+    _loaded(page, errors)
+    page.click("h3 a")                    # index -> the first layer
+    _loaded(page, errors)
+    assert "layer-" in page.url
+    page.click(".nav a >> nth=3")         # layer -> its channel 3
+    assert page.url.endswith("#c3") and page.is_visible("#c3")
+    page.goto(home)
+    page.click(".strip a >> nth=0")       # index -> a selective channel's card
+    _loaded(page, errors)
+    card = urlparse(page.url).fragment
+    assert card.startswith("c") and page.is_visible(f"#{card}")
+    page.goto(home)
+    page.click('a[href="class-0.html"]')  # index -> a class
+    _loaded(page, errors)
+    page.screenshot(path=str(tmp_path / "class.png"))
+    page.goto((out / f"layer-{atlas.safe('block3.act2')}.html").resolve().as_uri())
+    _loaded(page, errors)
+    shot = Path(os.environ.get("ATLAS_SCREENSHOT", tmp_path / "layer.png"))
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
