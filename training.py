@@ -48,7 +48,7 @@ VAE_HYP = dict(
 # in under 45 minutes; a GPU gets the full-width classifier and a VAE large enough to keep it busy.
 # Settings given in the environment always win.
 DEVICE_DEFAULTS = dict(
-    cpu=dict(preset="compact", vae_preset="default", vae_epochs=10),
+    cpu=dict(preset="compact", vae_preset="default", vae_epochs=15),
     gpu=dict(preset="airbench", vae_preset="wide", vae_epochs=30),
 )
 

@@ -152,7 +152,8 @@ NOT_IMAGES = {
     "data.to_float": "the converter itself",
     "data.check_images": "the check itself",
     "data.shift": "a differentiable gather on any dtype, used inside the loader and the transforms",
-    "models.discretized_logistic_nll": "takes pixels scaled to [-1, 1] inside the VAE's loss",
+    **{f"models.{n}": "takes pixels scaled to [-1, 1] inside the VAE's loss"
+       for n in ("discretized_logistic_nll", "mixture_logistic_nll", "coupled_means")},
     **{f"featureviz.{n}": "runs on the rendered batch inside render()'s step loop, where a check would sync"
        for n in ("LIGHT", "STANDARD", "blur_penalty", "blurred", "l2_penalty", "tv_penalty")},
 }
