@@ -71,7 +71,7 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     site = Site(out, d, list(techniques))
     for unit in tqdm(layers + [CLASSES], desc="atlas", disable=not progress):
         if unit not in done:
-            done[unit] = (_class_pages(model, d, hows, steps, site, layers[-1], done) if unit == CLASSES
+            done[unit] = (_class_pages(model, d, hows, steps, site, layers[-1]) if unit == CLASSES
                           else _layer_page(model, d, unit, hows, steps, site))
             _save_manifest(out, key, done)
     site.write("index.html", _index(site, layers, done))
@@ -161,7 +161,7 @@ def _layer_page(model, d, layer, hows, steps, site):
     return dict(channels=n, selective=sel.argsort(descending=True)[:STRIP].tolist())
 
 
-def _class_pages(model, d, hows, steps, site, last_layer, done):
+def _class_pages(model, d, hows, steps, site, last_layer):
     """One page per class; the contributing channels are those of the last layer (when the head reads them)."""
     k = len(d.classes)
     targets = [fv.Class(c) for c in range(k)]
@@ -170,7 +170,7 @@ def _class_pages(model, d, hows, steps, site, last_layer, done):
     for name, how in hows.items():
         site.save_images(CLASSES, name, how(model, targets, steps=steps, size=d.size, progress=False).images)
     contrib = head_contributions(model, d.test_x, d.test_y, k)
-    if contrib is not None and contrib.shape[1] != done[last_layer]["channels"]:
+    if contrib is not None and contrib.shape[1] != models.layer_channels(model, last_layer, d.size):
         contrib = None  # the head does not read the last layer's channels one to one
     top = logits.topk(min(TOP, len(logits)), dim=0)
     for c in range(k):
