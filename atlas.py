@@ -131,16 +131,18 @@ def class_means(acts, labels, num_classes):
 
 
 def head_contributions(model, images, labels, num_classes):
-    """(K, F) head weight x the mean of each head input over each class's images, for a model whose
-    last module is an nn.Linear on pooled channels (None for another kind of head)."""
+    """(logits (N, K), contributions (K, F) or None) in one pass over the images: the contributions are
+    the head weight x the mean of each head input over each class's images, for a model whose last
+    module is an nn.Linear on pooled channels (None for another kind of head)."""
     head = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
-    if not isinstance(head, nn.Linear):
-        return None
     inputs = []
     with models.evaluating(model), torch.no_grad():
-        head.register_forward_pre_hook(lambda module, args: inputs.append(args[0].flatten(1).float().cpu()))
-        training.predict(model, images)
-    return head.weight.detach().float().cpu() * class_means(torch.cat(inputs), labels, num_classes)
+        if isinstance(head, nn.Linear):
+            head.register_forward_pre_hook(lambda module, args: inputs.append(args[0].flatten(1).float().cpu()))
+        logits = training.predict(model, images).cpu()
+    if not inputs:
+        return logits, None
+    return logits, head.weight.detach().float().cpu() * class_means(torch.cat(inputs), labels, num_classes)
 
 
 def _layer_page(model, d, layer, hows, steps, site):
@@ -165,11 +167,10 @@ def _class_pages(model, d, hows, steps, site, last_layer):
     """One page per class; the contributing channels are those of the last layer (when the head reads them)."""
     k = len(d.classes)
     targets = [fv.Class(c) for c in range(k)]
-    logits = fv.activations(model, d.test_x, targets)  # (N, K)
+    logits, contrib = head_contributions(model, d.test_x, d.test_y, k)  # (N, K), (K, F)
     cm = metrics.confusion_matrix(d.test_y, logits.argmax(1), k)
     for name, how in hows.items():
         site.save_images(CLASSES, name, how(model, targets, steps=steps, size=d.size, progress=False).images)
-    contrib = head_contributions(model, d.test_x, d.test_y, k)
     if contrib is not None and contrib.shape[1] != models.layer_channels(model, last_layer, d.size):
         contrib = None  # the head does not read the last layer's channels one to one
     top = logits.topk(min(TOP, len(logits)), dim=0)

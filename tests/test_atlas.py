@@ -86,7 +86,7 @@ def test_class_pages_list_the_channels_that_add_most_to_the_logit(tiny, built):
     model, d, _ = tiny
     out, _ = built
     last = models.block_layers(model, 32)[-1]
-    contrib = atlas.head_contributions(model, d.test_x, d.test_y, len(d.classes))
+    contrib = atlas.head_contributions(model, d.test_x, d.test_y, len(d.classes))[1]
     best = contrib[3].argsort(descending=True)[:atlas.CONTRIBUTORS].tolist()
     cards = [h for h in parse(out / "class-3.html").hrefs if "#c" in h]
     assert cards == [f"layer-{atlas.safe(last)}.html#c{j}" for j in best]
@@ -94,12 +94,13 @@ def test_class_pages_list_the_channels_that_add_most_to_the_logit(tiny, built):
 
 def test_head_contributions_are_head_weight_times_the_class_mean_of_its_inputs(tiny):
     model, d, _ = tiny
-    contrib = atlas.head_contributions(model, d.test_x, d.test_y, len(d.classes))
+    logits, contrib = atlas.head_contributions(model, d.test_x, d.test_y, len(d.classes))
+    assert torch.allclose(logits, fv.activations(model, d.test_x, [fv.Class(k) for k in range(10)]), atol=1e-4)
     feats = metrics.features(model, d.test_x)  # what our CNN's head reads
     expected = torch.stack([model.head.weight[k].detach() * feats[d.test_y == k].mean(0) for k in range(10)])
     assert torch.allclose(contrib, expected, atol=1e-4)
     conv_head = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 32), torch.nn.Flatten())
-    assert atlas.head_contributions(conv_head, d.test_x, d.test_y, 10) is None
+    assert atlas.head_contributions(conv_head, d.test_x, d.test_y, 10)[1] is None
 
 
 def test_selectivity_is_high_for_a_one_class_channel_and_low_for_an_even_one():
