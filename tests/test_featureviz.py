@@ -105,6 +105,23 @@ def test_maco_keeps_the_data_magnitude_and_optimizes_only_the_phase():
     assert (torch.angle(got / want)).abs().max() < 1e-3
 
 
+def test_maco_polar_matches_torch_polar_and_its_gradient():
+    """MaCo's closed-form phase gradient is the one autograd gives torch.polar, through the inverse FFT."""
+    gen = torch.Generator().manual_seed(0)
+    magnitude = torch.rand(3, 8, 5, generator=gen) + 0.1
+    phase = ((2 * torch.rand(2, 3, 8, 5, generator=gen) - 1) * torch.pi).requires_grad_()
+    weight = torch.randn(2, 3, 8, 8, generator=gen)
+    grads = []
+    for polar in (lambda: fv._Polar.apply(magnitude, phase), lambda: torch.polar(magnitude.expand_as(phase), phase)):
+        spec = polar()
+        (torch.fft.irfft2(spec, s=(8, 8), norm="ortho") * weight).sum().backward()
+        grads.append((spec.detach(), phase.grad))
+        phase.grad = None
+    (ours, g_ours), (want, g_want) = grads
+    assert torch.allclose(ours, want, atol=1e-6)
+    assert torch.allclose(g_ours, g_want, atol=1e-5) and g_want.abs().sum() > 0
+
+
 def test_magnitude_spectrum_finds_the_data_frequency():
     y, x = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
     wave = 0.5 + 0.4 * torch.cos(2 * torch.pi * (3 * x + 2 * y) / 16)  # 3 cycles across, 2 down
@@ -224,6 +241,13 @@ def test_transforms_keep_size_are_seeded_and_differ_per_image(name, side):
 def test_resample_without_amounts_is_the_identity():
     x = torch.rand(3, 3, 32, 32)
     assert torch.allclose(fv.resample()(x, torch.Generator().manual_seed(0)), x, atol=1e-5)
+
+
+def test_resample_grid_is_affine_grid():
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    for h, w in [(28, 28), (24, 40)]:
+        expected = torch.nn.functional.affine_grid(theta, [5, 1, h, w], align_corners=False)
+        assert torch.allclose(fv.affine_grid(theta, h, w), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("side", [28, 32, 64])
