@@ -1,7 +1,7 @@
 """The sweep behind Diversity's default weight: several images per class and per channel, at each weight.
 
     python benchmarks/bench_diversity.py                  # the notebooks' checkpoints (run them first)
-    python benchmarks/bench_diversity.py --weights 0,1,3 --images 6 --technique fourier
+    python benchmarks/bench_diversity.py --weights 0,1,3 --images 6 --technique fourier --seeds 1
 
 For every weight, the technique renders --images images of each of the 10 classes and of each channel
 of a fixed sample (metrics.channel_sample: two per block) and prints, averaged over the units:
@@ -9,6 +9,8 @@ diversity (mean pairwise distance in the independent classifier's features) agai
 (random real test images of the class; a channel's top exemplars), the lowest and the mean normalized
 activation (1.0 = the best real image), and the naturalness metrics of the quality table
 (naturalness, share flagged by the path check) for the classes, which must not get worse than at 0.
+Each figure is a mean over --seeds render seeds (the naturalness metrics with their SD over the seeds);
+the lowest activation is the lowest of any image of any seed.
 """
 import argparse
 import sys
@@ -29,10 +31,11 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="cifar10-jpeg")
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints"), help="where the notebooks' checkpoints are")
-    p.add_argument("--weights", default="0,0.1,0.3,1,3,10", help="comma-separated Diversity weights")
+    p.add_argument("--weights", default="0,0.5,1,1.25,1.5,2,3", help="comma-separated Diversity weights")
     p.add_argument("--images", type=int, default=6, help="images per unit")
     p.add_argument("--technique", default="fourier")
     p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--seeds", type=int, default=3, help="render seeds per weight: means over them, the lowest of all")
     return p.parse_args()
 
 
@@ -71,19 +74,31 @@ def main():
     print("| weight | class diversity | lowest / mean class act. | naturalness | path flagged | "
           "channel diversity | lowest / mean channel act. |\n|---|---|---|---|---|---|---|")
     for w in (float(x) for x in args.weights.split(",")):
-        row = {}
-        for name, units in [("classes", ref.units[:n_cls]), ("channels", channels)]:
-            r = how(model, units, steps=args.steps, images_per_target=k, regularizers=[fv.Diversity(w)], progress=False)
-            idx = r.target_index + (0 if name == "classes" else n_cls)
-            act = r.activation / ref.real.max(0).values[idx]
-            row[name] = (metrics.diversity(other, r.images, r.target_index), act.min().item(), act.mean().item())
-            if name == "classes":
-                row["nat"] = metrics.knn_ratio(ref.stats(r.images), r.target_index, ref.stats.train, ref.train_y,
-                                               ref.held, ref.held_y)
-                row["path"] = ref.path_check(r.images, r.target_index)[0]
-        c, h = row["classes"], row["channels"]
-        print(f"| {w:g} | {c[0]:.2f} | {c[1]:.2f} / {c[2]:.2f} | {row['nat']:.2f} | {row['path']:.2f} | "
-              f"{h[0]:.2f} | {h[1]:.2f} / {h[2]:.2f} |", flush=True)
+        c = measure(how, model, other, ref, ref.units[:n_cls], 0, w, args)
+        h = measure(how, model, other, ref, channels, n_cls, w, args)
+        print(f"| {w:g} | {c['div'][0]:.2f} | {c['low']:.2f} / {c['mean'][0]:.2f} | {c['nat'][0]:.2f} ± {c['nat'][1]:.2f} | "
+              f"{c['path'][0]:.2f} ± {c['path'][1]:.2f} | {h['div'][0]:.2f} | {h['low']:.2f} / {h['mean'][0]:.2f} |",
+              flush=True)
+
+
+def measure(how, model, other, ref, units, offset, w, args):
+    """Per seed, the diversity, the mean normalized activation and (for the classes, offset 0) the
+    naturalness metrics of args.images images per unit at weight w, as {key: (mean, SD over seeds)};
+    and "low", the lowest normalized activation of any image of any seed. offset: the units' first row in ref."""
+    seeds, low = [], float("inf")
+    for seed in range(args.seeds):
+        r = how(model, units, steps=args.steps, images_per_target=args.images, regularizers=[fv.Diversity(w)],
+                seed=seed, progress=False)
+        act = r.activation / ref.real.max(0).values[r.target_index + offset]
+        row = dict(div=metrics.diversity(other, r.images, r.target_index), mean=act.mean().item())
+        if offset == 0:
+            row["nat"] = metrics.knn_ratio(ref.stats(r.images), r.target_index, ref.stats.train, ref.train_y,
+                                           ref.held, ref.held_y)
+            row["path"] = ref.path_check(r.images, r.target_index)[0]
+        seeds.append(row)
+        low = min(low, act.min().item())
+    out = {key: torch.tensor([float(row[key]) for row in seeds]) for key in seeds[0]}
+    return dict(low=low, **{key: (v.mean().item(), v.std().item() if len(v) > 1 else 0.0) for key, v in out.items()})
 
 
 if __name__ == "__main__":

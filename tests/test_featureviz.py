@@ -505,6 +505,14 @@ def test_regularizers_by_hand():
     assert torch.allclose(d[:2], torch.ones(2)) and torch.equal(d[2:], torch.zeros(2))
 
 
+def test_diversity_penalty_moves_each_image_by_its_own_term_only():
+    """The penalty of image 0 pushes image 0 away from image 1, and leaves image 1 where it is."""
+    act = torch.rand(3, 4, 5, 5, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    fv.diversity_penalty(act, torch.tensor([0, 0, 0]))[0].backward()
+    assert act.grad[0].abs().sum() > 0
+    assert torch.equal(act.grad[1:], torch.zeros_like(act.grad[1:]))
+
+
 @pytest.mark.parametrize("term", [fv.L2(1.5), fv.TV(2.0), fv.Blur(4.0)], ids=["L2", "TV", "Blur"])
 def test_image_terms_closed_form_gradient_equals_autograd(term):
     x = torch.rand(3, 2, 7, 9, requires_grad=True)  # not square: the axes cannot be swapped unnoticed
