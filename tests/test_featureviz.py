@@ -506,7 +506,7 @@ def test_regularizers_by_hand():
 
 
 def test_diversity_penalty_moves_each_image_by_its_own_term_only():
-    """The penalty of image 0 pushes image 0 away from image 1, and leaves image 1 where it is."""
+    """The penalty of image 0 moves image 0 only: its siblings get no gradient from it."""
     act = torch.rand(3, 4, 5, 5, generator=torch.Generator().manual_seed(0)).requires_grad_()
     fv.diversity_penalty(act, torch.tensor([0, 0, 0]))[0].backward()
     assert act.grad[0].abs().sum() > 0
