@@ -585,16 +585,18 @@ class Objective:
 # The penalties map images (N, C, H, W) to a per-image penalty (N,). render(regularizers=[...]) takes
 # weighted terms: term(images, acts, param, groups, values) -> weight x penalty, (N,), added to the loss
 # (values: each image's activation of its target). The
-# penalties of the images alone also have their gradient in closed form (_*_grad, d penalty_n / d x_n):
-# render adds those gradients without building a graph through the penalty.
+# penalties of the images alone also have their gradient in closed form (_*_grad(x, scale) = scale x
+# d penalty_n / d x_n, the scale folded into the last op): render adds those gradients without building a
+# graph through the penalty. They are written in few, mostly in-place ops: on a CPU render step every
+# pass over the images counts.
 
 def l2_penalty(x):
     """Mean squared distance of the pixels from gray."""
     return (x - 0.5).pow(2).flatten(1).mean(1)
 
 
-def _l2_grad(x):
-    return (x - 0.5) * (2 / x[0].numel())
+def _l2_grad(x, scale):
+    return (x - 0.5).mul_(2 * scale / x[0].numel())
 
 
 def tv_penalty(x):
@@ -604,18 +606,22 @@ def tv_penalty(x):
     return dy + dx
 
 
-def _tv_grad(x):
-    c, h, w = x.shape[1:]
-    sy = (x[..., 1:, :] - x[..., :-1, :]).sign() / (c * (h - 1) * w)  # each pair pulls its two pixels together
-    sx = (x[..., :, 1:] - x[..., :, :-1]).sign() / (c * h * (w - 1))
-    return F.pad(sy, (0, 0, 1, 0)) - F.pad(sy, (0, 0, 0, 1)) + F.pad(sx, (1, 0)) - F.pad(sx, (0, 1))
+def _tv_grad(x, scale):
+    grad = torch.zeros_like(x)
+    for dim in (-2, -1):  # each pair of neighbours pulls its two pixels together
+        n = x.size(dim) - 1
+        sign = (x.narrow(dim, 1, n) - x.narrow(dim, 0, n)).sign_()
+        pairs = x[0].numel() // x.size(dim) * n  # neighbour pairs along dim in one image
+        grad.narrow(dim, 0, n).sub_(sign, alpha=scale / pairs)
+        grad.narrow(dim, 1, n).add_(sign, alpha=scale / pairs)
+    return grad
 
 
 def blurred(x):
     """3x3 binomial blur per channel, reflect padding (as two 1-D passes of [1, 2, 1] / 4)."""
     p = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    p = (p[..., :-2] + 2 * p[..., 1:-1] + p[..., 2:]) / 4        # along the width
-    return (p[..., :-2, :] + 2 * p[..., 1:-1, :] + p[..., 2:, :]) / 4  # along the height
+    p = (p[..., :-2] + p[..., 2:]).add_(p[..., 1:-1], alpha=2)                   # along the width, x 4
+    return (p[..., :-2, :] + p[..., 2:, :]).add_(p[..., 1:-1, :], alpha=2).div_(16)  # along the height
 
 
 def blur_penalty(x):
@@ -625,8 +631,8 @@ def blur_penalty(x):
     return (x - target).pow(2).flatten(1).mean(1)
 
 
-def _blur_grad(x):
-    return (x - blurred(x)) * (2 / x[0].numel())
+def _blur_grad(x, scale):
+    return (x - blurred(x)).mul_(2 * scale / x[0].numel())
 
 
 def diversity_penalty(act, groups):
@@ -661,14 +667,14 @@ class Term:
 class ImageTerm(Term):
     """A term on the images alone, whose gradient has a closed form: render() adds gradient(images) to
     the images' gradient instead of differentiating the penalty (no graph, fewer ops per step)."""
-    penalty = grad = None  # set by each subclass: the penalty and its gradient
+    penalty = grad = None  # set by each subclass: penalty(x) -> (N,) and grad(x, scale) -> scale x its gradient
 
     def __call__(self, images, acts, param, groups, values):
         return self.weight * type(self).penalty(images)
 
     def gradient(self, images):
         """d(weight x penalty_n) / d images_n, (N, C, H, W)."""
-        return self.weight * type(self).grad(images)
+        return type(self).grad(images, self.weight)
 
 
 class L2(ImageTerm):
@@ -878,7 +884,7 @@ def _step(param, objective, run, transforms, terms, groups, gen):
             loss.backward()
         else:  # the image terms' gradient enters at x directly, without a graph through them
             with torch.no_grad():
-                grad = sum(t.gradient(x) for t in on_images)         # (N, C, H, W)
+                grad = functools.reduce(torch.Tensor.add_, (t.gradient(x) for t in on_images))  # (N, C, H, W)
             torch.autograd.backward([loss, x], [None, grad])
         return values.detach()
     return step
