@@ -351,18 +351,24 @@ def resample(shift=0.0, scale=(1.0, 1.0), degrees=0.0):
     """Per image, a random shift of up to `shift` x the side, a zoom in `scale` and a rotation in
     [-degrees, degrees], applied as ONE bilinear resampling that reflects at the border; same size."""
     lo, hi = scale
+    radians, span = math.radians(degrees), 2 * shift  # grid coordinates span 2 per side
+    ranges = ((lo, hi - lo), (-radians, 2 * radians), (-span, 2 * span), (-span, 2 * span))  # (low, width)
 
     def t(x, gen):
-        b = x.size(0)
-        u = 2 * torch.rand(4, b, generator=gen, device=x.device) - 1  # (4, N) uniform in [-1, 1]
-        s = lo + (hi - lo) * (u[0] + 1) / 2                            # (N,) zoom factor
-        a = math.radians(degrees) * u[1]                               # (N,) angle
+        low, width = _constant(ranges, x.device, x.dtype).unbind(1)                # (4,) each
+        u = torch.rand(4, len(x), generator=gen, device=x.device)                  # uniform in [0, 1)
+        s, a, tx, ty = torch.addcmul(low[:, None], width[:, None], u)              # (N,) zoom, angle, shifts
         cos, sin = torch.cos(a) / s, torch.sin(a) / s
-        tx, ty = 2 * shift * u[2], 2 * shift * u[3]  # grid coordinates span 2 per side
-        theta = torch.stack([cos, -sin, tx, sin, cos, ty], 1).view(b, 2, 3)
+        theta = torch.stack([cos, -sin, tx, sin, cos, ty], 1).view(-1, 2, 3)
         grid = affine_grid(theta, *x.shape[-2:])
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return t
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values, device, dtype):
+    """A small constant tensor, made once per device: no host-to-device copy in a step (or a CUDA graph)."""
+    return torch.tensor(values, device=device, dtype=dtype)
 
 
 def affine_grid(theta, h, w):

@@ -259,6 +259,26 @@ def test_resample_shifts_in_proportion_to_the_side(side):
     assert d.max() > 0.8 * 3 / 32 * side  # 64 draws reach most of the range
 
 
+def test_resample_zoom_is_the_drawn_factor():
+    """A fixed zoom of 2 samples the central half of the image: theta = I / 2."""
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    grid = torch.nn.functional.affine_grid(torch.eye(2, 3).expand(4, 2, 3) / 2, [4, 3, 32, 32], align_corners=False)
+    expected = torch.nn.functional.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
+    assert torch.allclose(fv.resample(scale=(2.0, 2.0))(x, torch.Generator().manual_seed(0)), expected, atol=1e-5)
+
+
+def test_resample_rotates_within_the_degrees_both_ways():
+    side, r = 64, 10
+    x = torch.arange(float(side)).view(1, 1, side, 1).expand(256, 1, side, side)  # value = row
+    y = fv.resample(degrees=30)(x, torch.Generator().manual_seed(0))
+    c = (side - 1) / 2  # the centre of the image, in pixel coordinates
+    # the pixel r px right of the centre samples the point rotated from it: its row moves by r sin(angle)
+    row = (y[:, 0, side // 2, side // 2 + r] + y[:, 0, side // 2 - 1, side // 2 + r]) / 2
+    angle = torch.rad2deg(torch.asin((row - c) / (r + 0.5)))
+    assert angle.abs().max() <= 30.5
+    assert angle.max() > 25 and angle.min() < -25  # 256 draws reach both ends of the range
+
+
 @pytest.mark.parametrize("side", [32, 64])
 def test_jitter_is_an_integer_shift_in_proportion_to_the_side(side):
     x = torch.arange(float(side)).view(1, 1, 1, side).expand(32, 3, side, side)
