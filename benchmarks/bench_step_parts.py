@@ -1,0 +1,90 @@
+"""What the parts of a render step cost on their own: microseconds per call on 10 images of 3 x 32 x 32.
+
+    python benchmarks/bench_step_parts.py              # eager parts
+    python benchmarks/bench_step_parts.py --compile    # + the image terms' gradients under torch.compile
+
+bench_featureviz.py --speed times whole steps against a bare step; this one says where the rest goes:
+the resampling (forward, and grid_sample's backward), the image terms' closed-form gradients, and
+the Fourier parameterization's inverse FFT, colour mixing and sigmoid (forward and backward).
+Each part is timed alone, with its inputs hot in the caches: inside a step it costs more.
+"""
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import featureviz as fv  # noqa: E402
+
+
+def per_call(fn, calls=3000):
+    """Microseconds per call of fn(), after a warm-up."""
+    for _ in range(100):
+        fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def backward_of(forward, x, grad):
+    """fn() running forward(x) and its backward into x (x requires grad)."""
+    def fn():
+        forward(x).backward(grad)
+        x.grad = None
+    return fn
+
+
+def parts(n=10, side=32):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, side, side, generator=gen)
+    leaf = x.clone().requires_grad_()
+    grad = torch.rand(n, 3, side, side, generator=gen)
+    color = fv.color_sqrt(fv.color_covariance(x), 3)
+    spec = torch.randn(n, 3, side, side // 2 + 1, dtype=torch.complex64, generator=gen).requires_grad_()
+    terms = [fv.L2(1.0), fv.TV(2.0), fv.Blur(4.0)]
+    standard = functools.partial(fv.STANDARD, gen=gen)
+    return {
+        "resample (STANDARD), forward": lambda: fv.STANDARD(x, gen),
+        "resample (STANDARD), forward + backward": backward_of(standard, leaf, grad),
+        **{f"{type(t).__name__} gradient": (lambda t=t: t.gradient(x)) for t in terms},
+        "L2 + TV + Blur gradients, summed": lambda: image_terms(terms, x),
+        "inverse FFT, forward + backward": backward_of(
+            lambda s: torch.fft.irfft2(s, s=(side, side), norm="ortho"), spec, grad),
+        "colour mixing (bmm, as fourier does it) + sigmoid, forward + backward": backward_of(
+            lambda v: fv._to_image(color, v), leaf, grad),
+        "colour mixing as an einsum + sigmoid, forward + backward": backward_of(
+            lambda v: torch.sigmoid(torch.einsum("dc,nchw->ndhw", color, v)), leaf, grad),
+        "sigmoid alone, forward + backward": backward_of(torch.sigmoid, leaf, grad),
+    }, (terms, x)
+
+
+def image_terms(terms, x):
+    """The image terms' summed gradient, as render() forms it."""
+    return functools.reduce(torch.Tensor.add_, (t.gradient(x) for t in terms))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--compile", action="store_true", help="also time the summed gradients under torch.compile")
+    args = p.parse_args()
+    runs, (terms, x) = parts()
+    print(f"{torch.get_num_threads()} threads, 10 images of 3 x 32 x 32\n\n| part | us per call |\n|---|---|")
+    for name, fn in runs.items():
+        print(f"| {name} | {per_call(fn):.1f} |")
+    if args.compile:
+        compiled = torch.compile(image_terms)
+        start = time.perf_counter()
+        compiled(terms, x)
+        took = time.perf_counter() - start
+        assert torch.allclose(compiled(terms, x), image_terms(terms, x), atol=1e-6)
+        print(f"| L2 + TV + Blur gradients, summed, torch.compile ({took:.0f} s to compile) | "
+              f"{per_call(lambda: compiled(terms, x)):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
