@@ -54,6 +54,7 @@ def parse_args():
     p.add_argument("--quick", action="store_true", help="smoke run: small models, few steps")
     p.add_argument("--seeds", type=int, default=4, help="renders per technique (>= 4 for the table)")
     p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=5, help="--speed: interleaved rounds; each row keeps its best")
     p.add_argument("--preset", default="airbench", help="classifier preset (models.CNN_PRESETS)")
     p.add_argument("--vae-preset", default="default", help="VAE preset (models.VAE_PRESETS)")
     p.add_argument("--epochs", type=int, default=5, help="classifier epochs")
@@ -234,9 +235,10 @@ def bare_step(model, classes, steps, bounded=True):
 BARE, DRIFT = "bare forward + backward + Adam", "the same, pixels left to drift"
 
 
-def per_step(args, model, rounds=3):
-    """Seconds per step for 10 classes: the bare step and each image-space technique, best of `rounds`
-    interleaved rounds in this process (so that a slow moment hits every row alike)."""
+def per_step(args, model):
+    """Seconds per step for 10 classes: the bare step and each image-space technique, best of
+    args.rounds interleaved rounds in this process (a slow moment hits every row alike, and each row's
+    best is a round that none hit)."""
     side = models.input_size(model)
     images = torch.rand(64, 3, side, side, generator=torch.Generator().manual_seed(0))
     cov = fv.color_covariance(images)  # any statistics time the same: these are of random images
@@ -249,7 +251,7 @@ def per_step(args, model, rounds=3):
     for fn in runs.values():  # warm-up
         fn()
     best = {name: float("inf") for name in runs}
-    for _ in range(rounds):
+    for _ in range(args.rounds):
         for name, fn in runs.items():
             best[name] = min(best[name], timed(fn) / args.steps)
     return best
@@ -263,7 +265,7 @@ def speed(args):
     model = models.build_model(models.cnn_config(args.preset, image_size=32)).to(device).eval()  # weights do not matter
     best = per_step(args, model)
     bare = best[BARE]
-    print(f"\n{args.preset} CNN, 10 classes, {args.steps} steps, best of 3 interleaved rounds, "
+    print(f"\n{args.preset} CNN, 10 classes, {args.steps} steps, best of {args.rounds} interleaved rounds, "
           f"{torch.get_num_threads()} threads, device {device}\n")
     print("| run | ms per step | / bare step |\n|---|---|---|")
     for name, t in best.items():
