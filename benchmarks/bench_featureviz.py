@@ -217,7 +217,8 @@ def bare_step(model, classes, steps, bounded=True):
 
     bounded: clamp the images to [0, 1] after each step, the range render()'s images keep. Left free,
     the pixels drift to about -15..18 within 256 steps, and the model's own forward and backward get
-    slower on such inputs (about 10% on 2 CPU cores): a slower floor that flatters every ratio.
+    slower on such inputs (5-10% on one 2-core machine, 3% on another): a slower floor that flatters
+    every ratio.
     """
     device = models.device_of(model)
     side = models.input_size(model)
@@ -262,7 +263,7 @@ def speed(args):
     """Time per render step against the bare step (CPU goal: every image-space technique within 1.15x,
     Lucent at 32 px at least 2.5x slower than ours); on a GPU also the absolute goals of full renders.
 
-    A shared machine's speed can drift by 20% within seconds, so each ratio is taken within a round
+    A shared machine's speed can drift by up to 40% within seconds, so each ratio is taken within a round
     (a run against the bare step timed just before it) and the table gives the median over rounds
     with the lowest and highest: a single best-of time per row can pair a fast moment with a slow one.
     """
