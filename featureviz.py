@@ -895,13 +895,13 @@ def _step(param, objective, run, transforms, terms, groups, gen):
             loss.backward()
         else:  # the image terms' gradient enters at x directly, without a graph through them
             with torch.no_grad():
-                grad = image_terms_gradient(on_images, x)                # (N, C, H, W)
+                grad = _image_terms_gradient(on_images, x)                # (N, C, H, W)
             torch.autograd.backward([loss, x], [None, grad])
         return values.detach()
     return step
 
 
-def image_terms_gradient(terms, x):
+def _image_terms_gradient(terms, x):
     """The summed closed-form gradient of image terms at the images x, (N, C, H, W), summed in place."""
     return functools.reduce(torch.Tensor.add_, (t.gradient(x) for t in terms))
 

@@ -52,7 +52,7 @@ def parts(n=10, side=32):
         "resample (STANDARD), forward": lambda: fv.STANDARD(x, gen),
         "resample (STANDARD), forward + backward": backward_of(standard, leaf, grad),
         **{f"{type(t).__name__} gradient": (lambda t=t: t.gradient(x)) for t in terms},
-        "L2 + TV + Blur gradients, summed": lambda: fv.image_terms_gradient(terms, x),
+        "L2 + TV + Blur gradients, summed": lambda: fv._image_terms_gradient(terms, x),
         "inverse FFT, forward + backward": backward_of(
             lambda s: torch.fft.irfft2(s, s=(side, side), norm="ortho"), spec, grad),
         "colour mixing (bmm, as fourier does it) + sigmoid, forward + backward": backward_of(
@@ -72,11 +72,11 @@ def main():
     for name, fn in runs.items():
         print(f"| {name} | {per_call(fn):.1f} |")
     if args.compile:
-        compiled = torch.compile(fv.image_terms_gradient)
+        compiled = torch.compile(fv._image_terms_gradient)
         start = time.perf_counter()
         compiled(terms, x)
         took = time.perf_counter() - start
-        assert torch.allclose(compiled(terms, x), fv.image_terms_gradient(terms, x), atol=1e-6)
+        assert torch.allclose(compiled(terms, x), fv._image_terms_gradient(terms, x), atol=1e-6)
         print(f"| L2 + TV + Blur gradients, summed, torch.compile ({took:.0f} s to compile) | "
               f"{per_call(lambda: compiled(terms, x)):.1f} |")
 
