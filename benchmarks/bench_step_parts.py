@@ -2,14 +2,20 @@
 
     python benchmarks/bench_step_parts.py              # eager parts
     python benchmarks/bench_step_parts.py --compile    # + the image terms' gradients under torch.compile
+    python benchmarks/bench_step_parts.py --in-step    # what each technique adds inside whole render steps
 
 bench_featureviz.py --speed times whole steps against a bare step; this one says where the rest goes:
 the resampling (forward, and grid_sample's backward), the image terms' closed-form gradients, and
 the Fourier parameterization's inverse FFT, colour mixing and sigmoid (forward and backward).
-Each part is timed alone, with its inputs hot in the caches: inside a step it costs more.
+Each part is timed alone, with its inputs hot in the caches: inside a step it costs more. --in-step
+measures that instead: torch.profiler over whole renders of 10 classes on the untrained `small` model,
+each op's self time per step in each image-space technique minus its time in `pixel` without
+transforms (the bare step's work), the median over interleaved rounds.
 """
 import argparse
+import collections
 import functools
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,6 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import featureviz as fv  # noqa: E402
+import models  # noqa: E402
+
+IMAGE_SPACE = ("pixel+reg", "fourier", "maco")
 
 
 def per_call(fn, calls=3000):
@@ -63,9 +72,43 @@ def parts(n=10, side=32):
     }, (terms, x)
 
 
+def profiled(fn, steps):
+    """{op: self CPU microseconds per step} over one call of fn()."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.self_cpu_time_total / steps for e in prof.key_averages()}
+
+
+def in_step(steps=64, rounds=3, top=12):
+    """Print each technique's extra self time per step over `pixel` without transforms, by op."""
+    model = models.build_model(models.cnn_config("small", image_size=32)).eval()  # weights do not matter
+    images = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cov = fv.color_covariance(images)
+    how = fv.techniques(color_cov=cov, magnitude=fv.magnitude_spectrum(images, cov))
+    runs = {"pixel": how["pixel"], **{name: how[name] for name in IMAGE_SPACE}}
+    samples = collections.defaultdict(list)  # (run, op) -> [us per step in each round]
+    for fn in runs.values():  # warm-up
+        fn(model, list(range(10)), steps=4, progress=False)
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            for op, us in profiled(lambda: fn(model, list(range(10)), steps=steps, progress=False), steps).items():
+                samples[name, op].append(us)
+    ops = {op for _, op in samples}
+    cost = {(name, op): statistics.median(samples.get((name, op), [0.0])) for name in runs for op in ops}
+    extra = {name: {op: cost[name, op] - cost["pixel", op] for op in ops} for name in IMAGE_SPACE}
+    worst = sorted(ops, key=lambda op: -max(extra[name][op] for name in IMAGE_SPACE))[:top]
+    print(f"\n{steps} steps, {rounds} interleaved rounds; self CPU us per step over `pixel` without transforms "
+          f"({sum(cost['pixel', op] for op in ops):.0f} us per step under the profiler)\n")
+    print("| op | " + " | ".join(IMAGE_SPACE) + " |\n" + "|---" * (len(IMAGE_SPACE) + 1) + "|")
+    print("| all ops | " + " | ".join(f"{sum(extra[n].values()):+.0f}" for n in IMAGE_SPACE) + " |")
+    for op in worst:
+        print(f"| {op} | " + " | ".join(f"{extra[n][op]:+.0f}" for n in IMAGE_SPACE) + " |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--compile", action="store_true", help="also time the summed gradients under torch.compile")
+    p.add_argument("--in-step", action="store_true", help="also profile whole render steps of each technique")
     args = p.parse_args()
     runs, (terms, x) = parts()
     print(f"{torch.get_num_threads()} threads, 10 images of 3 x 32 x 32\n\n| part | us per call |\n|---|---|")
@@ -79,6 +122,8 @@ def main():
         assert torch.allclose(compiled(terms, x), fv._image_terms_gradient(terms, x), atol=1e-6)
         print(f"| L2 + TV + Blur gradients, summed, torch.compile ({took:.0f} s to compile) | "
               f"{per_call(lambda: compiled(terms, x)):.1f} |")
+    if args.in_step:
+        in_step()
 
 
 if __name__ == "__main__":
