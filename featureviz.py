@@ -895,7 +895,7 @@ def _step(param, objective, run, transforms, terms, groups, gen):
             loss.backward()
         else:  # the image terms' gradient enters at x directly, without a graph through them
             with torch.no_grad():
-                grad = _image_terms_gradient(on_images, x)                # (N, C, H, W)
+                grad = _image_terms_gradient(on_images, x)           # (N, C, H, W)
             torch.autograd.backward([loss, x], [None, grad])
         return values.detach()
     return step

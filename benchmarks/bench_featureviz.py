@@ -238,13 +238,17 @@ def bare_step(model, classes, steps, bounded=True):
 BARE, DRIFT = "bare forward + backward + Adam", "the same, pixels left to drift"
 
 
+def timing_techniques(side):
+    """fv.techniques() with the statistics of random images: any statistics time the same."""
+    images = torch.rand(64, 3, side, side, generator=torch.Generator().manual_seed(0))
+    cov = fv.color_covariance(images)
+    return fv.techniques(color_cov=cov, magnitude=fv.magnitude_spectrum(images, cov))
+
+
 def per_step(args, model):
     """{run: [seconds per step in each round]} for 10 classes: the bare step and each image-space
     technique, args.rounds interleaved rounds in this process."""
-    side = models.input_size(model)
-    images = torch.rand(64, 3, side, side, generator=torch.Generator().manual_seed(0))
-    cov = fv.color_covariance(images)  # any statistics time the same: these are of random images
-    classes, how = list(range(10)), fv.techniques(color_cov=cov, magnitude=fv.magnitude_spectrum(images, cov))
+    classes, how = list(range(10)), timing_techniques(models.input_size(model))
     runs = {BARE: lambda: bare_step(model, classes, args.steps),
             DRIFT: lambda: bare_step(model, classes, args.steps, bounded=False),
             **{name: (lambda t=how[name]: t(model, classes, steps=args.steps, progress=False)) for name in IMAGE_SPACE}}

@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import featureviz as fv  # noqa: E402
 import models  # noqa: E402
-
-IMAGE_SPACE = ("pixel+reg", "fourier", "maco")
+from bench_featureviz import IMAGE_SPACE, timing_techniques  # noqa: E402
 
 
 def per_call(fn, calls=3000):
@@ -83,10 +82,8 @@ def profiled(fn, steps):
 def in_step(steps=64, rounds=3, top=12):
     """Print each technique's extra self time per step over `pixel` without transforms, by op."""
     model = models.build_model(models.cnn_config("small", image_size=32)).eval()  # weights do not matter
-    images = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    cov = fv.color_covariance(images)
-    how = fv.techniques(color_cov=cov, magnitude=fv.magnitude_spectrum(images, cov))
-    runs = {"pixel": how["pixel"], **{name: how[name] for name in IMAGE_SPACE}}
+    how, added = timing_techniques(32), [name for name in IMAGE_SPACE if name != "pixel"]
+    runs = {name: how[name] for name in ("pixel", *added)}
     samples = collections.defaultdict(list)  # (run, op) -> [us per step in each round]
     for fn in runs.values():  # warm-up
         fn(model, list(range(10)), steps=4, progress=False)
@@ -98,15 +95,15 @@ def in_step(steps=64, rounds=3, top=12):
     cost = {(name, op): statistics.median(samples.get((name, op), [0.0])) for name in runs for op in ops}
     heavy = sorted(op for op in ops if cost["pixel", op] > 100)  # the model's kernels: their spread hides the rest
     ops -= set(heavy)
-    extra = {name: {op: cost[name, op] - cost["pixel", op] for op in ops} for name in IMAGE_SPACE}
-    worst = sorted(ops, key=lambda op: -max(extra[name][op] for name in IMAGE_SPACE))[:top]
+    extra = {name: {op: cost[name, op] - cost["pixel", op] for op in ops} for name in added}
+    worst = sorted(ops, key=lambda op: -max(extra[name][op] for name in added))[:top]
     print(f"\n{steps} steps, {rounds} interleaved rounds; self CPU us per step over `pixel` without transforms, "
           f"leaving out the ops over 100 us per step there ({', '.join(heavy)}): from run to run they move "
           f"by more than these rows\n")
-    print("| op | " + " | ".join(IMAGE_SPACE) + " |\n" + "|---" * (len(IMAGE_SPACE) + 1) + "|")
-    print("| all the other ops | " + " | ".join(f"{sum(extra[n].values()):+.0f}" for n in IMAGE_SPACE) + " |")
+    print("| op | " + " | ".join(added) + " |\n" + "|---" * (len(added) + 1) + "|")
+    print("| all the other ops | " + " | ".join(f"{sum(extra[n].values()):+.0f}" for n in added) + " |")
     for op in worst:
-        print(f"| {op} | " + " | ".join(f"{extra[n][op]:+.0f}" for n in IMAGE_SPACE) + " |")
+        print(f"| {op} | " + " | ".join(f"{extra[n][op]:+.0f}" for n in added) + " |")
 
 
 def main():
