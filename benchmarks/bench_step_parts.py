@@ -5,8 +5,9 @@
     python benchmarks/bench_step_parts.py --in-step    # what each technique adds inside whole render steps
 
 bench_featureviz.py --speed times whole steps against a bare step; this one says where the rest goes:
-the resampling (forward, and grid_sample's backward), the image terms' closed-form gradients, and
-the Fourier parameterization's inverse FFT, colour mixing and sigmoid (forward and backward).
+pixel+reg's resampling (forward, and grid_sample's backward), the image terms' closed-form gradients,
+the default Shift's phase ramps, and the Fourier parameterization's inverse FFT, colour mixing and
+sigmoid (forward and backward).
 Each part is timed alone, with its inputs hot in the caches: inside a step it costs more. --in-step
 measures that instead: torch.profiler over whole renders of 10 classes on the untrained `small` model,
 each op's self time per step in each image-space technique minus its time in `pixel` without
@@ -56,10 +57,12 @@ def parts(n=10, side=32):
     color = fv.color_sqrt(fv.color_covariance(x), 3)
     spec = torch.randn(n, 3, side, side // 2 + 1, dtype=torch.complex64, generator=gen).requires_grad_()
     terms = [fv.L2(1.0), fv.TV(2.0), fv.Blur(4.0)]
-    standard = functools.partial(fv.STANDARD, gen=gen)
+    affine, scale = functools.partial(fv.AFFINE, gen=gen), fv.fourier_scale(side)
     return {
-        "resample (STANDARD), forward": lambda: fv.STANDARD(x, gen),
-        "resample (STANDARD), forward + backward": backward_of(standard, leaf, grad),
+        "resample (AFFINE, pixel+reg's), forward": lambda: fv.AFFINE(x, gen),
+        "resample (AFFINE, pixel+reg's), forward + backward": backward_of(affine, leaf, grad),
+        "Shift (STANDARD) inside the spectrum: its phase ramps and scale x exp(i ramp)": lambda: torch.polar(
+            scale, fv.STANDARD.phase(n, side, side, gen, x.device)),
         **{f"{type(t).__name__} gradient": (lambda t=t: t.gradient(x)) for t in terms},
         "L2 + TV + Blur gradients, summed": lambda: fv._image_terms_gradient(terms, x),
         "inverse FFT, forward + backward": backward_of(

@@ -155,7 +155,7 @@ NOT_IMAGES = {
     **{f"models.{n}": "takes pixels scaled to [-1, 1] inside the VAE's loss"
        for n in ("discretized_logistic_nll", "mixture_logistic_nll", "coupled_means")},
     **{f"featureviz.{n}": "runs on the rendered batch inside render()'s step loop, where a check would sync"
-       for n in ("LIGHT", "STANDARD", "blur_penalty", "blurred", "l2_penalty", "tv_penalty")},
+       for n in ("LIGHT", "STANDARD", "AFFINE", "blur_penalty", "blurred", "l2_penalty", "tv_penalty")},
 }
 IMAGE_ARGS = {"images", "image", "init", "x", "vis", "train_x", "heldout_x", "exemplars", "channel_images"}
 

@@ -3,6 +3,8 @@
 Unit tests use untrained models; the planted-feature and transfer tests use a small classifier, an
 independent one and a small VAE trained once on the synthetic dataset (module fixtures).
 """
+import math
+
 import pytest
 import torch
 
@@ -221,7 +223,8 @@ def test_latent_param_stays_in_range():
 # ----------------------------------------------------------------------------- transforms
 
 TRANSFORMS = dict(jitter=fv.jitter(2 / 32), scale=fv.scale(0.8, 1.2), rotate=fv.rotate(20),
-                  resample=fv.resample(0.1, (0.9, 1.1), 10), standard=fv.STANDARD, light=fv.LIGHT)
+                  resample=fv.resample(0.1, (0.9, 1.1), 10), shift=fv.Shift(2 / 32), standard=fv.STANDARD,
+                  light=fv.LIGHT)
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)
@@ -288,6 +291,42 @@ def test_jitter_is_an_integer_shift_in_proportion_to_the_side(side):
     inner = slice(px + 1, side - px - 1)
     assert torch.equal(y[:, :, :, inner], x[:, :, :, inner] + shift[:, None, None, None])
     assert shift.abs().max() == px
+
+
+@pytest.mark.parametrize("side", [28, 32, 64])
+def test_shift_moves_each_image_by_its_drawn_subpixel_amount(side):
+    """The logits of a cosine along the width come back as the same cosine, moved by up to 2/32 of the side."""
+    k, px = 2, 2 / 32 * side
+    cols = torch.arange(float(side))
+    x = torch.sigmoid(torch.cos(2 * math.pi * k * cols / side)).expand(64, 1, side, side)
+    y = fv.Shift(2 / 32)(x, torch.Generator().manual_seed(0))
+    coeff = torch.fft.rfft(torch.logit(y[:, 0, side // 2]), dim=-1)[:, k]  # (64,) the cosine's coefficient
+    moved = -torch.angle(coeff) * side / (2 * math.pi * k)                  # its shift, in px
+    assert torch.allclose(coeff.abs(), torch.full((64,), side / 2), rtol=1e-3)  # the same cosine
+    assert moved.abs().max() <= px + 1e-3
+    assert moved.abs().max() > 0.8 * px and (moved > 0).any() and (moved < 0).any()
+
+
+@pytest.mark.parametrize("cls", [fv.FourierParam, fv.MaCoParam])
+def test_shift_inside_a_fourier_parameterization_is_the_shift_of_its_images(cls):
+    gen = torch.Generator().manual_seed(0)
+    extra = dict(magnitude=torch.rand(3, 32, 17, generator=gen)) if cls is fv.MaCoParam else dict(sd=0.3)
+    p, t = cls(6, 3, 32, generator=gen, **extra), fv.Shift(1.5 / 32)
+    with torch.no_grad():
+        outside = t(p(), torch.Generator().manual_seed(1))
+        inside = p(t.phase(6, 32, 32, torch.Generator().manual_seed(1), torch.device("cpu")))
+        assert not torch.allclose(outside, p(), atol=1e-2)
+    assert torch.allclose(inside, outside, atol=1e-5)
+
+
+def test_render_shifts_a_fourier_spectrum_as_it_would_shift_the_images():
+    """render() applies a Shift inside the Fourier spectrum; composed, the same shift runs on the images."""
+    model = cnn()
+    inside = fv.render(model, [0, 1], steps=4, transforms=fv.Shift(2 / 32), progress=False)
+    outside = fv.render(model, [0, 1], steps=4, transforms=fv.compose(fv.Shift(2 / 32)), progress=False)
+    still = fv.render(model, [0, 1], steps=4, transforms=None, progress=False)
+    assert torch.allclose(inside.images, outside.images, atol=1e-4)
+    assert not torch.allclose(inside.images, still.images, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- targets
