@@ -7,6 +7,8 @@
     add --quick for a smoke run (small models, few steps, a data subset)
 
     python benchmarks/bench_featureviz.py --notebook-models            # the notebooks' own checkpoints
+    python benchmarks/bench_featureviz.py --notebook-models --techniques fourier,maco --transforms AFFINE,LIGHT
+                                                                       # + each technique with other transforms
 
 Quality: the classifier (airbench preset), an independent one (other seed, other widths) and a VAE
 are trained once (or loaded) under checkpoints/bench/, or with --notebook-models the checkpoints the
@@ -65,6 +67,9 @@ def parse_args():
     p.add_argument("--vae-batch-size", type=int, default=training.VAE_HYP["batch_size"])
     p.add_argument("--vae-lr", type=float, default=training.VAE_HYP["lr"])
     p.add_argument("--techniques", default=",".join(fv.TECHNIQUE_NAMES), help="comma-separated names")
+    p.add_argument("--transforms", default=None,
+                   help=f"comma-separated names of {', '.join(TRANSFORMS)}: each technique also renders with its "
+                        f"transforms swapped for each of them (a row 'technique/name'; hybrid: its second stage)")
     p.add_argument("--lucent-224", action="store_true", help="also render Lucent at 224 px (slow on CPU)")
     p.add_argument("--png", default=None, help="comparison grid (default outputs/bench_featureviz_<dataset>.png)")
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints" / "bench"))
@@ -137,6 +142,8 @@ def quality(args):
     cov = fv.color_covariance(d.train_x)
     every = fv.techniques(vae, cov, fv.magnitude_spectrum(d.train_x[:10000], cov))
     techniques = {name: every[name] for name in args.techniques.split(",")}
+    if args.transforms:
+        techniques.update(swapped(techniques, args.transforms.split(",")))
     if lucent_render is not None:
         for name, size in [("lucent@32", 32)] + ([("lucent@224", None)] if args.lucent_224 else []):
             def lucent(targets, seed, size=size):  # classes only
@@ -160,6 +167,25 @@ def quality(args):
     print("\nranked by naturalness + path check (the defaults follow it): " + ", ".join(
         f"{r['technique']} ({r['naturalness']:.2f}, {r['path_flagged']:.2f})" for r in ranked))
     save_grid(grid, model, d, args)
+
+
+TRANSFORMS = dict(STANDARD=fv.STANDARD, AFFINE=fv.AFFINE, LIGHT=fv.LIGHT)
+
+
+def swapped(techniques, names):
+    """'technique/name' -> the technique with its transforms (a two-stage one: its second stage's) swapped
+    for TRANSFORMS[name]."""
+    unknown = sorted(set(names) - set(TRANSFORMS))
+    if unknown:
+        raise SystemExit(f"unknown transforms {unknown}; choose from {', '.join(TRANSFORMS)}")
+    out = {}
+    for name, t in techniques.items():
+        for n in names:
+            if t.refine is None:
+                out[f"{name}/{n}"] = fv.Technique({**t.settings, "transforms": TRANSFORMS[n]})
+            else:
+                out[f"{name}/{n}"] = fv.Technique(t.settings, refine={**t.refine, "transforms": TRANSFORMS[n]})
+    return out
 
 
 # metric -> (the real row it is compared with, True if a higher value is worse)
