@@ -178,14 +178,10 @@ def swapped(techniques, names):
     unknown = sorted(set(names) - set(TRANSFORMS))
     if unknown:
         raise SystemExit(f"unknown transforms {unknown}; choose from {', '.join(TRANSFORMS)}")
-    out = {}
-    for name, t in techniques.items():
-        for n in names:
-            if t.refine is None:
-                out[f"{name}/{n}"] = fv.Technique({**t.settings, "transforms": TRANSFORMS[n]})
-            else:
-                out[f"{name}/{n}"] = fv.Technique(t.settings, refine={**t.refine, "transforms": TRANSFORMS[n]})
-    return out
+    def swap(t, n):
+        stage = "settings" if t.refine is None else "refine"
+        return dataclasses.replace(t, **{stage: {**getattr(t, stage), "transforms": TRANSFORMS[n]}})
+    return {f"{name}/{n}": swap(t, n) for name, t in techniques.items() for n in names}
 
 
 # metric -> (the real row it is compared with, True if a higher value is worse)
