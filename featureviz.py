@@ -121,6 +121,7 @@ def color_sqrt(color_cov, channels):
 
 class FourierParam(nn.Module):
     """Real-FFT coefficients scaled per frequency (whitened steps), colour-decorrelated, sigmoid."""
+    shifts_in_spectrum = True  # forward(shift=...) takes a Shift's phase ramps (render() hands them over)
 
     def __init__(self, n, channels, size, color_cov=None, decay=1.0, spectrum=None, sd=0.01, generator=None,
                  init=None):
@@ -183,6 +184,8 @@ class MaCoParam(nn.Module):
     The magnitude is scaled once so that every image's RMS is about `contrast`, whatever its phases
     (Parseval: no per-image standardization needed); then the colours are correlated as in
     FourierParam, and a sigmoid."""
+
+    shifts_in_spectrum = True  # as FourierParam
 
     def __init__(self, n, channels, size, magnitude=None, color_cov=None, contrast=1.0, generator=None, init=None):
         super().__init__()
@@ -446,7 +449,7 @@ def compose(*ts):
 # synthetic set, 6 seeds: transfer 0.59 against 0.54 for 2 px, 0.50 for 3 px, 0.52 for the former pad, jitter, affine, jitter, crop chain)
 AFFINE = resample(shift=1.5 / 32, scale=(0.9, 1.1), degrees=10)
 # render()'s default: sub-pixel shifts of up to 1.5 px at 32 px, inside the spectrum of fourier and maco. On
-# CIFAR-10 (4 seeds) as natural as AFFINE or more for them (naturalness 2.02 against 2.17, maco 1.25 against
+# CIFAR-10 (4 seeds) as natural as AFFINE or more for them (naturalness 2.01 against 2.17, maco 1.25 against
 # 1.22, each SD 0.03-0.07), at the same path check, at a fraction of its cost; pixel+reg keeps AFFINE (README)
 STANDARD = Shift(1.5 / 32)
 LIGHT = jitter(1 / 32)  # 1 px at 32 px
@@ -926,7 +929,7 @@ def _step(param, objective, run, transforms, terms, groups, gen):
     on_images = [t for t in terms if isinstance(t, ImageTerm)]
     others = [t for t in terms if not isinstance(t, ImageTerm)]
     # a Shift goes inside a Fourier parameterization's spectrum, unless an image term needs the unshifted images
-    inside = isinstance(transforms, Shift) and isinstance(param, (FourierParam, MaCoParam)) and not on_images
+    inside = isinstance(transforms, Shift) and getattr(param, "shifts_in_spectrum", False) and not on_images
 
     def step():
         if inside:

@@ -319,11 +319,14 @@ def test_shift_inside_a_fourier_parameterization_is_the_shift_of_its_images(cls)
     assert torch.allclose(inside, outside, atol=1e-5)
 
 
-def test_render_shifts_a_fourier_spectrum_as_it_would_shift_the_images():
-    """render() applies a Shift inside the Fourier spectrum; composed, the same shift runs on the images."""
+def test_render_shifts_a_fourier_spectrum_as_it_would_shift_the_images(monkeypatch):
+    """render() applies a Shift inside the Fourier spectrum (never shifting the images themselves); composed,
+    the same shift runs on the images, with the same result."""
     model = cnn()
-    inside = fv.render(model, [0, 1], steps=4, transforms=fv.Shift(2 / 32), progress=False)
     outside = fv.render(model, [0, 1], steps=4, transforms=fv.compose(fv.Shift(2 / 32)), progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(fv.Shift, "__call__", lambda self, x, gen: pytest.fail("the images were shifted, not the spectrum"))
+        inside = fv.render(model, [0, 1], steps=4, transforms=fv.Shift(2 / 32), progress=False)
     still = fv.render(model, [0, 1], steps=4, transforms=None, progress=False)
     assert torch.allclose(inside.images, outside.images, atol=1e-4)
     assert not torch.allclose(inside.images, still.images, atol=1e-3)
