@@ -16,9 +16,10 @@ activations and exemplars, techniques (techniques(): name -> Technique). How goo
 import functools
 import inspect
 import math
+import numbers
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields as fields_of, replace
 
 import torch
 import torch.nn.functional as F
@@ -471,6 +472,7 @@ class Class:
     layer = None  # the model output
 
     def check(self, shape):
+        _check_int(self, "idx", self.idx)
         if not 0 <= self.idx < shape[0]:
             raise ValueError(f"class {self.idx} out of range: the model has {shape[0]} classes")
 
@@ -481,7 +483,15 @@ class Class:
         return lambda out: (out.log_softmax(1) if log else out)[:, idx]
 
 
+def _check_int(t, name, value):
+    """A clear error for a target's index or position that is not an int (a float, a tuple, ...)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        signature = ", ".join(f.name for f in fields_of(t))
+        raise TypeError(f"{type(t).__name__} {name} must be an int, got {value!r} ({type(t).__name__}({signature}))")
+
+
 def _check_channel(t, shape):
+    _check_int(t, "channel", t.channel)
     if not 0 <= t.channel < shape[0]:
         raise ValueError(f"channel {t.channel} out of range: layer {t.layer!r} has {shape[0]} channels")
 
@@ -515,6 +525,9 @@ class Neuron:
 
     def check(self, shape):
         _check_channel(self, shape)
+        for name in ("y", "x"):
+            if getattr(self, name) is not None:  # None: the centre
+                _check_int(self, name, getattr(self, name))
         h, w = shape[1:] if len(shape) == 3 else (1, 1)
         y, x = self.position(shape)
         if not (0 <= y < h and 0 <= x < w):
@@ -841,9 +854,7 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     seed: seeds the initialization and the transforms; the same seed gives the same images.
     """
     targets = as_targets(targets)
-    for name, value, low in [("steps", steps, 0), ("images_per_target", images_per_target, 1), ("restarts", restarts, 1)]:
-        if not (isinstance(value, int) and value >= low):
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    _check_settings(steps, lr, transforms, images_per_target, restarts)
     device, channels, size = models.device_of(model), models.input_channels(model), _image_size(model, param, size)
     per_target = images_per_target * restarts
     groups = torch.arange(len(targets), device=device).repeat_interleave(per_target)  # (N,) target of each image
@@ -863,6 +874,19 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
                 final = objective(run(_channels_last(images)))[rows, groups]
     keep = _best_of_restarts(final, restarts).cpu()
     return Render(images.detach().cpu()[keep], final.cpu()[keep], history.cpu()[:, keep], targets)
+
+
+def _check_settings(steps, lr, transforms, images_per_target, restarts):
+    """A clear error, naming the argument, for a render() setting of the wrong kind or out of range."""
+    for name, value, low in [("steps", steps, 0), ("images_per_target", images_per_target, 1), ("restarts", restarts, 1)]:
+        if isinstance(value, bool) or not (isinstance(value, int) and value >= low):
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if not callable(lr) and (isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf):
+        raise ValueError(f"lr must be a number > 0 or a schedule f(fraction of steps done) such as cosine(0.3); "
+                         f"got {lr!r}")
+    if transforms is not None and not callable(transforms):
+        raise TypeError(f"transforms must be a transform t(x, gen) (STANDARD, AFFINE, LIGHT, jitter(...), "
+                        f"resample(...), compose(...)) or None; got {transforms!r}")
 
 
 def _best_of_restarts(final, restarts):

@@ -297,6 +297,10 @@ def test_attribution_targets_out_of_range_and_a_layer_without_space(nets):
     (dict(param=fv.parameterization("fourier", color_cov=torch.full((3, 3), float("nan")))), "with NaN"),
     (dict(param="wavelet"), "unknown parameterization 'wavelet'; choose one of pixel, fourier"),
     (dict(size=0), "size must be an int >= 1"),
+    (dict(steps=True), "steps must be an int >= 0"),
+    (dict(lr=0), r"lr must be a number > 0 or a schedule .* got 0"),
+    (dict(lr=float("nan")), "lr must be a number > 0"),
+    (dict(lr="0.05"), "lr must be a number > 0"),
 ])
 def test_render_refuses_bad_settings_by_name(nets, kwargs, match):
     cnn, _ = nets
@@ -312,6 +316,20 @@ def test_render_refuses_what_is_not_a_regularizer_or_a_parameterization(nets):
         fv.render(cnn, [0], steps=1, param=3, progress=False)
     with pytest.raises(ValueError, match="TV weight must be a finite number"):
         fv.TV(float("nan"))
+    with pytest.raises(TypeError, match=r"transforms must be a transform t\(x, gen\) .* got 'standard'"):
+        fv.render(cnn, [0], steps=1, transforms="standard", progress=False)
+
+
+@pytest.mark.parametrize("target, match", [
+    (fv.Neuron("block2.act2", 3, (4, 4)), r"Neuron y must be an int, got \(4, 4\) \(Neuron\(layer, channel, y, x\)\)"),
+    (fv.Neuron("block2.act2", 3, 4, 2.0), "Neuron x must be an int, got 2.0"),
+    (fv.Channel("block2.act2", 3.0), r"Channel channel must be an int, got 3.0 \(Channel\(layer, channel\)\)"),
+    (fv.Class(True), "Class idx must be an int, got True"),
+])
+def test_a_target_index_that_is_not_an_int_is_named(nets, target, match):
+    cnn, _ = nets
+    with pytest.raises(TypeError, match=match):
+        fv.render(cnn, target, steps=1, progress=False)
 
 
 def test_targets_as_strings_are_refused_and_integer_tensors_taken(nets):
