@@ -638,8 +638,9 @@ class Objective:
     @torch.no_grad()
     def shapes(self, model, input_shape):
         """Per-sample activation shape of every needed layer, from one dry run on a (C, H, W) input."""
-        with self.hooked(model) as run:
-            acts = run(torch.zeros(1, *input_shape, device=self.device))
+        x = torch.zeros(1, *input_shape, device=self.device)
+        with models.probing(model, x), self.hooked(model) as run:
+            acts = run(x)
         return {name: tuple(a.shape[1:]) for name, a in acts.items()}
 
     def __call__(self, acts):
@@ -833,6 +834,7 @@ def _channels_last(x):
 
 def cosine(lr):
     """A learning rate falling from lr to 0 along a half cosine: render(lr=cosine(0.3))."""
+    _check_lr(lr)
     return lambda t: lr * 0.5 * (1 + math.cos(math.pi * t))  # t: fraction of the steps done
 
 
@@ -854,7 +856,7 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     seed: seeds the initialization and the transforms; the same seed gives the same images.
     """
     targets = as_targets(targets)
-    _check_settings(steps, lr, transforms, images_per_target, restarts)
+    _check_settings(steps, lr, transforms, images_per_target, restarts, seed)
     device, channels, size = models.device_of(model), models.input_channels(model), _image_size(model, param, size)
     per_target = images_per_target * restarts
     groups = torch.arange(len(targets), device=device).repeat_interleave(per_target)  # (N,) target of each image
@@ -876,17 +878,24 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     return Render(images.detach().cpu()[keep], final.cpu()[keep], history.cpu()[:, keep], targets)
 
 
-def _check_settings(steps, lr, transforms, images_per_target, restarts):
+def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
     """A clear error, naming the argument, for a render() setting of the wrong kind or out of range."""
     for name, value, low in [("steps", steps, 0), ("images_per_target", images_per_target, 1), ("restarts", restarts, 1)]:
         if isinstance(value, bool) or not (isinstance(value, int) and value >= low):
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if not callable(lr) and (isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf):
-        raise ValueError(f"lr must be a number > 0 or a schedule f(fraction of steps done) such as cosine(0.3); "
-                         f"got {lr!r}")
+    if not callable(lr):
+        _check_lr(lr)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     if transforms is not None and not callable(transforms):
         raise TypeError(f"transforms must be a transform t(x, gen) (STANDARD, AFFINE, LIGHT, jitter(...), "
                         f"resample(...), compose(...)) or None; got {transforms!r}")
+
+
+def _check_lr(lr):
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a number > 0 or a schedule f(fraction of steps done) such as cosine(0.3); "
+                         f"got {lr!r}")
 
 
 def _best_of_restarts(final, restarts):
@@ -1082,7 +1091,10 @@ class Exemplars:
 
 
 def exemplars(model, images, target, k=8, batch_size=500):
-    """Top-k and bottom-k images of a dataset for a target (or a list of targets), in one pass."""
+    """Top-k and bottom-k images of a dataset for a target (or a list of targets), in one pass (k: at most
+    the number of images)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
     single = not isinstance(target, (list, tuple, range))
     a = activations(model, images, [target] if single else target, batch_size)  # (N, T)
     k = min(k, len(a))
@@ -1165,6 +1177,8 @@ def visualize_unit(model, layer, channel=0, neuron=None, technique="fourier", va
     if layer in ("head", None):
         targets = [Class(c) for c in channels]
     elif neuron is not None:
+        if not (isinstance(neuron, (tuple, list)) and len(neuron) == 2):
+            raise ValueError(f"neuron must be a (y, x) position in layer {layer!r}, got {neuron!r}")
         targets = [Neuron(layer, c, *neuron) for c in channels]
     else:
         targets = [Channel(layer, c) for c in channels]

@@ -440,9 +440,23 @@ def _probe(model, size=None):
     return torch.zeros(1, input_channels(model), side, side, device=device_of(model))
 
 
+@contextmanager
+def probing(model, probe):
+    """Around a dry run of the model on a probe image (1, C, H, W): an error of the model's own (an image
+    too small for its pooling, a size its linear layer does not fit) says which input it was given."""
+    try:
+        yield
+    except RuntimeError as e:
+        c, h, w = probe.shape[1:]
+        raise ValueError(f"{type(model).__name__} fails on a {c}-channel {h}x{w} image: is size={h} the side it "
+                         f"takes? ({e})") from e
+
+
 def layer_channels(model, name, size=None):
     """Number of channels (or features) the named layer outputs."""
-    return capture(model, _probe(model, size), [name])[name].shape[1]
+    x = _probe(model, size)
+    with probing(model, x):
+        return capture(model, x, [name])[name].shape[1]
 
 
 def _spatial_outputs(model, size=None):
@@ -453,7 +467,9 @@ def _spatial_outputs(model, size=None):
         for name in list_layers(model):
             get_layer(model, name).register_forward_hook(
                 lambda module, args, out, name=name: order.append((name, tuple(out.shape[1:]))) if out.dim() == 4 else None)
-        model(_probe(model, size))
+        x = _probe(model, size)
+        with probing(model, x):
+            model(x)
     if not order:
         raise ValueError(f"{type(model).__name__} has no layer with a spatial output (B, C, H, W) among "
                          f"{', '.join(list_layers(model))}")

@@ -301,6 +301,8 @@ def test_attribution_targets_out_of_range_and_a_layer_without_space(nets):
     (dict(lr=0), r"lr must be a number > 0 or a schedule .* got 0"),
     (dict(lr=float("nan")), "lr must be a number > 0"),
     (dict(lr="0.05"), "lr must be a number > 0"),
+    (dict(seed="a"), "seed must be an int, got 'a'"),
+    (dict(size=7), r"CNN fails on a 3-channel 7x7 image: is size=7 the side it takes\? \(.*too small\)"),
 ])
 def test_render_refuses_bad_settings_by_name(nets, kwargs, match):
     cnn, _ = nets
@@ -318,6 +320,19 @@ def test_render_refuses_what_is_not_a_regularizer_or_a_parameterization(nets):
         fv.TV(float("nan"))
     with pytest.raises(TypeError, match=r"transforms must be a transform t\(x, gen\) .* got 'standard'"):
         fv.render(cnn, [0], steps=1, transforms="standard", progress=False)
+
+
+def test_helpers_name_a_bad_argument(nets):
+    cnn, _ = nets
+    with pytest.raises(ValueError, match="lr must be a number > 0 .* got -1"):
+        fv.cosine(-1)
+    with pytest.raises(ValueError, match="k must be an int >= 1, got 0"):
+        fv.exemplars(cnn, torch.rand(4, 3, 32, 32), fv.Channel("block2.act2", 1), k=0)
+    with pytest.raises(ValueError, match=r"neuron must be a \(y, x\) position in layer 'block2.act2', got \(1, 2, 3\)"):
+        fv.visualize_unit(cnn, "block2.act2", 1, neuron=(1, 2, 3), steps=1, progress=False)
+    for probe in (lambda: models.layer_channels(cnn, "block3.act2", size=6), lambda: models.last_spatial_layer(cnn, 6)):
+        with pytest.raises(ValueError, match="CNN fails on a 3-channel 6x6 image: is size=6 the side it takes"):
+            probe()
 
 
 @pytest.mark.parametrize("target, match", [
