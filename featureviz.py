@@ -335,8 +335,7 @@ def parameterization(kind, pool=0, **options):
     if kind == "maco" and options.get("magnitude") is None:
         raise ValueError("parameterization 'maco' needs the data's magnitude spectrum: parameterization('maco', "
                          "magnitude=magnitude_spectrum(train_images, color_cov), color_cov=color_cov)")
-    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
-        raise ValueError(f"pool must be an int >= 0, got {pool!r}")
+    _check_count("pool", pool, 0)
     return Recipe(PARAMS[kind], options, pool)
 
 
@@ -525,9 +524,9 @@ class Neuron:
 
     def check(self, shape):
         _check_channel(self, shape)
-        for name in ("y", "x"):
-            if getattr(self, name) is not None:  # None: the centre
-                _check_int(self, name, getattr(self, name))
+        for name, value in (("y", self.y), ("x", self.x)):
+            if value is not None:  # None: the centre
+                _check_int(self, name, value)
         h, w = shape[1:] if len(shape) == 3 else (1, 1)
         y, x = self.position(shape)
         if not (0 <= y < h and 0 <= x < w):
@@ -881,8 +880,7 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
 def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
     """A clear error, naming the argument, for a render() setting of the wrong kind or out of range."""
     for name, value, low in [("steps", steps, 0), ("images_per_target", images_per_target, 1), ("restarts", restarts, 1)]:
-        if isinstance(value, bool) or not (isinstance(value, int) and value >= low):
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        _check_count(name, value, low)
     if not callable(lr):
         _check_lr(lr)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -890,6 +888,11 @@ def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
     if transforms is not None and not callable(transforms):
         raise TypeError(f"transforms must be a transform t(x, gen) (STANDARD, AFFINE, LIGHT, jitter(...), "
                         f"resample(...), compose(...)) or None; got {transforms!r}")
+
+
+def _check_count(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def _check_lr(lr):
@@ -1093,8 +1096,7 @@ class Exemplars:
 def exemplars(model, images, target, k=8, batch_size=500):
     """Top-k and bottom-k images of a dataset for a target (or a list of targets), in one pass (k: at most
     the number of images)."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    _check_count("k", k, 1)
     single = not isinstance(target, (list, tuple, range))
     a = activations(model, images, [target] if single else target, batch_size)  # (N, T)
     k = min(k, len(a))
