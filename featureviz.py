@@ -1140,8 +1140,9 @@ def techniques(vae=None, color_cov=None, magnitude=None):
     fourier = parameterization("fourier", color_cov=color_cov, decay=1.5)
     out = {
         "pixel": Technique(dict(param="pixel", transforms=None)),
-        "pixel+reg": Technique(dict(param="pixel", transforms=AFFINE,
-                                    regularizers=[L2(1.0), TV(2.0), Blur(4.0)])),
+        # L2 and total variation: on CIFAR-10 (4 seeds) more natural than with the blur penalty added
+        # (naturalness 11.37 against 12.99), as good on the other metrics, one penalty fewer a step (README)
+        "pixel+reg": Technique(dict(param="pixel", transforms=AFFINE, regularizers=[L2(1.0), TV(4.0)])),
         "fourier": Technique(dict(param=fourier)),
     }
     if magnitude is not None:

@@ -56,7 +56,7 @@ def parts(n=10, side=32):
     grad = torch.rand(n, 3, side, side, generator=gen)
     color = fv.color_sqrt(fv.color_covariance(x), 3)
     spec = torch.randn(n, 3, side, side // 2 + 1, dtype=torch.complex64, generator=gen).requires_grad_()
-    terms = [fv.L2(1.0), fv.TV(2.0), fv.Blur(4.0)]
+    terms = fv.techniques()["pixel+reg"].settings["regularizers"]
     affine, scale = functools.partial(fv.AFFINE, gen=gen), fv.fourier_scale(side)
     return {
         "resample (AFFINE, pixel+reg's), forward": lambda: fv.AFFINE(x, gen),
@@ -64,7 +64,8 @@ def parts(n=10, side=32):
         "Shift (STANDARD) inside the spectrum: its phase ramps and scale x exp(i ramp)": lambda: torch.polar(
             scale, fv.STANDARD.phase(n, side, side, gen, x.device)),
         **{f"{type(t).__name__} gradient": (lambda t=t: t.gradient(x)) for t in terms},
-        "L2 + TV + Blur gradients, summed": lambda: fv._image_terms_gradient(terms, x),
+        "pixel+reg's penalty gradients, summed": lambda: fv._image_terms_gradient(terms, x),
+        "Blur gradient (not in pixel+reg)": lambda: fv.Blur(4.0).gradient(x),
         "inverse FFT, forward + backward": backward_of(
             lambda s: torch.fft.irfft2(s, s=(side, side), norm="ortho"), spec, grad),
         "colour mixing (bmm, as fourier does it) + sigmoid, forward + backward": backward_of(
@@ -124,7 +125,7 @@ def main():
         compiled(terms, x)
         took = time.perf_counter() - start
         assert torch.allclose(compiled(terms, x), fv._image_terms_gradient(terms, x), atol=1e-6)
-        print(f"| L2 + TV + Blur gradients, summed, torch.compile ({took:.0f} s to compile) | "
+        print(f"| pixel+reg's penalty gradients, summed, torch.compile ({took:.0f} s to compile) | "
               f"{per_call(lambda: compiled(terms, x)):.1f} |")
     if args.in_step:
         in_step()
