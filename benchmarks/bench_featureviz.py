@@ -247,7 +247,7 @@ def bare_step(model, classes, steps, bounded=True):
     x = torch.rand(len(classes), models.input_channels(model), side, side, device=device, requires_grad=True)
     idx = torch.arange(len(classes), device=device)
     cls = torch.tensor(classes, device=device)
-    opt = torch.optim.Adam([x], lr=0.05)
+    opt = torch.optim.Adam([x], lr=0.05, fused=True)  # as render() steps
     with fv.frozen(model):
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)

@@ -6,8 +6,8 @@
 
 bench_featureviz.py --speed times whole steps against a bare step; this one says where the rest goes:
 pixel+reg's resampling (forward, and grid_sample's backward), the image terms' closed-form gradients,
-the default Shift's phase ramps, and the Fourier parameterization's inverse FFT, colour mixing and
-sigmoid (forward and backward).
+the default Shift's phase ramps, the Fourier parameterization's inverse FFT, colour mixing and
+sigmoid (forward and backward), and Adam's step, fused or not.
 Each part is timed alone, with its inputs hot in the caches: inside a step it costs more. --in-step
 measures that instead: torch.profiler over whole renders of 10 classes on the untrained `small` model,
 each op's self time per step in each image-space technique minus its time in `pixel` without
@@ -49,6 +49,13 @@ def backward_of(forward, x, grad):
     return fn
 
 
+def adam_step(x, fused):
+    """fn() taking one Adam step on a copy of x (its gradient set once), fused or as the default's ops."""
+    leaf = x.clone().requires_grad_()
+    leaf.grad = torch.rand_like(x)
+    return torch.optim.Adam([leaf], lr=0.05, fused=fused).step
+
+
 def parts(n=10, side=32):
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(n, 3, side, side, generator=gen)
@@ -73,6 +80,8 @@ def parts(n=10, side=32):
         "colour mixing as an einsum + sigmoid, forward + backward": backward_of(
             lambda v: torch.sigmoid(torch.einsum("dc,nchw->ndhw", color, v)), leaf, grad),
         "sigmoid alone, forward + backward": backward_of(torch.sigmoid, leaf, grad),
+        "Adam step, the default (a for-loop of ops on a CPU)": adam_step(x, fused=False),
+        "Adam step, fused (as render() and the bare step take it)": adam_step(x, fused=True),
     }, (terms, x)
 
 
