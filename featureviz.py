@@ -482,9 +482,14 @@ class Class:
         return lambda out: (out.log_softmax(1) if log else out)[:, idx]
 
 
+def _is_int(value):
+    """An integer (a Python or NumPy int, not a bool, a float or a tuple)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_int(t, name, value):
     """A clear error for a target's index or position that is not an int (a float, a tuple, ...)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not _is_int(value):
         signature = ", ".join(f.name for f in fields_of(t))
         raise TypeError(f"{type(t).__name__} {name} must be an int, got {value!r} ({type(t).__name__}({signature}))")
 
@@ -883,7 +888,7 @@ def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
         _check_count(name, value, low)
     if not callable(lr):
         _check_lr(lr)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    if not _is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
     if transforms is not None and not callable(transforms):
         raise TypeError(f"transforms must be a transform t(x, gen) (STANDARD, AFFINE, LIGHT, jitter(...), "
@@ -891,7 +896,7 @@ def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
 
 
 def _check_count(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    if not _is_int(value) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
