@@ -849,8 +849,8 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
            images_per_target=1, restarts=1, size=None, seed=0, progress=True):
     """Maximize every target's activation, all images in one batch; returns a Render.
 
-    param: 'pixel', 'fourier', 'latent', 'whitened' (with its options: `parameterization(...)`), or a
-      built parameterization module.
+    param: 'pixel' or 'fourier'; a recipe with options, `parameterization(kind, ...)`, which 'maco',
+      'latent' and 'whitened' need (the data's spectrum, a VAE); or a built parameterization module.
     lr: Adam's learning rate, or a schedule f(fraction of steps done) -> lr such as cosine(0.3).
     transforms: t(x, gen) -> x applied to the images at each step (a Shift, as the default, goes inside the
       spectrum of a fourier or maco parameterization); None optimizes the raw images.
