@@ -583,17 +583,13 @@ def as_targets(targets):
     return out
 
 
-class _Stop(Exception):
-    """Raised by the last hook a pass needs: the rest of the network is not computed."""
-
-
 class Objective:
     """Targets compiled into one function acts -> (B, T), built once per model and target list."""
 
     def __init__(self, model, targets, extra_layers=(), input_shape=None):
         """input_shape: (C, H, W) of one image, default the model's own (models.input_size)."""
         self.layers = {t.layer for t in targets} | set(extra_layers)  # None: the model output
-        self.modules = {name: models.get_layer(model, name) for name in self.layers - {None}}
+        self.recorder = models.Recorder(model, self.layers)
         self.device = models.device_of(model)
         if input_shape is None:
             side = models.input_size(model)
@@ -612,38 +608,17 @@ class Objective:
         order = torch.tensor([i for idx in groups.values() for i in idx])
         self.inverse = torch.argsort(order).to(self.device)  # column j of the output = target j
 
-    @contextmanager
-    def hooked(self, model):
-        """Yield run(x) -> acts {layer: activation, None: output if needed}; hooks removed on exit."""
-        acts, full = {}, None in self.layers
-
-        def hook(name):
-            def save(module, inputs, out):
-                acts[name] = out
-                if not full and len(acts) == len(self.modules):
-                    raise _Stop
-            return save
-
-        def run(x):
-            acts.clear()
-            try:
-                acts[None] = model(x)
-            except _Stop:
-                pass
-            return acts
-
-        handles = [m.register_forward_hook(hook(name)) for name, m in self.modules.items()]
-        try:
-            yield run
-        finally:
-            for h in handles:
-                h.remove()
+    def hooked(self):
+        """Yield run(x) -> acts {layer: activation, None: output if needed}; hooks removed on exit. A
+        layer's activation is its output as models.Recorder defines it (last call, safe from in-place ops)."""
+        return self.recorder.hooked()
 
     @torch.no_grad()
     def shapes(self, model, input_shape):
-        """Per-sample activation shape of every needed layer, from one dry run on a (C, H, W) input."""
+        """Per-sample activation shape of every needed layer, from one dry run on a (C, H, W) input (which
+        also teaches the recorder how the model runs)."""
         x = torch.zeros(1, *input_shape, device=self.device)
-        with models.probing(model, x), self.hooked(model) as run:
+        with models.probing(model, x), self.hooked() as run:
             acts = run(x)
         return {name: tuple(a.shape[1:]) for name, a in acts.items()}
 
@@ -868,7 +843,7 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     terms = _resolve(regularizers, model, size)
     with frozen(model, _vae_of(param)):
         objective = Objective(model, targets, [t.layer for t in terms if t.layer], (channels, size, size))
-        with objective.hooked(model) as run:
+        with objective.hooked() as run:
             param = _build(param, len(groups), channels, size, per_target, objective, run, seed).to(device)
             _check_param(param, (len(groups), channels, size, size), terms)
             gen = torch.Generator(device=device).manual_seed(seed)
@@ -1085,7 +1060,7 @@ def activations(model, images, targets, batch_size=500):
     device = models.device_of(model)
     with frozen(model):
         objective = Objective(model, targets, input_shape=tuple(images.shape[1:]))
-        with objective.hooked(model) as run:
+        with objective.hooked() as run:
             out = [objective(run(_channels_last(data.to_float(x.to(device)))))
                    for x in images.split(batch_size)]
     return torch.cat(out).cpu()

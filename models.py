@@ -421,16 +421,83 @@ def input_size(model, size=None):
     return size
 
 
+class _Stop(Exception):
+    """Raised by the last hook a pass needs: the rest of the network is not computed."""
+
+
+class Recorder:
+    """The outputs of named layers in a forward pass: `with Recorder(model, names).hooked() as run:`, then
+    run(x) -> {name: output} (None among the names: the model's output too, under the key None).
+
+    A layer's output is its module's output at its LAST call in a pass (a module that runs twice, such as
+    the ReLU a torchvision BasicBlock reuses, gives the block's output, as captum's layer methods do),
+    kept safe from in-place ops further on (ReLU(inplace=True), `out += identity`) that would overwrite
+    it. The first pass runs the whole model and learns both: how often each module runs, and which
+    outputs get overwritten (from then on copied as they are made, and that pass run again). Later passes
+    stop after the last output they need, unless the model's output is one of them.
+    """
+
+    def __init__(self, model, names):
+        self.model = model
+        self.modules = {name: get_layer(model, name) for name in names if name is not None}
+        self.full = None in names
+        self.calls, self.copied = None, set()  # learned on the first pass
+
+    @contextmanager
+    def hooked(self):
+        """Yield run(x) -> outputs; the hooks are removed on exit."""
+        out, seen, versions = {}, {}, {}
+
+        def hook(name):
+            def save(module, args, output):
+                if not torch.is_tensor(output):
+                    raise TypeError(f"layer {name!r} outputs a {type(output).__name__}, not a tensor: pick "
+                                    f"another layer (models.list_layers)")
+                seen[name] += 1
+                if name in self.copied or output.is_inference():  # an inference tensor keeps no version
+                    out[name], versions[name] = output.clone(), None
+                else:
+                    out[name], versions[name] = output, output._version
+                if seen == self.calls and not self.full:
+                    raise _Stop
+            return save
+
+        def run(x):
+            out.clear(), versions.clear()
+            seen.update(dict.fromkeys(self.modules, 0))
+            try:
+                out[None] = self.model(x)
+            except _Stop:
+                pass
+            if self.calls is None:
+                self.calls = self._counted(seen)
+            stale = {name for name, v in versions.items() if v is not None and out[name]._version != v}
+            if stale:  # overwritten by a later in-place op: copy them from now on, and run again
+                self.copied |= stale
+                return run(x)
+            return out
+
+        handles = [m.register_forward_hook(hook(name)) for name, m in self.modules.items()]
+        try:
+            yield run
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _counted(self, seen):
+        """The calls of each module in the first pass; an error for a module that did not run."""
+        idle = [name for name, n in seen.items() if n == 0]
+        if idle:
+            raise ValueError(f"layer {idle[0]!r} does not run in {type(self.model).__name__}'s forward pass")
+        return dict(seen)
+
+
 @torch.no_grad()
 def capture(model, images, layers):
-    """Outputs of the named layers for a batch of images (uint8 or float in [0, 1]), as {name: tensor};
-    the model is left as found (see `evaluating`)."""
-    out = {}
-    modules = [get_layer(model, name) for name in layers]
-    with evaluating(model):
-        for name, m in zip(layers, modules):
-            m.register_forward_hook(lambda module, args, output, name=name: out.__setitem__(name, output.detach()))
-        model(to_float(images))
+    """Outputs of the named layers for a batch of images (uint8 or float in [0, 1]), as {name: tensor},
+    each a layer's output as `Recorder` defines it; the model is left as found (see `evaluating`)."""
+    with evaluating(model), Recorder(model, layers).hooked() as run:
+        out = run(to_float(images))
     return {name: out[name] for name in layers}
 
 

@@ -96,6 +96,28 @@ def test_diversity_and_exemplars_follow_the_model(name):
     assert cam.shape == (2, side, side)
 
 
+def test_a_layer_reads_the_same_whatever_runs_after_it():
+    """torchvision's ResNet runs one ReLU twice in each block and writes over outputs in place
+    (ReLU(inplace=True), `out += identity`). A layer's output is its module's last call, untouched by the
+    ops after it: in capture, activations and render alike, and whether or not the pass goes on."""
+    model, x = resnet18(), torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the reference, module by module and without hooks
+        stem = model.bn1(model.conv1(x))
+        block = model.layer1(model.maxpool(model.relu(stem.clone())))  # layer1.1.relu's second call
+    for name, want in (("bn1", stem), ("layer1.1.relu", block)):
+        assert torch.allclose(models.capture(model, x, [name])[name], want, atol=1e-6), name
+        with torch.inference_mode():  # inference tensors keep no version to check: always copied
+            assert torch.allclose(models.capture(model, x, [name])[name], want, atol=1e-6), name
+        for targets in ([fv.Channel(name, 5)], [fv.Channel(name, 5), fv.Class(0)]):  # the pass stops, goes on
+            got = fv.activations(model, x, targets)[:, 0]
+            assert torch.allclose(got, want[:, 5].mean((1, 2)), atol=1e-6), (name, targets)
+    # a render climbs the layer's own output, with or without a target after it in the same batch
+    alone, mixed = (fv.render(model, targets, param="pixel", transforms=None, steps=8, size=32, progress=False)
+                    for targets in ([fv.Channel("bn1", 5)], [fv.Channel("bn1", 5), fv.Class(0)]))
+    assert torch.allclose(alone.images[0], mixed.images[0], atol=1e-6)
+    assert torch.allclose(alone.activation, model.bn1(model.conv1(alone.images))[:, 5].mean((1, 2)), atol=1e-5)
+
+
 def test_last_spatial_layer_is_read_from_the_forward_pass():
     assert models.last_spatial_layer(cnn(32)) == "block3.act2"
     assert models.last_spatial_layer(resnet18(), 32) == "layer4.1.relu"

@@ -80,6 +80,11 @@ def test_capture_returns_layer_outputs_and_leaves_no_hooks():
     assert model.training
     with pytest.raises(ValueError, match="valid layers"):
         models.capture(model, x, ["nope"])
+    model.spare = torch.nn.ReLU()  # a module the forward pass never calls
+    with pytest.raises(ValueError, match="layer 'spare' does not run in CNN's forward pass"):
+        models.capture(model, x, ["spare"])
+    with pytest.raises(TypeError, match="layer '0' outputs a tuple, not a tensor"):
+        models.capture(torch.nn.Sequential(torch.nn.LSTM(4, 4)), torch.rand(2, 3, 4), ["0"])
     assert all(not m._forward_hooks for m in model.modules())
 
 
