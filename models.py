@@ -551,6 +551,11 @@ def last_spatial_layer(model, size=None):
 def block_layers(model, size=None):
     """Names of the last spatial layer of each top-level block (child module) of the model, in forward
     order: whiten, whiten_act, block1.act2, block2.act2, block3.act2 for our CNN; layer1.1.relu ... for
-    a torchvision ResNet; every spatial layer of a flat nn.Sequential."""
-    last = {name.split(".")[0]: name for name, _ in _spatial_outputs(model, size)}  # the last one of each block wins
+    a torchvision ResNet; every spatial layer of a flat nn.Sequential. Wrappers do not count as blocks:
+    in nn.Sequential(Normalize(...), resnet) the blocks are the ResNet's (1.conv1, 1.relu, 1.layer1.1.relu ...)."""
+    names = [name.split(".") for name, _ in _spatial_outputs(model, size)]
+    depth = 0  # the leading name parts every spatial layer shares: a wrapper's
+    while all(len(n) > depth + 1 and n[depth] == names[0][depth] for n in names):
+        depth += 1
+    last = {tuple(n[:depth + 1]): ".".join(n) for n in names}  # the last one of each block wins
     return list(last.values())

@@ -128,6 +128,15 @@ def test_last_spatial_layer_is_read_from_the_forward_pass():
         models.last_spatial_layer(mlp, 2)
 
 
+def test_block_layers_look_through_a_wrapper():
+    blocks = ["conv1", "relu"] + [f"layer{i}.1.relu" for i in range(1, 5)]
+    assert models.block_layers(resnet18(), 32) == blocks
+    # a torchvision model trained on normalized images takes [0, 1] ones once wrapped with its Normalize
+    wrapped = nn.Sequential(torchvision.transforms.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), resnet18())
+    assert models.block_layers(wrapped, 32) == [f"1.{name}" for name in blocks]
+    assert models.block_layers(nn.Sequential(nn.Sequential(sequential_28())), 28) == ["0.0.0", "0.0.1", "0.0.3", "0.0.4"]
+
+
 def test_a_size_the_model_cannot_tell_asks_for_size():
     for model in (sequential_28(), resnet18()):
         with pytest.raises(ValueError, match=r"cannot tell the image size .* pass size=\.\.\."):
