@@ -1,7 +1,8 @@
 """Attribution maps for a classifier: saliency, Grad-CAM, integrated gradients (thin over captum).
 
 Every function takes images (B, C, H, W), uint8 in [0, 255] or float in [0, 1], and targets as an int or a (B,) long
-tensor, runs the model in eval mode, and leaves the model (mode, requires_grad, hooks) as found.
+tensor, runs the model in eval mode (and in its own dtype, for a half or bfloat16 model), leaves the model (mode,
+requires_grad, hooks) as found, and returns float32 maps.
 """
 from contextlib import contextmanager
 
@@ -22,7 +23,8 @@ def _prepare(images, targets, model):
     """A detached float copy of the images (B, C, H, W) on the model's device, and the targets (B,),
     checked against the model's number of outputs."""
     device = models.device_of(model)
-    x = to_float(images).detach().to(device).clone().requires_grad_()  # captum warns unless inputs require grad
+    x = to_float(images).detach().to(device, models.dtype_of(model)).clone().requires_grad_()  # captum warns
+    # unless inputs require grad; a half or bfloat16 model takes its own dtype
     t = torch.as_tensor(targets, device=x.device)
     if t.is_floating_point() or t.dim() > 1 or (t.dim() == 1 and len(t) != len(x)):
         raise ValueError(f"targets must be a class index or {len(x)} of them (one per image); got {targets!r}")
@@ -39,7 +41,7 @@ def saliency(model, images, targets):
     x, t = _prepare(images, targets, model)
     with _untouched(model):
         attr = Saliency(model).attribute(x, target=t, abs=True)  # (B, C, H, W)
-    return attr.amax(1).detach()
+    return attr.amax(1).detach().float()
 
 
 def grad_cam(model, images, targets, layer=None):
@@ -57,7 +59,7 @@ def grad_cam(model, images, targets, layer=None):
     with _untouched(model):
         cam = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)  # (B, 1, h, w)
     cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")
-    return cam[:, 0].clamp_min(0)  # (B, H, W)
+    return cam[:, 0].clamp_min(0).float()  # (B, H, W)
 
 
 def integrated_gradients(model, images, targets, baseline=None, steps=32, internal_batch_size=64):
@@ -68,7 +70,7 @@ def integrated_gradients(model, images, targets, baseline=None, steps=32, intern
     with _untouched(model):
         attr = IntegratedGradients(model).attribute(
             x, baselines=b, target=t, n_steps=steps, internal_batch_size=internal_batch_size)
-    return attr.detach()
+    return attr.detach().float()
 
 
 def to_heatmap(attr, signed=False):

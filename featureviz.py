@@ -620,10 +620,10 @@ class Objective:
         x = torch.zeros(1, *input_shape, device=self.device)
         with models.probing(model, x), self.hooked() as run:
             acts = run(x)
-        return {name: tuple(a.shape[1:]) for name, a in acts.items()}
+        return {name: tuple(acts[name].shape[1:]) for name in self.layers}
 
     def __call__(self, acts):
-        cols = [f(acts[layer]) for layer, f in self.parts]  # T_g columns per group
+        cols = [f(acts[layer]).float() for layer, f in self.parts]  # T_g columns per group (a half model's too)
         if len(cols) == 1:  # one group: its columns are the targets in order
             return cols[0]
         return torch.cat(cols, 1)[:, self.inverse]           # (B, T)

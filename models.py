@@ -396,6 +396,11 @@ def device_of(model):
     return torch.device("cpu") if t is None else t.device
 
 
+def dtype_of(model):
+    """The floating dtype the model computes in (of its first floating parameter or buffer); float32 if none."""
+    return next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), torch.float32)
+
+
 def input_channels(model):
     """Number of channels the model's input has: from its config, else its first convolution."""
     config = getattr(model, "config", None) or {}
@@ -434,11 +439,12 @@ class Recorder:
     kept safe from in-place ops further on (ReLU(inplace=True), `out += identity`) that would overwrite
     it. The first pass runs the whole model and learns both: how often each module runs, and which
     outputs get overwritten (from then on copied as they are made, and that pass run again). Later passes
-    stop after the last output they need, unless the model's output is one of them.
+    stop after the last output they need, unless the model's output is one of them. The images are cast
+    to the model's dtype (`dtype_of`), so a half or bfloat16 model takes float32 images.
     """
 
     def __init__(self, model, names):
-        self.model = model
+        self.model, self.dtype = model, dtype_of(model)
         self.modules = {name: get_layer(model, name) for name in names if name is not None}
         self.full = None in names
         self.calls, self.copied = None, set()  # learned on the first pass
@@ -466,11 +472,12 @@ class Recorder:
             out.clear(), versions.clear()
             seen.update(dict.fromkeys(self.modules, 0))
             try:
-                out[None] = self.model(x)
+                out[None] = self.model(x.to(self.dtype))  # a half or bfloat16 model takes its own dtype
             except _Stop:
                 pass
             if self.calls is None:
                 self.calls = self._counted(seen)
+                self._check_output(out.get(None))
             stale = {name for name, v in versions.items() if v is not None and out[name]._version != v}
             if stale:  # overwritten by a later in-place op: copy them from now on, and run again
                 self.copied |= stale
@@ -483,6 +490,11 @@ class Recorder:
         finally:
             for h in handles:
                 h.remove()
+
+    def _check_output(self, output):
+        if self.full and not torch.is_tensor(output):
+            raise TypeError(f"{type(self.model).__name__} returns a {type(output).__name__}, not a tensor of "
+                            f"logits (B, classes): wrap it in a module whose forward returns them")
 
     def _counted(self, seen):
         """The calls of each module in the first pass; an error for a module that did not run."""
@@ -504,7 +516,7 @@ def capture(model, images, layers):
 def _probe(model, size=None):
     """A zero image of the model's input shape on its device: (1, C, H, W)."""
     side = input_size(model, size)
-    return torch.zeros(1, input_channels(model), side, side, device=device_of(model))
+    return torch.zeros(1, input_channels(model), side, side, device=device_of(model), dtype=dtype_of(model))
 
 
 @contextmanager

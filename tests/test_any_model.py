@@ -128,6 +128,39 @@ def test_last_spatial_layer_is_read_from_the_forward_pass():
         models.last_spatial_layer(mlp, 2)
 
 
+def test_a_bfloat16_model_runs_in_its_own_dtype():
+    """Images are made in float32 and cast to the model's dtype; activations and maps come back float32."""
+    model, x = cnn(32), torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    targets = [fv.Class(1), fv.Channel("block2.act2", 3)]
+    ref = fv.activations(model, x, targets), attribution.grad_cam(model, x, 1)
+    model = model.to(torch.bfloat16)
+    got = fv.activations(model, x, targets), attribution.grad_cam(model, x, 1)
+    for a, b in zip(ref, got):
+        assert b.dtype == torch.float32 and torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.98
+    r = fv.render(model, targets, steps=24, progress=False)
+    assert r.images.dtype == r.activation.dtype == torch.float32
+    assert (r.history[-4:].mean(0) > r.history[:4].mean(0)).all(), r.history
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+class _DictOutput(nn.Module):
+    """A model that returns its logits in a dict, as some libraries' classifiers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = sequential_28()
+
+    def forward(self, x):
+        return {"logits": self.net(x)}
+
+
+def test_a_model_that_returns_no_tensor_renders_its_layers_and_says_what_to_do_for_classes():
+    r = fv.render(_DictOutput(), [fv.Channel("net.3", 2)], steps=8, size=28, progress=False)
+    assert r.images.shape == (1, 1, 28, 28) and r.history[-1] > r.history[0]
+    with pytest.raises(TypeError, match=r"_DictOutput returns a dict, not a tensor of logits .* wrap it"):
+        fv.render(_DictOutput(), [0], steps=1, size=28, progress=False)
+
+
 def test_block_layers_look_through_a_wrapper():
     blocks = ["conv1", "relu"] + [f"layer{i}.1.relu" for i in range(1, 5)]
     assert models.block_layers(resnet18(), 32) == blocks
