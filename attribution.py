@@ -23,8 +23,8 @@ def _prepare(images, targets, model):
     """A detached float copy of the images (B, C, H, W) on the model's device, and the targets (B,),
     checked against the model's number of outputs."""
     device = models.device_of(model)
-    x = to_float(images).detach().to(device, models.dtype_of(model)).clone().requires_grad_()  # captum warns
-    # unless inputs require grad; a half or bfloat16 model takes its own dtype
+    # in the model's dtype (a half or bfloat16 model takes its own); captum warns unless inputs require grad
+    x = to_float(images).detach().to(device, models.dtype_of(model)).clone().requires_grad_()
     t = torch.as_tensor(targets, device=x.device)
     if t.is_floating_point() or t.dim() > 1 or (t.dim() == 1 and len(t) != len(x)):
         raise ValueError(f"targets must be a class index or {len(x)} of them (one per image); got {targets!r}")
