@@ -539,25 +539,38 @@ def layer_channels(model, name, size=None):
 
 
 def _spatial_outputs(model, size=None):
-    """[(name, (C, H, W))] of the layers with a spatial output (B, C, H, W), in the order the forward
-    pass runs them; an error if there is none."""
-    order = []
-    with evaluating(model), torch.no_grad():
-        for name in list_layers(model):
-            get_layer(model, name).register_forward_hook(
-                lambda module, args, out, name=name: order.append((name, tuple(out.shape[1:]))) if out.dim() == 4 else None)
+    """Names of the layers with a spatial output (B, C, H, W), in the order the forward pass finishes them,
+    each output named by the innermost module that made it. Blocks (modules holding layers) count too: one
+    that hands on a layer's output unchanged goes by that layer's name (our block3 by block3.act2, a
+    torchvision ResNet's layer4 by layer4.1.relu), one that makes its own (F.relu in its forward, as in
+    many CIFAR ResNets) by its own name (layer4.1). An error if there is none."""
+    listed = list_layers(model)
+    candidates = [name for name in dict(model.named_modules())
+                  if name in listed or any(layer.startswith(name + ".") for layer in listed)]
+    made, order, kept = {}, [], []  # (id, version) -> the first module to output it; names; the outputs, kept
+    # alive so that no id is reused
+
+    def record(name, out):
+        if torch.is_tensor(out) and out.dim() == 4:
+            kept.append(out)
+            order.append(made.setdefault((id(out), out._version), name))
+
+    # (not in inference mode, whose tensors keep no version)
+    with evaluating(model), torch.no_grad(), torch.inference_mode(False):
+        for name in candidates:
+            get_layer(model, name).register_forward_hook(lambda module, args, out, name=name: record(name, out))
         x = _probe(model, size)
         with probing(model, x):
             model(x)
     if not order:
         raise ValueError(f"{type(model).__name__} has no layer with a spatial output (B, C, H, W) among "
-                         f"{', '.join(list_layers(model))}")
+                         f"{', '.join(listed)}")
     return order
 
 
 def last_spatial_layer(model, size=None):
-    """Name of the last layer (in the order the forward pass runs them) whose output is (B, C, H, W)."""
-    return _spatial_outputs(model, size)[-1][0]
+    """Name of the last layer (in the order the forward pass finishes them) whose output is (B, C, H, W)."""
+    return _spatial_outputs(model, size)[-1]
 
 
 def block_layers(model, size=None):
@@ -565,7 +578,7 @@ def block_layers(model, size=None):
     order: whiten, whiten_act, block1.act2, block2.act2, block3.act2 for our CNN; layer1.1.relu ... for
     a torchvision ResNet; every spatial layer of a flat nn.Sequential. Wrappers do not count as blocks:
     in nn.Sequential(Normalize(...), resnet) the blocks are the ResNet's (1.conv1, 1.relu, 1.layer1.1.relu ...)."""
-    names = [name.split(".") for name, _ in _spatial_outputs(model, size)]
+    names = [name.split(".") for name in _spatial_outputs(model, size)]
     depth = 0  # the leading name parts every spatial layer shares: a wrapper's
     while all(len(n) > depth + 1 and n[depth] == names[0][depth] for n in names):
         depth += 1

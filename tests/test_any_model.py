@@ -118,9 +118,37 @@ def test_a_layer_reads_the_same_whatever_runs_after_it():
     assert torch.allclose(alone.activation, model.bn1(model.conv1(alone.images))[:, 5].mean((1, 2)), atol=1e-5)
 
 
+class _Block(nn.Module):
+    """A residual block with functional ReLUs, as in many CIFAR ResNets: no module outputs what it returns."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class _FunctionalResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.layer1, self.linear = nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(_Block(8), _Block(8)), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.linear(self.layer1(torch.relu(self.conv1(x))).mean((2, 3)))
+
+
 def test_last_spatial_layer_is_read_from_the_forward_pass():
     assert models.last_spatial_layer(cnn(32)) == "block3.act2"
     assert models.last_spatial_layer(resnet18(), 32) == "layer4.1.relu"
+    # a block that makes its own output goes by its own name, not by its last convolution's
+    model, x = _FunctionalResNet().eval(), torch.rand(3, 3, 32, 32)
+    assert models.last_spatial_layer(model, 32) == "layer1.1" and models.block_layers(model, 32) == ["conv1", "layer1.1"]
+    with torch.no_grad():
+        block = model.layer1(torch.relu(model.conv1(x)))
+    assert torch.allclose(fv.activations(model, x, [fv.Channel("layer1.1", 2)])[:, 0], block[:, 2].mean((1, 2)))
+    assert torch.equal(attribution.grad_cam(model, x, 1), attribution.grad_cam(model, x, 1, layer="layer1.1"))
     assert models.last_spatial_layer(sequential_28(), 28) == "4"  # the ReLU after the last conv
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     mlp.config = dict(in_channels=3)
