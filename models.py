@@ -469,7 +469,8 @@ class Recorder:
             return save
 
         def run(x):
-            out.clear(), versions.clear()
+            out.clear()
+            versions.clear()
             seen.update(dict.fromkeys(self.modules, 0))
             try:
                 out[None] = self.model(x.to(self.dtype))  # a half or bfloat16 model takes its own dtype
@@ -545,7 +546,7 @@ def _spatial_outputs(model, size=None):
     torchvision ResNet's layer4 by layer4.1.relu), one that makes its own (F.relu in its forward, as in
     many CIFAR ResNets) by its own name (layer4.1). An error if there is none."""
     listed = list_layers(model)
-    candidates = [name for name in dict(model.named_modules())
+    candidates = [name for name, _ in model.named_modules()
                   if name in listed or any(layer.startswith(name + ".") for layer in listed)]
     made, order, kept = {}, [], []  # (id, version) -> the first module to output it; names; the outputs, kept
     # alive so that no id is reused
