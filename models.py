@@ -6,6 +6,7 @@ Build any model from its config dict with `build_model(config)`, so a checkpoint
 The helpers at the end work for any nn.Module: layers by name, captured activations, input shape,
 and `evaluating`, the one way this project runs a model without changing it.
 """
+import itertools
 import math
 from contextlib import contextmanager
 
@@ -578,10 +579,11 @@ def block_layers(model, size=None):
     """Names of the last spatial layer of each top-level block (child module) of the model, in forward
     order: whiten, whiten_act, block1.act2, block2.act2, block3.act2 for our CNN; layer1.1.relu ... for
     a torchvision ResNet; every spatial layer of a flat nn.Sequential. Wrappers do not count as blocks:
-    in nn.Sequential(Normalize(...), resnet) the blocks are the ResNet's (1.conv1, 1.relu, 1.layer1.1.relu ...)."""
+    in nn.Sequential(Normalize(...), resnet) the blocks are the ResNet's (1.conv1, 1.relu, 1.layer1.1.relu ...),
+    and in a torchvision VGG or DenseNet, whose spatial layers all sit in `features`, they are its children,
+    then `features` itself for its output (made by a max-pool or a batch norm, which are not layers)."""
     names = [name.split(".") for name in _spatial_outputs(model, size)]
-    depth = 0  # the leading name parts every spatial layer shares: a wrapper's
-    while all(len(n) > depth + 1 and n[depth] == names[0][depth] for n in names):
-        depth += 1
+    # the leading name parts every spatial layer shares (a wrapper's), a wrapper's own name included
+    depth = len(list(itertools.takewhile(lambda parts: len(set(parts)) == 1, zip(*names))))
     last = {tuple(n[:depth + 1]): ".".join(n) for n in names}  # the last one of each block wins
     return list(last.values())

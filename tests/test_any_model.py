@@ -203,6 +203,32 @@ def test_block_layers_look_through_a_wrapper():
     assert models.block_layers(nn.Sequential(nn.Sequential(sequential_28())), 28) == ["0.0.0", "0.0.1", "0.0.3", "0.0.4"]
 
 
+class _VGGLike(nn.Module):
+    """torchvision's VGG layout: every spatial layer in `features`, which ends with a max-pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.avgpool, self.classifier = nn.AdaptiveAvgPool2d(2), nn.Linear(16 * 2 * 2, 10)
+
+    def forward(self, x):
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+
+def test_block_layers_of_a_model_whose_layers_all_sit_in_one_container():
+    # the container's own output (a max-pool's, a batch norm's: not layers) used to hide its children
+    assert models.block_layers(_VGGLike(), 32) == ["features.0", "features.1", "features.3", "features.4", "features"]
+    densenet = torchvision.models.DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2,
+                                           num_classes=10).eval()
+    blocks = ["features.conv0", "features.relu0", "features.denseblock1", "features.transition1",
+              "features.denseblock2", "features"]
+    assert models.block_layers(densenet, 32) == blocks
+    assert models.block_layers(nn.Sequential(nn.Identity(), densenet), 32) == [f"1.{name}" for name in blocks]
+    acts = models.capture(densenet, torch.rand(2, 3, 32, 32), blocks)  # each a feature map of its own
+    assert [a.shape[-1] for a in acts.values()] == [16, 16, 8, 4, 4, 4]
+
+
 def test_a_size_the_model_cannot_tell_asks_for_size():
     for model in (sequential_28(), resnet18()):
         with pytest.raises(ValueError, match=r"cannot tell the image size .* pass size=\.\.\."):
