@@ -346,9 +346,15 @@ def build_model(config):
     return kinds[config["kind"]](config)
 
 
+# the activation modules that count as layers (nn.Hardtanh covers nn.ReLU6); not the gates nn.Sigmoid and
+# nn.Hardsigmoid, which in a squeeze-and-excitation block output a (B, C, 1, 1) scale, not a feature map
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+               nn.Hardtanh, nn.Softplus, nn.Tanh)
+
+
 def list_layers(model):
     """Names of the layers a user can target: convolutions, activations, and the head."""
-    kinds = (nn.Conv2d, nn.GELU, nn.ReLU, nn.SiLU, nn.Linear)
+    kinds = (nn.Conv2d, nn.Linear, *ACTIVATIONS)
     return [name for name, m in model.named_modules() if name and isinstance(m, kinds)]
 
 

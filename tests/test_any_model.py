@@ -150,6 +150,12 @@ def test_last_spatial_layer_is_read_from_the_forward_pass():
     assert torch.allclose(fv.activations(model, x, [fv.Channel("layer1.1", 2)])[:, 0], block[:, 2].mean((1, 2)))
     assert torch.equal(attribution.grad_cam(model, x, 1), attribution.grad_cam(model, x, 1, layer="layer1.1"))
     assert models.last_spatial_layer(sequential_28(), 28) == "4"  # the ReLU after the last conv
+    # any activation module is a layer, not only ReLU, GELU and SiLU: the default was the last conv, before
+    # its batch norm and activation, for a net with LeakyReLU (or ReLU6 as in MobileNetV2, Hardswish in V3)
+    for act in (nn.LeakyReLU(0.1), nn.ReLU6(), nn.Hardswish(), nn.ELU()):
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), act, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(8, 10)).eval()
+        assert models.last_spatial_layer(net, 32) == "2" and models.block_layers(net, 32) == ["0", "2"]
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     mlp.config = dict(in_channels=3)
     with pytest.raises(ValueError, match="no layer with a spatial output"):
