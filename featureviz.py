@@ -978,7 +978,6 @@ def _step(param, objective, run, transforms, terms, groups, gen):
             with torch.no_grad():
                 grad = _image_terms_gradient(on_images, x)           # (N, C, H, W)
             torch.autograd.backward([loss, x], [None, grad])
-        acts.clear()  # they hold this step's autograd graph: kept, it would tie a CUDA graph to the warm-up's stream
         return values.detach()
     return step
 

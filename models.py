@@ -490,7 +490,9 @@ class Recorder:
             if stale:  # overwritten by a later in-place op: copy them from now on, and run again
                 self.copied |= stale
                 return run(x)
-            return out
+            passed = dict(out)
+            out.clear()  # nothing kept past the pass (kept, outputs would hold their autograd graph alive)
+            return passed
 
         handles = [m.register_forward_hook(hook(name)) for name, m in self.modules.items()]
         try:

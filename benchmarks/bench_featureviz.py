@@ -221,13 +221,13 @@ def save_grid(grid, model, d, args):
 # ----------------------------------------------------------------------------- speed
 
 def timed(fn):
-    """Seconds that fn() takes, with the GPU's queued work included."""
+    """(seconds that fn() takes, with the GPU's queued work included; what fn() returns)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
     start = time.perf_counter()
-    fn()
+    result = fn()
     sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, result
 
 
 IMAGE_SPACE = ("pixel", "pixel+reg", "fourier", "maco")
@@ -281,7 +281,7 @@ def per_step(args, model):
     times = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, fn in tqdm(runs.items(), desc="round", leave=False):
-            times[name].append(timed(fn) / args.steps)
+            times[name].append(timed(fn)[0] / args.steps)
     return times
 
 
@@ -333,8 +333,8 @@ def gpu_goals():
         for run, graphs in [("eager", False), ("graph", True), ("eager again", False)]:
             fv.CUDA_GRAPHS = graphs
             fourier(model, targets, steps=8, progress=False)  # warm-up
-            seconds[run] = timed(lambda run=run: images.__setitem__(
-                run, fourier(model, targets, steps=256, progress=False).images))
+            seconds[run], r = timed(lambda: fourier(model, targets, steps=256, progress=False))
+            images[run] = r.images
         diff = {pair: (images[pair[0]] - images[pair[1]]).abs().max().item()
                 for pair in [("graph", "eager"), ("eager again", "eager")]}
         print(f"| {label} | {seconds['eager']:.3f} | {seconds['graph']:.3f} | {goal} | "

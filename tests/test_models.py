@@ -1,4 +1,6 @@
 import contextlib
+import gc
+import weakref
 
 import pytest
 import torch
@@ -63,6 +65,20 @@ def test_bad_config_errors():
         models.cnn_config("huge")
     with pytest.raises(ValueError, match="kind"):
         models.build_model({"kind": "transformer"})
+
+
+def test_recorder_keeps_nothing_past_a_pass():
+    """A pass's outputs, and the autograd graph they hold, live only as long as the caller keeps them: a
+    render step's graph is gone before the next step (a CUDA graph's capture needs it gone)."""
+    model = models.build_model(models.cnn_config("small")).eval()
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    with models.Recorder(model, ["block1.act2", None]).hooked() as run:
+        for _ in range(2):  # the first pass learns how the model runs, the second is a plain one
+            acts = run(x)
+            held = [weakref.ref(a) for a in acts.values()]
+            del acts
+            gc.collect()
+            assert all(ref() is None for ref in held)
 
 
 def test_capture_returns_layer_outputs_and_leaves_no_hooks():
