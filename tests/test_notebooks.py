@@ -5,6 +5,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ["Classifier.ipynb", "VAE.ipynb", "Visualization.ipynb"]  # in dependency order
@@ -19,19 +20,20 @@ def test_committed_without_outputs_and_parameters_first(name):
     assert "SMOKE" in first and "DATA_DIR" in first and "os.environ" in first
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_in_smoke_mode(name, monkeypatch):
-    if not (ROOT / name).exists():
-        pytest.fail(f"{name} is missing")
+def test_notebooks_run_in_smoke_mode(monkeypatch):
+    """All three in one test, in order: each reads the checkpoints of those before it (also under pytest -n)."""
     for key, value in dict(SMOKE="1", DATASET="synthetic", RETRAIN="1", MPLBACKEND="Agg", ATLAS="1").items():
         monkeypatch.setenv(key, value)
-    nb = nbformat.read(ROOT / name, as_version=4)
-    client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
-    client.execute()  # raises CellExecutionError on the first failing cell
-    out = ROOT / "outputs" / name
-    out.parent.mkdir(exist_ok=True)
-    nbformat.write(nb, out)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert not errors
-    if name == "Visualization.ipynb":  # its last cell built the atlas (ATLAS=1)
-        assert (ROOT / "outputs" / "atlas_smoke" / "index.html").is_file()
+    for name in NOTEBOOKS:
+        nb = nbformat.read(ROOT / name, as_version=4)
+        client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+        try:
+            client.execute()
+        except CellExecutionError as e:  # the first failing cell, with its traceback
+            pytest.fail(f"{name} failed:\n{e}")
+        out = ROOT / "outputs" / name
+        out.parent.mkdir(exist_ok=True)
+        nbformat.write(nb, out)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors, f"{name}: {errors}"
+    assert (ROOT / "outputs" / "atlas_smoke" / "index.html").is_file()  # Visualization's last cell (ATLAS=1)
