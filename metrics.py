@@ -36,12 +36,13 @@ def per_class_report(cm, classes):
 
 
 def hardest_pairs(cm, classes, k=5):
-    """The k most frequent (true, predicted) confusions, as (true name, predicted name, count)."""
+    """The k most frequent (true, predicted) confusions, as (true name, predicted name, count); fewer when
+    fewer pairs were ever confused (a pair never confused is no confusion)."""
     off = cm.clone()
     off.fill_diagonal_(0)
-    counts, flat = off.flatten().topk(k)
+    counts, flat = off.flatten().topk(min(k, off.numel()))
     n = len(classes)
-    return [(classes[i // n], classes[i % n], int(c)) for c, i in zip(counts.tolist(), flat.tolist())]
+    return [(classes[i // n], classes[i % n], int(c)) for c, i in zip(counts.tolist(), flat.tolist()) if c > 0]
 
 
 # ----------------------------------------------------------------------------- what a model sees

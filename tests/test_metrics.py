@@ -20,6 +20,9 @@ def test_confusion_report_and_hardest_pairs():
     report = metrics.per_class_report(cm, ["a", "b", "c"])
     assert report[1] == dict(cls="b", precision=pytest.approx(1 / 6), recall=0.5, support=2)
     assert metrics.hardest_pairs(cm, ["a", "b", "c"], k=2) == [("c", "b", 3), ("a", "b", 2)]
+    # only pairs that were confused, never a class with itself, and k beyond the number of pairs is fine
+    assert metrics.hardest_pairs(cm, ["a", "b", "c"], k=20) == [("c", "b", 3), ("a", "b", 2), ("b", "a", 1)]
+    assert metrics.hardest_pairs(torch.eye(2, dtype=torch.long) * 5, ["a", "b"]) == []
 
 
 class FeatureModel(nn.Module):
