@@ -50,7 +50,7 @@ def grad_cam(model, images, targets, layer=None):
     x, t = _prepare(images, targets, model)
     if layer is None:
         layer = models.last_spatial_layer(model, x.shape[-1])
-    name = layer if isinstance(layer, str) else next(n for n, m in model.named_modules() if m is layer)
+    name = layer if isinstance(layer, str) else _name_of(model, layer)
     shape = models.capture(model, x[:1].detach(), [name])[name].shape
     if len(shape) != 4:
         raise ValueError(f"Grad-CAM needs a layer with a spatial output (B, C, H, W); {name!r} gives "
@@ -62,10 +62,19 @@ def grad_cam(model, images, targets, layer=None):
     return cam[:, 0].clamp_min(0).float()  # (B, H, W)
 
 
+def _name_of(model, layer):
+    """The name of a module of the model; an error for a module that is not one of its own."""
+    name = next((n for n, m in model.named_modules() if m is layer), None)
+    if name is None:
+        raise ValueError(f"layer must be a layer name or a module of {type(model).__name__}; this "
+                         f"{type(layer).__name__} is not one of its modules (models.list_layers(model) names them)")
+    return name
+
+
 def integrated_gradients(model, images, targets, baseline=None, steps=32, internal_batch_size=64):
     """Integrated gradients from `baseline` (default black) to the images: signed, (B, C, H, W)."""
     x, t = _prepare(images, targets, model)
-    b = torch.zeros_like(x) if baseline is None else torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
+    b = torch.zeros_like(x) if baseline is None else to_float(torch.as_tensor(baseline), "baseline").to(x.device, x.dtype)
     b = b.expand_as(x).contiguous()
     with _untouched(model):
         attr = IntegratedGradients(model).attribute(

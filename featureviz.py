@@ -103,6 +103,9 @@ def fourier_scale(size, decay=1.0, spectrum=None):
         fx = torch.fft.rfftfreq(size)[None, :]
         scale = (fy ** 2 + fx ** 2).sqrt().clamp_min(1 / size) ** -decay
     else:
+        if tuple(spectrum.shape) != (size, size // 2 + 1):
+            raise ValueError(f"spectrum must be ({size}, {size // 2 + 1}) for {size}x{size} images, as spectrum(images) "
+                             f"of such images returns; got {tuple(spectrum.shape)}")
         scale = spectrum.float().cpu().clamp_min(spectrum.max() * 1e-3)
     return scale / scale.pow(2).mean().sqrt()
 
@@ -558,7 +561,7 @@ class Direction:
     @staticmethod
     def columns(targets, shape, device):
         v = torch.stack([t.vector.float() for t in targets]).to(device)  # (T_g, C)
-        return lambda a: _mean_spatial(a) @ v.T
+        return lambda a: _mean_spatial(a).float() @ v.T  # any model dtype
 
 
 TARGETS = (Class, Channel, Neuron, Direction)
@@ -566,15 +569,15 @@ TARGETS = (Class, Channel, Neuron, Direction)
 
 def as_targets(targets):
     """A list of targets from one target, a list, or class indices (ints or integer tensors)."""
-    if isinstance(targets, TARGETS + (int,)) or (isinstance(targets, torch.Tensor) and targets.dim() == 0):
+    if isinstance(targets, TARGETS) or _is_int(targets) or (isinstance(targets, torch.Tensor) and targets.dim() == 0):
         targets = [targets]
     if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
         raise TypeError(f"targets must be a class index, a Class/Channel/Neuron/Direction, or a list of them; "
                         f"got {targets!r}")
     out = []
     for t in targets:
-        if isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point():
-            t = int(t)
+        if _is_int(t) or (isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point()):
+            t = int(t)  # a NumPy or tensor integer too
         if isinstance(t, bool) or not isinstance(t, TARGETS + (int,)):
             raise TypeError(f"a target must be a class index (int), Class, Channel, Neuron or Direction; got {t!r}")
         out.append(Class(t) if isinstance(t, int) else t)
@@ -608,10 +611,13 @@ class Objective:
         order = torch.tensor([i for idx in groups.values() for i in idx])
         self.inverse = torch.argsort(order).to(self.device)  # column j of the output = target j
 
-    def hooked(self):
+    @contextmanager
+    def hooked(self, layout=None):
         """Yield run(x) -> acts {layer: activation, None: output if needed}; hooks removed on exit. A
-        layer's activation is its output as models.Recorder defines it (last call, safe from in-place ops)."""
-        return self.recorder.hooked()
+        layer's activation is its output as models.Recorder defines it (last call, safe from in-place ops).
+        layout: x -> x in the memory format the model runs in (what frozen() yields), applied first."""
+        with self.recorder.hooked() as run:
+            yield run if layout is None else (lambda x: run(layout(x)))
 
     @torch.no_grad()
     def shapes(self, model, input_shape):
@@ -792,19 +798,28 @@ class Render:
 
 
 @contextmanager
-def frozen(*modules):
-    """models.evaluating, and on the CPU the 4-D weights channels_last for the duration (faster
-    convolutions there), restored to their own memory format on exit."""
-    params = [p for m in modules if m is not None for p in m.parameters() if p.dim() == 4 and p.device.type == "cpu"]
+def frozen(model, *others):
+    """models.evaluating(model, *others), and on the CPU our own models' 4-D weights channels_last for the
+    duration (faster convolutions there), restored to their own memory format on exit. Yields layout(x),
+    which gives the model's inputs the format it runs in: channels_last for ours on the CPU; for any other
+    model the one it was written for, as a model that views a feature map (x.view(len(x), -1), as many
+    do) fails on channels_last tensors."""
+    ours = [m for m in (model, *others) if isinstance(m, _CHANNELS_LAST)]
+    params = [p for m in ours for p in m.parameters() if p.dim() == 4 and p.device.type == "cpu"]
     datas = [p.data for p in params]
-    with models.evaluating(*modules):
+    fast = isinstance(model, _CHANNELS_LAST) and models.device_of(model).type == "cpu"
+    memory_format = torch.channels_last if fast else torch.contiguous_format
+    with models.evaluating(model, *others):
         try:
             for p in params:
                 p.data = p.data.contiguous(memory_format=torch.channels_last)
-            yield
+            yield lambda x: x.contiguous(memory_format=memory_format)
         finally:
             for p, saved in zip(params, datas):
                 p.data = saved
+
+
+_CHANNELS_LAST = (models.CNN, models.VAE)  # written for either memory format
 
 
 @contextmanager
@@ -821,10 +836,6 @@ def _deterministic_convolutions():
         torch.backends.cudnn.deterministic = before
 
 
-def _channels_last(x):
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
-
-
 def cosine(lr):
     """A learning rate falling from lr to 0 along a half cosine: render(lr=cosine(0.3))."""
     _check_lr(lr)
@@ -834,6 +845,8 @@ def cosine(lr):
 CUDA_GRAPHS = True  # on a GPU, replay each step from a captured CUDA graph (False: always eager)
 
 
+@torch.inference_mode(False)  # an ascent needs gradients, even when called under no_grad or inference_mode
+@torch.enable_grad()
 def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STANDARD, regularizers=(),
            images_per_target=1, restarts=1, size=None, seed=0, progress=True):
     """Maximize every target's activation, all images in one batch; returns a Render.
@@ -850,14 +863,15 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     """
     targets = as_targets(targets)
     _check_settings(steps, lr, transforms, images_per_target, restarts, seed)
+    seed = int(seed)  # a NumPy int too
     device, channels, size = models.device_of(model), models.input_channels(model), _image_size(model, param, size)
     per_target = images_per_target * restarts
     groups = torch.arange(len(targets), device=device).repeat_interleave(per_target)  # (N,) target of each image
     rows = torch.arange(len(groups), device=device)
     terms = _resolve(regularizers, model, size)
-    with frozen(model, _vae_of(param)), _deterministic_convolutions():
+    with frozen(model, _vae_of(param)) as layout, _deterministic_convolutions():
         objective = Objective(model, targets, [t.layer for t in terms if t.layer], (channels, size, size))
-        with objective.hooked() as run:
+        with objective.hooked(layout) as run:
             param = _build(param, len(groups), channels, size, per_target, objective, run, seed).to(device)
             _check_param(param, (len(groups), channels, size, size), terms)
             gen = torch.Generator(device=device).manual_seed(seed)
@@ -866,7 +880,7 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
             _optimize(step, param, gen, lr, history, progress)
             with torch.no_grad():
                 images = param()
-                final = objective(run(_channels_last(images)))[rows, groups]
+                final = objective(run(images))[rows, groups]
     keep = _best_of_restarts(final, restarts).cpu()
     return Render(images.detach().cpu()[keep], final.cpu()[keep], history.cpu()[:, keep], targets)
 
@@ -936,7 +950,7 @@ def _build(param, n, channels, size, per_target, objective, run, seed):
 @torch.no_grad()
 def _best_draws(pool, per_target, objective, run):
     """Keep, for every target, the per_target draws of the pool it scores highest (target-major)."""
-    scores = objective(run(_channels_last(pool())))             # (pool, T)
+    scores = objective(run(pool()))                             # (pool, T)
     pick = scores.topk(per_target, dim=0).indices.T.flatten()  # (N,)
     for name, p in list(pool.named_parameters()):
         pool._parameters[name] = nn.Parameter(p[pick].clone())
@@ -964,10 +978,10 @@ def _step(param, objective, run, transforms, terms, groups, gen):
     def step():
         if inside:
             x = param(transforms.phase(len(groups), param.size, param.size, gen, groups.device))  # shifted
-            acts = run(_channels_last(x))
+            acts = run(x)
         else:
             x = param()                                              # (N, C, H, W)
-            acts = run(_channels_last(x if transforms is None else transforms(x, gen)))
+            acts = run(x if transforms is None else transforms(x, gen))
         values = objective(acts)[rows, groups]                       # (N,) each image's own target
         loss = -values.sum()
         for term in others:
@@ -1072,10 +1086,10 @@ def activations(model, images, targets, batch_size=500):
     targets = as_targets(targets)
     data.check_images(images)
     device = models.device_of(model)
-    with frozen(model):
+    with frozen(model) as layout:
         objective = Objective(model, targets, input_shape=tuple(images.shape[1:]))
-        with objective.hooked() as run:
-            out = [objective(run(_channels_last(data.to_float(x.to(device)))))
+        with objective.hooked(layout) as run:
+            out = [objective(run(data.to_float(x.to(device))))
                    for x in images.split(batch_size)]
     return torch.cat(out).cpu()
 
@@ -1104,10 +1118,11 @@ def exemplars(model, images, target, k=8, batch_size=500):
 
 def render_in_stages(model, targets, first, second, steps=256, **common):
     """Two renders in a row: half the steps with the `first` settings, the rest with `second`, whose
-    parameterization (a Recipe) starts from the first stage's images. `common` goes to both."""
+    parameterization (a Recipe) starts from the first stage's images. `common` goes to both, except
+    restarts: the first stage keeps the best of its candidates, and the second refines those."""
     a = render(model, targets, steps=steps // 2, **{**first, **common})
-    refine = {**second, "param": second["param"].starting_from(a.images)}
-    b = render(model, targets, steps=steps - steps // 2, **{**refine, **common})
+    refine = {**second, **common, "restarts": 1, "param": second["param"].starting_from(a.images)}
+    b = render(model, targets, steps=steps - steps // 2, **refine)
     return Render(b.images, b.activation, torch.cat([a.history, b.history]), a.targets)
 
 
@@ -1164,13 +1179,14 @@ def get_technique(name, vae=None, color_cov=None, magnitude=None):
     return techniques(vae, color_cov, magnitude)[name]
 
 
-def visualize_unit(model, layer, channel=0, neuron=None, technique="fourier", vae=None, color_cov=None, **common):
+def visualize_unit(model, layer, channel=0, neuron=None, technique="fourier", vae=None, color_cov=None,
+                   magnitude=None, **common):
     """Render one unit: a class if layer == 'head', a neuron if a (y, x) position is given, else a channel.
 
     `channel` may be a list (all render in one batch); `technique` is a name or a Technique; `common`
     (steps, seed, progress, ...) goes to it.
     """
-    how = technique if isinstance(technique, Technique) else get_technique(technique, vae, color_cov)
+    how = technique if isinstance(technique, Technique) else get_technique(technique, vae, color_cov, magnitude)
     channels = channel if isinstance(channel, (list, tuple, range)) else [channel]
     if layer in ("head", None):
         targets = [Class(c) for c in channels]

@@ -52,8 +52,8 @@ def features(model, images, batch_size=500):
     """(N, w) penultimate features (model.features) of images, model left as found."""
     data.check_images(images)
     device = models.device_of(model)
-    with fv.frozen(model):
-        out = [model.features(fv._channels_last(data.to_float(x.to(device)))) for x in images.split(batch_size)]
+    with fv.frozen(model) as layout:
+        out = [model.features(layout(data.to_float(x.to(device)))) for x in images.split(batch_size)]
     return torch.cat(out).float().cpu()
 
 
@@ -89,8 +89,8 @@ def normalized_activation(vis_act, real_acts):
 def transferability(other_model, images, labels):
     """Top-1 accuracy of an independently trained classifier on the class visualizations."""
     device = models.device_of(other_model)
-    with fv.frozen(other_model):
-        logits = other_model(fv._channels_last(data.to_float(images).to(device)))
+    with fv.frozen(other_model) as layout:
+        logits = other_model(layout(data.to_float(images).to(device)))
     return (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
 
 

@@ -8,6 +8,7 @@ and `evaluating`, the one way this project runs a model without changing it.
 """
 import itertools
 import math
+import numbers
 from contextlib import contextmanager
 
 import torch
@@ -134,7 +135,7 @@ class CNN(nn.Module):
     @torch.no_grad()
     def init_whiten(self, images, eps=5e-4):
         """Set the whitening filters to the scaled eigenvectors of the patch covariance of `images`."""
-        x = self.normalize(images.float())
+        x = self.normalize(to_float(images))
         c, k = x.size(1), self.config["whiten_kernel"]
         patches = x.unfold(2, k, 1).unfold(3, k, 1)  # (B, C, H', W', k, k)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
@@ -428,9 +429,9 @@ def input_size(model, size=None):
     if size is None:
         raise ValueError(f"cannot tell the image size {type(model).__name__} takes (it records none): pass "
                          f"size=..., the side in pixels of its input images (e.g. size=32 for CIFAR-10)")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"size must be an int >= 1 (pixels), got {size!r}")
-    return size
+    return int(size)
 
 
 class _Stop(Exception):

@@ -248,10 +248,10 @@ def bare_step(model, classes, steps, bounded=True):
     idx = torch.arange(len(classes), device=device)
     cls = torch.tensor(classes, device=device)
     opt = torch.optim.Adam([x], lr=0.05, fused=True)  # as render() steps
-    with fv.frozen(model):
+    with fv.frozen(model) as layout:
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            (-model(fv._channels_last(x))[idx, cls].sum()).backward()
+            (-model(layout(x))[idx, cls].sum()).backward()
             opt.step()
             if bounded:
                 x.data.clamp_(0, 1)

@@ -10,10 +10,12 @@ import warnings
 import pytest
 import torch
 import torchvision
+import torch.nn.functional as F
 from torch import nn
 
 import attribution
 import featureviz as fv
+import metrics
 import models
 
 HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
@@ -167,7 +169,7 @@ def test_last_spatial_layer_is_read_from_the_forward_pass():
 def test_a_bfloat16_model_runs_in_its_own_dtype():
     """Images are made in float32 and cast to the model's dtype; activations and maps come back float32."""
     model, x = cnn(32), torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    targets = [fv.Class(1), fv.Channel("block2.act2", 3)]
+    targets = [fv.Class(1), fv.Channel("block2.act2", 3), fv.Direction("block3.act2", torch.linspace(-1, 1, 32))]
 
     def outputs(m):  # -> (output, the correlation it keeps with its float32 copy's)
         return [(fv.activations(m, x, targets), 0.98), (attribution.grad_cam(m, x, 1), 0.98),
@@ -249,6 +251,32 @@ def test_a_size_the_model_cannot_tell_asks_for_size():
     # a size the model cannot take fails inside it; a built parameterization gives its own size
     r = fv.render(sequential_28(), [0], param=fv.PixelParam(1, 1, 28), steps=1, progress=False)
     assert r.images.shape == (1, 1, 28, 28)
+
+
+class ViewNet(nn.Module):
+    """The classic tutorial CNN: it flattens a feature map with .view, which a channels-last one cannot do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 5), nn.Conv2d(6, 16, 5)
+        self.fc = nn.Linear(16 * 5 * 5, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_a_model_that_views_its_feature_maps_renders_in_its_own_memory_format():
+    model = ViewNet().eval()
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    for technique in ("pixel", "fourier", "pixel+reg"):
+        r = fv.techniques()[technique](model, [fv.Class(2), fv.Channel("conv2", 3)], steps=8, size=32, progress=False)
+        assert r.images.shape == (2, 3, 32, 32)
+    assert fv.activations(model, images, [fv.Class(1)]).shape == (6, 1)
+    assert fv.exemplars(model, images, fv.Channel("conv2", 0), k=2).top.shape == (2,)
+    assert metrics.transferability(model, images, torch.zeros(6, dtype=torch.long)) >= 0
 
 
 def test_cpu_renders_run_eagerly_and_never_build_a_cuda_graph(monkeypatch):

@@ -5,6 +5,7 @@ independent one and a small VAE trained once on the synthetic dataset (module fi
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -597,6 +598,31 @@ def test_render_with_image_terms_follows_their_penalties():
     assert (a.images - c.images).abs().max() > 1e-3  # the terms do change the images
 
 
+def test_render_needs_no_gradients_switched_on_and_takes_numpy_integers():
+    model = cnn()
+    ref = fv.render(model, [2, 5], steps=3, seed=3, progress=False)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            assert torch.equal(fv.render(model, [2, 5], steps=3, seed=3, progress=False).images, ref.images)
+    r = fv.render(model, np.array([2, 5]), steps=3, seed=np.int64(3), size=np.int64(32), progress=False)
+    assert torch.equal(r.images, ref.images) and r.targets == [fv.Class(2), fv.Class(5)]
+    assert fv.render(model, np.int64(2), steps=1, progress=False).targets == [fv.Class(2)]
+
+
+def test_fourier_refuses_a_spectrum_of_another_size():
+    with pytest.raises(ValueError, match=r"spectrum must be \(64, 33\) for 64x64 images.*got \(32, 17\)"):
+        fv.fourier_scale(64, spectrum=fv.spectrum(torch.rand(4, 3, 32, 32)))
+
+
+def test_hybrid_keeps_the_best_restart_then_refines_it():
+    model, vae = cnn(), vae_with_stats()
+    hybrid = fv.techniques(vae)["hybrid"]
+    r = hybrid(model, [0, 1], steps=4, restarts=3, images_per_target=2, progress=False)
+    assert r.images.shape == (4, 3, 32, 32) and r.history.shape == (4, 4)
+    first = fv.render(model, [0, 1], steps=2, **{**hybrid.settings, "restarts": 3, "images_per_target": 2,
+                                                 "progress": False})
+    torch.testing.assert_close(r.history[:2], first.history)  # the first stage's best of three
+
 def test_visualize_unit_builds_the_right_target():
     model = cnn()
     kw = dict(steps=2, progress=False)
@@ -607,6 +633,9 @@ def test_visualize_unit_builds_the_right_target():
         fv.Neuron("block1.act2", 0, 3, 4), fv.Neuron("block1.act2", 1, 3, 4)]
     with pytest.raises(ValueError, match="unknown technique"):
         fv.visualize_unit(model, "head", 0, technique="deepdream")
+    magnitude = fv.magnitude_spectrum(torch.rand(8, 3, 32, 32))
+    assert fv.visualize_unit(model, "block1.act2", 1, technique="maco", magnitude=magnitude, **kw).images.shape == (
+        1, 3, 32, 32)
 
 
 # ----------------------------------------------------------------------------- planted features
