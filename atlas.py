@@ -68,10 +68,11 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     out = Path(out)
     key = fingerprint(VERSION, model, vae, list(techniques), steps, layers, d.name, d.classes, d.test_x, d.test_y)
     done = _resume(out, key)
+    _save_manifest(out, key, done)  # before any other file: a build interrupted at once resumes too
     site = Site(out, d, list(techniques))
     for unit in tqdm(layers + [CLASSES], desc="atlas", disable=not progress):
         if unit not in done:
-            done[unit] = (_class_pages(model, d, hows, steps, site, layers[-1]) if unit == CLASSES
+            done[unit] = (_class_pages(model, d, hows, steps, site, layers) if unit == CLASSES
                           else _layer_page(model, d, unit, hows, steps, site))
             _save_manifest(out, key, done)
     site.write("index.html", _index(site, layers, done))
@@ -120,13 +121,15 @@ def _save_manifest(out, key, done):
 
 def selectivity(class_means):
     """(C,) per channel: its largest per-class mean activation over its mean over the classes
-    (negative means count as 0; a channel silent on every class scores 0)."""
-    m = class_means.clamp_min(0)
+    (negative means count as 0; a channel silent on every class scores 0; a class without images, a
+    row of NaN, does not count)."""
+    m = class_means[~class_means.isnan().any(1)].clamp_min(0)
     return m.max(0).values / m.mean(0).clamp_min(1e-8)
 
 
 def class_means(acts, labels, num_classes):
-    """(K, T) the mean of each column of acts (N, T) over the images of each class."""
+    """(K, T) the mean of each column of acts (N, T) over the images of each class (NaN for a class
+    without images)."""
     return torch.stack([acts[labels == k].mean(0) for k in range(num_classes)])
 
 
@@ -163,16 +166,19 @@ def _layer_page(model, d, layer, hows, steps, site):
     return dict(channels=n, selective=sel.argsort(descending=True)[:STRIP].tolist())
 
 
-def _class_pages(model, d, hows, steps, site, last_layer):
-    """One page per class; the contributing channels are those of the last layer (when the head reads them)."""
+def _class_pages(model, d, hows, steps, site, layers):
+    """One page per class; the contributing channels are those of the model's last spatial layer, when the
+    head reads them one to one and the atlas has a page for that layer."""
     k = len(d.classes)
     targets = [fv.Class(c) for c in range(k)]
     logits, contrib = head_contributions(model, d.test_x, d.test_y, k)  # (N, K), (K, F)
     cm = metrics.confusion_matrix(d.test_y, logits.argmax(1), k)
     for name, how in hows.items():
         site.save_images(CLASSES, name, how(model, targets, steps=steps, size=d.size, progress=False).images)
-    if contrib is not None and contrib.shape[1] != models.layer_channels(model, last_layer, d.size):
-        contrib = None  # the head does not read the last layer's channels one to one
+    last_layer = models.last_spatial_layer(model, d.size)
+    if last_layer not in layers or (contrib is not None and
+                                    contrib.shape[1] != models.layer_channels(model, last_layer, d.size)):
+        contrib = None  # no page for the layer the head reads, or it does not read its channels one to one
     top = logits.topk(min(TOP, len(logits)), dim=0)
     for c in range(k):
         body = site.class_body(c, top.indices[:, c], top.values[:, c], cm, last_layer,
@@ -258,12 +264,17 @@ class Site:
         return f'<div class="row"><span class="label">{label}</span>{figs}</div>'
 
     def bars(self, values):
-        """Mean activation per class as CSS bars (negative means as empty bars; exact values on hover)."""
-        scale = max(values.max().item(), 1e-8)
-        bars = "".join(f'<div class="bar" style="height:{max(v, 0) / scale * 100:.0f}%" '
-                       f'title="{html.escape(name)}: {v:.3f}"></div>' for name, v in zip(self.d.classes, values.tolist()))
+        """Mean activation per class as CSS bars (exact values on hover)."""
+        scale = max(values.nan_to_num(0).max().item(), 1e-8)
+        bars = "".join(self._bar(name, v, scale) for name, v in zip(self.d.classes, values.tolist()))
         labels = "".join(f'<div class="barlabel">{html.escape(name[:4])}</div>' for name in self.d.classes)
         return f'<div class="bars">{bars}</div><div class="row">{labels}</div>'
+
+    @staticmethod
+    def _bar(name, value, scale):
+        """One class's bar: empty for a negative mean, and for a class without test images (NaN)."""
+        height, title = (max(value, 0) / scale * 100, f"{value:.3f}") if value == value else (0, "no test images")
+        return f'<div class="bar" style="height:{height:.0f}%" title="{html.escape(name)}: {title}"></div>'
 
     def card(self, layer, c, top, top_values, bottom, bottom_values, means):
         vis = "".join(self.figure(self.vis_file(layer, t, c), t) for t in self.techniques)
@@ -274,15 +285,15 @@ class Site:
     def class_body(self, c, top, top_values, cm, last_layer, contrib):
         names = self.d.classes
         vis = "".join(self.figure(self.vis_file(CLASSES, t, c), t) for t in self.techniques)
-        confused = (cm[c] + cm[:, c]).clone()
-        confused[c] = -1
+        others = [j for j in (cm[c] + cm[:, c]).argsort(descending=True).tolist() if j != c][:3]
         rows = "".join(f'<tr><td><a href="class-{j}.html">{html.escape(names[j])}</a></td><td>{int(cm[c, j])}</td>'
-                       f'<td>{int(cm[j, c])}</td></tr>' for j in confused.argsort(descending=True)[:3].tolist())
+                       f'<td>{int(cm[j, c])}</td></tr>' for j in others)
         body = (f'<div class="row">{vis}</div><h2>Top test images (logit)</h2>{self.exemplar_row("top", top, top_values)}'
                 f'<h2>Most confused with</h2><table><tr><th>class</th><th>{html.escape(names[c])} taken for it</th>'
                 f'<th>it taken for {html.escape(names[c])}</th></tr>{rows}</table>')
         if contrib is None:
-            return body + f"<p>The head does not read the channels of {html.escape(last_layer)} one to one.</p>"
+            return body + (f"<p>The head reads the channels of {html.escape(last_layer)}, which this atlas has no "
+                           f"page for, or does not read them one to one.</p>")
         top_ch = contrib.argsort(descending=True)[:CONTRIBUTORS].tolist()
         figs = "".join(self.figure(self.vis_file(last_layer, self.techniques[0], j), f"ch {j}: {contrib[j]:+.2f}",
                                    f"{self.layer_file(last_layer)}#c{j}") for j in top_ch)

@@ -21,7 +21,12 @@ import models
 
 def confusion_matrix(y_true, y_pred, num_classes):
     """(K, K) counts, rows = true class, columns = predicted class."""
-    idx = y_true.cpu() * num_classes + y_pred.cpu()
+    y_true, y_pred = y_true.cpu(), y_pred.cpu()
+    for name, y in (("y_true", y_true), ("y_pred", y_pred)):
+        if len(y) and not (0 <= y.min() and y.max() < num_classes):
+            raise ValueError(f"{name} must be class indices in 0..{num_classes - 1} (num_classes={num_classes}); "
+                             f"got values from {y.min().item()} to {y.max().item()}")
+    idx = y_true * num_classes + y_pred
     return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
@@ -81,8 +86,10 @@ def pooled(a):
 # ----------------------------------------------------------------------------- class evidence
 
 def normalized_activation(vis_act, real_acts):
-    """Activation of each visualization / max over real images; real_acts (M, N) aligned with vis_act (N,)."""
-    return vis_act / real_acts.max(0).values
+    """Activation of each visualization / max over real images; real_acts (M, N) aligned with vis_act (N,).
+    NaN for a unit that no real image activates (max <= 0): no ratio to it means anything."""
+    best = real_acts.max(0).values
+    return vis_act / best.where(best > 0, torch.nan)
 
 
 @torch.no_grad()
@@ -352,7 +359,7 @@ def quality_table(model, other, d, techniques, seeds=4, steps=256, n_ref=10000, 
     its standard deviation under name + "_sd". Returns (rows, grid): metric dicts, and seed-0 class images.
 
     techniques: name -> Technique (as featureviz.techniques() returns), or name -> fn(targets, seed)
-    returning images (or None for targets it cannot render), for renderers of other libraries.
+    returning images (or None for channel targets it cannot render), for renderers of other libraries.
     """
     channels = channel_sample(model, size=d.size) if channels is None else channels
     ref = Reference(model, other, d, channels, n_ref)
@@ -362,7 +369,7 @@ def quality_table(model, other, d, techniques, seeds=4, steps=256, n_ref=10000, 
         start, per_seed, images = time.perf_counter(), [], []
         for seed in range(seeds):
             images.append(make(classes, seed))
-            per_seed.append(ref.score(images[-1], make(channels, seed)))
+            per_seed.append(ref.score(images[-1], make(channels, seed) if channels else None))
         seconds = (time.perf_counter() - start) / seeds if name in techniques else float("nan")
         blocks = Counter(r["least_similar"] for r in per_seed)
         row = dict(technique=name, seconds=seconds, least_similar=blocks.most_common(1)[0][0])

@@ -4,6 +4,7 @@ import os
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlparse
 
 import pytest
@@ -134,6 +135,39 @@ def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_pat
     stale.write_bytes(b"")
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS + 1, progress=False)  # other settings
     assert calls == layers * 2 and not stale.exists()  # started afresh
+
+
+def test_a_build_interrupted_in_its_first_layer_resumes_and_credits_no_channels_without_a_page(tiny, tmp_path,
+                                                                                                 monkeypatch):
+    model, d, vae = tiny
+    layers = ["block2.act2"]  # as wide as block3.act2, the layer the head reads, which gets no page here
+    real_layer = atlas._layer_page
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atlas, "_layer_page", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS, progress=False)
+    monkeypatch.setattr(atlas, "_layer_page", real_layer)
+    atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS, progress=False)
+    page = (tmp_path / "class-3.html").read_text()
+    assert "which this atlas has no page for" in page and "#c" not in page
+
+
+def test_classes_without_test_images_and_three_classes_read_right(tmp_path):
+    d = SimpleNamespace(classes=["cat", "dog", "bird"], test_x=torch.zeros(3, 3, 32, 32, dtype=torch.uint8))
+    site = atlas.Site(tmp_path, d, ["maco"])
+    means = atlas.class_means(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([0, 2]), 3)  # no dog
+    assert means[1].isnan().all()
+    assert atlas.selectivity(means).tolist() == pytest.approx([1.5, 0.0])  # over cat and bird alone
+    bars = site.bars(means[:, 0])
+    assert "nan" not in bars and "dog: no test images" in bars and "height:100%" in bars
+    cm = torch.tensor([[50, 3, 1], [4, 40, 2], [0, 5, 45]])
+    body = site.class_body(0, torch.tensor([0]), torch.tensor([1.0]), cm, "block3.act2", None)
+    confused = body[body.index("Most confused with"):]
+    assert 'href="class-1.html"' in confused and 'href="class-2.html"' in confused
+    assert 'href="class-0.html"' not in confused  # never a class with itself
 
 
 def test_bad_arguments_name_what_is_wrong(tiny, tmp_path):

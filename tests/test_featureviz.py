@@ -717,5 +717,8 @@ def test_quality_table_scores_every_technique_and_the_baselines(trained):
     table = metrics.format_table(rows)
     assert "| planted recovery |" in table and table.count("\n") == len(rows) + 1
     assert f"{real['transfer']:.2f} ± {real['transfer_sd']:.2f}" in table
+    rows, _ = metrics.quality_table(trained["model"], trained["other"], d, {}, seeds=1, progress=False, n_ref=500,
+                                    channels=[])  # the classes alone
+    assert len(rows) == 5 and all("two_choice_channels" not in r for r in rows)
 
 

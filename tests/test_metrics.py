@@ -23,6 +23,11 @@ def test_confusion_report_and_hardest_pairs():
     # only pairs that were confused, never a class with itself, and k beyond the number of pairs is fine
     assert metrics.hardest_pairs(cm, ["a", "b", "c"], k=20) == [("c", "b", 3), ("a", "b", 2), ("b", "a", 1)]
     assert metrics.hardest_pairs(torch.eye(2, dtype=torch.long) * 5, ["a", "b"]) == []
+    # a label outside the classes (a 10-class model scored on 3 classes) is refused, never filed in another cell
+    with pytest.raises(ValueError, match=r"y_pred must be class indices in 0..2 .*got values from 1 to 5"):
+        metrics.confusion_matrix(torch.tensor([0, 1, 2]), torch.tensor([5, 1, 2]), 3)
+    with pytest.raises(ValueError, match=r"y_true must be class indices in 0..2"):
+        metrics.confusion_matrix(torch.tensor([0, -1, 2]), torch.tensor([0, 1, 2]), 3)
 
 
 class FeatureModel(nn.Module):
@@ -49,6 +54,9 @@ def test_quality_metrics_by_hand():
     fm = FeatureModel()
     assert torch.allclose(metrics.normalized_activation(torch.tensor([2.0, 3.0]), torch.tensor([[1.0, 6.0], [4.0, 2.0]])),
                           torch.tensor([0.5, 0.5]))
+    # a unit no real image activates has no ratio: a worse activation must not score higher
+    ratio = metrics.normalized_activation(torch.tensor([-3.0, -1.0, 1.0]), torch.tensor([[-2.0, 0.0, 2.0]]))
+    assert ratio[:2].isnan().all() and ratio[2] == 0.5
     logits = torch.zeros(4, 1, 32, 32)
     logits[:, 0, 0, :3] = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
     assert metrics.transferability(fm, logits, torch.tensor([0, 1, 2, 2])) == 0.75
