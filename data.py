@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import math
+import numbers
 import os
 import struct
 import tarfile
@@ -47,8 +48,20 @@ class Data:
 
     @property
     def size(self):
-        """Side of the (square) images in pixels."""
-        return self.train_x.shape[-1]
+        """Side of the images in pixels; an error for images that are not square, which the models'
+        recorded size and the visualizations need."""
+        h, w = self.train_x.shape[-2:]
+        if h != w:
+            raise ValueError(f"the {self.name} images are {w}x{h} (width x height), not square: crop or resize "
+                             f"them to one side to train and visualize a model on them")
+        return w
+
+    def fingerprint(self):
+        """A short hash of the training and validation images and labels: what a checkpoint was trained on."""
+        h = hashlib.sha256()
+        for t in (self.train_x, self.train_y, self.val_x, self.val_y):
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def channel_stats(self):
         """Per-channel mean and std of the training images in [0, 1] (for the model's Normalize)."""
@@ -116,7 +129,7 @@ def load_data(name="cifar10", root=None, seed=0, val_size=None, **synthetic_kwar
     root = data_dir(root)
     templates = None
     if name == "cifar10":
-        (x, y), (tx, ty), classes = load_cifar10(writable_dir(root))
+        (x, y), (tx, ty), classes = load_cifar10(root)
     elif name == "fashion-mnist":
         (x, y), (tx, ty), classes = load_fashion_mnist(root)
     elif name == "synthetic":
@@ -152,6 +165,9 @@ def split_indices(n, val_size=None, seed=0):
     """Deterministic disjoint (train, val) index tensors: 5,000 val for 50,000 images, else 10%."""
     if val_size is None:
         val_size = 5000 if n == 50000 else max(1, round(0.1 * n))
+    if isinstance(val_size, bool) or not isinstance(val_size, numbers.Integral) or not 1 <= val_size < n:
+        raise ValueError(f"val_size must be an int from 1 to {n - 1}: the training images ({n}) held out for "
+                         f"validation, which picks the best checkpoint; got {val_size!r}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[val_size:].sort().values, perm[:val_size].sort().values
 
@@ -166,8 +182,13 @@ def load_cifar10(root):
     """CIFAR-10 through torchvision; downloads into root, or extracts cifar-10-python.tar.gz there."""
     from torchvision.datasets import CIFAR10, cifar
 
-    folder = Path(root) / CIFAR10.base_folder
-    if folder.exists() and not (Path(root) / CIFAR10.filename).exists():  # no archive to extract again
+    folder, archive = Path(root) / CIFAR10.base_folder, Path(root) / CIFAR10.filename
+    if not folder.exists():
+        writable_dir(root)  # the archive is extracted, or downloaded, into it; extracted files are only read
+        if archive.exists() and not cifar.check_integrity(str(archive), CIFAR10.tgz_md5):
+            raise DatasetUnavailable(f"the CIFAR-10 archive {archive} is corrupt or truncated (its checksum does "
+                                     f"not match): delete it, and download it again or let torchvision download it")
+    elif not archive.exists():  # no archive to extract again: the extracted files must be whole
         for fname, md5 in CIFAR10.train_list + CIFAR10.test_list:
             if (folder / fname).exists() and not cifar.check_integrity(str(folder / fname), md5):
                 raise DatasetUnavailable(
@@ -273,11 +294,19 @@ def load_image_folder(path, root):
 def _list_folder(path):
     """(relative path, size, mtime) of every file under a folder, sorted: the cache key's input."""
     out = []
-    for f in sorted(path.rglob("*")):
+    for f in _tree(path):
         if f.is_file():
             st = f.stat()
             out.append((f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns))
     return out
+
+
+def _tree(path):
+    """Every folder and file under path, sorted, through symbolic links to folders too (which rglob skips)."""
+    found = []
+    for folder, dirs, files in os.walk(path, followlinks=True):
+        found += [Path(folder) / name for name in dirs + files]
+    return sorted(found)
 
 
 def _list_archive(path):
@@ -292,7 +321,7 @@ def _read_files(path):
     """Yield (relative posix path, bytes) for each image of a folder or archive, and (path, None) for
     each folder, in any order."""
     if path.is_dir():
-        for f in sorted(path.rglob("*")):
+        for f in _tree(path):
             if f.is_dir() or _is_image(f.name):
                 yield f.relative_to(path).as_posix(), None if f.is_dir() else f.read_bytes()
         return
@@ -331,7 +360,7 @@ def _decode_image_folder(path, files):
             continue
         try:
             with Image.open(io.BytesIO(blob)) as im:
-                array = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"))
+                array = _pixels(im)
         except Exception as e:
             raise ValueError(f"cannot read the image {rel} in {path} ({e}); delete or replace it") from e
         found.append((rel, array))
@@ -367,6 +396,14 @@ def _check_classes(path, images):
                 raise ValueError(f"the class folder {split}/{cls}/ in {path} has no images (png, jpg or bmp); "
                                  f"add images or remove the class from train/ and test/")
     return sorted(train)
+
+
+def _pixels(im):
+    """A PIL image as uint8 (H, W) for grayscale or (H, W, 3) for colour; 16-bit grayscale (modes I;16 and
+    I, 0..65535) scaled to 0..255, which PIL's convert('L') would clip at 255 instead."""
+    if im.mode.startswith("I"):
+        return (np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8)
+    return np.asarray(im.convert("L" if im.mode in ("1", "L", "LA", "F") else "RGB"))
 
 
 def _check_sizes(path, images):

@@ -216,11 +216,12 @@ def _train_or_load(fit_fn, build, data, ckpt_path, config, hyp, retrain, seed, d
     """Load a complete checkpoint trained with exactly these settings, else build, fit and load."""
     if ckpt_path is None:
         raise ValueError("ckpt_path is required: the checkpoint to reuse, or to write when training")
-    if not retrain and reusable(ckpt_path, config=config, hyp=hyp, dataset=data.name, seed=seed):
+    # the data's fingerprint too: an image folder's name stays when its images change
+    trained_on = dict(dataset=data.name, seed=seed, data=data.fingerprint())
+    if not retrain and reusable(ckpt_path, config=config, hyp=hyp, **trained_on):
         return load_checkpoint(ckpt_path, device)
     seed_everything(seed)
-    fit_fn(build(), data, hyp, device, seed, ckpt_path, csv_path, progress,
-           extra=dict(dataset=data.name, seed=seed))
+    fit_fn(build(), data, hyp, device, seed, ckpt_path, csv_path, progress, extra=trained_on)
     return load_checkpoint(ckpt_path, device)
 
 
@@ -393,9 +394,12 @@ def _kept(ckpt_path):
 
 
 def _check_learned(val_acc, num_classes, num_val, lr, ckpt_path):
-    """Refuse to finish a run whose best validation accuracy is within 3 standard errors of chance."""
+    """Refuse to finish a run whose best validation accuracy guessing would reach: with a probability over
+    1% (the binomial tail of num_val guesses, each right with probability 1 / num_classes)."""
     chance = 1 / num_classes
-    if val_acc < chance + 3 * math.sqrt(chance * (1 - chance) / max(1, num_val)):
+    guesses = torch.distributions.Binomial(num_val, probs=torch.tensor(chance, dtype=torch.float64))
+    reached = guesses.log_prob(torch.arange(round(val_acc * num_val), num_val + 1, dtype=torch.float64)).exp().sum()
+    if reached >= 0.01:
         raise RuntimeError(
             f"the best validation accuracy, {val_acc:.1%}, is at chance level ({chance:.1%} for {num_classes} "
             f"classes): the run diverged or did not learn, so it is not saved as finished. {_kept(ckpt_path)} "

@@ -87,6 +87,14 @@ def test_diverging_classifier_is_not_saved_as_finished(finished, tiny_data):
     assert ckpt.read_bytes() == ckpt_bytes and csv.read_bytes() == csv_bytes
 
 
+def test_the_chance_check_weighs_the_number_of_validation_images():
+    training._check_learned(11 / 12, 2, 12, 0.1, None)    # guessing gets 11 of 12 right 0.3% of the time
+    training._check_learned(0.115, 10, 5000, 0.1, None)  # 575 of 5000: far beyond guessing's 500 +- 21
+    for acc, classes, n in [(9 / 12, 2, 12), (0.105, 10, 5000), (0.5, 2, 12)]:
+        with pytest.raises(RuntimeError, match="chance level"):
+            training._check_learned(acc, classes, n, 0.1, None)
+
+
 def test_nan_loss_stops_the_classifier(finished, tiny_data, monkeypatch):
     ckpt, csv, ckpt_bytes, _ = finished
     real = torch.nn.functional.cross_entropy

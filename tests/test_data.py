@@ -43,6 +43,13 @@ def test_split_is_deterministic_disjoint_and_complete(n, val):
     assert not torch.equal(va, data.split_indices(n, seed=2)[1])
 
 
+@pytest.mark.parametrize("val_size", [0, -100, 1000, 0.1, True])
+def test_a_validation_size_that_leaves_no_split_is_refused(val_size):
+    with pytest.raises(ValueError, match=r"val_size must be an int from 1 to 999: .*got " + repr(val_size)):
+        data.split_indices(1000, val_size)
+    assert [len(i) for i in data.split_indices(1000, 999)] == [1, 999]
+
+
 def test_unknown_dataset_names_the_choices():
     with pytest.raises(ValueError, match="cifar10, fashion-mnist, synthetic"):
         data.load_data("imagenet")
@@ -130,6 +137,23 @@ def test_cifar10_offline_error_says_where_to_put_the_archive(tmp_path, monkeypat
     with pytest.raises(data.DatasetUnavailable, match="cifar-10-python.tar.gz") as e:
         data.load_data("cifar10", root=tmp_path)
     assert str(tmp_path) in str(e.value) and "DATASET=synthetic" in str(e.value)
+
+
+def test_cifar10_in_a_folder_that_cannot_be_written_is_read(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+
+    _write_cifar(tmp_path)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+    monkeypatch.setattr(data.os, "access", lambda *args: False)  # a read-only DATA_DIR
+    assert len(data.load_data("cifar10", root=tmp_path).test_y) == 20
+    with pytest.raises(PermissionError, match="not writable"):  # where the archive would be extracted: refused
+        data.load_data("cifar10", root=tmp_path / "empty")
+
+
+def test_a_corrupt_cifar10_archive_says_so(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not the archive" * 1000)
+    with pytest.raises(data.DatasetUnavailable, match=r"archive .*cifar-10-python.tar.gz is corrupt or truncated"):
+        data.load_data("cifar10", root=tmp_path)
 
 
 def test_fashion_mnist_error_when_nothing_is_reachable(tmp_path, monkeypatch):

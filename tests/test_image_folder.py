@@ -2,6 +2,7 @@
 import os
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -158,6 +159,31 @@ def test_mixed_sizes_name_two_images(tmp_path):
     with pytest.raises(ValueError, match=r"different sizes.*8x6.*test/dog/big.png is 9x9"):
         data.load_data(str(tree), tmp_path / "cache")
     assert leftovers(tmp_path / "cache") == []
+
+
+def test_non_square_images_load_and_say_why_they_cannot_train(tmp_path):
+    d = data.load_data(str(write_tree(tmp_path / "pets")), tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"the pets images are 8x6 \(width x height\), not square"):
+        training.train_classifier(d, tmp_path / "c.pt", preset="small", progress=False)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    tree = write_tree(tmp_path / "pets", mode="L")
+    for value, i in ((65535, 0), (32896, 1), (257, 2)):
+        Image.fromarray(np.full((6, 8), value, dtype=np.uint16)).save(tree / "test" / "dog" / f"{i:03d}.png")
+    d = data.load_data(str(tree), tmp_path / "cache")
+    assert sorted(d.test_x[d.test_y == 2][:, 0, 0, 0].tolist()) == [1, 128, 255]
+
+
+def test_linked_folders_are_followed(tmp_path):
+    real = write_tree(tmp_path / "real")
+    tree = tmp_path / "pets"
+    (tree / "train").mkdir(parents=True)
+    (tree / "test").symlink_to(real / "test")             # a whole split elsewhere
+    for c in CLASSES:
+        (tree / "train" / c).symlink_to(real / "train" / c)  # and each class folder of the other
+    d = data.load_data(str(tree), tmp_path / "cache", val_size=2)
+    assert d.classes == sorted(CLASSES) and len(d.train_y) + len(d.val_y) == 12 and len(d.test_y) == 6
 
 
 @pytest.mark.parametrize("as_archive", [False, True])

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -128,7 +129,7 @@ def test_latent_statistics_match_an_independent_computation(tiny):
     assert (stats["latent_lo"] <= stats["latent_mean"]).all() and (stats["latent_mean"] <= stats["latent_hi"]).all()
 
 
-def test_training_stores_statistics_and_round_trips(tiny, tmp_path):
+def test_training_stores_statistics_and_round_trips(tiny, tmp_path, monkeypatch):
     vae, ckpt = training.train_vae(tiny, tmp_path / "vae.pt", preset="small", hyp=dict(epochs=2, batch_size=64),
                                    csv_path=tmp_path / "vae.csv", progress=False)
     rows = training.read_csv(tmp_path / "vae.csv")
@@ -142,6 +143,12 @@ def test_training_stores_statistics_and_round_trips(tiny, tmp_path):
     assert not torch.equal(vae.latent_cov, torch.eye(vae.latent_dim, device=vae.latent_cov.device))
     L = vae.latent_cholesky()
     assert torch.allclose(L @ L.T, vae.latent_cov, atol=1e-4)
+    # the same settings reload it on the same data, and train anew on other images under the same name
+    fits = []
+    monkeypatch.setattr(training, "fit_vae", lambda *a, **k: fits.append(a[1]))
+    for d in (tiny, dataclasses.replace(tiny, train_x=255 - tiny.train_x)):
+        training.train_vae(d, tmp_path / "vae.pt", preset="small", hyp=dict(epochs=2, batch_size=64), progress=False)
+    assert len(fits) == 1 and fits[0].name == tiny.name and fits[0].fingerprint() != ckpt["data"] == tiny.fingerprint()
 
 
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
