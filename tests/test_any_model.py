@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 import torch
-import torchvision
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import attribution

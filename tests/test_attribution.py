@@ -113,7 +113,6 @@ def test_integrated_gradients_custom_baseline():
     torch.testing.assert_close(ig.flatten(1).sum(1), delta, atol=1e-4, rtol=1e-4)
 
 
-
 def test_integrated_gradients_baseline_is_read_as_images():
     model, x = PixelModel(), pixel_images()
     grey = attribution.integrated_gradients(model, x, 1, baseline=torch.full((3, 32, 32), 0.5), steps=8)
@@ -122,6 +121,7 @@ def test_integrated_gradients_baseline_is_read_as_images():
     torch.testing.assert_close(as_uint8, grey, atol=2e-3, rtol=0.02)  # 128/255, not 128
     with pytest.raises(ValueError, match=r"baseline must be .*got floats in \[200, 200\]"):
         attribution.integrated_gradients(model, x, 1, baseline=torch.full((3, 32, 32), 200.0))
+
 
 def test_grad_cam_peaks_in_the_known_region():
     model, x = RegionModel(), region_images()
@@ -141,10 +141,10 @@ def test_bad_layer_name_lists_valid_layers():
         attribution.grad_cam(model, region_images(), 0, layer="nope")
 
 
-
 def test_grad_cam_refuses_a_module_of_another_model():
     with pytest.raises(ValueError, match=r"not one of its modules \(models.list_layers"):
         attribution.grad_cam(RegionModel(), region_images(), 0, layer=RegionModel().act)
+
 
 @pytest.mark.parametrize("train", [True, False])
 def test_model_left_as_found(train):

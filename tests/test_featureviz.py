@@ -623,6 +623,7 @@ def test_hybrid_keeps_the_best_restart_then_refines_it():
                                                  "progress": False})
     torch.testing.assert_close(r.history[:2], first.history)  # the first stage's best of three
 
+
 def test_visualize_unit_builds_the_right_target():
     model = cnn()
     kw = dict(steps=2, progress=False)

@@ -53,13 +53,13 @@ def test_whitening_layer_whitens_patches():
     assert not model.whiten.weight.requires_grad
 
 
-
 def test_whitening_reads_uint8_images_as_images():
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     a, b = models.build_model(models.cnn_config("small")), models.build_model(models.cnn_config("small"))
     a.init_whiten(images)
     b.init_whiten(images.float() / 255)
     torch.testing.assert_close(a.whiten.weight, b.whiten.weight)
+
 
 def test_bn_scale_is_frozen_and_momentum_follows_airbench():
     model = models.build_model(models.cnn_config("small"))
