@@ -21,6 +21,7 @@ import hashlib
 import html
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -315,9 +316,10 @@ class Site:
 
 # ----------------------------------------------------------------------------- command line
 
-def command(dataset, preset, vae_preset, data_dir="data"):
-    """The command line that builds the atlas from the notebooks' checkpoints."""
-    return f"python atlas.py --dataset {dataset} --preset {preset} --vae-preset {vae_preset} --data-dir {data_dir}"
+def command(dataset, preset, vae_preset, data_dir="data", steps=256, out=ATLAS_DIR):
+    """The command line that builds the atlas from the notebooks' checkpoints, each value quoted for the shell."""
+    options = dict(dataset=dataset, preset=preset, vae_preset=vae_preset, data_dir=data_dir, steps=steps, out=out)
+    return "python atlas.py " + " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in options.items())
 
 
 def notebook_models(dataset, data_dir, preset, vae_preset, techniques):

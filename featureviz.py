@@ -473,6 +473,9 @@ class Class:
     log_prob: bool = False
     layer = None  # the model output
 
+    def __str__(self):  # for titles; repr() stays the constructor call
+        return f"class {self.idx}{' log-probability' if self.log_prob else ''}"
+
     def check(self, shape):
         _check_int(self, "idx", self.idx)
         if not 0 <= self.idx < shape[0]:
@@ -509,6 +512,9 @@ class Channel:
     layer: str
     channel: int
 
+    def __str__(self):
+        return f"{self.layer} channel {self.channel}"
+
     def check(self, shape):
         _check_channel(self, shape)
 
@@ -525,6 +531,10 @@ class Neuron:
     channel: int
     y: int = None
     x: int = None
+
+    def __str__(self):
+        at = "the center" if self.y is None and self.x is None else f"({self.y}, {self.x})"
+        return f"{self.layer} channel {self.channel} at {at}"
 
     def position(self, shape):
         h, w = shape[1:] if len(shape) == 3 else (1, 1)
@@ -552,6 +562,9 @@ class Direction:
     """Dot product of a layer's mean spatial activation with a vector (C,)."""
     layer: str
     vector: torch.Tensor
+
+    def __str__(self):
+        return f"a direction in {self.layer}"
 
     def check(self, shape):
         if self.vector.shape != (shape[0],):
@@ -1189,6 +1202,8 @@ def visualize_unit(model, layer, channel=0, neuron=None, technique="fourier", va
     how = technique if isinstance(technique, Technique) else get_technique(technique, vae, color_cov, magnitude)
     channels = channel if isinstance(channel, (list, tuple, range)) else [channel]
     if layer in ("head", None):
+        if neuron is not None:
+            raise ValueError(f"neuron={neuron!r} needs a spatial layer; layer {layer!r} means a class (its logit)")
         targets = [Class(c) for c in channels]
     elif neuron is not None:
         if not (isinstance(neuron, (tuple, list)) and len(neuron) == 2):

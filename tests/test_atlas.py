@@ -1,6 +1,7 @@
 """The atlas: page structure (every channel has its card, every link and image resolves), resuming and
 stale keys, the selectivity and head-contribution numbers, and a real headless browser."""
 import os
+import shlex
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -168,6 +169,13 @@ def test_classes_without_test_images_and_three_classes_read_right(tmp_path):
     confused = body[body.index("Most confused with"):]
     assert 'href="class-1.html"' in confused and 'href="class-2.html"' in confused
     assert 'href="class-0.html"' not in confused  # never a class with itself
+
+
+def test_the_printed_command_builds_the_atlas_the_notebook_would():
+    line = atlas.command("cifar10-jpeg", "compact", "default", "/tmp/my data", 24, Path("outputs/smoke/atlas"))
+    args = atlas.arguments("atlas", shlex.split(line)[2:])  # as the shell splits it
+    assert (args.dataset, args.preset, args.vae_preset, args.data_dir, args.steps, args.out) == (
+        "cifar10-jpeg", "compact", "default", "/tmp/my data", 24, "outputs/smoke/atlas")
 
 
 def test_bad_arguments_name_what_is_wrong(tiny, tmp_path):

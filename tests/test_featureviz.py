@@ -634,6 +634,12 @@ def test_visualize_unit_builds_the_right_target():
         fv.Neuron("block1.act2", 0, 3, 4), fv.Neuron("block1.act2", 1, 3, 4)]
     with pytest.raises(ValueError, match="unknown technique"):
         fv.visualize_unit(model, "head", 0, technique="deepdream")
+    with pytest.raises(ValueError, match=r"neuron=\(1, 1\) needs a spatial layer; layer 'head' means a class"):
+        fv.visualize_unit(model, "head", 0, neuron=(1, 1), **kw)
+    assert [str(t) for t in (fv.Class(3), fv.Channel("block1.act2", 2), fv.Neuron("block1.act2", 0, 3, 4),
+                             fv.Neuron("block1.act2", 0), fv.Direction("block1.act2", torch.ones(16)))] == [
+        "class 3", "block1.act2 channel 2", "block1.act2 channel 0 at (3, 4)", "block1.act2 channel 0 at the center",
+        "a direction in block1.act2"]
     magnitude = fv.magnitude_spectrum(torch.rand(8, 3, 32, 32))
     assert fv.visualize_unit(model, "block1.act2", 1, technique="maco", magnitude=magnitude, **kw).images.shape == (
         1, 3, 32, 32)

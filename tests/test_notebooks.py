@@ -31,9 +31,9 @@ def test_notebooks_run_in_smoke_mode(monkeypatch):
             client.execute()
         except CellExecutionError as e:  # the first failing cell, with its traceback
             pytest.fail(f"{name} failed:\n{e}")
-        out = ROOT / "outputs" / name
-        out.parent.mkdir(exist_ok=True)
+        out = ROOT / "outputs" / "smoke" / name  # beside the smoke run's figures, apart from a full run's
+        out.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, out)
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert not errors, f"{name}: {errors}"
-    assert (ROOT / "outputs" / "atlas_smoke" / "index.html").is_file()  # Visualization's last cell (ATLAS=1)
+    assert (ROOT / "outputs" / "smoke" / "atlas" / "index.html").is_file()  # Visualization's last cell (ATLAS=1)
