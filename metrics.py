@@ -268,6 +268,9 @@ class Reference:
     spatial statistics of real training and held-out images under the independent model `other`."""
 
     def __init__(self, model, other, d, channels, n_ref=10000, n_random=200):
+        if len(d.test_y) < 4 * R:  # a unit's top 3R and weakest R test images must not overlap
+            raise ValueError(f"the quality table needs at least {4 * R} test images (each unit's top {3 * R} and "
+                             f"weakest {R}); {d.name} has {len(d.test_y)}")
         self.model, self.other, self.classes = model, other, list(range(len(d.classes)))
         self.units = [fv.Class(c) for c in self.classes] + list(channels)
         keep = torch.randperm(len(d.train_y), generator=torch.Generator().manual_seed(0))[:n_ref]

@@ -3,6 +3,7 @@
 Unit tests use untrained models; the planted-feature and transfer tests use a small classifier, an
 independent one and a small VAE trained once on the synthetic dataset (module fixtures).
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -727,5 +728,8 @@ def test_quality_table_scores_every_technique_and_the_baselines(trained):
     rows, _ = metrics.quality_table(trained["model"], trained["other"], d, {}, seeds=1, progress=False, n_ref=500,
                                     channels=[])  # the classes alone
     assert len(rows) == 5 and all("two_choice_channels" not in r for r in rows)
+    few = dataclasses.replace(d, test_x=d.test_x[:39], test_y=d.test_y[:39])  # top and weakest would overlap
+    with pytest.raises(ValueError, match="needs at least 40 test images .* has 39"):
+        metrics.quality_table(trained["model"], trained["other"], few, {}, seeds=1, progress=False, channels=[])
 
 
