@@ -6,6 +6,7 @@ Build any model from its config dict with `build_model(config)`, so a checkpoint
 The helpers at the end work for any nn.Module: layers by name, captured activations, input shape,
 and `evaluating`, the one way this project runs a model without changing it.
 """
+import copy
 import itertools
 import math
 import numbers
@@ -48,7 +49,17 @@ def cnn_config(preset="airbench", in_channels=3, num_classes=10, mean=None, std=
         image_size=image_size,     # side of the training images, e.g. 32 (None: not recorded)
     )
     config.update(CNN_PRESETS[preset])
+    return _overridden(config, overrides)
+
+
+def _overridden(config, overrides):
+    """The config with the overrides applied; an error for a key it does not have or widths not of 3 blocks."""
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} for a {config['kind']}; valid: {', '.join(config)}")
     config.update(overrides)
+    if len(config["widths"]) != 3:
+        raise ValueError(f"widths must give the channels of 3 stages, got {config['widths']!r}")
     config["widths"] = list(config["widths"])
     return config
 
@@ -62,7 +73,12 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x):
-        return (x - self.mean) / self.std
+        return (_unit(x) - self.mean) / self.std
+
+
+def _unit(x):
+    """uint8 images (as the datasets hold them) as float in [0, 1]; float images as they are."""
+    return x.float().div(255) if x.dtype == torch.uint8 else x
 
 
 class BatchNorm(nn.BatchNorm2d):
@@ -111,7 +127,7 @@ class CNN(nn.Module):
     def __init__(self, config):
         super().__init__()
         c, k, w = config["in_channels"], config["whiten_kernel"], config["widths"]
-        self.config = config
+        self.config = copy.deepcopy(config)  # a config edited after the build must not rewrite the model's
         self.normalize = Normalize(config["mean"], config["std"])
         self.whiten = Conv(c, 2 * c * k * k, k, padding=0, bias=True)  # (B, 2ck^2, 31, 31)
         self.whiten.weight.requires_grad = False
@@ -170,9 +186,7 @@ def vae_config(preset="default", in_channels=3, **overrides):
         mixtures=MIXTURES,      # logistic components per pixel; their channels are linearly coupled
     )
     config.update(VAE_PRESETS[preset])
-    config.update(overrides)
-    config["widths"] = list(config["widths"])
-    return config
+    return _overridden(config, overrides)
 
 
 class ResBlock(nn.Module):
@@ -233,7 +247,7 @@ class VAE(nn.Module):
     def __init__(self, config):
         super().__init__()
         c, (w1, w2, w3), d = config["in_channels"], config["widths"], config["latent_dim"]
-        self.config, self.latent_dim = config, d
+        self.config, self.latent_dim = copy.deepcopy(config), d
         if "mixtures" not in config:
             raise ValueError("this VAE config (or checkpoint) predates the decoder's logistic mixture: retrain "
                              "it (VAE.ipynb with RETRAIN=1, or training.train_vae(..., retrain=True))")
@@ -259,8 +273,8 @@ class VAE(nn.Module):
         self.register_buffer("latent_hi", torch.full((d,), 3.0))   # 99.5th percentile per dim
 
     def encode(self, x):
-        """Posterior q(z|x) of images in [0, 1]: (mean, logvar), each (B, latent_dim)."""
-        mu, logvar = self.encoder(x * 2 - 1).chunk(2, dim=1)
+        """Posterior q(z|x) of images (uint8, or float in [0, 1]): (mean, logvar), each (B, latent_dim)."""
+        mu, logvar = self.encoder(_unit(x) * 2 - 1).chunk(2, dim=1)
         return mu, logvar.clamp(-12, 8)
 
     def decode_params(self, z):
@@ -293,14 +307,14 @@ class VAE(nn.Module):
     def sample(self, n, generator=None, temperature=1.0):
         """Mean images of n draws of z from the N(0, I) prior."""
         device = self.latent_mean.device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device) * temperature
+        z = torch.randn(n, self.latent_dim, generator=generator, device=device, dtype=self.latent_mean.dtype) * temperature
         return self.decode(z)
 
     def latent_cholesky(self, jitter=1e-4):
         """Lower-triangular L with L L^T = covariance of the encoder means (+ jitter x its mean variance)."""
         cov = self.latent_cov.double()
         eye = torch.eye(self.latent_dim, dtype=cov.dtype, device=cov.device)
-        return torch.linalg.cholesky(cov + jitter * cov.diagonal().mean() * eye).float()
+        return torch.linalg.cholesky(cov + jitter * cov.diagonal().mean() * eye).to(self.latent_cov.dtype)
 
     @torch.no_grad()
     def latent_summary(self):
@@ -316,11 +330,13 @@ class VAE(nn.Module):
 
     def sample_aggregate(self, n, generator=None):
         """Mean images of z drawn from the Gaussian fitted to the encoder means (aggregate posterior)."""
-        eps = torch.randn(n, self.latent_dim, generator=generator, device=self.latent_mean.device)
+        eps = torch.randn(n, self.latent_dim, generator=generator, device=self.latent_mean.device,
+                          dtype=self.latent_mean.dtype)
         return self.decode(self.latent_mean + eps @ self.latent_cholesky().T)
 
     def elbo(self, x, kl_weight=1.0, free_bits=0.0, generator=None):
         """Loss terms per image, in nats summed over pixels (and in bits/dim for the negative ELBO)."""
+        x = _unit(x)
         mu, logvar = self.encode(x)
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + eps * torch.exp(0.5 * logvar)

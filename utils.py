@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attribution import to_heatmap
 from data import to_float
 
 # ----------------------------------------------------------------------------- helpers
@@ -66,7 +67,7 @@ def _finish(fig, save):
     """Lay out the figure and, if `save` is a path, write it atomically (temp file + os.replace)."""
     fig.tight_layout()
     if save is not None:
-        path = Path(save)
+        path = Path(save).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex[:8]}{path.suffix or '.png'}"  # not mkstemp: keep umask
         try:
@@ -181,6 +182,9 @@ def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_
     for row, (name, fmap) in zip(axes, feature_maps.items()):
         fmap = torch.as_tensor(fmap).detach().cpu().float()
         fmap = fmap[0] if fmap.dim() == 4 else fmap  # (C, H, W)
+        if fmap.dim() != 3:
+            raise ValueError(f"layer {name!r} gives {tuple(fmap.shape)}, not a (C, H, W) feature map: leave out layers "
+                             f"without a spatial output (the head, a linear layer)")
         k = min(max_channels, len(fmap))
         channels = fmap.mean((1, 2)).argsort(descending=True)[:k] if most_active else torch.arange(k)
         cells = row[1:] if image is not None else row
@@ -200,7 +204,8 @@ def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_
 
 
 def plot_heatmaps(images, maps, titles=None, row_labels=None, save=None):
-    """The images on top, then one row per method with its (H, W) map (normalized per image) overlaid."""
+    """The images on top, then one row per method with its map (normalized per image) overlaid: (B, h, w), or
+    (B, C, h, w) attributions, reduced to one map per image as attribution.to_heatmap does."""
     x = _numpy_images(images)
     maps = maps if isinstance(maps, dict) else {"map": maps}
     labels = row_labels if row_labels is not None else ["input", *maps]
@@ -210,7 +215,8 @@ def plot_heatmaps(images, maps, titles=None, row_labels=None, save=None):
         if titles is not None:
             axes[0, j].set_title(titles[j], fontsize=9)
     for row, m in zip(axes[1:], maps.values()):
-        m = torch.as_tensor(m).detach().cpu().float()  # (B, h, w)
+        m = torch.as_tensor(m).detach().cpu().float()
+        m = to_heatmap(m) if m.dim() == 4 else m  # (B, h, w)
         if m.shape[-2:] != x.shape[1:3]:
             m = F.interpolate(m[:, None], size=x.shape[1:3], mode="bilinear")[:, 0]
         for ax, img, mj in zip(row, x, m.numpy()):

@@ -61,6 +61,26 @@ def test_whitening_reads_uint8_images_as_images():
     torch.testing.assert_close(a.whiten.weight, b.whiten.weight)
 
 
+def test_models_read_uint8_images_and_keep_their_own_config():
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    config = models.cnn_config("small")
+    cnn, vae = models.build_model(config).eval(), models.build_model(models.vae_config("small")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cnn(images), cnn(images.float() / 255))
+        torch.testing.assert_close(vae.encode(images)[0], vae.encode(images.float() / 255)[0])
+        gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        torch.testing.assert_close(vae.elbo(images, generator=gen())["bpd"],
+                                   vae.elbo(images.float() / 255, generator=gen())["bpd"])
+    config["widths"] = [8, 8, 8]  # edited after the build: the model's own config is untouched
+    assert cnn.config["widths"] == [16, 32, 32]
+
+
+def test_a_double_vae_samples_in_its_own_dtype():
+    vae = models.build_model(models.vae_config("small")).double().eval()
+    with torch.no_grad():
+        assert vae.sample(2).dtype == vae.sample_aggregate(2).dtype == torch.float64
+
+
 def test_bn_scale_is_frozen_and_momentum_follows_airbench():
     model = models.build_model(models.cnn_config("small"))
     bn = model.block1.bn1
@@ -71,6 +91,12 @@ def test_bn_scale_is_frozen_and_momentum_follows_airbench():
 def test_bad_config_errors():
     with pytest.raises(ValueError, match="airbench"):
         models.cnn_config("huge")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['latent_dims'\] for a vae; valid: .*latent_dim"):
+        models.vae_config("small", latent_dims=8)
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['width'\] for a cnn; valid: .*widths"):
+        models.cnn_config("small", width=(8, 8, 8))
+    with pytest.raises(ValueError, match=r"widths must give the channels of 3 stages, got \(16, 32\)"):
+        models.vae_config("small", widths=(16, 32))
     with pytest.raises(ValueError, match="kind"):
         models.build_model({"kind": "transformer"})
 

@@ -134,6 +134,22 @@ def test_plot_heatmaps_overlays_normalized_maps():
     assert [ax.get_ylabel() for ax in axes[:, 0]] == ["input", "saliency", "grad-cam"]
     assert all(len(ax.images) == 2 for ax in axes[1:].flat)
     assert axes[2, 0].images[1].get_array().shape == (8, 8)  # upsampled to the image size
+    attributions = torch.randn(2, 3, 8, 8)  # (B, C, h, w), as integrated gradients gives them
+    fig = utils.plot_heatmaps(images(2), attributions)
+    shown = np.array(fig.axes).reshape(2, 2)[1, 0].images[1].get_array()
+    assert np.allclose(shown, utils._minmax(attributions[0].abs().sum(0).numpy()))
+
+
+def test_feature_maps_of_a_layer_without_space_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"layer 'head' gives \(1, 10\), not a \(C, H, W\) feature map"):
+        utils.plot_feature_maps({"block1.act2": torch.rand(1, 4, 3, 3), "head": torch.rand(1, 10)})
+
+
+def test_save_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    utils.show_images(images(1), save="~/figs/one.png")
+    assert (tmp_path / "figs" / "one.png").is_file() and not (tmp_path / "~").exists()
 
 
 def test_comparison_grid_labels():
