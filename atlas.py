@@ -338,7 +338,7 @@ def arguments(description, argv=None):
     defaults = training.device_defaults()
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--dataset", default="cifar10", help="the dataset the notebooks ran on (data.load_data)")
-    p.add_argument("--data-dir", default="data")
+    p.add_argument("--data-dir", default=None, help="default: DATA_DIR, else ./data")
     p.add_argument("--preset", default=defaults["preset"], help="the classifier's preset (models.CNN_PRESETS)")
     p.add_argument("--vae-preset", default=defaults["vae_preset"], help="the VAE's preset (models.VAE_PRESETS)")
     p.add_argument("--techniques", default=",".join(ATLAS_TECHNIQUES), help="comma-separated technique names")

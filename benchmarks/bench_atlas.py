@@ -2,11 +2,12 @@
 
     python benchmarks/bench_atlas.py --dataset cifar10-jpeg     # after the three notebooks
 
-Builds into outputs/atlas_bench/ (emptied first, so nothing is reused): every channel of every block's
-last spatial layer and the 10 classes, under both techniques at their default steps. Goals: the CPU
-default model (`compact`) in at most 15 minutes on 2 CPU cores; `airbench` in at most 1 minute on a GPU.
-Then, where Playwright and Chromium are installed, a screenshot of the last layer's page goes to
-docs/atlas_layer.png (the README's).
+Builds into outputs/atlas_bench/ (emptied first, so nothing is reused; a folder given with --out is
+emptied only if it holds an atlas): every channel of every block's last spatial layer and the classes,
+under both techniques at their default steps. Goals: the CPU default model (`compact`) in at most 15
+minutes on 2 CPU cores; `airbench` in at most 1 minute on a GPU. Then, where Playwright and Chromium are
+installed, a screenshot of the last layer's page goes to screenshot.png in that folder (copy it to
+docs/atlas_layer.png to update the README's).
 """
 import shutil
 import sys
@@ -23,7 +24,10 @@ import training  # noqa: E402
 
 def main():
     args = atlas.arguments(__doc__.split("\n")[0])
-    out = Path(args.out if args.out != str(atlas.ATLAS_DIR) else "outputs/atlas_bench")
+    out = Path(args.out)
+    out = Path("outputs/atlas_bench") if out == atlas.ATLAS_DIR else out  # never the notebooks' own atlas
+    if out.exists() and any(out.iterdir()) and not (out / atlas.MANIFEST).exists():
+        sys.exit(f"--out {out} holds files and no atlas ({atlas.MANIFEST}): give an empty or new folder, or an atlas's")
     model, d, vae = atlas.notebook_models(args.dataset, args.data_dir, args.preset, args.vae_preset, args.techniques)
     shutil.rmtree(out, ignore_errors=True)
     layers = models.block_layers(model, d.size)
@@ -36,7 +40,7 @@ def main():
     print(f"atlas of {args.preset} on {d.name}: {channels} channels in {len(layers)} layers + {len(d.classes)} "
           f"classes, techniques {', '.join(args.techniques)}, {args.steps} steps, {torch.get_num_threads()} threads, "
           f"{device}: {took:.0f} s ({took / 60:.1f} min); goal {goal}")
-    screenshot(out / f"layer-{atlas.safe(layers[-1])}.html", Path("docs") / "atlas_layer.png")
+    screenshot(out / f"layer-{atlas.safe(layers[-1])}.html", out / "screenshot.png")
 
 
 def screenshot(page_path, png):

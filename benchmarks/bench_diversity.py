@@ -33,7 +33,7 @@ def parse_args():
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints"), help="where the notebooks' checkpoints are")
     p.add_argument("--weights", default="0,0.5,1,1.25,1.5,2,3", help="comma-separated Diversity weights")
     p.add_argument("--images", type=int, default=6, help="images per unit")
-    p.add_argument("--technique", default="fourier")
+    p.add_argument("--technique", default="fourier", choices=("pixel", "pixel+reg", "fourier", "maco"))
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--seeds", type=int, default=3, help="render seeds per weight: means over them, the lowest of all")
     return p.parse_args()

@@ -51,22 +51,45 @@ except Exception as e:  # not installed, or its kornia does not import
     lucent_render, LUCENT_ERROR = None, e
 
 
+def names_in(choices):
+    """An argparse type: comma-separated names, each one of `choices`, as a list."""
+    def parse(text):
+        names = text.split(",")
+        unknown = [n for n in names if n not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown name(s) {unknown}; choose from {', '.join(choices)}")
+        return names
+    return parse
+
+
+def at_least(low):
+    """An argparse type: an int >= low."""
+    def parse(text):
+        if not text.lstrip("-").isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}")
+        return int(text)
+    return parse
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="cifar10-jpeg", help="a dataset name or image-folder path (data.load_data)")
     p.add_argument("--speed", action="store_true", help="time render() against Lucent instead")
     p.add_argument("--quick", action="store_true", help="smoke run: small models, few steps")
-    p.add_argument("--seeds", type=int, default=4, help="renders per technique (>= 4 for the table)")
+    p.add_argument("--seeds", type=at_least(2), default=4, help="renders per technique, at least 2 for a spread "
+                   "(>= 4 for the table)")
     p.add_argument("--steps", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=5, help="--speed: interleaved rounds; ratios are taken within a round")
-    p.add_argument("--preset", default="airbench", help="classifier preset (models.CNN_PRESETS)")
-    p.add_argument("--vae-preset", default="default", help="VAE preset (models.VAE_PRESETS)")
+    p.add_argument("--rounds", type=at_least(1), default=5, help="--speed: interleaved rounds; ratios are taken within a round")
+    p.add_argument("--preset", default=None, help="classifier preset (models.CNN_PRESETS; default airbench, "
+                   "with --notebook-models the notebooks' device default)")
+    p.add_argument("--vae-preset", default=None, help="VAE preset (models.VAE_PRESETS; default as --preset's)")
     p.add_argument("--epochs", type=int, default=5, help="classifier epochs")
     p.add_argument("--batch-size", type=int, default=1024, help="classifier batch size")
     p.add_argument("--vae-epochs", type=int, default=20)
     p.add_argument("--vae-batch-size", type=int, default=training.VAE_HYP["batch_size"])
     p.add_argument("--vae-lr", type=float, default=training.VAE_HYP["lr"])
-    p.add_argument("--techniques", default=",".join(fv.TECHNIQUE_NAMES), help="comma-separated names")
+    p.add_argument("--techniques", type=names_in(fv.TECHNIQUE_NAMES), default=",".join(fv.TECHNIQUE_NAMES),
+                   help="comma-separated names")
     p.add_argument("--transforms", default=None,
                    help=f"comma-separated names of {', '.join(TRANSFORMS)}: each technique also renders with its "
                         f"transforms swapped for each of them (a row 'technique/name'; hybrid: its second stage)")
@@ -76,6 +99,8 @@ def parse_args():
     p.add_argument("--notebook-models", action="store_true",
                    help="use the notebooks' checkpoints (checkpoints/, their CPU or GPU default presets)")
     args = p.parse_args()
+    defaults = training.device_defaults() if args.notebook_models else dict(preset="airbench", vae_preset="default")
+    args.preset, args.vae_preset = args.preset or defaults["preset"], args.vae_preset or defaults["vae_preset"]
     if args.quick:
         args.seeds, args.steps, args.epochs, args.vae_epochs = min(args.seeds, 2), 16, 1, 1
         args.preset, args.vae_preset = "small", "small"
@@ -98,11 +123,9 @@ def load_models(args, d):
     """(classifier, independent classifier, VAE), trained once and reused from checkpoints/bench/, or
     those the notebooks wrote (--notebook-models)."""
     if args.notebook_models:
-        defaults, ckpt = training.device_defaults(), ROOT / "checkpoints"
-        hint = "run the three notebooks first, with the same DATASET"
+        ckpt, hint = ROOT / "checkpoints", "run the three notebooks first, with the same DATASET and presets"
         return tuple(training.load_checkpoint(ckpt / name, hint=hint)[0] for name in (
-            f"classifier_{d.name}_{defaults['preset']}.pt", f"independent_{d.name}.pt",
-            f"vae_{d.name}_{defaults['vae_preset']}.pt"))
+            f"classifier_{d.name}_{args.preset}.pt", f"independent_{d.name}.pt", f"vae_{d.name}_{args.vae_preset}.pt"))
     ckpt = Path(args.ckpt_dir)
     tag = f"{d.name}{'_quick' if args.quick else ''}"
     widths = models.CNN_PRESETS[args.preset]["widths"]
@@ -141,7 +164,7 @@ def quality(args):
     model, other, vae = load_models(args, d)
     cov = fv.color_covariance(d.train_x)
     every = fv.techniques(vae, cov, fv.magnitude_spectrum(d.train_x[:10000], cov))
-    techniques = {name: every[name] for name in args.techniques.split(",")}
+    techniques = {name: every[name] for name in args.techniques}
     if args.transforms:
         techniques.update(swapped(techniques, args.transforms.split(",")))
     if lucent_render is not None:
@@ -159,7 +182,7 @@ def quality(args):
                       ("independent classifier", training.evaluate(other, d.test_x, d.test_y)["acc"])]:
         print(f"{name}: test accuracy {acc:.4f}")
     channels = ", ".join(f"{t.layer}:{t.channel}" for t in metrics.channel_sample(model, size=d.size))
-    print(f"\n{d.name}: 10 classes and the channels {channels}, x {args.seeds} seeds, {args.steps} steps"
+    print(f"\n{d.name}: {len(d.classes)} classes and the channels {channels}, x {args.seeds} seeds, {args.steps} steps"
           f"{' (quick)' if args.quick else ''}\n")
     print(metrics.format_table(rows))
     print_margins({r["technique"]: r for r in rows})
@@ -207,7 +230,7 @@ def print_margins(rows):
 
 def save_grid(grid, model, d, args):
     """Seed-0 visualizations of every technique, above the top test exemplar of each class."""
-    top = fv.exemplars(model, d.test_x, list(range(10)), k=1).top[0]  # (10,)
+    top = fv.exemplars(model, d.test_x, list(range(len(d.classes))), k=1).top[0]  # (classes,)
     rows = {"top exemplar": d.test_x[top]}
     if d.templates is not None:
         rows["planted template"] = d.templates if d.channels == 3 else d.templates[:, :1]

@@ -23,14 +23,17 @@ import data  # noqa: E402
 import featureviz as fv  # noqa: E402
 import metrics  # noqa: E402
 import training  # noqa: E402
+from bench_featureviz import at_least, names_in  # noqa: E402
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--seeds", type=at_least(2), default=4, help="at least 2, for a spread")
     p.add_argument("--steps", type=int, default=256)
-    p.add_argument("--techniques", default=",".join(fv.TECHNIQUE_NAMES), help="comma-separated names")
-    p.add_argument("--models", default="ours,plain", help="which of the two models: ours, plain")
+    p.add_argument("--techniques", type=names_in(fv.TECHNIQUE_NAMES), default=",".join(fv.TECHNIQUE_NAMES),
+                   help="comma-separated names")
+    p.add_argument("--models", type=names_in(("ours", "plain")), default="ours,plain",
+                   help="which of the two models: ours, plain")
     p.add_argument("--epochs", type=int, default=4, help="epochs of our classifier")
     p.add_argument("--plain-epochs", type=int, default=12, help="epochs of the nn.Sequential")
     p.add_argument("--vae-epochs", type=int, default=10)
@@ -75,7 +78,7 @@ def main():
     build = dict(ours=lambda: training.train_classifier(d, ckpt / "cnn_small_hard.pt", "small",
                                                         dict(epochs=args.epochs, batch_size=256))[0],
                  plain=lambda: train_plain(sequential(), d, args.plain_epochs))
-    nets = {name: build[name]() for name in args.models.split(",")}
+    nets = {name: build[name]() for name in args.models}
     vae, _ = training.train_vae(d, ckpt / "vae_small_hard.pt", "small", dict(epochs=args.vae_epochs, batch_size=64,
                                                                              lr=3e-3, kl_warmup_epochs=1))
     cov = fv.color_covariance(d.train_x)
@@ -85,7 +88,7 @@ def main():
                                           for m, net in nets.items()) + " |")
     print("|---|" + "---|" * len(nets))
     classes = list(range(len(d.classes)))
-    for name in args.techniques.split(","):
+    for name in args.techniques:
         cells = []
         for net in nets.values():
             found = torch.tensor([(detector(every[name](net, classes, steps=args.steps, seed=s, size=d.size,
