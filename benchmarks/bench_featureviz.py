@@ -256,7 +256,7 @@ def timed(fn):
 IMAGE_SPACE = ("pixel", "pixel+reg", "fourier", "maco")
 
 
-def bare_step(model, classes, steps, bounded=True):
+def bare_step(model, classes, steps, bounded=True, recipe=None):
     """The floor a render step can reach: forward, backward and Adam on a batch of free images, one per
     class, with the model frozen as render() freezes it; no parameterization, transforms or bookkeeping.
 
@@ -264,23 +264,36 @@ def bare_step(model, classes, steps, bounded=True):
     the pixels drift to about -15..18 within 256 steps, and the model's own forward and backward get
     slower on such inputs (5-10% on one 2-core machine, 3% on another): a slower floor that flatters
     every ratio.
+    recipe: make the images instead with this Fourier parameterization (fv.parameterization('fourier' or
+    'maco')), shifted at each step by the default Shift inside its spectrum: the same work as render()'s
+    step of that technique, written by hand, so that what render() adds to it is its own bookkeeping.
     """
-    device = models.device_of(model)
-    side = models.input_size(model)
-    x = torch.rand(len(classes), models.input_channels(model), side, side, device=device, requires_grad=True)
-    idx = torch.arange(len(classes), device=device)
+    device, n = models.device_of(model), len(classes)
+    side, channels = models.input_size(model), models.input_channels(model)
+    if recipe is None:
+        x = torch.rand(n, channels, side, side, device=device, requires_grad=True)
+        params, images = [x], lambda: x
+    else:
+        param, gen = recipe(n, channels, side).to(device), torch.Generator(device=device).manual_seed(0)
+        params, images = list(param.parameters()), lambda: param(fv.STANDARD.phase(n, side, side, gen, device))
+    idx = torch.arange(n, device=device)
     cls = torch.tensor(classes, device=device)
-    opt = torch.optim.Adam([x], lr=0.05, fused=True)  # as render() steps
+    opt = torch.optim.Adam(params, lr=0.05, fused=True)  # as render() steps
     with fv.frozen(model) as layout:
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            (-model(layout(x))[idx, cls].sum()).backward()
+            (-model(layout(images()))[idx, cls].sum()).backward()
             opt.step()
-            if bounded:
+            if bounded and recipe is None:
                 x.data.clamp_(0, 1)
 
 
 BARE, DRIFT = "bare forward + backward + Adam", "the same, pixels left to drift"
+BY_HAND = ("fourier", "maco")  # timed also as the bare step through their images, without render()
+
+
+def by_hand(name):
+    return f"{name} by hand (its images, no render())"
 
 
 def timing_techniques(side):
@@ -291,12 +304,15 @@ def timing_techniques(side):
 
 
 def per_step(args, model):
-    """{run: [seconds per step in each round]} for 10 classes: the bare step and each image-space
-    technique, args.rounds interleaved rounds in this process."""
+    """{run: [seconds per step in each round]} for 10 classes: the bare step, each image-space technique
+    (fourier and maco also by hand), args.rounds interleaved rounds in this process."""
     classes, how = list(range(10)), timing_techniques(models.input_size(model))
     runs = {BARE: lambda: bare_step(model, classes, args.steps),
-            DRIFT: lambda: bare_step(model, classes, args.steps, bounded=False),
-            **{name: (lambda t=how[name]: t(model, classes, steps=args.steps, progress=False)) for name in IMAGE_SPACE}}
+            DRIFT: lambda: bare_step(model, classes, args.steps, bounded=False)}
+    for name in IMAGE_SPACE:  # each technique, then the same written by hand where timed so
+        runs[name] = lambda t=how[name]: t(model, classes, steps=args.steps, progress=False)
+        if name in BY_HAND:
+            runs[by_hand(name)] = lambda r=how[name].settings["param"]: bare_step(model, classes, args.steps, recipe=r)
     if lucent_render is not None:
         runs["Lucent at 32 px"] = lambda: lucent_classes(model, classes, args.steps, 32)
     for fn in runs.values():  # warm-up
@@ -315,6 +331,8 @@ def speed(args):
     A shared machine's speed can drift by up to 40% within seconds, so each ratio is taken within a round
     (a run against the bare step timed just before it) and the table gives the median over rounds
     with the lowest and highest: a single best-of time per row can pair a fast moment with a slow one.
+    Fourier and maco are also timed by hand (their images in the bare step): render() against those says
+    what its own bookkeeping costs, and those against the bare step what the parameterization costs.
     """
     torch.manual_seed(0)
     device = training.get_device()
@@ -333,6 +351,10 @@ def speed(args):
               f"({min(lucent):.2f}-{max(lucent):.2f}; goal >= 2.5x)")
     else:
         print(f"(Lucent not importable: {LUCENT_ERROR})")
+    for name in BY_HAND:  # what render() adds to the same work written by hand
+        own = [a / b for a, b in zip(times[name], times[by_hand(name)])]
+        print(f"{name}: render() / by hand in the same round: median {statistics.median(own):.2f}x "
+              f"({min(own):.2f}-{max(own):.2f})")
     met = all(statistics.median(ratio[n]) <= 1.15 for n in IMAGE_SPACE)
     print(f"goal: every image-space technique within 1.15x of the bare step (medians): {'met' if met else 'NOT met'}")
     if device.type == "cuda":
