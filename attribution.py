@@ -1,8 +1,8 @@
 """Attribution maps for a classifier: saliency, Grad-CAM, integrated gradients (thin over captum).
 
-Every function takes images (B, C, H, W), uint8 in [0, 255] or float in [0, 1], and targets as an int or a (B,) long
-tensor, runs the model in eval mode (and in its own dtype, for a half or bfloat16 model), leaves the model (mode,
-requires_grad, hooks) as found, and returns float32 maps.
+Every function takes images (B, C, H, W), uint8 in [0, 255] or float in [0, 1], and targets as an int or B of them
+(a list, an array or an integer tensor), runs the model in eval mode (and in its own dtype, for a half or bfloat16
+model), leaves the model (mode, requires_grad, hooks) as found, and returns float32 maps.
 """
 from contextlib import contextmanager
 
@@ -19,21 +19,42 @@ def _untouched(model):
         yield
 
 
+_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)  # not bool: True is no class
+
+
 def _prepare(images, targets, model):
     """A detached float copy of the images (B, C, H, W) on the model's device, and the targets (B,),
-    checked against the model's number of outputs."""
+    checked against the images' number and the model's channels and outputs."""
     device = models.device_of(model)
     # in the model's dtype (a half or bfloat16 model takes its own); captum warns unless inputs require grad
     x = to_float(images).detach().to(device, models.dtype_of(model)).clone().requires_grad_()
-    t = torch.as_tensor(targets, device=x.device)
-    if t.is_floating_point() or t.dim() > 1 or (t.dim() == 1 and len(t) != len(x)):
-        raise ValueError(f"targets must be a class index or {len(x)} of them (one per image); got {targets!r}")
+    _check_batch(x, model)
+    try:
+        t = torch.as_tensor(targets, device=x.device)
+    except (TypeError, ValueError, RuntimeError):  # None, a class name, ...
+        t = None
+    if t is None or t.dtype not in _INTEGERS or t.dim() > 1 or (t.dim() == 1 and len(t) != len(x)):
+        raise ValueError(f"targets must be a class index (int) or {len(x)} of them (one per image); got {targets!r}")
     with _untouched(model), torch.no_grad():
         k = model(x[:1]).shape[1]
     if len(t.flatten()) and not (0 <= t.min() and t.max() < k):
         raise ValueError(f"targets must be class indices in 0..{k - 1}; got {t.flatten().tolist()}")
     t = t.long()
     return x, t.expand(len(x)).contiguous() if t.dim() == 0 else t
+
+
+def _check_batch(x, model):
+    """Images must be a non-empty batch (B, C, H, W) of the model's channels: the model's input
+    normalization would broadcast one image (C, H, W), or gray images to RGB, into wrong answers."""
+    if x.dim() != 4 or not len(x):
+        hint = ": for one image (C, H, W) pass images[None]" if x.dim() == 3 else ""
+        raise ValueError(f"images must be a batch (B, C, H, W) of at least one image; got shape {tuple(x.shape)}{hint}")
+    try:
+        channels = models.input_channels(model)
+    except ValueError:  # the model does not say: leave it to the model
+        return
+    if x.shape[1] != channels:
+        raise ValueError(f"images have {x.shape[1]} channel(s), the model takes {channels}: got shape {tuple(x.shape)}")
 
 
 def saliency(model, images, targets):
@@ -75,7 +96,11 @@ def integrated_gradients(model, images, targets, baseline=None, steps=32, intern
     """Integrated gradients from `baseline` (default black) to the images: signed, (B, C, H, W)."""
     x, t = _prepare(images, targets, model)
     b = torch.zeros_like(x) if baseline is None else to_float(torch.as_tensor(baseline), "baseline").to(x.device, x.dtype)
-    b = b.expand_as(x).contiguous()
+    try:
+        b = (b.view(-1, 1, 1) if b.dim() == 1 else b).expand_as(x).contiguous()  # 1-D: one value per channel
+    except RuntimeError:
+        raise ValueError(f"baseline must be a scalar, one value per channel (C,), an image (C, H, W) or one per "
+                         f"image (B, C, H, W) for images {tuple(x.shape)}; got shape {tuple(b.shape)}") from None
     with _untouched(model):
         attr = IntegratedGradients(model).attribute(
             x, baselines=b, target=t, n_steps=steps, internal_batch_size=internal_batch_size)
@@ -85,6 +110,8 @@ def integrated_gradients(model, images, targets, baseline=None, steps=32, intern
 def to_heatmap(attr, signed=False):
     """Reduce (B, C, H, W) attributions to (B, H, W): sum over channels of |attr|, or of attr if signed."""
     attr = attr.detach()
-    if attr.dim() == 3:  # already one map per image
-        return attr if signed else attr.abs()
+    if attr.dim() != 4:  # one image's (C, H, W) would pass for C maps
+        raise ValueError(f"attr must be attributions (B, C, H, W), as integrated_gradients returns; got shape "
+                         f"{tuple(attr.shape)} (one image's: pass attr[None]; saliency and grad_cam already give "
+                         f"one map per image)")
     return attr.sum(1) if signed else attr.abs().sum(1)

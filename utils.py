@@ -5,6 +5,7 @@ Images are tensors (or arrays) of shape (N, C, H, W), C = 1 or 3, floats in [0, 
 (atomically). No backend is forced here, so notebooks keep their inline backend.
 """
 import csv
+import functools
 import math
 import os
 import uuid
@@ -85,9 +86,26 @@ def _minmax(x, eps=1e-12):
     return (x - x.min()) / max(x.max() - x.min(), eps)
 
 
+def _no_figure_on_error(plot):
+    """A plot that raises closes the figures it opened: half-drawn, they would pile up in a script and
+    show under the traceback in a notebook."""
+    @functools.wraps(plot)
+    def wrapped(*args, **kwargs):
+        before = set(plt.get_fignums())
+        try:
+            return plot(*args, **kwargs)
+        except BaseException:
+            for number in set(plt.get_fignums()) - before:
+                plt.close(number)
+            raise
+    return wrapped
+
+
 # ----------------------------------------------------------------------------- plots
+# Each is wrapped in _no_figure_on_error.
 
 
+@_no_figure_on_error
 def show_images(images, labels=None, classes=None, ncols=10, title=None, save=None):
     """A grid of images, each titled with its class name when labels are given."""
     x = _numpy_images(images)
@@ -105,9 +123,10 @@ TITLES = dict(loss="loss", acc="accuracy", bpd="negative ELBO (bits/dim)", nll="
               kl="KL (nats)")
 
 
+@_no_figure_on_error
 def plot_curves(rows, metrics=("loss", "acc"), save=None):
-    """One panel per metric (default loss and accuracy), train vs val per epoch, from metric rows
-    (dicts, strings allowed) or a CSV path."""
+    """One panel per metric (a name or several; default loss and accuracy), train vs val per epoch, from
+    metric rows (dicts, strings allowed) or a CSV path."""
     if isinstance(rows, (str, Path)):
         with open(rows, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -115,6 +134,7 @@ def plot_curves(rows, metrics=("loss", "acc"), save=None):
     def column(key):
         return [float(r[key]) if r.get(key) not in (None, "") else math.nan for r in rows]
 
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     epochs = column("epoch")
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -128,6 +148,7 @@ def plot_curves(rows, metrics=("loss", "acc"), save=None):
     return _finish(fig, save)
 
 
+@_no_figure_on_error
 def plot_confusion(cm, classes, normalize=True, save=None):
     """Confusion matrix (rows true, cols predicted); colour is the row fraction if normalize, text the counts."""
     counts = np.asarray(torch.as_tensor(cm).detach().cpu(), dtype=np.float64)  # (K, K)
@@ -148,6 +169,7 @@ def plot_confusion(cm, classes, normalize=True, save=None):
     return _finish(fig, save)
 
 
+@_no_figure_on_error
 def plot_misclassified(images, true, pred, classes, n=16, save=None):
     """The first n images whose prediction is wrong, titled 'True: cat / Pred: dog'."""
     true, pred = torch.as_tensor(true).cpu(), torch.as_tensor(pred).cpu()
@@ -165,6 +187,7 @@ def plot_misclassified(images, true, pred, classes, n=16, save=None):
     return _finish(fig, save)
 
 
+@_no_figure_on_error
 def plot_filters(weight, save=None):
     """Conv filters (O, I, kh, kw): RGB when I == 3, else the first input channel in gray; each min-max scaled."""
     w = torch.as_tensor(weight).detach().cpu().float().numpy()
@@ -175,6 +198,7 @@ def plot_filters(weight, save=None):
     return _finish(fig, save)
 
 
+@_no_figure_on_error
 def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_active=True):
     """One row per layer of (C, H, W) maps of one image: the most active (or first) max_channels channels."""
     ncols = max_channels + (image is not None)
@@ -203,22 +227,25 @@ def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_
     return _finish(fig, save)
 
 
+@_no_figure_on_error
 def plot_heatmaps(images, maps, titles=None, row_labels=None, save=None):
     """The images on top, then one row per method with its map (normalized per image) overlaid: (B, h, w), or
-    (B, C, h, w) attributions, reduced to one map per image as attribution.to_heatmap does."""
+    (B, C, h, w) attributions, reduced to one map per image as attribution.to_heatmap does.
+
+    maps: one method's maps, or {method name: maps}. titles: one per image. row_labels: one per method
+    (the top row is 'input'), or one more to name the top row too; default the method names."""
     x = _numpy_images(images)
     maps = maps if isinstance(maps, dict) else {"map": maps}
-    labels = row_labels if row_labels is not None else ["input", *maps]
+    labels = _row_labels(row_labels, list(maps))
+    if titles is not None and len(titles) != len(x):
+        raise ValueError(f"titles must have one per image ({len(x)}); got {len(titles)}")
+    heat = {name: _heatmap(name, m, x) for name, m in maps.items()}
     fig, axes = plt.subplots(1 + len(maps), len(x), figsize=(1.6 * len(x), 1.6 * (1 + len(maps))), squeeze=False)
     for j, img in enumerate(x):
         _imshow(axes[0, j], img)
         if titles is not None:
             axes[0, j].set_title(titles[j], fontsize=9)
-    for row, m in zip(axes[1:], maps.values()):
-        m = torch.as_tensor(m).detach().cpu().float()
-        m = to_heatmap(m) if m.dim() == 4 else m  # (B, h, w)
-        if m.shape[-2:] != x.shape[1:3]:
-            m = F.interpolate(m[:, None], size=x.shape[1:3], mode="bilinear")[:, 0]
+    for row, m in zip(axes[1:], heat.values()):
         for ax, img, mj in zip(row, x, m.numpy()):
             _imshow(ax, img)
             ax.imshow(_minmax(mj), cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
@@ -227,6 +254,31 @@ def plot_heatmaps(images, maps, titles=None, row_labels=None, save=None):
     return _finish(fig, save)
 
 
+def _row_labels(row_labels, methods):
+    """['input', *labels of the methods]: row_labels names the methods, or the top row and the methods."""
+    if row_labels is None:
+        return ["input", *methods]
+    if len(row_labels) == len(methods):
+        return ["input", *row_labels]
+    if len(row_labels) == len(methods) + 1:
+        return list(row_labels)
+    raise ValueError(f"row_labels must name the {len(methods)} method(s) ({', '.join(map(str, methods))}), or the "
+                     f"top row and them ({len(methods) + 1}); got {len(row_labels)}")
+
+
+def _heatmap(name, maps, x):
+    """One method's maps as (N, H, W) at the size of the images x (N, H, W[, 3]), as to_heatmap reduces them."""
+    given = torch.as_tensor(maps).detach().cpu().float()
+    m = to_heatmap(given) if given.dim() == 4 else (given[None] if given.dim() == 2 else given)  # (N, h, w)
+    if m.dim() != 3 or len(m) != len(x):
+        raise ValueError(f"maps of {name!r} must be one per image ({len(x)}): (B, h, w), or attributions (B, C, h, w); "
+                         f"got shape {tuple(given.shape)}")
+    if m.shape[-2:] != x.shape[1:3]:
+        m = F.interpolate(m[:, None], size=x.shape[1:3], mode="bilinear")[:, 0]
+    return m
+
+
+@_no_figure_on_error
 def comparison_grid(rows, col_labels=None, save=None):
     """A grid of images: one row per entry of `rows` (label -> (N, C, H, W)), labels left and on top."""
     ncols = max(len(v) for v in rows.values())
@@ -244,6 +296,7 @@ def comparison_grid(rows, col_labels=None, save=None):
     return _finish(fig, save)
 
 
+@_no_figure_on_error
 def plot_spectrum(eigenvalues, title="latent covariance spectrum", save=None):
     """Sorted eigenvalues on a log scale, with the cumulative share of variance."""
     ev = torch.as_tensor(eigenvalues).detach().cpu().double().sort(descending=True).values.clamp_min(1e-12).numpy()
@@ -259,6 +312,7 @@ def plot_spectrum(eigenvalues, title="latent covariance spectrum", save=None):
     return _finish(fig, save)
 
 
+@_no_figure_on_error
 def plot_unit(image, exemplars, values=None, title=None, save=None):
     """A visualization (C, H, W) beside the dataset images that excite the same unit (with activations)."""
     ex = _numpy_images(exemplars)

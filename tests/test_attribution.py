@@ -192,3 +192,38 @@ def test_real_small_cnn_shapes(channels):
     assert attribution.to_heatmap(ig).shape == (2, 32, 32)
     assert_untouched(model, *before)
     assert torch.equal(model.block1.bn1.running_mean, stats)  # ran in eval mode: BN stats unchanged
+
+
+def test_to_heatmap_refuses_one_image_attributions():
+    ig = attribution.integrated_gradients(RegionModel(), region_images(), 0, steps=4)
+    with pytest.raises(ValueError, match=r"attr must be attributions \(B, C, H, W\).*attr\[None\]"):
+        attribution.to_heatmap(ig[0])  # (C, H, W) would pass for C maps of one channel each
+    assert attribution.to_heatmap(ig[:1]).shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("fn", [attribution.saliency, attribution.grad_cam, attribution.integrated_gradients])
+def test_images_must_be_a_batch_of_the_models_channels(fn):
+    gray = models.build_model(models.cnn_config("small", in_channels=1, image_size=28))
+    rgb = models.build_model(models.cnn_config("small"))
+    with pytest.raises(ValueError, match=r"batch \(B, C, H, W\).*got shape \(1, 28, 28\).*images\[None\]"):
+        fn(gray, torch.rand(1, 28, 28), 3)  # one image: the model broadcast it into a wrong (1, 28) map
+    with pytest.raises(ValueError, match=r"images have 1 channel\(s\), the model takes 3"):
+        fn(rgb, torch.rand(2, 1, 32, 32), 3)  # the input normalization broadcast gray to RGB
+    with pytest.raises(ValueError, match=r"at least one image; got shape \(0, 3, 32, 32\)"):
+        fn(rgb, torch.rand(0, 3, 32, 32), 3)
+    assert fn(gray, torch.rand(1, 1, 28, 28), 3).shape[-2:] == (28, 28)
+
+
+@pytest.mark.parametrize("targets", [None, "cat", True, 2.0, [[0, 1]], [0, 1, 2]])
+def test_targets_must_be_class_indices(targets):
+    with pytest.raises(ValueError, match=r"targets must be a class index \(int\) or 2 of them"):
+        attribution.saliency(PixelModel(), pixel_images(2), targets)
+
+
+def test_integrated_gradients_baseline_per_channel():
+    model, x = PixelModel(), pixel_images()
+    per_channel = attribution.integrated_gradients(model, x, 2, baseline=[0.2, 0.5, 0.7], steps=8)
+    image = torch.tensor([0.2, 0.5, 0.7]).view(3, 1, 1).expand(3, 32, 32)
+    torch.testing.assert_close(per_channel, attribution.integrated_gradients(model, x, 2, baseline=image, steps=8))
+    with pytest.raises(ValueError, match=r"baseline must be a scalar, one value per channel.*got shape \(5,\)"):
+        attribution.integrated_gradients(model, x, 2, baseline=torch.full((5,), 0.5))

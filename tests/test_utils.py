@@ -209,3 +209,31 @@ def test_plot_unit_shows_visualization_and_exemplars(tmp_path):
     assert titles == ["visualization", "3.00", "2.50", "2.00", "1.00"] and len(fig.axes[0].images) == 1
     assert (tmp_path / "u.png").stat().st_size > 0
     plt.close(fig)
+
+
+def test_plot_curves_takes_one_metric_by_name():
+    fig = utils.plot_curves(ROWS, metrics="loss")  # not the letters l, o, s, s
+    assert [ax.get_title() for ax in fig.axes] == ["loss"]
+
+
+def test_plot_heatmaps_row_labels_and_mismatched_inputs():
+    x, maps = images(2), {"saliency": torch.rand(2, 8, 8), "grad-cam": torch.rand(2, 8, 8)}
+    for labels in (["Saliency", "Grad-CAM"], ["image", "Saliency", "Grad-CAM"]):  # the methods, or the top row too
+        axes = np.array(utils.plot_heatmaps(x, maps, row_labels=labels).axes).reshape(3, 2)
+        assert [ax.get_ylabel() for ax in axes[:, 0]] == ([] if len(labels) == 3 else ["input"]) + labels
+    with pytest.raises(ValueError, match=r"row_labels must name the 2 method\(s\) \(saliency, grad-cam\)"):
+        utils.plot_heatmaps(x, maps, row_labels=["only one"])
+    with pytest.raises(ValueError, match=r"titles must have one per image \(2\); got 1"):
+        utils.plot_heatmaps(x, maps, titles=["a"])
+    with pytest.raises(ValueError, match=r"maps of 'grad-cam' must be one per image \(2\).*got shape \(1, 8, 8\)"):
+        utils.plot_heatmaps(x, {"saliency": torch.rand(2, 8, 8), "grad-cam": torch.rand(1, 8, 8)})
+    fig = utils.plot_heatmaps(x[0], torch.rand(4, 4))  # one image and its map, upsampled to the image
+    assert len(image_axes(fig)) == 2 and image_axes(fig)[1].images[1].get_array().shape == (8, 8)
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_a_plot_that_fails_leaves_no_figure_open(tmp_path, name):
+    plt.figure()  # the user's own, which stays
+    with pytest.raises(ValueError):
+        CALLS[name](tmp_path / f"{name}.xyz")  # a format matplotlib cannot write, after the figure is drawn
+    assert len(plt.get_fignums()) == 1 and not list(tmp_path.iterdir())
