@@ -311,6 +311,10 @@ class Recipe:
     pool: int = 0  # > 0: start each image from the best of this many random draws for its target
 
     def __call__(self, n, channels, size, generator=None):
+        init = self.options.get("init")
+        if init is not None and tuple(init.shape) != (n, channels, size, size):
+            raise ValueError(f"init images must be {(n, channels, size, size)}, one per image to render at the "
+                             f"model's size; got {tuple(init.shape)}")
         return self.cls(n, channels, size, generator=generator, **self.options)
 
     def starting_from(self, images):
@@ -580,9 +584,14 @@ class Direction:
 TARGETS = (Class, Channel, Neuron, Direction)
 
 
+def _is_one(value):
+    """One target or index (a Class, ..., an int, a 0-d tensor), not a list, range, array or tensor of them."""
+    return isinstance(value, TARGETS) or _is_int(value) or (isinstance(value, torch.Tensor) and value.dim() == 0)
+
+
 def as_targets(targets):
     """A list of targets from one target, a list, or class indices (ints or integer tensors)."""
-    if isinstance(targets, TARGETS) or _is_int(targets) or (isinstance(targets, torch.Tensor) and targets.dim() == 0):
+    if _is_one(targets):
         targets = [targets]
     if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
         raise TypeError(f"targets must be a class index, a Class/Channel/Neuron/Direction, or a list of them; "
@@ -727,7 +736,7 @@ class Term:
     layer = None  # the layer whose activation the term reads (render hooks it); None: none
 
     def __post_init__(self):
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
+        if isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real) or not math.isfinite(self.weight):
             raise ValueError(f"{type(self).__name__} weight must be a finite number, got {self.weight!r}")
 
 
@@ -784,9 +793,14 @@ class Diversity(Term):
         return self.weight * values.detach().abs() * diversity_penalty(acts[self.layer], groups)
 
 
+def _terms(regularizers):
+    """A list of terms from one term, a list of them, or None."""
+    return [regularizers] if isinstance(regularizers, Term) else list(regularizers or ())
+
+
 def _resolve(regularizers, model, size):
     """The regularizer terms with Diversity's default layer named; an error for anything not a Term."""
-    terms = list(regularizers or ())
+    terms = _terms(regularizers)
     for t in terms:
         if not isinstance(t, Term):
             raise TypeError(f"regularizers must be a list of terms (L2, TV, Blur, Prior, Diversity), e.g. "
@@ -869,7 +883,7 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     lr: Adam's learning rate, or a schedule f(fraction of steps done) -> lr such as cosine(0.3).
     transforms: t(x, gen) -> x applied to the images at each step (a Shift, as the default, goes inside the
       spectrum of a fourier or maco parameterization); None optimizes the raw images.
-    regularizers: weighted terms added to the loss, e.g. [L2(1.0), TV(2.0)], [Prior(0.1)], [Diversity()].
+    regularizers: weighted terms added to the loss, one or a list: TV(2.0), [L2(1.0), TV(2.0)], [Diversity()].
     restarts: optimize this many candidates per image and keep the one with the highest activation.
     size: the side of the images, if the model does not record it (models.input_size).
     seed: seeds the initialization and the transforms; the same seed gives the same images.
@@ -887,6 +901,7 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
         with objective.hooked(layout) as run:
             param = _build(param, len(groups), channels, size, per_target, objective, run, seed).to(device)
             _check_param(param, (len(groups), channels, size, size), terms)
+            _check_transforms(transforms, param)
             gen = torch.Generator(device=device).manual_seed(seed)
             step = _step(param, objective, run, transforms, terms, groups, gen)
             history = torch.zeros(steps, len(groups), device=device)  # on the device: no host sync per step
@@ -949,15 +964,21 @@ def _build(param, n, channels, size, per_target, objective, run, seed):
     """The parameterization module for n images: as given, or built from a name or a Recipe."""
     if isinstance(param, nn.Module):
         return param
-    recipe = parameterization(param) if isinstance(param, str) else param
-    if not isinstance(recipe, Recipe):
-        raise TypeError(f"param must be a parameterization name ({', '.join(PARAMS)}), a Recipe from "
-                        f"parameterization(...), or an nn.Module; got {param!r}")
+    recipe = _as_recipe(param)
     gen = torch.Generator().manual_seed(seed)
     if not recipe.pool:
         return recipe(n, channels, size, gen).to(objective.device)
     pool = recipe(max(recipe.pool, per_target), channels, size, gen).to(objective.device)
     return _best_draws(pool, per_target, objective, run)
+
+
+def _as_recipe(param):
+    """The Recipe of a parameterization name or Recipe; an error for anything else."""
+    recipe = parameterization(param) if isinstance(param, str) else param
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"param must be a parameterization name ({', '.join(PARAMS)}), a Recipe from "
+                        f"parameterization(...), or an nn.Module; got {param!r}")
+    return recipe
 
 
 @torch.no_grad()
@@ -977,6 +998,24 @@ def _check_param(param, shape, terms):
         raise ValueError(f"parameterization makes images {got}; need {shape}")
     if any(isinstance(t, Prior) for t in terms) and not hasattr(param, "penalty"):
         raise ValueError("the Prior regularizer needs a parameterization with a prior ('latent' or 'whitened')")
+
+
+@torch.no_grad()
+def _check_transforms(transforms, param):
+    """One trial call of the transforms on the first images (with a generator of its own): they must take
+    (x, gen) and return a batch of images. A Shift, ours, may never run on the images (it goes inside a
+    Fourier spectrum)."""
+    if transforms is None or isinstance(transforms, Shift):
+        return
+    x = param()
+    try:
+        out = transforms(x, torch.Generator(device=x.device).manual_seed(0))
+    except TypeError as e:
+        raise TypeError(f"transforms must be a transform t(x, gen) -> x of images (N, C, H, W) and a torch.Generator "
+                        f"(STANDARD, AFFINE, jitter(...), compose(...)); calling it failed: {e}") from e
+    if not isinstance(out, torch.Tensor) or out.dim() != 4 or len(out) != len(x):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"transforms must return the images (N, C, H, W) it is given, {tuple(x.shape)}; got {got}")
 
 
 def _step(param, objective, run, transforms, terms, groups, gen):
@@ -1119,8 +1158,8 @@ def exemplars(model, images, target, k=8, batch_size=500):
     """Top-k and bottom-k images of a dataset for a target (or a list of targets), in one pass (k: at most
     the number of images)."""
     _check_count("k", k, 1)
-    single = not isinstance(target, (list, tuple, range))
-    a = activations(model, images, [target] if single else target, batch_size)  # (N, T)
+    single = _is_one(target)
+    a = activations(model, images, target, batch_size)  # (N, T)
     k = min(k, len(a))
     top, bottom = a.topk(k, dim=0), a.topk(k, dim=0, largest=False)
     pick = (lambda t: t[:, 0]) if single else (lambda t: t)
@@ -1131,12 +1170,32 @@ def exemplars(model, images, target, k=8, batch_size=500):
 
 def render_in_stages(model, targets, first, second, steps=256, **common):
     """Two renders in a row: half the steps with the `first` settings, the rest with `second`, whose
-    parameterization (a Recipe) starts from the first stage's images. `common` goes to both, except
-    restarts: the first stage keeps the best of its candidates, and the second refines those."""
-    a = render(model, targets, steps=steps // 2, **{**first, **common})
-    refine = {**second, **common, "restarts": 1, "param": second["param"].starting_from(a.images)}
-    b = render(model, targets, steps=steps - steps // 2, **refine)
+    parameterization (a name or a Recipe) starts from the first stage's images. `common` goes to both, except
+    restarts: the first stage keeps the best of its candidates, and the second refines those. A Prior
+    term goes only to a stage whose parameterization has a prior (the latent one of 'hybrid')."""
+    first, second = _priors_where_they_apply([{**first, **common}, {**second, **common, "restarts": 1}])
+    a = render(model, targets, steps=steps // 2, **first)
+    second["param"] = _as_recipe(second["param"]).starting_from(a.images)
+    b = render(model, targets, steps=steps - steps // 2, **second)
     return Render(b.images, b.activation, torch.cat([a.history, b.history]), a.targets)
+
+
+def _priors_where_they_apply(stages):
+    """The stages' render() arguments with Prior terms left out of a stage without a prior, if another has
+    one (if none has, render() says that a Prior needs one)."""
+    has_prior = [hasattr(_param_class(stage.get("param", "fourier")), "penalty") for stage in stages]
+    if not any(has_prior):
+        return stages
+    return [stage if has else {**stage, "regularizers": [t for t in _terms(stage.get("regularizers"))
+                                                         if not isinstance(t, Prior)]}
+            for stage, has in zip(stages, has_prior)]
+
+
+def _param_class(param):
+    """The class of a parameterization given as a module, a Recipe or a name (None for an unknown name)."""
+    if isinstance(param, nn.Module):
+        return type(param)
+    return param.cls if isinstance(param, Recipe) else PARAMS.get(param)
 
 
 @dataclass(frozen=True)
@@ -1200,7 +1259,7 @@ def visualize_unit(model, layer, channel=0, neuron=None, technique="fourier", va
     (steps, seed, progress, ...) goes to it.
     """
     how = technique if isinstance(technique, Technique) else get_technique(technique, vae, color_cov, magnitude)
-    channels = channel if isinstance(channel, (list, tuple, range)) else [channel]
+    channels = [channel] if _is_one(channel) or isinstance(channel, (str, bytes)) else list(channel)
     if layer in ("head", None):
         if neuron is not None:
             raise ValueError(f"neuron={neuron!r} needs a spatial layer; layer {layer!r} means a class (its logit)")

@@ -11,6 +11,7 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 import data
@@ -21,7 +22,10 @@ import models
 
 def confusion_matrix(y_true, y_pred, num_classes):
     """(K, K) counts, rows = true class, columns = predicted class."""
-    y_true, y_pred = y_true.cpu(), y_pred.cpu()
+    y_true, y_pred = torch.as_tensor(y_true).cpu(), torch.as_tensor(y_pred).cpu()
+    if y_true.dim() != 1 or y_pred.shape != y_true.shape:
+        raise ValueError(f"y_true and y_pred must be (N,) class indices of the same images; got shapes "
+                         f"{tuple(y_true.shape)} and {tuple(y_pred.shape)}")
     for name, y in (("y_true", y_true), ("y_pred", y_pred)):
         if len(y) and not (0 <= y.min() and y.max() < num_classes):
             raise ValueError(f"{name} must be class indices in 0..{num_classes - 1} (num_classes={num_classes}); "
@@ -54,12 +58,32 @@ def hardest_pairs(cm, classes, k=5):
 
 @torch.no_grad()
 def features(model, images, batch_size=500):
-    """(N, w) penultimate features (model.features) of images, model left as found."""
+    """(N, D) penultimate features of images, model left as found: what the model's last nn.Linear reads
+    (our CNN's model.features, a torchvision classifier's pooled features), or, for a model without one,
+    its features(x) method."""
     data.check_images(images)
     device = models.device_of(model)
     with fv.frozen(model) as layout:
-        out = [model.features(layout(data.to_float(x.to(device)))) for x in images.split(batch_size)]
+        out = [_penultimate(model, layout(data.to_float(x.to(device)))) for x in images.split(batch_size)]
     return torch.cat(out).float().cpu()
+
+
+def _penultimate(model, x):
+    """(B, D) features of one batch: the input of the last nn.Linear, else model.features(x)."""
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if heads:
+        seen = []
+        handle = heads[-1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            model(x)
+        finally:
+            handle.remove()
+        return seen[-1].flatten(1)
+    f = model.features(x) if callable(getattr(model, "features", None)) else None
+    if f is None or f.dim() != 2:
+        raise ValueError(f"cannot tell the features of {type(model).__name__}: it has no nn.Linear head, and no "
+                         f"features(x) method that returns (N, D) features")
+    return f
 
 
 @torch.no_grad()
@@ -95,10 +119,13 @@ def normalized_activation(vis_act, real_acts):
 @torch.no_grad()
 def transferability(other_model, images, labels):
     """Top-1 accuracy of an independently trained classifier on the class visualizations."""
+    labels = torch.as_tensor(labels).cpu()
+    if labels.shape != (len(images),):
+        raise ValueError(f"labels must be ({len(images)},), one class per image; got shape {tuple(labels.shape)}")
     device = models.device_of(other_model)
     with fv.frozen(other_model) as layout:
         logits = other_model(layout(data.to_float(images).to(device)))
-    return (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
+    return (logits.argmax(1).cpu() == labels).float().mean().item()
 
 
 # ----------------------------------------------------------------------------- naturalness
@@ -110,7 +137,8 @@ def _knn_distance(queries, refs, k):
 
 def knn_ratio(f_vis, vis_labels, f_train, train_y, f_held, heldout_y, k=5):
     """Mean kNN distance of each visualization to its class's training points, relative to the same for
-    held-out real points of that class (1.0: as close as a real image; higher: farther)."""
+    held-out real points of that class (1.0: as close as a real image; higher: farther). NaN when no
+    visualization's class has both training and held-out points."""
     vis_labels, train_y, heldout_y = vis_labels.cpu(), train_y.cpu(), heldout_y.cpu()
     ratios = []
     for c in vis_labels.unique().tolist():
@@ -118,6 +146,9 @@ def knn_ratio(f_vis, vis_labels, f_train, train_y, f_held, heldout_y, k=5):
         if not len(refs) or not len(held):  # no real images of this class to compare with
             continue
         real = _knn_distance(held, refs, k).mean()
+        if real == 0:
+            raise ValueError(f"the held-out points of class {c} lie on training points (kNN distance 0): held-out "
+                             f"images must not be training images")
         ratios.append(_knn_distance(f_vis[vis_labels == c], refs, k) / real)
     return torch.cat(ratios).mean().item() if ratios else float("nan")
 
@@ -240,6 +271,9 @@ def path_percentiles(a_vis, a_top, a_random):
 def two_choice(f_refs, f_top, f_bottom):
     """Share of query pairs (f_top[j], f_bottom[j]) in which the top image is the more similar to the
     references f_refs (R, D) (cosine, averaged over the references): 0.5 is chance."""
+    if not len(f_refs) or not len(f_top) or f_top.shape != f_bottom.shape:
+        raise ValueError(f"two_choice needs references and as many top as bottom images; got shapes "
+                         f"{tuple(f_refs.shape)}, {tuple(f_top.shape)} and {tuple(f_bottom.shape)}")
     refs = F.normalize(f_refs, dim=1)
     s_top, s_bottom = ((F.normalize(f, dim=1) @ refs.T).mean(1) for f in (f_top, f_bottom))
     return (s_top > s_bottom).float().mean().item()

@@ -146,7 +146,8 @@ ENTRY_POINTS = {
     "metrics.features": lambda x, cnn, vae: metrics.features(cnn, x),
     "metrics.block_activations": lambda x, cnn, vae: metrics.block_activations(cnn, x, metrics.pooled),
     "metrics.transferability": lambda x, cnn, vae: metrics.transferability(cnn, x, Y),
-    "metrics.naturalness": lambda x, cnn, vae: metrics.naturalness(cnn, x, Y, _good(), Y, _good(), Y),
+    # held-out images other than the training ones (on the same ones the ratio has no meaning, and says so)
+    "metrics.naturalness": lambda x, cnn, vae: metrics.naturalness(cnn, x, Y, _good(), Y, 1 - _good(), Y),
     "metrics.diversity": lambda x, cnn, vae: metrics.diversity(cnn, x, Y % 2),
     "metrics.template_recovery": lambda x, cnn, vae: metrics.template_recovery(x, _good()),
     "utils.show_images": lambda x, cnn, vae: utils.show_images(x),

@@ -733,3 +733,41 @@ def test_quality_table_scores_every_technique_and_the_baselines(trained):
         metrics.quality_table(trained["model"], trained["other"], few, {}, seeds=1, progress=False, channels=[])
 
 
+
+
+def test_several_targets_as_an_array_or_tensor_and_numpy_weights():
+    model = cnn()
+    x = torch.rand(20, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    many = fv.exemplars(model, x, torch.arange(3), k=2)  # three classes, as render() takes them
+    assert many.top.shape == (2, 3) and torch.equal(many.top[:, 1], fv.exemplars(model, x, 1, k=2).top)
+    r = fv.visualize_unit(model, "block1.act2", np.arange(2), steps=1, progress=False)
+    assert r.targets == [fv.Channel("block1.act2", 0), fv.Channel("block1.act2", 1)]
+    assert fv.TV(np.float32(2.0)).weight == 2.0 and fv.Diversity(np.int64(1)).weight == 1  # a sweep's weights
+    with pytest.raises(ValueError, match=r"TV weight must be a finite number, got True"):
+        fv.TV(True)
+
+
+def test_transforms_and_regularizers_given_the_wrong_way():
+    model, kw = cnn(), dict(steps=1, progress=False)
+    with pytest.raises(TypeError, match=r"transforms must be a transform t\(x, gen\).*calling it failed"):
+        fv.render(model, [0], transforms=lambda x: x, **kw)
+    with pytest.raises(TypeError, match=r"transforms must return the images .*\(1, 3, 32, 32\); got tuple"):
+        fv.render(model, [0], transforms=lambda x, gen: (x, gen), **kw)  # as a torchvision v2 transform does
+    one = fv.render(model, [0], param="pixel", transforms=None, regularizers=fv.TV(1.0), seed=1, **kw)
+    listed = fv.render(model, [0], param="pixel", transforms=None, regularizers=[fv.TV(1.0)], seed=1, **kw)
+    assert torch.equal(one.images, listed.images)
+    with pytest.raises(ValueError, match=r"init images must be \(1, 3, 32, 32\).*got \(1, 3, 28, 28\)"):
+        fv.render(model, [0], param=fv.parameterization("fourier", init=torch.rand(1, 3, 28, 28)), **kw)
+
+
+def test_stages_take_names_and_a_prior_goes_to_the_latent_stage_only():
+    model, vae = cnn(), vae_with_stats()
+    r = fv.render_in_stages(model, [0], dict(param="pixel"), dict(param="fourier"), steps=2, progress=False)
+    assert r.images.shape == (1, 3, 32, 32) and r.history.shape == (2, 1)
+    hybrid = fv.techniques(vae)["hybrid"]
+    kw = dict(steps=2, seed=4, progress=False)
+    with_prior = hybrid(model, [0], regularizers=[fv.Prior(5.0)], **kw)
+    assert not torch.equal(with_prior.images, hybrid(model, [0], **kw).images)  # the prior acted in stage one
+    with pytest.raises(ValueError, match=r"the Prior regularizer needs a parameterization with a prior"):
+        fv.render_in_stages(model, [0], dict(param="pixel"), dict(param="fourier"), regularizers=[fv.Prior(1.0)],
+                            steps=2, progress=False)  # no stage has a prior

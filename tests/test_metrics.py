@@ -230,3 +230,35 @@ def test_rank_techniques_orders_by_both_naturalness_metrics_among_those_with_cla
             row("foreign", 1.0, 0.2, transfer=0.4)]        # another model disagrees
     ranked = [r["technique"] for r in metrics.rank_techniques(rows, ["a", "b", "c", "weak", "foreign"])]
     assert ranked == ["b", "a", "c"]  # rank sums 1, 2, 3
+
+
+def test_features_of_torchvision_classifiers_are_what_their_head_reads():
+    import torchvision
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for model in (torchvision.models.resnet18(num_classes=10), torchvision.models.vgg11(num_classes=10)):
+        model.eval()
+        head = model.fc if hasattr(model, "fc") else model.classifier[-1]
+        f = metrics.features(model, x)
+        assert f.shape == (4, head.in_features)
+        with torch.no_grad():
+            torch.testing.assert_close(head(f), model(x), atol=1e-5, rtol=1e-4)  # vgg's .features was unpooled maps
+    cnn = models.build_model(models.cnn_config("small"))
+    with torch.no_grad():
+        torch.testing.assert_close(metrics.features(cnn, x), cnn.eval().features(x))
+    with pytest.raises(ValueError, match=r"cannot tell the features of Sequential: it has no nn.Linear head"):
+        metrics.features(nn.Sequential(nn.Conv2d(3, 4, 3)), x)
+
+
+def test_metrics_refuse_labels_that_do_not_match_the_images():
+    fm, x = FeatureModel(), points([[1, 2], [3, 4], [5, 6]])
+    with pytest.raises(ValueError, match=r"labels must be \(3,\), one class per image; got shape \(3, 1\)"):
+        metrics.transferability(fm, x, torch.tensor([[2], [2], [2]]))  # used to broadcast to a 3 x 3 comparison
+    with pytest.raises(ValueError, match=r"labels must be \(3,\).*got shape \(1,\)"):
+        metrics.transferability(fm, x, torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"y_true and y_pred must be \(N,\).*shapes \(4,\) and \(1,\)"):
+        metrics.confusion_matrix(torch.tensor([0, 1, 2, 1]), torch.tensor([1]), 3)
+    with pytest.raises(ValueError, match=r"two_choice needs references"):
+        metrics.two_choice(torch.zeros(0, 5), torch.rand(3, 5), torch.rand(3, 5))  # was 0.0: worse than chance
+    f, y = torch.rand(10, 4), torch.zeros(10, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"held-out points of class 0 lie on training points"):
+        metrics.knn_ratio(torch.rand(2, 4), y[:2], f, y, f, y, k=1)  # was inf
