@@ -12,6 +12,7 @@ import io
 import math
 import numbers
 import os
+import re
 import struct
 import tarfile
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ def to_float(images, name="images"):
 
 def data_dir(root=None):
     """DATA_DIR from the argument, else the environment, else ./data."""
-    return Path(root or os.environ.get("DATA_DIR") or "data")
+    return Path(root or os.environ.get("DATA_DIR") or "data").expanduser()
 
 
 def writable_dir(root):
@@ -128,6 +129,9 @@ def load_data(name="cifar10", root=None, seed=0, val_size=None, **synthetic_kwar
     """
     root = data_dir(root)
     templates = None
+    if synthetic_kwargs and name not in ("synthetic", "synthetic-hard"):
+        raise ValueError(f"{', '.join(sorted(synthetic_kwargs))}: options of the synthetic datasets only; "
+                         f"{name!r} loads whole (its train/val split: val_size)")
     if name == "cifar10":
         (x, y), (tx, ty), classes = load_cifar10(root)
     elif name == "fashion-mnist":
@@ -286,8 +290,8 @@ def load_image_folder(path, root):
         c = _decode_image_folder(path, files)
         atomic_write(cache, lambda tmp: torch.save(c, tmp))
         for stale in root.glob(f"{glob.escape(folder_name(path))}.*.pt"):
-            if stale != cache:
-                stale.unlink()
+            if stale != cache and re.fullmatch(rf"{re.escape(folder_name(path))}\.[0-9a-f]{{16}}\.pt", stale.name):
+                stale.unlink()  # this dataset's older cache, not that of another whose name starts the same
     return (c["train_x"], c["train_y"]), (c["test_x"], c["test_y"]), list(c["classes"])
 
 
@@ -558,6 +562,9 @@ class Loader:
         if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
             raise TypeError(f"Loader takes uint8 images (N, C, H, W) in [0, 255], as data.load_data returns; "
                             f"got {getattr(x, 'dtype', type(x).__name__)}")
+        if augment and not 0 <= translate < min(x.shape[-2:]):
+            raise ValueError(f"translate must be from 0 to {min(x.shape[-2:]) - 1} px for {tuple(x.shape[-2:])} "
+                             f"images (reflect padding); got {translate}")
         self.x, self.y = x.to(device), y.to(device)  # uint8 (N, C, H, W), int64 (N,)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.translate, self.drop_last, self.device = translate, drop_last, torch.device(device)

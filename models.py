@@ -58,10 +58,17 @@ def _overridden(config, overrides):
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown} for a {config['kind']}; valid: {', '.join(config)}")
     config.update(overrides)
-    if len(config["widths"]) != 3:
-        raise ValueError(f"widths must give the channels of 3 stages, got {config['widths']!r}")
-    config["widths"] = list(config["widths"])
+    widths = config["widths"]
+    if not isinstance(widths, (list, tuple)) or len(widths) != 3 or not all(_positive_int(w) for w in widths):
+        raise ValueError(f"widths must give the channels of 3 stages (3 ints >= 1), got {widths!r}")
+    if "mixtures" in config and not _positive_int(config["mixtures"]):
+        raise ValueError(f"mixtures must be an int >= 1 (logistics per pixel), got {config['mixtures']!r}")
+    config["widths"] = list(widths)
     return config
+
+
+def _positive_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 class Normalize(nn.Module):
@@ -274,7 +281,10 @@ class VAE(nn.Module):
 
     def encode(self, x):
         """Posterior q(z|x) of images (uint8, or float in [0, 1]): (mean, logvar), each (B, latent_dim)."""
-        mu, logvar = self.encoder(_unit(x) * 2 - 1).chunk(2, dim=1)
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"the VAE takes {self.image_size}x{self.image_size} images (its architecture is fixed); "
+                             f"got {tuple(x.shape)}: the classifier takes any size, the VAE does not")
+        mu, logvar = self.encoder(_unit(x).to(dtype_of(self)) * 2 - 1).chunk(2, dim=1)
         return mu, logvar.clamp(-12, 8)
 
     def decode_params(self, z):

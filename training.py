@@ -6,6 +6,7 @@ flip + translate augmentation, and flip + translate test-time augmentation (TTA)
 """
 import csv
 import math
+import numbers
 import random
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data import Loader, atomic_write, check_images, to_float
-from models import BatchNorm, build_model, cnn_config, device_of, evaluating, vae_config
+from models import BatchNorm, build_model, cnn_config, device_of, dtype_of, evaluating, vae_config
 
 CNN_HYP = dict(
     epochs=10,               # airbench94 trains 9.9 epochs
@@ -30,8 +31,7 @@ CNN_HYP = dict(
     warmup=0.23,             # fraction of steps with a linear lr warm-up (from 0.2x), then decay to 0.07x
     translate=2,             # augmentation: random translate (px) and horizontal flip
     ema_every=5,             # lookahead: pull weights towards their EMA every this many steps
-    tta_level=2,             # 0 none, 1 flip, 2 flip + 1-px translate
-)
+)  # validation picks the best epoch without TTA; predict(..., tta_level=2) applies it to the test set
 
 VAE_HYP = dict(
     epochs=30,
@@ -198,6 +198,33 @@ class BestKeeper:
                         history=self.rows, complete=complete, **self.info)
 
 
+def _number(ok):
+    return lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
+
+
+def _integer(ok):
+    return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and ok(v)
+
+
+HYP_RULES = dict(  # what each hyperparameter must be: (in words, test)
+    epochs=("a number > 0", _number(lambda v: v > 0)),
+    batch_size=("an int >= 1", _integer(lambda v: v >= 1)),
+    lr=("a number > 0", _number(lambda v: v > 0)),
+    momentum=("a number in [0, 1)", _number(lambda v: 0 <= v < 1)),
+    weight_decay=("a number >= 0", _number(lambda v: v >= 0)),
+    bias_scaler=("a number > 0", _number(lambda v: v > 0)),
+    label_smoothing=("a number in [0, 1)", _number(lambda v: 0 <= v < 1)),
+    whiten_bias_epochs=("a number >= 0", _number(lambda v: v >= 0)),
+    warmup=("a number in [0, 1)", _number(lambda v: 0 <= v < 1)),
+    translate=("an int >= 0 (pixels)", _integer(lambda v: v >= 0)),
+    ema_every=("an int >= 1 (steps)", _integer(lambda v: v >= 1)),
+    kl_warmup_epochs=("a number >= 0", _number(lambda v: v >= 0)),
+    free_bits=("a number >= 0", _number(lambda v: v >= 0)),
+    grad_clip=("a number > 0", _number(lambda v: v > 0)),
+    flip=("True or False", lambda v: isinstance(v, bool)),
+)
+
+
 def hyperparameters(defaults, hyp):
     """defaults updated with hyp; an error naming the bad key or value and what is valid."""
     hyp = dict(hyp or {})
@@ -205,10 +232,10 @@ def hyperparameters(defaults, hyp):
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {unknown}; valid: {', '.join(defaults)}")
     hyp = {**defaults, **hyp}
-    if not (isinstance(hyp["epochs"], (int, float)) and hyp["epochs"] > 0):
-        raise ValueError(f"epochs must be a number > 0, got {hyp['epochs']!r}")
-    if not (isinstance(hyp["batch_size"], int) and hyp["batch_size"] >= 1):
-        raise ValueError(f"batch_size must be an int >= 1, got {hyp['batch_size']!r}")
+    for key, value in hyp.items():
+        what, ok = HYP_RULES[key]
+        if not ok(value):
+            raise ValueError(f"{key} must be {what}, got {value!r}")
     return hyp
 
 
@@ -216,6 +243,7 @@ def _train_or_load(fit_fn, build, data, ckpt_path, config, hyp, retrain, seed, d
     """Load a complete checkpoint trained with exactly these settings, else build, fit and load."""
     if ckpt_path is None:
         raise ValueError("ckpt_path is required: the checkpoint to reuse, or to write when training")
+    ckpt_path, csv_path = Path(ckpt_path).expanduser(), csv_path and Path(csv_path).expanduser()
     # the data's fingerprint too: an image folder's name stays when its images change
     trained_on = dict(dataset=data.name, seed=seed, data=data.fingerprint())
     if not retrain and reusable(ckpt_path, config=config, hyp=hyp, **trained_on):
@@ -265,7 +293,7 @@ def predict(model, images, tta_level=0, batch_size=1000):
     out = []
     with evaluating(model):
         for x in images.split(batch_size):
-            x = to_float(x.to(device))
+            x = to_float(x.to(device)).to(dtype_of(model))  # a half or bfloat16 model takes its own dtype
             logits = flip_avg(x)
             if tta_level >= 2:
                 h, w = x.shape[2:]

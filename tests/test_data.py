@@ -206,3 +206,21 @@ def test_synthetic_hard_is_deterministic_balanced_and_has_no_fixed_template():
     assert torch.bincount(a.test_y, minlength=10).tolist() == [20] * 10
     easy = data.load_data("synthetic", n_train=1000, n_test=200)
     assert _template_strength(a) < 0.5 * _template_strength(easy)  # measured: 0.11 against 0.90
+
+
+def test_options_of_the_synthetic_sets_are_refused_elsewhere(tmp_path):
+    with pytest.raises(ValueError, match=r"n_train: options of the synthetic datasets only; 'fashion-mnist'"):
+        data.load_data("fashion-mnist", tmp_path, n_train=100)  # used to load all 60,000, silently
+
+
+def test_data_dir_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data.data_dir("~/d") == tmp_path / "d"
+    monkeypatch.setenv("DATA_DIR", "~/e")
+    assert data.data_dir() == tmp_path / "e"
+
+
+def test_loader_refuses_a_translation_beyond_the_image():
+    x, y = torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"translate must be from 0 to 7 px for \(8, 8\) images"):
+        data.Loader(x, y, augment=True, translate=8)

@@ -267,3 +267,10 @@ def test_short_training_run_on_cifar10_jpeg_beats_the_floor(cifar10_jpeg, tmp_pa
     acc = training.evaluate(model, d.test_x, d.test_y)["acc"]
     assert acc > CIFAR10_SHORT_RUN_FLOOR, f"test accuracy {acc:.3f} after one epoch"
     assert ckpt["dataset"] == "cifar10-jpeg"
+
+
+def test_a_dataset_keeps_its_cache_when_another_with_a_longer_name_loads(tmp_path):
+    cache_dir = tmp_path / "cache"
+    data.load_data(str(write_tree(tmp_path / "pets.v2")), cache_dir)
+    data.load_data(str(write_tree(tmp_path / "pets")), cache_dir)  # "pets.*.pt" also matched pets.v2's cache
+    assert len(list(cache_dir.glob("pets.v2.*.pt"))) == 1 and len(list(cache_dir.glob("pets.????????????????.pt"))) == 1

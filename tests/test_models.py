@@ -95,8 +95,12 @@ def test_bad_config_errors():
         models.vae_config("small", latent_dims=8)
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['width'\] for a cnn; valid: .*widths"):
         models.cnn_config("small", width=(8, 8, 8))
-    with pytest.raises(ValueError, match=r"widths must give the channels of 3 stages, got \(16, 32\)"):
+    with pytest.raises(ValueError, match=r"widths must give the channels of 3 stages \(3 ints >= 1\), got \(16, 32\)"):
         models.vae_config("small", widths=(16, 32))
+    with pytest.raises(ValueError, match=r"widths must give the channels of 3 stages \(3 ints >= 1\), got 64"):
+        models.cnn_config("small", widths=64)  # was a TypeError on len()
+    with pytest.raises(ValueError, match=r"mixtures must be an int >= 1 \(logistics per pixel\), got 0"):
+        models.vae_config("small", mixtures=0)  # was an error deep inside a convolution
     with pytest.raises(ValueError, match="kind"):
         models.build_model({"kind": "transformer"})
 

@@ -166,3 +166,34 @@ def test_forecast_is_silent_without_progress(monkeypatch, capsys):
     for step in range(1, 20):
         forecast.update(step)
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("defaults, key, value, what", [
+    (training.CNN_HYP, "lr", 0, "a number > 0"),                       # was a ZeroDivisionError
+    (training.CNN_HYP, "momentum", 1.0, r"a number in \[0, 1\)"),
+    (training.CNN_HYP, "ema_every", 0, r"an int >= 1 \(steps\)"),     # was an integer modulo by zero
+    (training.CNN_HYP, "epochs", math.inf, "a number > 0"),            # was an OverflowError
+    (training.CNN_HYP, "translate", 1.5, r"an int >= 0 \(pixels\)"),
+    (training.VAE_HYP, "grad_clip", 0, "a number > 0"),                # was accepted
+    (training.VAE_HYP, "kl_warmup_epochs", -1, "a number >= 0"),       # was accepted
+    (training.VAE_HYP, "flip", "no", "True or False"),
+])
+def test_a_bad_hyperparameter_is_named_with_what_is_valid(defaults, key, value, what):
+    with pytest.raises(ValueError, match=rf"{key} must be {what}, got"):
+        training.hyperparameters(defaults, {key: value})
+    assert training.hyperparameters(defaults, {}) == defaults  # every default passes its own rule
+
+
+def test_paths_with_the_home_folder_are_expanded(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    training.train_classifier(tiny_data, "~/ck/cnn.pt", preset="small", hyp=dict(epochs=1, batch_size=200),
+                              csv_path="~/ck/m.csv", progress=False)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["cnn.pt", "m.csv"] and not (tmp_path / "~").exists()
+
+
+def test_predict_runs_a_bfloat16_model_in_its_dtype(trained, tiny_data):
+    model = models.build_model(trained[1]["config"])
+    model.load_state_dict(trained[0].state_dict())
+    logits = training.predict(model.to(torch.bfloat16), tiny_data.test_x[:8])  # float32 images used to fail
+    assert logits.dtype == torch.float32 and logits.shape == (8, 10)

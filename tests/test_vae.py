@@ -191,3 +191,17 @@ def test_a_config_from_before_the_mixture_asks_for_retraining():
     del config["mixtures"]
     with pytest.raises(ValueError, match="predates the decoder's logistic mixture: retrain"):
         models.build_model(config)
+
+
+def test_the_vae_names_its_image_size_and_takes_images_in_its_dtype():
+    vae = small_vae().eval()
+    with pytest.raises(ValueError, match=r"the VAE takes 32x32 images.*got \(2, 3, 64, 64\)"):
+        vae.elbo(torch.rand(2, 3, 64, 64))  # used to fail inside a matmul
+    d = data.load_data("synthetic-hard", n_train=60, n_test=10, size=28)
+    with pytest.raises(ValueError, match=r"the VAE takes 32x32 images"):
+        training.train_vae(d, "unused.pt", preset="small", hyp=dict(epochs=1, batch_size=20), progress=False)
+    x = (torch.rand(2, 3, 32, 32) * 255).to(torch.uint8)
+    with torch.no_grad():
+        ref = vae.reconstruct(x)
+        torch.testing.assert_close(vae.double().reconstruct(x).float(), ref, atol=1e-4, rtol=1e-4)
+        assert training.latent_statistics(vae, x)["latent_mean"].shape == (vae.latent_dim,)
