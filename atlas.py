@@ -54,23 +54,29 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
 
     techniques: technique names (featureviz.TECHNIQUE_NAMES), shown side by side; the latent ones need `vae`.
     layers: the layers whose channels get pages (default: every block's last spatial layer,
-      models.block_layers).
+      models.block_layers). Either may be one name.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    layers = list(models.block_layers(model, d.size) if layers is None else layers)
+    techniques = [techniques] if isinstance(techniques, str) else list(techniques)
+    layers = models.block_layers(model, d.size) if layers is None else layers
+    layers = [layers] if isinstance(layers, str) else list(layers)
     if not layers or not techniques:
         raise ValueError(f"layers and techniques must not be empty, got layers={layers!r}, techniques={techniques!r}")
     for name in layers:
         models.get_layer(model, name)  # an unknown name fails here, naming the valid ones
     cov = fv.color_covariance(d.train_x[:10000])
-    hows = {name: fv.get_technique(name, vae, cov, fv.magnitude_spectrum(d.train_x[:10000], cov))
-            for name in techniques}
-    out = Path(out)
-    key = fingerprint(VERSION, model, vae, list(techniques), steps, layers, d.name, d.classes, d.test_x, d.test_y)
+    magnitude = fv.magnitude_spectrum(d.train_x[:10000], cov)
+    hows = {name: fv.get_technique(name, vae, cov, magnitude) for name in techniques}
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out must be a folder for the atlas; {out} is a file")
+    # the training images' statistics too: the Fourier techniques render with them
+    key = fingerprint(VERSION, model, vae, techniques, steps, layers, d.name, d.classes, d.test_x, d.test_y,
+                      cov, magnitude)
     done = _resume(out, key)
     _save_manifest(out, key, done)  # before any other file: a build interrupted at once resumes too
-    site = Site(out, d, list(techniques))
+    site = Site(out, d, techniques)
     for unit in tqdm(layers + [CLASSES], desc="atlas", disable=not progress):
         if unit not in done:
             done[unit] = (_class_pages(model, d, hows, steps, site, layers) if unit == CLASSES
@@ -286,7 +292,8 @@ class Site:
     def class_body(self, c, top, top_values, cm, last_layer, contrib):
         names = self.d.classes
         vis = "".join(self.figure(self.vis_file(CLASSES, t, c), t) for t in self.techniques)
-        others = [j for j in (cm[c] + cm[:, c]).argsort(descending=True).tolist() if j != c][:3]
+        both = cm[c] + cm[:, c]  # confusions either way
+        others = [j for j in both.argsort(descending=True).tolist() if j != c and both[j] > 0][:3]
         rows = "".join(f'<tr><td><a href="class-{j}.html">{html.escape(names[j])}</a></td><td>{int(cm[c, j])}</td>'
                        f'<td>{int(cm[j, c])}</td></tr>' for j in others)
         body = (f'<div class="row">{vis}</div><h2>Top test images (logit)</h2>{self.exemplar_row("top", top, top_values)}'
@@ -316,15 +323,17 @@ class Site:
 
 # ----------------------------------------------------------------------------- command line
 
-def command(dataset, preset, vae_preset, data_dir="data", steps=256, out=ATLAS_DIR):
+def command(dataset, preset, vae_preset, data_dir="data", steps=256, out=ATLAS_DIR, seed=0):
     """The command line that builds the atlas from the notebooks' checkpoints, each value quoted for the shell."""
-    options = dict(dataset=dataset, preset=preset, vae_preset=vae_preset, data_dir=data_dir, steps=steps, out=out)
+    options = dict(dataset=dataset, preset=preset, vae_preset=vae_preset, data_dir=data_dir, steps=steps, out=out,
+                   seed=seed)
     return "python atlas.py " + " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in options.items())
 
 
-def notebook_models(dataset, data_dir, preset, vae_preset, techniques):
-    """(classifier, data, VAE or None) from the checkpoints the notebooks wrote under checkpoints/."""
-    d = data.load_data(dataset, data_dir)
+def notebook_models(dataset, data_dir, preset, vae_preset, techniques, seed=0):
+    """(classifier, data, VAE or None) from the checkpoints the notebooks wrote under checkpoints/; seed: the
+    notebooks' SEED, which draws their train/val split (and the synthetic data)."""
+    d = data.load_data(dataset, data_dir, seed=seed)
     device, hint = training.get_device(), f"run the notebooks first (with DATASET={dataset})"
     model, _ = training.load_checkpoint(Path("checkpoints") / f"classifier_{d.name}_{preset}.pt", device, hint)
     vae = None
@@ -344,6 +353,7 @@ def arguments(description, argv=None):
     p.add_argument("--techniques", default=",".join(ATLAS_TECHNIQUES), help="comma-separated technique names")
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--out", default=str(ATLAS_DIR))
+    p.add_argument("--seed", type=int, default=0, help="the notebooks' SEED (their train/val split)")
     args = p.parse_args(argv)
     args.techniques = args.techniques.split(",")
     return args
@@ -351,7 +361,8 @@ def arguments(description, argv=None):
 
 def main(argv=None):
     args = arguments("Build the atlas of the notebooks' classifier (checkpoints/).", argv)
-    model, d, vae = notebook_models(args.dataset, args.data_dir, args.preset, args.vae_preset, args.techniques)
+    model, d, vae = notebook_models(args.dataset, args.data_dir, args.preset, args.vae_preset, args.techniques,
+                                    args.seed)
     index = build_atlas(model, d, vae, args.techniques, args.out, steps=args.steps)
     print(f"the atlas is built: open {index.resolve()} in a browser")
 

@@ -7,6 +7,7 @@ flip + translate augmentation, and flip + translate test-time augmentation (TTA)
 import csv
 import math
 import numbers
+import os
 import random
 import time
 from pathlib import Path
@@ -71,6 +72,31 @@ def get_device(device=None):
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def setting(name, default, low=None):
+    """The environment variable `name` as the type of `default` (bool, int, float or str), or `default` where
+    it is unset or empty; an error naming the variable and what it takes. low: the least number allowed."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if isinstance(default, bool):
+        if text.lower() not in FLAGS:
+            raise ValueError(f"{name}={text!r}: give 1 or 0 (or true/false, yes/no, on/off)")
+        return FLAGS[text.lower()]
+    if isinstance(default, (int, float)):
+        kind = "an integer" if isinstance(default, int) else "a number"
+        try:
+            value = type(default)(text)
+        except ValueError:
+            raise ValueError(f"{name}={text!r}: give {kind}") from None
+        if low is not None and not value >= low:  # NaN fails too
+            raise ValueError(f"{name}={text!r}: give {kind} >= {low}")
+        return value
+    return text
 
 
 def device_defaults(device=None):

@@ -28,7 +28,8 @@ def main():
     out = Path("outputs/atlas_bench") if out == atlas.ATLAS_DIR else out  # never the notebooks' own atlas
     if out.exists() and any(out.iterdir()) and not (out / atlas.MANIFEST).exists():
         sys.exit(f"--out {out} holds files and no atlas ({atlas.MANIFEST}): give an empty or new folder, or an atlas's")
-    model, d, vae = atlas.notebook_models(args.dataset, args.data_dir, args.preset, args.vae_preset, args.techniques)
+    model, d, vae = atlas.notebook_models(args.dataset, args.data_dir, args.preset, args.vae_preset, args.techniques,
+                                          args.seed)
     shutil.rmtree(out, ignore_errors=True)
     layers = models.block_layers(model, d.size)
     channels = sum(models.layer_channels(model, layer, d.size) for layer in layers)

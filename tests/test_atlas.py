@@ -169,13 +169,16 @@ def test_classes_without_test_images_and_three_classes_read_right(tmp_path):
     confused = body[body.index("Most confused with"):]
     assert 'href="class-1.html"' in confused and 'href="class-2.html"' in confused
     assert 'href="class-0.html"' not in confused  # never a class with itself
+    cm = torch.tensor([[50, 3, 0], [4, 40, 2], [0, 5, 45]])
+    confused = site.class_body(0, torch.tensor([0]), torch.tensor([1.0]), cm, "block3.act2", None)
+    assert 'href="class-2.html"' not in confused  # never confused either way: no confusion to list
 
 
 def test_the_printed_command_builds_the_atlas_the_notebook_would():
-    line = atlas.command("cifar10-jpeg", "compact", "default", "/tmp/my data", 24, Path("outputs/smoke/atlas"))
+    line = atlas.command("cifar10-jpeg", "compact", "default", "/tmp/my data", 24, Path("outputs/smoke/atlas"), 3)
     args = atlas.arguments("atlas", shlex.split(line)[2:])  # as the shell splits it
-    assert (args.dataset, args.preset, args.vae_preset, args.data_dir, args.steps, args.out) == (
-        "cifar10-jpeg", "compact", "default", "/tmp/my data", 24, "outputs/smoke/atlas")
+    assert (args.dataset, args.preset, args.vae_preset, args.data_dir, args.steps, args.out, args.seed) == (
+        "cifar10-jpeg", "compact", "default", "/tmp/my data", 24, "outputs/smoke/atlas", 3)  # SEED: the split
 
 
 def test_bad_arguments_name_what_is_wrong(tiny, tmp_path):
@@ -267,3 +270,20 @@ def test_the_atlas_opens_offline_in_a_browser(built, browser, tmp_path):
     shot = Path(os.environ.get("ATLAS_SCREENSHOT", tmp_path / "layer.png"))
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
+
+
+def test_one_name_a_home_folder_and_the_training_statistics(tiny, tmp_path, monkeypatch):
+    model, d, vae = tiny
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    kw = dict(layers="block1.act2", steps=1, progress=False)  # one technique, one layer: names, not letters
+    index = atlas.build_atlas(model, d, None, "maco", "~/atl", **kw)
+    assert index == tmp_path / "atl" / "index.html" and not (tmp_path / "~").exists()
+    first = (tmp_path / "atl" / atlas.MANIFEST).read_text()
+    other = data.load_data("synthetic", n_train=400, n_test=120, seed=1)
+    other.train_x = other.train_x.flip(2)  # the same test set, other training images: other colour statistics
+    atlas.build_atlas(model, other, None, "maco", "~/atl", **kw)
+    assert (tmp_path / "atl" / atlas.MANIFEST).read_text() != first  # rebuilt, not resumed
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="out must be a folder for the atlas"):
+        atlas.build_atlas(model, d, None, "maco", tmp_path / "file", **kw)

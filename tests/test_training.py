@@ -197,3 +197,24 @@ def test_predict_runs_a_bfloat16_model_in_its_dtype(trained, tiny_data):
     model.load_state_dict(trained[0].state_dict())
     logits = training.predict(model.to(torch.bfloat16), tiny_data.test_x[:8])  # float32 images used to fail
     assert logits.dtype == torch.float32 and logits.shape == (8, 10)
+
+
+def test_notebook_settings_from_the_environment(monkeypatch):
+    for text, flag in [("1", True), ("true", True), ("Yes", True), ("on", True), ("0", False), ("false", False)]:
+        monkeypatch.setenv("SMOKE", text)
+        assert training.setting("SMOKE", False) is flag  # 'true' used to read as off
+    monkeypatch.setenv("SMOKE", "maybe")
+    with pytest.raises(ValueError, match=r"SMOKE='maybe': give 1 or 0"):
+        training.setting("SMOKE", False)
+    monkeypatch.setenv("DATASET", "")
+    assert training.setting("DATASET", "cifar10") == "cifar10"  # empty: unset, not the current folder
+    monkeypatch.setenv("EPOCHS", "2.5")
+    assert training.setting("EPOCHS", 10.0) == 2.5
+    monkeypatch.setenv("BATCH", "1e3")
+    with pytest.raises(ValueError, match=r"BATCH='1e3': give an integer"):
+        training.setting("BATCH", 1024, low=1)
+    monkeypatch.setenv("SEEDS", "0")
+    with pytest.raises(ValueError, match=r"SEEDS='0': give an integer >= 1"):
+        training.setting("SEEDS", 4, low=1)
+    monkeypatch.delenv("SEEDS")
+    assert training.setting("SEEDS", 4, low=1) == 4
