@@ -49,11 +49,8 @@ def _check_batch(x, model):
     if x.dim() != 4 or not len(x):
         hint = ": for one image (C, H, W) pass images[None]" if x.dim() == 3 else ""
         raise ValueError(f"images must be a batch (B, C, H, W) of at least one image; got shape {tuple(x.shape)}{hint}")
-    try:
-        channels = models.input_channels(model)
-    except ValueError:  # the model does not say: leave it to the model
-        return
-    if x.shape[1] != channels:
+    channels = (getattr(model, "config", None) or {}).get("in_channels")  # where the model says (its first
+    if channels is not None and x.shape[1] != channels:                    # Conv2d need not be its stem)
         raise ValueError(f"images have {x.shape[1]} channel(s), the model takes {channels}: got shape {tuple(x.shape)}")
 
 

@@ -130,8 +130,8 @@ def load_data(name="cifar10", root=None, seed=0, val_size=None, **synthetic_kwar
     root = data_dir(root)
     templates = None
     if synthetic_kwargs and name not in ("synthetic", "synthetic-hard"):
-        raise ValueError(f"{', '.join(sorted(synthetic_kwargs))}: options of the synthetic datasets only; "
-                         f"{name!r} loads whole (its train/val split: val_size)")
+        raise ValueError(f"unknown option(s) {', '.join(sorted(synthetic_kwargs))} for {name!r}: load_data takes name, "
+                         f"root, seed and val_size, and the synthetic datasets their own (n_train, n_test, ...)")
     if name == "cifar10":
         (x, y), (tx, ty), classes = load_cifar10(root)
     elif name == "fashion-mnist":

@@ -21,6 +21,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields as fields_of, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -312,9 +313,10 @@ class Recipe:
 
     def __call__(self, n, channels, size, generator=None):
         init = self.options.get("init")
-        if init is not None and tuple(init.shape) != (n, channels, size, size):
-            raise ValueError(f"init images must be {(n, channels, size, size)}, one per image to render at the "
-                             f"model's size; got {tuple(init.shape)}")
+        if isinstance(init, torch.Tensor) and (init.dim() != 4 or tuple(init.shape[1:]) != (channels, size, size)
+                                               or len(init) not in (1, n)):
+            raise ValueError(f"init images must be {(n, channels, size, size)} (or {(1, channels, size, size)}: one "
+                             f"for all) at the model's size; got {tuple(init.shape)}")
         return self.cls(n, channels, size, generator=generator, **self.options)
 
     def starting_from(self, images):
@@ -585,8 +587,9 @@ TARGETS = (Class, Channel, Neuron, Direction)
 
 
 def _is_one(value):
-    """One target or index (a Class, ..., an int, a 0-d tensor), not a list, range, array or tensor of them."""
-    return isinstance(value, TARGETS) or _is_int(value) or (isinstance(value, torch.Tensor) and value.dim() == 0)
+    """One target or index (a Class, ..., an int, a 0-d tensor or array; anything not a sequence, which
+    as_targets then names), not a list, range, array or tensor of them."""
+    return isinstance(value, TARGETS) or isinstance(value, (str, bytes)) or np.ndim(value) == 0
 
 
 def as_targets(targets):
@@ -598,6 +601,8 @@ def as_targets(targets):
                         f"got {targets!r}")
     out = []
     for t in targets:
+        if isinstance(t, np.ndarray) and t.ndim == 0:
+            t = t.item()  # a 0-d array
         if _is_int(t) or (isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point()):
             t = int(t)  # a NumPy or tensor integer too
         if isinstance(t, bool) or not isinstance(t, TARGETS + (int,)):
@@ -1173,6 +1178,9 @@ def render_in_stages(model, targets, first, second, steps=256, **common):
     parameterization (a name or a Recipe) starts from the first stage's images. `common` goes to both, except
     restarts: the first stage keeps the best of its candidates, and the second refines those. A Prior
     term goes only to a stage whose parameterization has a prior (the latent one of 'hybrid')."""
+    if isinstance(second.get("param"), nn.Module):
+        raise TypeError("the second stage's param must be a parameterization name or Recipe: it starts from the "
+                        "first stage's images")
     first, second = _priors_where_they_apply([{**first, **common}, {**second, **common, "restarts": 1}])
     a = render(model, targets, steps=steps // 2, **first)
     second["param"] = _as_recipe(second["param"]).starting_from(a.images)
@@ -1259,7 +1267,7 @@ def visualize_unit(model, layer, channel=0, neuron=None, technique="fourier", va
     (steps, seed, progress, ...) goes to it.
     """
     how = technique if isinstance(technique, Technique) else get_technique(technique, vae, color_cov, magnitude)
-    channels = [channel] if _is_one(channel) or isinstance(channel, (str, bytes)) else list(channel)
+    channels = [channel] if _is_one(channel) else list(channel)
     if layer in ("head", None):
         if neuron is not None:
             raise ValueError(f"neuron={neuron!r} needs a spatial layer; layer {layer!r} means a class (its logit)")

@@ -58,9 +58,9 @@ def hardest_pairs(cm, classes, k=5):
 
 @torch.no_grad()
 def features(model, images, batch_size=500):
-    """(N, D) penultimate features of images, model left as found: what the model's last nn.Linear reads
-    (our CNN's model.features, a torchvision classifier's pooled features), or, for a model without one,
-    its features(x) method."""
+    """(N, D) penultimate features of images, model left as found: the model's features(x) where it returns
+    (N, D) (our CNN's: what its head reads), else what the last nn.Linear to run in the forward pass reads
+    (a torchvision ResNet's pooled features; for VGG or MobileNet, their classifier's last hidden layer)."""
     data.check_images(images)
     device = models.device_of(model)
     with fv.frozen(model) as layout:
@@ -69,21 +69,22 @@ def features(model, images, batch_size=500):
 
 
 def _penultimate(model, x):
-    """(B, D) features of one batch: the input of the last nn.Linear, else model.features(x)."""
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if heads:
-        seen = []
-        handle = heads[-1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-        try:
-            model(x)
-        finally:
-            handle.remove()
-        return seen[-1].flatten(1)
+    """(B, D) features of one batch: model.features(x) if 2-D, else the input of the last nn.Linear to run."""
     f = model.features(x) if callable(getattr(model, "features", None)) else None
-    if f is None or f.dim() != 2:
-        raise ValueError(f"cannot tell the features of {type(model).__name__}: it has no nn.Linear head, and no "
-                         f"features(x) method that returns (N, D) features")
-    return f
+    if f is not None and f.dim() == 2:
+        return f
+    seen = []
+    handles = [m.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+               for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        raise ValueError(f"cannot tell the features of {type(model).__name__}: no nn.Linear head runs in it, and it "
+                         f"has no features(x) method that returns (N, D) features")
+    return seen[-1].flatten(1)
 
 
 @torch.no_grad()

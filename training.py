@@ -176,7 +176,15 @@ def reusable(path, **expected):
         ckpt = torch.load(path, weights_only=True, map_location="cpu")
     except Exception:
         return False
-    return ckpt.get("complete", False) and all(ckpt.get(k) == v for k, v in expected.items())
+    return ckpt.get("complete", False) and all(_same(k, ckpt.get(k), v) for k, v in expected.items())
+
+
+def _same(key, saved, wanted):
+    """A saved setting equals the wanted one; of the hyperparameters, one since removed (tta_level, which
+    nothing read) is left out: it changed nothing, so it must not force a retrain."""
+    if key == "hyp" and isinstance(saved, dict) and isinstance(wanted, dict):
+        saved = {k: v for k, v in saved.items() if k in wanted}
+    return saved == wanted
 
 
 def partial_path(path):
@@ -225,7 +233,7 @@ class BestKeeper:
 
 
 def _number(ok):
-    return lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
+    return lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v) and ok(v)
 
 
 def _integer(ok):
@@ -233,20 +241,20 @@ def _integer(ok):
 
 
 HYP_RULES = dict(  # what each hyperparameter must be: (in words, test)
-    epochs=("a number > 0", _number(lambda v: v > 0)),
+    epochs=("a finite number > 0", _number(lambda v: 0 < v < math.inf)),
     batch_size=("an int >= 1", _integer(lambda v: v >= 1)),
-    lr=("a number > 0", _number(lambda v: v > 0)),
-    momentum=("a number in [0, 1)", _number(lambda v: 0 <= v < 1)),
-    weight_decay=("a number >= 0", _number(lambda v: v >= 0)),
-    bias_scaler=("a number > 0", _number(lambda v: v > 0)),
+    lr=("a finite number > 0", _number(lambda v: 0 < v < math.inf)),
+    momentum=("a number in (0, 1) (Nesterov)", _number(lambda v: 0 < v < 1)),
+    weight_decay=("a finite number >= 0", _number(lambda v: 0 <= v < math.inf)),
+    bias_scaler=("a finite number > 0", _number(lambda v: 0 < v < math.inf)),
     label_smoothing=("a number in [0, 1)", _number(lambda v: 0 <= v < 1)),
     whiten_bias_epochs=("a number >= 0", _number(lambda v: v >= 0)),
-    warmup=("a number in [0, 1)", _number(lambda v: 0 <= v < 1)),
+    warmup=("a number in [0, 1]", _number(lambda v: 0 <= v <= 1)),
     translate=("an int >= 0 (pixels)", _integer(lambda v: v >= 0)),
     ema_every=("an int >= 1 (steps)", _integer(lambda v: v >= 1)),
     kl_warmup_epochs=("a number >= 0", _number(lambda v: v >= 0)),
-    free_bits=("a number >= 0", _number(lambda v: v >= 0)),
-    grad_clip=("a number > 0", _number(lambda v: v > 0)),
+    free_bits=("a finite number >= 0", _number(lambda v: 0 <= v < math.inf)),
+    grad_clip=("a number > 0 (inf: no clipping)", _number(lambda v: v > 0)),
     flip=("True or False", lambda v: isinstance(v, bool)),
 )
 

@@ -227,3 +227,19 @@ def test_integrated_gradients_baseline_per_channel():
     torch.testing.assert_close(per_channel, attribution.integrated_gradients(model, x, 2, baseline=image, steps=8))
     with pytest.raises(ValueError, match=r"baseline must be a scalar, one value per channel.*got shape \(5,\)"):
         attribution.integrated_gradients(model, x, 2, baseline=torch.full((5,), 0.5))
+
+
+class _HeadFirst(nn.Module):
+    """A fully convolutional classifier whose head, a 1x1 convolution, is registered before its stem."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(16, 10, 1)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.stem(x))).mean((2, 3))
+
+
+def test_a_model_whose_first_convolution_is_not_its_stem():
+    assert attribution.saliency(_HeadFirst(), torch.rand(2, 3, 16, 16), 1).shape == (2, 16, 16)

@@ -771,3 +771,16 @@ def test_stages_take_names_and_a_prior_goes_to_the_latent_stage_only():
     with pytest.raises(ValueError, match=r"the Prior regularizer needs a parameterization with a prior"):
         fv.render_in_stages(model, [0], dict(param="pixel"), dict(param="fourier"), regularizers=[fv.Prior(1.0)],
                             steps=2, progress=False)  # no stage has a prior
+
+
+def test_one_init_image_for_all_and_single_values_named():
+    model = cnn()
+    image = torch.rand(1, 3, 32, 32)
+    r = fv.render(model, [0, 1], param=fv.parameterization("fourier", init=image), steps=0, progress=False)
+    assert torch.allclose(r.images, image.expand(2, 3, 32, 32), atol=2e-3)  # one image starts every target
+    with pytest.raises(TypeError, match=r"Channel channel must be an int, got None"):
+        fv.visualize_unit(model, "block1.act2", None, steps=1, progress=False)
+    x = torch.rand(10, 3, 32, 32)
+    assert torch.equal(fv.exemplars(model, x, np.array(3), k=2).top, fv.exemplars(model, x, 3, k=2).top)
+    with pytest.raises(TypeError, match=r"the second stage's param must be a parameterization name or Recipe"):
+        fv.render_in_stages(model, [0], dict(param="pixel"), dict(param=fv.PixelParam(1, 3, 32)), steps=2)

@@ -245,7 +245,7 @@ def test_features_of_torchvision_classifiers_are_what_their_head_reads():
     cnn = models.build_model(models.cnn_config("small"))
     with torch.no_grad():
         torch.testing.assert_close(metrics.features(cnn, x), cnn.eval().features(x))
-    with pytest.raises(ValueError, match=r"cannot tell the features of Sequential: it has no nn.Linear head"):
+    with pytest.raises(ValueError, match=r"cannot tell the features of Sequential: no nn.Linear head runs in it"):
         metrics.features(nn.Sequential(nn.Conv2d(3, 4, 3)), x)
 
 
@@ -262,3 +262,30 @@ def test_metrics_refuse_labels_that_do_not_match_the_images():
     f, y = torch.rand(10, 4), torch.zeros(10, dtype=torch.long)
     with pytest.raises(ValueError, match=r"held-out points of class 0 lie on training points"):
         metrics.knn_ratio(torch.rand(2, 4), y[:2], f, y, f, y, k=1)  # was inf
+
+
+class _HeadThenSqueeze(nn.Module):
+    """A head registered before a squeeze-excitation block of linear layers, and an auxiliary head that
+    runs only in training: the head's input is still what the last linear layer to run reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 10)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.se = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 16), nn.Sigmoid())
+        self.aux = nn.Linear(16, 10)
+
+    def forward(self, x):
+        a = self.conv(x)
+        a = a * self.se(a.mean((2, 3)))[:, :, None, None]
+        return self.fc(a.mean((2, 3)))
+
+
+def test_features_are_the_input_of_the_last_linear_layer_to_run():
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = _HeadThenSqueeze().eval()
+    f = metrics.features(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(model.fc(f), model(x))
+    fm = FeatureModel()  # a features() method that gives (N, D) wins
+    assert torch.equal(metrics.features(fm, points([[1, 2]])), torch.tensor([[1.0, 2.0]]))

@@ -169,12 +169,13 @@ def test_forecast_is_silent_without_progress(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("defaults, key, value, what", [
-    (training.CNN_HYP, "lr", 0, "a number > 0"),                       # was a ZeroDivisionError
-    (training.CNN_HYP, "momentum", 1.0, r"a number in \[0, 1\)"),
+    (training.CNN_HYP, "lr", 0, "a finite number > 0"),                # was a ZeroDivisionError
+    (training.CNN_HYP, "momentum", 1.0, r"a number in \(0, 1\) \(Nesterov\)"),
+    (training.CNN_HYP, "momentum", 0, r"a number in \(0, 1\) \(Nesterov\)"),  # Nesterov SGD refuses 0, later
     (training.CNN_HYP, "ema_every", 0, r"an int >= 1 \(steps\)"),     # was an integer modulo by zero
-    (training.CNN_HYP, "epochs", math.inf, "a number > 0"),            # was an OverflowError
+    (training.CNN_HYP, "epochs", math.inf, "a finite number > 0"),     # was an OverflowError
     (training.CNN_HYP, "translate", 1.5, r"an int >= 0 \(pixels\)"),
-    (training.VAE_HYP, "grad_clip", 0, "a number > 0"),                # was accepted
+    (training.VAE_HYP, "grad_clip", 0, r"a number > 0 \(inf: no clipping\)"),  # was accepted
     (training.VAE_HYP, "kl_warmup_epochs", -1, "a number >= 0"),       # was accepted
     (training.VAE_HYP, "flip", "no", "True or False"),
 ])
@@ -182,6 +183,21 @@ def test_a_bad_hyperparameter_is_named_with_what_is_valid(defaults, key, value, 
     with pytest.raises(ValueError, match=rf"{key} must be {what}, got"):
         training.hyperparameters(defaults, {key: value})
     assert training.hyperparameters(defaults, {}) == defaults  # every default passes its own rule
+
+
+def test_limits_that_mean_something_pass():
+    assert training.hyperparameters(training.VAE_HYP, dict(grad_clip=math.inf))["grad_clip"] == math.inf  # no clipping
+    hyp = training.hyperparameters(training.CNN_HYP, dict(warmup=1.0, whiten_bias_epochs=math.inf))
+    assert hyp["warmup"] == 1.0 and hyp["whiten_bias_epochs"] == math.inf
+
+
+def test_a_checkpoint_saved_with_a_since_removed_setting_is_reused(trained, tmp_path):
+    _, ckpt, path = trained
+    old = torch.load(path / "cnn.pt", weights_only=True)
+    old["hyp"] = {**old["hyp"], "tta_level": 2}  # as checkpoints saved before tta_level went
+    torch.save(old, tmp_path / "old.pt")
+    assert training.reusable(tmp_path / "old.pt", hyp=ckpt["hyp"])
+    assert not training.reusable(tmp_path / "old.pt", hyp={**ckpt["hyp"], "lr": 1.0})  # a real change still counts
 
 
 def test_paths_with_the_home_folder_are_expanded(tiny_data, tmp_path, monkeypatch):
