@@ -241,19 +241,19 @@ def _integer(ok):
 
 
 HYP_RULES = dict(  # what each hyperparameter must be: (in words, test)
-    epochs=("a finite number > 0", _number(lambda v: 0 < v < math.inf)),
+    epochs=("a number > 0 (finite)", _number(lambda v: 0 < v < math.inf)),
     batch_size=("an int >= 1", _integer(lambda v: v >= 1)),
-    lr=("a finite number > 0", _number(lambda v: 0 < v < math.inf)),
+    lr=("a number > 0 (finite)", _number(lambda v: 0 < v < math.inf)),
     momentum=("a number in (0, 1) (Nesterov)", _number(lambda v: 0 < v < 1)),
-    weight_decay=("a finite number >= 0", _number(lambda v: 0 <= v < math.inf)),
-    bias_scaler=("a finite number > 0", _number(lambda v: 0 < v < math.inf)),
+    weight_decay=("a number >= 0 (finite)", _number(lambda v: 0 <= v < math.inf)),
+    bias_scaler=("a number > 0 (finite)", _number(lambda v: 0 < v < math.inf)),
     label_smoothing=("a number in [0, 1)", _number(lambda v: 0 <= v < 1)),
     whiten_bias_epochs=("a number >= 0", _number(lambda v: v >= 0)),
     warmup=("a number in [0, 1]", _number(lambda v: 0 <= v <= 1)),
     translate=("an int >= 0 (pixels)", _integer(lambda v: v >= 0)),
     ema_every=("an int >= 1 (steps)", _integer(lambda v: v >= 1)),
     kl_warmup_epochs=("a number >= 0", _number(lambda v: v >= 0)),
-    free_bits=("a finite number >= 0", _number(lambda v: 0 <= v < math.inf)),
+    free_bits=("a number >= 0 (finite)", _number(lambda v: 0 <= v < math.inf)),
     grad_clip=("a number > 0 (inf: no clipping)", _number(lambda v: v > 0)),
     flip=("True or False", lambda v: isinstance(v, bool)),
 )

@@ -169,11 +169,11 @@ def test_forecast_is_silent_without_progress(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("defaults, key, value, what", [
-    (training.CNN_HYP, "lr", 0, "a finite number > 0"),                # was a ZeroDivisionError
+    (training.CNN_HYP, "lr", 0, r"a number > 0 \(finite\)"),           # was a ZeroDivisionError
     (training.CNN_HYP, "momentum", 1.0, r"a number in \(0, 1\) \(Nesterov\)"),
     (training.CNN_HYP, "momentum", 0, r"a number in \(0, 1\) \(Nesterov\)"),  # Nesterov SGD refuses 0, later
     (training.CNN_HYP, "ema_every", 0, r"an int >= 1 \(steps\)"),     # was an integer modulo by zero
-    (training.CNN_HYP, "epochs", math.inf, "a finite number > 0"),     # was an OverflowError
+    (training.CNN_HYP, "epochs", math.inf, r"a number > 0 \(finite\)"),  # was an OverflowError
     (training.CNN_HYP, "translate", 1.5, r"an int >= 0 \(pixels\)"),
     (training.VAE_HYP, "grad_clip", 0, r"a number > 0 \(inf: no clipping\)"),  # was accepted
     (training.VAE_HYP, "kl_warmup_epochs", -1, "a number >= 0"),       # was accepted
