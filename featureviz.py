@@ -905,8 +905,8 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
         objective = Objective(model, targets, [t.layer for t in terms if t.layer], (channels, size, size))
         with objective.hooked(layout) as run:
             param = _build(param, len(groups), channels, size, per_target, objective, run, seed).to(device)
-            _check_param(param, (len(groups), channels, size, size), terms)
-            _check_transforms(transforms, param)
+            first = _check_param(param, (len(groups), channels, size, size), terms)
+            _check_transforms(transforms, first)
             gen = torch.Generator(device=device).manual_seed(seed)
             step = _step(param, objective, run, transforms, terms, groups, gen)
             history = torch.zeros(steps, len(groups), device=device)  # on the device: no host sync per step
@@ -997,22 +997,24 @@ def _best_draws(pool, per_target, objective, run):
 
 
 def _check_param(param, shape, terms):
+    """The parameterization's first images, checked: their shape, and a prior where a Prior term needs one."""
     with torch.no_grad():
-        got = tuple(param().shape)
+        x = param()
+    got = tuple(x.shape)
     if got != shape:
         raise ValueError(f"parameterization makes images {got}; need {shape}")
     if any(isinstance(t, Prior) for t in terms) and not hasattr(param, "penalty"):
         raise ValueError("the Prior regularizer needs a parameterization with a prior ('latent' or 'whitened')")
+    return x
 
 
 @torch.no_grad()
-def _check_transforms(transforms, param):
-    """One trial call of the transforms on the first images (with a generator of its own): they must take
+def _check_transforms(transforms, x):
+    """One trial call of the transforms on the first images x (with a generator of its own): they must take
     (x, gen) and return a batch of images. A Shift, ours, may never run on the images (it goes inside a
     Fourier spectrum)."""
     if transforms is None or isinstance(transforms, Shift):
         return
-    x = param()
     try:
         out = transforms(x, torch.Generator(device=x.device).manual_seed(0))
     except TypeError as e:
