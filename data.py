@@ -292,7 +292,15 @@ def load_image_folder(path, root):
         for stale in root.glob(f"{glob.escape(folder_name(path))}.*.pt"):
             if stale != cache and re.fullmatch(rf"{re.escape(folder_name(path))}\.[0-9a-f]{{16}}\.pt", stale.name):
                 stale.unlink()  # this dataset's older cache, not that of another whose name starts the same
-    return (c["train_x"], c["train_y"]), (c["test_x"], c["test_y"]), list(c["classes"])
+    return _mixed(c["train_x"], c["train_y"]), _mixed(c["test_x"], c["test_y"]), list(c["classes"])
+
+
+def _mixed(x, y):
+    """The images in one fixed random order, the same on every machine and for every seed. A folder
+    lists them class by class; CIFAR-10's own files mix the classes, and so must anything that takes
+    the first images of a set (the notebooks' examples, colour statistics and whitening patches)."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    return x[order], y[order]
 
 
 def _list_folder(path):

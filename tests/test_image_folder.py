@@ -89,8 +89,21 @@ def test_mixed_rgb_and_grayscale_is_read_as_rgb_and_grayscale_alone_as_one_chann
 @pytest.mark.parametrize("suffix", [".jpg", ".bmp"])
 def test_jpeg_and_bmp_decode(tmp_path, suffix):
     d = data.load_data(str(write_tree(tmp_path / "pets", suffix=suffix)), tmp_path / "cache")
-    written = torch.tensor([0, 1, 10, 11, 20, 21])  # test images in class order, then file order
-    assert (d.test_x[:, :, 3, 3].long() - written[:, None]).abs().max() <= 2  # JPEG is lossy, by a little
+    written = torch.tensor([0, 1, 10, 11, 20, 21])  # the test images' values, sorted
+    read = d.test_x[:, :, 3, 3].long().sort(0).values  # each channel sorted: within 2 of written if each image is
+    assert (read - written[:, None]).abs().max() <= 2  # JPEG is lossy, by a little
+
+
+def test_images_come_in_one_fixed_order_that_mixes_the_classes(tmp_path):
+    """A folder lists its images class by class: the first images of a set must still sample every class
+    (the notebooks' examples and colour statistics take them), the same for every seed."""
+    tree = write_tree(tmp_path / "pets", n_train=10, n_test=10)
+    d = data.load_data(str(tree), tmp_path / "cache", seed=0)
+    other_seed = data.load_data(str(tree), tmp_path / "cache", seed=5)
+    assert torch.equal(d.test_x, other_seed.test_x) and torch.equal(d.test_y, other_seed.test_y)
+    for x, y in [(d.train_x, d.train_y), (d.test_x, d.test_y)]:
+        assert torch.bincount(y[:len(y) // 2], minlength=3).min() >= 2  # in class order: 10, 5 or more, 0
+        assert torch.equal(x[:, 0, 0, 0].long() // 10, y)  # each image keeps its label
 
 
 def test_cache_is_reused_and_a_changed_tree_is_decoded_again(tmp_path, monkeypatch):
@@ -248,6 +261,9 @@ def test_cifar10_jpeg_has_every_image_balanced_and_reuses_its_cache(cifar10_jpeg
     assert len(d.train_y) == 45000 and len(d.val_y) == 5000 and len(d.test_y) == 10000
     assert torch.bincount(torch.cat([d.train_y, d.val_y])).tolist() == [5000] * 10
     assert torch.bincount(d.test_y).tolist() == [1000] * 10
+    for y in (d.test_y[:1000], d.train_y[:10000]):  # the first images sample every class (the files list them in turn)
+        counts = torch.bincount(y, minlength=10)
+        assert counts.min() > 0.8 * len(y) / 10 and counts.max() < 1.2 * len(y) / 10, counts.tolist()
     assert 0.4 < d.test_x.float().mean() / 255 < 0.55  # natural images, not blank or saturated
     monkeypatch.setattr(data, "_decode_image_folder", lambda *a: pytest.fail("decoded again: the cache was ignored"))
     os.symlink(cifar10_jpeg_path, root / cifar10_jpeg_path.name)
@@ -255,7 +271,7 @@ def test_cifar10_jpeg_has_every_image_balanced_and_reuses_its_cache(cifar10_jpeg
     assert again.name == d.name and torch.equal(again.test_x, d.test_x) and torch.equal(again.val_y, d.val_y)
 
 
-# measured: the small preset after 1 epoch (batch 256) reaches 60.9% and 61.1% test accuracy on the
+# measured: the small preset after 1 epoch (batch 256) reaches 60.0% and 60.3% test accuracy on the
 # CIFAR-10 copy (seeds 0 and 1, about 21 s on 2 CPU cores); the floor is 10 points below
 CIFAR10_SHORT_RUN_FLOOR = 0.50
 
