@@ -314,6 +314,19 @@ class VAE(nn.Module):
         """Decode the posterior mean of x."""
         return self.decode(self.encode(x)[0])
 
+    def interpolate(self, a, b, steps=8):
+        """Mean images at `steps` evenly spaced points on the line from the posterior mean of image a to
+        that of image b (each (C, H, W), uint8 or float in [0, 1]): (steps, C, H, W), a's reconstruction
+        first and b's last."""
+        if a.ndim != 3 or a.shape != b.shape:
+            raise ValueError(f"interpolate takes two images of one shape (C, H, W); got {tuple(a.shape)} and "
+                             f"{tuple(b.shape)} (for images[i] of a batch, pass images[i], not images[i:i + 1])")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise ValueError(f"steps must be an int >= 2 (both ends included); got {steps!r}")
+        z = self.encode(torch.stack([a, b]).to(self.latent_mean.device))[0]
+        t = torch.linspace(0, 1, steps, device=z.device, dtype=z.dtype)[:, None]
+        return self.decode(torch.lerp(z[0], z[1], t))
+
     def sample(self, n, generator=None, temperature=1.0):
         """Mean images of n draws of z from the N(0, I) prior."""
         device = self.latent_mean.device

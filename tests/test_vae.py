@@ -205,3 +205,23 @@ def test_the_vae_names_its_image_size_and_takes_images_in_its_dtype():
         ref = vae.reconstruct(x)
         torch.testing.assert_close(vae.double().reconstruct(x).float(), ref, atol=1e-4, rtol=1e-4)
         assert training.latent_statistics(vae, x)["latent_mean"].shape == (vae.latent_dim,)
+
+
+def test_interpolation_runs_from_one_reconstruction_to_the_other_in_even_steps():
+    vae = small_vae().eval()
+    x = (torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    with torch.no_grad():
+        for p in vae.parameters():  # untrained, two images decode 6e-5 apart; with weights x2, 0.025
+            p.mul_(2)
+        path = vae.interpolate(x[0], x[1], steps=5)
+        ends = vae.reconstruct(x)
+        z = vae.encode(x)[0]
+        middle = vae.decode(z.mean(0, keepdim=True))
+    assert path.shape == (5, 3, 32, 32)
+    torch.testing.assert_close(path[[0, -1]], ends)
+    torch.testing.assert_close(path[2:3], middle)
+    assert (path[0] - path[-1]).abs().max() > 0.01  # the two ends differ, so the test can tell them apart
+    with pytest.raises(ValueError, match=r"two images of one shape \(C, H, W\).*\(1, 3, 32, 32\)"):
+        vae.interpolate(x[:1], x[1:])
+    with pytest.raises(ValueError, match="steps must be an int >= 2"):
+        vae.interpolate(x[0], x[1], steps=1)
