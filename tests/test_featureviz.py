@@ -778,6 +778,11 @@ def test_one_init_image_for_all_and_single_values_named():
     image = torch.rand(1, 3, 32, 32)
     r = fv.render(model, [0, 1], param=fv.parameterization("fourier", init=image), steps=0, progress=False)
     assert torch.allclose(r.images, image.expand(2, 3, 32, 32), atol=2e-3)  # one image starts every target
+    vae = vae_with_stats()
+    for kind, options in [("pixel", {}), ("maco", dict(magnitude=torch.ones(3, 32, 17))), ("latent", dict(vae=vae)),
+                          ("whitened", dict(vae=vae))]:  # every kind, as parameterization() says
+        r = fv.render(model, [0, 1], param=fv.parameterization(kind, init=image, **options), steps=0, progress=False)
+        assert r.images.shape == (2, 3, 32, 32) and torch.equal(r.images[0], r.images[1]), kind
     with pytest.raises(TypeError, match=r"Channel channel must be an int, got None"):
         fv.visualize_unit(model, "block1.act2", None, steps=1, progress=False)
     x = torch.rand(10, 3, 32, 32)
