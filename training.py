@@ -49,8 +49,8 @@ VAE_HYP = dict(
 # in under 45 minutes; a GPU gets the full-width classifier and a VAE large enough to keep it busy.
 # Settings given in the environment always win.
 DEVICE_DEFAULTS = dict(
-    cpu=dict(preset="compact", vae_preset="default", vae_epochs=15),
-    gpu=dict(preset="airbench", vae_preset="wide", vae_epochs=30),
+    cpu=dict(preset="compact", vae_preset="default", vae_epochs=15, atlas=False),
+    gpu=dict(preset="airbench", vae_preset="wide", vae_epochs=30, atlas=True),
 )
 
 
@@ -77,9 +77,10 @@ def get_device(device=None):
 FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
-def setting(name, default, low=None):
+def setting(name, default, low=None, choices=None):
     """The environment variable `name` as the type of `default` (bool, int, float or str), or `default` where
-    it is unset or empty; an error naming the variable and what it takes. low: the least number allowed."""
+    it is unset or empty; an error naming the variable and what it takes. low: the least number allowed;
+    choices: the strings allowed."""
     text = os.environ.get(name, "").strip()
     if not text:
         return default
@@ -96,11 +97,13 @@ def setting(name, default, low=None):
         if low is not None and not value >= low:  # NaN fails too
             raise ValueError(f"{name}={text!r}: give {kind} >= {low}")
         return value
+    if choices is not None and text not in choices:
+        raise ValueError(f"{name}={text!r}: give one of {', '.join(choices)}")
     return text
 
 
 def device_defaults(device=None):
-    """The notebooks' default presets and VAE epochs for a device (DEVICE_DEFAULTS)."""
+    """The notebooks' default presets, VAE epochs and atlas flag for a device (DEVICE_DEFAULTS)."""
     return DEVICE_DEFAULTS["cpu" if get_device(device).type == "cpu" else "gpu"]
 
 

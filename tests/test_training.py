@@ -145,6 +145,7 @@ def test_device_defaults_fit_the_device():
     assert cpu["preset"] == "compact" and gpu["preset"] == "airbench"
     assert models.VAE_PRESETS[gpu["vae_preset"]]["latent_dim"] > models.VAE_PRESETS[cpu["vae_preset"]]["latent_dim"]
     assert gpu["vae_epochs"] > cpu["vae_epochs"]
+    assert training.device_defaults("mps") == gpu and gpu["atlas"] and not cpu["atlas"]  # README: mps is a GPU too
     for d in (cpu, gpu):
         models.cnn_config(d["preset"])  # the names exist
         models.vae_config(d["vae_preset"])
@@ -234,3 +235,6 @@ def test_notebook_settings_from_the_environment(monkeypatch):
         training.setting("SEEDS", 4, low=1)
     monkeypatch.delenv("SEEDS")
     assert training.setting("SEEDS", 4, low=1) == 4
+    monkeypatch.setenv("PRESET", "Compact")
+    with pytest.raises(ValueError, match=r"PRESET='Compact': give one of airbench, compact, small"):
+        training.setting("PRESET", "compact", choices=models.CNN_PRESETS)  # used to fail a few cells later
