@@ -394,7 +394,8 @@ def baselines(d, ref):
 def quality_table(model, other, d, techniques, seeds=4, steps=256, n_ref=10000, channels=None, progress=True):
     """Score the baselines and every technique on the classes and a fixed sample of channels
     (channel_sample(model) unless given), each seed apart: every metric is its mean over the seeds, with
-    its standard deviation under name + "_sd". Returns (rows, grid): metric dicts, and seed-0 class images.
+    its standard deviation under name + "_sd", and "seconds" the time per seed (its class and channel renders
+    and their scoring; NaN for the baselines). Returns (rows, grid): metric dicts, and seed-0 class images.
 
     techniques: name -> Technique (as featureviz.techniques() returns), or name -> fn(targets, seed)
     returning images (or None for channel targets it cannot render), for renderers of other libraries.
@@ -443,7 +444,7 @@ def _renderer(how, model, steps, size):
     return lambda targets, seed: how(model, targets, steps=steps, seed=seed, size=size, progress=False).images
 
 
-COLUMNS = dict(technique="technique", seconds="s / render", act="normalized activation", transfer="transfer top-1",
+COLUMNS = dict(technique="technique", seconds="s / seed", act="normalized activation", transfer="transfer top-1",
                naturalness="naturalness", path_flagged="path flagged", least_similar="least similar block",
                two_choice="two-choice classes", two_choice_channels="two-choice channels", diversity="diversity",
                planted="planted recovery")
