@@ -4,6 +4,7 @@ Every function takes images (B, C, H, W), uint8 in [0, 255] or float in [0, 1], 
 (a list, an array or an integer tensor), runs the model in eval mode (and in its own dtype, for a half or bfloat16
 model), leaves the model (mode, requires_grad, hooks) as found, and returns float32 maps.
 """
+import numbers
 from contextlib import contextmanager
 
 import torch
@@ -27,7 +28,8 @@ def _prepare(images, targets, model):
     checked against the images' number and the model's channels and outputs."""
     device = models.device_of(model)
     # in the model's dtype (a half or bfloat16 model takes its own); captum warns unless inputs require grad
-    x = to_float(images).detach().to(device, models.dtype_of(model)).clone().requires_grad_()
+    x = to_float(images).detach().to(device, models.dtype_of(model)).clone(memory_format=torch.contiguous_format)
+    x.requires_grad_()  # contiguous: a model that views its feature maps fails on channels_last images
     _check_batch(x, model)
     try:
         t = torch.as_tensor(targets, device=x.device)
@@ -92,6 +94,8 @@ def _name_of(model, layer):
 def integrated_gradients(model, images, targets, baseline=None, steps=32, internal_batch_size=64):
     """Integrated gradients from `baseline` (default black) to the images: signed, (B, C, H, W)."""
     x, t = _prepare(images, targets, model)
+    if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):
+        baseline = float(baseline)  # 0 is black, as 0.0 is
     b = torch.zeros_like(x) if baseline is None else to_float(torch.as_tensor(baseline), "baseline").to(x.device, x.dtype)
     try:
         b = (b.view(-1, 1, 1) if b.dim() == 1 else b).expand_as(x).contiguous()  # 1-D: one value per channel
@@ -111,4 +115,4 @@ def to_heatmap(attr, signed=False):
         raise ValueError(f"attr must be attributions (B, C, H, W), as integrated_gradients returns; got shape "
                          f"{tuple(attr.shape)} (one image's: pass attr[None]; saliency and grad_cam already give "
                          f"one map per image)")
-    return attr.sum(1) if signed else attr.abs().sum(1)
+    return (attr.sum(1) if signed else attr.abs().sum(1)).float()

@@ -107,7 +107,8 @@ def fourier_scale(size, decay=1.0, spectrum=None):
         if tuple(spectrum.shape) != (size, size // 2 + 1):
             raise ValueError(f"spectrum must be ({size}, {size // 2 + 1}) for {size}x{size} images, as spectrum(images) "
                              f"of such images returns; got {tuple(spectrum.shape)}")
-        scale = spectrum.float().cpu().clamp_min(spectrum.max() * 1e-3)
+        scale = spectrum.float().cpu()  # made on the CPU, whatever the spectrum's device; the module moves it
+        scale = scale.clamp_min(scale.max() * 1e-3)
     return scale / scale.pow(2).mean().sqrt()
 
 
@@ -115,7 +116,7 @@ def color_sqrt(color_cov, channels):
     """(C, C) colour transform: symmetric sqrt of the covariance, spectral norm 1 (identity if None)."""
     if color_cov is None or channels == 1:
         return torch.eye(channels)
-    color_cov = torch.as_tensor(color_cov)
+    color_cov = torch.as_tensor(color_cov).cpu()  # as fourier_scale: the module moves its buffers
     if color_cov.shape != (channels, channels) or not torch.isfinite(color_cov).all():
         raise ValueError(f"color_cov must be a finite ({channels}, {channels}) covariance, as color_covariance(images) "
                          f"returns; got shape {tuple(color_cov.shape)}"

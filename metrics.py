@@ -30,7 +30,7 @@ def confusion_matrix(y_true, y_pred, num_classes):
         if len(y) and not (0 <= y.min() and y.max() < num_classes):
             raise ValueError(f"{name} must be class indices in 0..{num_classes - 1} (num_classes={num_classes}); "
                              f"got values from {y.min().item()} to {y.max().item()}")
-    idx = y_true * num_classes + y_pred
+    idx = y_true.long() * num_classes + y_pred.long()  # uint8 labels would wrap around
     return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
@@ -62,10 +62,14 @@ def features(model, images, batch_size=500):
     (N, D) (our CNN's: what its head reads), else what the last nn.Linear to run in the forward pass reads
     (a torchvision ResNet's pooled features; for VGG or MobileNet, their classifier's last hidden layer)."""
     data.check_images(images)
-    device = models.device_of(model)
     with fv.frozen(model) as layout:
-        out = [_penultimate(model, layout(data.to_float(x.to(device)))) for x in images.split(batch_size)]
+        out = [_penultimate(model, layout(_as_input(model, x))) for x in images.split(batch_size)]
     return torch.cat(out).float().cpu()
+
+
+def _as_input(model, images):
+    """Images as the model takes them: float in [0, 1] on its device, in its dtype (a bfloat16 model its own)."""
+    return data.to_float(data.check_images(images).to(models.device_of(model))).to(models.dtype_of(model))
 
 
 def _penultimate(model, x):
@@ -123,9 +127,8 @@ def transferability(other_model, images, labels):
     labels = torch.as_tensor(labels).cpu()
     if labels.shape != (len(images),):
         raise ValueError(f"labels must be ({len(images)},), one class per image; got shape {tuple(labels.shape)}")
-    device = models.device_of(other_model)
     with fv.frozen(other_model) as layout:
-        logits = other_model(layout(data.to_float(images).to(device)))
+        logits = other_model(layout(_as_input(other_model, images)))
     return (logits.argmax(1).cpu() == labels).float().mean().item()
 
 

@@ -559,7 +559,7 @@ def capture(model, images, layers):
     """Outputs of the named layers for a batch of images (uint8 or float in [0, 1]), as {name: tensor},
     each a layer's output as `Recorder` defines it; the model is left as found (see `evaluating`)."""
     with evaluating(model), Recorder(model, layers).hooked() as run:
-        out = run(to_float(images))
+        out = run(to_float(images).contiguous())  # a model that views its feature maps fails on channels_last
     return {name: out[name] for name in layers}
 
 

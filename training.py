@@ -330,7 +330,8 @@ def predict(model, images, tta_level=0, batch_size=1000):
     out = []
     with evaluating(model):
         for x in images.split(batch_size):
-            x = to_float(x.to(device)).to(dtype_of(model))  # a half or bfloat16 model takes its own dtype
+            x = to_float(x.to(device)).to(dtype_of(model)).contiguous()  # its own dtype (half, bfloat16); contiguous:
+            # a model that views its feature maps fails on channels_last images
             logits = flip_avg(x)
             if tta_level >= 2:
                 h, w = x.shape[2:]
@@ -344,7 +345,7 @@ def predict(model, images, tta_level=0, batch_size=1000):
 def evaluate(model, images, labels, tta_level=0):
     """Cross-entropy loss and accuracy on a labelled set."""
     logits = predict(model, images, tta_level)
-    labels = labels.to(logits.device)
+    labels = labels.to(logits.device).long()  # cross_entropy refuses int32 labels
     return dict(loss=F.cross_entropy(logits, labels).item(),
                 acc=(logits.argmax(1) == labels).float().mean().item())
 

@@ -17,6 +17,7 @@ import attribution
 import featureviz as fv
 import metrics
 import models
+import training
 
 HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
 
@@ -331,3 +332,26 @@ def test_cuda_graph_matches_eager(monkeypatch, technique):
         out[graphs] = how(model, [0, 1, fv.Channel("block2.act2", 3)], steps=64, progress=False)
     assert (out[True].images - out[False].images).abs().max() < 2e-3
     assert torch.allclose(out[True].history, out[False].history, rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------- dtypes and memory formats
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("build", [lambda: cnn(32), resnet18], ids=["our CNN", "resnet18"])
+def test_metrics_run_a_model_in_its_own_dtype(build, dtype):
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ref, net = build(), build().to(dtype)
+    f = metrics.features(net, x)  # float32 images used to reach a bfloat16 model (or a float64 resnet) as they were
+    assert f.dtype == torch.float32 and F.cosine_similarity(f.flatten(), metrics.features(ref, x).flatten(), 0) > 0.99
+    predicted = training.predict(ref, x).argmax(1)
+    assert metrics.transferability(net, x, predicted) > 0.6  # agrees with the float32 model (1.0 but for rounding)
+
+
+def test_channels_last_images_reach_a_model_that_views_its_feature_maps():
+    net = ViewNet().eval()
+    x = torch.rand(2, 32, 32, 3).permute(0, 3, 1, 2)  # NHWC arrays as (N, C, H, W): channels_last strides
+    plain = x.contiguous()
+    torch.testing.assert_close(training.predict(net, x), training.predict(net, plain))
+    torch.testing.assert_close(attribution.saliency(net, x, 1), attribution.saliency(net, plain, 1))
+    torch.testing.assert_close(models.capture(net, x, ["conv2"])["conv2"], models.capture(net, plain, ["conv2"])["conv2"])
+    assert training.evaluate(net, x, torch.tensor([1, 2], dtype=torch.int32))["acc"] >= 0  # int32 labels too

@@ -121,6 +121,8 @@ def test_integrated_gradients_baseline_is_read_as_images():
     torch.testing.assert_close(as_uint8, grey, atol=2e-3, rtol=0.02)  # 128/255, not 128
     with pytest.raises(ValueError, match=r"baseline must be .*got floats in \[200, 200\]"):
         attribution.integrated_gradients(model, x, 1, baseline=torch.full((3, 32, 32), 200.0))
+    black = attribution.integrated_gradients(model, x, 1, steps=8)
+    torch.testing.assert_close(attribution.integrated_gradients(model, x, 1, baseline=0, steps=8), black)  # int 0 too
 
 
 def test_grad_cam_peaks_in_the_known_region():
@@ -175,6 +177,7 @@ def test_to_heatmap():
     attr = torch.tensor([[1.0, -2.0], [-3.0, 0.5]]).view(1, 2, 1, 2)  # (B, C, H, W)
     torch.testing.assert_close(attribution.to_heatmap(attr), torch.tensor([[[4.0, 2.5]]]))
     torch.testing.assert_close(attribution.to_heatmap(attr, signed=True), torch.tensor([[[-2.0, -1.5]]]))
+    assert attribution.to_heatmap(attr.bfloat16()).dtype == torch.float32  # float32 maps, as every function gives
 
 
 @pytest.mark.parametrize("channels", [3, 1])

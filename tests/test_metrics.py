@@ -44,6 +44,12 @@ class FeatureModel(nn.Module):
         return x[:, 0, 0, :3]
 
 
+def test_confusion_matrix_takes_uint8_labels_of_many_classes():
+    y_true, y_pred = torch.tensor([99, 50, 3], dtype=torch.uint8), torch.tensor([99, 50, 4])
+    cm = metrics.confusion_matrix(y_true, y_pred, 100)  # 99 * 100 wrapped around in uint8
+    assert cm[99, 99] == cm[50, 50] == cm[3, 4] == 1 and cm.sum() == 3
+
+
 def points(xy):
     x = torch.zeros(len(xy), 1, 32, 32)
     x[:, 0, 0, :2] = torch.tensor(xy, dtype=torch.float32) / 10  # images in [0, 1]
