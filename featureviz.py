@@ -318,9 +318,10 @@ class Recipe:
                                                or len(init) not in (1, n)):
             raise ValueError(f"init images must be {(n, channels, size, size)} (or {(1, channels, size, size)}: one "
                              f"for all) at the model's size; got {tuple(init.shape)}")
+        options = self.options
         if isinstance(init, torch.Tensor):  # one image serves every target
-            return self.cls(n, channels, size, generator=generator, **{**self.options, "init": init.expand(n, -1, -1, -1)})
-        return self.cls(n, channels, size, generator=generator, **self.options)
+            options = {**options, "init": init.expand(n, -1, -1, -1)}
+        return self.cls(n, channels, size, generator=generator, **options)
 
     def starting_from(self, images):
         """The same recipe, its images initialized to `images` (N, C, H, W) instead of random draws."""

@@ -69,7 +69,7 @@ def features(model, images, batch_size=500):
 
 def _as_input(model, images):
     """Images as the model takes them: float in [0, 1] on its device, in its dtype (a bfloat16 model its own)."""
-    return data.to_float(data.check_images(images).to(models.device_of(model))).to(models.dtype_of(model))
+    return data.to_float(images).to(models.device_of(model), models.dtype_of(model))
 
 
 def _penultimate(model, x):

@@ -330,8 +330,8 @@ def predict(model, images, tta_level=0, batch_size=1000):
     out = []
     with evaluating(model):
         for x in images.split(batch_size):
-            x = to_float(x.to(device)).to(dtype_of(model)).contiguous()  # its own dtype (half, bfloat16); contiguous:
-            # a model that views its feature maps fails on channels_last images
+            # in the model's dtype (half, bfloat16); contiguous: a model that views its maps fails on channels_last
+            x = to_float(x.to(device)).to(dtype_of(model)).contiguous()
             logits = flip_avg(x)
             if tta_level >= 2:
                 h, w = x.shape[2:]
