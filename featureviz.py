@@ -314,14 +314,13 @@ class Recipe:
 
     def __call__(self, n, channels, size, generator=None):
         init = self.options.get("init")
-        if isinstance(init, torch.Tensor) and (init.dim() != 4 or tuple(init.shape[1:]) != (channels, size, size)
-                                               or len(init) not in (1, n)):
+        if not isinstance(init, torch.Tensor):  # no init (or one of another type, which the class names)
+            return self.cls(n, channels, size, generator=generator, **self.options)
+        if init.dim() != 4 or tuple(init.shape[1:]) != (channels, size, size) or len(init) not in (1, n):
             raise ValueError(f"init images must be {(n, channels, size, size)} (or {(1, channels, size, size)}: one "
                              f"for all) at the model's size; got {tuple(init.shape)}")
-        options = self.options
-        if isinstance(init, torch.Tensor):  # one image serves every target
-            options = {**options, "init": init.expand(n, -1, -1, -1)}
-        return self.cls(n, channels, size, generator=generator, **options)
+        init = init.expand(n, -1, -1, -1)  # one image serves every target
+        return self.cls(n, channels, size, generator=generator, **{**self.options, "init": init})
 
     def starting_from(self, images):
         """The same recipe, its images initialized to `images` (N, C, H, W) instead of random draws."""
