@@ -114,7 +114,8 @@ def in_step(steps=64, rounds=3, top=12):
           f"leaving out the ops over 100 us per step there ({', '.join(heavy)}): from run to run they move "
           f"by more than these rows\n")
     print("| op | " + " | ".join(added) + " |\n" + "|---" * (len(added) + 1) + "|")
-    print("| all the other ops | " + " | ".join(f"{sum(extra[n].values()):+.0f}" for n in added) + " |")
+    sums = " | ".join(f"{sum(extra[n].values()):+.0f}" for n in added)
+    print(f"| sum over all these ops: the rows below and the rest | {sums} |")
     for op in worst:
         print(f"| {op} | " + " | ".join(f"{extra[n][op]:+.0f}" for n in added) + " |")
 
