@@ -35,7 +35,8 @@ def confusion_matrix(y_true, y_pred, num_classes):
 
 
 def per_class_report(cm, classes):
-    """Per-class precision, recall and support from a confusion matrix."""
+    """Per-class precision, recall and support from a confusion matrix. A class never predicted has
+    precision 0, and one without true examples (support 0) recall 0 (sklearn's zero_division=0)."""
     cm = cm.double()
     tp = cm.diag()
     precision = tp / cm.sum(0).clamp_min(1)
@@ -103,8 +104,10 @@ def block_activations(model, images, reduce, layers=None, batch_size=500):
 
 
 def spatial_statistics(a):
-    """(B, 2C) per channel, the mean and the standard deviation of an activation (B, C, H, W) over the image."""
-    return torch.cat([a.mean((2, 3)), a.std((2, 3))], 1)
+    """(B, 2C) per channel, the mean and the standard deviation of an activation (B, C, H, W) over the image
+    (unbiased; 0 over a 1 x 1 map, as in a ResNet's last block at 32 px, where one value has no spread)."""
+    mean = a.mean((2, 3))
+    return torch.cat([mean, a.std((2, 3)) if a[0, 0].numel() > 1 else torch.zeros_like(mean)], 1)
 
 
 def pooled(a):
@@ -431,13 +434,18 @@ RANKED_BY = ("naturalness", "path_flagged")  # lower is better for both
 def rank_techniques(rows, names):
     """The rows of the named techniques, best first: by the sum of their ranks on naturalness and on
     the path check (lower is better on both), among the techniques whose class evidence holds
-    (normalized activation >= 1 and transfer >= 0.9); ties go to the more natural."""
+    (normalized activation >= 1 and transfer >= 0.9); equal values share their average rank, and equal
+    sums go to the more natural (then by name), so the order of the rows does not matter."""
     candidates = [r for r in rows if r["technique"] in names and r["act"] >= 1.0 and r["transfer"] >= 0.9]
-    ranks = {r["technique"]: 0 for r in candidates}
-    for key in RANKED_BY:
-        for i, r in enumerate(sorted(candidates, key=lambda r: r[key])):
-            ranks[r["technique"]] += i
-    return sorted(candidates, key=lambda r: (ranks[r["technique"]], r["naturalness"]))
+    ranks = {r["technique"]: sum(_average_rank(r[key], [c[key] for c in candidates]) for key in RANKED_BY)
+             for r in candidates}
+    return sorted(candidates, key=lambda r: (ranks[r["technique"]], r["naturalness"], r["technique"]))
+
+
+def _average_rank(value, values):
+    """The 0-based rank of value among values, lowest first; equal values share their average rank."""
+    below, equal = sum(v < value for v in values), sum(v == value for v in values)
+    return below + (equal - 1) / 2
 
 
 def _renderer(how, model, steps, size):

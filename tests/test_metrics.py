@@ -2,6 +2,9 @@
 on the CIFAR-10 copy, with two small classifiers trained here, real images score best and the known-bad
 inputs (pixel ascent, shuffled pixels, uniform noise, real images of another class) worse, by more than
 the seed-to-seed spread."""
+import itertools
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -124,6 +127,17 @@ def test_block_layers_and_channel_sample():
     assert [s.shape[1] for s in stats] == [2 * models.layer_channels(model, l) for l in models.block_layers(model)]
 
 
+def test_naturalness_is_finite_for_a_model_whose_last_block_is_one_pixel():
+    import torchvision
+    resnet = torchvision.models.resnet18(weights=None, num_classes=10).eval()  # layer4 is 1 x 1 at 32 px
+    a = torch.rand(4, 8, 1, 1)
+    assert torch.equal(metrics.spatial_statistics(a), torch.cat([a.flatten(1), torch.zeros(4, 8)], 1))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 3, 32, 32, generator=gen), torch.arange(20) % 10
+    score = metrics.naturalness(resnet, x[:10], y[:10], x, y, torch.rand(10, 3, 32, 32, generator=gen), y[:10])
+    assert math.isfinite(score)
+
+
 def test_shuffled_pixels_keep_each_images_colours_and_move_its_pixels():
     x = torch.rand(2, 3, 8, 8)
     s = metrics._shuffled(x, seed=0)
@@ -236,6 +250,16 @@ def test_rank_techniques_orders_by_both_naturalness_metrics_among_those_with_cla
             row("foreign", 1.0, 0.2, transfer=0.4)]        # another model disagrees
     ranked = [r["technique"] for r in metrics.rank_techniques(rows, ["a", "b", "c", "weak", "foreign"])]
     assert ranked == ["b", "a", "c"]  # rank sums 1, 2, 3
+
+
+def test_rank_techniques_gives_equal_values_one_rank_whatever_the_order_of_the_rows():
+    row = lambda name, nat, path: dict(technique=name, naturalness=nat, path_flagged=path, act=2.0, transfer=1.0)
+    rows = [row("a", 1.0, 0.5), row("b", 2.0, 0.5), row("c", 3.0, 0.4)]  # a and b tie on the path check
+    for order in itertools.permutations(rows):
+        # rank sums a 0 + 1.5, b 1 + 1.5, c 2 + 0: c before b in any order of the rows
+        assert [r["technique"] for r in metrics.rank_techniques(list(order), "abc")] == ["a", "c", "b"]
+    tied = [row("d", 1.0, 0.6), row("e", 1.0, 0.5)]  # as natural as d, and better on the path check
+    assert [r["technique"] for r in metrics.rank_techniques(tied, "de")] == ["e", "d"]
 
 
 def test_features_of_torchvision_classifiers_are_what_their_head_reads():
