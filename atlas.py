@@ -75,6 +75,8 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out must be a folder for the atlas; {out} is a file")
+    for how in hows.values():  # one step of one channel: what fails for this model fails before any file changes
+        how(model, [fv.Channel(layers[0], 0)], steps=1, size=d.size, progress=False)
     # the training images' statistics too: the Fourier techniques render with them
     key = fingerprint(VERSION, model, vae, techniques, steps, layers, d.name, d.classes, d.test_x, d.test_y,
                       cov, magnitude)
@@ -110,14 +112,18 @@ def _bytes(t):
 
 
 def _resume(out, key):
-    """The finished units recorded under this key; a folder built under another key is emptied first.
-    A folder that is not an atlas is never touched."""
+    """The finished units recorded under this key; a folder built under another key is emptied first,
+    its manifest last, so that a build interrupted while emptying it still finds an atlas there. A folder
+    that is not an atlas is never touched."""
     manifest = out / MANIFEST
     if manifest.exists():
         saved = json.loads(manifest.read_text())
         if saved.get("key") == key:
             return saved["done"]
-        shutil.rmtree(out)
+        for path in out.iterdir():
+            if path != manifest:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        manifest.unlink()
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"out={str(out)!r} is a folder with other files in it (no {MANIFEST}): choose an empty "
                          f"or new folder for the atlas")

@@ -138,6 +138,38 @@ def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_pat
     assert calls == layers * 2 and not stale.exists()  # started afresh
 
 
+def test_a_rebuild_that_fails_for_its_model_leaves_the_finished_atlas_as_it_was(tiny, tmp_path):
+    model, d, vae = tiny
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS, progress=False)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    gray_vae = models.build_model(models.vae_config("small", in_channels=1)).eval()  # draws 1-channel images
+    with pytest.raises(ValueError, match="channel"):
+        atlas.build_atlas(model, d, gray_vae, ("pixel", "whitened"), tmp_path, ["block3.act2"], STEPS,
+                          progress=False)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_stale_atlas_is_emptied_manifest_last_so_an_interrupted_wipe_resumes(tiny, tmp_path, monkeypatch):
+    model, d, vae = tiny
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS, progress=False)
+    removed, real_unlink = [], os.unlink
+
+    def unlink(path, *a, **k):
+        removed.append(os.path.basename(path))
+        if len(removed) == 3:
+            raise KeyboardInterrupt
+        real_unlink(path, *a, **k)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(KeyboardInterrupt):  # other settings: the folder is emptied, and interrupted
+        atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS + 1, progress=False)
+    assert (tmp_path / atlas.MANIFEST).exists()
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS + 1, progress=False)
+    wiped = [name for name in removed if not name.startswith(".")]  # not the temporary files of new pages
+    assert wiped[-1] == atlas.MANIFEST and wiped.count(atlas.MANIFEST) == 1  # emptied last
+    assert (tmp_path / "index.html").exists()
+
+
 def test_a_build_interrupted_in_its_first_layer_resumes_and_credits_no_channels_without_a_page(tiny, tmp_path,
                                                                                                  monkeypatch):
     model, d, vae = tiny
