@@ -48,11 +48,6 @@ MANIFEST = "atlas.json"
 
 # ----------------------------------------------------------------------------- the build
 
-def _names(value):
-    """A list of names from one name or several."""
-    return [value] if isinstance(value, str) else list(value)
-
-
 def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, layers=None, steps=256,
                 progress=True):
     """Build (or resume) the atlas of `model` on the data `d` into the folder `out`; returns index.html's path.
@@ -63,8 +58,8 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    techniques = _names(techniques)
-    layers = _names(models.block_layers(model, d.size) if layers is None else layers)
+    techniques = models.as_names(techniques)
+    layers = models.as_names(models.block_layers(model, d.size) if layers is None else layers)
     if not layers or not techniques:
         raise ValueError(f"layers and techniques must not be empty, got layers={layers!r}, techniques={techniques!r}")
     for name in layers:

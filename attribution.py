@@ -26,11 +26,11 @@ _INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)  # 
 def _prepare(images, targets, model):
     """A detached float copy of the images (B, C, H, W) on the model's device, and the targets (B,),
     checked against the images' number and the model's channels and outputs."""
+    models.check_input(model, images)
     device = models.device_of(model)
     # in the model's dtype (a half or bfloat16 model takes its own); captum warns unless inputs require grad
     x = to_float(images).detach().to(device, models.dtype_of(model)).clone(memory_format=torch.contiguous_format)
     x.requires_grad_()  # contiguous: a model that views its feature maps fails on channels_last images
-    _check_batch(x, model)
     try:
         t = torch.as_tensor(targets, device=x.device)
     except (TypeError, ValueError, RuntimeError):  # None, a class name, ...
@@ -43,17 +43,6 @@ def _prepare(images, targets, model):
         raise ValueError(f"targets must be class indices in 0..{k - 1}; got {t.flatten().tolist()}")
     t = t.long()
     return x, t.expand(len(x)).contiguous() if t.dim() == 0 else t
-
-
-def _check_batch(x, model):
-    """Images must be a non-empty batch (B, C, H, W) of the model's channels: the model's input
-    normalization would broadcast one image (C, H, W), or gray images to RGB, into wrong answers."""
-    if x.dim() != 4 or not len(x):
-        hint = ": for one image (C, H, W) pass images[None]" if x.dim() == 3 else ""
-        raise ValueError(f"images must be a batch (B, C, H, W) of at least one image; got shape {tuple(x.shape)}{hint}")
-    channels = (getattr(model, "config", None) or {}).get("in_channels")  # where the model says (its first
-    if channels is not None and x.shape[1] != channels:                    # Conv2d need not be its stem)
-        raise ValueError(f"images have {x.shape[1]} channel(s), the model takes {channels}: got shape {tuple(x.shape)}")
 
 
 def saliency(model, images, targets):

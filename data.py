@@ -94,6 +94,33 @@ def check_images(images, name="images"):
     return images
 
 
+def check_batch(images, channels=None, name="images"):
+    """check_images, and a batch (B, C, H, W) of at least one image, with `channels` channels where given:
+    one image (C, H, W), or gray images for an RGB model, would broadcast into wrong answers."""
+    check_images(images, name)
+    if images.dim() != 4 or not len(images):
+        hint = f": for one image (C, H, W) pass {name}[None]" if images.dim() == 3 else ""
+        raise ValueError(f"{name} must be a batch (B, C, H, W) of at least one image; got shape "
+                         f"{tuple(images.shape)}{hint}")
+    if channels is not None and images.shape[1] != channels:
+        raise ValueError(f"{name} have {images.shape[1]} channel(s), the model takes {channels}: got shape "
+                         f"{tuple(images.shape)}")
+    return images
+
+
+def check_labels(labels, n, num_classes=None, name="labels"):
+    """labels as (n,) int64 class indices on the CPU, in 0..num_classes-1 where num_classes is given; a clear
+    error otherwise (a float label would be truncated, an out-of-range one wrap or fail deep in torch)."""
+    y = torch.as_tensor(labels).cpu()
+    if y.shape != (n,) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{name} must be ({n},) integer class indices, one per image; got {y.dtype} of shape "
+                         f"{tuple(y.shape)}")
+    if num_classes is not None and n and not (0 <= y.min() and y.max() < num_classes):
+        raise ValueError(f"{name} must be class indices in 0..{num_classes - 1} (num_classes={num_classes}); "
+                         f"got values from {y.min().item()} to {y.max().item()}")
+    return y.long()
+
+
 def to_float(images, name="images"):
     """The one converter at every public entry point that takes images: check_images, then float in [0, 1]."""
     images = check_images(images, name)

@@ -35,14 +35,14 @@ import models
 
 def color_covariance(images):
     """(C, C) covariance of the pixel colours of a set of images (uint8 or float)."""
-    x = data.to_float(images).transpose(0, 1).flatten(1).double()  # (C, N*H*W)
+    x = data.to_float(data.check_batch(images)).transpose(0, 1).flatten(1).double()  # (C, N*H*W)
     x = x - x.mean(1, keepdim=True)
     return (x @ x.T / (x.size(1) - 1)).float()
 
 
 def spectrum(images):
     """(H, W//2+1) mean magnitude of the rfft2 of the (mean-removed) images: the data's own 1/f."""
-    x = data.to_float(images)
+    x = data.to_float(data.check_batch(images))
     x = x - x.mean((0, 2, 3), keepdim=True)
     return torch.fft.rfft2(x, norm="ortho").abs().mean((0, 1))
 
@@ -51,7 +51,7 @@ def magnitude_spectrum(images, color_cov=None):
     """(C, H, W//2+1) mean magnitude of the rfft2 of the images in the decorrelated colour space that
     FourierParam and MaCoParam use (color_sqrt(color_cov)), mean removed: the data's own spectrum per
     channel, which MaCo keeps fixed."""
-    x = data.to_float(images) - 0.5
+    x = data.to_float(data.check_batch(images)) - 0.5
     x = _decorrelate(color_sqrt(color_cov, x.size(1)), x)
     x = x - x.mean((2, 3), keepdim=True)
     return torch.fft.rfft2(x, norm="ortho").abs().mean(0)
@@ -1146,7 +1146,7 @@ def _capture(step, opt, project, gen):
 def activations(model, images, targets, batch_size=500):
     """(N_images, T) each target's activation on real images (uint8 or float in [0, 1])."""
     targets = as_targets(targets)
-    data.check_images(images)
+    models.check_input(model, images)
     device = models.device_of(model)
     with frozen(model) as layout:
         objective = Objective(model, targets, input_shape=tuple(images.shape[1:]))

@@ -6,6 +6,7 @@ known-bad inputs (unregularized pixel ascent, shuffled pixels, uniform noise, re
 class) score worse by more than the seed-to-seed spread.
 """
 import math
+import numbers
 import time
 from collections import Counter
 
@@ -26,11 +27,11 @@ def confusion_matrix(y_true, y_pred, num_classes):
     if y_true.dim() != 1 or y_pred.shape != y_true.shape:
         raise ValueError(f"y_true and y_pred must be (N,) class indices of the same images; got shapes "
                          f"{tuple(y_true.shape)} and {tuple(y_pred.shape)}")
-    for name, y in (("y_true", y_true), ("y_pred", y_pred)):
-        if len(y) and not (0 <= y.min() and y.max() < num_classes):
-            raise ValueError(f"{name} must be class indices in 0..{num_classes - 1} (num_classes={num_classes}); "
-                             f"got values from {y.min().item()} to {y.max().item()}")
-    idx = y_true.long() * num_classes + y_pred.long()  # uint8 labels would wrap around
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    y_true, y_pred = (data.check_labels(y, len(y), num_classes, name) for name, y in (("y_true", y_true),
+                                                                                       ("y_pred", y_pred)))
+    idx = y_true * num_classes + y_pred  # int64: uint8 labels would wrap around
     return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
@@ -62,7 +63,7 @@ def features(model, images, batch_size=500):
     """(N, D) penultimate features of images, model left as found: the model's features(x) where it returns
     (N, D) (our CNN's: what its head reads), else what the last nn.Linear to run in the forward pass reads
     (a torchvision ResNet's pooled features; for VGG or MobileNet, their classifier's last hidden layer)."""
-    data.check_images(images)
+    models.check_input(model, images)
     with fv.frozen(model) as layout:
         out = [_penultimate(model, layout(_as_input(model, x))) for x in images.split(batch_size)]
     return torch.cat(out).float().cpu()
@@ -94,10 +95,10 @@ def _penultimate(model, x):
 
 @torch.no_grad()
 def block_activations(model, images, reduce, layers=None, batch_size=500):
-    """[(N, ...)] per layer (default: each block's, models.block_layers), reduce(activation (B, C, H, W))
-    of the images."""
-    data.check_images(images)
-    layers = models.block_layers(model, images.shape[-1]) if layers is None else layers
+    """[(N, ...)] per layer (one name or several; default: each block's, models.block_layers),
+    reduce(activation (B, C, H, W)) of the images."""
+    models.check_input(model, images)
+    layers = models.block_layers(model, images.shape[-1]) if layers is None else models.as_names(layers)
     device = models.device_of(model)
     out = [models.capture(model, data.to_float(x.to(device)), layers) for x in images.split(batch_size)]
     return [torch.cat([reduce(o[name]).float().cpu() for o in out]) for name in layers]
@@ -127,6 +128,7 @@ def normalized_activation(vis_act, real_acts):
 @torch.no_grad()
 def transferability(other_model, images, labels):
     """Top-1 accuracy of an independently trained classifier on the class visualizations."""
+    models.check_input(other_model, images)
     labels = torch.as_tensor(labels).cpu()
     if labels.shape != (len(images),):
         raise ValueError(f"labels must be ({len(images)},), one class per image; got shape {tuple(labels.shape)}")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import to_float
+from data import check_batch, to_float
 
 # ----------------------------------------------------------------------------- classifier
 
@@ -460,6 +460,12 @@ def input_channels(model):
     return conv.in_channels
 
 
+def check_input(model, images, name="images"):
+    """The images, checked as a batch the model takes (data.check_batch): of the channels its config records
+    (any for a model without a config, whose first nn.Conv2d need not be its stem)."""
+    return check_batch(images, (getattr(model, "config", None) or {}).get("in_channels"), name)
+
+
 def input_size(model, size=None):
     """Side in pixels of the square images the model takes: `size` if given, else what the model records
     (`model.image_size` or `model.config['image_size']`); an error asking for size= otherwise."""
@@ -555,9 +561,16 @@ class Recorder:
 
 
 @torch.no_grad()
+def as_names(value):
+    """A list of names from one name or several."""
+    return [value] if isinstance(value, str) else list(value)
+
+
 def capture(model, images, layers):
-    """Outputs of the named layers for a batch of images (uint8 or float in [0, 1]), as {name: tensor},
-    each a layer's output as `Recorder` defines it; the model is left as found (see `evaluating`)."""
+    """Outputs of the named layers (one name or several) for a batch of images (uint8 or float in [0, 1]), as
+    {name: tensor}, each a layer's output as `Recorder` defines it; the model is left as found (`evaluating`)."""
+    check_input(model, images)
+    layers = as_names(layers)
     with evaluating(model), Recorder(model, layers).hooked() as run:
         out = run(to_float(images).contiguous())  # a model that views its feature maps fails on channels_last
     return {name: out[name] for name in layers}

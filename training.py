@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import Loader, atomic_write, check_images, to_float
-from models import BatchNorm, build_model, cnn_config, device_of, dtype_of, evaluating, vae_config
+from data import Loader, atomic_write, check_labels, to_float
+from models import BatchNorm, build_model, check_input, cnn_config, device_of, dtype_of, evaluating, vae_config
 
 CNN_HYP = dict(
     epochs=10,               # airbench94 trains 9.9 epochs
@@ -320,8 +320,11 @@ def make_optimizer(model, hyp):
 
 @torch.no_grad()
 def predict(model, images, tta_level=0, batch_size=1000):
-    """Logits for images (uint8 or float in [0, 1]), with optional flip/translate TTA."""
-    check_images(images)
+    """Logits for images (uint8 or float in [0, 1]), with optional TTA: tta_level 0 none, 1 the mirror
+    image too, 2 also two 1-px shifts (airbench94's)."""
+    check_input(model, images)
+    if isinstance(tta_level, bool) or tta_level not in (0, 1, 2):
+        raise ValueError(f"tta_level must be 0 (none), 1 (mirror) or 2 (mirror and shifts), got {tta_level!r}")
     device = device_of(model)
 
     def flip_avg(x):
@@ -344,8 +347,9 @@ def predict(model, images, tta_level=0, batch_size=1000):
 
 def evaluate(model, images, labels, tta_level=0):
     """Cross-entropy loss and accuracy on a labelled set."""
+    check_labels(labels, len(check_input(model, images)))  # before the pass over the images
     logits = predict(model, images, tta_level)
-    labels = labels.to(logits.device).long()  # cross_entropy refuses int32 labels
+    labels = check_labels(labels, len(images), logits.shape[1]).to(logits.device)  # int64: as cross_entropy takes
     return dict(loss=F.cross_entropy(logits, labels).item(),
                 acc=(logits.argmax(1) == labels).float().mean().item())
 
@@ -495,7 +499,7 @@ def train_classifier(data, ckpt_path, preset="airbench", hyp=None, retrain=False
 @torch.no_grad()
 def evaluate_vae(vae, images, batch_size=500, seed=0):
     """Mean negative ELBO (bits/dim), reconstruction NLL and KL (nats per image) on a set."""
-    check_images(images)
+    check_input(vae, images)
     device = device_of(vae)
     gen = torch.Generator(device=device).manual_seed(seed)
     sums = dict(bpd=0.0, nll=0.0, kl=0.0)
@@ -511,7 +515,7 @@ def evaluate_vae(vae, images, batch_size=500, seed=0):
 def latent_statistics(vae, images, batch_size=500):
     """Mean, covariance and 0.5/99.5 percentiles of the encoder means over a set of images."""
     device = vae.latent_mean.device
-    check_images(images)
+    check_input(vae, images)
     mu = torch.cat([vae.encode(to_float(x.to(device)))[0] for x in images.split(batch_size)])
     mu = mu.double()
     mean = mu.mean(0)

@@ -162,6 +162,8 @@ NOT_IMAGES = {
     "metrics.quality_table": "takes a Data, whose images are uint8 by construction",
     "data.to_float": "the converter itself",
     "data.check_images": "the check itself",
+    "data.check_batch": "the check itself",
+    "models.check_input": "the check itself",
     "data.shift": "a differentiable gather on any dtype, used inside the loader and the transforms",
     **{f"models.{n}": "takes pixels scaled to [-1, 1] inside the VAE's loss"
        for n in ("discretized_logistic_nll", "mixture_logistic_nll", "coupled_means")},
@@ -210,6 +212,45 @@ def _assert_same(a, b):
     elif isinstance(a, fv.Exemplars):
         _assert_same(vars(a), vars(b))
     plt.close("all")
+
+
+# the entry points that take images as a batch for a model, or for its statistics: one image (C, H, W) or gray
+# images for an RGB model would broadcast in the model's input normalization into wrong answers
+PLOTS = ("utils.", "featureviz.parameterization", "featureviz.FourierParam", "metrics.template_recovery")
+BATCHES = [name for name in ENTRY_POINTS if not name.startswith(PLOTS)]
+
+
+@pytest.mark.parametrize("name", BATCHES)
+def test_every_entry_point_that_takes_a_batch_refuses_one_image_and_gray_images(name, nets):
+    with pytest.raises(ValueError, match=r"must be a batch \(B, C, H, W\).*pass images\[None\]"):
+        ENTRY_POINTS[name](_good()[0], *nets)
+    if name.startswith("featureviz.") and "spectrum" in name or name.endswith("color_covariance"):
+        return  # statistics of any number of channels
+    with pytest.raises(ValueError, match=r"have 1 channel\(s\), the model takes 3"):
+        ENTRY_POINTS[name](_good()[:, :1], *nets)
+
+
+def test_labels_are_class_indices_one_per_image(nets):
+    cnn, _ = nets
+    for labels, match in [(Y[:5], r"\(8,\) integer class indices"), (Y.float(), "integer class indices"),
+                          (Y + 5, r"class indices in 0\.\.9 .*from 5 to 12")]:
+        with pytest.raises(ValueError, match=match):
+            training.evaluate(cnn, _good(), labels)
+    with pytest.raises(ValueError, match="integer class indices"):  # 1.7 would be filed as class 1
+        metrics.confusion_matrix(torch.tensor([0.0, 1.7]), torch.tensor([0, 1]), 3)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+        metrics.confusion_matrix(Y, Y, 10.0)
+    for level in (3, -1, "flip", True):
+        with pytest.raises(ValueError, match=r"tta_level must be 0 \(none\), 1 \(mirror\) or 2"):
+            training.predict(cnn, _good(), tta_level=level)
+
+
+def test_one_layer_name_is_a_list_of_one(nets):
+    cnn, _ = nets
+    one, listed = models.capture(cnn, _good(), "block1.act2"), models.capture(cnn, _good(), ["block1.act2"])
+    assert list(one) == ["block1.act2"] and torch.equal(one["block1.act2"], listed["block1.act2"])
+    stats = metrics.block_activations(cnn, _good(), metrics.pooled, layers="block1.act2")
+    assert len(stats) == 1 and torch.equal(stats[0], metrics.pooled(listed["block1.act2"]))
 
 
 def test_every_public_function_that_takes_images_is_checked():

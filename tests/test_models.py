@@ -119,6 +119,13 @@ def test_recorder_keeps_nothing_past_a_pass():
             assert all(ref() is None for ref in held)
 
 
+class Pair(torch.nn.Module):
+    """A layer whose output is not a tensor."""
+
+    def forward(self, x):
+        return x, x
+
+
 def test_capture_returns_layer_outputs_and_leaves_no_hooks():
     model = models.build_model(models.cnn_config("small")).train()
     x = torch.rand(2, 3, 32, 32)
@@ -138,7 +145,7 @@ def test_capture_returns_layer_outputs_and_leaves_no_hooks():
     with pytest.raises(ValueError, match="layer 'spare' does not run in CNN's forward pass"):
         models.capture(model, x, ["spare"])
     with pytest.raises(TypeError, match="layer '0' outputs a tuple, not a tensor"):
-        models.capture(torch.nn.Sequential(torch.nn.LSTM(4, 4)), torch.rand(2, 3, 4), ["0"])
+        models.capture(torch.nn.Sequential(Pair()), torch.rand(2, 3, 4, 4), ["0"])
     assert all(not m._forward_hooks for m in model.modules())
 
 
