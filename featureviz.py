@@ -75,6 +75,13 @@ def _sqrt_psd(cov):
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
 
+def _check_real(name, value, low, inclusive=True):
+    """A clear error unless value is a finite number >= low (> low where not inclusive)."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not (ok and (value >= low if inclusive else value > low)):
+        raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}")
+
+
 def _logit(x, eps=1e-3):
     return torch.logit(x.clamp(eps, 1 - eps))
 
@@ -348,7 +355,22 @@ def parameterization(kind, pool=0, **options):
         raise ValueError("parameterization 'maco' needs the data's magnitude spectrum: parameterization('maco', "
                          "magnitude=magnitude_spectrum(train_images, color_cov), color_cov=color_cov)")
     _check_count("pool", pool, 0)
+    _check_options(options)
     return Recipe(PARAMS[kind], options, pool)
+
+
+def _check_options(options):
+    """The options that need no image size, checked when the recipe is made (a two-stage technique then
+    fails before its first stage, not after it): the VAE, the colour covariance and the numbers."""
+    if "vae" in options and not isinstance(options["vae"], models.VAE):
+        raise TypeError(f"vae must be a models.VAE (trained, as VAE.ipynb makes), got {type(options['vae']).__name__}")
+    cov = options.get("color_cov")
+    if cov is not None:
+        cov = torch.as_tensor(cov)
+        color_sqrt(cov, len(cov) if cov.dim() else 0)  # square and finite; its channels are checked by render()
+    for name, low, inclusive in (("decay", 0, True), ("sd", 0, True), ("contrast", 0, False)):
+        if name in options:
+            _check_real(name, options[name], low, inclusive)
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -358,6 +380,8 @@ def parameterization(kind, pool=0, **options):
 def jitter(fraction):
     """Shift each image by its own integer offset of up to fraction x its side (at least 1 px),
     reflecting at the border; same size."""
+    _check_real("jitter's fraction (of the side)", fraction, 0)
+
     def t(x, gen):
         px = max(1, round(fraction * x.shape[-1]))
         dy, dx = torch.randint(-px, px + 1, (2, len(x)), generator=gen, device=x.device)
@@ -374,6 +398,7 @@ class Shift:
     logit of 0.001)."""
 
     def __init__(self, fraction):
+        _check_real("Shift's fraction (of the side)", fraction, 0)
         self.fraction = fraction
 
     def phase(self, n, h, w, gen, device):
@@ -402,6 +427,13 @@ def _ramp_axes(h, w, fraction, device):
 def resample(shift=0.0, scale=(1.0, 1.0), degrees=0.0):
     """Per image, a random shift of up to `shift` x the side, a zoom in `scale` and a rotation in
     [-degrees, degrees], applied as ONE bilinear resampling that reflects at the border; same size."""
+    _check_real("shift (a fraction of the side)", shift, 0)
+    _check_real("degrees", degrees, 0)
+    if not (isinstance(scale, (tuple, list)) and len(scale) == 2 and all(
+            not isinstance(s, bool) and isinstance(s, numbers.Real) and 0 < s < math.inf for s in scale)
+            and scale[0] <= scale[1]):
+        raise ValueError(f"scale must be a range (low, high) of zoom factors, 0 < low <= high, such as (0.9, 1.1); "
+                         f"got {scale!r}")
     lo, hi = scale
     radians, span = math.radians(degrees), 2 * shift  # grid coordinates span 2 per side
     ranges = ((lo, hi - lo), (-radians, 2 * radians), (-span, 2 * span), (-span, 2 * span))  # (low, width)
@@ -576,6 +608,9 @@ class Direction:
         return f"a direction in {self.layer}"
 
     def check(self, shape):
+        if not isinstance(self.vector, torch.Tensor) or not torch.isfinite(self.vector).all():
+            raise ValueError(f"direction vector must be a finite tensor ({shape[0]},), one weight per channel of "
+                             f"layer {self.layer!r}; got {self.vector!r:.60}")
         if self.vector.shape != (shape[0],):
             raise ValueError(f"direction has shape {tuple(self.vector.shape)}; layer {self.layer!r} "
                              f"has {shape[0]} channels")
@@ -887,7 +922,9 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     """Maximize every target's activation, all images in one batch; returns a Render.
 
     param: 'pixel' or 'fourier'; a recipe with options, `parameterization(kind, ...)`, which 'maco',
-      'latent' and 'whitened' need (the data's spectrum, a VAE); or a built parameterization module.
+      'latent' and 'whitened' need (the data's spectrum, a VAE); or a built parameterization module, which
+      render() optimizes in place (a second render goes on from the first's images; seed then seeds only
+      the transforms).
     lr: Adam's learning rate, or a schedule f(fraction of steps done) -> lr such as cosine(0.3).
     transforms: t(x, gen) -> x applied to the images at each step (a Shift, as the default, goes inside the
       spectrum of a fourier or maco parameterization); None optimizes the raw images.
@@ -904,6 +941,9 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     groups = torch.arange(len(targets), device=device).repeat_interleave(per_target)  # (N,) target of each image
     rows = torch.arange(len(groups), device=device)
     terms = _resolve(regularizers, model, size)
+    if per_target == 1 and any(isinstance(t, Diversity) for t in terms):
+        raise ValueError("Diversity pushes apart the images of one target: it needs images_per_target >= 2 (or "
+                         "restarts >= 2), got one image per target")
     with frozen(model, _vae_of(param)) as layout, _deterministic_convolutions():
         objective = Objective(model, targets, [t.layer for t in terms if t.layer], (channels, size, size))
         with objective.hooked(layout) as run:
@@ -1069,7 +1109,7 @@ def _optimize(step, param, gen, lr, history, progress):
     On a GPU the steps after a short eager warm-up replay one captured CUDA graph: a step there is
     otherwise bound by the launch of its many small kernels.
     """
-    steps, schedule = len(history), (lr if callable(lr) else lambda t: lr)
+    steps, schedule = len(history), _schedule(lr)
     device = models.device_of(param)
     graphed = CUDA_GRAPHS and device.type == "cuda" and steps > _WARMUP
     # fused: the whole update in one kernel (on a CPU about half the time of the default's seven ops)
@@ -1077,18 +1117,32 @@ def _optimize(step, param, gen, lr, history, progress):
                            else schedule(0.0), capturable=graphed, fused=True)
     project = getattr(param, "project", lambda: None)
     warm = _WARMUP if graphed else steps
-    bar = tqdm(total=steps, desc="render", disable=not progress, leave=False)
-    with _side_stream(graphed):  # CUDA graph rule: the eager warm-up before a capture runs on a side stream
-        for i in range(min(warm, steps)):
+    with tqdm(total=steps, desc="render", disable=not progress, leave=False) as bar:  # closed on an error too
+        with _side_stream(graphed):  # CUDA graph rule: the eager warm-up before a capture runs on a side stream
+            for i in range(min(warm, steps)):
+                _set_lr(opt, schedule(i / steps))
+                history[i] = _eager_step(step, opt, project)
+                bar.update()
+        replay = _capture(step, opt, project, gen) if graphed else None
+        for i in range(warm, steps):
             _set_lr(opt, schedule(i / steps))
-            history[i] = _eager_step(step, opt, project)
+            history[i] = replay() if replay is not None else _eager_step(step, opt, project)
             bar.update()
-    replay = _capture(step, opt, project, gen) if graphed else None
-    for i in range(warm, steps):
-        _set_lr(opt, schedule(i / steps))
-        history[i] = replay() if replay is not None else _eager_step(step, opt, project)
-        bar.update()
-    bar.close()
+
+
+def _schedule(lr):
+    """f(t) -> the learning rate at the fraction t of the steps done: lr's schedule, each value checked (a
+    negative one would turn the ascent into a descent), or the constant lr."""
+    if not callable(lr):
+        return lambda t: lr
+
+    def checked(t):
+        value = lr(t)
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)) or not 0 <= value < math.inf:
+            raise ValueError(f"the lr schedule gave {value!r} at t={t:.3g} (the fraction of steps done): it must "
+                             f"give numbers >= 0")
+        return float(value)
+    return checked
 
 
 def _set_lr(opt, value):
@@ -1114,9 +1168,11 @@ def _side_stream(enabled):
         return
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        yield
-    torch.cuda.current_stream().wait_stream(side)
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:  # on an error too: later work on the default stream waits for what the side stream began
+        torch.cuda.current_stream().wait_stream(side)
 
 
 _WARMUP = 3  # eager steps before a CUDA graph is captured: Adam's state and cuFFT plans exist by then
@@ -1249,7 +1305,17 @@ def techniques(vae=None, color_cov=None, magnitude=None):
         # the whitened latent finds a natural image of the class, the Fourier space then sharpens it
         out["hybrid"] = Technique(out["whitened"].settings,
                                   refine=dict(param=parameterization("fourier", color_cov=color_cov), lr=cosine(0.02)))
-    return out
+    return Techniques(out)
+
+
+class Techniques(dict):
+    """name -> Technique, as techniques() returns it: a name it lacks gets an error that says why."""
+
+    def __missing__(self, name):
+        if name not in TECHNIQUE_NAMES:
+            raise KeyError(f"unknown technique {name!r}; choose one of {', '.join(self)}")
+        needs = "a VAE (vae=...)" if name in LATENT_TECHNIQUES else "the data's magnitude spectrum (magnitude=...)"
+        raise KeyError(f"technique {name!r} needs {needs}, which techniques(vae, color_cov, magnitude) was not given")
 
 
 def get_technique(name, vae=None, color_cov=None, magnitude=None):

@@ -346,7 +346,6 @@ def test_attribution_targets_out_of_range_and_a_layer_without_space(nets):
      "Diversity layer must have a spatial output"),
     (dict(regularizers=[fv.Prior(1.0)]), "the Prior regularizer needs a parameterization with a prior"),
     (dict(param=fv.parameterization("fourier", color_cov=torch.eye(2))), r"color_cov must be a finite \(3, 3\) covariance"),
-    (dict(param=fv.parameterization("fourier", color_cov=torch.full((3, 3), float("nan")))), "with NaN"),
     (dict(param="wavelet"), "unknown parameterization 'wavelet'; choose one of pixel, fourier"),
     (dict(size=0), "size must be an int >= 1"),
     (dict(steps=True), "steps must be an int >= 0"),
@@ -385,6 +384,68 @@ def test_helpers_name_a_bad_argument(nets):
     for probe in (lambda: models.layer_channels(cnn, "block3.act2", size=6), lambda: models.last_spatial_layer(cnn, 6)):
         with pytest.raises(ValueError, match="CNN fails on a 3-channel 6x6 image: is size=6 the side it takes"):
             probe()
+
+
+@pytest.mark.parametrize("make, match", [
+    # a zero zoom or a NaN shift crashed the process inside grid_sample's backward
+    (lambda: fv.resample(scale=(0, 0)), r"scale must be a range \(low, high\) of zoom factors, 0 < low <= high"),
+    (lambda: fv.resample(scale=0.9), "scale must be a range"),
+    (lambda: fv.resample(scale=(1.1, 0.9)), "scale must be a range"),
+    (lambda: fv.resample(shift=float("nan")), r"shift \(a fraction of the side\) must be a finite number >= 0"),
+    (lambda: fv.resample(degrees=float("inf")), "degrees must be a finite number >= 0"),
+    (lambda: fv.jitter(-1), "jitter's fraction .* must be a finite number >= 0, got -1"),
+    (lambda: fv.Shift("a"), "Shift's fraction .* must be a finite number >= 0, got 'a'"),
+    (lambda: fv.parameterization("fourier", color_cov=torch.full((3, 3), float("nan"))), "with NaN"),
+    (lambda: fv.parameterization("fourier", decay="a"), "decay must be a finite number >= 0, got 'a'"),
+    (lambda: fv.parameterization("fourier", sd=-1), "sd must be a finite number >= 0"),
+    (lambda: fv.parameterization("maco", magnitude=torch.ones(3, 32, 17), contrast=0), "contrast must be a finite number > 0"),
+    # a second stage's options fail when the technique is made, not after its first stage
+    (lambda: fv.techniques(models.build_model(models.vae_config("small")), color_cov=torch.eye(2, 3)),
+     r"color_cov must be a finite \(2, 2\) covariance"),
+])
+def test_transforms_and_options_are_checked_when_made(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_what_only_render_can_tell_is_named_before_the_first_step(nets):
+    cnn, vae = nets
+    with pytest.raises(TypeError, match="vae must be a models.VAE .* got CNN"):
+        fv.get_technique("whitened", vae=cnn)
+    with pytest.raises(TypeError, match="vae must be a models.VAE .* got Tensor"):
+        fv.techniques(torch.eye(3))  # the colour covariance given where the VAE goes
+    with pytest.raises(KeyError, match="unknown technique 'fouirer'; choose one of pixel, pixel\\+reg, fourier"):
+        fv.techniques()["fouirer"]
+    with pytest.raises(KeyError, match="technique 'whitened' needs a VAE"):
+        fv.techniques()["whitened"]
+    with pytest.raises(ValueError, match="Diversity pushes apart the images of one target: it needs images_per_target"):
+        fv.render(cnn, [1], steps=2, regularizers=[fv.Diversity()], progress=False)
+    fv.render(cnn, [1], steps=2, regularizers=[fv.Diversity()], restarts=2, progress=False)  # two candidates
+    for vector, match in [([1.0] * 32, "direction vector must be a finite tensor"),
+                          (torch.full((32,), float("nan")), "direction vector must be a finite tensor")]:
+        with pytest.raises(ValueError, match=match):
+            fv.render(cnn, fv.Direction("block1.act2", vector), steps=1, progress=False)
+
+
+def test_an_lr_schedule_that_goes_negative_stops_the_render_there(nets):
+    cnn, _ = nets
+    with pytest.raises(ValueError, match=r"the lr schedule gave -0.125 at t=0.75 .* it must give numbers >= 0"):
+        fv.render(cnn, [1], steps=4, lr=lambda t: 0.25 - 0.5 * t, progress=False)
+
+
+def test_an_interrupted_render_closes_its_progress_bar(nets):
+    from tqdm.auto import tqdm
+    cnn, _ = nets
+    before = len(tqdm._instances)
+
+    def interrupted(x, gen):
+        if not torch.is_inference_mode_enabled() and torch.is_grad_enabled():
+            raise KeyboardInterrupt
+        return x
+
+    with pytest.raises(KeyboardInterrupt) as info:  # kept, as a notebook keeps the last traceback
+        fv.render(cnn, [1], steps=3, transforms=interrupted, progress=True)
+    assert len(tqdm._instances) == before, info
 
 
 @pytest.mark.parametrize("target, match", [
