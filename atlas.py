@@ -339,11 +339,12 @@ def notebook_models(dataset, data_dir, preset, vae_preset, techniques, seed=0):
     """(classifier, data, VAE or None) from the checkpoints the notebooks wrote under checkpoints/; seed: the
     notebooks' SEED, which draws their train/val split (and the synthetic data)."""
     d = data.load_data(dataset, data_dir, seed=seed)
-    device, hint = training.get_device(), f"run the notebooks first (with DATASET={dataset})"
-    model, _ = training.load_checkpoint(Path("checkpoints") / f"classifier_{d.name}_{preset}.pt", device, hint)
+    device = training.get_device()
+    hint = f"run the notebooks first (with DATASET={dataset} and SEED={seed})"
+    model, _ = training.load_trained(Path("checkpoints") / f"classifier_{d.name}_{preset}.pt", d, seed, device, hint)
     vae = None
     if any(t in fv.LATENT_TECHNIQUES for t in techniques):
-        vae, _ = training.load_checkpoint(Path("checkpoints") / f"vae_{d.name}_{vae_preset}.pt", device, hint)
+        vae, _ = training.load_trained(Path("checkpoints") / f"vae_{d.name}_{vae_preset}.pt", d, seed, device, hint)
     return model, d, vae
 
 

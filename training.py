@@ -10,6 +10,7 @@ import numbers
 import os
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,19 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def keeping_random_state():
+    """The global random states (Python's, NumPy's, torch's on the CPU and every CUDA device) restored on
+    exit: training seeds them for its own run, and what runs after it draws as it would have without it."""
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
 
 
 def get_device(device=None):
@@ -171,6 +185,25 @@ def load_checkpoint(path, device=None, hint="train the model first (or fix the p
     return model.to(get_device(device)).eval(), ckpt
 
 
+def load_trained(path, data, seed, device=None, hint="train the model first (or fix the path)"):
+    """load_checkpoint, and an error unless the checkpoint was trained on this data (its name and images,
+    so its train/val split too) with this seed: a notebook that reads another's checkpoint must not get
+    a model of another split, or of images since changed under the same name."""
+    model, ckpt = load_checkpoint(path, device, hint)
+    wanted = trained_on(data, seed)
+    differ = [f"{key} {ckpt.get(key)!r}, not {value!r}" if key != "data" else "other images (or another split)"
+              for key, value in wanted.items() if ckpt.get(key) != value]
+    if differ:
+        raise RuntimeError(f"checkpoint {path} was trained on {', '.join(differ)}: {hint}")
+    return model, ckpt
+
+
+def trained_on(data, seed):
+    """What a checkpoint records of the data and seed it was trained with; the data's fingerprint too, as
+    an image folder's name stays when its images change."""
+    return dict(dataset=data.name, seed=seed, data=data.fingerprint())
+
+
 def reusable(path, **expected):
     """True if a complete checkpoint at path was trained with exactly these settings."""
     if not Path(path).exists():
@@ -223,9 +256,11 @@ class BestKeeper:
         self.model.eval()
 
     def finish(self):
-        """Save the model as the finished checkpoint and the CSV over the old ones; drop the partial files."""
-        for path, write in [(self.ckpt_path, lambda p: self._save(p, complete=True)),
-                            (self.csv_path, lambda p: write_csv(self.rows, p))]:
+        """Save the CSV and then the model as the finished checkpoint over the old ones; drop the partial files.
+        The checkpoint goes last: interrupted in between, the old checkpoint stays, and a re-run with the new
+        settings trains again and rewrites both (the other order left the new checkpoint beside the old CSV)."""
+        for path, write in [(self.csv_path, lambda p: write_csv(self.rows, p)),
+                            (self.ckpt_path, lambda p: self._save(p, complete=True))]:
             if path:
                 write(path)
                 partial_path(path).unlink(missing_ok=True)
@@ -277,17 +312,18 @@ def hyperparameters(defaults, hyp):
 
 
 def _train_or_load(fit_fn, build, data, ckpt_path, config, hyp, retrain, seed, device, csv_path, progress):
-    """Load a complete checkpoint trained with exactly these settings, else build, fit and load."""
+    """Load a complete checkpoint trained with exactly these settings, else build, fit and load; either
+    way the global random states are left as they were (keeping_random_state)."""
     if ckpt_path is None:
         raise ValueError("ckpt_path is required: the checkpoint to reuse, or to write when training")
     ckpt_path, csv_path = Path(ckpt_path).expanduser(), csv_path and Path(csv_path).expanduser()
-    # the data's fingerprint too: an image folder's name stays when its images change
-    trained_on = dict(dataset=data.name, seed=seed, data=data.fingerprint())
-    if not retrain and reusable(ckpt_path, config=config, hyp=hyp, **trained_on):
+    settings = trained_on(data, seed)
+    with keeping_random_state():
+        if not retrain and reusable(ckpt_path, config=config, hyp=hyp, **settings):
+            return load_checkpoint(ckpt_path, device)
+        seed_everything(seed)
+        fit_fn(build(), data, hyp, device, seed, ckpt_path, csv_path, progress, extra=settings)
         return load_checkpoint(ckpt_path, device)
-    seed_everything(seed)
-    fit_fn(build(), data, hyp, device, seed, ckpt_path, csv_path, progress, extra=trained_on)
-    return load_checkpoint(ckpt_path, device)
 
 
 # ----------------------------------------------------------------------------- classifier

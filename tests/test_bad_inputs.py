@@ -77,6 +77,53 @@ def test_a_finished_run_replaces_the_files_and_drops_the_partial_ones(finished, 
     assert not training.partial_path(ckpt).exists() and not training.partial_path(csv).exists()
 
 
+def test_a_run_interrupted_while_it_saves_is_trained_again_and_leaves_its_csv_beside_its_checkpoint(
+        finished, tiny_data, monkeypatch):
+    ckpt, csv, _, _ = finished
+    real = training.write_csv
+
+    def interrupted(rows, path):
+        if path == csv:  # the finished CSV, not the partial one
+            raise KeyboardInterrupt
+        real(rows, path)
+
+    monkeypatch.setattr(training, "write_csv", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_classifier(tiny_data, ckpt, preset="small", hyp={**TINY, "epochs": 1}, csv_path=csv,
+                                  progress=False)
+    monkeypatch.setattr(training, "write_csv", real)
+    _, saved = training.train_classifier(tiny_data, ckpt, preset="small", hyp={**TINY, "epochs": 1}, csv_path=csv,
+                                         progress=False)
+    assert len(training.read_csv(csv)) == len(saved["history"]) == 1
+
+
+def test_training_and_loading_leave_the_global_random_state_as_they_found_it(tiny_data, tmp_path):
+    import random
+
+    import numpy as np
+
+    def draws():
+        return torch.rand(1).item(), np.random.rand(), random.random()
+
+    training.seed_everything(42)
+    expected = draws()
+    for _ in ("trains", "loads"):
+        training.seed_everything(42)
+        training.train_classifier(tiny_data, tmp_path / "c.pt", preset="small", hyp={**TINY, "epochs": 1},
+                                  seed=3, progress=False)
+        assert draws() == expected
+
+
+def test_a_checkpoint_of_another_seed_or_data_is_refused_where_the_notebooks_load_it(finished, tiny_data):
+    ckpt = finished[0]
+    model, _ = training.load_trained(ckpt, tiny_data, 0, hint="run Classifier.ipynb first")
+    with pytest.raises(RuntimeError, match=r"trained on seed 0, not 1: run Classifier.ipynb first"):
+        training.load_trained(ckpt, tiny_data, 1, hint="run Classifier.ipynb first")
+    other = data.load_data("synthetic", n_train=1200, n_test=300, seed=2)  # same name, other images
+    with pytest.raises(RuntimeError, match=r"trained on other images \(or another split\)"):
+        training.load_trained(ckpt, other, 0)
+
+
 def test_diverging_classifier_is_not_saved_as_finished(finished, tiny_data):
     ckpt, csv, ckpt_bytes, csv_bytes = finished
     # on the CPU: there this lr keeps the loss finite at chance level; a GPU's arithmetic reaches NaN first,
