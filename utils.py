@@ -23,9 +23,17 @@ from data import to_float
 
 
 def _numpy_images(images):
-    """(N, C, H, W) tensor/array, float [0, 1] or uint8 -> float array (N, H, W, 3) or (N, H, W) if gray."""
+    """(N, C, H, W) tensor/array (or a list of (C, H, W) ones), float [0, 1] or uint8 -> float array
+    (N, H, W, 3) or (N, H, W) if gray; a clear error for any other shape."""
+    if isinstance(images, (list, tuple)):
+        images = torch.stack([torch.as_tensor(im) for im in images])
     x = torch.as_tensor(images).detach().cpu()
-    x = to_float(x[None] if x.dim() == 3 else x)
+    x = x[None] if x.dim() == 3 else x
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        hint = " (channels last? pass images.permute(0, 3, 1, 2))" if x.dim() == 4 and x.shape[-1] in (1, 3) else ""
+        raise ValueError(f"images must be (N, C, H, W) or one (C, H, W), with C = 1 or 3; got shape "
+                         f"{tuple(x.shape)}{hint}")
+    x = to_float(x)
     x = x.clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
     return x[..., 0] if x.shape[-1] == 1 else x
 
@@ -61,6 +69,8 @@ def _name(label, classes):
     if isinstance(label, str):
         return label
     label = int(label)
+    if classes is not None and not 0 <= label < len(classes):
+        raise ValueError(f"label {label} is not a class index in 0..{len(classes) - 1} ({len(classes)} classes)")
     return classes[label] if classes is not None else str(label)
 
 
@@ -109,6 +119,8 @@ def _no_figure_on_error(plot):
 def show_images(images, labels=None, classes=None, ncols=10, title=None, save=None):
     """A grid of images, each titled with its class name when labels are given."""
     x = _numpy_images(images)
+    if labels is not None and len(labels) != len(x):
+        raise ValueError(f"labels must give one label per image: {len(x)} images, {len(labels)} labels")
     fig, axes = _grid(len(x), ncols, extra_height=0.2 if labels is not None else 0)
     for i, ax in enumerate(axes.flat[: len(x)]):
         _imshow(ax, x[i])
@@ -135,6 +147,10 @@ def plot_curves(rows, metrics=("loss", "acc"), save=None):
         return [float(r[key]) if r.get(key) not in (None, "") else math.nan for r in rows]
 
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    recorded = sorted({k.split("_", 1)[1] for r in rows[:1] for k in r if k.startswith(("train_", "val_"))})
+    unknown = [m for m in metrics if rows and m not in recorded]
+    if unknown:
+        raise ValueError(f"no train_ or val_ column for metric(s) {unknown}; these rows record {', '.join(recorded)}")
     epochs = column("epoch")
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -152,6 +168,8 @@ def plot_curves(rows, metrics=("loss", "acc"), save=None):
 def plot_confusion(cm, classes, normalize=True, save=None):
     """Confusion matrix (rows true, cols predicted); colour is the row fraction if normalize, text the counts."""
     counts = np.asarray(torch.as_tensor(cm).detach().cpu(), dtype=np.float64)  # (K, K)
+    if counts.shape != (len(classes), len(classes)):
+        raise ValueError(f"cm must be (K, K) for the K = {len(classes)} class names; got shape {counts.shape}")
     shown = counts / np.maximum(counts.sum(1, keepdims=True), 1) if normalize else counts
     k = len(classes)
     fig, ax = plt.subplots(figsize=(0.6 * k + 2.5, 0.6 * k + 1.5))

@@ -237,3 +237,20 @@ def test_a_plot_that_fails_leaves_no_figure_open(tmp_path, name):
     with pytest.raises(ValueError):
         CALLS[name](tmp_path / f"{name}.xyz")  # a format matplotlib cannot write, after the figure is drawn
     assert len(plt.get_fignums()) == 1 and not list(tmp_path.iterdir())
+
+
+def test_wrong_images_labels_metrics_and_class_names_are_named():
+    with pytest.raises(ValueError, match=r"C = 1 or 3; got shape \(4, 8, 8, 3\) \(channels last\? pass "):
+        utils.show_images(images().permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match=r"got shape \(4, 4, 8, 8\)"):  # RGBA, which matplotlib would take
+        utils.show_images(images(c=4))
+    assert len(image_axes(utils.show_images(list(images(3))))) == 3  # a list of (C, H, W) images works
+    with pytest.raises(ValueError, match="one label per image: 4 images, 2 labels"):
+        utils.show_images(images(), labels=[0, 1], classes=CLASSES)
+    for label in (10, -1):  # -1 would show the last class
+        with pytest.raises(ValueError, match=rf"label {label} is not a class index in 0\.\.9"):
+            utils.show_images(images(1), labels=[label], classes=CLASSES)
+    with pytest.raises(ValueError, match=r"no train_ or val_ column for metric\(s\) \['los'\]; these rows record acc, loss"):
+        utils.plot_curves(ROWS, metrics=("los",))
+    with pytest.raises(ValueError, match=r"cm must be \(K, K\) for the K = 5 class names; got shape \(10, 10\)"):
+        utils.plot_confusion(torch.eye(10), CLASSES[:5])
