@@ -56,8 +56,7 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     layers: the layers whose channels get pages (default: every block's last spatial layer,
       models.block_layers). Either may be one name.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    data.check_count("steps", steps, 1)
     techniques = models.as_names(techniques)
     layers = models.as_names(models.block_layers(model, d.size) if layers is None else layers)
     if not layers or not techniques:

@@ -11,7 +11,7 @@ import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
 
 import models
-from data import to_float
+from data import check_count, to_float
 
 @contextmanager
 def _untouched(model):
@@ -82,6 +82,8 @@ def _name_of(model, layer):
 
 def integrated_gradients(model, images, targets, baseline=None, steps=32, internal_batch_size=64):
     """Integrated gradients from `baseline` (default black) to the images: signed, (B, C, H, W)."""
+    check_count("steps", steps, 1)
+    check_count("internal_batch_size", internal_batch_size, 1)
     x, t = _prepare(images, targets, model)
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):
         baseline = float(baseline)  # 0 is black, as 0.0 is

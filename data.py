@@ -77,6 +77,12 @@ class Data:
 IMAGE_FORMS = "uint8 in [0, 255] or float in [0, 1]"
 
 
+def check_count(name, value, low):
+    """A clear error unless value is an int (a Python or NumPy one, not a bool) >= low."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
 def check_images(images, name="images"):
     """Refuse anything but uint8 in [0, 255] or float in [0, 1] (up to 1 + 1e-3), with an error that
     names the accepted forms; returns the images unchanged. Called at entry points, never per step."""
@@ -597,6 +603,10 @@ class Loader:
         if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
             raise TypeError(f"Loader takes uint8 images (N, C, H, W) in [0, 255], as data.load_data returns; "
                             f"got {getattr(x, 'dtype', type(x).__name__)}")
+        check_count("batch_size", batch_size, 1)
+        if not isinstance(y, torch.Tensor) or y.shape != (len(x),):
+            raise ValueError(f"Loader takes one label per image: {len(x)} images, labels of shape "
+                             f"{tuple(getattr(y, 'shape', ()))}")
         if augment and not 0 <= translate < min(x.shape[-2:]):
             raise ValueError(f"translate must be from 0 to {min(x.shape[-2:]) - 1} px for {tuple(x.shape[-2:])} "
                              f"images (reflect padding); got {translate}")

@@ -354,7 +354,7 @@ def parameterization(kind, pool=0, **options):
     if kind == "maco" and options.get("magnitude") is None:
         raise ValueError("parameterization 'maco' needs the data's magnitude spectrum: parameterization('maco', "
                          "magnitude=magnitude_spectrum(train_images, color_cov), color_cov=color_cov)")
-    _check_count("pool", pool, 0)
+    data.check_count("pool", pool, 0)
     _check_options(options)
     return Recipe(PARAMS[kind], options, pool)
 
@@ -964,7 +964,7 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
 def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
     """A clear error, naming the argument, for a render() setting of the wrong kind or out of range."""
     for name, value, low in [("steps", steps, 0), ("images_per_target", images_per_target, 1), ("restarts", restarts, 1)]:
-        _check_count(name, value, low)
+        data.check_count(name, value, low)
     if not callable(lr):
         _check_lr(lr)
     if not _is_int(seed):
@@ -972,11 +972,6 @@ def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
     if transforms is not None and not callable(transforms):
         raise TypeError(f"transforms must be a transform t(x, gen) (STANDARD, AFFINE, LIGHT, jitter(...), "
                         f"resample(...), compose(...)) or None; got {transforms!r}")
-
-
-def _check_count(name, value, low):
-    if not _is_int(value) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def _check_lr(lr):
@@ -1203,6 +1198,7 @@ def activations(model, images, targets, batch_size=500):
     """(N_images, T) each target's activation on real images (uint8 or float in [0, 1])."""
     targets = as_targets(targets)
     models.check_input(model, images)
+    data.check_count("batch_size", batch_size, 1)
     device = models.device_of(model)
     with frozen(model) as layout:
         objective = Objective(model, targets, input_shape=tuple(images.shape[1:]))
@@ -1223,7 +1219,7 @@ class Exemplars:
 def exemplars(model, images, target, k=8, batch_size=500):
     """Top-k and bottom-k images of a dataset for a target (or a list of targets), in one pass (k: at most
     the number of images)."""
-    _check_count("k", k, 1)
+    data.check_count("k", k, 1)
     single = _is_one(target)
     a = activations(model, images, target, batch_size)  # (N, T)
     k = min(k, len(a))

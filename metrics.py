@@ -38,7 +38,7 @@ def confusion_matrix(y_true, y_pred, num_classes):
 def per_class_report(cm, classes):
     """Per-class precision, recall and support from a confusion matrix. A class never predicted has
     precision 0, and one without true examples (support 0) recall 0 (sklearn's zero_division=0)."""
-    cm = cm.double()
+    cm = check_confusion(cm, classes).double()
     tp = cm.diag()
     precision = tp / cm.sum(0).clamp_min(1)
     recall = tp / cm.sum(1).clamp_min(1)
@@ -49,11 +49,20 @@ def per_class_report(cm, classes):
 def hardest_pairs(cm, classes, k=5):
     """The k most frequent (true, predicted) confusions, as (true name, predicted name, count); fewer when
     fewer pairs were ever confused (a pair never confused is no confusion)."""
-    off = cm.clone()
+    data.check_count("k", k, 1)
+    off = check_confusion(cm, classes).clone()
     off.fill_diagonal_(0)
     counts, flat = off.flatten().topk(min(k, off.numel()))
     n = len(classes)
     return [(classes[i // n], classes[i % n], int(c)) for c, i in zip(counts.tolist(), flat.tolist()) if c > 0]
+
+
+def check_confusion(cm, classes):
+    """cm as a (K, K) tensor for the K class names, or an error that names both."""
+    cm = torch.as_tensor(cm)
+    if cm.shape != (len(classes), len(classes)):
+        raise ValueError(f"cm must be (K, K) for the K = {len(classes)} class names; got shape {tuple(cm.shape)}")
+    return cm
 
 
 # ----------------------------------------------------------------------------- what a model sees
@@ -64,6 +73,7 @@ def features(model, images, batch_size=500):
     (N, D) (our CNN's: what its head reads), else what the last nn.Linear to run in the forward pass reads
     (a torchvision ResNet's pooled features; for VGG or MobileNet, their classifier's last hidden layer)."""
     models.check_input(model, images)
+    data.check_count("batch_size", batch_size, 1)
     with fv.frozen(model) as layout:
         out = [_penultimate(model, layout(_as_input(model, x))) for x in images.split(batch_size)]
     return torch.cat(out).float().cpu()
@@ -98,6 +108,7 @@ def block_activations(model, images, reduce, layers=None, batch_size=500):
     """[(N, ...)] per layer (one name or several; default: each block's, models.block_layers),
     reduce(activation (B, C, H, W)) of the images."""
     models.check_input(model, images)
+    data.check_count("batch_size", batch_size, 1)
     layers = models.block_layers(model, images.shape[-1]) if layers is None else models.as_names(layers)
     device = models.device_of(model)
     out = [models.capture(model, data.to_float(x.to(device)), layers) for x in images.split(batch_size)]
@@ -197,6 +208,9 @@ def diversity(feature_model, images, groups):
 def feature_diversity(f, groups):
     """diversity() on features already computed, (N, D)."""
     groups = torch.as_tensor(groups).cpu()
+    if groups.shape != (len(f),):
+        raise ValueError(f"groups must give one group per image: {len(f)} images, groups of shape "
+                         f"{tuple(groups.shape)}")
     means = []
     for g in groups.unique():
         fg = f[groups == g]
@@ -210,6 +224,9 @@ def template_recovery(images, templates):
     """(T, K) Pearson correlation between each visualization and each class template."""
     a = data.to_float(images).flatten(1).double()
     b = data.to_float(templates, "templates").flatten(1).double()
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"templates must have the images' shape {tuple(images.shape[1:])}; got "
+                         f"{tuple(templates.shape[1:])}")
     a = F.normalize(a - a.mean(1, keepdim=True), dim=1)
     b = F.normalize(b - b.mean(1, keepdim=True), dim=1)
     return (a @ b.T).float()
@@ -291,6 +308,7 @@ def two_choice(f_refs, f_top, f_bottom):
 def channel_sample(model, per_block=2, seed=0, size=None):
     """A fixed sample of channels: per_block of each block's last spatial layer (models.block_layers),
     drawn with `seed`, as Channel targets."""
+    data.check_count("per_block", per_block, 1)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for layer in models.block_layers(model, size):
@@ -408,6 +426,9 @@ def quality_table(model, other, d, techniques, seeds=4, steps=256, n_ref=10000, 
     techniques: name -> Technique (as featureviz.techniques() returns), or name -> fn(targets, seed)
     returning images (or None for channel targets it cannot render), for renderers of other libraries.
     """
+    _check_techniques(techniques)
+    for name, value, low in (("seeds", seeds, 1), ("steps", steps, 0), ("n_ref", n_ref, 1)):
+        data.check_count(name, value, low)
     channels = channel_sample(model, size=d.size) if channels is None else channels
     ref = Reference(model, other, d, channels, n_ref)
     classes, rows, grid = ref.units[:len(d.classes)], [], {}
@@ -448,6 +469,18 @@ def _average_rank(value, values):
     """The 0-based rank of value among values, lowest first; equal values share their average rank."""
     below, equal = sum(v < value for v in values), sum(v == value for v in values)
     return below + (equal - 1) / 2
+
+
+def _check_techniques(techniques):
+    """Before any work: techniques must map names to Techniques or renderers fn(targets, seed)."""
+    if not isinstance(techniques, dict):
+        raise TypeError(f"techniques must map names to techniques, as featureviz.techniques() returns; got "
+                        f"{type(techniques).__name__}")
+    for name, how in techniques.items():
+        if not callable(how):
+            hint = f" (featureviz.techniques(...)[{how!r}] is the technique of that name)" if isinstance(how, str) else ""
+            raise TypeError(f"techniques[{name!r}] must be a Technique or a renderer fn(targets, seed) -> images; "
+                            f"got {how!r}{hint}")
 
 
 def _renderer(how, model, steps, size):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from attribution import to_heatmap
 from data import to_float
+from metrics import check_confusion
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -167,9 +168,7 @@ def plot_curves(rows, metrics=("loss", "acc"), save=None):
 @_no_figure_on_error
 def plot_confusion(cm, classes, normalize=True, save=None):
     """Confusion matrix (rows true, cols predicted); colour is the row fraction if normalize, text the counts."""
-    counts = np.asarray(torch.as_tensor(cm).detach().cpu(), dtype=np.float64)  # (K, K)
-    if counts.shape != (len(classes), len(classes)):
-        raise ValueError(f"cm must be (K, K) for the K = {len(classes)} class names; got shape {counts.shape}")
+    counts = np.asarray(check_confusion(cm, classes).detach().cpu(), dtype=np.float64)  # (K, K)
     shown = counts / np.maximum(counts.sum(1, keepdims=True), 1) if normalize else counts
     k = len(classes)
     fig, ax = plt.subplots(figsize=(0.6 * k + 2.5, 0.6 * k + 1.5))

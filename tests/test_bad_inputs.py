@@ -292,6 +292,40 @@ def test_labels_are_class_indices_one_per_image(nets):
             training.predict(cnn, _good(), tta_level=level)
 
 
+def test_counts_and_shapes_of_the_helpers_are_named_before_any_work(nets, tiny_data):
+    cnn, _ = nets
+    for call, match in [
+        (lambda: fv.activations(cnn, _good(), [0], batch_size=0), "batch_size must be an int >= 1, got 0"),
+        (lambda: metrics.features(cnn, _good(), batch_size=2.5), "batch_size must be an int >= 1, got 2.5"),
+        (lambda: attribution.integrated_gradients(cnn, _good(), 0, steps=0), "steps must be an int >= 1, got 0"),
+        (lambda: attribution.integrated_gradients(cnn, _good(), 0, steps=2.5), "steps must be an int >= 1"),
+        (lambda: data.Loader(tiny_data.train_x, tiny_data.train_y, batch_size=0), "batch_size must be an int >= 1"),
+        (lambda: data.Loader(tiny_data.train_x, tiny_data.train_y[:5]), r"one label per image: \d+ images, labels of shape \(5,\)"),
+        (lambda: metrics.diversity(cnn, _good(), [0, 0, 1]), "groups must give one group per image: 8 images"),
+        (lambda: metrics.template_recovery(_good(), torch.rand(10, 1, 32, 32)), r"templates must have the images' shape"),
+        (lambda: metrics.hardest_pairs(torch.eye(10), list("abc")), r"cm must be \(K, K\) for the K = 3 class names"),
+        (lambda: metrics.hardest_pairs(torch.eye(3), list("abc"), k=-1), "k must be an int >= 1, got -1"),
+        (lambda: metrics.per_class_report(torch.eye(3), list("ab")), "for the K = 2 class names"),
+        (lambda: metrics.channel_sample(cnn, per_block=-1), "per_block must be an int >= 1, got -1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_the_quality_table_checks_its_arguments_before_scoring_anything(nets, tiny_data, monkeypatch):
+    cnn, _ = nets
+    monkeypatch.setattr(metrics, "Reference", lambda *a, **k: pytest.fail("scored before the arguments were checked"))
+    techniques = fv.techniques()
+    for kwargs, error, match in [
+        (dict(seeds=0), ValueError, "seeds must be an int >= 1, got 0"),
+        (dict(steps=-1), ValueError, "steps must be an int >= 0, got -1"),
+        (dict(techniques=list(techniques)), TypeError, "techniques must map names to techniques"),
+        (dict(techniques={"pixel": "pixel"}), TypeError, r"techniques\['pixel'\] must be a Technique .*got 'pixel'"),
+    ]:
+        with pytest.raises(error, match=match):
+            metrics.quality_table(cnn, cnn, tiny_data, **{"techniques": techniques, **kwargs})
+
+
 def test_one_layer_name_is_a_list_of_one(nets):
     cnn, _ = nets
     one, listed = models.capture(cnn, _good(), "block1.act2"), models.capture(cnn, _good(), ["block1.act2"])
