@@ -69,12 +69,14 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out must be a folder for the atlas; {out} is a file")
-    for how in hows.values():  # one step of one channel: what fails for this model fails before any file changes
-        how(model, [fv.Channel(layers[0], 0)], steps=1, size=d.size, progress=False)
     # the training images' statistics too: the Fourier techniques render with them
     key = fingerprint(VERSION, model, vae, techniques, steps, layers, d.name, d.classes, d.test_x, d.test_y,
                       cov, magnitude)
-    done = _resume(out, key)
+
+    def one_step():  # of one channel per technique, before a stale atlas is emptied: what fails, fails before
+        for how in hows.values():
+            how(model, [fv.Channel(layers[0], 0)], steps=1, size=d.size, progress=False)
+    done = _resume(out, key, one_step)
     _save_manifest(out, key, done)  # before any other file: a build interrupted at once resumes too
     site = Site(out, d, techniques)
     for unit in tqdm(layers + [CLASSES], desc="atlas", disable=not progress):
@@ -105,18 +107,23 @@ def _bytes(t):
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _resume(out, key):
-    """The finished units recorded under this key; a folder built under another key is emptied first,
-    its manifest last, so that a build interrupted while emptying it still finds an atlas there. A folder
-    that is not an atlas is never touched."""
+def _resume(out, key, before_emptying):
+    """The finished units recorded under this key; a folder built under another key is emptied first, after
+    before_emptying() (which raises if the build cannot work), its manifest last, so that a build interrupted
+    while emptying it still finds an atlas there. A folder that is not an atlas is never touched."""
     manifest = out / MANIFEST
     if manifest.exists():
         saved = json.loads(manifest.read_text())
         if saved.get("key") == key:
             return saved["done"]
+        before_emptying()
         for path in out.iterdir():
-            if path != manifest:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path == manifest:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         manifest.unlink()
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"out={str(out)!r} is a folder with other files in it (no {MANIFEST}): choose an empty "

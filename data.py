@@ -604,9 +604,7 @@ class Loader:
             raise TypeError(f"Loader takes uint8 images (N, C, H, W) in [0, 255], as data.load_data returns; "
                             f"got {getattr(x, 'dtype', type(x).__name__)}")
         check_count("batch_size", batch_size, 1)
-        if not isinstance(y, torch.Tensor) or y.shape != (len(x),):
-            raise ValueError(f"Loader takes one label per image: {len(x)} images, labels of shape "
-                             f"{tuple(getattr(y, 'shape', ()))}")
+        y = check_labels(y, len(x), name="y")
         if augment and not 0 <= translate < min(x.shape[-2:]):
             raise ValueError(f"translate must be from 0 to {min(x.shape[-2:]) - 1} px for {tuple(x.shape[-2:])} "
                              f"images (reflect padding); got {translate}")

@@ -75,11 +75,11 @@ def _sqrt_psd(cov):
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
 
-def _check_real(name, value, low, inclusive=True):
-    """A clear error unless value is a finite number >= low (> low where not inclusive)."""
+def _check_real(name, value, low, inclusive=True, hint=""):
+    """A clear error unless value is a finite number >= low (> low where not inclusive); hint ends it."""
     ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
     if not (ok and (value >= low if inclusive else value > low)):
-        raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}{hint}")
 
 
 def _logit(x, eps=1e-3):
@@ -380,7 +380,7 @@ def _check_options(options):
 def jitter(fraction):
     """Shift each image by its own integer offset of up to fraction x its side (at least 1 px),
     reflecting at the border; same size."""
-    _check_real("jitter's fraction (of the side)", fraction, 0)
+    _check_real("jitter's fraction (of the image side)", fraction, 0)
 
     def t(x, gen):
         px = max(1, round(fraction * x.shape[-1]))
@@ -398,7 +398,7 @@ class Shift:
     logit of 0.001)."""
 
     def __init__(self, fraction):
-        _check_real("Shift's fraction (of the side)", fraction, 0)
+        _check_real("Shift's fraction (of the image side)", fraction, 0)
         self.fraction = fraction
 
     def phase(self, n, h, w, gen, device):
@@ -427,14 +427,15 @@ def _ramp_axes(h, w, fraction, device):
 def resample(shift=0.0, scale=(1.0, 1.0), degrees=0.0):
     """Per image, a random shift of up to `shift` x the side, a zoom in `scale` and a rotation in
     [-degrees, degrees], applied as ONE bilinear resampling that reflects at the border; same size."""
-    _check_real("shift (a fraction of the side)", shift, 0)
+    _check_real("resample's shift (a fraction of the image side)", shift, 0)
     _check_real("degrees", degrees, 0)
-    if not (isinstance(scale, (tuple, list)) and len(scale) == 2 and all(
-            not isinstance(s, bool) and isinstance(s, numbers.Real) and 0 < s < math.inf for s in scale)
-            and scale[0] <= scale[1]):
-        raise ValueError(f"scale must be a range (low, high) of zoom factors, 0 < low <= high, such as (0.9, 1.1); "
-                         f"got {scale!r}")
-    lo, hi = scale
+    try:
+        lo, hi = scale
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a range (low, high) of zoom factors, such as (0.9, 1.1); "
+                         f"got {scale!r}") from None
+    _check_real("scale's low", lo, 0, inclusive=False)
+    _check_real("scale's high", hi, lo)
     radians, span = math.radians(degrees), 2 * shift  # grid coordinates span 2 per side
     ranges = ((lo, hi - lo), (-radians, 2 * radians), (-span, 2 * span), (-span, 2 * span))  # (low, width)
 
@@ -975,9 +976,7 @@ def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
 
 
 def _check_lr(lr):
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a number > 0 or a schedule f(fraction of steps done) such as cosine(0.3); "
-                         f"got {lr!r}")
+    _check_real("lr", lr, 0, inclusive=False, hint=" (or a schedule f(fraction of steps done) such as cosine(0.3))")
 
 
 def _best_of_restarts(final, restarts):
@@ -1133,10 +1132,8 @@ def _schedule(lr):
 
     def checked(t):
         value = lr(t)
-        if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)) or not 0 <= value < math.inf:
-            raise ValueError(f"the lr schedule gave {value!r} at t={t:.3g} (the fraction of steps done): it must "
-                             f"give numbers >= 0")
-        return float(value)
+        _check_real(f"the lr schedule's value at t={t:.3g} (the fraction of steps done)", value, 0)
+        return value
     return checked
 
 
@@ -1309,21 +1306,20 @@ class Techniques(dict):
 
     def __missing__(self, name):
         if name not in TECHNIQUE_NAMES:
-            raise KeyError(f"unknown technique {name!r}; choose one of {', '.join(self)}")
-        needs = "a VAE (vae=...)" if name in LATENT_TECHNIQUES else "the data's magnitude spectrum (magnitude=...)"
-        raise KeyError(f"technique {name!r} needs {needs}, which techniques(vae, color_cov, magnitude) was not given")
+            raise KeyError(f"unknown technique {name!r}; choose one of {', '.join(TECHNIQUE_NAMES)}")
+        if name in LATENT_TECHNIQUES:
+            raise KeyError(f"technique {name!r} draws through a VAE: pass vae=... (a trained models.VAE)")
+        raise KeyError("technique 'maco' keeps the data's magnitude spectrum: pass magnitude=magnitude_spectrum("
+                       "train_images, color_cov), or a Technique from techniques(vae, color_cov, magnitude)")
 
 
 def get_technique(name, vae=None, color_cov=None, magnitude=None):
-    """The Technique called `name`, with a clear error for an unknown name, a missing VAE or spectrum."""
-    if name not in TECHNIQUE_NAMES:
-        raise ValueError(f"unknown technique {name!r}; choose one of {', '.join(TECHNIQUE_NAMES)}")
-    if name in LATENT_TECHNIQUES and vae is None:
-        raise ValueError(f"technique {name!r} draws through a VAE: pass vae=... (a trained models.VAE)")
-    if name == "maco" and magnitude is None:
-        raise ValueError("technique 'maco' keeps the data's magnitude spectrum: pass magnitude=magnitude_spectrum("
-                         "train_images, color_cov), or a Technique from techniques(vae, color_cov, magnitude)")
-    return techniques(vae, color_cov, magnitude)[name]
+    """The Technique called `name`, with a clear error (a ValueError, the one techniques() gives as a KeyError)
+    for an unknown name, a missing VAE or spectrum."""
+    try:
+        return techniques(vae, color_cov, magnitude)[name]
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
 
 
 def visualize_unit(model, layer, channel=0, neuron=None, technique="fourier", vae=None, color_cov=None,

@@ -6,7 +6,6 @@ known-bad inputs (unregularized pixel ascent, shuffled pixels, uniform noise, re
 class) score worse by more than the seed-to-seed spread.
 """
 import math
-import numbers
 import time
 from collections import Counter
 
@@ -27,8 +26,7 @@ def confusion_matrix(y_true, y_pred, num_classes):
     if y_true.dim() != 1 or y_pred.shape != y_true.shape:
         raise ValueError(f"y_true and y_pred must be (N,) class indices of the same images; got shapes "
                          f"{tuple(y_true.shape)} and {tuple(y_pred.shape)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    data.check_count("num_classes", num_classes, 1)
     y_true, y_pred = (data.check_labels(y, len(y), num_classes, name) for name, y in (("y_true", y_true),
                                                                                        ("y_pred", y_pred)))
     idx = y_true * num_classes + y_pred  # int64: uint8 labels would wrap around
@@ -49,7 +47,7 @@ def per_class_report(cm, classes):
 def hardest_pairs(cm, classes, k=5):
     """The k most frequent (true, predicted) confusions, as (true name, predicted name, count); fewer when
     fewer pairs were ever confused (a pair never confused is no confusion)."""
-    data.check_count("k", k, 1)
+    data.check_count("k", k, 0)
     off = check_confusion(cm, classes).clone()
     off.fill_diagonal_(0)
     counts, flat = off.flatten().topk(min(k, off.numel()))
@@ -139,10 +137,7 @@ def normalized_activation(vis_act, real_acts):
 @torch.no_grad()
 def transferability(other_model, images, labels):
     """Top-1 accuracy of an independently trained classifier on the class visualizations."""
-    models.check_input(other_model, images)
-    labels = torch.as_tensor(labels).cpu()
-    if labels.shape != (len(images),):
-        raise ValueError(f"labels must be ({len(images)},), one class per image; got shape {tuple(labels.shape)}")
+    labels = data.check_labels(labels, len(models.check_input(other_model, images)))
     with fv.frozen(other_model) as layout:
         logits = other_model(layout(_as_input(other_model, images)))
     return (logits.argmax(1).cpu() == labels).float().mean().item()
@@ -196,21 +191,29 @@ def naturalness(other, vis, vis_labels, train_x, train_y, heldout_x, heldout_y, 
     """kNN distance of each visualization to its class's training images in the spatial statistics of
     every block of the independent model `other`, relative to held-out real images of the class (1.0: as
     natural as a real image of the class; higher: less natural)."""
+    for name, x in (("vis", vis), ("train_x", train_x), ("heldout_x", heldout_x)):  # before the pass over train_x
+        models.check_input(other, x, name)
     stats = Statistics(other, train_x)
     return knn_ratio(stats(vis), vis_labels, stats.train, train_y, stats(heldout_x), heldout_y, k)
 
 
 def diversity(feature_model, images, groups):
     """Mean pairwise feature distance between images of the same group (target), averaged over groups."""
+    _groups(groups, len(models.check_input(feature_model, images)))  # before the pass over the images
     return feature_diversity(features(feature_model, images), groups)
+
+
+def _groups(groups, n):
+    """groups as an (n,) CPU tensor, one group per image, or an error that says so."""
+    groups = torch.as_tensor(groups).cpu()
+    if groups.shape != (n,):
+        raise ValueError(f"groups must give one group per image: {n} images, groups of shape {tuple(groups.shape)}")
+    return groups
 
 
 def feature_diversity(f, groups):
     """diversity() on features already computed, (N, D)."""
-    groups = torch.as_tensor(groups).cpu()
-    if groups.shape != (len(f),):
-        raise ValueError(f"groups must give one group per image: {len(f)} images, groups of shape "
-                         f"{tuple(groups.shape)}")
+    groups = _groups(groups, len(f))
     means = []
     for g in groups.unique():
         fg = f[groups == g]
@@ -224,7 +227,7 @@ def template_recovery(images, templates):
     """(T, K) Pearson correlation between each visualization and each class template."""
     a = data.to_float(images).flatten(1).double()
     b = data.to_float(templates, "templates").flatten(1).double()
-    if a.shape[1] != b.shape[1]:
+    if images.shape[1:] != templates.shape[1:]:
         raise ValueError(f"templates must have the images' shape {tuple(images.shape[1:])}; got "
                          f"{tuple(templates.shape[1:])}")
     a = F.normalize(a - a.mean(1, keepdim=True), dim=1)
@@ -457,9 +460,11 @@ RANKED_BY = ("naturalness", "path_flagged")  # lower is better for both
 def rank_techniques(rows, names):
     """The rows of the named techniques, best first: by the sum of their ranks on naturalness and on
     the path check (lower is better on both), among the techniques whose class evidence holds
-    (normalized activation >= 1 and transfer >= 0.9); equal values share their average rank, and equal
-    sums go to the more natural (then by name), so the order of the rows does not matter."""
-    candidates = [r for r in rows if r["technique"] in names and r["act"] >= 1.0 and r["transfer"] >= 0.9]
+    (normalized activation >= 1 and transfer >= 0.9) and whose scores are numbers (not NaN); equal values
+    share their average rank, and equal sums go to the more natural (then by name), so the order of the
+    rows does not matter."""
+    candidates = [r for r in rows if r["technique"] in names and r["act"] >= 1.0 and r["transfer"] >= 0.9
+                  and all(math.isfinite(r[key]) for key in RANKED_BY)]
     ranks = {r["technique"]: sum(_average_rank(r[key], [c[key] for c in candidates]) for key in RANKED_BY)
              for r in candidates}
     return sorted(candidates, key=lambda r: (ranks[r["technique"]], r["naturalness"], r["technique"]))
@@ -478,7 +483,7 @@ def _check_techniques(techniques):
                         f"{type(techniques).__name__}")
     for name, how in techniques.items():
         if not callable(how):
-            hint = f" (featureviz.techniques(...)[{how!r}] is the technique of that name)" if isinstance(how, str) else ""
+            hint = f" (featureviz.techniques(...)[{how!r}] is that technique)" if isinstance(how, str) else ""
             raise TypeError(f"techniques[{name!r}] must be a Technique or a renderer fn(targets, seed) -> images; "
                             f"got {how!r}{hint}")
 

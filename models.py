@@ -560,15 +560,16 @@ class Recorder:
         return dict(seen)
 
 
-@torch.no_grad()
 def as_names(value):
     """A list of names from one name or several."""
     return [value] if isinstance(value, str) else list(value)
 
 
+@torch.no_grad()
 def capture(model, images, layers):
-    """Outputs of the named layers (one name or several) for a batch of images (uint8 or float in [0, 1]), as
-    {name: tensor}, each a layer's output as `Recorder` defines it; the model is left as found (`evaluating`)."""
+    """Outputs of the named layers (one name or several) for a batch of images (B, C, H, W) (uint8 or float in
+    [0, 1]), as {name: tensor}, each a layer's output as `Recorder` defines it; the model is left as found
+    (`evaluating`)."""
     check_input(model, images)
     layers = as_names(layers)
     with evaluating(model), Recorder(model, layers).hooked() as run:

@@ -66,15 +66,23 @@ def seed_everything(seed):
 
 @contextmanager
 def keeping_random_state():
-    """The global random states (Python's, NumPy's, torch's on the CPU and every CUDA device) restored on
-    exit: training seeds them for its own run, and what runs after it draws as it would have without it."""
+    """The global random states (Python's, NumPy's, torch's on the CPU, every CUDA device and MPS) restored on
+    exit: training seeds them for its own run, and a new model's weights draw from them; what runs after
+    either draws as it would have without it."""
     py, npy = random.getstate(), np.random.get_state()
+    mps = torch.mps.get_rng_state() if _has_mps() else None
     try:
         with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             yield
     finally:
         random.setstate(py)
         np.random.set_state(npy)
+        if mps is not None:
+            torch.mps.set_rng_state(mps)
+
+
+def _has_mps():
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def get_device(device=None):
@@ -83,7 +91,7 @@ def get_device(device=None):
         return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if _has_mps():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -169,13 +177,15 @@ def save_checkpoint(path, model, **info):
 
 
 def load_checkpoint(path, device=None, hint="train the model first (or fix the path)"):
-    """Rebuild a model from a finished checkpoint; returns (model in eval mode, checkpoint dict)."""
+    """Rebuild a model from a finished checkpoint; returns (model in eval mode, checkpoint dict). The global
+    random states are left as they were (the new model's initial weights draw from them)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: {hint}")
     try:
         ckpt = torch.load(path, weights_only=True, map_location=get_device(device))
-        model = build_model(ckpt["config"])
+        with keeping_random_state():
+            model = build_model(ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
     except Exception as e:
         raise RuntimeError(f"checkpoint {path} is corrupt or incompatible ({e}); delete it and retrain") from e
@@ -258,7 +268,8 @@ class BestKeeper:
     def finish(self):
         """Save the CSV and then the model as the finished checkpoint over the old ones; drop the partial files.
         The checkpoint goes last: interrupted in between, the old checkpoint stays, and a re-run with the new
-        settings trains again and rewrites both (the other order left the new checkpoint beside the old CSV)."""
+        settings trains again and rewrites both (the other order left the new checkpoint beside the old CSV for
+        good); one with the old settings reuses the old checkpoint, whose own history the notebooks plot."""
         for path, write in [(self.csv_path, lambda p: write_csv(self.rows, p)),
                             (self.ckpt_path, lambda p: self._save(p, complete=True))]:
             if path:
@@ -383,9 +394,10 @@ def predict(model, images, tta_level=0, batch_size=1000):
 
 def evaluate(model, images, labels, tta_level=0):
     """Cross-entropy loss and accuracy on a labelled set."""
-    check_labels(labels, len(check_input(model, images)))  # before the pass over the images
+    classes = (getattr(model, "config", None) or {}).get("num_classes")  # ours say it: checked before the pass
+    labels = check_labels(labels, len(check_input(model, images)), classes)
     logits = predict(model, images, tta_level)
-    labels = check_labels(labels, len(images), logits.shape[1]).to(logits.device)  # int64: as cross_entropy takes
+    labels = check_labels(labels, len(images), logits.shape[1]).to(logits.device)  # any model's; int64
     return dict(loss=F.cross_entropy(logits, labels).item(),
                 acc=(logits.argmax(1) == labels).float().mean().item())
 

@@ -42,9 +42,9 @@ def parse_args():
 def load(args):
     d = data.load_data(args.dataset)
     defaults, ckpt = training.device_defaults(), Path(args.ckpt_dir)
-    hint = "run the notebooks first, with the same DATASET"
-    model = training.load_checkpoint(ckpt / f"classifier_{d.name}_{defaults['preset']}.pt", hint=hint)[0]
-    other = training.load_checkpoint(ckpt / f"independent_{d.name}.pt", hint=hint)[0]
+    hint = "run the notebooks first, with the same DATASET and SEED=0"
+    model = training.load_trained(ckpt / f"classifier_{d.name}_{defaults['preset']}.pt", d, 0, hint=hint)[0]
+    other = training.load_trained(ckpt / f"independent_{d.name}.pt", d, 1, hint=hint)[0]  # the notebook's SEED + 1
     return d, model, other
 
 

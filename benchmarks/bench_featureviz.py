@@ -123,9 +123,10 @@ def load_models(args, d):
     """(classifier, independent classifier, VAE), trained once and reused from checkpoints/bench/, or
     those the notebooks wrote (--notebook-models)."""
     if args.notebook_models:
-        ckpt, hint = ROOT / "checkpoints", "run the three notebooks first, with the same DATASET and presets"
-        return tuple(training.load_checkpoint(ckpt / name, hint=hint)[0] for name in (
-            f"classifier_{d.name}_{args.preset}.pt", f"independent_{d.name}.pt", f"vae_{d.name}_{args.vae_preset}.pt"))
+        ckpt, hint = ROOT / "checkpoints", "run the three notebooks first, with the same DATASET, presets and SEED=0"
+        return tuple(training.load_trained(ckpt / name, d, seed, hint=hint)[0] for name, seed in (
+            (f"classifier_{d.name}_{args.preset}.pt", 0), (f"independent_{d.name}.pt", 1),  # the notebook's SEED + 1
+            (f"vae_{d.name}_{args.vae_preset}.pt", 0)))
     ckpt = Path(args.ckpt_dir)
     tag = f"{d.name}{'_quick' if args.quick else ''}"
     widths = models.CNN_PRESETS[args.preset]["widths"]

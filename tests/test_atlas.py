@@ -143,7 +143,7 @@ def test_a_rebuild_that_fails_for_its_model_leaves_the_finished_atlas_as_it_was(
     atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS, progress=False)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     gray_vae = models.build_model(models.vae_config("small", in_channels=1)).eval()  # draws 1-channel images
-    with pytest.raises(ValueError, match="channel"):
+    with pytest.raises(ValueError, match="the VAE makes 1-channel 32x32 images and the model takes 3-channel"):
         atlas.build_atlas(model, d, gray_vae, ("pixel", "whitened"), tmp_path, ["block3.act2"], STEPS,
                           progress=False)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -252,6 +252,12 @@ def test_rank_techniques_orders_by_both_naturalness_metrics_among_those_with_cla
     assert ranked == ["b", "a", "c"]  # rank sums 1, 2, 3
 
 
+def test_rank_techniques_leaves_out_a_technique_whose_scores_are_not_numbers():
+    row = lambda name, nat, path: dict(technique=name, naturalness=nat, path_flagged=path, act=2.0, transfer=1.0)
+    rows = [row("a", 1.0, 0.3), row("b", 2.0, 0.1), row("nan", float("nan"), 0.2)]  # NaN would rank first
+    assert [r["technique"] for r in metrics.rank_techniques(rows, ["a", "b", "nan"])] == ["a", "b"]
+
+
 def test_rank_techniques_gives_equal_values_one_rank_whatever_the_order_of_the_rows():
     row = lambda name, nat, path: dict(technique=name, naturalness=nat, path_flagged=path, act=2.0, transfer=1.0)
     rows = [row("a", 1.0, 0.5), row("b", 2.0, 0.5), row("c", 3.0, 0.4)]  # a and b tie on the path check
@@ -281,10 +287,12 @@ def test_features_of_torchvision_classifiers_are_what_their_head_reads():
 
 def test_metrics_refuse_labels_that_do_not_match_the_images():
     fm, x = FeatureModel(), points([[1, 2], [3, 4], [5, 6]])
-    with pytest.raises(ValueError, match=r"labels must be \(3,\), one class per image; got shape \(3, 1\)"):
+    with pytest.raises(ValueError, match=r"labels must be \(3,\) integer class indices, one per .* \(3, 1\)"):
         metrics.transferability(fm, x, torch.tensor([[2], [2], [2]]))  # used to broadcast to a 3 x 3 comparison
-    with pytest.raises(ValueError, match=r"labels must be \(3,\).*got shape \(1,\)"):
+    with pytest.raises(ValueError, match=r"labels must be \(3,\).*of shape \(1,\)"):
         metrics.transferability(fm, x, torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"labels must be \(3,\) integer class indices"):
+        metrics.transferability(fm, x, torch.tensor([0.5, 1.0, 2.0]))  # used to score 0.0
     with pytest.raises(ValueError, match=r"y_true and y_pred must be \(N,\).*shapes \(4,\) and \(1,\)"):
         metrics.confusion_matrix(torch.tensor([0, 1, 2, 1]), torch.tensor([1]), 3)
     with pytest.raises(ValueError, match=r"two_choice needs references"):

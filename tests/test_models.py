@@ -135,6 +135,8 @@ def test_capture_returns_layer_outputs_and_leaves_no_hooks():
         h = model.whiten_act(model.whiten(model.normalize(x)))
         expected = model.block1(h)
     assert torch.allclose(maps["block1.act2"], expected) and maps["block3.conv1"].shape == (2, 32, 7, 7)
+    graphed = models.capture(model, x.clone().requires_grad_(), "block1.act2")["block1.act2"]
+    assert not graphed.requires_grad  # no graph is kept, whatever the images
     assert all(not m._forward_hooks for m in model.modules())
     model.train()
     models.capture(model, x, ["head"])
