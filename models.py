@@ -207,15 +207,20 @@ class ResBlock(nn.Module):
 
 def discretized_logistic_nll(x, mean, log_scale):
     """-log P(x) per pixel under a logistic discretized to 256 levels; x, mean in [-1, 1]. The lowest
-    and the highest level take the logistic's tails (their bin edge at -inf or +inf)."""
+    and the highest level take the logistic's tails (their bin edge at -inf or +inf). Where a bin's mass
+    underflows (1e-5), an inner level takes the density at its centre and an end level its tail's exact
+    log mass, as in PixelCNN++."""
     centered = x - mean
     inv_s = torch.exp(-log_scale)
-    plus = torch.where(x > 0.999, math.inf, inv_s * (centered + 1 / 255))
-    minus = torch.where(x < -0.999, -math.inf, inv_s * (centered - 1 / 255))
+    upper, lower = inv_s * (centered + 1 / 255), inv_s * (centered - 1 / 255)
+    plus = torch.where(x > 0.999, math.inf, upper)
+    minus = torch.where(x < -0.999, -math.inf, lower)
     cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
     mid = inv_s * centered
-    log_pdf_mid = mid - log_scale - 2 * F.softplus(mid) - math.log(127.5)  # when the bin mass underflows
-    return -torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), log_pdf_mid)
+    log_pdf_mid = mid - log_scale - 2 * F.softplus(mid) - math.log(127.5)
+    log_tail = torch.where(x > 0.999, F.logsigmoid(-lower), F.logsigmoid(upper))  # log P(255), log P(0)
+    underflow = torch.where(x.abs() > 0.999, log_tail, log_pdf_mid)
+    return -torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), underflow)
 
 
 def mixture_logistic_nll(x, logits, means, log_scales, coeffs):

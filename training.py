@@ -596,7 +596,8 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, **(extra or {}))
 
     def train_step(step, x, y):
-        out = vae.elbo(x, min(1.0, step / warm), hyp["free_bits"], generator=gen)
+        weight = min(1.0, step / warm) if hyp["kl_warmup_epochs"] else 1.0  # 0: no warm-up, from the first step
+        out = vae.elbo(x, weight, hyp["free_bits"], generator=gen)
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(
                 f"VAE loss became {out['loss'].item()} at step {step} (epoch {step // len(loader) + 1}); "

@@ -43,6 +43,15 @@ def test_discretized_logistic_is_a_distribution_over_256_levels():
         assert torch.exp(-nll).sum().item() == pytest.approx(1.0, abs=2e-3)
 
 
+def test_an_end_level_the_logistic_leaves_almost_no_mass_gets_its_exact_tail():
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    for x, mean, log_scale in [(1.0, -1.0, -3.0), (-1.0, 1.0, -3.0), (1.0, 0.5, -5.0)]:
+        nll = models.discretized_logistic_nll(f64(x), f64(mean), f64(log_scale))
+        edge = (x - mean - x / 255) / math.exp(log_scale)  # the inner edge of the end bin, in logistic units
+        exact = math.log1p(math.exp(x * edge))  # -log P: P(255) = 1 - sigmoid(edge), P(0) = sigmoid(edge)
+        assert nll.item() == pytest.approx(exact, rel=1e-9)  # the density at the bin's centre was 0.4-1.9 off
+
+
 def test_mixture_with_coupled_channels_is_a_distribution_over_every_rgb_value():
     """The joint of the three coupled channels, summed over all 256^3 colours of a pixel, is 1."""
     gen = torch.Generator().manual_seed(0)
@@ -114,6 +123,20 @@ def test_free_bits_floor_the_trained_kl():
     expected = plain["nll"].mean() + per_dim.clamp_min(floor).sum()
     assert (per_dim < floor).any() and (per_dim > floor).any()
     assert mid["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_no_kl_warm_up_weighs_the_full_kl_from_the_first_step(tiny, tmp_path, monkeypatch):
+    weights, real = [], models.VAE.elbo
+
+    def recording(self, x, kl_weight=1.0, *args, **kwargs):
+        if self.training:
+            weights.append(kl_weight)
+        return real(self, x, kl_weight, *args, **kwargs)
+
+    monkeypatch.setattr(models.VAE, "elbo", recording)
+    hyp = dict(epochs=1, batch_size=200, kl_warmup_epochs=0)
+    training.train_vae(tiny, tmp_path / "v.pt", preset="small", hyp=hyp, progress=False)
+    assert len(weights) > 1 and set(weights) == {1.0}  # the first step weighed 0 before
 
 
 def test_latent_statistics_match_an_independent_computation(tiny):
