@@ -158,7 +158,7 @@ class CNN(nn.Module):
     @torch.no_grad()
     def init_whiten(self, images, eps=5e-4):
         """Set the whitening filters to the scaled eigenvectors of the patch covariance of `images`."""
-        x = self.normalize(to_float(images))
+        x = self.normalize(to_float(images).to(self.whiten.weight.device))
         c, k = x.size(1), self.config["whiten_kernel"]
         patches = x.unfold(2, k, 1).unfold(3, k, 1)  # (B, C, H', W', k, k)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()

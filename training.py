@@ -447,12 +447,15 @@ def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progre
 
 def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=None,
         progress=True, extra=None):
-    """Train a CNN on data.train, validate on data.val each epoch, keep the best checkpoint.
+    """Train a CNN on data.train, validate on data.val each epoch, keep the best checkpoint. Its frozen
+    whitening layer is first set from the first 5,000 training images (`CNN.init_whiten`), as airbench94
+    sets it.
 
     Returns the per-epoch metrics rows; the model ends with the best epoch's weights.
     `extra` is stored in the checkpoint (e.g. the dataset name).
     """
     hyp = hyperparameters(CNN_HYP, hyp)
+    model.init_whiten(data.train_x[:5000])
     seed_everything(seed)
     device = get_device(device)
     cuda = device.type == "cuda"
@@ -533,13 +536,8 @@ def train_classifier(data, ckpt_path, preset="airbench", hyp=None, retrain=False
     mean, std = data.channel_stats()
     config = cnn_config(preset, data.channels, len(data.classes), mean, std, image_size=data.size,
                         **config_overrides)
-
-    def build():
-        model = build_model(config)
-        model.init_whiten(to_float(data.train_x[:5000]))
-        return model
-    return _train_or_load(fit, build, data, ckpt_path, config, hyperparameters(CNN_HYP, hyp), retrain, seed,
-                          device, csv_path, progress)
+    return _train_or_load(fit, lambda: build_model(config), data, ckpt_path, config, hyperparameters(CNN_HYP, hyp),
+                          retrain, seed, device, csv_path, progress)
 
 
 # ----------------------------------------------------------------------------- VAE

@@ -238,3 +238,13 @@ def test_notebook_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("PRESET", "Compact")
     with pytest.raises(ValueError, match=r"PRESET='Compact': give one of airbench, compact, small"):
         training.setting("PRESET", "compact", choices=models.CNN_PRESETS)  # used to fail a few cells later
+
+
+def test_fit_sets_the_whitening_layer_from_the_training_images(tiny_data):
+    torch.manual_seed(0)
+    model = models.build_model(models.cnn_config("small", image_size=32))
+    expected = models.build_model(models.cnn_config("small", image_size=32))
+    expected.init_whiten(tiny_data.train_x[:5000])
+    assert not torch.allclose(model.whiten.weight, expected.whiten.weight)  # random until fit sets it
+    training.fit(model, tiny_data, hyp=dict(epochs=1, batch_size=200), progress=False)
+    assert torch.equal(model.whiten.weight.cpu().contiguous(), expected.whiten.weight)  # frozen from then on
