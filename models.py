@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import check_batch, to_float
+from data import check_batch, check_count, to_float
 
 # ----------------------------------------------------------------------------- classifier
 
@@ -326,8 +326,7 @@ class VAE(nn.Module):
         if a.ndim != 3 or a.shape != b.shape:
             raise ValueError(f"interpolate takes two images of one shape (C, H, W); got {tuple(a.shape)} and "
                              f"{tuple(b.shape)} (for images[i] of a batch, pass images[i], not images[i:i + 1])")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-            raise ValueError(f"steps must be an int >= 2 (both ends included); got {steps!r}")
+        check_count("steps", steps, 2)  # both ends included
         z = self.encode(torch.stack([a, b]).to(self.latent_mean.device))[0]
         t = torch.linspace(0, 1, steps, device=z.device, dtype=z.dtype)[:, None]
         return self.decode(torch.lerp(z[0], z[1], t))

@@ -322,9 +322,9 @@ def hyperparameters(defaults, hyp):
     return hyp
 
 
-def _train_or_load(fit_fn, build, data, ckpt_path, config, hyp, retrain, seed, device, csv_path, progress):
-    """Load a complete checkpoint trained with exactly these settings, else build, fit and load; either
-    way the global random states are left as they were (keeping_random_state)."""
+def _train_or_load(fit_fn, data, ckpt_path, config, hyp, retrain, seed, device, csv_path, progress):
+    """Load a complete checkpoint trained with exactly these settings, else build the model of `config`, fit
+    it and load it; either way the global random states are left as they were (keeping_random_state)."""
     if ckpt_path is None:
         raise ValueError("ckpt_path is required: the checkpoint to reuse, or to write when training")
     ckpt_path, csv_path = Path(ckpt_path).expanduser(), csv_path and Path(csv_path).expanduser()
@@ -333,7 +333,7 @@ def _train_or_load(fit_fn, build, data, ckpt_path, config, hyp, retrain, seed, d
         if not retrain and reusable(ckpt_path, config=config, hyp=hyp, **settings):
             return load_checkpoint(ckpt_path, device)
         seed_everything(seed)
-        fit_fn(build(), data, hyp, device, seed, ckpt_path, csv_path, progress, extra=settings)
+        fit_fn(build_model(config), data, hyp, device, seed, ckpt_path, csv_path, progress, extra=settings)
         return load_checkpoint(ckpt_path, device)
 
 
@@ -536,8 +536,8 @@ def train_classifier(data, ckpt_path, preset="airbench", hyp=None, retrain=False
     mean, std = data.channel_stats()
     config = cnn_config(preset, data.channels, len(data.classes), mean, std, image_size=data.size,
                         **config_overrides)
-    return _train_or_load(fit, lambda: build_model(config), data, ckpt_path, config, hyperparameters(CNN_HYP, hyp),
-                          retrain, seed, device, csv_path, progress)
+    return _train_or_load(fit, data, ckpt_path, config, hyperparameters(CNN_HYP, hyp), retrain, seed, device,
+                          csv_path, progress)
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -628,5 +628,5 @@ def train_vae(data, ckpt_path, preset="default", hyp=None, retrain=False, seed=0
     Returns (vae in eval mode, checkpoint dict).
     """
     config = vae_config(preset, data.channels, **config_overrides)
-    return _train_or_load(fit_vae, lambda: build_model(config), data, ckpt_path, config,
-                          hyperparameters(VAE_HYP, hyp), retrain, seed, device, csv_path, progress)
+    return _train_or_load(fit_vae, data, ckpt_path, config, hyperparameters(VAE_HYP, hyp), retrain, seed, device,
+                          csv_path, progress)
