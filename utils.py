@@ -148,10 +148,12 @@ def plot_curves(rows, metrics=("loss", "acc"), save=None):
         return [float(r[key]) if r.get(key) not in (None, "") else math.nan for r in rows]
 
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-    recorded = sorted({k.split("_", 1)[1] for r in rows[:1] for k in r if k.startswith(("train_", "val_"))})
-    unknown = [m for m in metrics if rows and m not in recorded]
-    if unknown:
-        raise ValueError(f"no train_ or val_ column for metric(s) {unknown}; these rows record {', '.join(recorded)}")
+    if rows:
+        recorded = sorted({k.split("_", 1)[1] for k in rows[0] if k.startswith(("train_", "val_"))})
+        unknown = [m for m in metrics if m not in recorded]
+        if unknown:
+            raise ValueError(f"no train_ or val_ column for metric(s) {unknown}; these rows record "
+                             f"{', '.join(recorded)}")
     epochs = column("epoch")
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
