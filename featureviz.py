@@ -520,6 +520,8 @@ class Class:
 
     def check(self, shape):
         _check_int(self, "idx", self.idx)
+        if not isinstance(self.log_prob, bool):
+            raise TypeError(f"Class log_prob must be True or False, got {self.log_prob!r}")
         if not 0 <= self.idx < shape[0]:
             raise ValueError(f"class {self.idx} out of range: the model has {shape[0]} classes")
 
@@ -631,6 +633,17 @@ def _is_one(value):
     return isinstance(value, TARGETS) or isinstance(value, (str, bytes)) or np.ndim(value) == 0
 
 
+def _as_index(value):
+    """A Python int from a NumPy or 0-d tensor integer (an element of an index array or tensor); anything
+    else as it is, for its caller to check."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if _is_int(value) or (isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point()
+                          and value.dtype != torch.bool):
+        return int(value)
+    return value
+
+
 def as_targets(targets):
     """A list of targets from one target, a list, or class indices (ints or integer tensors)."""
     if _is_one(targets):
@@ -639,11 +652,7 @@ def as_targets(targets):
         raise TypeError(f"targets must be a class index, a Class/Channel/Neuron/Direction, or a list of them; "
                         f"got {targets!r}")
     out = []
-    for t in targets:
-        if isinstance(t, np.ndarray) and t.ndim == 0:
-            t = t.item()  # a 0-d array
-        if _is_int(t) or (isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point()):
-            t = int(t)  # a NumPy or tensor integer too
+    for t in map(_as_index, targets):
         if isinstance(t, bool) or not isinstance(t, TARGETS + (int,)):
             raise TypeError(f"a target must be a class index (int), Class, Channel, Neuron or Direction; got {t!r}")
         out.append(Class(t) if isinstance(t, int) else t)
@@ -1330,7 +1339,7 @@ def visualize_unit(model, layer, channel=0, neuron=None, technique="fourier", va
     (steps, seed, progress, ...) goes to it.
     """
     how = technique if isinstance(technique, Technique) else get_technique(technique, vae, color_cov, magnitude)
-    channels = [channel] if _is_one(channel) else list(channel)
+    channels = [_as_index(c) for c in ([channel] if _is_one(channel) else channel)]
     if layer in ("head", None):
         if neuron is not None:
             raise ValueError(f"neuron={neuron!r} needs a spatial layer; layer {layer!r} means a class (its logit)")

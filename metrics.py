@@ -130,6 +130,9 @@ def pooled(a):
 def normalized_activation(vis_act, real_acts):
     """Activation of each visualization / max over real images; real_acts (M, N) aligned with vis_act (N,).
     NaN for a unit that no real image activates (max <= 0): no ratio to it means anything."""
+    if vis_act.dim() != 1 or real_acts.dim() != 2 or real_acts.shape[1] != len(vis_act) or not len(real_acts):
+        raise ValueError(f"normalized_activation needs vis_act (N,) and real_acts (M, N) with M >= 1; got shapes "
+                         f"{tuple(vis_act.shape)} and {tuple(real_acts.shape)}")
     best = real_acts.max(0).values
     return vis_act / best.where(best > 0, torch.nan)
 

@@ -556,6 +556,7 @@ def test_an_interrupted_render_closes_its_progress_bar(nets):
     (fv.Neuron("block2.act2", 3, 4, 2.0), "Neuron x must be an int, got 2.0"),
     (fv.Channel("block2.act2", 3.0), r"Channel channel must be an int, got 3.0 \(Channel\(layer, channel\)\)"),
     (fv.Class(True), "Class idx must be an int, got True"),
+    (fv.Class(2, log_prob="no"), "Class log_prob must be True or False, got 'no'"),
 ])
 def test_a_target_index_that_is_not_an_int_is_named(nets, target, match):
     cnn, _ = nets
@@ -565,7 +566,7 @@ def test_a_target_index_that_is_not_an_int_is_named(nets, target, match):
 
 def test_targets_as_strings_are_refused_and_integer_tensors_taken(nets):
     cnn, _ = nets
-    for bad in ("cat", ["cat"], 1.5):
+    for bad in ("cat", ["cat"], 1.5, torch.tensor(True)):
         with pytest.raises(TypeError, match="class index"):
             fv.render(cnn, bad, steps=1, progress=False)
     a = fv.render(cnn, torch.tensor(3), steps=3, progress=False)

@@ -641,6 +641,9 @@ def test_visualize_unit_builds_the_right_target():
                              fv.Neuron("block1.act2", 0), fv.Direction("block1.act2", torch.ones(16)))] == [
         "class 3", "block1.act2 channel 2", "block1.act2 channel 0 at (3, 4)", "block1.act2 channel 0 at the center",
         "a direction in block1.act2"]
+    for channels in (torch.arange(2), np.arange(2)):  # index tensors and arrays, as for class targets
+        assert fv.visualize_unit(model, "block1.act2", channels, **kw).targets == [
+            fv.Channel("block1.act2", 0), fv.Channel("block1.act2", 1)]
     magnitude = fv.magnitude_spectrum(torch.rand(8, 3, 32, 32))
     assert fv.visualize_unit(model, "block1.act2", 1, technique="maco", magnitude=magnitude, **kw).images.shape == (
         1, 3, 32, 32)

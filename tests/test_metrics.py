@@ -66,6 +66,10 @@ def test_quality_metrics_by_hand():
     # a unit no real image activates has no ratio: a worse activation must not score higher
     ratio = metrics.normalized_activation(torch.tensor([-3.0, -1.0, 1.0]), torch.tensor([[-2.0, 0.0, 2.0]]))
     assert ratio[:2].isnan().all() and ratio[2] == 0.5
+    # real activations of one unit only, or not one column per visualization: named, not broadcast
+    for real in (torch.tensor([1.0, 6.0]), torch.ones(2, 3), torch.ones(0, 2)):
+        with pytest.raises(ValueError, match=r"vis_act \(N,\) and real_acts \(M, N\)"):
+            metrics.normalized_activation(torch.tensor([2.0, 3.0]), real)
     logits = torch.zeros(4, 1, 32, 32)
     logits[:, 0, 0, :3] = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
     assert metrics.transferability(fm, logits, torch.tensor([0, 1, 2, 2])) == 0.75
