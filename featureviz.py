@@ -121,13 +121,15 @@ def fourier_scale(size, decay=1.0, spectrum=None):
 
 def color_sqrt(color_cov, channels):
     """(C, C) colour transform: symmetric sqrt of the covariance, spectral norm 1 (identity if None)."""
-    if color_cov is None or channels == 1:
+    if color_cov is None:
         return torch.eye(channels)
     color_cov = torch.as_tensor(color_cov).cpu()  # as fourier_scale: the module moves its buffers
     if color_cov.shape != (channels, channels) or not torch.isfinite(color_cov).all():
         raise ValueError(f"color_cov must be a finite ({channels}, {channels}) covariance, as color_covariance(images) "
                          f"returns; got shape {tuple(color_cov.shape)}"
                          f"{'' if torch.isfinite(color_cov).all() else ' with NaN or inf'}")
+    if channels == 1:
+        return torch.eye(1)  # one channel has no colours to correlate
     root = _sqrt_psd(color_cov)
     return (root / torch.linalg.matrix_norm(root, 2)).float()
 

@@ -254,6 +254,15 @@ def test_a_size_the_model_cannot_tell_asks_for_size():
     assert r.images.shape == (1, 1, 28, 28)
 
 
+def test_a_gray_model_takes_its_own_colour_covariance_and_names_an_rgb_one():
+    fourier = fv.get_technique("fourier", color_cov=torch.eye(3))  # the RGB data's, on a gray model
+    with pytest.raises(ValueError, match=r"color_cov must be a finite \(1, 1\) covariance.*got shape \(3, 3\)"):
+        fourier(sequential_28(), [0], steps=1, size=28, progress=False)
+    gray = fv.color_covariance(torch.rand(8, 1, 28, 28))
+    r = fv.get_technique("fourier", color_cov=gray)(sequential_28(), [0], steps=1, size=28, progress=False)
+    assert r.images.shape == (1, 1, 28, 28)
+
+
 class ViewNet(nn.Module):
     """The classic tutorial CNN: it flattens a feature map with .view, which a channels-last one cannot do."""
 
