@@ -42,6 +42,7 @@ class Data:
     test_x: torch.Tensor
     test_y: torch.Tensor
     templates: torch.Tensor = None  # synthetic only: (10, 3, 32, 32) float in [0, 1], the planted features
+    seed: int = 0                   # the seed of the train/val split (and of synthetic images)
 
     @property
     def channels(self):
@@ -183,7 +184,15 @@ def load_data(name="cifar10", root=None, seed=0, val_size=None, **synthetic_kwar
                              f"outside 0..{len(classes) - 1} for its {len(classes)} classes: the files are "
                              f"corrupt; delete them from {root} and load again")
     train_idx, val_idx = split_indices(len(y), val_size, seed)
-    return Data(name, classes, x[train_idx], y[train_idx], x[val_idx], y[val_idx], tx, ty, templates)
+    return Data(name, classes, x[train_idx], y[train_idx], x[val_idx], y[val_idx], tx, ty, templates, seed)
+
+
+def check_seed(d, seed):
+    """An error unless `d` was loaded with this seed: a notebook whose SEED changed since its data cell ran
+    would otherwise train on the old split and record the new seed, a checkpoint no split matches."""
+    if d.seed != seed:
+        raise ValueError(f"the {d.name} data were loaded with seed {d.seed} (their train/val split), not {seed}: load "
+                         f"them again with seed={seed} (in a notebook: re-run the data cell after changing SEED)")
 
 
 def atomic_write(path, write):

@@ -50,6 +50,14 @@ def test_a_validation_size_that_leaves_no_split_is_refused(val_size):
     assert [len(i) for i in data.split_indices(1000, 999)] == [1, 999]
 
 
+def test_data_remember_the_seed_of_their_split():
+    d = data.load_data("synthetic", seed=3, n_train=200, n_test=20)
+    assert d.seed == 3
+    data.check_seed(d, 3)
+    with pytest.raises(ValueError, match=r"loaded with seed 3 \(their train/val split\), not 4: .*re-run the data cell"):
+        data.check_seed(d, 4)
+
+
 def test_unknown_dataset_names_the_choices():
     with pytest.raises(ValueError, match="cifar10, fashion-mnist, synthetic"):
         data.load_data("imagenet")
