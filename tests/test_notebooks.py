@@ -20,12 +20,62 @@ def test_committed_without_outputs_and_parameters_first(name):
     assert "SMOKE" in first and "DATA_DIR" in first and "training.setting(" in first  # read from the environment
 
 
+# Appended to a training notebook's smoke run: its training cell re-run after PRESET or SEED changed, the data
+# cell not (a user poking at settings). The trainer is replaced by one that records its call.
+RERUN_TRAINING = """
+cell, train, before = {cell!r}, training.{trainer}, (PRESET, SEED)
+calls = []
+training.{trainer} = lambda d, path, **kw: (calls.append((path, kw["preset"])), (model_or_vae, ckpt))[1]
+model_or_vae = {result}
+try:
+    PRESET = {preset!r}
+    exec(cell)  # the checkpoint is named after the preset it holds
+    assert calls == [(Path("checkpoints") / f"{prefix}_{{d.name}}_{preset}.pt", {preset!r})], calls
+    PRESET, SEED = before[0], SEED + 1
+    try:
+        exec(cell)  # the data are of the old SEED's split
+    except ValueError as e:
+        assert "re-run the data cell" in str(e), e
+    else:
+        raise AssertionError("trained on the split of another SEED")
+    assert len(calls) == 1, calls
+finally:
+    training.{trainer}, (PRESET, SEED) = train, before
+"""
+TRAINING = {"Classifier.ipynb": dict(trainer="train_classifier", result="model", preset="compact", prefix="classifier"),
+            "VAE.ipynb": dict(trainer="train_vae", result="vae", preset="default", prefix="vae")}
+
+# Appended to Visualization's smoke run: the explorer renders when its button is pressed, once, not as the
+# widgets move (a layer with fewer channels clamps the channel slider, a second change).
+PRESS_RENDER = """
+drawn, show = [], show_unit
+show_unit = lambda *args: drawn.append(args)
+try:
+    channel_box.value = channel_box.max
+    layer_box.value = "head"
+    assert drawn == [], drawn
+    ui.manual_button.click()
+    assert drawn == [("head", len(d.classes) - 1, technique_box.value)], drawn
+finally:
+    show_unit = show
+"""
+
+
+def _smoke_checks(name, nb):
+    """The cells appended to notebook `name` after its own (above), made from its cells."""
+    if name in TRAINING:
+        cell = next(c.source for c in nb.cells if f"training.{TRAINING[name]['trainer']}(" in c.source)
+        return RERUN_TRAINING.format(cell=cell, **TRAINING[name])
+    return PRESS_RENDER
+
+
 def test_notebooks_run_in_smoke_mode(monkeypatch):
     """All three in one test, in order: each reads the checkpoints of those before it (also under pytest -n)."""
     for key, value in dict(SMOKE="1", DATASET="synthetic", RETRAIN="1", MPLBACKEND="Agg", ATLAS="1").items():
         monkeypatch.setenv(key, value)
     for name in NOTEBOOKS:
         nb = nbformat.read(ROOT / name, as_version=4)
+        nb.cells.append(nbformat.v4.new_code_cell(_smoke_checks(name, nb)))
         client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
         try:
             client.execute()
