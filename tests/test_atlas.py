@@ -1,6 +1,7 @@
 """The atlas: page structure (every channel has its card, every link and image resolves), resuming and
 stale keys, the selectivity and head-contribution numbers, and a real headless browser."""
 import os
+import re
 import shlex
 import shutil
 from html.parser import HTMLParser
@@ -111,6 +112,9 @@ def test_selectivity_is_high_for_a_one_class_channel_and_low_for_an_even_one():
     means[:, 1] = 0.7       # fires alike for every class
     sel = atlas.selectivity(means)  # channel 2 never fires
     assert sel.tolist() == pytest.approx([10.0, 1.0, 0.0])
+    means[:, 2] = -1.0      # negative for every class but one: the negatives count as 0
+    means[7, 2] = 0.5
+    assert atlas.selectivity(means)[2].item() == pytest.approx(10.0)
 
 
 def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_path, monkeypatch):
@@ -238,6 +242,38 @@ def test_the_cards_show_the_channels_own_exemplars(tiny, built):
     card = page[page.index('id="c5"'):page.index('id="c6"')]
     shown = [int(s.split(".png")[0]) for s in card.split("img/test/")[1:]]
     assert shown[:atlas.TOP] == ex.top.tolist()
+    assert shown[atlas.TOP:] == fv.exemplars(model, d.test_x, fv.Channel(layer, 5), k=atlas.BOTTOM).bottom.tolist()
+    # its bars: channel 5's own mean activation per class (the exact value on hover)
+    acts = fv.activations(model, d.test_x, [fv.Channel(layer, 5)])[:, 0]
+    means = [acts[d.test_y == k].mean().item() for k in range(len(d.classes))]
+    assert [float(v) for v in re.findall(r'class="bar"[^>]*title="[^"]*: (-?[0-9.]+)"', card)] == pytest.approx(
+        means, abs=1e-3)
+
+
+def test_the_index_shows_each_layers_most_selective_channels_first(tiny, built):
+    model, d, _ = tiny
+    out, _ = built
+    links = parse(out / "index.html").hrefs
+    for layer in models.block_layers(model, 32):
+        n = models.layer_channels(model, layer, 32)
+        acts = fv.activations(model, d.test_x, [fv.Channel(layer, c) for c in range(n)])
+        best = atlas.selectivity(atlas.class_means(acts, d.test_y, len(d.classes))).argsort(descending=True)
+        page = f"layer-{atlas.safe(layer)}.html#c"
+        assert [h for h in links if h.startswith(page)] == [f"{page}{c}" for c in best[:atlas.STRIP].tolist()]
+
+
+def test_class_pages_list_the_confusions_both_ways(tiny, built):
+    model, d, _ = tiny
+    out, _ = built
+    cm = metrics.confusion_matrix(d.test_y, fv.activations(model, d.test_x, list(range(10))).argmax(1), 10)
+    for c in range(10):
+        page = (out / f"class-{c}.html").read_text()
+        table = page[page.index("Most confused with"):]
+        rows = [(int(j), int(a), int(b)) for j, a, b in
+                re.findall(r'<tr><td><a href="class-(\d+).html">[^<]*</a></td><td>(\d+)</td><td>(\d+)</td></tr>', table)]
+        both = cm[c] + cm[:, c]
+        expected = [j for j in both.argsort(descending=True).tolist() if j != c and both[j] > 0][:3]
+        assert rows == [(j, int(cm[c, j]), int(cm[j, c])) for j in expected], c
 
 
 # ----------------------------------------------------------------------------- a real browser
