@@ -135,6 +135,39 @@ def test_magnitude_spectrum_finds_the_data_frequency():
     assert all(divmod(m[c].argmax().item(), 9) == (2, 3) for c in range(3))
 
 
+def test_magnitude_spectrum_is_measured_in_the_decorrelated_colours():
+    """Images whose colours mix three waves by the colour transform: each decorrelated channel holds its own."""
+    cov = torch.tensor([[1.0, 0.8, 0.6], [0.8, 1.0, 0.7], [0.6, 0.7, 1.0]])
+    y, x = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    waves = [(1, 0), (0, 3), (2, 5)]  # (down, across) cycles of decorrelated channel 0, 1, 2
+    phases = torch.rand(4, 3, 1, 1, generator=torch.Generator().manual_seed(0)) * 2 * torch.pi
+    z = torch.stack([torch.cos(2 * torch.pi * (a * y + b * x) / 16 + phases[:, c]) for c, (a, b) in enumerate(waves)], 1)
+    images = 0.5 + 0.1 * torch.einsum("cd,ndhw->nchw", fv.color_sqrt(cov, 3), z)  # 4 images, the waves shifted
+    m = fv.magnitude_spectrum(images, cov)
+    for c, (a, b) in enumerate(waves):
+        others = [m[c, a2, b2].item() for a2, b2 in waves if (a2, b2) != (a, b)]
+        assert max(others) < 1e-3 * m[c, a, b].item(), (c, others, m[c, a, b])
+
+
+def test_the_colour_transform_is_the_covariance_root_with_spectral_norm_one():
+    cov = torch.tensor([[1.0, 0.8, 0.6], [0.8, 1.0, 0.7], [0.6, 0.7, 1.0]]) * 0.05
+    root = fv.color_sqrt(cov, 3)
+    assert torch.linalg.matrix_norm(root, 2).item() == pytest.approx(1.0, abs=1e-5)
+    scaled = root @ root.T
+    assert torch.allclose(scaled / scaled[0, 0], cov / cov[0, 0], atol=1e-5)  # its square is the covariance's shape
+
+
+@pytest.mark.parametrize("size", [16, 15])
+def test_maco_contrast_is_exact_for_a_real_images_phases(size):
+    """Parseval: with the magnitude and the phases of one real image, the image's RMS is the contrast asked."""
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))  # logits
+    magnitude = torch.fft.rfft2(x, norm="ortho").abs()[0]
+    p = fv.MaCoParam(1, 3, size, magnitude=magnitude, contrast=0.7)
+    p.set_images(torch.sigmoid(x))
+    rms = torch.logit(p().detach().double()).pow(2).mean().sqrt()
+    assert rms.item() == pytest.approx(0.7, rel=1e-3)
+
+
 def test_maco_technique_needs_the_magnitude():
     with pytest.raises(ValueError, match="magnitude spectrum"):
         fv.parameterization("maco")
