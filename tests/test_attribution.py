@@ -246,3 +246,40 @@ class _HeadFirst(nn.Module):
 
 def test_a_model_whose_first_convolution_is_not_its_stem():
     assert attribution.saliency(_HeadFirst(), torch.rand(2, 3, 16, 16), 1).shape == (2, 16, 16)
+
+
+def _small_cnn():
+    torch.manual_seed(0)
+    return models.build_model(models.cnn_config("small")).eval()
+
+
+def test_saliency_and_grad_cam_match_their_definitions_by_hand():
+    model, layer = _small_cnn(), "block2.act2"
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 4, 9])
+    xg = x.clone().requires_grad_()
+    model(xg)[torch.arange(3), t].sum().backward()
+    assert torch.allclose(attribution.saliency(model, x, t), xg.grad.abs().amax(1), atol=1e-6)  # max over channels
+    acts = {}
+    hook = models.get_layer(model, layer).register_forward_hook(lambda m, i, out: acts.update(a=out))
+    try:
+        out = model(x)
+    finally:
+        hook.remove()
+    a = acts["a"]
+    grads, = torch.autograd.grad(out[torch.arange(3), t].sum(), a)
+    cam = (grads.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True).relu()  # (B, 1, 8, 8)
+    want = nn.functional.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(attribution.grad_cam(model, x, t, layer=layer), want.detach(), atol=1e-5)
+
+
+def test_integrated_gradients_takes_its_steps():
+    from captum.attr import IntegratedGradients
+    model = _small_cnn()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([1, 3])
+    for steps in (3, 40):
+        want = IntegratedGradients(model).attribute(x, baselines=torch.zeros_like(x), target=t, n_steps=steps)
+        assert torch.allclose(attribution.integrated_gradients(model, x, t, steps=steps), want, atol=1e-6), steps
+    assert not torch.allclose(attribution.integrated_gradients(model, x, t, steps=3),
+                              attribution.integrated_gradients(model, x, t, steps=40), atol=1e-4)
