@@ -254,3 +254,28 @@ def test_fit_sets_the_whitening_layer_from_the_training_images(tiny_data):
     assert not torch.allclose(model.whiten.weight, expected.whiten.weight)  # random until fit sets it
     training.fit(model, tiny_data, hyp=dict(epochs=1, batch_size=200), progress=False)
     assert torch.equal(model.whiten.weight.cpu().contiguous(), expected.whiten.weight)  # frozen from then on
+
+
+def test_fit_follows_the_recipe_at_each_step(tiny_data, monkeypatch):
+    """Label smoothing in the training loss, the whitening bias trained for its epochs only, and the
+    last step pulled onto the weights' EMA (the lookahead's decay 1)."""
+    smoothing, decays, bias_trains = [], [], []
+    cross_entropy, update = nn.functional.cross_entropy, training.Lookahead.update
+    monkeypatch.setattr(nn.functional, "cross_entropy", lambda *a, **kw: (
+        kw.get("reduction") == "sum" and smoothing.append(kw.get("label_smoothing")), cross_entropy(*a, **kw))[1])
+    monkeypatch.setattr(training.Lookahead, "update", lambda self, model, decay: (
+        decays.append(decay), update(self, model, decay))[1])
+    torch.manual_seed(0)
+    model = models.build_model(models.cnn_config("small", image_size=32))
+
+    def record(module, args):  # in training steps only, not validation
+        if model.training:
+            bias_trains.append(module.bias.requires_grad)
+
+    model.whiten.register_forward_pre_hook(record)
+    hyp = dict(epochs=2, batch_size=200, label_smoothing=0.3, whiten_bias_epochs=1, ema_every=3)
+    training.fit(model, tiny_data, hyp=hyp, progress=False)
+    per_epoch = len(tiny_data.train_y) // 200
+    assert smoothing == [0.3] * 2 * per_epoch
+    assert bias_trains == [True] * per_epoch + [False] * per_epoch
+    assert len(decays) == 2 * per_epoch // 3 + 1 and decays[-1] == 1.0 and all(d < 1 for d in decays[:-1])
