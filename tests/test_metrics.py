@@ -111,6 +111,23 @@ def test_two_choice_by_hand_and_at_chance_for_random_references():
     assert abs(sum(scores) / len(scores) - 0.5) < 0.03
 
 
+def test_two_choice_is_a_cosine_whatever_the_scale_of_each_reference():
+    gen = torch.Generator().manual_seed(0)
+    refs, top, bottom = (torch.randn(n, 8, generator=gen) for n in (5, 60, 60))
+    scales = torch.logspace(-2, 2, 5)[:, None]  # one reference 100x longer than another: no louder
+    assert metrics.two_choice(refs * scales, top, bottom) == metrics.two_choice(refs, top, bottom)
+
+
+def test_path_percentiles_are_centred_on_the_random_images():
+    """A constant added to every activation (a bias, as a ReLU layer's are non-negative) changes nothing."""
+    gen = torch.Generator().manual_seed(0)
+    vis, top, random = (torch.randn(n, 6, generator=gen) for n in (8, 10, 100))
+    top = top + 1.0  # the unit's images lie along (1, ..., 1) from the random ones
+    offset = torch.full((6,), 20.0)
+    assert torch.equal(metrics.path_percentiles([vis + offset], [top + offset], [random + offset]),
+                       metrics.path_percentiles([vis], [top], [random]))
+
+
 def test_path_percentiles_by_hand():
     random = [torch.randn(200, 4, generator=torch.Generator().manual_seed(0))]
     top = [torch.tensor([[3.0, 0, 0, 0], [2.0, 0, 0, 0]])]  # the unit's natural images lie along +x
@@ -270,6 +287,15 @@ def test_rank_techniques_gives_equal_values_one_rank_whatever_the_order_of_the_r
         assert [r["technique"] for r in metrics.rank_techniques(list(order), "abc")] == ["a", "c", "b"]
     tied = [row("d", 1.0, 0.6), row("e", 1.0, 0.5)]  # as natural as d, and better on the path check
     assert [r["technique"] for r in metrics.rank_techniques(tied, "de")] == ["e", "d"]
+    crossed = [row("f", 2.0, 0.1), row("g", 1.0, 0.2)]  # equal rank sums (1 + 0, 0 + 1): the more natural first
+    for order in (crossed, crossed[::-1]):
+        assert [r["technique"] for r in metrics.rank_techniques(order, "fg")] == ["g", "f"]
+
+
+def test_rank_techniques_takes_class_evidence_at_its_bounds():
+    row = lambda name, act, transfer: dict(technique=name, naturalness=1.0, path_flagged=0.5, act=act, transfer=transfer)
+    rows = [row("at both", 1.0, 0.9), row("act under", 0.99, 1.0), row("transfer under", 2.0, 0.89)]
+    assert [r["technique"] for r in metrics.rank_techniques(rows, [r["technique"] for r in rows])] == ["at both"]
 
 
 def test_features_of_torchvision_classifiers_are_what_their_head_reads():
@@ -331,3 +357,16 @@ def test_features_are_the_input_of_the_last_linear_layer_to_run():
         torch.testing.assert_close(model.fc(f), model(x))
     fm = FeatureModel()  # a features() method that gives (N, D) wins
     assert torch.equal(metrics.features(fm, points([[1, 2]])), torch.tensor([[1.0, 2.0]]))
+
+
+def test_naturalness_weighs_every_block_the_same():
+    """Each block's standardized statistics have a mean squared norm of about 1 over the training images,
+    whatever its width: the widest block does not decide the distances alone."""
+    torch.manual_seed(0)
+    model = models.build_model(models.cnn_config("small", image_size=32)).eval()
+    train = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    stats = metrics.Statistics(model, train)
+    widths = [2 * models.layer_channels(model, layer) for layer in stats.layers]  # a mean and a std per channel
+    assert len(set(widths)) > 1 and sum(widths) == stats.train.shape[1]
+    norms = [block.pow(2).sum(1).mean().item() for block in stats.train.split(widths, 1)]
+    assert norms == pytest.approx([63 / 64] * len(widths), rel=0.05), norms
