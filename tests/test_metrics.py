@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import data
 import featureviz as fv
 import metrics
 import models
@@ -370,3 +371,38 @@ def test_naturalness_weighs_every_block_the_same():
     assert len(set(widths)) > 1 and sum(widths) == stats.train.shape[1]
     norms = [block.pow(2).sum(1).mean().item() for block in stats.train.split(widths, 1)]
     assert norms == pytest.approx([63 / 64] * len(widths), rel=0.05), norms
+
+
+@pytest.fixture(scope="module")
+def reference():
+    d = data.load_data("synthetic", n_train=600, n_test=100, seed=0)
+    torch.manual_seed(0)
+    model, other = (models.build_model(models.cnn_config("small", image_size=32)).eval() for _ in range(2))
+    return metrics.Reference(model, other, d, metrics.channel_sample(model, per_block=1), n_ref=500, n_random=50)
+
+
+def test_the_path_check_flags_an_image_unlike_the_natural_ones_at_a_single_block(reference, monkeypatch):
+    n = len(reference.layers)
+    p = torch.ones(2, n)
+    p[:, 2] = torch.tensor([0.1, 0.6])  # the first image fails at block 2 only; the second passes, least at block 2
+    monkeypatch.setattr(metrics, "path_percentiles", lambda a_vis, a_top, a_random: p)
+    flagged, least = reference.path_check(reference.test_x[:2], torch.tensor([0, 0]))
+    assert flagged == 0.5 and least == reference.layers[2]
+
+
+def test_two_choice_queries_are_the_units_next_top_images_apart_from_the_others(reference, monkeypatch):
+    """Per unit: its top R test images set the path's direction, the next R are the two-choice queries
+    (against its R weakest), the R after them the exemplars row; no image is in two of these."""
+    top, bottom, R = reference.top, reference.bottom, metrics.R
+    for u in range(len(reference.units)):
+        groups = [set(top[u, :R].tolist()), set(top[u, R:2 * R].tolist()), set(top[u, 2 * R:].tolist()),
+                  set(bottom[u].tolist())]
+        assert sum(map(len, groups)) == len(set().union(*groups)) == 4 * R, u
+    queries = []
+    two_choice = metrics.two_choice
+    monkeypatch.setattr(metrics, "two_choice", lambda refs, f_top, f_bottom: (
+        queries.append((f_top, f_bottom)), two_choice(refs, f_top, f_bottom))[1])
+    f = metrics.features(reference.other, reference.test_x[:3])
+    reference._two_choice(f, torch.tensor([0, 1, 2]))
+    for u, (f_top, f_bottom) in enumerate(queries):
+        assert torch.equal(f_top, reference.f_test[top[u, R:2 * R]]) and torch.equal(f_bottom, reference.f_test[bottom[u]])
