@@ -593,9 +593,11 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     gen = torch.Generator(device=device).manual_seed(seed)
     keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, **(extra or {}))
 
+    def kl_weight(step):  # rising to 1 over the warm-up; with no warm-up epochs, 1 from the first step
+        return min(1.0, step / warm) if hyp["kl_warmup_epochs"] else 1.0
+
     def train_step(step, x, y):
-        weight = min(1.0, step / warm) if hyp["kl_warmup_epochs"] else 1.0  # 0: no warm-up, from the first step
-        out = vae.elbo(x, weight, hyp["free_bits"], generator=gen)
+        out = vae.elbo(x, kl_weight(step), hyp["free_bits"], generator=gen)
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(
                 f"VAE loss became {out['loss'].item()} at step {step} (epoch {step // len(loader) + 1}); "
@@ -611,7 +613,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
         val = evaluate_vae(vae, data.val_x, seed=seed)
         return dict(**{f"train_{k}": float(v) / seen for k, v in sums.items()},
                     val_bpd=val["bpd"], val_nll=val["nll"], val_kl=val["kl"],
-                    kl_weight=min(1.0, (min((epoch + 1) * len(loader), total) - 1) / warm), lr=opt.param_groups[0]["lr"])
+                    kl_weight=kl_weight(min((epoch + 1) * len(loader), total) - 1), lr=opt.param_groups[0]["lr"])
 
     run_epochs(vae, loader, total, train_step, end_epoch, keeper, "VAE training", progress)
     keeper.restore()
