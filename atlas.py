@@ -109,14 +109,16 @@ def _bytes(t):
 
 def _resume(out, key, before_emptying):
     """The finished units recorded under this key; a folder built under another key is emptied first, after
-    before_emptying() (which raises if the build cannot work), its manifest last, so that a build interrupted
-    while emptying it still finds an atlas there. A folder that is not an atlas is never touched."""
+    before_emptying() (which raises if the build cannot work). Its manifest is kept but first records no key
+    and nothing done, so that a build interrupted while emptying it, under either key, empties it again. A
+    folder that is not an atlas is never touched."""
     manifest = out / MANIFEST
     if manifest.exists():
         saved = json.loads(manifest.read_text())
         if saved.get("key") == key:
             return saved["done"]
         before_emptying()
+        _save_manifest(out, None, {})
         for path in out.iterdir():
             if path == manifest:
                 continue
@@ -124,7 +126,6 @@ def _resume(out, key, before_emptying):
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        manifest.unlink()
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"out={str(out)!r} is a folder with other files in it (no {MANIFEST}): choose an empty "
                          f"or new folder for the atlas")

@@ -153,25 +153,33 @@ def test_a_rebuild_that_fails_for_its_model_leaves_the_finished_atlas_as_it_was(
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
-def test_a_stale_atlas_is_emptied_manifest_last_so_an_interrupted_wipe_resumes(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("again", [STEPS + 1, STEPS], ids=["new-settings", "old-settings"])
+def test_an_interrupted_wipe_of_a_stale_atlas_is_wiped_again_under_either_settings(tiny, tmp_path, monkeypatch,
+                                                                                    again):
     model, d, vae = tiny
     atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS, progress=False)
     removed, real_unlink = [], os.unlink
 
     def unlink(path, *a, **k):
-        removed.append(os.path.basename(path))
-        if len(removed) == 3:
-            raise KeyboardInterrupt
+        if not os.path.basename(path).startswith("."):  # not the temporary file of a manifest
+            removed.append(path)
+            if len(removed) == 3:
+                raise KeyboardInterrupt
         real_unlink(path, *a, **k)
 
     monkeypatch.setattr(os, "unlink", unlink)
     with pytest.raises(KeyboardInterrupt):  # other settings: the folder is emptied, and interrupted
         atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS + 1, progress=False)
-    assert (tmp_path / atlas.MANIFEST).exists()
-    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS + 1, progress=False)
-    wiped = [name for name in removed if not name.startswith(".")]  # not the temporary files of new pages
-    assert wiped[-1] == atlas.MANIFEST and wiped.count(atlas.MANIFEST) == 1  # emptied last
-    assert (tmp_path / "index.html").exists()
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert (tmp_path / atlas.MANIFEST).exists() and len(removed) == 3
+    pages = []
+    real_layer = atlas._layer_page
+    monkeypatch.setattr(atlas, "_layer_page", lambda *a: pages.append(a[2]) or real_layer(*a))
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], again, progress=False)
+    assert pages == ["block3.act2"]  # built again, even under the settings of the half-emptied atlas
+    html_text = "".join(p.read_text() for p in tmp_path.glob("*.html"))
+    linked = set(re.findall(r'<img src="([^"]+)"', html_text))
+    assert linked and all((tmp_path / src).exists() for src in linked)
 
 
 def test_a_build_interrupted_in_its_first_layer_resumes_and_credits_no_channels_without_a_page(tiny, tmp_path,
