@@ -38,7 +38,9 @@ def _prepare(images, targets, model):
     if t is None or t.dtype not in _INTEGERS or t.dim() > 1 or (t.dim() == 1 and len(t) != len(x)):
         raise ValueError(f"targets must be a class index (int) or {len(x)} of them (one per image); got {targets!r}")
     with _untouched(model), torch.no_grad():
-        k = model(x[:1]).shape[1]
+        logits = model(x[:1])
+    models.check_logits(model, logits)
+    k = logits.shape[1]
     if len(t.flatten()) and not (0 <= t.min() and t.max() < k):
         raise ValueError(f"targets must be class indices in 0..{k - 1}; got {t.flatten().tolist()}")
     t = t.long()
@@ -54,11 +56,11 @@ def saliency(model, images, targets):
 
 
 def grad_cam(model, images, targets, layer=None):
-    """Grad-CAM at `layer` (a name or a module; default the model's last spatial layer), relu'd and
-    bilinearly upsampled to the input: (B, H, W)."""
+    """Grad-CAM at `layer` (a name or a module; default the model's last layer with a map larger than 1x1,
+    `models.last_map_layer`), relu'd and bilinearly upsampled to the input: (B, H, W)."""
     x, t = _prepare(images, targets, model)
     if layer is None:
-        layer = models.last_spatial_layer(model, x.shape[-1])
+        layer = models.last_map_layer(model, x)
     name = layer if isinstance(layer, str) else _name_of(model, layer)
     shape = models.capture(model, x[:1].detach(), [name])[name].shape
     if len(shape) != 4:

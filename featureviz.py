@@ -18,7 +18,7 @@ import inspect
 import math
 import numbers
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields as fields_of, replace
 
 import numpy as np
@@ -632,6 +632,8 @@ TARGETS = (Class, Channel, Neuron, Direction)
 def _is_one(value):
     """One target or index (a Class, ..., an int, a 0-d tensor or array; anything not a sequence, which
     as_targets then names), not a list, range, array or tensor of them."""
+    if isinstance(value, (list, tuple, range)):
+        return False  # np.ndim would convert it, which fails for GPU or meta tensors in it
     return isinstance(value, TARGETS) or isinstance(value, (str, bytes)) or np.ndim(value) == 0
 
 
@@ -1122,7 +1124,9 @@ def _optimize(step, param, gen, lr, history, progress):
                            else schedule(0.0), capturable=graphed, fused=True)
     project = getattr(param, "project", lambda: None)
     warm = _WARMUP if graphed else steps
-    with tqdm(total=steps, desc="render", disable=not progress, leave=False) as bar:  # closed on an error too
+    # the streams, synchronizations and capture below are the model's GPU's, whichever is the current one
+    on_its_gpu = torch.cuda.device(device) if graphed else nullcontext()
+    with on_its_gpu, tqdm(total=steps, desc="render", disable=not progress, leave=False) as bar:  # closed on errors
         with _side_stream(graphed):  # CUDA graph rule: the eager warm-up before a capture runs on a side stream
             for i in range(min(warm, steps)):
                 _set_lr(opt, schedule(i / steps))

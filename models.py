@@ -10,6 +10,7 @@ import copy
 import itertools
 import math
 import numbers
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import torch
@@ -404,6 +405,9 @@ def list_layers(model):
 
 def get_layer(model, name):
     """The submodule called `name`; a clear error listing the valid names otherwise."""
+    if not isinstance(name, str):  # nn.Sequential's layer 1 is named "1"
+        raise TypeError(f"a layer name must be a str, got {name!r} ({type(name).__name__}); valid layers: "
+                        f"{', '.join(list_layers(model))}")
     modules = dict(model.named_modules())
     if name not in modules or not name:
         raise ValueError(f"unknown layer {name!r}; valid layers: {', '.join(list_layers(model))}")
@@ -452,9 +456,16 @@ def dtype_of(model):
     return next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), torch.float32)
 
 
+def config_of(model):
+    """The model's config dict, as ours record one; {} for a model without one, or whose `config` is something
+    else (a library's own config object, which is read for nothing)."""
+    config = getattr(model, "config", None)
+    return config if isinstance(config, Mapping) else {}
+
+
 def input_channels(model):
     """Number of channels the model's input has: from its config, else its first convolution."""
-    config = getattr(model, "config", None) or {}
+    config = config_of(model)
     if "in_channels" in config:
         return config["in_channels"]
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -467,14 +478,14 @@ def input_channels(model):
 def check_input(model, images, name="images"):
     """The images, checked as a batch the model takes (data.check_batch): of the channels its config records
     (any for a model without a config, whose first nn.Conv2d need not be its stem)."""
-    return check_batch(images, (getattr(model, "config", None) or {}).get("in_channels"), name)
+    return check_batch(images, config_of(model).get("in_channels"), name)
 
 
 def input_size(model, size=None):
     """Side in pixels of the square images the model takes: `size` if given, else what the model records
     (`model.image_size` or `model.config['image_size']`); an error asking for size= otherwise."""
     if size is None:
-        size = getattr(model, "image_size", None) or (getattr(model, "config", None) or {}).get("image_size")
+        size = getattr(model, "image_size", None) or config_of(model).get("image_size")
     if size is None:
         raise ValueError(f"cannot tell the image size {type(model).__name__} takes (it records none): pass "
                          f"size=..., the side in pixels of its input images (e.g. size=32 for CIFAR-10)")
@@ -485,6 +496,19 @@ def input_size(model, size=None):
 
 class _Stop(Exception):
     """Raised by the last hook a pass needs: the rest of the network is not computed."""
+
+
+def check_logits(model, output):
+    """An error naming what the model returned when its output is not a tensor of logits."""
+    if not torch.is_tensor(output):
+        raise TypeError(f"{type(model).__name__} returns a {type(output).__name__}, not a tensor of "
+                        f"logits (B, classes): wrap it in a module whose forward returns them")
+
+
+def _channels_first(module, output):
+    """A layer's output with its channels on dim 1, as everywhere else: an nn.Linear keeps its features
+    last, so its tokens (B, N, D) or channels-last map (B, H, W, C), as in ViTs and ConvNeXt, move there."""
+    return output.movedim(-1, 1) if isinstance(module, nn.Linear) and output.dim() > 2 else output
 
 
 class Recorder:
@@ -521,6 +545,7 @@ class Recorder:
                     out[name], versions[name] = output.clone(), None
                 else:
                     out[name], versions[name] = output, output._version
+                out[name] = _channels_first(module, out[name])  # a view: it shares the version it is checked by
                 if seen == self.calls and not self.full:
                     raise _Stop
             return save
@@ -535,7 +560,8 @@ class Recorder:
                 pass
             if self.calls is None:
                 self.calls = self._counted(seen)
-                self._check_output(out.get(None))
+                if self.full:
+                    check_logits(self.model, out[None])
             stale = {name for name, v in versions.items() if v is not None and out[name]._version != v}
             if stale:  # overwritten by a later in-place op: copy them from now on, and run again
                 self.copied |= stale
@@ -550,11 +576,6 @@ class Recorder:
         finally:
             for h in handles:
                 h.remove()
-
-    def _check_output(self, output):
-        if self.full and not torch.is_tensor(output):
-            raise TypeError(f"{type(self.model).__name__} returns a {type(output).__name__}, not a tensor of "
-                            f"logits (B, classes): wrap it in a module whose forward returns them")
 
     def _counted(self, seen):
         """The calls of each module in the first pass; an error for a module that did not run."""
@@ -606,28 +627,31 @@ def layer_channels(model, name, size=None):
         return capture(model, x, [name])[name].shape[1]
 
 
-def _spatial_outputs(model, size=None):
-    """Names of the layers with a spatial output (B, C, H, W), in the order the forward pass finishes them,
-    each output named by the innermost module that made it. Blocks (modules holding layers) count too: one
-    that hands on a layer's output unchanged goes by that layer's name (our block3 by block3.act2, a
-    torchvision ResNet's layer4 by layer4.1.relu), one that makes its own (F.relu in its forward, as in
-    many CIFAR ResNets) by its own name (layer4.1). An error if there is none."""
+def _spatial_outputs(model, x):
+    """(name, shape) of the layers with a spatial output (B, C, H, W) for the probe image x (1, C, H, W), in
+    the order the forward pass finishes them, each output named by the innermost module that made it.
+    Blocks (modules holding layers) count too: one that hands on a layer's output unchanged goes by that
+    layer's name (our block3 by block3.act2, a torchvision ResNet's layer4 by layer4.1.relu), one that makes
+    its own (F.relu in its forward, as in many CIFAR ResNets) by its own name (layer4.1). An error if there
+    is none."""
     listed = list_layers(model)
     candidates = [name for name, _ in model.named_modules()
                   if name in listed or any(layer.startswith(name + ".") for layer in listed)]
-    made, order, kept = {}, [], []  # (id, version) -> the first module to output it; names; the outputs, kept
-    # alive so that no id is reused
+    # (id, version) -> the first module to output it; (name, shape) pairs; the outputs, kept alive so that
+    # no id is reused
+    made, order, kept = {}, [], []
 
-    def record(name, out):
+    def record(name, module, out):
         if torch.is_tensor(out) and out.dim() == 4:
             kept.append(out)
-            order.append(made.setdefault((id(out), out._version), name))
+            shape = tuple(_channels_first(module, out).shape)
+            order.append((made.setdefault((id(out), out._version), name), shape))
 
     # (not in inference mode, whose tensors keep no version)
     with evaluating(model), torch.no_grad(), torch.inference_mode(False):
         for name in candidates:
-            get_layer(model, name).register_forward_hook(lambda module, args, out, name=name: record(name, out))
-        x = _probe(model, size)
+            get_layer(model, name).register_forward_hook(
+                lambda module, args, out, name=name: record(name, module, out))
         with probing(model, x):
             model(x)
     if not order:
@@ -638,7 +662,16 @@ def _spatial_outputs(model, size=None):
 
 def last_spatial_layer(model, size=None):
     """Name of the last layer (in the order the forward pass finishes them) whose output is (B, C, H, W)."""
-    return _spatial_outputs(model, size)[-1]
+    return _spatial_outputs(model, _probe(model, size))[-1][0]
+
+
+def last_map_layer(model, images):
+    """Name of the last layer whose output for these images (B, C, H, W) is a map larger than 1x1 (the last
+    spatial layer if none is): Grad-CAM's default, as a 1x1 map, the last layer of a torchvision ResNet at 32
+    px, would make a flat heatmap. Probed with the first image, so that a non-square input works too."""
+    x = to_float(check_input(model, images)[:1]).to(device_of(model), dtype_of(model))
+    outputs = _spatial_outputs(model, x)
+    return next((name for name, shape in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])
 
 
 def block_layers(model, size=None):
@@ -648,7 +681,7 @@ def block_layers(model, size=None):
     in nn.Sequential(Normalize(...), resnet) the blocks are the ResNet's (1.conv1, 1.relu, 1.layer1.1.relu ...),
     and in a torchvision VGG or DenseNet, whose spatial layers all sit in `features`, they are its children,
     then `features` itself for its output (made by a max-pool or a batch norm, which are not layers)."""
-    names = [name.split(".") for name in _spatial_outputs(model, size)]
+    names = [name.split(".") for name, _ in _spatial_outputs(model, _probe(model, size))]
     # the leading name parts every spatial layer shares (a wrapper's), a wrapper's own name included
     depth = len(list(itertools.takewhile(lambda parts: len(set(parts)) == 1, zip(*names))))
     last = {tuple(n[:depth + 1]): ".".join(n) for n in names}  # the last one of each block wins

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data import Loader, atomic_write, check_labels, to_float
-from models import BatchNorm, build_model, check_input, cnn_config, device_of, dtype_of, evaluating, vae_config
+from models import (BatchNorm, build_model, check_input, cnn_config, config_of, device_of, dtype_of, evaluating,
+                    vae_config)
 
 CNN_HYP = dict(
     epochs=10,               # airbench94 trains 9.9 epochs
@@ -394,7 +395,7 @@ def predict(model, images, tta_level=0, batch_size=1000):
 
 def evaluate(model, images, labels, tta_level=0):
     """Cross-entropy loss and accuracy on a labelled set."""
-    classes = (getattr(model, "config", None) or {}).get("num_classes")  # ours say it: checked before the pass
+    classes = config_of(model).get("num_classes")  # ours say it: checked before the pass
     labels = check_labels(labels, len(check_input(model, images)), classes)
     logits = predict(model, images, tta_level)
     labels = check_labels(labels, len(images), logits.shape[1]).to(logits.device)  # any model's; int64

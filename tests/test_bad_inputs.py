@@ -183,6 +183,7 @@ ENTRY_POINTS = {
     "training.evaluate_vae": lambda x, cnn, vae: training.evaluate_vae(vae, x),
     "training.latent_statistics": lambda x, cnn, vae: training.latent_statistics(vae, x),
     "models.capture": lambda x, cnn, vae: models.capture(cnn, x, ["block1.act2"]),
+    "models.last_map_layer": lambda x, cnn, vae: models.last_map_layer(cnn, x),
     "attribution.saliency": lambda x, cnn, vae: attribution.saliency(cnn, x, 0),
     "attribution.grad_cam": lambda x, cnn, vae: attribution.grad_cam(cnn, x, 0),
     "attribution.integrated_gradients": lambda x, cnn, vae: attribution.integrated_gradients(cnn, x, 0, steps=2),

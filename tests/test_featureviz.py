@@ -783,6 +783,21 @@ def test_several_targets_as_an_array_or_tensor_and_numpy_weights():
         fv.TV(True)
 
 
+class _GpuLike(torch.Tensor):
+    """An index tensor that NumPy cannot read, as one on a GPU."""
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+
+def test_class_indices_as_a_list_of_gpu_tensors():
+    indices = [torch.tensor(k).as_subclass(_GpuLike) for k in (3, 1)]
+    assert fv.as_targets(indices) == [fv.Class(3), fv.Class(1)]
+    if torch.cuda.is_available():
+        on_gpu = [torch.tensor(k, device="cuda") for k in (3, 1)]
+        assert fv.as_targets(on_gpu) == [fv.Class(3), fv.Class(1)]
+
+
 def test_transforms_and_regularizers_given_the_wrong_way():
     model, kw = cnn(), dict(steps=1, progress=False)
     with pytest.raises(TypeError, match=r"transforms must be a transform t\(x, gen\).*calling it failed"):
