@@ -215,15 +215,6 @@ def trained_on(data, seed):
     return dict(dataset=data.name, seed=seed, data=data.fingerprint())
 
 
-def _place(model, device):
-    """Move a model to the device to train there; on a CPU (or mps) into channels_last too, where its
-    convolutions run faster (the VAE's training step by 15%, measured on a 2-core Xeon); on a GPU it keeps
-    the format it was built in."""
-    model.to(device)
-    if device.type != "cuda":
-        model.to(memory_format=torch.channels_last)
-
-
 def reusable(path, **expected):
     """True if a complete checkpoint at path was trained with exactly these settings."""
     if not Path(path).exists():
@@ -469,7 +460,9 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     seed_everything(seed)
     device = get_device(device)
     cuda = device.type == "cuda"
-    _place(model, device)
+    model.to(device)
+    if not cuda:
+        model.to(memory_format=torch.channels_last)
     loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=True,
                     translate=hyp["translate"], drop_last=len(data.train_y) >= hyp["batch_size"],
                     device=device, seed=seed, channels_last=True)
@@ -589,10 +582,10 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     hyp = hyperparameters(VAE_HYP, hyp)
     seed_everything(seed)
     device = get_device(device)
-    _place(vae, device)
+    vae.to(device)
     loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=hyp["flip"],
                     translate=0, drop_last=len(data.train_y) >= hyp["batch_size"], device=device,
-                    seed=seed, channels_last=device.type != "cuda")
+                    seed=seed)
     total = math.ceil(len(loader) * hyp["epochs"])
     warm = max(1, int(len(loader) * hyp["kl_warmup_epochs"]))
     opt = torch.optim.Adam(vae.parameters(), lr=hyp["lr"])

@@ -94,7 +94,8 @@ def throughput(args):
         steps = max(2, images // batch)
         model.train()
         is_vae = isinstance(model, models.VAE)
-        model.to(memory_format=torch.channels_last)  # as training runs both on a CPU
+        if not is_vae:
+            model.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
         def step(xb, yb):
@@ -114,11 +115,12 @@ def throughput(args):
             return n / (time.perf_counter() - start)
 
         fixed = x[:batch].float() / 255, y[:batch]
-        fixed = fixed[0].contiguous(memory_format=torch.channels_last), fixed[1]
+        if not is_vae:
+            fixed = fixed[0].contiguous(memory_format=torch.channels_last), fixed[1]
         pipelines = {
             "bare": lambda: iter(lambda: fixed, None),
             "ours": lambda: data.Loader(x, y, batch, shuffle=True, augment=True, drop_last=True,
-                                        channels_last=True),
+                                        channels_last=not is_vae),
             "pil0": lambda: torch.utils.data.DataLoader(pil, batch, shuffle=True, drop_last=True, num_workers=0),
             "pil2": lambda: torch.utils.data.DataLoader(pil, batch, shuffle=True, drop_last=True, num_workers=2),
         }
