@@ -156,7 +156,7 @@ def head_contributions(model, images, labels, num_classes):
     """(logits (N, K), contributions (K, F) or None) in one pass over the images: the contributions are
     the head weight x the mean of each head input over each class's images, for a model whose last
     module is an nn.Linear on pooled channels (None for another kind of head)."""
-    head = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    head = _head(model)
     inputs = []
     with models.evaluating(model), torch.no_grad():
         if isinstance(head, nn.Linear):
@@ -165,6 +165,26 @@ def head_contributions(model, images, labels, num_classes):
     if not inputs:
         return logits, None
     return logits, head.weight.detach().float().cpu() * class_means(torch.cat(inputs), labels, num_classes)
+
+
+def _head(model):
+    """The model's last nn.Linear or nn.Conv2d: its head, in a classifier."""
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+
+
+def head_reads(model, layer, images):
+    """True if the model's head is an nn.Linear that reads the layer's channels one to one, each pooled
+    over the map (by its mean or its max), as checked on these images: not a hidden layer of the same
+    width between them, whose units the class pages would take for the layer's channels."""
+    head, inputs = _head(model), []
+    if not isinstance(head, nn.Linear):
+        return False
+    with models.evaluating(model), torch.no_grad():
+        head.register_forward_pre_hook(lambda module, args: inputs.append(args[0].flatten(1).float().cpu()))
+        maps = models.capture(model, images, [layer, None])[layer].float().cpu().flatten(2)  # None: run it all
+    read = inputs[-1]
+    return any(read.shape == pooled.shape and torch.allclose(read, pooled, rtol=1e-4, atol=1e-5)
+               for pooled in (maps.mean(2), maps.amax(2)))
 
 
 def _layer_page(model, d, layer, hows, steps, site):
@@ -195,8 +215,7 @@ def _class_pages(model, d, hows, steps, site, layers):
     for name, how in hows.items():
         site.save_images(CLASSES, name, how(model, targets, steps=steps, size=d.size, progress=False).images)
     last_layer = models.last_spatial_layer(model, d.size)
-    if last_layer not in layers or (contrib is not None and
-                                    contrib.shape[1] != models.layer_channels(model, last_layer, d.size)):
+    if last_layer not in layers or not head_reads(model, last_layer, d.test_x[:8]):
         contrib = None  # no page for the layer the head reads, or it does not read its channels one to one
     top = logits.topk(min(TOP, len(logits)), dim=0)
     for c in range(k):

@@ -386,6 +386,9 @@ def jitter(fraction):
 
     def t(x, gen):
         px = max(1, round(fraction * x.shape[-1]))
+        if px >= min(x.shape[-2:]):
+            raise ValueError(f"jitter({fraction}) shifts by up to {px} px, not less than the image's side "
+                             f"{min(x.shape[-2:])}: the fraction must be well below 1 (LIGHT is jitter(1 / 32))")
         dy, dx = torch.randint(-px, px + 1, (2, len(x)), generator=gen, device=x.device)
         return data.shift(x, dy, dx)
     return t
@@ -587,6 +590,10 @@ class Neuron:
         return (h // 2 if self.y is None else self.y), (w // 2 if self.x is None else self.x)
 
     def check(self, shape):
+        if len(shape) == 2:
+            raise ValueError(f"a Neuron sits at a position of a map (C, H, W); layer {self.layer!r} gives tokens "
+                             f"{tuple(shape)} (features, tokens): use Channel({self.layer!r}, {self.channel}), "
+                             f"their mean over the tokens")
         _check_channel(self, shape)
         for name, value in (("y", self.y), ("x", self.x)):
             if value is not None:  # None: the centre
@@ -958,7 +965,7 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     if per_target == 1 and any(isinstance(t, Diversity) for t in terms):
         raise ValueError("Diversity pushes apart the images of one target: it needs images_per_target >= 2 (or "
                          "restarts >= 2), got one image per target")
-    with frozen(model, _vae_of(param)) as layout, _deterministic_convolutions():
+    with frozen(model, _vae_on(param, device)) as layout, _deterministic_convolutions():
         objective = Objective(model, targets, [t.layer for t in terms if t.layer], (channels, size, size))
         with objective.hooked(layout) as run:
             param = _build(param, len(groups), channels, size, per_target, objective, run, seed).to(device)
@@ -1013,6 +1020,15 @@ def _image_size(model, param, size):
 def _vae_of(param):
     """The VAE a latent parameterization (module or recipe) decodes with, else None."""
     return getattr(param, "vae", None) or getattr(param, "options", {}).get("vae")
+
+
+def _vae_on(param, device):
+    """The VAE the parameterization decodes with (None if none), checked to be on the model's device."""
+    vae = _vae_of(param)
+    if vae is not None and models.device_of(vae) != device:
+        raise ValueError(f"the VAE is on {models.device_of(vae)} and the model on {device}: move one to the "
+                         f"other's device (vae.to(...)), as the latent techniques decode on the model's")
+    return vae
 
 
 def _build(param, n, channels, size, per_target, objective, run, seed):

@@ -598,7 +598,8 @@ def capture(model, images, layers):
     check_input(model, images)
     layers = as_names(layers)
     with evaluating(model), Recorder(model, layers).hooked() as run:
-        out = run(to_float(images).contiguous())  # a model that views its feature maps fails on channels_last
+        # contiguous: a model that views its feature maps fails on channels_last
+        out = run(to_float(images.to(device_of(model))).contiguous())
     return {name: out[name] for name in layers}
 
 
@@ -617,7 +618,8 @@ def probing(model, probe):
     except RuntimeError as e:
         c, h, w = probe.shape[1:]
         raise ValueError(f"{type(model).__name__} fails on a {c}-channel {h}x{w} image: is size={h} the side it "
-                         f"takes? ({e})") from e
+                         f"takes, and {c} its channels (models.input_channels: its config's in_channels, else its "
+                         f"first registered nn.Conv2d's)? ({e})") from e
 
 
 def layer_channels(model, name, size=None):
@@ -668,9 +670,11 @@ def last_spatial_layer(model, size=None):
 def last_map_layer(model, images):
     """Name of the last layer whose output for these images (B, C, H, W) is a map larger than 1x1 (the last
     spatial layer if none is): Grad-CAM's default, as a 1x1 map, the last layer of a torchvision ResNet at 32
-    px, would make a flat heatmap. Probed with the first image, so that a non-square input works too."""
+    px, would make a flat heatmap. Probed with the first image, so that a non-square input works too. A linear
+    layer's map is passed over: Grad-CAM reads a layer's own output, channels last for an nn.Linear."""
     x = to_float(check_input(model, images)[:1]).to(device_of(model), dtype_of(model))
-    outputs = _spatial_outputs(model, x)
+    every = _spatial_outputs(model, x)
+    outputs = [(name, shape) for name, shape in every if not isinstance(get_layer(model, name), nn.Linear)] or every
     return next((name for name, shape in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])
 
 

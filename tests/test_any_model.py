@@ -466,3 +466,59 @@ def test_channels_last_images_reach_a_model_that_views_its_feature_maps():
     torch.testing.assert_close(attribution.saliency(net, x, 1), attribution.saliency(net, plain, 1))
     torch.testing.assert_close(models.capture(net, x, ["conv2"])["conv2"], models.capture(net, plain, ["conv2"])["conv2"])
     assert training.evaluate(net, x, torch.tensor([1, 2], dtype=torch.int32))["acc"] >= 0  # int32 labels too
+
+
+def test_grad_cam_passes_over_a_linear_layers_channels_last_map_and_refuses_it_by_name():
+    """captum's Grad-CAM reads a layer's own output, which an nn.Linear gives with its channels last: it would
+    take the map's rows for channels. The default is the last conv map; naming the linear layer is an error."""
+    model, x = _ChannelsLastNet().eval(), torch.rand(2, 3, 8, 8)
+    assert models.last_map_layer(model, x) == "conv"
+    assert torch.equal(attribution.grad_cam(model, x, 1), attribution.grad_cam(model, x, 1, layer="conv"))
+    with pytest.raises(ValueError, match="'mix' is an nn.Linear"):
+        attribution.grad_cam(model, x, 1, layer="mix")
+
+
+def test_a_neuron_on_tokens_is_refused_with_a_pointer_to_channel():
+    model, x = _ChannelsLastNet().eval(), torch.rand(2, 3, 8, 8)
+    for call in (lambda: fv.activations(model, x, [fv.Neuron("tokens", 2)]),
+                 lambda: fv.render(model, [fv.Neuron("tokens", 2)], steps=1, size=8, progress=False)):
+        with pytest.raises(ValueError, match=r"gives tokens .*Channel\('tokens', 2\)"):
+            call()
+    assert fv.activations(model, x, [fv.Neuron("mix", 2)]).shape == (2, 1)  # a map's neuron still works
+
+
+class _StemLast(nn.Module):
+    """A fully convolutional classifier whose head, a 1x1 convolution, is registered before its stem."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head, self.stem = nn.Conv2d(16, 10, 1), nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.stem(x))).mean((2, 3))
+
+
+def test_a_model_whose_first_registered_conv_is_not_its_stem_gets_an_error_naming_channels():
+    model = _StemLast().eval()  # input_channels reads 16 from `head`, registered first
+    with pytest.raises(ValueError, match="16 its channels"):
+        fv.render(model, [0], steps=1, size=16, progress=False)
+    model.config = {"in_channels": 3}  # what the error points to
+    assert fv.render(model, [0], steps=1, size=16, progress=False).images.shape == (1, 3, 16, 16)
+
+
+def test_a_vae_on_another_device_than_the_model_is_refused_before_rendering():
+    latent = fv.parameterization("latent", vae=vae().to("meta"))
+    with pytest.raises(ValueError, match="the VAE is on meta and the model on cpu"):
+        fv.render(cnn(32), [0], param=latent, steps=1, progress=False)
+
+
+@pytest.mark.parametrize("size", [8, 32])
+def test_a_jitter_of_a_whole_side_is_refused_naming_its_fraction(size):
+    """A shift of the whole side has no reflection (an index of -1): refused on the first call, every time."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 10)).eval()
+    with pytest.raises(ValueError, match=r"jitter\(1.0\) shifts by up to"):
+        fv.render(model, [0], transforms=fv.jitter(1.0), steps=4, size=size, progress=False)
+    almost = fv.render(model, [0], transforms=fv.jitter((size - 1.5) / size), steps=4, size=size, progress=False)
+    assert almost.images.isfinite().all()

@@ -363,3 +363,18 @@ def test_one_name_a_home_folder_and_the_training_statistics(tiny, tmp_path, monk
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="out must be a folder for the atlas"):
         atlas.build_atlas(model, d, None, "maco", tmp_path / "file", **kw)
+
+
+def test_head_reads_only_a_head_on_the_layers_pooled_channels(tiny):
+    """A hidden linear layer as wide as the last conv, between them, is not the conv's channels: its class
+    pages would have listed hidden units as the layer's channels."""
+    model, d, _ = tiny
+    last = models.last_spatial_layer(model, 32)
+    assert atlas.head_reads(model, last, d.test_x[:8])  # ours: a max-pool, then the head
+    torch.manual_seed(0)
+    pooled = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                 torch.nn.Flatten())
+    direct = torch.nn.Sequential(*pooled, torch.nn.Linear(16, 10)).eval()
+    hidden = torch.nn.Sequential(*pooled, torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)).eval()
+    assert atlas.head_reads(direct, "1", d.test_x[:8])
+    assert not atlas.head_reads(hidden, "1", d.test_x[:8])
