@@ -450,7 +450,7 @@ def test_attribution_targets_out_of_range_and_a_layer_without_space(nets):
     (dict(lr=float("nan")), "lr must be a finite number > 0"),
     (dict(lr="0.05"), "lr must be a finite number > 0"),
     (dict(seed="a"), "seed must be an int, got 'a'"),
-    (dict(size=7), r"CNN fails on a 3-channel 7x7 image: is size=7 the side it takes\? \(.*too small\)"),
+    (dict(size=7), r"CNN fails on a 3-channel 7x7 image: is size=7 the side it takes, and 3 its channels .*\? \(.*too small\)"),
 ])
 def test_render_refuses_bad_settings_by_name(nets, kwargs, match):
     cnn, _ = nets
