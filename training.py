@@ -58,6 +58,16 @@ DEVICE_DEFAULTS = dict(
 
 # ----------------------------------------------------------------------------- plumbing
 
+def bf16_training(device):
+    """Whether the classifier trains in bfloat16 autocast on this device: on a CUDA GPU, and on a CPU with AMX
+    (bfloat16 matrix units, recent Intel Xeons: a `compact` step 2.1x faster there); elsewhere in float32, where
+    bfloat16 is emulated and slower. Evaluation is float32 everywhere."""
+    if device.type == "cuda":
+        return True
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return device.type == "cpu" and amx()
+
+
 def seed_everything(seed):
     """Seed torch, numpy and random."""
     random.seed(seed)
@@ -459,9 +469,9 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     model.init_whiten(data.train_x[:5000])
     seed_everything(seed)
     device = get_device(device)
-    cuda = device.type == "cuda"
+    bf16 = bf16_training(device)
     model.to(device)
-    if not cuda:
+    if device.type != "cuda":
         model.to(memory_format=torch.channels_last)
     loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=True,
                     translate=hyp["translate"], drop_last=len(data.train_y) >= hyp["batch_size"],
@@ -476,7 +486,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
         model.whiten.bias.requires_grad_(step < len(loader) * hyp["whiten_bias_epochs"])
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, total, hyp["warmup"])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=hyp["label_smoothing"], reduction="sum")
         opt.zero_grad(set_to_none=True)
