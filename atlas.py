@@ -23,6 +23,7 @@ import json
 import re
 import shlex
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -157,13 +158,10 @@ def head_contributions(model, images, labels, num_classes):
     the head weight x the mean of each head input over each class's images, for a model whose last
     module is an nn.Linear on pooled channels (None for another kind of head)."""
     head = _head(model)
-    inputs = []
-    with models.evaluating(model), torch.no_grad():
-        if isinstance(head, nn.Linear):
-            head.register_forward_pre_hook(lambda module, args: inputs.append(args[0].flatten(1).float().cpu()))
+    if not isinstance(head, nn.Linear):
+        return training.predict(model, images).cpu(), None
+    with _head_inputs(head) as inputs:
         logits = training.predict(model, images).cpu()
-    if not inputs:
-        return logits, None
     return logits, head.weight.detach().float().cpu() * class_means(torch.cat(inputs), labels, num_classes)
 
 
@@ -172,15 +170,26 @@ def _head(model):
     return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
 
 
+@contextmanager
+def _head_inputs(head):
+    """Collects the head's inputs, flattened to (B, F) in float32 on the CPU, in the list it yields while
+    the block runs; the hook is removed on exit."""
+    inputs = []
+    hook = head.register_forward_pre_hook(lambda module, args: inputs.append(args[0].flatten(1).float().cpu()))
+    try:
+        yield inputs
+    finally:
+        hook.remove()
+
+
 def head_reads(model, layer, images):
     """True if the model's head is an nn.Linear that reads the layer's channels one to one, each pooled
     over the map (by its mean or its max), as checked on these images: not a hidden layer of the same
     width between them, whose units the class pages would take for the layer's channels."""
-    head, inputs = _head(model), []
+    head = _head(model)
     if not isinstance(head, nn.Linear):
         return False
-    with models.evaluating(model), torch.no_grad():
-        head.register_forward_pre_hook(lambda module, args: inputs.append(args[0].flatten(1).float().cpu()))
+    with _head_inputs(head) as inputs, torch.no_grad():
         maps = models.capture(model, images, [layer, None])[layer].float().cpu().flatten(2)  # None: run it all
     read = inputs[-1]
     return any(read.shape == pooled.shape and torch.allclose(read, pooled, rtol=1e-4, atol=1e-5)

@@ -3,6 +3,7 @@
     python benchmarks/bench_training.py accuracy --preset compact --epochs 10    # CIFAR-10 (JPEG copy in DATA_DIR)
     python benchmarks/bench_training.py accuracy --dataset fashion-mnist --epochs 2.4
     python benchmarks/bench_training.py throughput               # our loader vs bare steps vs DataLoader+PIL
+    python benchmarks/bench_training.py precision                # a training step in fp32 vs bf16 autocast
 
 Run on an idle machine: every ratio is measured in one process, on the same model.
 """
@@ -133,6 +134,37 @@ def throughput(args):
               f"| {ours / max(pil0, pil2):.2f}x | {1 + bare / pil_alone:.2f}x |", flush=True)
 
 
+def precision(args):
+    """The classifier's training step on one fixed batch, in fp32 and in bf16 autocast, interleaved rounds."""
+    torch.manual_seed(0)
+    device = training.get_device()
+    model = models.build_model(models.cnn_config(args.preset)).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
+    x = torch.rand(args.batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+
+    def rate(bf16, steps=3):
+        for i in range(steps + 1):  # the first a warm-up
+            if i == 1:
+                start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        loss.item()
+        return steps * args.batch / (time.perf_counter() - start)
+
+    rates = {False: [], True: []}
+    for _ in range(args.rounds):
+        for bf16 in rates:
+            rates[bf16].append(rate(bf16))
+    fp32, bf16 = max(rates[False]), max(rates[True])
+    print(f"{args.preset}, batch {args.batch}, {torch.get_num_threads()} threads, device {device}, "
+          f"training.bf16_training: {training.bf16_training(device)}")
+    print(f"  images/s, best of {args.rounds}: fp32 {fp32:.0f}, bf16 autocast {bf16:.0f}: bf16 {bf16 / fp32:.2f}x")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -146,5 +178,9 @@ if __name__ == "__main__":
     t = sub.add_parser("throughput")
     t.add_argument("--images", type=int, default=8192, help="images per measurement (small models)")
     t.add_argument("--rounds", type=int, default=2)
+    r = sub.add_parser("precision")
+    r.add_argument("--preset", default="compact", choices=sorted(models.CNN_PRESETS))
+    r.add_argument("--batch", type=int, default=1024)
+    r.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    {"accuracy": accuracy, "throughput": throughput}[args.cmd](args)
+    {"accuracy": accuracy, "throughput": throughput, "precision": precision}[args.cmd](args)

@@ -146,6 +146,21 @@ def test_fashion_mnist_short_run_beats_85_percent(tmp_path):
     assert acc > 0.85, acc
 
 
+def test_fit_autocasts_to_bfloat16_only_where_the_device_has_it(tiny_data, monkeypatch):
+    """Training steps run in bfloat16 where `bf16_training` says so, in float32 elsewhere; validation runs in
+    float32 either way; both learn."""
+    assert training.bf16_training(torch.device("cuda")) and not training.bf16_training(torch.device("mps"))
+    for bf16 in (False, True):
+        monkeypatch.setattr(training, "bf16_training", lambda device: bf16)
+        torch.manual_seed(0)
+        model = models.build_model(models.cnn_config("small", image_size=32))
+        seen = set()
+        model.block1.conv1.register_forward_hook(lambda module, args, out: seen.add((module.training, out.dtype)))
+        rows = training.fit(model, tiny_data, hyp=TINY, progress=False)
+        assert seen == {(True, torch.bfloat16 if bf16 else torch.float32), (False, torch.float32)}, bf16
+        assert rows[-1]["val_acc"] > 0.5, (bf16, rows[-1])
+
+
 def test_device_defaults_fit_the_device():
     cpu, gpu = training.device_defaults("cpu"), training.device_defaults("cuda")
     assert cpu["preset"] == "compact" and gpu["preset"] == "airbench"
