@@ -162,6 +162,8 @@ def head_contributions(model, images, labels, num_classes):
         return training.predict(model, images).cpu(), None
     with _head_inputs(head) as inputs:
         logits = training.predict(model, images).cpu()
+    if not inputs:  # a head that the forward pass never runs
+        return logits, None
     return logits, head.weight.detach().float().cpu() * class_means(torch.cat(inputs), labels, num_classes)
 
 

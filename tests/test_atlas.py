@@ -104,6 +104,19 @@ def test_head_contributions_are_head_weight_times_the_class_mean_of_its_inputs(t
     assert torch.allclose(contrib, expected, atol=1e-4)
     conv_head = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 32), torch.nn.Flatten())
     assert atlas.head_contributions(conv_head, d.test_x, d.test_y, 10)[1] is None
+    assert atlas.head_contributions(UnusedLastLinear(), d.test_x, d.test_y, 10)[1] is None
+
+
+class UnusedLastLinear(torch.nn.Module):
+    """A conv classifier with an nn.Linear registered last that its forward never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 32), torch.nn.Flatten())
+        self.projection = torch.nn.Linear(10, 4)
+
+    def forward(self, x):
+        return self.net(x)
 
 
 def test_selectivity_is_high_for_a_one_class_channel_and_low_for_an_even_one():

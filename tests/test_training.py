@@ -150,6 +150,10 @@ def test_fit_autocasts_to_bfloat16_only_where_the_device_has_it(tiny_data, monke
     """Training steps run in bfloat16 where `bf16_training` says so, in float32 elsewhere; validation runs in
     float32 either way; both learn."""
     assert training.bf16_training(torch.device("cuda")) and not training.bf16_training(torch.device("mps"))
+    for amx in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert training.bf16_training(torch.device("cpu")) == amx
+    monkeypatch.undo()
     for bf16 in (False, True):
         monkeypatch.setattr(training, "bf16_training", lambda device: bf16)
         torch.manual_seed(0)
@@ -159,6 +163,11 @@ def test_fit_autocasts_to_bfloat16_only_where_the_device_has_it(tiny_data, monke
         rows = training.fit(model, tiny_data, hyp=TINY, progress=False)
         assert seen == {(True, torch.bfloat16 if bf16 else torch.float32), (False, torch.float32)}, bf16
         assert rows[-1]["val_acc"] > 0.5, (bf16, rows[-1])
+
+
+def test_the_checkpoint_records_the_training_precision(trained):
+    _, ckpt, _ = trained
+    assert ckpt["precision"] == ("bf16" if training.bf16_training(training.get_device()) else "fp32")
 
 
 def test_device_defaults_fit_the_device():
