@@ -67,9 +67,10 @@ def grad_cam(model, images, targets, layer=None):
         raise ValueError(f"Grad-CAM needs a layer with a spatial output (B, C, H, W); {name!r} gives "
                          f"{tuple(shape)}: pick a conv layer (models.list_layers)")
     layer = models.get_layer(model, name)
-    if isinstance(layer, torch.nn.Linear):  # captum reads the module's own output, whose channels are last
-        raise ValueError(f"Grad-CAM needs a layer whose output has its channels on dim 1; {name!r} is an "
-                         f"nn.Linear, whose features are last: pick a conv layer (models.list_layers)")
+    if layer in models.features_last(model):  # captum reads the module's own output
+        raise ValueError(f"Grad-CAM needs a layer whose output has its channels on dim 1; {name!r} keeps its "
+                         f"features last (an nn.Linear, or an activation after one): pick a conv layer "
+                         f"(models.list_layers)")
     with _untouched(model):
         cam = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)  # (B, 1, h, w)
     cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")

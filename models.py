@@ -505,10 +505,26 @@ def check_logits(model, output):
                         f"logits (B, classes): wrap it in a module whose forward returns them")
 
 
-def _channels_first(module, output):
-    """A layer's output with its channels on dim 1, as everywhere else: an nn.Linear keeps its features
-    last, so its tokens (B, N, D) or channels-last map (B, H, W, C), as in ViTs and ConvNeXt, move there."""
-    return output.movedim(-1, 1) if isinstance(module, nn.Linear) and output.dim() > 2 else output
+def features_last(model):
+    """The model's modules whose output keeps its features on the last dim: every nn.Linear, and an
+    activation or dropout that follows one in an nn.Sequential (directly or through others of these), as
+    the GELU between the two Linears of a ConvNeXt block, which work on a channels-last map."""
+    last = {m for m in model.modules() if isinstance(m, nn.Linear)}
+    for seq in model.modules():
+        if isinstance(seq, nn.Sequential):
+            after = False  # in a run that a Linear began
+            for child in seq:
+                after = isinstance(child, nn.Linear) or (after and isinstance(child, (*ACTIVATIONS, nn.Dropout)))
+                if after:
+                    last.add(child)
+    return last
+
+
+def _channels_first(output, last):
+    """A layer's output with its channels on dim 1, as everywhere else: one whose features are last
+    (`features_last`) has its tokens (B, N, D) or channels-last map (B, H, W, C), as in ViTs and ConvNeXt,
+    moved there."""
+    return output.movedim(-1, 1) if last and output.dim() > 2 else output
 
 
 class Recorder:
@@ -527,6 +543,7 @@ class Recorder:
     def __init__(self, model, names):
         self.model, self.dtype = model, dtype_of(model)
         self.modules = {name: get_layer(model, name) for name in names if name is not None}
+        self.last = features_last(model)
         self.full = None in names
         self.calls, self.copied = None, set()  # learned on the first pass
 
@@ -545,7 +562,7 @@ class Recorder:
                     out[name], versions[name] = output.clone(), None
                 else:
                     out[name], versions[name] = output, output._version
-                out[name] = _channels_first(module, out[name])  # a view: it shares the version it is checked by
+                out[name] = _channels_first(out[name], module in self.last)  # a view: it shares the version it is checked by
                 if seen == self.calls and not self.full:
                     raise _Stop
             return save
@@ -641,12 +658,12 @@ def _spatial_outputs(model, x):
                   if name in listed or any(layer.startswith(name + ".") for layer in listed)]
     # (id, version) -> the first module to output it; (name, shape) pairs; the outputs, kept alive so that
     # no id is reused
-    made, order, kept = {}, [], []
+    made, order, kept, last = {}, [], [], features_last(model)
 
     def record(name, module, out):
         if torch.is_tensor(out) and out.dim() == 4:
             kept.append(out)
-            shape = tuple(_channels_first(module, out).shape)
+            shape = tuple(_channels_first(out, module in last).shape)
             order.append((made.setdefault((id(out), out._version), name), shape))
 
     # (not in inference mode, whose tensors keep no version)
@@ -670,11 +687,11 @@ def last_spatial_layer(model, size=None):
 def last_map_layer(model, images):
     """Name of the last layer whose output for these images (B, C, H, W) is a map larger than 1x1 (the last
     spatial layer if none is): Grad-CAM's default, as a 1x1 map, the last layer of a torchvision ResNet at 32
-    px, would make a flat heatmap. Probed with the first image, so that a non-square input works too. A linear
-    layer's map is passed over: Grad-CAM reads a layer's own output, channels last for an nn.Linear."""
+    px, would make a flat heatmap. Probed with the first image, so that a non-square input works too. A layer
+    whose features are last (`features_last`) is passed over: Grad-CAM reads a layer's own output."""
     x = to_float(check_input(model, images)[:1]).to(device_of(model), dtype_of(model))
-    every = _spatial_outputs(model, x)
-    outputs = [(name, shape) for name, shape in every if not isinstance(get_layer(model, name), nn.Linear)] or every
+    every, last = _spatial_outputs(model, x), features_last(model)
+    outputs = [(name, shape) for name, shape in every if get_layer(model, name) not in last] or every
     return next((name for name, shape in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])
 
 

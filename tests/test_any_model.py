@@ -474,8 +474,25 @@ def test_grad_cam_passes_over_a_linear_layers_channels_last_map_and_refuses_it_b
     model, x = _ChannelsLastNet().eval(), torch.rand(2, 3, 8, 8)
     assert models.last_map_layer(model, x) == "conv"
     assert torch.equal(attribution.grad_cam(model, x, 1), attribution.grad_cam(model, x, 1, layer="conv"))
-    with pytest.raises(ValueError, match="'mix' is an nn.Linear"):
+    with pytest.raises(ValueError, match="'mix' keeps its features last"):
         attribution.grad_cam(model, x, 1, layer="mix")
+
+
+def test_a_convnext_blocks_activation_between_its_linears_reads_its_features_as_channels():
+    """torchvision's ConvNeXt runs each block's two Linears and the GELU between them on a channels-last
+    map: the GELU's channels are its last dim too, for activations and Grad-CAM alike."""
+    torch.manual_seed(0)
+    model, x = torchvision.models.convnext_tiny(num_classes=10).eval(), torch.rand(2, 3, 32, 32)
+    gelu, block = "features.1.0.block.4", model.features[1][0].block
+    assert models.layer_channels(model, gelu, 32) == 384  # 4 x the stem's 96, on its 8 x 8 map
+    with torch.no_grad():
+        expected = block[4](block[3](block[2](block[1](block[0](model.features[0](x))))))  # (2, 8, 8, 384)
+    torch.testing.assert_close(models.capture(model, x, gelu)[gelu], expected.permute(0, 3, 1, 2))
+    last = models.features_last(model)
+    assert block[4] in last and block[0] not in last and block[6] not in last  # not the conv, nor the permute
+    assert models.get_layer(model, models.last_map_layer(model, x)) not in last
+    with pytest.raises(ValueError, match=f"'{gelu}' keeps its features last"):
+        attribution.grad_cam(model, x, 1, layer=gelu)
 
 
 def test_a_neuron_on_tokens_is_refused_with_a_pointer_to_channel():
