@@ -191,7 +191,7 @@ def head_reads(model, layer, images):
     head = _head(model)
     if not isinstance(head, nn.Linear):
         return False
-    with _head_inputs(head) as inputs, torch.no_grad():
+    with _head_inputs(head) as inputs:  # capture runs without gradients
         maps = models.capture(model, images, [layer, None])[layer].float().cpu().flatten(2)  # None: run it all
     read = inputs[-1]
     return any(read.shape == pooled.shape and torch.allclose(read, pooled, rtol=1e-4, atol=1e-5)

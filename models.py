@@ -562,7 +562,8 @@ class Recorder:
                     out[name], versions[name] = output.clone(), None
                 else:
                     out[name], versions[name] = output, output._version
-                out[name] = _channels_first(out[name], module in self.last)  # a view: it shares the version it is checked by
+                # a view: it shares the version it is checked by
+                out[name] = _channels_first(out[name], module in self.last)
                 if seen == self.calls and not self.full:
                     raise _Stop
             return save

@@ -60,8 +60,8 @@ DEVICE_DEFAULTS = dict(
 
 def bf16_training(device):
     """Whether the classifier trains in bfloat16 autocast on this device: on a CUDA GPU, and on a CPU with AMX
-    (bfloat16 matrix units, recent Intel Xeons: a `compact` step 2.3-2.8x faster there); elsewhere in float32, where
-    bfloat16 is emulated and slower. Evaluation is float32 everywhere."""
+    (bfloat16 matrix units, recent Intel Xeons: a `compact` step 2.3-2.8x faster there); elsewhere in float32,
+    where bfloat16 is emulated and slower. Evaluation is float32 everywhere."""
     if device.type == "cuda":
         return True
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
