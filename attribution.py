@@ -66,11 +66,11 @@ def grad_cam(model, images, targets, layer=None):
     if len(shape) != 4:
         raise ValueError(f"Grad-CAM needs a layer with a spatial output (B, C, H, W); {name!r} gives "
                          f"{tuple(shape)}: pick a conv layer (models.list_layers)")
-    layer = models.get_layer(model, name)
-    if layer in models.features_last(model):  # captum reads the module's own output
+    if models.keeps_features_last(model, x[:1].detach(), name):  # captum reads the module's own output
         raise ValueError(f"Grad-CAM needs a layer whose output has its channels on dim 1; {name!r} keeps its "
-                         f"features last (an nn.Linear, or an activation after one): pick a conv layer "
+                         f"features last (an nn.Linear's output, or one made from it): pick a conv layer "
                          f"(models.list_layers)")
+    layer = models.get_layer(model, name)
     with _untouched(model):
         cam = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)  # (B, 1, h, w)
     cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")

@@ -11,11 +11,12 @@ import itertools
 import math
 import numbers
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops.misc import Permute
 
 from data import check_batch, check_count, to_float
 
@@ -505,24 +506,48 @@ def check_logits(model, output):
                         f"logits (B, classes): wrap it in a module whose forward returns them")
 
 
-def features_last(model):
-    """The model's modules whose output keeps its features on the last dim: every nn.Linear, and an
-    activation or dropout that follows one in an nn.Sequential (directly or through others of these), as
-    the GELU between the two Linears of a ConvNeXt block, which work on a channels-last map."""
-    last = {m for m in model.modules() if isinstance(m, nn.Linear)}
-    for seq in model.modules():
-        if isinstance(seq, nn.Sequential):
-            after = False  # in a run that a Linear began
-            for child in seq:
-                after = isinstance(child, nn.Linear) or (after and isinstance(child, (*ACTIVATIONS, nn.Dropout)))
-                if after:
-                    last.add(child)
-    return last
+class _Layouts:
+    """Which module calls of one forward pass output their features on the last dim, decided from the pass
+    itself: `with _Layouts(model) as layouts:` run it, then layouts.last_call[module] is True when the
+    module's last call did. Such an output is an nn.Linear's with more than 2 dims (tokens (B, N, D), or a
+    channels-last map (B, H, W, C), as in ConvNeXt's blocks), a permute's to channels last (torchvision's
+    Permute([0, 2, 3, 1]), as in Swin), or one of the same shape as a module's input of this kind (an
+    activation, dropout or norm after a Linear, a block of a Swin stage). A module that hands on an output
+    already made (a container's last child's, an in-place op's) keeps its kind. Per call: a module shared
+    between such a path and a conv path is read right in each."""
+
+    def __init__(self, model):
+        self.model, self.last_call, self.handles = model, {}, []
+        self.made = {}  # id(tensor) -> (tensor, features last); kept alive for the pass, so no id is reused
+
+    def __enter__(self):
+        # prepended: decided before any other hook on the module reads it
+        self.handles = [m.register_forward_hook(self._decide, prepend=True) for m in self.model.modules()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.made.clear()
+
+    def _decide(self, module, args, out):
+        if not torch.is_tensor(out):
+            return
+        if id(out) not in self.made:
+            if isinstance(module, nn.Linear):
+                last = out.dim() > 2
+            elif isinstance(module, Permute):
+                last = list(module.dims) == [0, 2, 3, 1]
+            else:
+                x = args[0] if args else None
+                last = torch.is_tensor(x) and self.made.get(id(x), (x, False))[1] and out.shape == x.shape
+            self.made[id(out)] = (out, last)
+        self.last_call[module] = self.made[id(out)][1]
 
 
 def _channels_first(output, last):
     """A layer's output with its channels on dim 1, as everywhere else: one whose features are last
-    (`features_last`) has its tokens (B, N, D) or channels-last map (B, H, W, C), as in ViTs and ConvNeXt,
+    (`_Layouts`) has its tokens (B, N, D) or channels-last map (B, H, W, C), as in ViTs and ConvNeXt,
     moved there."""
     return output.movedim(-1, 1) if last and output.dim() > 2 else output
 
@@ -543,9 +568,9 @@ class Recorder:
     def __init__(self, model, names):
         self.model, self.dtype = model, dtype_of(model)
         self.modules = {name: get_layer(model, name) for name in names if name is not None}
-        self.last = features_last(model)
         self.full = None in names
-        self.calls, self.copied = None, set()  # learned on the first pass
+        # learned on the first pass; last: the names whose outputs keep their features last (`_Layouts`)
+        self.calls, self.copied, self.last = None, set(), set()
 
     @contextmanager
     def hooked(self):
@@ -562,8 +587,6 @@ class Recorder:
                     out[name], versions[name] = output.clone(), None
                 else:
                     out[name], versions[name] = output, output._version
-                # a view: it shares the version it is checked by
-                out[name] = _channels_first(out[name], module in self.last)
                 if seen == self.calls and not self.full:
                     raise _Stop
             return save
@@ -572,19 +595,22 @@ class Recorder:
             out.clear()
             versions.clear()
             seen.update(dict.fromkeys(self.modules, 0))
-            try:
-                out[None] = self.model(x.to(self.dtype))  # a half or bfloat16 model takes its own dtype
-            except _Stop:
-                pass
+            layouts = _Layouts(self.model) if self.calls is None else nullcontext()
+            with layouts:
+                try:
+                    out[None] = self.model(x.to(self.dtype))  # a half or bfloat16 model takes its own dtype
+                except _Stop:
+                    pass
             if self.calls is None:
                 self.calls = self._counted(seen)
+                self.last = {name for name, m in self.modules.items() if layouts.last_call[m]}
                 if self.full:
                     check_logits(self.model, out[None])
             stale = {name for name, v in versions.items() if v is not None and out[name]._version != v}
             if stale:  # overwritten by a later in-place op: copy them from now on, and run again
                 self.copied |= stale
                 return run(x)
-            passed = dict(out)
+            passed = {name: _channels_first(output, name in self.last) for name, output in out.items()}
             out.clear()  # nothing kept past the pass (kept, outputs would hold their autograd graph alive)
             return passed
 
@@ -608,17 +634,31 @@ def as_names(value):
     return [value] if isinstance(value, str) else list(value)
 
 
+def _recorded(model, images, layers):
+    """One pass of a batch of images through the model, recording the named layers: (outputs, recorder)."""
+    check_input(model, images)
+    recorder = Recorder(model, layers)
+    with evaluating(model), recorder.hooked() as run:
+        # contiguous: a model that views its feature maps fails on channels_last
+        return run(to_float(images.to(device_of(model))).contiguous()), recorder
+
+
 @torch.no_grad()
 def capture(model, images, layers):
     """Outputs of the named layers (one name or several) for a batch of images (B, C, H, W) (uint8 or float in
     [0, 1]), as {name: tensor}, each a layer's output as `Recorder` defines it; the model is left as found
     (`evaluating`)."""
-    check_input(model, images)
     layers = as_names(layers)
-    with evaluating(model), Recorder(model, layers).hooked() as run:
-        # contiguous: a model that views its feature maps fails on channels_last
-        out = run(to_float(images.to(device_of(model))).contiguous())
+    out = _recorded(model, images, layers)[0]
     return {name: out[name] for name in layers}
+
+
+@torch.no_grad()
+def keeps_features_last(model, images, name):
+    """Whether the named layer makes its output for these images with its features on the last dim (an
+    nn.Linear's tokens or channels-last map, or an output made from one: `_Layouts`), which `capture` moves to
+    dim 1."""
+    return name in _recorded(model, images, [name])[1].last
 
 
 def _probe(model, size=None):
@@ -648,7 +688,8 @@ def layer_channels(model, name, size=None):
 
 
 def _spatial_outputs(model, x):
-    """(name, shape) of the layers with a spatial output (B, C, H, W) for the probe image x (1, C, H, W), in
+    """(name, shape, features last) of the layers with a spatial output for the probe image x (1, C, H, W),
+    its shape (B, C, H, W) with the channels on dim 1 and whether the layer made it with them last (`_Layouts`), in
     the order the forward pass finishes them, each output named by the innermost module that made it.
     Blocks (modules holding layers) count too: one that hands on a layer's output unchanged goes by that
     layer's name (our block3 by block3.act2, a torchvision ResNet's layer4 by layer4.1.relu), one that makes
@@ -657,18 +698,19 @@ def _spatial_outputs(model, x):
     listed = list_layers(model)
     candidates = [name for name, _ in model.named_modules()
                   if name in listed or any(layer.startswith(name + ".") for layer in listed)]
-    # (id, version) -> the first module to output it; (name, shape) pairs; the outputs, kept alive so that
-    # no id is reused
-    made, order, kept, last = {}, [], [], features_last(model)
+    # (id, version) -> the first module to output it; (name, shape, features last) triples; the outputs, kept
+    # alive so that no id is reused
+    made, order, kept = {}, [], []
 
     def record(name, module, out):
         if torch.is_tensor(out) and out.dim() == 4:
             kept.append(out)
-            shape = tuple(_channels_first(out, module in last).shape)
-            order.append((made.setdefault((id(out), out._version), name), shape))
+            last = layouts.last_call[module]  # decided first: its hook is prepended
+            shape = tuple(_channels_first(out, last).shape)
+            order.append((made.setdefault((id(out), out._version), name), shape, last))
 
     # (not in inference mode, whose tensors keep no version)
-    with evaluating(model), torch.no_grad(), torch.inference_mode(False):
+    with evaluating(model), torch.no_grad(), torch.inference_mode(False), _Layouts(model) as layouts:
         for name in candidates:
             get_layer(model, name).register_forward_hook(
                 lambda module, args, out, name=name: record(name, module, out))
@@ -689,11 +731,11 @@ def last_map_layer(model, images):
     """Name of the last layer whose output for these images (B, C, H, W) is a map larger than 1x1 (the last
     spatial layer if none is): Grad-CAM's default, as a 1x1 map, the last layer of a torchvision ResNet at 32
     px, would make a flat heatmap. Probed with the first image, so that a non-square input works too. A layer
-    whose features are last (`features_last`) is passed over: Grad-CAM reads a layer's own output."""
+    whose features are last (`keeps_features_last`) is passed over: Grad-CAM reads a layer's own output."""
     x = to_float(check_input(model, images)[:1]).to(device_of(model), dtype_of(model))
-    every, last = _spatial_outputs(model, x), features_last(model)
-    outputs = [(name, shape) for name, shape in every if get_layer(model, name) not in last] or every
-    return next((name for name, shape in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])
+    every = _spatial_outputs(model, x)
+    outputs = [(name, shape) for name, shape, last in every if not last] or every
+    return next((name for name, shape, *_ in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])
 
 
 def block_layers(model, size=None):
@@ -703,7 +745,7 @@ def block_layers(model, size=None):
     in nn.Sequential(Normalize(...), resnet) the blocks are the ResNet's (1.conv1, 1.relu, 1.layer1.1.relu ...),
     and in a torchvision VGG or DenseNet, whose spatial layers all sit in `features`, they are its children,
     then `features` itself for its output (made by a max-pool or a batch norm, which are not layers)."""
-    names = [name.split(".") for name, _ in _spatial_outputs(model, _probe(model, size))]
+    names = [name.split(".") for name, *_ in _spatial_outputs(model, _probe(model, size))]
     # the leading name parts every spatial layer shares (a wrapper's), a wrapper's own name included
     depth = len(list(itertools.takewhile(lambda parts: len(set(parts)) == 1, zip(*names))))
     last = {tuple(n[:depth + 1]): ".".join(n) for n in names}  # the last one of each block wins

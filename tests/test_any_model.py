@@ -488,11 +488,73 @@ def test_a_convnext_blocks_activation_between_its_linears_reads_its_features_as_
     with torch.no_grad():
         expected = block[4](block[3](block[2](block[1](block[0](model.features[0](x))))))  # (2, 8, 8, 384)
     torch.testing.assert_close(models.capture(model, x, gelu)[gelu], expected.permute(0, 3, 1, 2))
-    last = models.features_last(model)
-    assert block[4] in last and block[0] not in last and block[6] not in last  # not the conv, nor the permute
-    assert models.get_layer(model, models.last_map_layer(model, x)) not in last
+    last = [name for name in ("features.1.0.block.0", "features.1.0.block.3", gelu, "features.1.0.block.6")
+            if models.keeps_features_last(model, x, name)]
+    assert last == ["features.1.0.block.3", gelu]  # not the conv, nor the permute back
+    assert not models.keeps_features_last(model, x, models.last_map_layer(model, x))
     with pytest.raises(ValueError, match=f"'{gelu}' keeps its features last"):
         attribution.grad_cam(model, x, 1, layer=gelu)
+
+
+class _Mlp(nn.Module):
+    """timm's Mlp: two Linears with an activation, dropout and norm between them, in a plain module (not an
+    nn.Sequential), run by a block on its channels-last map."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.fc1, self.act, self.drop = nn.Linear(width, 12), nn.GELU(), nn.Dropout(0.1)
+        self.norm, self.fc2 = nn.LayerNorm(12), nn.Linear(12, width)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.drop(self.act(self.fc1(x)))))
+
+
+class _MixedNet(nn.Module):
+    """A conv stem; a timm-style channels-last block; a Linear unflattened into a map; and one ReLU shared by
+    an nn.Sequential after a Linear (a channels-last map) and, last, a conv map."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.relu, self.mlp = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), _Mlp(4)
+        self.expand, self.unflat = nn.Linear(4 * 8 * 8, 6 * 8 * 8), nn.Unflatten(1, (6, 8, 8))
+        self.act, self.proj = nn.ReLU(), nn.Sequential(nn.Linear(6, 5), self.relu)
+        self.conv, self.head = nn.Conv2d(5, 5, 3, padding=1), nn.Linear(5, 10)
+
+    def forward(self, x):
+        x = self.relu(self.stem(x))  # (B, 4, H, W)
+        x = x + self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = self.act(self.unflat(self.expand(x.flatten(1))))  # a map (B, 6, H, W) again
+        x = self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # the shared ReLU on (B, H, W, 5)
+        return self.head(self.relu(self.conv(x)).mean((2, 3)))  # its last call: on a conv map
+
+
+def test_features_last_is_decided_from_the_forward_pass_not_the_modules_kinds():
+    """A Linear's channels-last output and what is made from it (timm's Mlp: activation, dropout, norm) keep
+    their features last; a Linear's output unflattened into a map does not; a shared module is read by its
+    last call, as its output is, wherever it is registered."""
+    model, x = _MixedNet().eval(), torch.rand(2, 3, 8, 8)
+    last = [name for name, _ in model.named_modules() if name and models.keeps_features_last(model, x, name)]
+    assert last == ["mlp", "mlp.fc1", "mlp.act", "mlp.drop", "mlp.norm", "mlp.fc2", "proj", "proj.0"]
+    with torch.no_grad():
+        hidden = model.mlp.act(model.mlp.fc1(model.relu(model.stem(x)).permute(0, 2, 3, 1)))  # (2, 8, 8, 12)
+    acts = models.capture(model, x, ["mlp.act", "act", "relu"])
+    torch.testing.assert_close(acts["mlp.act"], hidden.permute(0, 3, 1, 2))
+    assert acts["act"].shape == (2, 6, 8, 8) and acts["relu"].shape == (2, 5, 8, 8)
+    assert models.last_map_layer(model, x) == "relu"
+    with pytest.raises(ValueError, match="'mlp.act' keeps its features last"):
+        attribution.grad_cam(model, x, 1, layer="mlp.act")
+
+
+def test_a_swin_stage_reads_its_channels_last_map_with_its_channels_on_dim_1():
+    """torchvision's Swin permutes its stem's map to channels last and keeps it so through its stages, whose
+    blocks end in a residual sum (no Linear last): their outputs are (B, H, W, C) too."""
+    model, x = torchvision.models.swin_t(num_classes=10).eval(), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        stage = model.features[1](model.features[0](x))  # (2, 8, 8, 96)
+    torch.testing.assert_close(models.capture(model, x, "features.1")["features.1"], stage.permute(0, 3, 1, 2))
+    assert models.keeps_features_last(model, x, "features.1.1")
+    assert not models.keeps_features_last(model, x, "permute")  # back to (B, C, H, W)
 
 
 def test_a_neuron_on_tokens_is_refused_with_a_pointer_to_channel():

@@ -185,6 +185,7 @@ ENTRY_POINTS = {
     "training.latent_statistics": lambda x, cnn, vae: training.latent_statistics(vae, x),
     "models.capture": lambda x, cnn, vae: models.capture(cnn, x, ["block1.act2"]),
     "models.last_map_layer": lambda x, cnn, vae: models.last_map_layer(cnn, x),
+    "models.keeps_features_last": lambda x, cnn, vae: models.keeps_features_last(cnn, x, "block1.act2"),
     "attribution.saliency": lambda x, cnn, vae: attribution.saliency(cnn, x, 0),
     "attribution.grad_cam": lambda x, cnn, vae: attribution.grad_cam(cnn, x, 0),
     "attribution.integrated_gradients": lambda x, cnn, vae: attribution.integrated_gradients(cnn, x, 0, steps=2),
@@ -256,6 +257,8 @@ def _assert_same(a, b):
     import matplotlib.pyplot as plt
     if isinstance(a, torch.Tensor):
         assert torch.allclose(a.float(), b.float(), atol=1e-4, equal_nan=True)
+    elif isinstance(a, (bool, str)):
+        assert a == b
     elif isinstance(a, float):
         assert a == pytest.approx(b, abs=1e-4, nan_ok=True)
     elif isinstance(a, dict):
