@@ -10,13 +10,15 @@ import copy
 import itertools
 import math
 import numbers
+import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops.misc import Permute
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from data import check_batch, check_count, to_float
 
@@ -506,43 +508,70 @@ def check_logits(model, output):
                         f"logits (B, classes): wrap it in a module whose forward returns them")
 
 
-class _Layouts:
-    """Which module calls of one forward pass output their features on the last dim, decided from the pass
-    itself: `with _Layouts(model) as layouts:` run it, then layouts.last_call[module] is True when the
-    module's last call did. Such an output is an nn.Linear's with more than 2 dims (tokens (B, N, D), or a
-    channels-last map (B, H, W, C), as in ConvNeXt's blocks), a permute's to channels last (torchvision's
-    Permute([0, 2, 3, 1]), as in Swin), or one of the same shape as a module's input of this kind (an
-    activation, dropout or norm after a Linear, a block of a Swin stage). A module that hands on an output
-    already made (a container's last child's, an in-place op's) keeps its kind. Per call: a module shared
-    between such a path and a conv path is read right in each."""
+# ops that move dims (their features' place is found by running them on a probe) and ops that regroup them
+_MOVES = {"permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims"}
+_RESHAPES = {"reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+
+
+class _Layouts(TorchFunctionMode):
+    """Which module calls of one forward pass output their features on the last dim, followed op by op through
+    the pass: `with _Layouts(model) as layouts:` run it, and layouts.last_call[module] says whether the module's
+    latest call did (a module shared by two kinds of path is read right in each). A tensor with more than 2
+    dims has its features last when it is a linear layer's output (tokens (B, N, D), or a channels-last map
+    (B, H, W, C), as in ConvNeXt's blocks), the result of a permute or transpose that puts its features
+    there (a ViT's patches turned into tokens, Swin's map into channels last), a reshape of one that keeps
+    its last dim (Swin's windows), or the result of any other op on one with as many dims (an activation,
+    norm, dropout, residual sum, slice, concatenation). Anything else, the images to begin with, has them
+    on dim 1. Tensors are known by id and a weak reference: nothing is kept alive for it."""
 
     def __init__(self, model):
+        super().__init__()
         self.model, self.last_call, self.handles = model, {}, []
-        self.made = {}  # id(tensor) -> (tensor, features last); kept alive for the pass, so no id is reused
+        self.last = {}  # id -> weak reference, of the tensors whose features are last
 
     def __enter__(self):
-        # prepended: decided before any other hook on the module reads it
-        self.handles = [m.register_forward_hook(self._decide, prepend=True) for m in self.model.modules()]
-        return self
+        # prepended: recorded before any other hook on the module reads it
+        self.handles = [m.register_forward_hook(self._record, prepend=True) for m in self.model.modules()]
+        return super().__enter__()
 
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
-        self.made.clear()
+        self.last.clear()
+        return super().__exit__(*exc)
 
-    def _decide(self, module, args, out):
-        if not torch.is_tensor(out):
-            return
-        if id(out) not in self.made:
-            if isinstance(module, nn.Linear):
-                last = out.dim() > 2
-            elif isinstance(module, Permute):
-                last = list(module.dims) == [0, 2, 3, 1]
-            else:
-                x = args[0] if args else None
-                last = torch.is_tensor(x) and self.made.get(id(x), (x, False))[1] and out.shape == x.shape
-            self.made[id(out)] = (out, last)
-        self.last_call[module] = self.made[id(out)][1]
+    def is_last(self, t):
+        ref = self.last.get(id(t))
+        return ref is not None and ref() is t
+
+    def _record(self, module, args, out):
+        if torch.is_tensor(out):
+            self.last_call[module] = self.is_last(out)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t):
+                if self._decide(func, args, kwargs, t):
+                    self.last[id(t)] = weakref.ref(t)
+                else:
+                    self.last.pop(id(t), None)
+        return out
+
+    def _decide(self, func, args, kwargs, out):
+        """Whether func's output `out` has its features last."""
+        name, x = getattr(func, "__name__", ""), args[0] if args else None
+        if out.dim() <= 2:
+            return False
+        if name == "linear":
+            return True
+        if name in _MOVES and torch.is_tensor(x):  # run on a probe whose dims have sizes 2, 3, ...
+            probe = torch.empty(tuple(range(2, x.dim() + 2)), device="meta")
+            return func(probe, *args[1:], **kwargs).shape[-1] == (x.dim() + 1 if self.is_last(x) else 3)
+        if name in _RESHAPES and torch.is_tensor(x):
+            return self.is_last(x) and out.shape[-1] == x.shape[-1]
+        return any(self.is_last(t) and t.dim() == out.dim() for t in tree_leaves((args, kwargs)) if torch.is_tensor(t))
 
 
 def _channels_first(output, last):
@@ -603,7 +632,8 @@ class Recorder:
                     pass
             if self.calls is None:
                 self.calls = self._counted(seen)
-                self.last = {name for name, m in self.modules.items() if layouts.last_call[m]}
+                # (.get: an nn.DataParallel runs replicas of the modules)
+                self.last = {name for name, m in self.modules.items() if layouts.last_call.get(m)}
                 if self.full:
                     check_logits(self.model, out[None])
             stale = {name for name, v in versions.items() if v is not None and out[name]._version != v}
@@ -688,8 +718,8 @@ def layer_channels(model, name, size=None):
 
 
 def _spatial_outputs(model, x):
-    """(name, shape, features last) of the layers with a spatial output for the probe image x (1, C, H, W),
-    its shape (B, C, H, W) with the channels on dim 1 and whether the layer made it with them last (`_Layouts`), in
+    """(name, shape, features last) of the layers with a spatial output for the probe image x (1, C, H, W):
+    its shape (B, C, H, W), channels on dim 1, and whether the layer made it with them last (`_Layouts`), in
     the order the forward pass finishes them, each output named by the innermost module that made it.
     Blocks (modules holding layers) count too: one that hands on a layer's output unchanged goes by that
     layer's name (our block3 by block3.act2, a torchvision ResNet's layer4 by layer4.1.relu), one that makes
@@ -705,7 +735,7 @@ def _spatial_outputs(model, x):
     def record(name, module, out):
         if torch.is_tensor(out) and out.dim() == 4:
             kept.append(out)
-            last = layouts.last_call[module]  # decided first: its hook is prepended
+            last = layouts.last_call.get(module, False)  # recorded first: its hook is prepended
             shape = tuple(_channels_first(out, last).shape)
             order.append((made.setdefault((id(out), out._version), name), shape, last))
 
@@ -734,8 +764,8 @@ def last_map_layer(model, images):
     whose features are last (`keeps_features_last`) is passed over: Grad-CAM reads a layer's own output."""
     x = to_float(check_input(model, images)[:1]).to(device_of(model), dtype_of(model))
     every = _spatial_outputs(model, x)
-    outputs = [(name, shape) for name, shape, last in every if not last] or every
-    return next((name for name, shape, *_ in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])
+    outputs = [(name, shape, last) for name, shape, last in every if not last] or every
+    return next((name for name, shape, _ in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])
 
 
 def block_layers(model, size=None):

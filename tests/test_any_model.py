@@ -6,6 +6,7 @@ technique that applies renders at the model's own size and raises the activation
 fail with an error that says what to do.
 """
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -488,9 +489,8 @@ def test_a_convnext_blocks_activation_between_its_linears_reads_its_features_as_
     with torch.no_grad():
         expected = block[4](block[3](block[2](block[1](block[0](model.features[0](x))))))  # (2, 8, 8, 384)
     torch.testing.assert_close(models.capture(model, x, gelu)[gelu], expected.permute(0, 3, 1, 2))
-    last = [name for name in ("features.1.0.block.0", "features.1.0.block.3", gelu, "features.1.0.block.6")
-            if models.keeps_features_last(model, x, name)]
-    assert last == ["features.1.0.block.3", gelu]  # not the conv, nor the permute back
+    last = [name for name in (f"features.1.0.block.{i}" for i in range(7)) if models.keeps_features_last(model, x, name)]
+    assert last == [f"features.1.0.block.{i}" for i in (1, 2, 3, 4, 5)]  # not the conv, nor the permute back
     assert not models.keeps_features_last(model, x, models.last_map_layer(model, x))
     with pytest.raises(ValueError, match=f"'{gelu}' keeps its features last"):
         attribution.grad_cam(model, x, 1, layer=gelu)
@@ -546,15 +546,63 @@ def test_features_last_is_decided_from_the_forward_pass_not_the_modules_kinds():
         attribution.grad_cam(model, x, 1, layer="mlp.act")
 
 
+class _SumNorm(nn.Module):
+    """A norm on a residual sum of a Linear's channels-last output: plain tensor ops between the modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm, self.head = nn.Linear(3, 6), nn.LayerNorm(6), nn.Linear(6, 10)
+
+    def forward(self, x):
+        h = self.fc(x.permute(0, 2, 3, 1))
+        return self.head(self.norm(h + h.relu())[:, 1:].mean((1, 2)))
+
+
+def test_features_last_is_followed_through_plain_tensor_ops():
+    model, x = _SumNorm().eval(), torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        h = model.fc(x.permute(0, 2, 3, 1))
+        expected = model.norm(h + h.relu())
+    torch.testing.assert_close(models.capture(model, x, "norm")["norm"], expected.permute(0, 3, 1, 2))
+
+
 def test_a_swin_stage_reads_its_channels_last_map_with_its_channels_on_dim_1():
     """torchvision's Swin permutes its stem's map to channels last and keeps it so through its stages, whose
-    blocks end in a residual sum (no Linear last): their outputs are (B, H, W, C) too."""
+    blocks end in a residual sum (no Linear last), and through the norm and patch merging between them."""
     model, x = torchvision.models.swin_t(num_classes=10).eval(), torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         stage = model.features[1](model.features[0](x))  # (2, 8, 8, 96)
     torch.testing.assert_close(models.capture(model, x, "features.1")["features.1"], stage.permute(0, 3, 1, 2))
-    assert models.keeps_features_last(model, x, "features.1.1")
+    shapes = {name: out.shape[1] for name, out in models.capture(
+        model, x, ["features.1.0.norm1", "features.1.0.norm2", "features.2.norm", "features.2"]).items()}
+    assert shapes == {"features.1.0.norm1": 96, "features.1.0.norm2": 96, "features.2.norm": 384, "features.2": 192}
     assert not models.keeps_features_last(model, x, "permute")  # back to (B, C, H, W)
+
+
+def test_a_vits_tokens_read_their_features_as_channels():
+    """A ViT's patches become tokens by a reshape and a permute, then a concatenation with its class token and
+    a sum with its position embedding: every encoder layer's output is (B, D, N) as read."""
+    model = torchvision.models.VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=24,
+                                                 num_classes=10).eval()
+    x = torch.rand(2, 3, 32, 32)
+    names = ["encoder.layers.encoder_layer_0.ln_1", "encoder.layers.encoder_layer_1", "encoder.ln", "heads.head"]
+    shapes = {name: tuple(out.shape) for name, out in models.capture(model, x, names).items()}
+    assert list(shapes.values()) == [(2, 16, 17), (2, 16, 17), (2, 16, 17), (2, 10)]  # 16 patches and a class token
+    with torch.no_grad():
+        tokens = model.encoder(torch.cat([model.class_token.expand(2, -1, -1), model._process_input(x)], 1))
+    torch.testing.assert_close(models.capture(model, x, "encoder")["encoder"], tokens.transpose(1, 2))
+
+
+def test_following_the_layouts_keeps_no_output_of_the_pass_alive():
+    """The first pass keeps its outputs no longer than the model does: the first Linear's output is freed by
+    the time the last Linear runs (capture's peak memory is the model's own)."""
+    model, refs, alive = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)).eval(), [], []
+    model[0].register_forward_hook(lambda m, args, out: refs.append(weakref.ref(out)))
+    model[2].register_forward_hook(lambda m, args, out: alive.append(refs[-1]() is not None))
+    with torch.no_grad(), models._Layouts(model) as layouts:
+        model(torch.rand(1, 4, 4, 8))
+        assert layouts.last_call[model[2]]  # followed all the same
+    assert alive == [False]
 
 
 def test_a_neuron_on_tokens_is_refused_with_a_pointer_to_channel():
