@@ -508,26 +508,35 @@ def check_logits(model, output):
                         f"logits (B, classes): wrap it in a module whose forward returns them")
 
 
-# ops that move dims (their features' place is found by running them on a probe) and ops that regroup them
-_MOVES = {"permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims"}
-_RESHAPES = {"reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+# ops whose output has its channels on dim 1 (and "pool" in a name); ops that move dims, whose features' new place
+# a probe tells (`__get__`: properties such as .mT); ops that regroup dims; ops that mix them beyond telling
+_CHANNELS_FIRST = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+                   "batch_norm", "group_norm", "instance_norm", "local_response_norm", "interpolate",
+                   "pixel_shuffle", "pixel_unshuffle"}
+_MOVES = {"permute", "transpose", "transpose_", "movedim", "moveaxis", "swapaxes", "swapdims", "__get__"}
+_RESHAPES = {"reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "unsqueeze_", "view_as",
+             "reshape_as"}
+_UNKNOWN = {"einsum", "tensordot"}
 
 
 class _Layouts(TorchFunctionMode):
     """Which module calls of one forward pass output their features on the last dim, followed op by op through
     the pass: `with _Layouts(model) as layouts:` run it, and layouts.last_call[module] says whether the module's
-    latest call did (a module shared by two kinds of path is read right in each). A tensor with more than 2
-    dims has its features last when it is a linear layer's output (tokens (B, N, D), or a channels-last map
-    (B, H, W, C), as in ConvNeXt's blocks), the result of a permute or transpose that puts its features
-    there (a ViT's patches turned into tokens, Swin's map into channels last), a reshape of one that keeps
-    its last dim (Swin's windows), or the result of any other op on one with as many dims (an activation,
-    norm, dropout, residual sum, slice, concatenation). Anything else, the images to begin with, has them
-    on dim 1. Tensors are known by id and a weak reference: nothing is kept alive for it."""
+    latest call did (a module shared by two kinds of path is read right in each).
+
+    Each tensor's features dim is tracked where an op tells it: dim 1 out of a convolution, a batch or group
+    norm, a pooling or a resize; the last dim out of a linear layer (tokens (B, N, D), a ConvNeXt block's
+    channels-last map (B, H, W, C)); where a permute or transpose moves it (a ViT's patches turned into
+    tokens, Swin's map into channels last, found by running the op on a probe); kept by a reshape that keeps
+    the dims up to it (or, for the last, the last dim: Swin's windows); and, for any other op, that of its
+    first input with as many dims that has one (an activation, norm, dropout, residual sum, slice,
+    concatenation). Elsewhere it is unknown, the images' to begin with, and read on dim 1. Tensors are known
+    by id and a weak reference: nothing is kept alive for it."""
 
     def __init__(self, model):
         super().__init__()
         self.model, self.last_call, self.handles = model, {}, []
-        self.last = {}  # id -> weak reference, of the tensors whose features are last
+        self.dims = {}  # id -> (weak reference, features dim) of the tensors whose features dim is known
 
     def __enter__(self):
         # prepended: recorded before any other hook on the module reads it
@@ -537,41 +546,57 @@ class _Layouts(TorchFunctionMode):
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
-        self.last.clear()
+        self.dims.clear()
         return super().__exit__(*exc)
 
-    def is_last(self, t):
-        ref = self.last.get(id(t))
-        return ref is not None and ref() is t
+    def features_dim(self, t):
+        """t's features dim (>= 0), None where unknown."""
+        ref, dim = self.dims.get(id(t), (None, None))
+        return dim if ref is not None and ref() is t else None
 
     def _record(self, module, args, out):
         if torch.is_tensor(out):
-            self.last_call[module] = self.is_last(out)
+            self.last_call[module] = out.dim() > 2 and self.features_dim(out) == out.dim() - 1
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if torch.is_tensor(t):
-                if self._decide(func, args, kwargs, t):
-                    self.last[id(t)] = weakref.ref(t)
+                try:
+                    dim = self._features_dim(func, args, kwargs, t)
+                except (RuntimeError, TypeError, ValueError, IndexError):  # a probe the op does not take
+                    dim = None
+                if dim is None:
+                    self.dims.pop(id(t), None)
                 else:
-                    self.last.pop(id(t), None)
+                    self.dims[id(t)] = (weakref.ref(t), dim)
         return out
 
-    def _decide(self, func, args, kwargs, out):
-        """Whether func's output `out` has its features last."""
-        name, x = getattr(func, "__name__", ""), args[0] if args else None
-        if out.dim() <= 2:
-            return False
+    def _features_dim(self, func, args, kwargs, out):
+        """The features dim of func's output `out`, None where unknown."""
+        name, x = getattr(func, "__name__", ""), args[0] if args and torch.is_tensor(args[0]) else None
+        f = None if x is None else self.features_dim(x)
+        if name in _CHANNELS_FIRST or "pool" in name:
+            return 1 if out.dim() > 1 else None
         if name == "linear":
-            return True
-        if name in _MOVES and torch.is_tensor(x):  # run on a probe whose dims have sizes 2, 3, ...
-            probe = torch.empty(tuple(range(2, x.dim() + 2)), device="meta")
-            return func(probe, *args[1:], **kwargs).shape[-1] == (x.dim() + 1 if self.is_last(x) else 3)
-        if name in _RESHAPES and torch.is_tensor(x):
-            return self.is_last(x) and out.shape[-1] == x.shape[-1]
-        return any(self.is_last(t) and t.dim() == out.dim() for t in tree_leaves((args, kwargs)) if torch.is_tensor(t))
+            return out.dim() - 1
+        if name in _MOVES:
+            if f is None:
+                return None
+            # run on a probe whose dims have sizes 2, 3, ...: the features' size is f + 2
+            moved = func(torch.empty(tuple(range(2, x.dim() + 2)), device="meta"), *args[1:], **kwargs)
+            return moved.shape.index(f + 2) if torch.is_tensor(moved) and f + 2 in moved.shape else None
+        if name in _RESHAPES:
+            if f is None:
+                return None
+            if f == x.dim() - 1:  # last: still last if the last dim is kept
+                return out.dim() - 1 if out.shape[-1] == x.shape[-1] else None
+            return f if out.shape[:f + 1] == x.shape[:f + 1] else None
+        if name in _UNKNOWN:
+            return None
+        inputs = [t for t in tree_leaves((args, kwargs)) if torch.is_tensor(t) and t.dim() == out.dim()]
+        return next((d for d in map(self.features_dim, inputs) if d is not None), None)
 
 
 def _channels_first(output, last):

@@ -566,6 +566,40 @@ def test_features_last_is_followed_through_plain_tensor_ops():
     torch.testing.assert_close(models.capture(model, x, "norm")["norm"], expected.permute(0, 3, 1, 2))
 
 
+class _Columns(nn.Module):
+    """Axial attention's way with a map: its columns as sequences (B * W, C, H), mixed by a Conv1d, put back
+    by a permute, and summed with the map."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mix = nn.Conv2d(3, 8, 3, padding=1), nn.Conv1d(8, 8, 1)
+        self.conv, self.head = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.stem(x)
+        b, c, h, w = y.shape
+        z = self.mix(y.permute(0, 3, 1, 2).reshape(b * w, c, h)).view(b, w, c, h).permute(0, 2, 3, 1)
+        return self.head(self.conv(y + z).mean((2, 3)))
+
+
+def test_a_permute_of_a_map_whose_channels_are_not_on_dim_1_is_not_read_as_channels_last():
+    model, x = _Columns().eval(), torch.rand(2, 3, 6, 10)
+    assert models.capture(model, x, "conv")["conv"].shape == (2, 8, 6, 10)
+    assert models.last_map_layer(model, x) == "conv"
+
+
+@pytest.mark.parametrize("build", [lambda: models.build_model(models.cnn_config("small")),
+                                   lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+                                   lambda: torchvision.models.regnet_y_400mf(num_classes=10)])
+def test_no_layer_of_a_cnn_is_read_as_channels_last(build):
+    model = build().eval()
+    names = [name for name, _ in model.named_modules() if name]
+    recorder = models.Recorder(model, names)
+    with torch.no_grad(), recorder.hooked() as run:
+        run(torch.rand(2, 3, 32, 32))
+    assert recorder.last == set()
+
+
 def test_a_swin_stage_reads_its_channels_last_map_with_its_channels_on_dim_1():
     """torchvision's Swin permutes its stem's map to channels last and keeps it so through its stages, whose
     blocks end in a residual sum (no Linear last), and through the norm and patch merging between them."""
@@ -601,7 +635,7 @@ def test_following_the_layouts_keeps_no_output_of_the_pass_alive():
     model[2].register_forward_hook(lambda m, args, out: alive.append(refs[-1]() is not None))
     with torch.no_grad(), models._Layouts(model) as layouts:
         model(torch.rand(1, 4, 4, 8))
-        assert layouts.last_call[model[2]]  # followed all the same
+        assert layouts.last_call[model[1]]  # followed all the same: the GELU's features are last
     assert alive == [False]
 
 
