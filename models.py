@@ -12,7 +12,7 @@ import math
 import numbers
 import weakref
 from collections.abc import Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -509,14 +509,24 @@ def check_logits(model, output):
 
 
 # ops whose output has its channels on dim 1 (and "pool" in a name); ops that move dims, whose features' new place
-# a probe tells (`__get__`: properties such as .mT); ops that regroup dims; ops that mix them beyond telling
+# a probe tells (`__get__`: properties such as .mT); ops that regroup dims; matrix products; ops that mix dims
+# beyond telling. An in-place op (transpose_) goes by its twin's name.
 _CHANNELS_FIRST = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
                    "batch_norm", "group_norm", "instance_norm", "local_response_norm", "interpolate",
                    "pixel_shuffle", "pixel_unshuffle"}
-_MOVES = {"permute", "transpose", "transpose_", "movedim", "moveaxis", "swapaxes", "swapdims", "__get__"}
-_RESHAPES = {"reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "unsqueeze_", "view_as",
-             "reshape_as"}
-_UNKNOWN = {"einsum", "tensordot"}
+_MOVES = {"permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims", "t", "__get__"}
+_RESHAPES = {"reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+_MATMULS = {"matmul", "__matmul__", "bmm", "baddbmm"}
+_UNKNOWN = {"einsum", "tensordot", "broadcast_tensors"}
+_FROM_FIRST = _MOVES | _RESHAPES | _MATMULS  # where the output's features come from the first argument's
+
+
+def _reshaped(f, before, after):
+    """Where a reshape from shape `before` to `after` puts the features dim f: kept with the dims up to it, or,
+    for the last, with the last dim or as the merge of the last dims (timm's patch merging); None otherwise."""
+    if f == len(before) - 1:
+        return len(after) - 1 if after[-1] == before[-1] or after[:-1] == before[:len(after) - 1] else None
+    return f if after[:f + 1] == before[:f + 1] else None
 
 
 class _Layouts(TorchFunctionMode):
@@ -526,12 +536,14 @@ class _Layouts(TorchFunctionMode):
 
     Each tensor's features dim is tracked where an op tells it: dim 1 out of a convolution, a batch or group
     norm, a pooling or a resize; the last dim out of a linear layer (tokens (B, N, D), a ConvNeXt block's
-    channels-last map (B, H, W, C)); where a permute or transpose moves it (a ViT's patches turned into
-    tokens, Swin's map into channels last, found by running the op on a probe); kept by a reshape that keeps
-    the dims up to it (or, for the last, the last dim: Swin's windows); and, for any other op, that of its
-    first input with as many dims that has one (an activation, norm, dropout, residual sum, slice,
-    concatenation). Elsewhere it is unknown, the images' to begin with, and read on dim 1. Tensors are known
-    by id and a weak reference: nothing is kept alive for it."""
+    channels-last map (B, H, W, C)) or a product with a weight matrix; where a permute or transpose moves it
+    (a ViT's patches turned into tokens, Swin's map into channels last, found by running the op on a probe);
+    kept by a reshape (`_reshaped`: Swin's windows); and, for any other op, that of its first input with as
+    many dims that has one (an activation, norm, dropout, residual sum, slice, concatenation). Elsewhere (a
+    batched product such as attention's, an einsum, a dim of size 1, which tells nothing) it is unknown, the
+    images' to begin with, and read on dim 1. Tensors are known by id and a weak reference: nothing is kept
+    alive for it. Every op goes through Python meanwhile, which turns off fused kernels such as multi-head
+    attention's: run it on a pass of its own (`Recorder` runs one on one image)."""
 
     def __init__(self, model):
         super().__init__()
@@ -560,41 +572,41 @@ class _Layouts(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        x = args[0] if args and torch.is_tensor(args[0]) else None
+        before = (None, None) if x is None else (self.features_dim(x), x.shape)  # an in-place op changes x
         out = func(*args, **kwargs)
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(t):
+            # a tensor known already and not changed in place (a getter's, such as ._base) stays as it is
+            if torch.is_tensor(t) and (t is x or self.features_dim(t) is None):
                 try:
-                    dim = self._features_dim(func, args, kwargs, t)
+                    dim = self._features_dim(func, args, kwargs, before, t)
                 except (RuntimeError, TypeError, ValueError, IndexError):  # a probe the op does not take
                     dim = None
-                if dim is None:
+                if dim is None or not 0 <= dim < t.dim() or t.shape[dim] == 1:
                     self.dims.pop(id(t), None)
                 else:
                     self.dims[id(t)] = (weakref.ref(t), dim)
         return out
 
-    def _features_dim(self, func, args, kwargs, out):
-        """The features dim of func's output `out`, None where unknown."""
-        name, x = getattr(func, "__name__", ""), args[0] if args and torch.is_tensor(args[0]) else None
-        f = None if x is None else self.features_dim(x)
+    def _features_dim(self, func, args, kwargs, before, out):
+        """The features dim of func's output `out`, None where unknown; before: (features dim, shape) of its
+        first argument before the op."""
+        name, (f, shape) = getattr(func, "__name__", ""), before
+        if not name.startswith("_"):
+            name = name.removesuffix("_")  # an in-place op (transpose_) moves dims as its twin does
         if name in _CHANNELS_FIRST or "pool" in name:
-            return 1 if out.dim() > 1 else None
+            return 1
         if name == "linear":
             return out.dim() - 1
-        if name in _MOVES:
-            if f is None:
-                return None
-            # run on a probe whose dims have sizes 2, 3, ...: the features' size is f + 2
-            moved = func(torch.empty(tuple(range(2, x.dim() + 2)), device="meta"), *args[1:], **kwargs)
+        if name in _UNKNOWN or f is None and name in _FROM_FIRST:
+            return None
+        if name in _MATMULS:  # x @ W, as a hand-made linear layer; not a batched product (attention's)
+            return out.dim() - 1 if f == len(shape) - 1 and args[1].dim() <= 2 else None
+        if name in _MOVES:  # run on a probe whose dims have sizes 2, 3, ...: the features' is f + 2
+            moved = func(torch.empty(tuple(range(2, len(shape) + 2)), device="meta"), *args[1:], **kwargs)
             return moved.shape.index(f + 2) if torch.is_tensor(moved) and f + 2 in moved.shape else None
         if name in _RESHAPES:
-            if f is None:
-                return None
-            if f == x.dim() - 1:  # last: still last if the last dim is kept
-                return out.dim() - 1 if out.shape[-1] == x.shape[-1] else None
-            return f if out.shape[:f + 1] == x.shape[:f + 1] else None
-        if name in _UNKNOWN:
-            return None
+            return _reshaped(f, shape, out.shape)
         inputs = [t for t in tree_leaves((args, kwargs)) if torch.is_tensor(t) and t.dim() == out.dim()]
         return next((d for d in map(self.features_dim, inputs) if d is not None), None)
 
@@ -615,21 +627,23 @@ class Recorder:
     kept safe from in-place ops further on (ReLU(inplace=True), `out += identity`) that would overwrite
     it. The first pass runs the whole model and learns both: how often each module runs, and which
     outputs get overwritten (from then on copied as they are made, and that pass run again). Later passes
-    stop after the last output they need, unless the model's output is one of them. The images are cast
-    to the model's dtype (`dtype_of`), so a half or bfloat16 model takes float32 images.
+    stop after the last output they need, unless the model's output is one of them. An output whose features
+    are last (tokens, a channels-last map) comes with them on dim 1, as learned on one image before the
+    first pass (`_features_last`). The images are cast to the model's dtype (`dtype_of`), so a half or
+    bfloat16 model takes float32 images.
     """
 
     def __init__(self, model, names):
         self.model, self.dtype = model, dtype_of(model)
         self.modules = {name: get_layer(model, name) for name in names if name is not None}
         self.full = None in names
-        # learned on the first pass; last: the names whose outputs keep their features last (`_Layouts`)
+        # learned on the first pass; last: the names whose outputs keep their features last (`_features_last`)
         self.calls, self.copied, self.last = None, set(), set()
 
     @contextmanager
     def hooked(self):
         """Yield run(x) -> outputs; the hooks are removed on exit."""
-        out, seen, versions = {}, {}, {}
+        out, seen, versions = {}, dict.fromkeys(self.modules, 0), {}
 
         def hook(name):
             def save(module, args, output):
@@ -646,19 +660,17 @@ class Recorder:
             return save
 
         def run(x):
+            if self.calls is None:
+                self.last = self._features_last(x[:1])
             out.clear()
             versions.clear()
             seen.update(dict.fromkeys(self.modules, 0))
-            layouts = _Layouts(self.model) if self.calls is None else nullcontext()
-            with layouts:
-                try:
-                    out[None] = self.model(x.to(self.dtype))  # a half or bfloat16 model takes its own dtype
-                except _Stop:
-                    pass
+            try:
+                out[None] = self.model(x.to(self.dtype))  # a half or bfloat16 model takes its own dtype
+            except _Stop:
+                pass
             if self.calls is None:
                 self.calls = self._counted(seen)
-                # (.get: an nn.DataParallel runs replicas of the modules)
-                self.last = {name for name, m in self.modules.items() if layouts.last_call.get(m)}
                 if self.full:
                     check_logits(self.model, out[None])
             stale = {name for name, v in versions.items() if v is not None and out[name]._version != v}
@@ -675,6 +687,16 @@ class Recorder:
         finally:
             for h in handles:
                 h.remove()
+
+    def _features_last(self, x):
+        """The names whose outputs keep their features last (`_Layouts`), from a pass of its own on one image x
+        (1, C, H, W), in eval mode, before the first: followed in the first pass itself, the layouts would change
+        its numbers (multi-head attention's fused kernel turned off). The recorder's hooks fire in it too; run()
+        clears what they saved."""
+        with torch.no_grad(), evaluating(self.model), _Layouts(self.model) as layouts:
+            self.model(x.to(self.dtype))
+        # (.get: an nn.DataParallel runs replicas of the modules)
+        return {name for name, m in self.modules.items() if layouts.last_call.get(m)}
 
     def _counted(self, seen):
         """The calls of each module in the first pass; an error for a module that did not run."""

@@ -588,12 +588,33 @@ def test_a_permute_of_a_map_whose_channels_are_not_on_dim_1_is_not_read_as_chann
     assert models.last_map_layer(model, x) == "conv"
 
 
-@pytest.mark.parametrize("build", [lambda: models.build_model(models.cnn_config("small")),
+class _AttentionCNN(nn.Module):
+    """A CNN with SAGAN's self-attention (its queries as tokens (B, N, C'), a batched product with the keys,
+    a softmax module) and an ECA gate (the pooled channels turned into a sequence for a Conv1d and back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.query, self.key = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1), nn.Conv2d(8, 2, 1)
+        self.softmax, self.eca, self.gate = nn.Softmax(-1), nn.Conv1d(1, 1, 3, padding=1), nn.Sigmoid()
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        attention = self.softmax(torch.bmm(self.query(x).view(b, 2, -1).permute(0, 2, 1), self.key(x).view(b, 2, -1)))
+        x = x + torch.bmm(x.view(b, c, -1), attention.permute(0, 2, 1)).view(b, c, h, w)
+        pooled = F.adaptive_avg_pool2d(x, 1).squeeze(-1).transpose(-1, -2)  # (B, 1, C)
+        x = self.gate(self.eca(pooled).transpose(-1, -2).unsqueeze(-1)).expand_as(x) * x
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("build", [lambda: models.build_model(models.cnn_config("small")), _AttentionCNN,
                                    lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
-                                   lambda: torchvision.models.regnet_y_400mf(num_classes=10)])
+                                   lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10)])
 def test_no_layer_of_a_cnn_is_read_as_channels_last(build):
     model = build().eval()
-    names = [name for name, _ in model.named_modules() if name]
+    # (every module but the empty nn.Sequential of a ShuffleNet's unit without a shortcut branch, which never runs)
+    names = [name for name, m in model.named_modules() if name and not (isinstance(m, nn.Sequential) and not len(m))]
     recorder = models.Recorder(model, names)
     with torch.no_grad(), recorder.hooked() as run:
         run(torch.rand(2, 3, 32, 32))
@@ -624,7 +645,22 @@ def test_a_vits_tokens_read_their_features_as_channels():
     assert list(shapes.values()) == [(2, 16, 17), (2, 16, 17), (2, 16, 17), (2, 10)]  # 16 patches and a class token
     with torch.no_grad():
         tokens = model.encoder(torch.cat([model.class_token.expand(2, -1, -1), model._process_input(x)], 1))
-    torch.testing.assert_close(models.capture(model, x, "encoder")["encoder"], tokens.transpose(1, 2))
+    # the same numbers: the layouts are followed on a pass of their own, which leaves attention's fused kernel on
+    assert torch.equal(models.capture(model, x, "encoder")["encoder"], tokens.transpose(1, 2))
+
+
+def test_layouts_follow_in_place_moves_and_leave_a_getters_tensor_as_it_was():
+    fc = nn.Linear(3, 5)
+    with torch.no_grad(), models._Layouts(fc) as layouts:
+        h = fc(torch.rand(2, 4, 6, 3)).clone()  # (2, 4, 6, 5): features on dim 3; a base, not a view
+        h.unsqueeze_(1)
+        assert layouts.features_dim(h) == 4
+        h.transpose_(1, 4)
+        assert layouts.features_dim(h) == 1
+        view = h[:, :, :2]
+        assert view._base is h and layouts.features_dim(view) == 1 and layouts.features_dim(view._base) == 1
+        assert layouts.features_dim(h.mT) == 1 and layouts.features_dim(h.movedim(1, -1)) == 4
+        assert layouts.features_dim(h.sum(1, keepdim=True)) is None  # a features dim of size 1 tells nothing
 
 
 def test_following_the_layouts_keeps_no_output_of_the_pass_alive():
