@@ -540,7 +540,7 @@ class _Layouts(TorchFunctionMode):
     (a ViT's patches turned into tokens, Swin's map into channels last, found by running the op on a probe);
     kept by a reshape (`_reshaped`: Swin's windows); and, for any other op, that of its first input with as
     many dims that has one (an activation, norm, dropout, residual sum, slice, concatenation). Elsewhere (a
-    batched product such as attention's, an einsum, a dim of size 1, which tells nothing) it is unknown, the
+    batched product such as attention's, an einsum, a dim of size 1 but a linear layer's) it is unknown, the
     images' to begin with, and read on dim 1. Tensors are known by id and a weak reference: nothing is kept
     alive for it. Every op goes through Python meanwhile, which turns off fused kernels such as multi-head
     attention's: run it on a pass of its own (`Recorder` runs one on one image)."""
@@ -572,7 +572,7 @@ class _Layouts(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        x = args[0] if args and torch.is_tensor(args[0]) else None
+        x, func_name = args[0] if args and torch.is_tensor(args[0]) else None, getattr(func, "__name__", "")
         before = (None, None) if x is None else (self.features_dim(x), x.shape)  # an in-place op changes x
         out = func(*args, **kwargs)
         for t in out if isinstance(out, (tuple, list)) else (out,):
@@ -582,7 +582,9 @@ class _Layouts(TorchFunctionMode):
                     dim = self._features_dim(func, args, kwargs, before, t)
                 except (RuntimeError, TypeError, ValueError, IndexError):  # a probe the op does not take
                     dim = None
-                if dim is None or not 0 <= dim < t.dim() or t.shape[dim] == 1:
+                # a dim of size 1 (a gate's one channel) tells nothing, but a linear layer's one feature does
+                single = dim is not None and 0 <= dim < t.dim() and t.shape[dim] == 1 and func_name != "linear"
+                if dim is None or not 0 <= dim < t.dim() or single:
                     self.dims.pop(id(t), None)
                 else:
                     self.dims[id(t)] = (weakref.ref(t), dim)
@@ -601,7 +603,7 @@ class _Layouts(TorchFunctionMode):
         if name in _UNKNOWN or f is None and name in _FROM_FIRST:
             return None
         if name in _MATMULS:  # x @ W, as a hand-made linear layer; not a batched product (attention's)
-            return out.dim() - 1 if f == len(shape) - 1 and args[1].dim() <= 2 else None
+            return out.dim() - 1 if f == len(shape) - 1 and args[1].dim() == 2 else None
         if name in _MOVES:  # run on a probe whose dims have sizes 2, 3, ...: the features' is f + 2
             moved = func(torch.empty(tuple(range(2, len(shape) + 2)), device="meta"), *args[1:], **kwargs)
             return moved.shape.index(f + 2) if torch.is_tensor(moved) and f + 2 in moved.shape else None
@@ -616,6 +618,16 @@ def _channels_first(output, last):
     (`_Layouts`) has its tokens (B, N, D) or channels-last map (B, H, W, C), as in ViTs and ConvNeXt,
     moved there."""
     return output.movedim(-1, 1) if last and output.dim() > 2 else output
+
+
+def _features_last(model, modules, x):
+    """The names of the modules ({name: module}) whose outputs keep their features last (`_Layouts`), from a
+    pass of its own on one image x (1, C, H, W), in eval mode: followed in a pass that counts, the layouts
+    would change its numbers (multi-head attention's fused kernel turned off)."""
+    with torch.no_grad(), evaluating(model), _Layouts(model) as layouts:
+        model(x)
+    # (.get: an nn.DataParallel runs replicas of the modules)
+    return {name for name, m in modules.items() if layouts.last_call.get(m)}
 
 
 class Recorder:
@@ -660,8 +672,8 @@ class Recorder:
             return save
 
         def run(x):
-            if self.calls is None:
-                self.last = self._features_last(x[:1])
+            if self.calls is None:  # the recorder's hooks fire in that pass too: cleared below
+                self.last = _features_last(self.model, self.modules, x[:1].to(self.dtype))
             out.clear()
             versions.clear()
             seen.update(dict.fromkeys(self.modules, 0))
@@ -688,16 +700,6 @@ class Recorder:
             for h in handles:
                 h.remove()
 
-    def _features_last(self, x):
-        """The names whose outputs keep their features last (`_Layouts`), from a pass of its own on one image x
-        (1, C, H, W), in eval mode, before the first: followed in the first pass itself, the layouts would change
-        its numbers (multi-head attention's fused kernel turned off). The recorder's hooks fire in it too; run()
-        clears what they saved."""
-        with torch.no_grad(), evaluating(self.model), _Layouts(self.model) as layouts:
-            self.model(x.to(self.dtype))
-        # (.get: an nn.DataParallel runs replicas of the modules)
-        return {name for name, m in self.modules.items() if layouts.last_call.get(m)}
-
     def _counted(self, seen):
         """The calls of each module in the first pass; an error for a module that did not run."""
         idle = [name for name, n in seen.items() if n == 0]
@@ -711,31 +713,26 @@ def as_names(value):
     return [value] if isinstance(value, str) else list(value)
 
 
-def _recorded(model, images, layers):
-    """One pass of a batch of images through the model, recording the named layers: (outputs, recorder)."""
-    check_input(model, images)
-    recorder = Recorder(model, layers)
-    with evaluating(model), recorder.hooked() as run:
-        # contiguous: a model that views its feature maps fails on channels_last
-        return run(to_float(images.to(device_of(model))).contiguous()), recorder
-
-
 @torch.no_grad()
 def capture(model, images, layers):
     """Outputs of the named layers (one name or several) for a batch of images (B, C, H, W) (uint8 or float in
     [0, 1]), as {name: tensor}, each a layer's output as `Recorder` defines it; the model is left as found
     (`evaluating`)."""
+    check_input(model, images)
     layers = as_names(layers)
-    out = _recorded(model, images, layers)[0]
+    with evaluating(model), Recorder(model, layers).hooked() as run:
+        # contiguous: a model that views its feature maps fails on channels_last
+        out = run(to_float(images.to(device_of(model))).contiguous())
     return {name: out[name] for name in layers}
 
 
 @torch.no_grad()
 def keeps_features_last(model, images, name):
-    """Whether the named layer makes its output for these images with its features on the last dim (an
-    nn.Linear's tokens or channels-last map, or an output made from one: `_Layouts`), which `capture` moves to
-    dim 1."""
-    return name in _recorded(model, images, [name])[1].last
+    """Whether the named layer makes its output for images like these (the first is run) with its features on
+    the last dim (an nn.Linear's tokens or channels-last map, or an output made from one: `_Layouts`), which
+    `capture` moves to dim 1."""
+    x = to_float(check_input(model, images)[:1]).to(device_of(model), dtype_of(model))
+    return name in _features_last(model, {name: get_layer(model, name)}, x)
 
 
 def _probe(model, size=None):
@@ -766,7 +763,8 @@ def layer_channels(model, name, size=None):
 
 def _spatial_outputs(model, x):
     """(name, shape, features last) of the layers with a spatial output for the probe image x (1, C, H, W):
-    its shape (B, C, H, W), channels on dim 1, and whether the layer made it with them last (`_Layouts`), in
+    its shape (B, C, H, W), channels on dim 1, and whether the layer's last call made its output with them
+    last (`_Layouts`), in
     the order the forward pass finishes them, each output named by the innermost module that made it.
     Blocks (modules holding layers) count too: one that hands on a layer's output unchanged goes by that
     layer's name (our block3 by block3.act2, a torchvision ResNet's layer4 by layer4.1.relu), one that makes
@@ -775,16 +773,16 @@ def _spatial_outputs(model, x):
     listed = list_layers(model)
     candidates = [name for name, _ in model.named_modules()
                   if name in listed or any(layer.startswith(name + ".") for layer in listed)]
-    # (id, version) -> the first module to output it; (name, shape, features last) triples; the outputs, kept
-    # alive so that no id is reused
+    # (id, version) -> the first module to output it; (name, shape) pairs; the outputs, kept alive so that no
+    # id is reused
     made, order, kept = {}, [], []
 
     def record(name, module, out):
         if torch.is_tensor(out) and out.dim() == 4:
             kept.append(out)
-            last = layouts.last_call.get(module, False)  # recorded first: its hook is prepended
+            last = layouts.last_call.get(module, False)  # this call's: its hook, prepended, has run
             shape = tuple(_channels_first(out, last).shape)
-            order.append((made.setdefault((id(out), out._version), name), shape, last))
+            order.append((made.setdefault((id(out), out._version), name), shape))
 
     # (not in inference mode, whose tensors keep no version)
     with evaluating(model), torch.no_grad(), torch.inference_mode(False), _Layouts(model) as layouts:
@@ -796,7 +794,8 @@ def _spatial_outputs(model, x):
     if not order:
         raise ValueError(f"{type(model).__name__} has no layer with a spatial output (B, C, H, W) among "
                          f"{', '.join(listed)}")
-    return order
+    # as Recorder and captum read a module that runs twice: by its last call
+    return [(name, shape, layouts.last_call.get(get_layer(model, name), False)) for name, shape in order]
 
 
 def last_spatial_layer(model, size=None):

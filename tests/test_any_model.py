@@ -661,6 +661,34 @@ def test_layouts_follow_in_place_moves_and_leave_a_getters_tensor_as_it_was():
         assert view._base is h and layouts.features_dim(view) == 1 and layouts.features_dim(view._base) == 1
         assert layouts.features_dim(h.mT) == 1 and layouts.features_dim(h.movedim(1, -1)) == 4
         assert layouts.features_dim(h.sum(1, keepdim=True)) is None  # a features dim of size 1 tells nothing
+        assert layouts.features_dim(h.movedim(1, -1).squeeze(3) @ torch.rand(5)) is None  # a product with a vector
+
+
+def test_a_linear_layers_single_feature_is_its_channel():
+    score = nn.Linear(5, 1)  # one score per token
+    with torch.no_grad(), models._Layouts(score) as layouts:
+        assert layouts.features_dim(score(torch.rand(2, 7, 5))) == 2
+
+
+class _SharedLast(nn.Module):
+    """One ReLU on a conv map first, then, last, on a Linear's channels-last map."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+        self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.head(self.relu(self.fc(self.relu(self.stem(x)).permute(0, 2, 3, 1))).mean((1, 2)))
+
+
+def test_grad_cams_default_passes_over_a_module_whose_last_call_keeps_its_features_last():
+    """Read by its last call, the shared ReLU keeps its features last: Grad-CAM would refuse it by name, so its
+    default is the stem, not the ReLU's earlier call on the stem's map."""
+    model, x = _SharedLast().eval(), torch.rand(2, 3, 8, 8)
+    assert models.keeps_features_last(model, x, "relu") and models.last_map_layer(model, x) == "stem"
+    assert attribution.grad_cam(model, x, 1).shape == (2, 8, 8)
 
 
 def test_following_the_layouts_keeps_no_output_of_the_pass_alive():
