@@ -572,7 +572,7 @@ class _Layouts(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        x, func_name = args[0] if args and torch.is_tensor(args[0]) else None, getattr(func, "__name__", "")
+        x = args[0] if args and torch.is_tensor(args[0]) else None
         before = (None, None) if x is None else (self.features_dim(x), x.shape)  # an in-place op changes x
         out = func(*args, **kwargs)
         for t in out if isinstance(out, (tuple, list)) else (out,):
@@ -582,9 +582,7 @@ class _Layouts(TorchFunctionMode):
                     dim = self._features_dim(func, args, kwargs, before, t)
                 except (RuntimeError, TypeError, ValueError, IndexError):  # a probe the op does not take
                     dim = None
-                # a dim of size 1 (a gate's one channel) tells nothing, but a linear layer's one feature does
-                single = dim is not None and 0 <= dim < t.dim() and t.shape[dim] == 1 and func_name != "linear"
-                if dim is None or not 0 <= dim < t.dim() or single:
+                if dim is None:
                     self.dims.pop(id(t), None)
                 else:
                     self.dims[id(t)] = (weakref.ref(t), dim)
@@ -593,13 +591,20 @@ class _Layouts(TorchFunctionMode):
     def _features_dim(self, func, args, kwargs, before, out):
         """The features dim of func's output `out`, None where unknown; before: (features dim, shape) of its
         first argument before the op."""
-        name, (f, shape) = getattr(func, "__name__", ""), before
+        name = getattr(func, "__name__", "")
         if not name.startswith("_"):
             name = name.removesuffix("_")  # an in-place op (transpose_) moves dims as its twin does
+        if name == "linear":
+            return out.dim() - 1  # even a single feature: the layer's own
+        dim = self._passed_dim(name, func, args, kwargs, before, out)
+        # a dim of size 1 (a gate's one channel) tells nothing
+        return dim if dim is not None and 0 <= dim < out.dim() and out.shape[dim] > 1 else None
+
+    def _passed_dim(self, name, func, args, kwargs, before, out):
+        """_features_dim for an op other than a linear layer, before the size-1 check."""
+        f, shape = before
         if name in _CHANNELS_FIRST or "pool" in name:
             return 1
-        if name == "linear":
-            return out.dim() - 1
         if name in _UNKNOWN or f is None and name in _FROM_FIRST:
             return None
         if name in _MATMULS:  # x @ W, as a hand-made linear layer; not a batched product (attention's)
@@ -764,12 +769,11 @@ def layer_channels(model, name, size=None):
 def _spatial_outputs(model, x):
     """(name, shape, features last) of the layers with a spatial output for the probe image x (1, C, H, W):
     its shape (B, C, H, W), channels on dim 1, and whether the layer's last call made its output with them
-    last (`_Layouts`), in
-    the order the forward pass finishes them, each output named by the innermost module that made it.
-    Blocks (modules holding layers) count too: one that hands on a layer's output unchanged goes by that
-    layer's name (our block3 by block3.act2, a torchvision ResNet's layer4 by layer4.1.relu), one that makes
-    its own (F.relu in its forward, as in many CIFAR ResNets) by its own name (layer4.1). An error if there
-    is none."""
+    last (`_Layouts`), in the order the forward pass finishes them, each output named by the innermost module
+    that made it. Blocks (modules holding layers) count too: one that hands on a layer's output unchanged goes
+    by that layer's name (our block3 by block3.act2, a torchvision ResNet's layer4 by layer4.1.relu), one that
+    makes its own (F.relu in its forward, as in many CIFAR ResNets) by its own name (layer4.1). An error if
+    there is none."""
     listed = list_layers(model)
     candidates = [name for name, _ in model.named_modules()
                   if name in listed or any(layer.startswith(name + ".") for layer in listed)]
