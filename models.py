@@ -731,12 +731,17 @@ def capture(model, images, layers):
     return {name: out[name] for name in layers}
 
 
+def _first_image(model, images):
+    """The first of a batch of images (checked), as the model takes it: (1, C, H, W) float on its device."""
+    return to_float(check_input(model, images)[:1]).to(device_of(model), dtype_of(model))
+
+
 @torch.no_grad()
 def keeps_features_last(model, images, name):
     """Whether the named layer makes its output for images like these (the first is run) with its features on
     the last dim (an nn.Linear's tokens or channels-last map, or an output made from one: `_Layouts`), which
     `capture` moves to dim 1."""
-    x = to_float(check_input(model, images)[:1]).to(device_of(model), dtype_of(model))
+    x = _first_image(model, images)
     return name in _features_last(model, {name: get_layer(model, name)}, x)
 
 
@@ -812,7 +817,7 @@ def last_map_layer(model, images):
     spatial layer if none is): Grad-CAM's default, as a 1x1 map, the last layer of a torchvision ResNet at 32
     px, would make a flat heatmap. Probed with the first image, so that a non-square input works too. A layer
     whose features are last (`keeps_features_last`) is passed over: Grad-CAM reads a layer's own output."""
-    x = to_float(check_input(model, images)[:1]).to(device_of(model), dtype_of(model))
+    x = _first_image(model, images)
     every = _spatial_outputs(model, x)
     outputs = [(name, shape, last) for name, shape, last in every if not last] or every
     return next((name for name, shape, _ in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])

@@ -489,7 +489,8 @@ def test_a_convnext_blocks_activation_between_its_linears_reads_its_features_as_
     with torch.no_grad():
         expected = block[4](block[3](block[2](block[1](block[0](model.features[0](x))))))  # (2, 8, 8, 384)
     torch.testing.assert_close(models.capture(model, x, gelu)[gelu], expected.permute(0, 3, 1, 2))
-    last = [name for name in (f"features.1.0.block.{i}" for i in range(7)) if models.keeps_features_last(model, x, name)]
+    names = [f"features.1.0.block.{i}" for i in range(7)]
+    last = [name for name in names if models.keeps_features_last(model, x, name)]
     assert last == [f"features.1.0.block.{i}" for i in (1, 2, 3, 4, 5)]  # not the conv, nor the permute back
     assert not models.keeps_features_last(model, x, models.last_map_layer(model, x))
     with pytest.raises(ValueError, match=f"'{gelu}' keeps its features last"):
@@ -601,7 +602,8 @@ class _AttentionCNN(nn.Module):
     def forward(self, x):
         x = self.stem(x)
         b, c, h, w = x.shape
-        attention = self.softmax(torch.bmm(self.query(x).view(b, 2, -1).permute(0, 2, 1), self.key(x).view(b, 2, -1)))
+        queries, keys = self.query(x).view(b, 2, -1).permute(0, 2, 1), self.key(x).view(b, 2, -1)
+        attention = self.softmax(torch.bmm(queries, keys))
         x = x + torch.bmm(x.view(b, c, -1), attention.permute(0, 2, 1)).view(b, c, h, w)
         pooled = F.adaptive_avg_pool2d(x, 1).squeeze(-1).transpose(-1, -2)  # (B, 1, C)
         x = self.gate(self.eca(pooled).transpose(-1, -2).unsqueeze(-1)).expand_as(x) * x
@@ -614,7 +616,8 @@ class _AttentionCNN(nn.Module):
 def test_no_layer_of_a_cnn_is_read_as_channels_last(build):
     model = build().eval()
     # (every module but the empty nn.Sequential of a ShuffleNet's unit without a shortcut branch, which never runs)
-    names = [name for name, m in model.named_modules() if name and not (isinstance(m, nn.Sequential) and not len(m))]
+    names = [name for name, m in model.named_modules()
+             if name and not (isinstance(m, nn.Sequential) and not len(m))]
     recorder = models.Recorder(model, names)
     with torch.no_grad(), recorder.hooked() as run:
         run(torch.rand(2, 3, 32, 32))
@@ -692,8 +695,8 @@ def test_grad_cams_default_passes_over_a_module_whose_last_call_keeps_its_featur
 
 
 def test_following_the_layouts_keeps_no_output_of_the_pass_alive():
-    """The first pass keeps its outputs no longer than the model does: the first Linear's output is freed by
-    the time the last Linear runs (capture's peak memory is the model's own)."""
+    """Following the layouts keeps a pass's outputs no longer than the model does: the first Linear's output is
+    freed by the time the last Linear runs (the layout pass's peak memory is the model's own)."""
     model, refs, alive = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)).eval(), [], []
     model[0].register_forward_hook(lambda m, args, out: refs.append(weakref.ref(out)))
     model[2].register_forward_hook(lambda m, args, out: alive.append(refs[-1]() is not None))
