@@ -64,9 +64,13 @@ def _decorrelate(color, x):
 
 def _to_image(color, x):
     """Images in [0, 1] from decorrelated x (N, C, H, W): colours correlated by `color`, then a sigmoid.
-    (One bmm with the colour matrix expanded over the batch: on a CPU render step of 10 images it is
-    about 0.07 ms faster forward and backward than the same einsum, 0.01 ms faster than a matmul.)"""
-    return torch.sigmoid(torch.bmm(color.expand(len(x), -1, -1), x.flatten(2)).view_as(x))
+    They come out channels_last (the memory format our models run in on a CPU): the colours mix as one
+    (N*H*W, C) x (C, C) product, whose backward takes the model's channels_last gradient as it comes. (A
+    bmm over (C, H*W) planes, as before, was as fast forward, but its backward on that gradient took
+    0.15-0.2 ms of a 4.7 ms CPU render step of 10 images, against 0.05 ms for this product and its copy.)"""
+    n, c, h, w = x.shape
+    mixed = x.permute(0, 2, 3, 1).reshape(-1, c) @ color.T           # (N*H*W, C)
+    return torch.sigmoid(mixed).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def _sqrt_psd(cov):
@@ -976,7 +980,7 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
             history = torch.zeros(steps, len(groups), device=device)  # on the device: no host sync per step
             _optimize(step, param, gen, lr, history, progress)
             with torch.no_grad():
-                images = param()
+                images = param().contiguous()  # as the user expects them (a Fourier one's are channels_last)
                 final = objective(run(images))[rows, groups]
     keep = _best_of_restarts(final, restarts).cpu()
     return Render(images.detach().cpu()[keep], final.cpu()[keep], history.cpu()[:, keep], targets)

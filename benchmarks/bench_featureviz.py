@@ -332,6 +332,8 @@ def speed(args):
     A shared machine's speed can drift by up to 40% within seconds, so each ratio is taken within a round
     (a run against the bare step timed just before it) and the table gives the median over rounds
     with the lowest and highest: a single best-of time per row can pair a fast moment with a slow one.
+    The fastest round of each row against the bare step's fastest round is printed too: the usual
+    estimator where noise only slows runs down, less moved by one slow moment than the median.
     Fourier and maco are also timed by hand (their images in the bare step): render() against those says
     what its own bookkeeping costs, and those against the bare step what the parameterization costs.
     """
@@ -340,12 +342,15 @@ def speed(args):
     model = models.build_model(models.cnn_config(args.preset, image_size=32)).to(device).eval()  # weights do not matter
     times = per_step(args, model)
     ratio = {name: [t / b for t, b in zip(ts, times[BARE])] for name, ts in times.items()}
+    fastest = {name: min(ts) / min(times[BARE]) for name, ts in times.items()}
     print(f"\n{args.preset} CNN, 10 classes, {args.steps} steps, {args.rounds} interleaved rounds, "
           f"{torch.get_num_threads()} threads, device {device}\n")
-    print("| run | ms per step (median) | / bare step in the same round: median (lowest-highest) |\n|---|---|---|")
+    print("| run | ms per step (median) | / bare step in the same round: median (lowest-highest) | fastest round / "
+          "bare's fastest |\n|---|---|---|---|")
     for name, ts in times.items():
         r = ratio[name]
-        print(f"| {name} | {1000 * statistics.median(ts):.2f} | {statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) |")
+        print(f"| {name} | {1000 * statistics.median(ts):.2f} | {statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) | "
+              f"{fastest[name]:.2f}x |")
     if "Lucent at 32 px" in times:
         lucent = [a / b for a, b in zip(times["Lucent at 32 px"], times["fourier"])]
         print(f"\nLucent at 32 px / our fourier in the same round: median {statistics.median(lucent):.2f}x "
@@ -356,8 +361,9 @@ def speed(args):
         own = [a / b for a, b in zip(times[name], times[by_hand(name)])]
         print(f"{name}: render() / by hand in the same round: median {statistics.median(own):.2f}x "
               f"({min(own):.2f}-{max(own):.2f})")
-    met = all(statistics.median(ratio[n]) <= 1.15 for n in IMAGE_SPACE)
-    print(f"goal: every image-space technique within 1.15x of the bare step (medians): {'met' if met else 'NOT met'}")
+    for label, of in (("medians", {n: statistics.median(r) for n, r in ratio.items()}), ("fastest rounds", fastest)):
+        met = all(of[n] <= 1.15 for n in IMAGE_SPACE)
+        print(f"goal: every image-space technique within 1.15x of the bare step ({label}): {'met' if met else 'NOT met'}")
     if device.type == "cuda":
         gpu_goals()
 

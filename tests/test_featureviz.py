@@ -493,6 +493,7 @@ def test_render_output_shapes_and_ranges():
     r = fv.render(model, [fv.Class(2), fv.Channel("block2.act2", 1), fv.Neuron("block1.conv1", 0)],
                   steps=5, images_per_target=2, restarts=2, progress=False)
     assert r.images.shape == (6, 3, 32, 32) and r.images.min() >= 0 and r.images.max() <= 1
+    assert r.images.is_contiguous()  # a Fourier parameterization makes them channels_last; users view them flat
     assert r.activation.shape == (6,) and r.history.shape == (5, 6)
     assert r.target_index.tolist() == [0, 0, 1, 1, 2, 2]
     assert torch.allclose(r.activation, fv.activations(model, r.images, r.targets)[torch.arange(6), r.target_index],
