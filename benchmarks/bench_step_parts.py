@@ -7,7 +7,8 @@
 bench_featureviz.py --speed times whole steps against a bare step; this one says where the rest goes:
 pixel+reg's resampling (forward, and grid_sample's backward), the image terms' closed-form gradients,
 the default Shift's phase ramps, the Fourier parameterization's inverse FFT, colour mixing and
-sigmoid (forward and backward), and Adam's step, fused or not.
+sigmoid (forward and backward, with the channels_last gradient our model gives its images on a CPU;
+also as the bmm it was before), and Adam's step, fused or not.
 Each part is timed alone, with its inputs hot in the caches: inside a step it costs more. --in-step
 measures that instead: torch.profiler over whole renders of 10 classes on the untrained `small` model,
 each op's self time per step in each image-space technique minus its time in `pixel` without
@@ -61,6 +62,7 @@ def parts(n=10, side=32):
     x = torch.rand(n, 3, side, side, generator=gen)
     leaf = x.clone().requires_grad_()
     grad = torch.rand(n, 3, side, side, generator=gen)
+    grad_cl = grad.contiguous(memory_format=torch.channels_last)  # as our model's backward hands it to its images
     color = fv.color_sqrt(fv.color_covariance(x), 3)
     spec = torch.randn(n, 3, side, side // 2 + 1, dtype=torch.complex64, generator=gen).requires_grad_()
     terms = fv.techniques()["pixel+reg"].settings["regularizers"]
@@ -75,10 +77,10 @@ def parts(n=10, side=32):
         "Blur gradient (not in pixel+reg)": lambda: fv.Blur(4.0).gradient(x),
         "inverse FFT, forward + backward": backward_of(
             lambda s: torch.fft.irfft2(s, s=(side, side), norm="ortho"), spec, grad),
-        "colour mixing (bmm, as fourier does it) + sigmoid, forward + backward": backward_of(
-            lambda v: fv._to_image(color, v), leaf, grad),
-        "colour mixing as an einsum + sigmoid, forward + backward": backward_of(
-            lambda v: torch.sigmoid(torch.einsum("dc,nchw->ndhw", color, v)), leaf, grad),
+        "colour mixing (one (N*H*W, C) product, as fourier does it) + sigmoid, forward + backward": backward_of(
+            lambda v: fv._to_image(color, v), leaf, grad_cl),
+        "colour mixing as a bmm over (C, H*W) planes + sigmoid, forward + backward": backward_of(
+            lambda v: torch.sigmoid(torch.bmm(color.expand(n, -1, -1), v.flatten(2)).view_as(v)), leaf, grad_cl),
         "sigmoid alone, forward + backward": backward_of(torch.sigmoid, leaf, grad),
         "Adam step, the default (a for-loop of ops on a CPU)": adam_step(x, fused=False),
         "Adam step, fused (as render() and the bare step take it)": adam_step(x, fused=True),
