@@ -92,7 +92,8 @@ def _logit(x, eps=1e-3):
 
 # ----------------------------------------------------------------------------- parameterizations
 # Each is an nn.Module built as Cls(n, channels, size, ...) whose forward() returns (n, channels, size, size)
-# images in [0, 1]. render() builds them from a Recipe (`parameterization(kind, **options)`).
+# images in [0, 1] (the Fourier ones channels_last: `_to_image`; .reshape, not .view, or .contiguous()).
+# render() builds them from a Recipe (`parameterization(kind, **options)`).
 
 class PixelParam(nn.Module):
     """Free pixels through a sigmoid."""

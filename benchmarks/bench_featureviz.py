@@ -21,6 +21,7 @@ Lucent (pip install torch-lucent --no-deps; it needs kornia==0.4.1 and decorator
 when importable: at 32 px in the quality table and in --speed (per-step time against a bare step).
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -269,6 +270,14 @@ def bare_step(model, classes, steps, bounded=True, recipe=None):
     'maco')), shifted at each step by the default Shift inside its spectrum: the same work as render()'s
     step of that technique, written by hand, so that what render() adds to it is its own bookkeeping.
     """
+    with contextlib.ExitStack() as stack:
+        step = bare_stepper(stack, model, classes, bounded, recipe)
+        for _ in range(steps):
+            step()
+
+
+def bare_stepper(stack, model, classes, bounded=True, recipe=None):
+    """step() taking one bare step (bare_step's), the model frozen in a context entered on `stack`."""
     device, n = models.device_of(model), len(classes)
     side, channels = models.input_size(model), models.input_channels(model)
     if recipe is None:
@@ -280,13 +289,64 @@ def bare_step(model, classes, steps, bounded=True, recipe=None):
     idx = torch.arange(n, device=device)
     cls = torch.tensor(classes, device=device)
     opt = torch.optim.Adam(params, lr=0.05, fused=True)  # as render() steps
-    with fv.frozen(model) as layout:
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            (-model(layout(images()))[idx, cls].sum()).backward()
-            opt.step()
-            if bounded and recipe is None:
-                x.data.clamp_(0, 1)
+    layout = stack.enter_context(fv.frozen(model))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        (-model(layout(images()))[idx, cls].sum()).backward()
+        opt.step()
+        if bounded and recipe is None:
+            x.data.clamp_(0, 1)
+    return step
+
+
+def render_stepper(stack, model, technique, classes, steps):
+    """step() taking render()'s next eager step of a one-stage technique on the classes (at most `steps`),
+    set up as render() sets it up (its parameterization, transforms, terms, hooked objective, frozen
+    model: contexts entered on `stack`), on its own copy of the model, so that no other run's hooks
+    fire in its passes. What render() does around its steps (setup, final pass) is left out: one or two
+    steps' time for the whole render."""
+    model = copy.deepcopy(model)
+    settings = {"transforms": fv.STANDARD, "regularizers": (), "lr": 0.05, **technique.settings}
+    n, side, channels = len(classes), models.input_size(model), models.input_channels(model)
+    layout = stack.enter_context(fv.frozen(model))
+    objective = fv.Objective(model, fv.as_targets(classes), input_shape=(channels, side, side))
+    run = stack.enter_context(objective.hooked(layout))
+    groups = torch.arange(n, device=models.device_of(model))
+    param = fv._build(settings["param"], n, channels, side, 1, objective, run, 0)
+    terms = fv._resolve(settings["regularizers"], model, side)
+    gen = torch.Generator().manual_seed(0)
+    one = fv._step(param, objective, run, settings["transforms"], terms, groups, gen)
+    opt = torch.optim.Adam(param.parameters(), lr=settings["lr"], fused=True)
+    history, done = torch.zeros(steps, n), iter(range(steps))
+
+    def step():
+        fv._set_lr(opt, settings["lr"])
+        history[next(done)] = fv._eager_step(one, opt, lambda: None)
+    return step
+
+
+def lockstep(model, cycles):
+    """{run: [seconds of each of its steps]}: the bare step and render()'s steps of each image-space technique
+    for 10 classes (fourier and maco also by hand), one step of each in turn, `cycles` times after a
+    warm-up of 3, on a CPU: each step can be set against the bare step taken a few milliseconds before
+    it, closer than whole rounds allow."""
+    classes, how = list(range(10)), timing_techniques(models.input_size(model))
+    with contextlib.ExitStack() as stack:
+        runs = {BARE: bare_stepper(stack, copy.deepcopy(model), classes)}
+        for name in IMAGE_SPACE:
+            runs[name] = render_stepper(stack, model, how[name], classes, cycles + 3)
+            if name in BY_HAND:
+                runs[by_hand(name)] = bare_stepper(stack, copy.deepcopy(model), classes,
+                                                   recipe=how[name].settings["param"])
+        times = {name: [] for name in runs}
+        for cycle in tqdm(range(cycles + 3), desc="lockstep", leave=False):
+            for name, step in runs.items():
+                start = time.perf_counter()
+                step()
+                if cycle >= 3:
+                    times[name].append(time.perf_counter() - start)
+    return times
 
 
 BARE, DRIFT = "bare forward + backward + Adam", "the same, pixels left to drift"
@@ -331,9 +391,10 @@ def speed(args):
 
     A shared machine's speed can drift by up to 40% within seconds, so each ratio is taken within a round
     (a run against the bare step timed just before it) and the table gives the median over rounds
-    with the lowest and highest: a single best-of time per row can pair a fast moment with a slow one.
-    The fastest round of each row against the bare step's fastest round is printed too: the usual
-    estimator where noise only slows runs down, less moved by one slow moment than the median.
+    with the lowest and highest. The fastest round of each row against the bare step's fastest is
+    printed too, the usual estimator where noise only slows runs down, though it may pair a fast moment
+    of one row with a slower one of another. On a CPU, a lockstep follows (lockstep()): one step of
+    each run in turn, each against the bare step a few milliseconds before it, the closest pairing.
     Fourier and maco are also timed by hand (their images in the bare step): render() against those says
     what its own bookkeeping costs, and those against the bare step what the parameterization costs.
     """
@@ -364,8 +425,25 @@ def speed(args):
     for label, of in (("medians", {n: statistics.median(r) for n, r in ratio.items()}), ("fastest rounds", fastest)):
         met = all(of[n] <= 1.15 for n in IMAGE_SPACE)
         print(f"goal: every image-space technique within 1.15x of the bare step ({label}): {'met' if met else 'NOT met'}")
+    if device.type == "cpu":
+        print_lockstep(lockstep(model, args.steps * args.rounds))
     if device.type == "cuda":
         gpu_goals()
+
+
+def print_lockstep(times):
+    """The lockstep's table: each technique's steps against the bare step taken just before each."""
+    cycles = len(times[BARE])
+    print(f"\nStep by step: {cycles} cycles of one step of each run in turn (render()'s steps without its setup)\n")
+    print("| run | ms per step (median) | / the bare step just before it: median over the steps (quartiles) |\n"
+          "|---|---|---|")
+    medians = {}
+    for name, ts in times.items():
+        r = [t / b for t, b in zip(ts, times[BARE])]
+        q1, medians[name], q3 = statistics.quantiles(r, n=4)
+        print(f"| {name} | {1000 * statistics.median(ts):.2f} | {medians[name]:.3f}x ({q1:.3f}-{q3:.3f}) |")
+    met = all(medians[n] <= 1.15 for n in IMAGE_SPACE)
+    print(f"goal: every image-space technique within 1.15x of the bare step (step by step): {'met' if met else 'NOT met'}")
 
 
 def gpu_goals():

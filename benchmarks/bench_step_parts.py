@@ -81,7 +81,7 @@ def parts(n=10, side=32):
             lambda v: fv._to_image(color, v), leaf, grad_cl),
         "colour mixing as a bmm over (C, H*W) planes + sigmoid, forward + backward": backward_of(
             lambda v: torch.sigmoid(torch.bmm(color.expand(n, -1, -1), v.flatten(2)).view_as(v)), leaf, grad_cl),
-        "sigmoid alone, forward + backward": backward_of(torch.sigmoid, leaf, grad),
+        "sigmoid alone, forward + backward": backward_of(torch.sigmoid, leaf, grad_cl),
         "Adam step, the default (a for-loop of ops on a CPU)": adam_step(x, fused=False),
         "Adam step, fused (as render() and the bare step take it)": adam_step(x, fused=True),
     }, (terms, x)
