@@ -962,29 +962,41 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     targets = as_targets(targets)
     _check_settings(steps, lr, transforms, images_per_target, restarts, seed)
     seed = int(seed)  # a NumPy int too
-    device, channels, size = models.device_of(model), models.input_channels(model), _image_size(model, param, size)
+    device, size = models.device_of(model), _image_size(model, param, size)
     per_target = images_per_target * restarts
     groups = torch.arange(len(targets), device=device).repeat_interleave(per_target)  # (N,) target of each image
-    rows = torch.arange(len(groups), device=device)
     terms = _resolve(regularizers, model, size)
     if per_target == 1 and any(isinstance(t, Diversity) for t in terms):
         raise ValueError("Diversity pushes apart the images of one target: it needs images_per_target >= 2 (or "
                          "restarts >= 2), got one image per target")
+    with _prepared(model, targets, param, transforms, terms, groups, size, seed) as (param, step, gen, score):
+        history = torch.zeros(steps, len(groups), device=device)  # on the device: no host sync per step
+        _optimize(step, param, gen, lr, history, progress)
+        with torch.no_grad():
+            images = param().contiguous()  # as the user expects them (a Fourier one's are channels_last)
+            final = score(images)
+    keep = _best_of_restarts(final, restarts).cpu()
+    return Render(images.detach().cpu()[keep], final.cpu()[keep], history.cpu()[:, keep], targets)
+
+
+@contextmanager
+def _prepared(model, targets, param, transforms, terms, groups, size, seed):
+    """What render() optimizes, set up and checked, for the duration (model frozen, objective hooked):
+    yields (the parameterization module, step() -> (N,) activations with the gradients left in the module,
+    the transforms' generator, score(images) -> (N,) each image's activation of its own target).
+    groups: (N,) the target of each image; terms: the regularizers as _resolve returns them."""
+    device, channels = models.device_of(model), models.input_channels(model)
+    rows = torch.arange(len(groups), device=device)
     with frozen(model, _vae_on(param, device)) as layout, _deterministic_convolutions():
         objective = Objective(model, targets, [t.layer for t in terms if t.layer], (channels, size, size))
         with objective.hooked(layout) as run:
-            param = _build(param, len(groups), channels, size, per_target, objective, run, seed).to(device)
+            param = _build(param, len(groups), channels, size, len(groups) // len(targets), objective, run, seed)
+            param = param.to(device)
             first = _check_param(param, (len(groups), channels, size, size), terms)
             _check_transforms(transforms, first)
             gen = torch.Generator(device=device).manual_seed(seed)
             step = _step(param, objective, run, transforms, terms, groups, gen)
-            history = torch.zeros(steps, len(groups), device=device)  # on the device: no host sync per step
-            _optimize(step, param, gen, lr, history, progress)
-            with torch.no_grad():
-                images = param().contiguous()  # as the user expects them (a Fourier one's are channels_last)
-                final = objective(run(images))[rows, groups]
-    keep = _best_of_restarts(final, restarts).cpu()
-    return Render(images.detach().cpu()[keep], final.cpu()[keep], history.cpu()[:, keep], targets)
+            yield param, step, gen, lambda images: objective(run(images))[rows, groups]
 
 
 def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):

@@ -302,23 +302,17 @@ def bare_stepper(stack, model, classes, bounded=True, recipe=None):
 
 def render_stepper(stack, model, technique, classes, steps):
     """step() taking render()'s next eager step of a one-stage technique on the classes (at most `steps`),
-    set up as render() sets it up (its parameterization, transforms, terms, hooked objective, frozen
-    model: contexts entered on `stack`), on its own copy of the model, so that no other run's hooks
-    fire in its passes. What render() does around its steps (setup, final pass) is left out: one or two
-    steps' time for the whole render."""
+    set up by render()'s own fv._prepared (contexts entered on `stack`), on its own copy of the model, so
+    that no other run's hooks fire in its passes. What render() does around its steps (setup, final pass)
+    is left out: one or two steps' time for the whole render."""
     model = copy.deepcopy(model)
-    settings = {"transforms": fv.STANDARD, "regularizers": (), "lr": 0.05, **technique.settings}
-    n, side, channels = len(classes), models.input_size(model), models.input_channels(model)
-    layout = stack.enter_context(fv.frozen(model))
-    objective = fv.Objective(model, fv.as_targets(classes), input_shape=(channels, side, side))
-    run = stack.enter_context(objective.hooked(layout))
-    groups = torch.arange(n, device=models.device_of(model))
-    param = fv._build(settings["param"], n, channels, side, 1, objective, run, 0)
+    settings = {"transforms": fv.STANDARD, "regularizers": (), "lr": 0.05, **technique.settings}  # render()'s defaults
+    side, groups = models.input_size(model), torch.arange(len(classes))
     terms = fv._resolve(settings["regularizers"], model, side)
-    gen = torch.Generator().manual_seed(0)
-    one = fv._step(param, objective, run, settings["transforms"], terms, groups, gen)
+    param, one, _, _ = stack.enter_context(fv._prepared(model, fv.as_targets(classes), settings["param"],
+                                                        settings["transforms"], terms, groups, side, 0))
     opt = torch.optim.Adam(param.parameters(), lr=settings["lr"], fused=True)
-    history, done = torch.zeros(steps, n), iter(range(steps))
+    history, done = torch.zeros(steps, len(classes)), iter(range(steps))
 
     def step():
         fv._set_lr(opt, settings["lr"])
