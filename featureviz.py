@@ -984,7 +984,8 @@ def _prepared(model, targets, param, transforms, terms, groups, size, seed):
     """What render() optimizes, set up and checked, for the duration (model frozen, objective hooked):
     yields (the parameterization module, step() -> (N,) activations with the gradients left in the module,
     the transforms' generator, score(images) -> (N,) each image's activation of its own target).
-    groups: (N,) the target of each image; terms: the regularizers as _resolve returns them."""
+    groups: (N,) the target of each image, target-major with as many per target (as render() orders them:
+    a pool's best draws come in that order); terms: the regularizers as _resolve returns them."""
     device, channels = models.device_of(model), models.input_channels(model)
     rows = torch.arange(len(groups), device=device)
     with frozen(model, _vae_on(param, device)) as layout, _deterministic_convolutions():

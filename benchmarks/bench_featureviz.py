@@ -301,13 +301,13 @@ def bare_stepper(stack, model, classes, bounded=True, recipe=None):
 
 
 def render_stepper(stack, model, technique, classes, steps):
-    """step() taking render()'s next eager step of a one-stage technique on the classes (at most `steps`),
-    set up by render()'s own fv._prepared (contexts entered on `stack`), on its own copy of the model, so
-    that no other run's hooks fire in its passes. What render() does around its steps (setup, final pass)
-    is left out: one or two steps' time for the whole render."""
+    """step() taking render()'s next eager step of an image-space technique (one stage, a constant lr, no
+    projection) on the classes (at most `steps`), set up by render()'s own fv._prepared (contexts entered
+    on `stack`), on its own copy of the model, so that no other run's hooks fire in its passes. What
+    render() does around its steps (setup, final pass) is left out: one or two steps' time per render."""
     model = copy.deepcopy(model)
     settings = {"transforms": fv.STANDARD, "regularizers": (), "lr": 0.05, **technique.settings}  # render()'s defaults
-    side, groups = models.input_size(model), torch.arange(len(classes))
+    side, groups = models.input_size(model), torch.arange(len(classes), device=models.device_of(model))
     terms = fv._resolve(settings["regularizers"], model, side)
     param, one, _, _ = stack.enter_context(fv._prepared(model, fv.as_targets(classes), settings["param"],
                                                         settings["transforms"], terms, groups, side, 0))
@@ -404,8 +404,8 @@ def speed(args):
           "bare's fastest |\n|---|---|---|---|")
     for name, ts in times.items():
         r = ratio[name]
-        print(f"| {name} | {1000 * statistics.median(ts):.2f} | {statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) | "
-              f"{fastest[name]:.2f}x |")
+        print(f"| {name} | {1000 * statistics.median(ts):.2f} | {statistics.median(r):.2f}x "
+              f"({min(r):.2f}-{max(r):.2f}) | {fastest[name]:.2f}x |")
     if "Lucent at 32 px" in times:
         lucent = [a / b for a, b in zip(times["Lucent at 32 px"], times["fourier"])]
         print(f"\nLucent at 32 px / our fourier in the same round: median {statistics.median(lucent):.2f}x "
@@ -418,7 +418,8 @@ def speed(args):
               f"({min(own):.2f}-{max(own):.2f})")
     for label, of in (("medians", {n: statistics.median(r) for n, r in ratio.items()}), ("fastest rounds", fastest)):
         met = all(of[n] <= 1.15 for n in IMAGE_SPACE)
-        print(f"goal: every image-space technique within 1.15x of the bare step ({label}): {'met' if met else 'NOT met'}")
+        print(f"goal: every image-space technique within 1.15x of the bare step ({label}): "
+              f"{'met' if met else 'NOT met'}")
     if device.type == "cpu":
         print_lockstep(lockstep(model, args.steps * args.rounds))
     if device.type == "cuda":
@@ -437,7 +438,8 @@ def print_lockstep(times):
         q1, medians[name], q3 = statistics.quantiles(r, n=4)
         print(f"| {name} | {1000 * statistics.median(ts):.2f} | {medians[name]:.3f}x ({q1:.3f}-{q3:.3f}) |")
     met = all(medians[n] <= 1.15 for n in IMAGE_SPACE)
-    print(f"goal: every image-space technique within 1.15x of the bare step (step by step): {'met' if met else 'NOT met'}")
+    print(f"goal: every image-space technique within 1.15x of the bare step (step by step): "
+          f"{'met' if met else 'NOT met'}")
 
 
 def gpu_goals():
