@@ -25,6 +25,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
 import operator
 import statistics
 import sys
@@ -306,7 +307,9 @@ def render_stepper(stack, model, technique, classes, steps):
     on `stack`), on its own copy of the model, so that no other run's hooks fire in its passes. What
     render() does around its steps (setup, final pass) is left out: one or two steps' time per render."""
     model = copy.deepcopy(model)
-    settings = {"transforms": fv.STANDARD, "regularizers": (), "lr": 0.05, **technique.settings}  # render()'s defaults
+    defaults = {name: p.default for name, p in inspect.signature(fv.render).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    settings = {**defaults, **technique.settings}  # what render() takes when called with the technique's settings
     side, groups = models.input_size(model), torch.arange(len(classes), device=models.device_of(model))
     terms = fv._resolve(settings["regularizers"], model, side)
     param, one, _, _ = stack.enter_context(fv._prepared(model, fv.as_targets(classes), settings["param"],
