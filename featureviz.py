@@ -512,7 +512,9 @@ LIGHT = jitter(1 / 32)  # 1 px at 32 px
 
 # ----------------------------------------------------------------------------- targets
 # A target names what to maximize. Targets of one kind and layer evaluate together: `columns`
-# compiles them once into a function act (B, ...) -> (B, T_g), so a step has no loop over targets.
+# compiles them once into a function act (B, ...) -> (B, T_g), so a step has no loop over targets, and
+# `own` into act (B, ...) -> (B,), row b's activation of the b-th target alone (a render step's: each
+# image's own target, without the others' columns and a pick among them).
 
 def _mean_spatial(a):
     return a.flatten(2).mean(2) if a.dim() > 2 else a  # (B, C)
@@ -540,6 +542,12 @@ class Class:
         idx = torch.tensor([t.idx for t in targets], device=device)
         log = targets[0].log_prob
         return lambda out: (out.log_softmax(1) if log else out)[:, idx]
+
+    @staticmethod
+    def own(targets, shape, device):
+        idx = torch.tensor([[t.idx] for t in targets], device=device)  # (B, 1)
+        log = targets[0].log_prob
+        return lambda out: (out.log_softmax(1) if log else out).gather(1, idx)[:, 0]
 
 
 def _is_int(value):
@@ -576,6 +584,11 @@ class Channel:
     def columns(targets, shape, device):
         idx = torch.tensor([t.channel for t in targets], device=device)
         return lambda a: _mean_spatial(a)[:, idx]
+
+    @staticmethod
+    def own(targets, shape, device):
+        idx = torch.tensor([[t.channel] for t in targets], device=device)  # (B, 1)
+        return lambda a: _mean_spatial(a).gather(1, idx)[:, 0]
 
 
 @dataclass(frozen=True)
@@ -614,6 +627,12 @@ class Neuron:
         c, y, x = torch.tensor([(t.channel, *t.position(shape)) for t in targets], device=device).T
         return lambda a: a[:, c, y, x] if a.dim() == 4 else a[:, c]
 
+    @staticmethod
+    def own(targets, shape, device):
+        rows = torch.arange(len(targets), device=device)
+        c, y, x = torch.tensor([(t.channel, *t.position(shape)) for t in targets], device=device).T
+        return lambda a: a[rows, c, y, x] if a.dim() == 4 else a[rows, c]
+
 
 @dataclass(frozen=True, eq=False)
 class Direction:
@@ -636,6 +655,11 @@ class Direction:
     def columns(targets, shape, device):
         v = torch.stack([t.vector.float() for t in targets]).to(device)  # (T_g, C)
         return lambda a: _mean_spatial(a).float() @ v.T  # any model dtype
+
+    @staticmethod
+    def own(targets, shape, device):
+        v = torch.stack([t.vector.float() for t in targets]).to(device)  # (B, C)
+        return lambda a: (_mean_spatial(a).float() * v).sum(1)
 
 
 TARGETS = (Class, Channel, Neuron, Direction)
@@ -677,8 +701,18 @@ def as_targets(targets):
     return out
 
 
+def _by_kind(targets):
+    """[indices of the targets of one kind, layer and options] in order of first appearance: the targets
+    that one compiled function evaluates together."""
+    kinds = {}
+    for i, t in enumerate(targets):
+        kinds.setdefault((type(t), t.layer, getattr(t, "log_prob", None)), []).append(i)
+    return list(kinds.values())
+
+
 class Objective:
-    """Targets compiled into one function acts -> (B, T), built once per model and target list."""
+    """Targets compiled into one function acts -> (B, T), built once per model and target list (and, by
+    own(), into one that gives each image its own target's activation alone)."""
 
     def __init__(self, model, targets, extra_layers=(), input_shape=None):
         """input_shape: (C, H, W) of one image, default the model's own (models.input_size)."""
@@ -688,18 +722,16 @@ class Objective:
         if input_shape is None:
             side = models.input_size(model)
             input_shape = (models.input_channels(model), side, side)
-        shapes = self.shapes(model, input_shape)
+        self.targets, self.shape_of = targets, self.shapes(model, input_shape)
         for t in targets:
-            t.check(shapes[t.layer])
-        groups = {}  # (kind, layer, options) -> indices of its targets
-        for i, t in enumerate(targets):
-            groups.setdefault((type(t), t.layer, getattr(t, "log_prob", None)), []).append(i)
+            t.check(self.shape_of[t.layer])
+        groups = _by_kind(targets)
         self.parts = []  # (layer, act -> (B, T_g)) per group
-        for idx in groups.values():
+        for idx in groups:
             first = targets[idx[0]]
-            fn = type(first).columns([targets[i] for i in idx], shapes[first.layer], self.device)
+            fn = type(first).columns([targets[i] for i in idx], self.shape_of[first.layer], self.device)
             self.parts.append((first.layer, fn))
-        order = torch.tensor([i for idx in groups.values() for i in idx])
+        order = torch.tensor([i for idx in groups for i in idx])
         self.inverse = torch.argsort(order).to(self.device)  # column j of the output = target j
 
     @contextmanager
@@ -724,6 +756,22 @@ class Objective:
         if len(cols) == 1:  # one group: its columns are the targets in order
             return cols[0]
         return torch.cat(cols, 1)[:, self.inverse]           # (B, T)
+
+    def own(self, groups):
+        """f(acts) -> (N,): image n's activation of target groups[n] alone, the same as
+        self(acts)[arange(N), groups] without the other targets' columns (on a CPU render step of 10
+        classes, about 1% of the step less)."""
+        mine = [self.targets[g] for g in groups.tolist()]
+        parts = []  # (layer, its images' rows, act[rows] -> (rows,))
+        for rows in _by_kind(mine):
+            first = mine[rows[0]]
+            fn = type(first).own([mine[n] for n in rows], self.shape_of[first.layer], self.device)
+            parts.append((first.layer, torch.tensor(rows, device=self.device), fn))
+        if len(parts) == 1:  # every image's target of one kind and layer: no rows to pick
+            layer, _, fn = parts[0]
+            return lambda acts: fn(acts[layer]).float()
+        inverse = torch.argsort(torch.cat([rows for _, rows, _ in parts]))
+        return lambda acts: torch.cat([fn(acts[layer][rows]).float() for layer, rows, fn in parts])[inverse]
 
 
 # ----------------------------------------------------------------------------- regularizers
@@ -987,7 +1035,6 @@ def _prepared(model, targets, param, transforms, terms, groups, size, seed):
     groups: (N,) the target of each image, target-major with as many per target (as render() orders them:
     a pool's best draws come in that order); terms: the regularizers as _resolve returns them."""
     device, channels = models.device_of(model), models.input_channels(model)
-    rows = torch.arange(len(groups), device=device)
     with frozen(model, _vae_on(param, device)) as layout, _deterministic_convolutions():
         objective = Objective(model, targets, [t.layer for t in terms if t.layer], (channels, size, size))
         with objective.hooked(layout) as run:
@@ -996,8 +1043,9 @@ def _prepared(model, targets, param, transforms, terms, groups, size, seed):
             first = _check_param(param, (len(groups), channels, size, size), terms)
             _check_transforms(transforms, first)
             gen = torch.Generator(device=device).manual_seed(seed)
-            step = _step(param, objective, run, transforms, terms, groups, gen)
-            yield param, step, gen, lambda images: objective(run(images))[rows, groups]
+            own = objective.own(groups)
+            step = _step(param, own, run, transforms, terms, groups, gen)
+            yield param, step, gen, lambda images: own(run(images))
 
 
 def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
@@ -1109,10 +1157,10 @@ def _check_transforms(transforms, x):
         raise TypeError(f"transforms must return the images (N, C, H, W) it is given, {tuple(x.shape)}; got {got}")
 
 
-def _step(param, objective, run, transforms, terms, groups, gen):
+def _step(param, own, run, transforms, terms, groups, gen):
     """step() -> (N,) activations: one forward and backward pass of every image, gradients left in
-    param (the caller zeroes them and steps the optimizer)."""
-    rows = torch.arange(len(groups), device=groups.device)
+    param (the caller zeroes them and steps the optimizer). own: acts -> (N,) each image's activation of
+    its own target (Objective.own)."""
     on_images = [t for t in terms if isinstance(t, ImageTerm)]
     others = [t for t in terms if not isinstance(t, ImageTerm)]
     # a Shift goes inside a Fourier parameterization's spectrum, unless an image term needs the unshifted images
@@ -1125,7 +1173,7 @@ def _step(param, objective, run, transforms, terms, groups, gen):
         else:
             x = param()                                              # (N, C, H, W)
             acts = run(x if transforms is None else transforms(x, gen))
-        values = objective(acts)[rows, groups]                       # (N,) each image's own target
+        values = own(acts)                                           # (N,) each image's own target
         loss = -values.sum()
         for term in others:
             loss = loss + term(x, acts, param, groups, values).sum()
