@@ -1178,6 +1178,9 @@ def _step(param, own, run, transforms, terms, groups, gen):
             acts = run(x)
         else:
             x = param()                                              # (N, C, H, W)
+            if on_images:  # their gradient first, while x is fresh in the caches (_image_terms_gradient)
+                with torch.no_grad():
+                    grad = _image_terms_gradient(on_images, x)       # (N, C, H, W)
             acts = run(x if transforms is None else transforms(x, gen))
         values = own(acts)                                           # (N,) each image's own target
         loss = -values.sum()
@@ -1186,15 +1189,15 @@ def _step(param, own, run, transforms, terms, groups, gen):
         if not on_images:
             loss.backward()
         else:  # the image terms' gradient enters at x directly, without a graph through them
-            with torch.no_grad():
-                grad = _image_terms_gradient(on_images, x)           # (N, C, H, W)
             torch.autograd.backward([loss, x], [None, grad])
         return values.detach()
     return step
 
 
 def _image_terms_gradient(terms, x):
-    """The summed closed-form gradient of image terms at the images x, (N, C, H, W), summed in place."""
+    """The summed closed-form gradient of image terms at the images x, (N, C, H, W), summed in place.
+    A step takes it right after making x: after the model's pass, which pushes x out of the caches, it
+    made a CPU step of 10 images 1.5% longer (pixel+reg)."""
     return functools.reduce(torch.Tensor.add_, (t.gradient(x) for t in terms))
 
 
