@@ -327,7 +327,8 @@ def lockstep(model, cycles):
     """{run: [seconds of each of its steps]}: the bare step and render()'s steps of each image-space technique
     for 10 classes (fourier and maco also by hand), one step of each in turn, `cycles` times after a
     warm-up of 3, on a CPU: each step can be set against the bare step taken a few milliseconds before
-    it, closer than whole rounds allow."""
+    it, closer than whole rounds allow. A second bare step, last in each cycle, is the control: its
+    ratio to the first says how much a run's place in the cycle alone moves it."""
     classes, how = list(range(10)), timing_techniques(models.input_size(model))
     with contextlib.ExitStack() as stack:
         runs = {BARE: bare_stepper(stack, copy.deepcopy(model), classes)}
@@ -336,6 +337,7 @@ def lockstep(model, cycles):
             if name in BY_HAND:
                 runs[by_hand(name)] = bare_stepper(stack, copy.deepcopy(model), classes,
                                                    recipe=how[name].settings["param"])
+        runs[BARE_AGAIN] = bare_stepper(stack, copy.deepcopy(model), classes)
         times = {name: [] for name in runs}
         for cycle in tqdm(range(cycles + 3), desc="lockstep", leave=False):
             for name, step in runs.items():
@@ -347,6 +349,7 @@ def lockstep(model, cycles):
 
 
 BARE, DRIFT = "bare forward + backward + Adam", "the same, pixels left to drift"
+BARE_AGAIN = "the bare step again, last in each cycle (the control)"
 BY_HAND = ("fourier", "maco")  # timed also as the bare step through their images, without render()
 
 
