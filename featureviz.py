@@ -773,7 +773,7 @@ class Objective:
     def own(self, groups):
         """f(acts) -> (N,): image n's activation of target groups[n] alone, the same as
         self(acts)[arange(N), groups] without the other targets' columns (on a CPU render step of 10
-        classes, about 1% of the step less)."""
+        classes about 1% of the step less, near the lockstep's run-to-run spread)."""
         parts = self._compiled([self.targets[g] for g in groups.tolist()], "own")  # rows: its images
         if len(parts) == 1:  # every image's target of one kind and layer: no rows to pick
             layer, _, fn = parts[0]
