@@ -93,12 +93,17 @@ def integrated_gradients(model, images, targets, baseline=None, steps=32, intern
     x, t = _prepare(images, targets, model)
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):
         baseline = float(baseline)  # 0 is black, as 0.0 is
-    b = torch.zeros_like(x) if baseline is None else to_float(torch.as_tensor(baseline), "baseline").to(x.device, x.dtype)
+    shapes = (f"a scalar, one value per channel (C,), an image (C, H, W) or one per image (B, C, H, W) for "
+              f"images {tuple(x.shape)}")
+    try:
+        b = torch.zeros_like(x) if baseline is None else torch.as_tensor(baseline)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"baseline must be None (black) or {shapes}; got {baseline!r}") from None
+    b = to_float(b, "baseline").to(x.device, x.dtype)
     try:
         b = (b.view(-1, 1, 1) if b.dim() == 1 else b).expand_as(x).contiguous()  # 1-D: one value per channel
     except RuntimeError:
-        raise ValueError(f"baseline must be a scalar, one value per channel (C,), an image (C, H, W) or one per "
-                         f"image (B, C, H, W) for images {tuple(x.shape)}; got shape {tuple(b.shape)}") from None
+        raise ValueError(f"baseline must be {shapes}; got shape {tuple(b.shape)}") from None
     with _untouched(model):
         attr = IntegratedGradients(model).attribute(
             x, baselines=b, target=t, n_steps=steps, internal_batch_size=internal_batch_size)

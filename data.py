@@ -176,7 +176,7 @@ def load_data(name="cifar10", root=None, seed=0, val_size=None, **synthetic_kwar
         (x, y), (tx, ty), classes = make_synthetic_hard(seed=seed, **synthetic_kwargs)
     else:
         path = find_image_folder(name, root)
-        (x, y), (tx, ty), classes = load_image_folder(path, writable_dir(root))
+        (x, y), (tx, ty), classes = load_image_folder(path, Path(root))
         name = folder_name(path)
     for split, labels in (("training", y), ("test", ty)):
         if len(labels) and not (0 <= labels.min() and labels.max() < len(classes)):
@@ -263,7 +263,9 @@ def load_fashion_mnist(root):
         x, y, tx, ty = (_read_idx_gz(p) for p in debian.values())
         train, test = (x[:, None], y.long()), (tx[:, None], ty.long())
     else:
-        raw = writable_dir(root) / "FashionMNIST" / "raw"
+        raw = Path(root) / "FashionMNIST" / "raw"
+        if not raw.is_dir():  # to be downloaded; files already there are only read
+            writable_dir(root)
         try:
             train, test = (_to_tensors(FashionMNIST(root, train=t, download=True)) for t in (True, False))
         except Exception as e:
@@ -321,7 +323,8 @@ def find_image_folder(name, root):
 
 
 def load_image_folder(path, root):
-    """An image-folder dataset, decoded once into a uint8 cache in root, read from it afterwards."""
+    """An image-folder dataset, decoded once into a uint8 cache in root, read from it afterwards (root need
+    be writable only for the decode)."""
     path = Path(path)
     files = _list_archive(path) if path.is_file() else _list_folder(path)
     key = hashlib.sha256(repr(files).encode()).hexdigest()[:16]
@@ -329,6 +332,7 @@ def load_image_folder(path, root):
     if cache.exists():
         c = torch.load(cache, weights_only=True)
     else:
+        writable_dir(root)  # before the decode, not after it
         c = _decode_image_folder(path, files)
         atomic_write(cache, lambda tmp: torch.save(c, tmp))
         for stale in root.glob(f"{glob.escape(folder_name(path))}.*.pt"):

@@ -165,7 +165,7 @@ class CNN(nn.Module):
         x = self.normalize(to_float(images).to(self.whiten.weight.device))
         c, k = x.size(1), self.config["whiten_kernel"]
         patches = x.unfold(2, k, 1).unfold(3, k, 1)  # (B, C, H', W', k, k)
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
+        patches = exact(patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k))
         cov = patches.T @ patches / len(patches)
         eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
         eigvals, eigvecs = eigvals.flip(0), eigvecs.T.flip(0)
@@ -320,8 +320,8 @@ class VAE(nn.Module):
         return self.reconstruct(x)
 
     def reconstruct(self, x):
-        """Decode the posterior mean of x."""
-        return self.decode(self.encode(x)[0])
+        """Decode the posterior mean of images x (B, C, H, W), uint8 or float in [0, 1]."""
+        return self.decode(self.encode(to_float(check_input(self, x, "x")))[0])
 
     def interpolate(self, a, b, steps=8):
         """Mean images at `steps` evenly spaced points on the line from the posterior mean of image a to
@@ -331,7 +331,8 @@ class VAE(nn.Module):
             raise ValueError(f"interpolate takes two images of one shape (C, H, W); got {tuple(a.shape)} and "
                              f"{tuple(b.shape)} (for images[i] of a batch, pass images[i], not images[i:i + 1])")
         check_count("steps", steps, 2)  # both ends included
-        z = self.encode(torch.stack([a, b]).to(self.latent_mean.device))[0]
+        ends = check_input(self, torch.stack([to_float(a, "a"), to_float(b, "b")]), "a and b")
+        z = self.encode(ends.to(self.latent_mean.device))[0]
         t = torch.linspace(0, 1, steps, device=z.device, dtype=z.dtype)[:, None]
         return self.decode(torch.lerp(z[0], z[1], t))
 
@@ -343,15 +344,15 @@ class VAE(nn.Module):
 
     def latent_cholesky(self, jitter=1e-4):
         """Lower-triangular L with L L^T = covariance of the encoder means (+ jitter x its mean variance)."""
-        cov = self.latent_cov.double()
+        cov = exact(self.latent_cov)
         eye = torch.eye(self.latent_dim, dtype=cov.dtype, device=cov.device)
-        return torch.linalg.cholesky(cov + jitter * cov.diagonal().mean() * eye).to(self.latent_cov.dtype)
+        return torch.linalg.cholesky(cov + jitter * cov.diagonal().mean() * eye).to(self.latent_cov)  # its device too
 
     @torch.no_grad()
     def latent_summary(self):
         """How correlated the latent is: covariance eigenvalues (descending), participation ratio
         (effective number of dimensions), dims with variance > 0.01, mean |correlation| between dims."""
-        cov = self.latent_cov.double()
+        cov = exact(self.latent_cov)
         eig = torch.linalg.eigvalsh(cov).flip(0).clamp_min(0)
         std = cov.diagonal().sqrt()
         corr = cov / (std[:, None] * std[None, :]).clamp_min(1e-12)
@@ -445,6 +446,11 @@ def evaluating(*modules):
             d = getattr(s, name)
             for key in set(d) - before:
                 del d[key]
+
+
+def exact(t):
+    """t in float64, for exact sums and statistics: moved to the CPU where its device has no float64 (mps)."""
+    return (t.cpu() if t.device.type == "mps" else t).double()
 
 
 def device_of(model):
@@ -713,9 +719,13 @@ class Recorder:
         return dict(seen)
 
 
-def as_names(value):
-    """A list of names from one name or several."""
-    return [value] if isinstance(value, str) else list(value)
+def as_names(value, what="layers"):
+    """A list of names from one name or several (each checked where it is looked up); an error naming `what`
+    for a value that is neither."""
+    try:
+        return [value] if isinstance(value, str) else list(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a name or a list of names; got {value!r}") from None
 
 
 @torch.no_grad()

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import Loader, atomic_write, check_labels, to_float
+from data import Loader, atomic_write, check_count, check_labels, to_float
 from models import (BatchNorm, build_model, check_input, cnn_config, config_of, device_of, dtype_of, evaluating,
-                    vae_config)
+                    exact, vae_config)
 
 CNN_HYP = dict(
     epochs=10,               # airbench94 trains 9.9 epochs
@@ -70,6 +70,8 @@ def bf16_training(device):
 
 def seed_everything(seed):
     """Seed torch, numpy and random."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed (SEED) must be an int in 0..{2 ** 32 - 1}, numpy's range; got {seed!r}")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -97,9 +99,16 @@ def _has_mps():
 
 
 def get_device(device=None):
-    """The device to use: the argument, else cuda, then mps, then cpu."""
+    """The device to use: the argument (an error if this machine lacks it), else cuda, then mps, then cpu."""
     if device is not None:
-        return torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device; got {device!r}") from None
+        if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not _has_mps()):
+            raise ValueError(f"device {str(device)!r} is not available on this machine; give 'cpu', or None for the "
+                             f"best one here ({get_device()})")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if _has_mps():
@@ -137,7 +146,8 @@ def setting(name, default, low=None, choices=None):
 
 def device_defaults(device=None):
     """The notebooks' default presets, VAE epochs and atlas flag for a device (DEVICE_DEFAULTS)."""
-    return DEVICE_DEFAULTS["cpu" if get_device(device).type == "cpu" else "gpu"]
+    kind = (get_device() if device is None else torch.device(device)).type  # a named one need not be here
+    return DEVICE_DEFAULTS["cpu" if kind == "cpu" else "gpu"]
 
 
 class Forecast:
@@ -193,8 +203,9 @@ def load_checkpoint(path, device=None, hint="train the model first (or fix the p
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: {hint}")
+    device = get_device(device)  # a bad device is the caller's error, not the checkpoint's
     try:
-        ckpt = torch.load(path, weights_only=True, map_location=get_device(device))
+        ckpt = torch.load(path, weights_only=True, map_location=device)
         with keeping_random_state():
             model = build_model(ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
@@ -203,7 +214,7 @@ def load_checkpoint(path, device=None, hint="train the model first (or fix the p
     if ckpt.get("complete") is False:
         raise RuntimeError(f"checkpoint {path} is from a run that did not finish (best epoch so far: "
                            f"{ckpt.get('epoch')}); {hint}, and let it run to the end")
-    return model.to(get_device(device)).eval(), ckpt
+    return model.to(device).eval(), ckpt
 
 
 def load_trained(path, data, seed, device=None, hint="train the model first (or fix the path)"):
@@ -381,6 +392,7 @@ def predict(model, images, tta_level=0, batch_size=1000):
     """Logits for images (uint8 or float in [0, 1]), with optional TTA: tta_level 0 none, 1 the mirror
     image too, 2 also two 1-px shifts (airbench94's)."""
     check_input(model, images)
+    check_count("batch_size", batch_size, 1)
     if isinstance(tta_level, bool) or tta_level not in (0, 1, 2):
         raise ValueError(f"tta_level must be 0 (none), 1 (mirror) or 2 (mirror and shifts), got {tta_level!r}")
     device = device_of(model)
@@ -466,6 +478,11 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     `extra` is stored in the checkpoint (e.g. the dataset name).
     """
     hyp = hyperparameters(CNN_HYP, hyp)
+    check_input(model, data.train_x[:1], "data.train_x")  # before anything of the model is changed
+    classes = config_of(model).get("num_classes")
+    if classes is not None and classes != len(data.classes):
+        raise ValueError(f"the model has {classes} outputs and the data {len(data.classes)} classes: build it "
+                         f"with num_classes={len(data.classes)} (models.cnn_config)")
     model.init_whiten(data.train_x[:5000])
     seed_everything(seed)
     device = get_device(device)
@@ -497,7 +514,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
             lookahead.update(model, ema_decay[step + 1].item())
         if step + 1 == total:
             lookahead.update(model, 1.0)
-        return dict(loss=loss.detach().double(), correct=(out.argmax(1) == y).sum())
+        return dict(loss=exact(loss.detach()), correct=(out.argmax(1) == y).sum())
 
     def end_epoch(epoch, sums, seen):
         if not torch.isfinite(sums["loss"]):
@@ -558,6 +575,7 @@ def train_classifier(data, ckpt_path, preset="airbench", hyp=None, retrain=False
 def evaluate_vae(vae, images, batch_size=500, seed=0):
     """Mean negative ELBO (bits/dim), reconstruction NLL and KL (nats per image) on a set."""
     check_input(vae, images)
+    check_count("batch_size", batch_size, 1)
     device = device_of(vae)
     gen = torch.Generator(device=device).manual_seed(seed)
     sums = dict(bpd=0.0, nll=0.0, kl=0.0)
@@ -574,8 +592,9 @@ def latent_statistics(vae, images, batch_size=500):
     """Mean, covariance and 0.5/99.5 percentiles of the encoder means over a set of images."""
     device = vae.latent_mean.device
     check_input(vae, images)
+    check_count("batch_size", batch_size, 1)
     mu = torch.cat([vae.encode(to_float(x.to(device)))[0] for x in images.split(batch_size)])
-    mu = mu.double()
+    mu = exact(mu)
     mean = mu.mean(0)
     cov = (mu - mean).T @ (mu - mean) / (len(mu) - 1)
     lo, hi = torch.quantile(mu, torch.tensor([0.005, 0.995], dtype=mu.dtype, device=mu.device), dim=0)
@@ -591,6 +610,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     statistics of the training set stored in its buffers.
     """
     hyp = hyperparameters(VAE_HYP, hyp)
+    check_input(vae, data.train_x[:1], "data.train_x")  # before anything of the model is changed
     seed_everything(seed)
     device = get_device(device)
     vae.to(device)
@@ -600,8 +620,10 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     total = math.ceil(len(loader) * hyp["epochs"])
     warm = max(1, int(len(loader) * hyp["kl_warmup_epochs"]))
     opt = torch.optim.Adam(vae.parameters(), lr=hyp["lr"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / total)))
+    def lr_factor_at(step):  # cosine from 1 down to 0.1
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(step, total) / total))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_at)
     gen = torch.Generator(device=device).manual_seed(seed)
     keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, **(extra or {}))
 
@@ -623,9 +645,10 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
 
     def end_epoch(epoch, sums, seen):
         val = evaluate_vae(vae, data.val_x, seed=seed)
+        last = min((epoch + 1) * len(loader), total) - 1  # the epoch's last step: its KL weight and lr
         return dict(**{f"train_{k}": float(v) / seen for k, v in sums.items()},
                     val_bpd=val["bpd"], val_nll=val["nll"], val_kl=val["kl"],
-                    kl_weight=kl_weight(min((epoch + 1) * len(loader), total) - 1), lr=opt.param_groups[0]["lr"])
+                    kl_weight=kl_weight(last), lr=hyp["lr"] * lr_factor_at(last))
 
     run_epochs(vae, loader, total, train_step, end_epoch, keeper, "VAE training", progress)
     keeper.restore()

@@ -173,6 +173,22 @@ def test_fashion_mnist_error_when_nothing_is_reachable(tmp_path, monkeypatch):
         data.load_data("fashion-mnist", root=tmp_path)
 
 
+def test_fashion_mnist_downloaded_before_is_read_from_a_folder_that_cannot_be_written(tmp_path, monkeypatch):
+    import struct
+
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 12), ("t10k", 4)):  # torchvision's extracted files, 28 x 28 images
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">4I", 2051, n, 28, 28) + bytes(range(n)) * 784)
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">2I", 2049, n) + bytes(i % 10 for i in range(n)))
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(data.os, "access", lambda *args: False)  # a read-only DATA_DIR
+    d = data.load_data("fashion-mnist", root=tmp_path, val_size=2)
+    assert len(d.test_y) == 4 and d.train_x.shape[1:] == (1, 32, 32)
+    with pytest.raises(PermissionError, match="not writable"):  # where it would be downloaded to: refused
+        data.load_data("fashion-mnist", root=tmp_path / "empty")
+
+
 @pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.exists(), reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_from_the_debian_package(tmp_path):
     d = data.load_data("fashion-mnist", root=tmp_path)

@@ -126,6 +126,18 @@ def test_cache_is_reused_and_a_changed_tree_is_decoded_again(tmp_path, monkeypat
     assert list(cache_dir.glob("pets.*.pt")) != caches and len(list(cache_dir.glob("pets.*.pt"))) == 1  # stale one gone
 
 
+def test_a_cache_in_a_folder_that_cannot_be_written_is_read(tmp_path, monkeypatch):
+    tree, cache_dir = write_tree(tmp_path / "pets"), tmp_path / "cache"
+    first = data.load_data(str(tree), cache_dir)
+    monkeypatch.setattr(data.os, "access", lambda *args: False)  # a read-only DATA_DIR, even for root
+    again = data.load_data(str(tree), cache_dir)
+    assert torch.equal(first.train_x, again.train_x)
+    Image.new("RGB", (8, 6), (255, 255, 255)).save(tree / "test" / "cat" / "000.png")  # a new cache is needed
+    monkeypatch.setattr(data, "_decode_image_folder", lambda *a: pytest.fail("decoded before the folder was checked"))
+    with pytest.raises(PermissionError, match="not writable"):
+        data.load_data(str(tree), cache_dir)
+
+
 def test_missing_path_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*train/<class>"):
         data.load_data(str(tmp_path / "nowhere" / "pets.tar.gz"), tmp_path)

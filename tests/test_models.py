@@ -184,3 +184,9 @@ def test_input_channels_from_the_config_or_the_first_convolution():
     assert models.input_channels(torch.nn.Sequential(torch.nn.Conv2d(4, 2, 3))) == 4
     with pytest.raises(ValueError, match="cannot tell how many input channels"):
         models.input_channels(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)))
+
+
+def test_exact_gives_float64_on_the_tensors_device_where_it_has_float64():
+    t = torch.rand(3, dtype=torch.float16)
+    wide = models.exact(t)
+    assert wide.dtype == torch.float64 and wide.device == t.device and torch.equal(wide.half(), t)

@@ -135,6 +135,18 @@ def test_device_choice_defaults_and_override():
     expected = "cuda" if torch.cuda.is_available() else None
     if expected:
         assert training.get_device().type == expected
+    with pytest.raises(ValueError, match="device must be .* got 'gpu'"):
+        training.get_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda' is not available on this machine"):
+            training.get_device("cuda")
+
+
+def test_a_bad_device_is_not_blamed_on_a_good_checkpoint(trained):
+    path = trained[2] / "cnn.pt"
+    with pytest.raises(ValueError, match="device must be"):
+        training.load_checkpoint(path, device="gpu")
+    training.load_checkpoint(path, device="cpu")  # the checkpoint itself is fine
 
 
 @pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.exists(), reason="dataset-fashion-mnist not installed")
@@ -303,3 +315,17 @@ def test_fit_follows_the_recipe_at_each_step(tiny_data, monkeypatch):
     assert smoothing == [0.3] * 2 * per_epoch
     assert bias_trains == [True] * per_epoch + [False] * per_epoch
     assert len(decays) == 2 * per_epoch // 3 + 1 and decays[-1] == 1.0 and all(d < 1 for d in decays[:-1])
+
+
+def test_fit_refuses_data_that_do_not_fit_the_model_before_changing_it(tiny_data):
+    gray = models.build_model(models.cnn_config("small", in_channels=1))
+    before = {k: v.clone() for k, v in gray.state_dict().items()}
+    with pytest.raises(ValueError, match="data.train_x have 3 channel"):
+        training.fit(gray, tiny_data, hyp=TINY, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in gray.state_dict().items())  # whitening not set
+    five = models.build_model(models.cnn_config("small", num_classes=5))
+    with pytest.raises(ValueError, match="5 outputs and the data 10 classes: build it with num_classes=10"):
+        training.fit(five, tiny_data, hyp=TINY, progress=False)
+    vae = models.build_model(models.vae_config("small", in_channels=1))
+    with pytest.raises(ValueError, match="data.train_x have 3 channel"):
+        training.fit_vae(vae, tiny_data, hyp=dict(epochs=1), progress=False)

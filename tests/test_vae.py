@@ -157,6 +157,8 @@ def test_training_stores_statistics_and_round_trips(tiny, tmp_path, monkeypatch)
                                    csv_path=tmp_path / "vae.csv", progress=False)
     rows = training.read_csv(tmp_path / "vae.csv")
     assert len(rows) == 2 and rows[0]["kl_weight"] < rows[1]["kl_weight"] <= 1
+    lr = training.VAE_HYP["lr"]  # each row's lr is its last step's: above the floor of 0.1 x lr, reached after it
+    assert lr > rows[0]["lr"] > rows[1]["lr"] > 0.1 * lr * (1 + 1e-6)
     best = min(rows, key=lambda r: r["val_bpd"])
     assert ckpt["epoch"] == best["epoch"] and ckpt["complete"]
     assert training.evaluate_vae(vae, tiny.val_x)["bpd"] == pytest.approx(best["val_bpd"], rel=1e-4)
@@ -248,3 +250,19 @@ def test_interpolation_runs_from_one_reconstruction_to_the_other_in_even_steps()
         vae.interpolate(x[:1], x[1:])
     with pytest.raises(ValueError, match="steps must be an int >= 2"):
         vae.interpolate(x[0], x[1], steps=1)
+
+
+def test_the_vaes_image_methods_take_the_two_image_forms_and_refuse_others():
+    vae = small_vae().eval()
+    x = (torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(vae.reconstruct(x), vae.reconstruct(x.float() / 255))
+        torch.testing.assert_close(vae.interpolate(x[0], x[1], 3), vae.interpolate(x[0].float() / 255, x[1].float() / 255, 3))
+        with pytest.raises(ValueError, match="x .*0, 255"):
+            vae.reconstruct(x.float())  # floats in 0-255 would be garbage, not an image
+        with pytest.raises(ValueError, match=r"x must be a batch .*x\[None\]"):
+            vae.reconstruct(x[0] / 255)
+        with pytest.raises(ValueError, match="a .*0, 255"):
+            vae.interpolate(x[0].float(), x[1].float())
+        with pytest.raises(ValueError, match="1 channel"):
+            vae.reconstruct(x[:, :1])
