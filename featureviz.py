@@ -35,7 +35,7 @@ import models
 
 def color_covariance(images):
     """(C, C) covariance of the pixel colours of a set of images (uint8 or float)."""
-    x = data.to_float(data.check_batch(images)).transpose(0, 1).flatten(1).double()  # (C, N*H*W)
+    x = models.exact(data.to_float(data.check_batch(images)).transpose(0, 1).flatten(1))  # (C, N*H*W)
     x = x - x.mean(1, keepdim=True)
     return (x @ x.T / (x.size(1) - 1)).float()
 
@@ -52,7 +52,7 @@ def magnitude_spectrum(images, color_cov=None):
     FourierParam and MaCoParam use (color_sqrt(color_cov)), mean removed: the data's own spectrum per
     channel, which MaCo keeps fixed."""
     x = data.to_float(data.check_batch(images)) - 0.5
-    x = _decorrelate(color_sqrt(color_cov, x.size(1)), x)
+    x = _decorrelate(color_sqrt(color_cov, x.size(1)).to(x.device), x)
     x = x - x.mean((2, 3), keepdim=True)
     return torch.fft.rfft2(x, norm="ortho").abs().mean(0)
 
@@ -259,28 +259,30 @@ def _check_vae_fits(vae, channels, size):
 
 
 def _encode(vae, init):
-    """Encoder means (N, D) of init images."""
+    """Encoder means (N, D) of init images, in float32 (as the latent parameterizations keep z)."""
     with torch.no_grad():
-        return vae.encode(data.to_float(init, "init").to(vae.latent_mean.device))[0]
+        return vae.encode(data.to_float(init, "init").to(vae.latent_mean.device))[0].float()
 
 
 class LatentParam(nn.Module):
-    """z through the VAE decoder; z projected back into [latent_lo, latent_hi] after every step."""
+    """z through the VAE decoder; z projected back into [latent_lo, latent_hi] after every step. z and the
+    latent statistics are float32 whatever the VAE's dtype (a half VAE decodes z cast to its own)."""
 
     def __init__(self, n, channels, size, vae=None, sd=1.0, generator=None, init=None):
         super().__init__()
         _check_vae_fits(vae, channels, size)
         object.__setattr__(self, "vae", vae)  # not a submodule: its weights are not ours to optimize
-        mean, std = vae.latent_mean, vae.latent_cov.diagonal().sqrt()
+        self.dtype = models.dtype_of(vae)
+        mean, std = vae.latent_mean.float(), vae.latent_cov.diagonal().sqrt().float()
         z = mean + sd * std * torch.randn(n, vae.latent_dim, generator=generator).to(mean.device)
         if init is not None:
             z = _encode(vae, init)
-        self.register_buffer("lo", vae.latent_lo.clone())
-        self.register_buffer("hi", vae.latent_hi.clone())
+        self.register_buffer("lo", vae.latent_lo.clone().float())
+        self.register_buffer("hi", vae.latent_hi.clone().float())
         self.z = nn.Parameter(torch.maximum(torch.minimum(z, self.hi), self.lo))  # (N, D)
 
     def forward(self):
-        return self.vae.decode(self.z)
+        return self.vae.decode(self.z.to(self.dtype))
 
     def penalty(self):
         """(N,) ||z||^2 / D: the prior's negative log density, up to constants."""
@@ -292,16 +294,18 @@ class LatentParam(nn.Module):
 
 
 class WhitenedLatentParam(nn.Module):
-    """z = latent_mean + L u, with L L^T = latent_cov: steps in u are whitened for the data's latents."""
+    """z = latent_mean + L u, with L L^T = latent_cov: steps in u are whitened for the data's latents. u and the
+    statistics are float32, as in LatentParam."""
 
     def __init__(self, n, channels, size, vae=None, sd=1.0, jitter=1e-4, generator=None, init=None):
         super().__init__()
         _check_vae_fits(vae, channels, size)
         object.__setattr__(self, "vae", vae)  # not a submodule (see LatentParam)
-        self.register_buffer("mean", vae.latent_mean.clone())
-        self.register_buffer("chol", vae.latent_cholesky(jitter))  # (D, D) lower triangular
-        self.register_buffer("lo", vae.latent_lo.clone())
-        self.register_buffer("hi", vae.latent_hi.clone())
+        self.dtype = models.dtype_of(vae)
+        self.register_buffer("mean", vae.latent_mean.clone().float())
+        self.register_buffer("chol", vae.latent_cholesky(jitter).float())  # (D, D) lower triangular
+        self.register_buffer("lo", vae.latent_lo.clone().float())
+        self.register_buffer("hi", vae.latent_hi.clone().float())
         u = sd * torch.randn(n, vae.latent_dim, generator=generator).to(self.mean.device)
         if init is not None:
             z = _encode(vae, init)
@@ -314,7 +318,7 @@ class WhitenedLatentParam(nn.Module):
 
     def forward(self):
         z = self.latent()
-        return self.vae.decode(torch.maximum(torch.minimum(z, self.hi), self.lo))
+        return self.vae.decode(torch.maximum(torch.minimum(z, self.hi), self.lo).to(self.dtype))
 
     def penalty(self):
         """(N,) ||u||^2 / D: the squared Mahalanobis distance of z from the data's latents."""
@@ -667,12 +671,12 @@ class Direction:
 
     @staticmethod
     def columns(targets, shape, device):
-        v = torch.stack([t.vector.float() for t in targets]).to(device)  # (T_g, C)
+        v = torch.stack([t.vector.detach().float() for t in targets]).to(device)  # (T_g, C); a constant
         return lambda a: _mean_spatial(a).float() @ v.T  # any model dtype
 
     @staticmethod
     def own(targets, shape, device):
-        v = torch.stack([t.vector.float() for t in targets]).to(device)  # (B, C)
+        v = torch.stack([t.vector.detach().float() for t in targets]).to(device)  # (B, C); a constant
         return lambda a: (_mean_spatial(a).float() * v).sum(1)
 
 
@@ -919,19 +923,21 @@ class Diversity(Term):
 
 
 def _terms(regularizers):
-    """A list of terms from one term, a list of them, or None."""
-    return [regularizers] if isinstance(regularizers, Term) else list(regularizers or ())
+    """A list of terms from one term, a list or tuple of them, or None; an error for anything else."""
+    if regularizers is None:
+        return []
+    terms = list(regularizers) if isinstance(regularizers, (list, tuple)) else [regularizers]
+    for t in terms:
+        if not isinstance(t, Term):
+            raise TypeError(f"regularizers must be a term or a list of terms (L2, TV, Blur, Prior, Diversity), "
+                            f"e.g. [L2(1.0), TV(2.0)]; got {t!r}")
+    return terms
 
 
 def _resolve(regularizers, model, size):
-    """The regularizer terms with Diversity's default layer named; an error for anything not a Term."""
-    terms = _terms(regularizers)
-    for t in terms:
-        if not isinstance(t, Term):
-            raise TypeError(f"regularizers must be a list of terms (L2, TV, Blur, Prior, Diversity), e.g. "
-                            f"[L2(1.0), TV(2.0)]; got {t!r}")
+    """The regularizer terms with Diversity's default layer named."""
     return [replace(t, layer=models.last_spatial_layer(model, size)) if t.layer == LAST_SPATIAL else t
-            for t in terms]
+            for t in _terms(regularizers)]
 
 
 # ----------------------------------------------------------------------------- render
@@ -1032,7 +1038,7 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
             images = param().contiguous()  # as the user expects them (a Fourier one's are channels_last)
             final = score(images)
     keep = _best_of_restarts(final, restarts).cpu()
-    return Render(images.detach().cpu()[keep], final.cpu()[keep], history.cpu()[:, keep], targets)
+    return Render(images.detach().float().cpu()[keep], final.cpu()[keep], history.cpu()[:, keep], targets)  # float32
 
 
 @contextmanager
@@ -1345,7 +1351,7 @@ def render_in_stages(model, targets, first, second, steps=256, **common):
                         "first stage's images")
     first, second = _priors_where_they_apply([{**first, **common}, {**second, **common, "restarts": 1}])
     a = render(model, targets, steps=steps // 2, **first)
-    second["param"] = _as_recipe(second["param"]).starting_from(a.images)
+    second["param"] = _as_recipe(second.get("param", "fourier")).starting_from(a.images)  # render()'s default
     b = render(model, targets, steps=steps - steps // 2, **second)
     return Render(b.images, b.activation, torch.cat([a.history, b.history]), a.targets)
 

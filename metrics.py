@@ -157,7 +157,8 @@ def knn_ratio(f_vis, vis_labels, f_train, train_y, f_held, heldout_y, k=5):
     """Mean kNN distance of each visualization to its class's training points, relative to the same for
     held-out real points of that class (1.0: as close as a real image; higher: farther). NaN when no
     visualization's class has both training and held-out points."""
-    vis_labels, train_y, heldout_y = vis_labels.cpu(), train_y.cpu(), heldout_y.cpu()
+    vis_labels, train_y, heldout_y = (data.check_labels(y, len(f), name=name) for y, f, name in (
+        (vis_labels, f_vis, "vis_labels"), (train_y, f_train, "train_y"), (heldout_y, f_held, "heldout_y")))
     ratios = []
     for c in vis_labels.unique().tolist():
         refs, held = f_train[train_y == c], f_held[heldout_y == c]
@@ -194,8 +195,9 @@ def naturalness(other, vis, vis_labels, train_x, train_y, heldout_x, heldout_y, 
     """kNN distance of each visualization to its class's training images in the spatial statistics of
     every block of the independent model `other`, relative to held-out real images of the class (1.0: as
     natural as a real image of the class; higher: less natural)."""
-    for name, x in (("vis", vis), ("train_x", train_x), ("heldout_x", heldout_x)):  # before the pass over train_x
-        models.check_input(other, x, name)
+    for name, x, y_name, y in (("vis", vis, "vis_labels", vis_labels), ("train_x", train_x, "train_y", train_y),
+                               ("heldout_x", heldout_x, "heldout_y", heldout_y)):  # before the pass over train_x
+        data.check_labels(y, len(models.check_input(other, x, name)), name=y_name)
     stats = Statistics(other, train_x)
     return knn_ratio(stats(vis), vis_labels, stats.train, train_y, stats(heldout_x), heldout_y, k)
 
@@ -265,9 +267,12 @@ class PlantedDetector:
 
     @torch.no_grad()
     def scores(self, images, batch_size=250):
-        """(N, K) per class, the peak Gabor amplitude of each image (over positions and scales)."""
+        """(N, K) per class, the peak Gabor amplitude of each image (over positions and scales), on the CPU."""
         out, n = [], self.size
-        for x in data.to_float(images).split(batch_size):
+        if data.check_batch(images).shape[-2:] != (n, n):
+            raise ValueError(f"images must be {n}x{n}, the side of the training images the detector was made "
+                             f"for; got shape {tuple(images.shape)}")
+        for x in data.to_float(images).cpu().split(batch_size):
             x = F.pad(x - x.mean((2, 3), keepdim=True), (0, n, 0, n))
             proj = torch.einsum("nchw,fc->nfhw", torch.fft.fft2(x), self.axes.to(torch.complex64))
             amp = torch.fft.ifft2(proj * self.bumps).abs()[..., :n, :n]  # (B, F, n, n)
@@ -291,6 +296,9 @@ def path_percentiles(a_vis, a_top, a_random):
     of the unit's top natural images and of random natural images. Similarity: the cosine between an
     image's activations and the mean of the top images', both centred on the random images' mean.
     """
+    if not len(a_vis) == len(a_top) == len(a_random):
+        raise ValueError(f"a_vis, a_top and a_random must give one entry per block each; got {len(a_vis)}, "
+                         f"{len(a_top)} and {len(a_random)}")
     out = []
     for v, t, r in zip(a_vis, a_top, a_random):
         centre = r.mean(0)
@@ -465,7 +473,8 @@ def rank_techniques(rows, names):
     the path check (lower is better on both), among the techniques whose class evidence holds
     (normalized activation >= 1 and transfer >= 0.9) and whose scores are numbers (not NaN); equal values
     share their average rank, and equal sums go to the more natural (then by name), so the order of the
-    rows does not matter."""
+    rows does not matter. names: technique names, or one name."""
+    names = models.as_names(names, "names")  # one name is not its substrings ('pixel' in 'pixel+reg')
     candidates = [r for r in rows if r["technique"] in names and r["act"] >= 1.0 and r["transfer"] >= 0.9
                   and all(math.isfinite(r[key]) for key in RANKED_BY)]
     ranks = {r["technique"]: sum(_average_rank(r[key], [c[key] for c in candidates]) for key in RANKED_BY)

@@ -301,7 +301,7 @@ def test_labels_are_class_indices_one_per_image(nets):
 
 
 def test_counts_and_shapes_of_the_helpers_are_named_before_any_work(nets, tiny_data):
-    cnn, _ = nets
+    cnn, vae = nets
     for call, match in [
         (lambda: fv.activations(cnn, _good(), [0], batch_size=0), "batch_size must be an int >= 1, got 0"),
         (lambda: metrics.features(cnn, _good(), batch_size=2.5), "batch_size must be an int >= 1, got 2.5"),
@@ -315,6 +315,13 @@ def test_counts_and_shapes_of_the_helpers_are_named_before_any_work(nets, tiny_d
         (lambda: metrics.hardest_pairs(torch.eye(3), list("abc"), k=-1), "k must be an int >= 0, got -1"),
         (lambda: metrics.per_class_report(torch.eye(3), list("ab")), "for the K = 2 class names"),
         (lambda: metrics.channel_sample(cnn, per_block=-1), "per_block must be an int >= 1, got -1"),
+        (lambda: training.predict(cnn, _good(), batch_size=0), "batch_size must be an int >= 1, got 0"),
+        (lambda: training.evaluate_vae(vae, _good(), batch_size=0), "batch_size must be an int >= 1, got 0"),
+        (lambda: training.latent_statistics(vae, _good(), batch_size=-2), "batch_size must be an int >= 1, got -2"),
+        (lambda: attribution.integrated_gradients(cnn, _good(), 0, baseline="black"),
+         r"baseline must be None \(black\) or a scalar.*got 'black'"),
+        (lambda: training.seed_everything(2 ** 32), r"seed \(SEED\) must be an int in 0..4294967295"),
+        (lambda: training.seed_everything(-1), r"seed \(SEED\) must be an int in 0..4294967295"),
     ]:
         with pytest.raises(ValueError, match=match):
             call()
@@ -328,6 +335,10 @@ def test_naturalness_and_diversity_check_their_inputs_before_their_pass_over_the
         metrics.naturalness(cnn, _good()[0], Y[:1], _good(), Y, _good(), Y)
     with pytest.raises(ValueError, match=r"heldout_x have 1 channel\(s\), the model takes 3"):
         metrics.naturalness(cnn, _good(), Y, _good(), Y, _good()[:, :1], Y)
+    with pytest.raises(ValueError, match=r"vis_labels must be \(8,\) integer class indices"):
+        metrics.naturalness(cnn, _good(), range(10), _good(), Y, _good(), Y)
+    with pytest.raises(ValueError, match=r"heldout_y must be \(8,\) integer class indices"):
+        metrics.naturalness(cnn, _good(), Y, _good(), Y, _good(), Y[:5])
     with pytest.raises(ValueError, match="groups must give one group per image: 8 images"):
         metrics.diversity(cnn, _good(), [0, 0, 1])
 
@@ -348,6 +359,9 @@ def test_the_quality_table_checks_its_arguments_before_scoring_anything(nets, ti
 
 def test_one_layer_name_is_a_list_of_one(nets):
     cnn, _ = nets
+    for bad in (1, None):  # a name that is not a str: test_a_layer_named_by_an_int_asks_for_a_str
+        with pytest.raises(TypeError, match="layers must be a name or a list of names; got"):
+            models.capture(cnn, _good(), bad)
     one, listed = models.capture(cnn, _good(), "block1.act2"), models.capture(cnn, _good(), ["block1.act2"])
     assert list(one) == ["block1.act2"] and torch.equal(one["block1.act2"], listed["block1.act2"])
     stats = metrics.block_activations(cnn, _good(), metrics.pooled, layers="block1.act2")
@@ -464,8 +478,10 @@ def test_render_refuses_bad_settings_by_name(nets, kwargs, match):
 
 def test_render_refuses_what_is_not_a_regularizer_or_a_parameterization(nets):
     cnn, _ = nets
-    with pytest.raises(TypeError, match=r"regularizers must be a list of terms \(L2, TV, Blur, Prior, Diversity\)"):
-        fv.render(cnn, [0], steps=1, regularizers=[("tv", 2.0)], progress=False)
+    for bad in ([("tv", 2.0)], fv.TV, 2.0, [fv.TV]):  # a pair, the class of a term (not TV(2.0)), a number
+        with pytest.raises(TypeError, match=r"regularizers must be a term or a list of terms \(L2, TV, Blur, Prior, "
+                                            r"Diversity\)"):
+            fv.render(cnn, [0], steps=1, regularizers=bad, progress=False)
     with pytest.raises(TypeError, match="param must be a parameterization name"):
         fv.render(cnn, [0], steps=1, param=3, progress=False)
     with pytest.raises(ValueError, match="TV weight must be a finite number"):

@@ -3,6 +3,7 @@
 Unit tests use untrained models; the planted-feature and transfer tests use a small classifier, an
 independent one and a small VAE trained once on the synthetic dataset (module fixtures).
 """
+import copy
 import dataclasses
 import math
 
@@ -391,6 +392,14 @@ def test_activations_match_a_direct_forward():
     assert torch.allclose(fv.activations(model, (x * 255).round().to(torch.uint8), targets),
                           fv.activations(model, (x * 255).round() / 255, targets), atol=1e-5)
     assert_untouched(model, before)
+
+
+def test_a_direction_with_a_graph_is_a_constant_that_render_leaves_alone():
+    model = cnn()
+    probe = torch.nn.Linear(32, 2)
+    direction = fv.Direction("block3.act2", torch.nn.functional.normalize(probe.weight[1], dim=0))  # it has a graph
+    r = fv.render(model, direction, param="pixel", transforms=None, steps=3, progress=False)
+    assert r.images.shape == (1, 3, 32, 32) and probe.weight.grad is None  # no gradient reached the probe
 
 
 @pytest.mark.parametrize("mixed", [True, False])
@@ -840,6 +849,8 @@ def test_stages_take_names_and_a_prior_goes_to_the_latent_stage_only():
     model, vae = cnn(), vae_with_stats()
     r = fv.render_in_stages(model, [0], dict(param="pixel"), dict(param="fourier"), steps=2, progress=False)
     assert r.images.shape == (1, 3, 32, 32) and r.history.shape == (2, 1)
+    default = fv.render_in_stages(model, [0], dict(param="pixel"), dict(lr=0.05), steps=2, progress=False)
+    assert torch.equal(default.images, r.images)  # a second stage without a param: render()'s, fourier
     hybrid = fv.techniques(vae)["hybrid"]
     kw = dict(steps=2, seed=4, progress=False)
     with_prior = hybrid(model, [0], regularizers=[fv.Prior(5.0)], **kw)
@@ -847,6 +858,15 @@ def test_stages_take_names_and_a_prior_goes_to_the_latent_stage_only():
     with pytest.raises(ValueError, match=r"the Prior regularizer needs a parameterization with a prior"):
         fv.render_in_stages(model, [0], dict(param="pixel"), dict(param="fourier"), regularizers=[fv.Prior(1.0)],
                             steps=2, progress=False)  # no stage has a prior
+
+
+def test_a_bfloat16_vae_draws_the_latent_techniques_images_as_a_float32_one_does():
+    model, vae = cnn(), vae_with_stats()
+    for name in ("latent", "whitened", "hybrid"):
+        ref = fv.techniques(vae)[name](model, [0, 1], steps=3, seed=1, progress=False)
+        low = fv.techniques(copy.deepcopy(vae).to(torch.bfloat16))[name](model, [0, 1], steps=3, seed=1, progress=False)
+        assert low.images.dtype == torch.float32, name  # render() returns float32 images, whatever made them
+        assert (low.images - ref.images).abs().max() < (0.05 if name != "hybrid" else 0.3), name  # bfloat16's rounding
 
 
 def test_one_init_image_for_all_and_single_values_named():

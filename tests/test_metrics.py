@@ -136,6 +136,8 @@ def test_path_percentiles_by_hand():
     p = metrics.path_percentiles(vis, top, random)
     assert p.shape == (3, 1)
     assert p[0, 0] == 1.0 and p[1, 0] == 0.0 and 0.3 < p[2, 0] < 0.7  # along, against, across the path
+    with pytest.raises(ValueError, match="one entry per block each; got 1, 1 and 2"):
+        metrics.path_percentiles(vis, top, random * 2)  # a block more of random images: not silently dropped
 
 
 def test_block_layers_and_channel_sample():
@@ -261,6 +263,8 @@ def test_planted_detector_on_real_samples_and_where_it_must_fail(hard):
     noise = (detector(torch.rand(1000, 3, 32, 32)) == d.test_y).float().mean().item()
     assert acc > 0.9 and flipped > 0.9, (acc, flipped)
     assert shuffled < 0.25 and noise < 0.25, (shuffled, noise)
+    with pytest.raises(ValueError, match="images must be 32x32, the side of the training images"):
+        detector(torch.rand(2, 3, 28, 28))
 
 
 def test_rank_techniques_orders_by_both_naturalness_metrics_among_those_with_class_evidence():
@@ -272,6 +276,7 @@ def test_rank_techniques_orders_by_both_naturalness_metrics_among_those_with_cla
             row("foreign", 1.0, 0.2, transfer=0.4)]        # another model disagrees
     ranked = [r["technique"] for r in metrics.rank_techniques(rows, ["a", "b", "c", "weak", "foreign"])]
     assert ranked == ["b", "a", "c"]  # rank sums 1, 2, 3
+    assert [r["technique"] for r in metrics.rank_techniques(rows + [row("a+b", 0.5, 0.1)], "a+b")] == ["a+b"]  # not "a"
 
 
 def test_rank_techniques_leaves_out_a_technique_whose_scores_are_not_numbers():
@@ -285,12 +290,12 @@ def test_rank_techniques_gives_equal_values_one_rank_whatever_the_order_of_the_r
     rows = [row("a", 1.0, 0.5), row("b", 2.0, 0.5), row("c", 3.0, 0.4)]  # a and b tie on the path check
     for order in itertools.permutations(rows):
         # rank sums a 0 + 1.5, b 1 + 1.5, c 2 + 0: c before b in any order of the rows
-        assert [r["technique"] for r in metrics.rank_techniques(list(order), "abc")] == ["a", "c", "b"]
+        assert [r["technique"] for r in metrics.rank_techniques(list(order), list("abc"))] == ["a", "c", "b"]
     tied = [row("d", 1.0, 0.6), row("e", 1.0, 0.5)]  # as natural as d, and better on the path check
-    assert [r["technique"] for r in metrics.rank_techniques(tied, "de")] == ["e", "d"]
+    assert [r["technique"] for r in metrics.rank_techniques(tied, list("de"))] == ["e", "d"]
     crossed = [row("f", 2.0, 0.1), row("g", 1.0, 0.2)]  # equal rank sums (1 + 0, 0 + 1): the more natural first
     for order in (crossed, crossed[::-1]):
-        assert [r["technique"] for r in metrics.rank_techniques(order, "fg")] == ["g", "f"]
+        assert [r["technique"] for r in metrics.rank_techniques(order, list("fg"))] == ["g", "f"]
 
 
 def test_rank_techniques_takes_class_evidence_at_its_bounds():
