@@ -58,7 +58,7 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
       models.block_layers). Either may be one name.
     """
     data.check_count("steps", steps, 1)
-    techniques = models.as_names(techniques)
+    techniques = models.as_names(techniques, "techniques")
     layers = models.as_names(models.block_layers(model, d.size) if layers is None else layers)
     if not layers or not techniques:
         raise ValueError(f"layers and techniques must not be empty, got layers={layers!r}, techniques={techniques!r}")
@@ -365,47 +365,63 @@ class Site:
 
 # ----------------------------------------------------------------------------- command line
 
-def command(dataset, preset, vae_preset, data_dir="data", steps=256, out=ATLAS_DIR, seed=0):
+def command(dataset, preset, vae_preset, data_dir="data", steps=256, out=ATLAS_DIR, seed=0, checkpoints="checkpoints"):
     """The command line that builds the atlas from the notebooks' checkpoints, each value quoted for the shell."""
     options = dict(dataset=dataset, preset=preset, vae_preset=vae_preset, data_dir=data_dir, steps=steps, out=out,
-                   seed=seed)
+                   seed=seed, checkpoints=checkpoints)
     return "python atlas.py " + " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in options.items())
 
 
-def notebook_models(dataset, data_dir, preset, vae_preset, techniques, seed=0):
-    """(classifier, data, VAE or None) from the checkpoints the notebooks wrote under checkpoints/; seed: the
-    notebooks' SEED, which draws their train/val split (and the synthetic data)."""
+def notebook_models(dataset, data_dir, preset, vae_preset, techniques, seed=0, checkpoints="checkpoints"):
+    """(classifier, data, VAE or None) from the checkpoints the notebooks wrote under `checkpoints` (a smoke
+    run's: checkpoints/smoke); seed: the notebooks' SEED, which draws their train/val split (and the synthetic
+    data)."""
     d = data.load_data(dataset, data_dir, seed=seed)
     device = training.get_device()
-    hint = f"run the notebooks first (with DATASET={dataset} and SEED={seed})"
-    model, _ = training.load_trained(Path("checkpoints") / f"classifier_{d.name}_{preset}.pt", d, seed, device, hint)
+    hint = f"run the notebooks first (with DATASET={dataset}, PRESET={preset}, VAE_PRESET={vae_preset} and SEED={seed})"
+    model, _ = training.load_trained(Path(checkpoints) / f"classifier_{d.name}_{preset}.pt", d, seed, device, hint)
     vae = None
     if any(t in fv.LATENT_TECHNIQUES for t in techniques):
-        vae, _ = training.load_trained(Path("checkpoints") / f"vae_{d.name}_{vae_preset}.pt", d, seed, device, hint)
+        vae, _ = training.load_trained(Path(checkpoints) / f"vae_{d.name}_{vae_preset}.pt", d, seed, device, hint)
     return model, d, vae
 
 
 def arguments(description, argv=None):
-    """The command line of the atlas (and of its benchmark)."""
+    """The command line of the atlas (and of its benchmark); its defaults are the notebooks' settings
+    (DATASET, PRESET, VAE_PRESET, STEPS, SEED) where the environment sets them."""
     defaults = training.device_defaults()
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--dataset", default="cifar10", help="the dataset the notebooks ran on (data.load_data)")
+    p.add_argument("--dataset", default=training.setting("DATASET", "cifar10"),
+                   help="the dataset the notebooks ran on (data.load_data)")
     p.add_argument("--data-dir", default=None, help="default: DATA_DIR, else ./data")
-    p.add_argument("--preset", default=defaults["preset"], help="the classifier's preset (models.CNN_PRESETS)")
-    p.add_argument("--vae-preset", default=defaults["vae_preset"], help="the VAE's preset (models.VAE_PRESETS)")
-    p.add_argument("--techniques", default=",".join(ATLAS_TECHNIQUES), help="comma-separated technique names")
-    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--preset", choices=sorted(models.CNN_PRESETS),
+                   default=training.setting("PRESET", defaults["preset"], choices=models.CNN_PRESETS),
+                   help="the classifier's preset")
+    p.add_argument("--vae-preset", choices=sorted(models.VAE_PRESETS),
+                   default=training.setting("VAE_PRESET", defaults["vae_preset"], choices=models.VAE_PRESETS),
+                   help="the VAE's preset")
+    p.add_argument("--techniques", default=",".join(ATLAS_TECHNIQUES),
+                   help=f"comma-separated names of {', '.join(fv.TECHNIQUE_NAMES)}")
+    p.add_argument("--steps", type=int, default=training.setting("STEPS", 256, low=1))
     p.add_argument("--out", default=str(ATLAS_DIR))
-    p.add_argument("--seed", type=int, default=0, help="the notebooks' SEED (their train/val split)")
+    p.add_argument("--seed", type=int, default=training.setting("SEED", 0, low=0),
+                   help="the notebooks' SEED (their train/val split)")
+    p.add_argument("--checkpoints", default="checkpoints", help="the notebooks' checkpoints (a smoke run's: "
+                   "checkpoints/smoke)")
     args = p.parse_args(argv)
     args.techniques = args.techniques.split(",")
+    unknown = [t for t in args.techniques if t not in fv.TECHNIQUE_NAMES]
+    if unknown:
+        p.error(f"argument --techniques: unknown {unknown}; choose from {', '.join(fv.TECHNIQUE_NAMES)}")
+    if args.steps < 1:
+        p.error(f"argument --steps: must be at least 1, got {args.steps}")
     return args
 
 
 def main(argv=None):
     args = arguments("Build the atlas of the notebooks' classifier (checkpoints/).", argv)
     model, d, vae = notebook_models(args.dataset, args.data_dir, args.preset, args.vae_preset, args.techniques,
-                                    args.seed)
+                                    args.seed, args.checkpoints)
     index = build_atlas(model, d, vae, args.techniques, args.out, steps=args.steps)
     print(f"the atlas is built: open {index.resolve()} in a browser")
 

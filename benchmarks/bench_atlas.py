@@ -24,12 +24,13 @@ import training  # noqa: E402
 
 def main():
     args = atlas.arguments(__doc__.split("\n")[0])
-    out = Path(args.out)
-    out = Path("outputs/atlas_bench") if out == atlas.ATLAS_DIR else out  # never the notebooks' own atlas
+    out = Path(args.out).expanduser()
+    if out.resolve() == atlas.ATLAS_DIR.resolve():  # never the notebooks' own atlas, however it is spelled
+        out = Path("outputs/atlas_bench")
     if out.exists() and any(out.iterdir()) and not (out / atlas.MANIFEST).exists():
         sys.exit(f"--out {out} holds files and no atlas ({atlas.MANIFEST}): give an empty or new folder, or an atlas's")
     model, d, vae = atlas.notebook_models(args.dataset, args.data_dir, args.preset, args.vae_preset, args.techniques,
-                                          args.seed)
+                                          args.seed, args.checkpoints)
     shutil.rmtree(out, ignore_errors=True)
     layers = models.block_layers(model, d.size)
     channels = sum(models.layer_channels(model, layer, d.size) for layer in layers)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import featureviz as fv  # noqa: E402
 import metrics  # noqa: E402
+import models  # noqa: E402
 import training  # noqa: E402
 
 
@@ -31,7 +32,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="cifar10-jpeg")
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints"), help="where the notebooks' checkpoints are")
-    p.add_argument("--weights", default="0,0.5,1,1.25,1.5,2,3", help="comma-separated Diversity weights")
+    p.add_argument("--preset", choices=sorted(models.CNN_PRESETS), default=training.device_defaults()["preset"],
+                   help="the notebooks' classifier preset (default: this device's)")
+    p.add_argument("--weights", type=weights, default="0,0.5,1,1.25,1.5,2,3", help="comma-separated Diversity weights")
     p.add_argument("--images", type=int, default=6, help="images per unit")
     p.add_argument("--technique", default="fourier", choices=("pixel", "pixel+reg", "fourier", "maco"))
     p.add_argument("--steps", type=int, default=256)
@@ -39,11 +42,22 @@ def parse_args():
     return p.parse_args()
 
 
+def weights(text):
+    """An argparse type: comma-separated non-negative numbers, as a list of floats."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = [-1.0]
+    if not all(v >= 0 for v in values):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"give comma-separated numbers >= 0, such as 0,1,3; got {text!r}")
+    return values
+
+
 def load(args):
     d = data.load_data(args.dataset)
-    defaults, ckpt = training.device_defaults(), Path(args.ckpt_dir)
-    hint = "run the notebooks first, with the same DATASET and SEED=0"
-    model = training.load_trained(ckpt / f"classifier_{d.name}_{defaults['preset']}.pt", d, 0, hint=hint)[0]
+    ckpt = Path(args.ckpt_dir)
+    hint = f"run the notebooks first, with the same DATASET, PRESET={args.preset} and SEED=0"
+    model = training.load_trained(ckpt / f"classifier_{d.name}_{args.preset}.pt", d, 0, hint=hint)[0]
     other = training.load_trained(ckpt / f"independent_{d.name}.pt", d, 1, hint=hint)[0]  # the notebook's SEED + 1
     return d, model, other
 
@@ -73,7 +87,7 @@ def main():
           f"{real_cls:.2f} (random real images of a class), {real_ch:.2f} (a channel's top {k} exemplars)\n")
     print("| weight | class diversity | lowest / mean class act. | naturalness | path flagged | "
           "channel diversity | lowest / mean channel act. |\n|---|---|---|---|---|---|---|")
-    for w in (float(x) for x in args.weights.split(",")):
+    for w in args.weights:
         c = measure(how, model, other, ref, ref.units[:n_cls], 0, w, args)
         h = measure(how, model, other, ref, channels, n_cls, w, args)
         print(f"| {w:g} | {c['div'][0]:.2f} | {c['low']:.2f} / {c['mean'][0]:.2f} | {c['nat'][0]:.2f} ± {c['nat'][1]:.2f} | "

@@ -82,9 +82,10 @@ def parse_args():
                    "(>= 4 for the table)")
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--rounds", type=at_least(1), default=5, help="--speed: interleaved rounds; ratios are taken within a round")
-    p.add_argument("--preset", default=None, help="classifier preset (models.CNN_PRESETS; default airbench, "
-                   "with --notebook-models the notebooks' device default)")
-    p.add_argument("--vae-preset", default=None, help="VAE preset (models.VAE_PRESETS; default as --preset's)")
+    p.add_argument("--preset", choices=sorted(models.CNN_PRESETS), default=None,
+                   help="classifier preset (default airbench, with --notebook-models the notebooks' device default)")
+    p.add_argument("--vae-preset", choices=sorted(models.VAE_PRESETS), default=None,
+                   help="VAE preset (default as --preset's)")
     p.add_argument("--epochs", type=int, default=5, help="classifier epochs")
     p.add_argument("--batch-size", type=int, default=1024, help="classifier batch size")
     p.add_argument("--vae-epochs", type=int, default=20)
@@ -92,7 +93,7 @@ def parse_args():
     p.add_argument("--vae-lr", type=float, default=training.VAE_HYP["lr"])
     p.add_argument("--techniques", type=names_in(fv.TECHNIQUE_NAMES), default=",".join(fv.TECHNIQUE_NAMES),
                    help="comma-separated names")
-    p.add_argument("--transforms", default=None,
+    p.add_argument("--transforms", type=names_in(tuple(TRANSFORMS)), default=None,
                    help=f"comma-separated names of {', '.join(TRANSFORMS)}: each technique also renders with its "
                         f"transforms swapped for each of them (a row 'technique/name'; hybrid: its second stage)")
     p.add_argument("--lucent-224", action="store_true", help="also render Lucent at 224 px (slow on CPU)")
@@ -169,7 +170,7 @@ def quality(args):
     every = fv.techniques(vae, cov, fv.magnitude_spectrum(d.train_x[:10000], cov))
     techniques = {name: every[name] for name in args.techniques}
     if args.transforms:
-        techniques.update(swapped(techniques, args.transforms.split(",")))
+        techniques.update(swapped(techniques, args.transforms))
     if lucent_render is not None:
         for name, size in [("lucent@32", 32)] + ([("lucent@224", None)] if args.lucent_224 else []):
             def lucent(targets, seed, size=size):  # classes only
@@ -201,9 +202,6 @@ TRANSFORMS = dict(STANDARD=fv.STANDARD, AFFINE=fv.AFFINE, LIGHT=fv.LIGHT)
 def swapped(techniques, names):
     """'technique/name' -> the technique with its transforms (a two-stage one: its second stage's) swapped
     for TRANSFORMS[name]."""
-    unknown = sorted(set(names) - set(TRANSFORMS))
-    if unknown:
-        raise SystemExit(f"unknown transforms {unknown}; choose from {', '.join(TRANSFORMS)}")
     def swap(t, n):
         stage = "settings" if t.refine is None else "refine"
         return dataclasses.replace(t, **{stage: {**getattr(t, stage), "transforms": TRANSFORMS[n]}})

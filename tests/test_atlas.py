@@ -232,10 +232,28 @@ def test_classes_without_test_images_and_three_classes_read_right(tmp_path):
 
 
 def test_the_printed_command_builds_the_atlas_the_notebook_would():
-    line = atlas.command("cifar10-jpeg", "compact", "default", "/tmp/my data", 24, Path("outputs/smoke/atlas"), 3)
+    line = atlas.command("cifar10-jpeg", "compact", "default", "/tmp/my data", 24, Path("outputs/smoke/atlas"), 3,
+                         Path("checkpoints/smoke"))
     args = atlas.arguments("atlas", shlex.split(line)[2:])  # as the shell splits it
-    assert (args.dataset, args.preset, args.vae_preset, args.data_dir, args.steps, args.out, args.seed) == (
-        "cifar10-jpeg", "compact", "default", "/tmp/my data", 24, "outputs/smoke/atlas", 3)  # SEED: the split
+    assert (args.dataset, args.preset, args.vae_preset, args.data_dir, args.steps, args.out, args.seed,
+            args.checkpoints) == ("cifar10-jpeg", "compact", "default", "/tmp/my data", 24, "outputs/smoke/atlas", 3,
+                                  "checkpoints/smoke")  # SEED: the split
+
+
+def test_the_command_line_defaults_to_the_notebooks_settings_and_names_bad_flags(monkeypatch, capsys):
+    for key, value in dict(DATASET="synthetic", PRESET="small", VAE_PRESET="wide", STEPS="32", SEED="2").items():
+        monkeypatch.setenv(key, value)
+    args = atlas.arguments("atlas", [])
+    assert (args.dataset, args.preset, args.vae_preset, args.steps, args.seed) == ("synthetic", "small", "wide", 32, 2)
+    assert atlas.arguments("atlas", ["--preset", "compact"]).preset == "compact"  # a flag beats the environment
+    for argv, named in [(["--preset", "airbnch"], "--preset"), (["--vae-preset", "wdie"], "--vae-preset"),
+                        (["--techniques", "maco,whitend"], "--techniques"), (["--steps", "0"], "--steps")]:
+        with pytest.raises(SystemExit):
+            atlas.arguments("atlas", argv)
+        assert named in capsys.readouterr().err, argv
+    monkeypatch.setenv("PRESET", "huge")
+    with pytest.raises(ValueError, match="PRESET='huge'"):
+        atlas.arguments("atlas", [])
 
 
 def test_bad_arguments_name_what_is_wrong(tiny, tmp_path):

@@ -30,7 +30,7 @@ model_or_vae = {result}
 try:
     PRESET = {preset!r}
     exec(cell)  # the checkpoint is named after the preset it holds
-    assert calls == [(Path("checkpoints") / f"{prefix}_{{d.name}}_{preset}.pt", {preset!r})], calls
+    assert calls == [(Path("checkpoints", "smoke") / f"{prefix}_{{d.name}}_{preset}.pt", {preset!r})], calls
     PRESET, SEED = before[0], SEED + 1
     try:
         exec(cell)  # the data are of the old SEED's split
@@ -87,3 +87,6 @@ def test_notebooks_run_in_smoke_mode(monkeypatch):
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert not errors, f"{name}: {errors}"
     assert (ROOT / "outputs" / "smoke" / "atlas" / "index.html").is_file()  # Visualization's last cell (ATLAS=1)
+    smoke = ROOT / "checkpoints" / "smoke"  # beside a full run's, never over them
+    assert all((smoke / f"{kind}_synthetic{preset}.pt").is_file() for kind, preset in (
+        ("classifier", "_small"), ("vae", "_small"), ("independent", "")))
