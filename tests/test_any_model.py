@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 import attribution
+import data
 import featureviz as fv
 import metrics
 import models
@@ -750,3 +751,15 @@ def test_a_jitter_of_a_whole_side_is_refused_naming_its_fraction(size):
         fv.render(model, [0], transforms=fv.jitter(1.0), steps=4, size=size, progress=False)
     almost = fv.render(model, [0], transforms=fv.jitter((size - 1.5) / size), steps=4, size=size, progress=False)
     assert almost.images.isfinite().all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_data_statistics_take_images_on_a_gpu():
+    """What render()'s Fourier parameterizations and the metrics are made from, from images on the GPU."""
+    x = torch.rand(20, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cov = fv.color_covariance(x)
+    torch.testing.assert_close(fv.color_covariance(x.cuda()).cpu(), cov)
+    torch.testing.assert_close(fv.magnitude_spectrum(x.cuda(), cov).cpu(), fv.magnitude_spectrum(x, cov), atol=1e-5, rtol=1e-4)
+    hard = data.load_data("synthetic-hard", n_train=200, n_test=20)
+    detector = metrics.PlantedDetector(hard.train_x)
+    assert torch.equal(detector(hard.test_x.cuda()), detector(hard.test_x))
