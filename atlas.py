@@ -387,28 +387,32 @@ def notebook_models(dataset, data_dir, preset, vae_preset, techniques, seed=0, c
 
 
 def arguments(description, argv=None):
-    """The command line of the atlas (and of its benchmark); its defaults are the notebooks' settings
-    (DATASET, PRESET, VAE_PRESET, STEPS, SEED) where the environment sets them."""
+    """The command line of the atlas (and of its benchmark). A setting left out is the notebooks' from the
+    environment (DATASET, PRESET, VAE_PRESET, STEPS, SEED; not SMOKE), else their default on this device."""
     defaults = training.device_defaults()
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--dataset", default=training.setting("DATASET", "cifar10"),
-                   help="the dataset the notebooks ran on (data.load_data)")
+    p.add_argument("--dataset", help="the dataset the notebooks ran on (data.load_data; default: DATASET, else cifar10)")
     p.add_argument("--data-dir", default=None, help="default: DATA_DIR, else ./data")
-    p.add_argument("--preset", choices=sorted(models.CNN_PRESETS),
-                   default=training.setting("PRESET", defaults["preset"], choices=models.CNN_PRESETS),
-                   help="the classifier's preset")
-    p.add_argument("--vae-preset", choices=sorted(models.VAE_PRESETS),
-                   default=training.setting("VAE_PRESET", defaults["vae_preset"], choices=models.VAE_PRESETS),
-                   help="the VAE's preset")
+    p.add_argument("--preset", choices=sorted(models.CNN_PRESETS), help="the classifier's preset (default: PRESET)")
+    p.add_argument("--vae-preset", choices=sorted(models.VAE_PRESETS), help="the VAE's preset (default: VAE_PRESET)")
     p.add_argument("--techniques", default=",".join(ATLAS_TECHNIQUES),
                    help=f"comma-separated names of {', '.join(fv.TECHNIQUE_NAMES)}")
-    p.add_argument("--steps", type=int, default=training.setting("STEPS", 256, low=1))
+    p.add_argument("--steps", type=int, help="render steps (default: STEPS, else 256)")
     p.add_argument("--out", default=str(ATLAS_DIR))
-    p.add_argument("--seed", type=int, default=training.setting("SEED", 0, low=0),
-                   help="the notebooks' SEED (their train/val split)")
+    p.add_argument("--seed", type=int, help="the notebooks' SEED (their train/val split; default: SEED, else 0)")
     p.add_argument("--checkpoints", default="checkpoints", help="the notebooks' checkpoints (a smoke run's: "
                    "checkpoints/smoke)")
     args = p.parse_args(argv)
+    from_environment = [("dataset", "DATASET", "cifar10", {}),
+                        ("preset", "PRESET", defaults["preset"], dict(choices=models.CNN_PRESETS)),
+                        ("vae_preset", "VAE_PRESET", defaults["vae_preset"], dict(choices=models.VAE_PRESETS)),
+                        ("steps", "STEPS", 256, {}), ("seed", "SEED", 0, dict(low=0))]
+    for key, variable, default, check in from_environment:  # only those no flag gave: a flag overrides a bad one
+        if getattr(args, key) is None:
+            try:
+                setattr(args, key, training.setting(variable, default, **check))
+            except ValueError as e:
+                p.error(f"{e} (or give --{key.replace('_', '-')})")
     args.techniques = args.techniques.split(",")
     unknown = [t for t in args.techniques if t not in fv.TECHNIQUE_NAMES]
     if unknown:

@@ -923,10 +923,14 @@ class Diversity(Term):
 
 
 def _terms(regularizers):
-    """A list of terms from one term, a list or tuple of them, or None; an error for anything else."""
+    """A list of terms from one term, several of them (a list, a tuple, any iterable), or None; an error for
+    anything else."""
     if regularizers is None:
         return []
-    terms = list(regularizers) if isinstance(regularizers, (list, tuple)) else [regularizers]
+    try:
+        terms = [regularizers] if isinstance(regularizers, Term) else list(regularizers)
+    except TypeError:  # a number, the class of a term: named below
+        terms = [regularizers]
     for t in terms:
         if not isinstance(t, Term):
             raise TypeError(f"regularizers must be a term or a list of terms (L2, TV, Blur, Prior, Diversity), "

@@ -101,11 +101,9 @@ def _has_mps():
 def get_device(device=None):
     """The device to use: the argument (an error if this machine lacks it), else cuda, then mps, then cpu."""
     if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device; got {device!r}") from None
-        if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not _has_mps()):
+        device = as_device(device)
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.type == "cuda" and (device.index or 0) >= gpus) or (device.type == "mps" and not _has_mps()):
             raise ValueError(f"device {str(device)!r} is not available on this machine; give 'cpu', or None for the "
                              f"best one here ({get_device()})")
         return device
@@ -114,6 +112,14 @@ def get_device(device=None):
     if _has_mps():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def as_device(device):
+    """A torch.device from a name or a device, whether this machine has it or not; an error naming `device`."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device; got {device!r}") from None
 
 
 FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -146,7 +152,7 @@ def setting(name, default, low=None, choices=None):
 
 def device_defaults(device=None):
     """The notebooks' default presets, VAE epochs and atlas flag for a device (DEVICE_DEFAULTS)."""
-    kind = (get_device() if device is None else torch.device(device)).type  # a named one need not be here
+    kind = (get_device() if device is None else as_device(device)).type  # a named one need not be here
     return DEVICE_DEFAULTS["cpu" if kind == "cpu" else "gpu"]
 
 
@@ -468,6 +474,12 @@ def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progre
         bar.close()
 
 
+def _sum_dtype(device):
+    """The dtype an epoch's loss is summed in, on the device: float64, float32 on mps (which has no float64;
+    a copy to the CPU would wait for the device at every step)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=None,
         progress=True, extra=None):
     """Train a CNN on data.train, validate on data.val each epoch, keep the best checkpoint. Its frozen
@@ -478,14 +490,14 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     `extra` is stored in the checkpoint (e.g. the dataset name).
     """
     hyp = hyperparameters(CNN_HYP, hyp)
-    check_input(model, data.train_x[:1], "data.train_x")  # before anything of the model is changed
+    check_input(model, data.train_x[:1], "data.train_x")  # these first: before anything of the model is changed
     classes = config_of(model).get("num_classes")
     if classes is not None and classes != len(data.classes):
         raise ValueError(f"the model has {classes} outputs and the data {len(data.classes)} classes: build it "
                          f"with num_classes={len(data.classes)} (models.cnn_config)")
-    model.init_whiten(data.train_x[:5000])
-    seed_everything(seed)
     device = get_device(device)
+    seed_everything(seed)
+    model.init_whiten(data.train_x[:5000])  # draws no random numbers
     bf16 = bf16_training(device)
     model.to(device)
     if device.type != "cuda":
@@ -514,7 +526,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
             lookahead.update(model, ema_decay[step + 1].item())
         if step + 1 == total:
             lookahead.update(model, 1.0)
-        return dict(loss=exact(loss.detach()), correct=(out.argmax(1) == y).sum())
+        return dict(loss=loss.detach().to(_sum_dtype(device)), correct=(out.argmax(1) == y).sum())
 
     def end_epoch(epoch, sums, seen):
         if not torch.isfinite(sums["loss"]):

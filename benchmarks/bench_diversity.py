@@ -32,8 +32,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="cifar10-jpeg")
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints"), help="where the notebooks' checkpoints are")
-    p.add_argument("--preset", choices=sorted(models.CNN_PRESETS), default=training.device_defaults()["preset"],
-                   help="the notebooks' classifier preset (default: this device's)")
+    p.add_argument("--preset", choices=sorted(models.CNN_PRESETS), default=training.setting(
+        "PRESET", training.device_defaults()["preset"], choices=models.CNN_PRESETS),
+                   help="the notebooks' classifier preset (default: PRESET, else this device's)")
     p.add_argument("--weights", type=weights, default="0,0.5,1,1.25,1.5,2,3", help="comma-separated Diversity weights")
     p.add_argument("--images", type=int, default=6, help="images per unit")
     p.add_argument("--technique", default="fourier", choices=("pixel", "pixel+reg", "fourier", "maco"))

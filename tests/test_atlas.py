@@ -252,8 +252,10 @@ def test_the_command_line_defaults_to_the_notebooks_settings_and_names_bad_flags
             atlas.arguments("atlas", argv)
         assert named in capsys.readouterr().err, argv
     monkeypatch.setenv("PRESET", "huge")
-    with pytest.raises(ValueError, match="PRESET='huge'"):
+    assert atlas.arguments("atlas", ["--preset", "small"]).preset == "small"  # a flag overrides a bad variable
+    with pytest.raises(SystemExit):
         atlas.arguments("atlas", [])
+    assert "PRESET='huge': give one of" in capsys.readouterr().err
 
 
 def test_bad_arguments_name_what_is_wrong(tiny, tmp_path):

@@ -482,6 +482,10 @@ def test_render_refuses_what_is_not_a_regularizer_or_a_parameterization(nets):
         with pytest.raises(TypeError, match=r"regularizers must be a term or a list of terms \(L2, TV, Blur, Prior, "
                                             r"Diversity\)"):
             fv.render(cnn, [0], steps=1, regularizers=bad, progress=False)
+    terms = (fv.L2(1.0), fv.TV(2.0))
+    as_list, as_generator = (fv.render(cnn, [0], param="pixel", steps=2, regularizers=r, progress=False)
+                             for r in (list(terms), (t for t in terms)))
+    assert torch.equal(as_list.images, as_generator.images)  # any iterable of terms
     with pytest.raises(TypeError, match="param must be a parameterization name"):
         fv.render(cnn, [0], steps=1, param=3, progress=False)
     with pytest.raises(ValueError, match="TV weight must be a finite number"):

@@ -1,5 +1,6 @@
 """Execute the notebooks headless in smoke mode; check they are committed without outputs."""
 import json
+import time
 from pathlib import Path
 
 import nbformat
@@ -61,18 +62,37 @@ finally:
 """
 
 
+# And its atlas cell re-run with ATLAS off: the command it prints builds from the smoke run's own settings.
+PRINTED_COMMAND = """
+import contextlib, io, shlex
+printed, was = io.StringIO(), ATLAS
+ATLAS = False
+try:
+    with contextlib.redirect_stdout(printed):
+        exec({cell!r})
+finally:
+    ATLAS = was
+args = atlas.arguments("atlas", shlex.split(printed.getvalue().split("\\n")[1].strip())[2:])
+assert (args.preset, args.vae_preset, args.steps, args.seed, args.checkpoints) == (
+    PRESET, VAE_PRESET, STEPS, SEED, str(CKPT_DIR)), (printed.getvalue(), args)
+"""
+
+
 def _smoke_checks(name, nb):
     """The cells appended to notebook `name` after its own (above), made from its cells."""
     if name in TRAINING:
         cell = next(c.source for c in nb.cells if f"training.{TRAINING[name]['trainer']}(" in c.source)
         return RERUN_TRAINING.format(cell=cell, **TRAINING[name])
-    return PRESS_RENDER
+    cell = next(c.source for c in nb.cells if "atlas.command(" in c.source)
+    return PRESS_RENDER + PRINTED_COMMAND.format(cell=cell)
 
 
 def test_notebooks_run_in_smoke_mode(monkeypatch):
     """All three in one test, in order: each reads the checkpoints of those before it (also under pytest -n)."""
     for key, value in dict(SMOKE="1", DATASET="synthetic", RETRAIN="1", MPLBACKEND="Agg", ATLAS="1").items():
         monkeypatch.setenv(key, value)
+    full_runs = {p: p.stat().st_mtime_ns for p in (ROOT / "checkpoints").glob("*.pt")}  # a user's, if any
+    start = time.time()
     for name in NOTEBOOKS:
         nb = nbformat.read(ROOT / name, as_version=4)
         nb.cells.append(nbformat.v4.new_code_cell(_smoke_checks(name, nb)))
@@ -88,5 +108,6 @@ def test_notebooks_run_in_smoke_mode(monkeypatch):
         assert not errors, f"{name}: {errors}"
     assert (ROOT / "outputs" / "smoke" / "atlas" / "index.html").is_file()  # Visualization's last cell (ATLAS=1)
     smoke = ROOT / "checkpoints" / "smoke"  # beside a full run's, never over them
-    assert all((smoke / f"{kind}_synthetic{preset}.pt").is_file() for kind, preset in (
-        ("classifier", "_small"), ("vae", "_small"), ("independent", "")))
+    assert all((smoke / f"{kind}_synthetic{preset}.pt").stat().st_mtime >= start for kind, preset in (
+        ("classifier", "_small"), ("vae", "_small"), ("independent", "")))  # written by this run (RETRAIN=1)
+    assert {p: p.stat().st_mtime_ns for p in (ROOT / "checkpoints").glob("*.pt")} == full_runs

@@ -140,6 +140,10 @@ def test_device_choice_defaults_and_override():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="'cuda' is not available on this machine"):
             training.get_device("cuda")
+    with pytest.raises(ValueError, match="'cuda:99' is not available on this machine"):
+        training.get_device("cuda:99")
+    with pytest.raises(ValueError, match="device must be .* got 'gpu'"):
+        training.device_defaults("gpu")
 
 
 def test_a_bad_device_is_not_blamed_on_a_good_checkpoint(trained):
@@ -323,6 +327,12 @@ def test_fit_refuses_data_that_do_not_fit_the_model_before_changing_it(tiny_data
     with pytest.raises(ValueError, match="data.train_x have 3 channel"):
         training.fit(gray, tiny_data, hyp=TINY, progress=False)
     assert all(torch.equal(before[k], v) for k, v in gray.state_dict().items())  # whitening not set
+    model = models.build_model(models.cnn_config("small"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for bad in (dict(device="gpu"), dict(seed=-1)):
+        with pytest.raises(ValueError, match="device must be|seed"):
+            training.fit(model, tiny_data, hyp=TINY, progress=False, **bad)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     five = models.build_model(models.cnn_config("small", num_classes=5))
     with pytest.raises(ValueError, match="5 outputs and the data 10 classes: build it with num_classes=10"):
         training.fit(five, tiny_data, hyp=TINY, progress=False)
