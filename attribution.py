@@ -47,6 +47,7 @@ def _prepare(images, targets, model):
     return x, t.expand(len(x)).contiguous() if t.dim() == 0 else t
 
 
+@torch.inference_mode(False)  # gradients, even when called under no_grad or inference_mode
 def saliency(model, images, targets):
     """|d logit_target / d pixel|, max over channels: (B, H, W), non-negative."""
     x, t = _prepare(images, targets, model)
@@ -55,6 +56,7 @@ def saliency(model, images, targets):
     return attr.amax(1).detach().float()
 
 
+@torch.inference_mode(False)
 def grad_cam(model, images, targets, layer=None):
     """Grad-CAM at `layer` (a name or a module; default the model's last layer with a map larger than 1x1,
     `models.last_map_layer`), relu'd and bilinearly upsampled to the input: (B, H, W)."""
@@ -86,6 +88,7 @@ def _name_of(model, layer):
     return name
 
 
+@torch.inference_mode(False)
 def integrated_gradients(model, images, targets, baseline=None, steps=32, internal_batch_size=64):
     """Integrated gradients from `baseline` (default black) to the images: signed, (B, C, H, W)."""
     check_count("steps", steps, 1)

@@ -140,9 +140,12 @@ def normalized_activation(vis_act, real_acts):
 @torch.no_grad()
 def transferability(other_model, images, labels):
     """Top-1 accuracy of an independently trained classifier on the class visualizations."""
-    labels = data.check_labels(labels, len(models.check_input(other_model, images)))
+    n = len(models.check_input(other_model, images))
+    data.check_labels(labels, n)  # before the pass over the images; their range after it
     with fv.frozen(other_model) as layout:
         logits = other_model(layout(_as_input(other_model, images)))
+    models.check_logits(other_model, logits)
+    labels = data.check_labels(labels, n, logits.shape[1])  # one beyond the classes would count as a miss
     return (logits.argmax(1).cpu() == labels).float().mean().item()
 
 
@@ -157,6 +160,7 @@ def knn_ratio(f_vis, vis_labels, f_train, train_y, f_held, heldout_y, k=5):
     """Mean kNN distance of each visualization to its class's training points, relative to the same for
     held-out real points of that class (1.0: as close as a real image; higher: farther). NaN when no
     visualization's class has both training and held-out points."""
+    data.check_count("k", k, 1)
     vis_labels, train_y, heldout_y = (data.check_labels(y, len(f), name=name) for y, f, name in (
         (vis_labels, f_vis, "vis_labels"), (train_y, f_train, "train_y"), (heldout_y, f_held, "heldout_y")))
     ratios = []
@@ -167,7 +171,8 @@ def knn_ratio(f_vis, vis_labels, f_train, train_y, f_held, heldout_y, k=5):
         real = _knn_distance(held, refs, k).mean()
         if real == 0:
             raise ValueError(f"the held-out points of class {c} lie on training points (kNN distance 0): held-out "
-                             f"images must not be training images")
+                             f"images must not be training images, and the features must not be the same for "
+                             f"every image (a constant feature map)")
         ratios.append(_knn_distance(f_vis[vis_labels == c], refs, k) / real)
     return torch.cat(ratios).mean().item() if ratios else float("nan")
 
@@ -177,8 +182,14 @@ class Statistics:
     images: each dimension z-scored, each block scaled to weigh the same in a distance."""
 
     def __init__(self, other, train_x):
+        if len(models.check_input(other, train_x, "train_x")) < 2:
+            raise ValueError(f"train_x must hold at least 2 images to standardize on; got {len(train_x)}")
         self.other, self.layers = other, models.block_layers(other, train_x.shape[-1])
         ref = block_activations(other, train_x, spatial_statistics, self.layers)
+        for layer, s in zip(self.layers, ref):
+            if not s.std(0).any():  # z-scores would be 0/0
+                raise ValueError(f"block {layer!r} of {type(other).__name__} gives the same statistics for every "
+                                 f"training image (a dead block): it cannot tell images apart; train the model")
         self.mean = [s.mean(0) for s in ref]
         self.sd = [s.std(0).clamp_min(1e-2 * s.std(0).mean()) for s in ref]  # a dead channel cannot dominate
         self.train = self._standardize(ref)
@@ -228,16 +239,24 @@ def feature_diversity(f, groups):
     return torch.stack(means).mean().item() if means else float("nan")  # nan: no group has two images
 
 
+def recovered(correlations, labels):
+    """The share of images whose best-correlated template is their own class's; an image that correlates
+    with none (NaN: a constant image) recovers nothing, not class 0."""
+    return ((correlations.argmax(1) == labels) & correlations.isfinite().all(1)).float().mean().item()
+
+
 def template_recovery(images, templates):
-    """(T, K) Pearson correlation between each visualization and each class template."""
-    a = data.to_float(images).flatten(1).double()
-    b = data.to_float(templates, "templates").flatten(1).double()
+    """(T, K) Pearson correlation between each visualization and each class template; NaN for a constant
+    image, which correlates with nothing."""
+    data.check_batch(images)
+    a = data.to_float(images).flatten(1).double().cpu()
+    b = data.to_float(templates, "templates").flatten(1).double().cpu()
     if images.shape[1:] != templates.shape[1:]:
         raise ValueError(f"templates must have the images' shape {tuple(images.shape[1:])}; got "
                          f"{tuple(templates.shape[1:])}")
-    a = F.normalize(a - a.mean(1, keepdim=True), dim=1)
-    b = F.normalize(b - b.mean(1, keepdim=True), dim=1)
-    return (a @ b.T).float()
+    a, b = a - a.mean(1, keepdim=True), F.normalize(b - b.mean(1, keepdim=True), dim=1)
+    norm = a.norm(dim=1, keepdim=True)
+    return (a / norm.where(norm > 0, torch.nan) @ b.T).float()
 
 
 class PlantedDetector:
@@ -380,7 +399,7 @@ class Reference:
             row["two_choice_channels"] = self._two_choice(f[n:], units[n:])
         row["path_flagged"], row["least_similar"] = self.path_check(images, units)
         if self.templates is not None:  # the synthetic set: its fixed templates
-            row["planted"] = (template_recovery(images[:n], self.templates).argmax(1) == labels).float().mean().item()
+            row["planted"] = recovered(template_recovery(images[:n], self.templates), labels)
         if self.detector is not None:   # the harder synthetic set: its features found wherever they are
             row["planted"] = (self.detector(images[:n]) == labels).float().mean().item()
         return row
@@ -465,21 +484,30 @@ def quality_table(model, other, d, techniques, seeds=4, steps=256, n_ref=10000, 
     return rows, grid
 
 
-RANKED_BY = ("naturalness", "path_flagged")  # lower is better for both
+RANKED_BY = ("naturalness", "path_flagged")
+
+
+def _off_real(row, key):
+    """How far a row is from real images on a ranked metric, lower is better: the share the path check
+    flags as it is; naturalness as its distance from a real image's 1.0 either way (|log|), since images
+    closer to the training images than held-out real ones are copies, not more natural."""
+    if key != "naturalness":
+        return row[key]
+    return abs(math.log(row[key])) if row[key] > 0 else math.inf  # 0: a copy of a training image
 
 
 def rank_techniques(rows, names):
     """The rows of the named techniques, best first: by the sum of their ranks on naturalness and on
-    the path check (lower is better on both), among the techniques whose class evidence holds
+    the path check (_off_real: lower is better on both), among the techniques whose class evidence holds
     (normalized activation >= 1 and transfer >= 0.9) and whose scores are numbers (not NaN); equal values
     share their average rank, and equal sums go to the more natural (then by name), so the order of the
     rows does not matter. names: technique names, or one name."""
     names = models.as_names(names, "names")  # one name is not its substrings ('pixel' in 'pixel+reg')
     candidates = [r for r in rows if r["technique"] in names and r["act"] >= 1.0 and r["transfer"] >= 0.9
                   and all(math.isfinite(r[key]) for key in RANKED_BY)]
-    ranks = {r["technique"]: sum(_average_rank(r[key], [c[key] for c in candidates]) for key in RANKED_BY)
-             for r in candidates}
-    return sorted(candidates, key=lambda r: (ranks[r["technique"]], r["naturalness"], r["technique"]))
+    ranks = {r["technique"]: sum(_average_rank(_off_real(r, key), [_off_real(c, key) for c in candidates])
+                                 for key in RANKED_BY) for r in candidates}
+    return sorted(candidates, key=lambda r: (ranks[r["technique"]], _off_real(r, "naturalness"), r["technique"]))
 
 
 def _average_rank(value, values):

@@ -512,6 +512,9 @@ def check_logits(model, output):
     if not torch.is_tensor(output):
         raise TypeError(f"{type(model).__name__} returns a {type(output).__name__}, not a tensor of "
                         f"logits (B, classes): wrap it in a module whose forward returns them")
+    if output.dim() != 2:
+        raise ValueError(f"{type(model).__name__} returns a tensor of shape {tuple(output.shape)}, not logits "
+                         f"(B, classes): wrap it in a module whose forward returns them")
 
 
 # ops whose output has its channels on dim 1 (and "pool" in a name); ops that move dims, whose features' new place

@@ -63,7 +63,8 @@ def region_images():
 
 def assert_untouched(model, modes, flags):
     for m in model.modules():
-        for name in ("_forward_hooks", "_backward_hooks", "_forward_pre_hooks", "_backward_pre_hooks"):
+        for name in ("_forward_hooks", "_backward_hooks", "_forward_pre_hooks", "_backward_pre_hooks",
+                     "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
             assert len(getattr(m, name)) == 0, f"{name} left on {type(m).__name__}"
     assert [m.training for m in model.modules()] == modes
     assert [p.requires_grad for p in model.parameters()] == flags
@@ -166,11 +167,36 @@ def test_model_left_as_found(train):
     assert torch.equal(x, x0) and not x.requires_grad and x.grad is None
 
 
-def test_hooks_removed_when_attribution_fails():
-    region = RegionModel()
-    with pytest.raises(Exception):
-        attribution.grad_cam(region, region_images(), 5, layer="act")  # target out of range
-    assert_untouched(region, *snapshot(region))
+class FailsInBackwardPass(nn.Module):
+    """Raises only in a pass that records gradients: captum's, after it has put its hooks on."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("fails in the gradient pass")
+        return x
+
+
+@pytest.mark.parametrize("method", ["saliency", "grad_cam", "integrated_gradients"])
+def test_model_left_as_found_when_captum_fails(method):
+    region = RegionModel().train()
+    region.pool = nn.Sequential(FailsInBackwardPass(), region.pool)
+    region.head.weight.requires_grad_(False)
+    before = snapshot(region)
+    kwargs = dict(layer="act") if method == "grad_cam" else {}
+    with pytest.raises(RuntimeError, match="fails in the gradient pass"):
+        getattr(attribution, method)(region, region_images(), 0, **kwargs)
+    assert_untouched(region, *before)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_attributions_need_no_gradients_switched_on(context):
+    model, x, region, xr = PixelModel(), pixel_images(), RegionModel(), region_images()
+    calls = [lambda: attribution.saliency(model, x, 0), lambda: attribution.integrated_gradients(model, x, 1, steps=4),
+             lambda: attribution.grad_cam(region, xr, 0, layer="act")]
+    expected = [call() for call in calls]
+    with context():
+        for call, ref in zip(calls, expected):
+            assert torch.equal(call(), ref)
 
 
 def test_to_heatmap():
@@ -283,3 +309,9 @@ def test_integrated_gradients_takes_its_steps():
         assert torch.allclose(attribution.integrated_gradients(model, x, t, steps=steps), want, atol=1e-6), steps
     assert not torch.allclose(attribution.integrated_gradients(model, x, t, steps=3),
                               attribution.integrated_gradients(model, x, t, steps=40), atol=1e-4)
+
+
+def test_a_model_that_does_not_return_logits_is_named():
+    squeezed = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 1), nn.Flatten(0))  # (B,): one number an image
+    with pytest.raises(ValueError, match=r"Sequential returns a tensor of shape \(1,\), not logits \(B, classes\)"):
+        attribution.saliency(squeezed, pixel_images(), 0)

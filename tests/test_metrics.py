@@ -279,6 +279,47 @@ def test_rank_techniques_orders_by_both_naturalness_metrics_among_those_with_cla
     assert [r["technique"] for r in metrics.rank_techniques(rows + [row("a+b", 0.5, 0.1)], "a+b")] == ["a+b"]  # not "a"
 
 
+def test_rank_techniques_does_not_reward_images_closer_to_the_training_set_than_real_ones():
+    row = lambda name, nat, path: dict(technique=name, naturalness=nat, path_flagged=path, act=2.0, transfer=1.0)
+    rows = [row("copies", 0.4, 0.4), row("b", 1.5, 0.4), row("exact copies", 0.0, 0.1)]
+    # |log 0.4| = 0.92 is farther from a real image than |log 1.5| = 0.41; a distance of 0 is the farthest
+    assert [r["technique"] for r in metrics.rank_techniques(rows, ["copies", "b"])] == ["b", "copies"]
+    assert [r["technique"] for r in metrics.rank_techniques(rows, ["copies", "exact copies"])] == ["copies", "exact copies"]
+
+
+def test_template_recovery_fails_for_noise_shuffled_pixels_and_constant_images():
+    gen = torch.Generator().manual_seed(0)
+    templates = torch.rand(10, 3, 32, 32, generator=gen)
+    labels = torch.arange(10).repeat(20)
+    noisy = (templates[labels] + 0.5 * torch.rand(200, 3, 32, 32, generator=gen)).clamp(0, 1) / 1.5
+    assert metrics.recovered(metrics.template_recovery(noisy, templates), labels) == 1.0
+    noise = torch.rand(200, 3, 32, 32, generator=gen)
+    shuffled = metrics._shuffled(noisy, seed=0)
+    for bad in (noise, shuffled):
+        assert metrics.recovered(metrics.template_recovery(bad, templates), labels) < 0.2
+    constant = torch.full((10, 3, 32, 32), 0.5)  # correlates with nothing: used to recover class 0
+    r = metrics.template_recovery(constant, templates)
+    assert r.isnan().all() and metrics.recovered(r, torch.zeros(10, dtype=torch.long)) == 0.0
+    with pytest.raises(ValueError, match=r"must be a batch \(B, C, H, W\).*pass images\[None\]"):
+        metrics.template_recovery(templates[0], templates)
+
+
+def test_degenerate_statistics_are_named_not_nan():
+    model = models.build_model(models.cnn_config("small", image_size=32)).eval()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="train_x must hold at least 2 images to standardize on; got 1"):
+        metrics.Statistics(model, x[:1])
+    dead = models.build_model(models.cnn_config("small", image_size=32)).eval()
+    with torch.no_grad():
+        for p in dead.parameters():
+            p.zero_()  # every block's statistics the same for every image
+    with pytest.raises(ValueError, match=r"block '.*' of CNN gives the same statistics for every training image"):
+        metrics.Statistics(dead, x)
+    f, y = torch.rand(6, 4), torch.tensor([0, 0, 0, 1, 1, 1])
+    with pytest.raises(ValueError, match="k must be an int >= 1, got 0"):
+        metrics.knn_ratio(f, y, f, y, f + 1, y, k=0)
+
+
 def test_rank_techniques_leaves_out_a_technique_whose_scores_are_not_numbers():
     row = lambda name, nat, path: dict(technique=name, naturalness=nat, path_flagged=path, act=2.0, transfer=1.0)
     rows = [row("a", 1.0, 0.3), row("b", 2.0, 0.1), row("nan", float("nan"), 0.2)]  # NaN would rank first
@@ -333,6 +374,8 @@ def test_metrics_refuse_labels_that_do_not_match_the_images():
         metrics.confusion_matrix(torch.tensor([0, 1, 2, 1]), torch.tensor([1]), 3)
     with pytest.raises(ValueError, match=r"two_choice needs references"):
         metrics.two_choice(torch.zeros(0, 5), torch.rand(3, 5), torch.rand(3, 5))  # was 0.0: worse than chance
+    with pytest.raises(ValueError, match=r"labels must be class indices in 0..2 .*from 1 to 3"):
+        metrics.transferability(fm, x, torch.tensor([1, 3, 2]))  # class 3 of a 3-class model: was a miss
     f, y = torch.rand(10, 4), torch.zeros(10, dtype=torch.long)
     with pytest.raises(ValueError, match=r"held-out points of class 0 lie on training points"):
         metrics.knn_ratio(torch.rand(2, 4), y[:2], f, y, f, y, k=1)  # was inf
