@@ -281,8 +281,8 @@ class LatentParam(nn.Module):
         self.register_buffer("hi", vae.latent_hi.clone().float())
         self.z = nn.Parameter(torch.maximum(torch.minimum(z, self.hi), self.lo))  # (N, D)
 
-    def forward(self):
-        return self.vae.decode(self.z.to(self.dtype))
+    def forward(self):  # float32 images from a half VAE too: the transforms take them (rfft2 takes no bfloat16)
+        return self.vae.decode(self.z.to(self.dtype)).float()
 
     def penalty(self):
         """(N,) ||z||^2 / D: the prior's negative log density, up to constants."""
@@ -318,7 +318,7 @@ class WhitenedLatentParam(nn.Module):
 
     def forward(self):
         z = self.latent()
-        return self.vae.decode(torch.maximum(torch.minimum(z, self.hi), self.lo).to(self.dtype))
+        return self.vae.decode(torch.maximum(torch.minimum(z, self.hi), self.lo).to(self.dtype)).float()
 
     def penalty(self):
         """(N,) ||u||^2 / D: the squared Mahalanobis distance of z from the data's latents."""
@@ -373,6 +373,8 @@ def parameterization(kind, pool=0, **options):
         raise ValueError("parameterization 'maco' needs the data's magnitude spectrum: parameterization('maco', "
                          "magnitude=magnitude_spectrum(train_images, color_cov), color_cov=color_cov)")
     data.check_count("pool", pool, 0)
+    if pool and options.get("init") is not None:
+        raise ValueError("pool draws random starts and init gives the starts: pass one of them, not both")
     _check_options(options)
     return Recipe(PARAMS[kind], options, pool)
 
@@ -789,7 +791,8 @@ class Objective:
 # ----------------------------------------------------------------------------- regularizers
 # The penalties map images (N, C, H, W) to a per-image penalty (N,). render(regularizers=[...]) takes
 # weighted terms: term(images, acts, param, groups, values) -> weight x penalty, (N,), added to the loss
-# (values: each image's activation of its target). The
+# (values: each image's activation of its target; groups: (N,) the images that belong together, one
+# target's in one restart slot, which Diversity pushes apart). The
 # penalties of the images alone also have their gradient in closed form (_*_grad(x, scale) = scale x
 # d penalty_n / d x_n, the scale folded into the last op): render adds those gradients without building a
 # graph through the penalty. They are written in few, mostly in-place ops: on a CPU render step every
@@ -848,7 +851,7 @@ def diversity_penalty(act, groups):
     if act.dim() != 4:
         raise ValueError(f"the Diversity layer must have a spatial output (N, C, H, W); it gives "
                          f"{tuple(act.shape)}: pick a conv layer (models.list_layers)")
-    f = act.flatten(2)                                            # (N, C, HW)
+    f = act.flatten(2).float()                                    # (N, C, HW); a half model's Gram overflows
     gram = F.normalize((f @ f.transpose(1, 2)).flatten(1), dim=1)  # (N, C*C)
     sim = gram @ gram.detach().T                                  # (N, N), row i moves image i only
     same = (groups[:, None] == groups[None]) & ~torch.eye(len(f), dtype=torch.bool, device=f.device)
@@ -914,7 +917,9 @@ DIVERSITY_WEIGHT = 1.5
 class Diversity(Term):
     """Images of one target pushed apart: the similarity of their Gram matrices at `layer`, in units of
     each image's own activation (detached). So one weight means the same for a class logit, a channel
-    mean or a neuron, whatever their scale: at weight w, full similarity costs w x the activation."""
+    mean or a neuron, whatever their scale: at weight w, full similarity costs w x the activation. For a
+    Class(log_prob=True) target that unit is |log p|, which shrinks as the class grows certain: use the
+    logit (the default) with Diversity."""
     weight: float = DIVERSITY_WEIGHT
     layer: str = LAST_SPATIAL
 
@@ -1029,13 +1034,14 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     _check_settings(steps, lr, transforms, images_per_target, restarts, seed)
     seed = int(seed)  # a NumPy int too
     device, size = models.device_of(model), _image_size(model, param, size)
-    per_target = images_per_target * restarts
-    groups = torch.arange(len(targets), device=device).repeat_interleave(per_target)  # (N,) target of each image
+    groups = torch.arange(len(targets), device=device).repeat_interleave(images_per_target * restarts)  # targets
+    # the images a term such as Diversity compares: one target's in one restart slot, since the candidates of
+    # one image (runs of `restarts`) compete, and only one of them comes back
+    siblings = groups * restarts + torch.arange(len(groups), device=device) % restarts
     terms = _resolve(regularizers, model, size)
-    if per_target == 1 and any(isinstance(t, Diversity) for t in terms):
-        raise ValueError("Diversity pushes apart the images of one target: it needs images_per_target >= 2 (or "
-                         "restarts >= 2), got one image per target")
-    with _prepared(model, targets, param, transforms, terms, groups, size, seed) as (param, step, gen, score):
+    if images_per_target == 1 and any(isinstance(t, Diversity) for t in terms):
+        raise ValueError("Diversity pushes apart the images of one target: it needs images_per_target >= 2, got 1")
+    with _prepared(model, targets, param, transforms, terms, groups, size, seed, siblings) as (param, step, gen, score):
         history = torch.zeros(steps, len(groups), device=device)  # on the device: no host sync per step
         _optimize(step, param, gen, lr, history, progress)
         with torch.no_grad():
@@ -1046,12 +1052,13 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
 
 
 @contextmanager
-def _prepared(model, targets, param, transforms, terms, groups, size, seed):
+def _prepared(model, targets, param, transforms, terms, groups, size, seed, siblings=None):
     """What render() optimizes, set up and checked, for the duration (model frozen, objective hooked):
     yields (the parameterization module, step() -> (N,) activations with the gradients left in the module,
     the transforms' generator, score(images) -> (N,) each image's activation of its own target).
     groups: (N,) the target of each image, target-major with as many per target (as render() orders them:
-    a pool's best draws come in that order); terms: the regularizers as _resolve returns them."""
+    a pool's best draws come in that order); terms: the regularizers as _resolve returns them; siblings: (N,)
+    the group of each image that the terms compare (default: groups)."""
     device, channels = models.device_of(model), models.input_channels(model)
     with frozen(model, _vae_on(param, device)) as layout, _deterministic_convolutions():
         objective = Objective(model, targets, [t.layer for t in terms if t.layer], (channels, size, size))
@@ -1062,7 +1069,7 @@ def _prepared(model, targets, param, transforms, terms, groups, size, seed):
             _check_transforms(transforms, first)
             gen = torch.Generator(device=device).manual_seed(seed)
             own = objective.own(groups)
-            step = _step(param, own, run, transforms, terms, groups, gen)
+            step = _step(param, own, run, transforms, terms, groups if siblings is None else siblings, gen)
             yield param, step, gen, lambda images: own(run(images))
 
 
@@ -1350,10 +1357,10 @@ def render_in_stages(model, targets, first, second, steps=256, **common):
     parameterization (a name or a Recipe) starts from the first stage's images. `common` goes to both, except
     restarts: the first stage keeps the best of its candidates, and the second refines those. A Prior
     term goes only to a stage whose parameterization has a prior (the latent one of 'hybrid')."""
-    if isinstance(second.get("param"), nn.Module):
-        raise TypeError("the second stage's param must be a parameterization name or Recipe: it starts from the "
-                        "first stage's images")
     first, second = _priors_where_they_apply([{**first, **common}, {**second, **common, "restarts": 1}])
+    if isinstance(second.get("param"), nn.Module):  # before the first stage runs
+        raise TypeError("the second stage's param must be a parameterization name or Recipe, not a built module: "
+                        "it starts from the first stage's images")
     a = render(model, targets, steps=steps // 2, **first)
     second["param"] = _as_recipe(second.get("param", "fourier")).starting_from(a.images)  # render()'s default
     b = render(model, targets, steps=steps - steps // 2, **second)

@@ -92,9 +92,10 @@ def test_diversity_and_exemplars_follow_the_model(name):
     model = build()
     side = size or models.input_size(model)
     layer = models.last_spatial_layer(model, side)
-    r = fv.render(model, [channel], regularizers=[fv.Diversity(1.0)], images_per_target=2, steps=3,
-                  progress=False, **_size_kw(size))
+    kw = dict(images_per_target=2, steps=3, progress=False, **_size_kw(size))
+    r = fv.render(model, [channel], regularizers=[fv.Diversity(1.0)], **kw)
     assert r.images.shape == (2, channels, side, side)
+    assert not torch.equal(r.images, fv.render(model, [channel], regularizers=[fv.Diversity(0.0)], **kw).images)
     images = torch.randint(0, 256, (20, channels, side, side), dtype=torch.uint8)
     ex = fv.exemplars(model, images, channel, k=3)
     acts = fv.activations(model, images, [channel])[:, 0]
@@ -442,7 +443,10 @@ def test_cuda_graph_matches_eager(monkeypatch, technique):
     out = {}
     for graphs in (False, True):
         monkeypatch.setattr(fv, "CUDA_GRAPHS", graphs)
-        out[graphs] = how(model, [0, 1, fv.Channel("block2.act2", 3)], steps=64, progress=False)
+        with warnings.catch_warnings(record=True) as caught:  # a capture that fell back to eager warns
+            warnings.simplefilter("always")
+            out[graphs] = how(model, [0, 1, fv.Channel("block2.act2", 3)], steps=64, progress=False)
+        assert not [str(w.message) for w in caught if "graph" in str(w.message)]
     assert (out[True].images - out[False].images).abs().max() < 2e-3
     assert torch.allclose(out[True].history, out[False].history, rtol=1e-2, atol=1e-2)
 

@@ -222,7 +222,10 @@ def test_fourier_scale_is_one_over_frequency():
         assert torch.isclose(s[0, 0], s[0, 1])  # floored at 1/size
     measured = fv.spectrum(torch.rand(4, 3, 32, 32))
     assert measured.shape == (32, 17)
-    assert torch.allclose(fv.fourier_scale(32, spectrum=measured).pow(2).mean(), torch.tensor(1.0))
+    scale = fv.fourier_scale(32, spectrum=measured)
+    assert torch.allclose(scale.pow(2).mean(), torch.tensor(1.0))
+    floored = measured.clamp_min(measured.max() * 1e-3)
+    assert torch.allclose(scale, floored / floored.pow(2).mean().sqrt())  # the measured spectrum, not 1/f
 
 
 def test_fourier_and_pixel_params_start_from_given_images():
@@ -645,6 +648,20 @@ def test_diversity_penalty_moves_each_image_by_its_own_term_only():
     assert torch.equal(act.grad[1:], torch.zeros_like(act.grad[1:]))
 
 
+def test_terms_compare_the_images_of_one_target_in_one_restart_slot():
+    """The restarts candidates of one image compete, and one comes back: Diversity must not push them apart."""
+    seen = []
+
+    class Recording(fv.Term):
+        def __call__(self, images, acts, param, groups, values):
+            seen.append(groups.tolist())
+            return torch.zeros(len(images))
+    fv.render(cnn(), [0, 1], steps=1, regularizers=[Recording(1.0)], images_per_target=2, restarts=3,
+              progress=False)
+    # target-major, each image's 3 candidates in a run: target t, image i, candidate k -> group 3t + k
+    assert seen == [[0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]]
+
+
 @pytest.mark.parametrize("term", [fv.L2(1.5), fv.TV(2.0), fv.Blur(4.0)], ids=["L2", "TV", "Blur"])
 def test_image_terms_closed_form_gradient_equals_autograd(term):
     x = torch.rand(3, 2, 7, 9, requires_grad=True)  # not square: the axes cannot be swapped unnoticed
@@ -867,6 +884,12 @@ def test_a_bfloat16_vae_draws_the_latent_techniques_images_as_a_float32_one_does
         low = fv.techniques(copy.deepcopy(vae).to(torch.bfloat16))[name](model, [0, 1], steps=3, seed=1, progress=False)
         assert low.images.dtype == torch.float32, name  # render() returns float32 images, whatever made them
         assert (low.images - ref.images).abs().max() < (0.05 if name != "hybrid" else 0.3), name  # bfloat16's rounding
+    low = copy.deepcopy(vae).to(torch.bfloat16)
+    for kind in ("latent", "whitened"):  # the shift and the resampling take its images too (rfft2 takes no bfloat16)
+        for transforms in (fv.STANDARD, fv.AFFINE):
+            r = fv.render(model, [0], param=fv.parameterization(kind, vae=low), transforms=transforms, steps=2,
+                          progress=False)
+            assert r.images.isfinite().all(), (kind, transforms)
 
 
 def test_one_init_image_for_all_and_single_values_named():
@@ -885,3 +908,17 @@ def test_one_init_image_for_all_and_single_values_named():
     assert torch.equal(fv.exemplars(model, x, np.array(3), k=2).top, fv.exemplars(model, x, 3, k=2).top)
     with pytest.raises(TypeError, match=r"the second stage's param must be a parameterization name or Recipe"):
         fv.render_in_stages(model, [0], dict(param="pixel"), dict(param=fv.PixelParam(1, 3, 32)), steps=2)
+    built = fv.PixelParam(1, 3, 32)
+    before = built.logits.detach().clone()
+    with pytest.raises(TypeError, match=r"the second stage's param must be .*, not a built module"):
+        fv.techniques(vae)["hybrid"](model, [0], param=built, steps=2, progress=False)  # in `common`: both stages
+    assert torch.equal(built.logits, before)  # refused before the first stage optimized it
+    with pytest.raises(ValueError, match="pool draws random starts and init gives the starts: pass one of them"):
+        fv.parameterization("whitened", vae=vae, pool=256, init=image)
+
+
+def test_diversity_compares_a_half_models_maps_without_overflow():
+    act = torch.full((2, 4, 8, 8), 100.0, dtype=torch.float16)  # Gram entries of 640,000: beyond float16
+    act[1, 0] = 1.0
+    penalty = fv.diversity_penalty(act, torch.tensor([0, 0]))
+    assert penalty.isfinite().all() and (penalty > 0.5).all()
