@@ -84,6 +84,16 @@ def check_count(name, value, low):
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
+def plain(value):
+    """A NumPy number (or a list or tuple of them) as Python's own: a checkpoint stores it, and torch.load's
+    weights_only (the only safe way to load one) refuses NumPy scalars."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Number):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def check_images(images, name="images"):
     """Refuse anything but uint8 in [0, 255] or float in [0, 1] (up to 1 + 1e-3), with an error that
     names the accepted forms; returns the images unchanged. Called at entry points, never per step."""
@@ -394,12 +404,13 @@ def _is_image(name):
 
 
 def _place(rel, is_dir):
-    """(split, class) of the folder train/<class> or of an image in it (one wrapping folder allowed)."""
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    """(root, split, class) of the folder train/<class> or of an image in it: root '.', or the one wrapping
+    folder allowed (an archive of the folder itself: <name>/train/<class>/<file>)."""
+    parts, root = [p for p in rel.split("/") if p not in ("", ".")], "."
     if len(parts) > 1 and parts[0] not in SPLITS and parts[1] in SPLITS:
-        parts = parts[1:]  # an archive of the folder itself: <name>/train/<class>/<file>
+        root, parts = parts[0], parts[1:]
     if parts and parts[0] in SPLITS and len(parts) == (2 if is_dir else 3):
-        return parts[0], parts[1]
+        return root, parts[0], parts[1]
     return None
 
 
@@ -408,12 +419,17 @@ def _decode_image_folder(path, files):
     from PIL import Image
 
     images = {split: {} for split in SPLITS}  # split -> class -> [(relative path, HxW or HxWx3 array)]
+    roots = set()
     total = sum(1 for f in files if _is_image(f[0])) or None  # unknown for an archive
     for rel, blob in tqdm(_read_files(path), desc=f"decoding {path.name}", unit=" files", total=total):
         place = _place(rel, blob is None)
         if place is None:
             continue
-        found = images[place[0]].setdefault(place[1], [])
+        roots.add(place[0])
+        if len(roots) > 1:  # a second copy (a leftover clone) would put twins on both sides of train/val
+            raise ValueError(f"{path} holds train/ and test/ in more than one place: {', '.join(sorted(roots))}; "
+                             f"keep one copy of the dataset")
+        found = images[place[1]].setdefault(place[2], [])
         if blob is None:
             continue
         try:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from data import check_batch, check_count, to_float
+from data import check_batch, check_count, plain, to_float
 
 # ----------------------------------------------------------------------------- classifier
 
@@ -48,8 +48,8 @@ def cnn_config(preset="airbench", in_channels=3, num_classes=10, mean=None, std=
         whiten_kernel=2,           # patch size of the frozen whitening conv
         bn_momentum=0.6,           # airbench convention: weight of the old running stat
         logit_scale=1 / 9,         # logits are divided by 9 (temperature)
-        mean=list(mean) if mean is not None else [0.5] * in_channels,
-        std=list(std) if std is not None else [0.25] * in_channels,
+        mean=[float(m) for m in mean] if mean is not None else [0.5] * in_channels,  # a tensor's or array's too
+        std=[float(s) for s in std] if std is not None else [0.25] * in_channels,
         image_size=image_size,     # side of the training images, e.g. 32 (None: not recorded)
     )
     config.update(CNN_PRESETS[preset])
@@ -57,22 +57,44 @@ def cnn_config(preset="airbench", in_channels=3, num_classes=10, mean=None, std=
 
 
 def _overridden(config, overrides):
-    """The config with the overrides applied; an error for a key it does not have or widths not of 3 blocks."""
+    """The config with the overrides applied (NumPy numbers as Python's: data.plain); an error for a key it
+    does not have or a value a model cannot be built or trained with."""
     unknown = sorted(set(overrides) - set(config))
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown} for a {config['kind']}; valid: {', '.join(config)}")
-    config.update(overrides)
+    config.update({key: plain(value) for key, value in overrides.items()})
     widths = config["widths"]
     if not isinstance(widths, (list, tuple)) or len(widths) != 3 or not all(_positive_int(w) for w in widths):
         raise ValueError(f"widths must give the channels of 3 stages (3 ints >= 1), got {widths!r}")
-    if "mixtures" in config and not _positive_int(config["mixtures"]):
-        raise ValueError(f"mixtures must be an int >= 1 (logistics per pixel), got {config['mixtures']!r}")
+    for key, (what, ok) in _CONFIG_RULES.items():
+        if key in config and not ok(config[key]):
+            raise ValueError(f"{key} must be {what}, got {config[key]!r}")
+    for key in ("mean", "std"):
+        if key in config and (len(config[key]) != config["in_channels"] or not all(map(_real, config[key]))):
+            raise ValueError(f"{key} must give one number per input channel ({config['in_channels']}), got "
+                             f"{config[key]!r}")
+    if "std" in config and min(config["std"]) <= 0:  # a channel constant over the data: divided by 0
+        raise ValueError(f"std must be > 0 for every channel, got {config['std']!r}")
     config["widths"] = list(widths)
     return config
 
 
 def _positive_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_CONFIG_RULES = dict(  # what a config value must be: (in words, test); the keys a config has are checked
+    mixtures=("an int >= 1 (logistics per pixel)", _positive_int),
+    latent_dim=("an int >= 1", _positive_int),
+    whiten_kernel=("an int >= 1 (pixels)", _positive_int),
+    bn_momentum=("a number in (0, 1) (the old running statistics' weight)", lambda v: _real(v) and 0 < v < 1),
+    logit_scale=("a number > 0", lambda v: _real(v) and v > 0),
+    min_log_scale=("a finite number", _real),
+)
 
 
 class Normalize(nn.Module):

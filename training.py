@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import Loader, atomic_write, check_count, check_labels, to_float
+from data import Loader, atomic_write, check_count, check_labels, plain, to_float
 from models import (BatchNorm, build_model, check_input, cnn_config, config_of, device_of, dtype_of, evaluating,
                     exact, vae_config)
 
@@ -72,7 +72,7 @@ def seed_everything(seed):
     """Seed torch, numpy and random."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 32:
         raise ValueError(f"seed (SEED) must be an int in 0..{2 ** 32 - 1}, numpy's range; got {seed!r}")
-    random.seed(seed)
+    random.seed(int(seed))  # a NumPy int too
     np.random.seed(seed)
     torch.manual_seed(seed)
 
@@ -197,6 +197,17 @@ def read_csv(path):
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def _match_csv(path, history):
+    """Write a reused checkpoint's history as the CSV where the file is missing or holds other epochs (a run
+    stopped between its CSV and its checkpoint, or one first trained without a csv_path)."""
+    try:
+        if read_csv(path) == [{k: float(v) for k, v in row.items()} for row in history]:
+            return
+    except (OSError, ValueError, csv.Error):  # missing or unreadable: written anew
+        pass
+    write_csv(history, path)
+
+
 def save_checkpoint(path, model, **info):
     """Save the state_dict with the config that rebuilds the model, plus any info (metrics...)."""
     ckpt = dict(config=model.config, state_dict=model.state_dict(), **info)
@@ -239,7 +250,7 @@ def load_trained(path, data, seed, device=None, hint="train the model first (or 
 def trained_on(data, seed):
     """What a checkpoint records of the data and seed it was trained with; the data's fingerprint too, as
     an image folder's name stays when its images change."""
-    return dict(dataset=data.name, seed=seed, data=data.fingerprint())
+    return dict(dataset=data.name, seed=plain(seed), data=data.fingerprint())
 
 
 def reusable(path, **expected):
@@ -278,7 +289,11 @@ class BestKeeper:
         self.rows, self.best, self.state = [], None, None
 
     def update(self, row):
-        """Record one epoch's metrics; keep the weights if the epoch is the best so far."""
+        """Record one epoch's metrics; keep the weights if the epoch is the best so far. A metric that is not
+        a number stops the run: NaN would stay the best, as no later epoch compares greater."""
+        if not math.isfinite(row[self.key]):
+            raise FloatingPointError(f"{self.key} became {row[self.key]} in epoch {row['epoch']}; training stopped. "
+                                     f"{_kept(self.ckpt_path)} Try a lower lr.")
         self.rows.append(row)
         if self.best is None or self.sign * row[self.key] > self.sign * self.best[self.key]:
             self.best = row
@@ -329,7 +344,7 @@ HYP_RULES = dict(  # what each hyperparameter must be: (in words, test)
     warmup=("a number in [0, 1]", _number(lambda v: 0 <= v <= 1)),
     translate=("an int >= 0 (pixels)", _integer(lambda v: v >= 0)),
     ema_every=("an int >= 1 (steps)", _integer(lambda v: v >= 1)),
-    kl_warmup_epochs=("a number >= 0", _number(lambda v: v >= 0)),
+    kl_warmup_epochs=("a number >= 0 (finite)", _number(lambda v: 0 <= v < math.inf)),
     free_bits=("a number >= 0 (finite)", _number(lambda v: 0 <= v < math.inf)),
     grad_clip=("a number > 0 (inf: no clipping)", _number(lambda v: v > 0)),
     flip=("True or False", lambda v: isinstance(v, bool)),
@@ -347,7 +362,7 @@ def hyperparameters(defaults, hyp):
         what, ok = HYP_RULES[key]
         if not ok(value):
             raise ValueError(f"{key} must be {what}, got {value!r}")
-    return hyp
+    return {key: plain(value) for key, value in hyp.items()}  # a checkpoint stores them
 
 
 def _train_or_load(fit_fn, data, ckpt_path, config, hyp, retrain, seed, device, csv_path, progress):
@@ -359,7 +374,10 @@ def _train_or_load(fit_fn, data, ckpt_path, config, hyp, retrain, seed, device, 
     settings = trained_on(data, seed)
     with keeping_random_state():
         if not retrain and reusable(ckpt_path, config=config, hyp=hyp, **settings):
-            return load_checkpoint(ckpt_path, device)
+            model, ckpt = load_checkpoint(ckpt_path, device)
+            if csv_path:
+                _match_csv(csv_path, ckpt["history"])
+            return model, ckpt
         seed_everything(seed)
         fit_fn(build_model(config), data, hyp, device, seed, ckpt_path, csv_path, progress, extra=settings)
         return load_checkpoint(ckpt_path, device)
@@ -541,7 +559,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
         run_epochs(model, loader, total, train_step, end_epoch, keeper, "training", progress)
     finally:
         model.whiten.bias.requires_grad_(True)
-    _check_learned(keeper.best["val_acc"], len(data.classes), len(data.val_y), hyp["lr"], ckpt_path)
+    _check_learned(keeper.best["val_acc"], data.val_y, len(data.classes), hyp["lr"], ckpt_path)
     keeper.restore()
     keeper.finish()
     return keeper.rows
@@ -555,16 +573,18 @@ def _kept(ckpt_path):
             f"{partial_path(ckpt_path)}.")
 
 
-def _check_learned(val_acc, num_classes, num_val, lr, ckpt_path):
+def _check_learned(val_acc, val_y, num_classes, lr, ckpt_path):
     """Refuse to finish a run whose best validation accuracy guessing would reach: with a probability over
-    1% (the binomial tail of num_val guesses, each right with probability 1 / num_classes)."""
-    chance = 1 / num_classes
+    1% (the binomial tail of the validation set's guesses, each right with the probability of always naming
+    its most frequent class, 1 / num_classes for balanced classes)."""
+    num_val = len(val_y)
+    chance = torch.bincount(torch.as_tensor(val_y).long(), minlength=num_classes).max().item() / num_val
     guesses = torch.distributions.Binomial(num_val, probs=torch.tensor(chance, dtype=torch.float64))
     reached = guesses.log_prob(torch.arange(round(val_acc * num_val), num_val + 1, dtype=torch.float64)).exp().sum()
     if reached >= 0.01:
         raise RuntimeError(
-            f"the best validation accuracy, {val_acc:.1%}, is at chance level ({chance:.1%} for {num_classes} "
-            f"classes): the run diverged or did not learn, so it is not saved as finished. {_kept(ckpt_path)} "
+            f"the best validation accuracy, {val_acc:.1%}, is at chance level ({chance:.1%}, always naming the "
+            f"most frequent of {num_classes} classes): the run diverged or did not learn, so it is not saved as finished. {_kept(ckpt_path)} "
             f"Try a lower lr (now {lr}, e.g. {lr / 10:g}).")
 
 

@@ -97,6 +97,21 @@ def test_a_run_interrupted_while_it_saves_is_trained_again_and_leaves_its_csv_be
     assert len(training.read_csv(csv)) == len(saved["history"]) == 1
 
 
+def test_a_reused_checkpoint_puts_its_own_history_in_the_csv(finished, tiny_data):
+    """The CSV beside a reused checkpoint is the checkpoint's: missing (a first run without csv_path) or of
+    other epochs (a run stopped after writing its CSV, before its checkpoint), it is written anew."""
+    ckpt, csv, _, csv_bytes = finished
+    reuse = lambda: training.train_classifier(tiny_data, ckpt, preset="small", hyp=TINY, csv_path=csv, progress=False)
+    mtime = csv.stat().st_mtime_ns
+    reuse()
+    assert csv.stat().st_mtime_ns == mtime  # the same epochs: left alone
+    for stale in (None, b"epoch,val_acc\n1,0.5\n"):
+        csv.unlink() if stale is None else csv.write_bytes(stale)
+        _, saved = reuse()
+        assert training.read_csv(csv) == [{k: float(v) for k, v in r.items()} for r in saved["history"]]
+    assert csv.read_bytes() == csv_bytes
+
+
 def test_training_and_loading_leave_the_global_random_state_as_they_found_it(tiny_data, tmp_path):
     import random
 
@@ -107,7 +122,7 @@ def test_training_and_loading_leave_the_global_random_state_as_they_found_it(tin
 
     loads = lambda: training.load_trained(tmp_path / "c.pt", tiny_data, 3)  # noqa: E731 (as Visualization.ipynb)
     trains_then_loads = lambda: training.train_classifier(  # noqa: E731
-        tiny_data, tmp_path / "c.pt", preset="small", hyp={**TINY, "epochs": 1}, seed=3, progress=False)
+        tiny_data, tmp_path / "c.pt", preset="small", hyp=TINY, seed=3, progress=False)
     with training.keeping_random_state():  # the seeds below stay in this test
         training.seed_everything(42)
         expected = draws()
@@ -139,11 +154,34 @@ def test_diverging_classifier_is_not_saved_as_finished(finished, tiny_data, monk
 
 
 def test_the_chance_check_weighs_the_number_of_validation_images():
-    training._check_learned(11 / 12, 2, 12, 0.1, None)    # guessing gets 11 of 12 right 0.3% of the time
-    training._check_learned(0.115, 10, 5000, 0.1, None)  # 575 of 5000: far beyond guessing's 500 +- 21
+    balanced = lambda classes, n: torch.arange(classes).repeat(n // classes)
+    training._check_learned(11 / 12, balanced(2, 12), 2, 0.1, None)    # guessing gets 11 of 12 right 0.3% of the time
+    training._check_learned(0.115, balanced(10, 5000), 10, 0.1, None)  # 575 of 5000: far beyond guessing's 500 +- 21
     for acc, classes, n in [(9 / 12, 2, 12), (0.105, 10, 5000), (0.5, 2, 12)]:
         with pytest.raises(RuntimeError, match="chance level"):
-            training._check_learned(acc, classes, n, 0.1, None)
+            training._check_learned(acc, balanced(classes, n), classes, 0.1, None)
+    skewed = torch.cat([torch.zeros(800), torch.arange(1, 5).repeat(50)]).long()  # 80% of one class
+    with pytest.raises(RuntimeError, match=r"chance level \(80.0%, always naming the most frequent of 5 classes\)"):
+        training._check_learned(0.81, skewed, 5, 0.1, None)  # was far beyond 1/5
+    training._check_learned(0.9, skewed, 5, 0.1, None)
+
+
+def test_the_best_epoch_is_the_best_not_the_last_and_a_nan_metric_stops_the_run(tmp_path):
+    model = models.build_model(models.cnn_config("small"))
+    weight = model.head.weight
+    keeper = training.BestKeeper(model, "val_acc", True, tmp_path / "m.pt")
+    for epoch, acc in enumerate([0.5, 0.9, 0.7, 0.9], 1):  # a tie keeps the earlier epoch
+        with torch.no_grad():
+            weight.fill_(epoch)
+        keeper.update(dict(epoch=epoch, val_acc=acc))
+    keeper.restore()
+    assert keeper.best["epoch"] == 2 and (weight == 2).all()
+    keeper.finish()
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["epoch"] == 2
+    vae_keeper = training.BestKeeper(model, "val_bpd", False)
+    with pytest.raises(FloatingPointError, match=r"val_bpd became nan in epoch 1; training stopped"):
+        vae_keeper.update(dict(epoch=1, val_bpd=float("nan")))  # was the best for good: nothing compares below it
+    assert vae_keeper.best is None
 
 
 def test_nan_loss_stops_the_classifier(finished, tiny_data, monkeypatch):
@@ -193,7 +231,7 @@ ENTRY_POINTS = {
     "featureviz.spectrum": lambda x, cnn, vae: fv.spectrum(x),
     "featureviz.magnitude_spectrum": lambda x, cnn, vae: fv.magnitude_spectrum(x),
     "featureviz.parameterization": lambda x, cnn, vae: fv.parameterization("pixel", init=x)(len(x), 3, 32),
-    "featureviz.FourierParam.set_images": lambda x, cnn, vae: fv.FourierParam(len(x), 3, 32).set_images(x),
+    "featureviz.FourierParam.set_images": lambda x, cnn, vae: _set(fv.FourierParam(len(x), 3, 32), x),
     "featureviz.activations": lambda x, cnn, vae: fv.activations(cnn, x, [0]),
     "featureviz.exemplars": lambda x, cnn, vae: fv.exemplars(cnn, x, 0, k=2),
     "metrics.features": lambda x, cnn, vae: metrics.features(cnn, x),
@@ -205,10 +243,10 @@ ENTRY_POINTS = {
     "metrics.template_recovery": lambda x, cnn, vae: metrics.template_recovery(x, _good()),
     "utils.show_images": lambda x, cnn, vae: utils.show_images(x),
     "utils.plot_misclassified": lambda x, cnn, vae: utils.plot_misclassified(x, Y, (Y + 1) % 10, list("abcdefghij")),
-    "utils.plot_heatmaps": lambda x, cnn, vae: utils.plot_heatmaps(x, {"m": torch.rand(8, 32, 32)}),
+    "utils.plot_heatmaps": lambda x, cnn, vae: utils.plot_heatmaps(x, {"m": _good()[:, 0]}),
     "utils.comparison_grid": lambda x, cnn, vae: utils.comparison_grid({"row": x}),
     "utils.plot_unit": lambda x, cnn, vae: utils.plot_unit(x[0], x),
-    "utils.plot_feature_maps": lambda x, cnn, vae: utils.plot_feature_maps({"l": torch.rand(4, 8, 8)}, image=x[0]),
+    "utils.plot_feature_maps": lambda x, cnn, vae: utils.plot_feature_maps({"l": _good(4)[0, :, :8, :8]}, image=x[0]),
 }
 # public functions with an image-like argument that take something else: (name -> why)
 NOT_IMAGES = {
@@ -252,20 +290,43 @@ def test_every_entry_point_takes_uint8_and_float_alike(name, nets):
     _assert_same(ENTRY_POINTS[name](as_uint8, *nets), ENTRY_POINTS[name](as_uint8.float() / 255, *nets))
 
 
+def _set(param, x):
+    """The parameterization with its images set to x: its module, whose images _assert_same compares."""
+    param.set_images(x)
+    return param
+
+
 def _assert_same(a, b):
-    """The same result from uint8 and float images: tensors, numbers, dicts and dataclasses of them."""
+    """The same result from uint8 and float images: tensors, numbers, dicts and dataclasses of them, the
+    images of a parameterization module, the pixels of a figure; an error for anything else."""
+    import matplotlib.figure
     import matplotlib.pyplot as plt
-    if isinstance(a, torch.Tensor):
+    import numpy as np
+    if isinstance(a, torch.nn.Module):
+        with torch.no_grad():
+            _assert_same(a(), b())
+    elif isinstance(a, matplotlib.figure.Figure):
+        a.canvas.draw(), b.canvas.draw()
+        assert np.array_equal(np.asarray(a.canvas.buffer_rgba()), np.asarray(b.canvas.buffer_rgba()))
+    elif isinstance(a, tuple) and isinstance(a[0], matplotlib.figure.Figure):  # (fig, axes)
+        _assert_same(a[0], b[0])
+    elif isinstance(a, torch.Tensor):
         assert torch.allclose(a.float(), b.float(), atol=1e-4, equal_nan=True)
     elif isinstance(a, (bool, str)):
         assert a == b
     elif isinstance(a, float):
         assert a == pytest.approx(b, abs=1e-4, nan_ok=True)
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
     elif isinstance(a, dict):
         for key in a:
             _assert_same(a[key], b[key])
     elif isinstance(a, fv.Exemplars):
         _assert_same(vars(a), vars(b))
+    else:
+        raise TypeError(f"_assert_same cannot compare a {type(a).__name__}")
     plt.close("all")
 
 
@@ -548,7 +609,8 @@ def test_what_only_render_can_tell_is_named_before_the_first_step(nets):
         fv.techniques()["whitened"]
     with pytest.raises(ValueError, match="Diversity pushes apart the images of one target: it needs images_per_target"):
         fv.render(cnn, [1], steps=2, regularizers=[fv.Diversity()], progress=False)
-    fv.render(cnn, [1], steps=2, regularizers=[fv.Diversity()], restarts=2, progress=False)  # two candidates
+    with pytest.raises(ValueError, match="it needs images_per_target >= 2, got 1"):  # candidates of one image
+        fv.render(cnn, [1], steps=2, regularizers=[fv.Diversity()], restarts=2, progress=False)
     for vector, match in [([1.0] * 32, "direction vector must be a finite tensor"),
                           (torch.full((32,), float("nan")), "direction vector must be a finite tensor")]:
         with pytest.raises(ValueError, match=match):

@@ -72,6 +72,21 @@ def test_archive_and_short_name_share_the_name_and_the_images(tmp_path, wrap):
         assert a.classes == b.classes and torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
 
 
+def test_a_second_copy_of_the_dataset_inside_its_folder_is_refused(tmp_path):
+    """A leftover copy (CIFAR-10-images/train/... beside train/...) used to be merged: every image twice,
+    twins on both sides of the train/val split."""
+    tree = write_tree(tmp_path / "pets")
+    write_tree(tree / "CIFAR-10-images")
+    with pytest.raises(ValueError, match=r"holds train/ and test/ in more than one place: \., CIFAR-10-images; keep one"):
+        data.load_data(str(tree), tmp_path / "cache")
+    with tarfile.open(tmp_path / "two.tar.gz", "w:gz") as tar:  # the same in an archive: two wrapping folders
+        for wrap in ("a", "b"):
+            tar.add(tree / "train", arcname=f"{wrap}/train")
+            tar.add(tree / "test", arcname=f"{wrap}/test")
+    with pytest.raises(ValueError, match=r"in more than one place: a, b"):
+        data.load_data(str(tmp_path / "two.tar.gz"), tmp_path / "cache2")
+
+
 def test_mixed_rgb_and_grayscale_is_read_as_rgb_and_grayscale_alone_as_one_channel(tmp_path):
     tree = write_tree(tmp_path / "gray", mode="L")
     gray = data.load_data(str(tree), tmp_path / "c1")

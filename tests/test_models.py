@@ -103,6 +103,17 @@ def test_bad_config_errors():
         models.vae_config("small", mixtures=0)  # was an error deep inside a convolution
     with pytest.raises(ValueError, match="kind"):
         models.build_model({"kind": "transformer"})
+    for build, key, value, what in [  # each used to train silently on nonsense or fail deep inside torch
+            (models.cnn_config, "bn_momentum", 1.5, r"a number in \(0, 1\) \(the old running statistics' weight\)"),
+            (models.cnn_config, "logit_scale", 0, "a number > 0"),
+            (models.cnn_config, "whiten_kernel", 0, r"an int >= 1 \(pixels\)"),
+            (models.vae_config, "latent_dim", 1.5, "an int >= 1")]:
+        with pytest.raises(ValueError, match=rf"{key} must be {what}, got {value}"):
+            build("small", **{key: value})
+    with pytest.raises(ValueError, match=r"std must be > 0 for every channel, got \[0.2, 0.0, 0.2\]"):
+        models.cnn_config("small", std=[0.2, 0.0, 0.2])  # a constant channel: was a NaN loss blamed on the lr
+    with pytest.raises(ValueError, match=r"mean must give one number per input channel \(3\), got \[0.5\]"):
+        models.cnn_config("small", mean=[0.5])
 
 
 def test_recorder_keeps_nothing_past_a_pass():

@@ -1,6 +1,7 @@
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -223,13 +224,35 @@ def test_forecast_is_silent_without_progress(monkeypatch, capsys):
     (training.CNN_HYP, "epochs", math.inf, r"a number > 0 \(finite\)"),  # was an OverflowError
     (training.CNN_HYP, "translate", 1.5, r"an int >= 0 \(pixels\)"),
     (training.VAE_HYP, "grad_clip", 0, r"a number > 0 \(inf: no clipping\)"),  # was accepted
-    (training.VAE_HYP, "kl_warmup_epochs", -1, "a number >= 0"),       # was accepted
+    (training.VAE_HYP, "kl_warmup_epochs", -1, r"a number >= 0 \(finite\)"),  # was accepted
+    (training.VAE_HYP, "kl_warmup_epochs", math.inf, r"a number >= 0 \(finite\)"),  # was an OverflowError
     (training.VAE_HYP, "flip", "no", "True or False"),
 ])
 def test_a_bad_hyperparameter_is_named_with_what_is_valid(defaults, key, value, what):
     with pytest.raises(ValueError, match=rf"{key} must be {what}, got"):
         training.hyperparameters(defaults, {key: value})
     assert training.hyperparameters(defaults, {}) == defaults  # every default passes its own rule
+
+
+def test_numpy_settings_are_saved_as_numbers_a_checkpoint_loads_back(tmp_path):
+    """A sweep's np.logspace lr or np.int64 batch size used to train a whole run into a checkpoint that
+    torch.load(weights_only=True) refuses, called corrupt, and trained again on every re-run."""
+    hyp = training.hyperparameters(training.CNN_HYP, dict(lr=np.float64(0.1), batch_size=np.int64(8)))
+    assert type(hyp["lr"]) is float and type(hyp["batch_size"]) is int
+    config = models.cnn_config("small", widths=(np.int64(8), 8, 8), bn_momentum=np.float32(0.5),
+                               mean=np.array([0.5, 0.4, 0.3]), std=torch.tensor([0.2, 0.2, 0.2]))
+    assert type(config["widths"][0]) is int and type(config["bn_momentum"]) is float
+    assert all(type(v) is float for v in config["mean"] + config["std"])
+    training.seed_everything(np.int64(1))  # random.seed refuses NumPy ints
+    torch.save(dict(hyp=hyp, config=config, seed=training.trained_on(_Named(), np.int64(1))["seed"]), tmp_path / "c.pt")
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["hyp"] == hyp
+
+
+class _Named:
+    name = "tiny"
+
+    def fingerprint(self):
+        return "f"
 
 
 def test_limits_that_mean_something_pass():
