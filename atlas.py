@@ -70,9 +70,10 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out must be a folder for the atlas; {out} is a file")
-    # the training images' statistics too: the Fourier techniques render with them
+    # the training images' statistics too: the Fourier techniques render with them; and the techniques' code
+    # and settings, which an edit (under autoreload) changes without a new VERSION
     key = fingerprint(VERSION, model, vae, techniques, steps, layers, d.name, d.classes, d.test_x, d.test_y,
-                      cov, magnitude)
+                      cov, magnitude, _techniques_code())
 
     def one_step():  # of one channel per technique, before a stale atlas is emptied: what fails, fails before
         for how in hows.values():
@@ -87,6 +88,11 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
             _save_manifest(out, key, done)
     site.write("index.html", _index(site, layers, done))
     return out / "index.html"
+
+
+def _techniques_code():
+    """The source of featureviz, where every technique's settings and steps are written."""
+    return Path(fv.__file__).read_text()
 
 
 def fingerprint(*parts):
@@ -193,6 +199,8 @@ def head_reads(model, layer, images):
         return False
     with _head_inputs(head) as inputs:  # capture runs without gradients
         maps = models.capture(model, images, [layer, None])[layer].float().cpu().flatten(2)  # None: run it all
+    if not inputs:  # a head that the forward pass never runs
+        return False
     read = inputs[-1]
     return any(read.shape == pooled.shape and torch.allclose(read, pooled, rtol=1e-4, atol=1e-5)
                for pooled in (maps.mean(2), maps.amax(2)))
@@ -226,7 +234,7 @@ def _class_pages(model, d, hows, steps, site, layers):
     for name, how in hows.items():
         site.save_images(CLASSES, name, how(model, targets, steps=steps, size=d.size, progress=False).images)
     last_layer = models.last_spatial_layer(model, d.size)
-    if last_layer not in layers or not head_reads(model, last_layer, d.test_x[:8]):
+    if contrib is None or last_layer not in layers or not head_reads(model, last_layer, d.test_x[:8]):
         contrib = None  # no page for the layer the head reads, or it does not read its channels one to one
     top = logits.topk(min(TOP, len(logits)), dim=0)
     for c in range(k):
@@ -240,8 +248,8 @@ def _index(site, layers, done):
     rows = "".join(site.layer_entry(layer, done[layer]) for layer in layers)
     classes = site.class_strip()
     acc = done[CLASSES]["accuracy"]
-    body = (f"<p>Test accuracy {acc:.1%}. Each channel's card shows its visualizations "
-            f"({', '.join(site.techniques)}), its top {TOP} and bottom {BOTTOM} test images with their "
+    body = (f"<p>Test accuracy {acc:.1%} (without test-time augmentation). Each channel's card shows its "
+            f"visualizations ({', '.join(site.techniques)}), its top {TOP} and bottom {BOTTOM} test images with their "
             f"activations, and its mean activation per class.</p><h2>Layers</h2>{rows}<h2>Classes</h2>{classes}")
     return site.page("atlas", body, home=False)
 
@@ -406,7 +414,7 @@ def arguments(description, argv=None):
     from_environment = [("dataset", "DATASET", "cifar10", {}),
                         ("preset", "PRESET", defaults["preset"], dict(choices=models.CNN_PRESETS)),
                         ("vae_preset", "VAE_PRESET", defaults["vae_preset"], dict(choices=models.VAE_PRESETS)),
-                        ("steps", "STEPS", 256, {}), ("seed", "SEED", 0, dict(low=0))]
+                        ("steps", "STEPS", 256, dict(low=1)), ("seed", "SEED", 0, dict(low=0))]
     for key, variable, default, check in from_environment:  # only those no flag gave: a flag overrides a bad one
         if getattr(args, key) is None:
             try:
@@ -417,8 +425,9 @@ def arguments(description, argv=None):
     unknown = [t for t in args.techniques if t not in fv.TECHNIQUE_NAMES]
     if unknown:
         p.error(f"argument --techniques: unknown {unknown}; choose from {', '.join(fv.TECHNIQUE_NAMES)}")
-    if args.steps < 1:
-        p.error(f"argument --steps: must be at least 1, got {args.steps}")
+    for key, low in (("steps", 1), ("seed", 0)):  # a flag's (a variable's is checked above)
+        if getattr(args, key) < low:
+            p.error(f"argument --{key}: must be at least {low}, got {getattr(args, key)}")
     return args
 
 

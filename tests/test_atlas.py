@@ -153,6 +153,9 @@ def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_pat
     stale.write_bytes(b"")
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS + 1, progress=False)  # other settings
     assert calls == layers * 2 and not stale.exists()  # started afresh
+    monkeypatch.setattr(atlas, "_techniques_code", lambda: "a technique's settings edited")  # under autoreload
+    atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS + 1, progress=False)
+    assert calls == layers * 3  # stale pages are never reused
 
 
 def test_a_rebuild_that_fails_for_its_model_leaves_the_finished_atlas_as_it_was(tiny, tmp_path):
@@ -247,7 +250,8 @@ def test_the_command_line_defaults_to_the_notebooks_settings_and_names_bad_flags
     assert (args.dataset, args.preset, args.vae_preset, args.steps, args.seed) == ("synthetic", "small", "wide", 32, 2)
     assert atlas.arguments("atlas", ["--preset", "compact"]).preset == "compact"  # a flag beats the environment
     for argv, named in [(["--preset", "airbnch"], "--preset"), (["--vae-preset", "wdie"], "--vae-preset"),
-                        (["--techniques", "maco,whitend"], "--techniques"), (["--steps", "0"], "--steps")]:
+                        (["--techniques", "maco,whitend"], "--techniques"), (["--steps", "0"], "--steps"),
+                        (["--seed", "-1"], "--seed")]:
         with pytest.raises(SystemExit):
             atlas.arguments("atlas", argv)
         assert named in capsys.readouterr().err, argv
@@ -256,6 +260,11 @@ def test_the_command_line_defaults_to_the_notebooks_settings_and_names_bad_flags
     with pytest.raises(SystemExit):
         atlas.arguments("atlas", [])
     assert "PRESET='huge': give one of" in capsys.readouterr().err
+    monkeypatch.setenv("PRESET", "small")
+    monkeypatch.setenv("STEPS", "0")
+    with pytest.raises(SystemExit):
+        atlas.arguments("atlas", [])
+    assert "STEPS" in capsys.readouterr().err  # the variable named, not a flag that was never given
 
 
 def test_bad_arguments_name_what_is_wrong(tiny, tmp_path):
@@ -411,3 +420,4 @@ def test_head_reads_only_a_head_on_the_layers_pooled_channels(tiny):
     hidden = torch.nn.Sequential(*pooled, torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)).eval()
     assert atlas.head_reads(direct, "1", d.test_x[:8])
     assert not atlas.head_reads(hidden, "1", d.test_x[:8])
+    assert not atlas.head_reads(UnusedLastLinear(), "net.0", d.test_x[:8])  # its nn.Linear never runs: was an IndexError
