@@ -89,7 +89,7 @@ def plain(value):
     weights_only (the only safe way to load one) refuses NumPy scalars."""
     if isinstance(value, (list, tuple)):
         return type(value)(plain(v) for v in value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Number):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # a complex one stays, for the checks to name
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
@@ -332,12 +332,15 @@ def find_image_folder(name, root):
         f"{root.resolve()} (DATA_DIR)")
 
 
+CACHE_FORMAT = 2  # a cache decoded by an older loader (one that merged a second copy of the dataset) is decoded again
+
+
 def load_image_folder(path, root):
     """An image-folder dataset, decoded once into a uint8 cache in root, read from it afterwards (root need
     be writable only for the decode)."""
     path = Path(path)
     files = _list_archive(path) if path.is_file() else _list_folder(path)
-    key = hashlib.sha256(repr(files).encode()).hexdigest()[:16]
+    key = hashlib.sha256(repr((CACHE_FORMAT, files)).encode()).hexdigest()[:16]
     cache = root / f"{folder_name(path)}.{key}.pt"
     if cache.exists():
         c = torch.load(cache, weights_only=True)
@@ -425,7 +428,8 @@ def _decode_image_folder(path, files):
         place = _place(rel, blob is None)
         if place is None:
             continue
-        roots.add(place[0])
+        if blob is not None:  # images only: an empty leftover folder is no copy
+            roots.add(place[0])
         if len(roots) > 1:  # a second copy (a leftover clone) would put twins on both sides of train/val
             raise ValueError(f"{path} holds train/ and test/ in more than one place: {', '.join(sorted(roots))}; "
                              f"keep one copy of the dataset")

@@ -791,8 +791,8 @@ class Objective:
 # ----------------------------------------------------------------------------- regularizers
 # The penalties map images (N, C, H, W) to a per-image penalty (N,). render(regularizers=[...]) takes
 # weighted terms: term(images, acts, param, groups, values) -> weight x penalty, (N,), added to the loss
-# (values: each image's activation of its target; groups: (N,) the images that belong together, one
-# target's in one restart slot, which Diversity pushes apart). The
+# (values: each image's activation of its target; groups: (N,) its target's index, whose images Diversity
+# pushes apart). The
 # penalties of the images alone also have their gradient in closed form (_*_grad(x, scale) = scale x
 # d penalty_n / d x_n, the scale folded into the last op): render adds those gradients without building a
 # graph through the penalty. They are written in few, mostly in-place ops: on a CPU render step every
@@ -1035,13 +1035,12 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     seed = int(seed)  # a NumPy int too
     device, size = models.device_of(model), _image_size(model, param, size)
     groups = torch.arange(len(targets), device=device).repeat_interleave(images_per_target * restarts)  # targets
-    # the images a term such as Diversity compares: one target's in one restart slot, since the candidates of
-    # one image (runs of `restarts`) compete, and only one of them comes back
-    siblings = groups * restarts + torch.arange(len(groups), device=device) % restarts
     terms = _resolve(regularizers, model, size)
+    # with one image per target only the candidates of that image (restarts) would be pushed apart, and one of
+    # them comes back; with several, every candidate is pushed from the other images' (and from its rivals)
     if images_per_target == 1 and any(isinstance(t, Diversity) for t in terms):
         raise ValueError("Diversity pushes apart the images of one target: it needs images_per_target >= 2, got 1")
-    with _prepared(model, targets, param, transforms, terms, groups, size, seed, siblings) as (param, step, gen, score):
+    with _prepared(model, targets, param, transforms, terms, groups, size, seed) as (param, step, gen, score):
         history = torch.zeros(steps, len(groups), device=device)  # on the device: no host sync per step
         _optimize(step, param, gen, lr, history, progress)
         with torch.no_grad():
@@ -1052,13 +1051,12 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
 
 
 @contextmanager
-def _prepared(model, targets, param, transforms, terms, groups, size, seed, siblings=None):
+def _prepared(model, targets, param, transforms, terms, groups, size, seed):
     """What render() optimizes, set up and checked, for the duration (model frozen, objective hooked):
     yields (the parameterization module, step() -> (N,) activations with the gradients left in the module,
     the transforms' generator, score(images) -> (N,) each image's activation of its own target).
     groups: (N,) the target of each image, target-major with as many per target (as render() orders them:
-    a pool's best draws come in that order); terms: the regularizers as _resolve returns them; siblings: (N,)
-    the group of each image that the terms compare (default: groups)."""
+    a pool's best draws come in that order); terms: the regularizers as _resolve returns them."""
     device, channels = models.device_of(model), models.input_channels(model)
     with frozen(model, _vae_on(param, device)) as layout, _deterministic_convolutions():
         objective = Objective(model, targets, [t.layer for t in terms if t.layer], (channels, size, size))
@@ -1069,7 +1067,7 @@ def _prepared(model, targets, param, transforms, terms, groups, size, seed, sibl
             _check_transforms(transforms, first)
             gen = torch.Generator(device=device).manual_seed(seed)
             own = objective.own(groups)
-            step = _step(param, own, run, transforms, terms, groups if siblings is None else siblings, gen)
+            step = _step(param, own, run, transforms, terms, groups, gen)
             yield param, step, gen, lambda images: own(run(images))
 
 

@@ -43,14 +43,14 @@ def cnn_config(preset="airbench", in_channels=3, num_classes=10, mean=None, std=
     config = dict(
         kind="cnn",
         preset=preset,
-        in_channels=in_channels,   # 1 (Fashion-MNIST) or 3
-        num_classes=num_classes,
+        in_channels=plain(in_channels),   # 1 (Fashion-MNIST) or 3
+        num_classes=plain(num_classes),
         whiten_kernel=2,           # patch size of the frozen whitening conv
         bn_momentum=0.6,           # airbench convention: weight of the old running stat
         logit_scale=1 / 9,         # logits are divided by 9 (temperature)
         mean=[float(m) for m in mean] if mean is not None else [0.5] * in_channels,  # a tensor's or array's too
         std=[float(s) for s in std] if std is not None else [0.25] * in_channels,
-        image_size=image_size,     # side of the training images, e.g. 32 (None: not recorded)
+        image_size=plain(image_size),     # side of the training images, e.g. 32 (None: not recorded)
     )
     config.update(CNN_PRESETS[preset])
     return _overridden(config, overrides)
@@ -88,10 +88,13 @@ def _real(value):
 
 
 _CONFIG_RULES = dict(  # what a config value must be: (in words, test); the keys a config has are checked
+    in_channels=("an int >= 1", _positive_int),
+    num_classes=("an int >= 1", _positive_int),
+    image_size=("None or an int >= 1 (pixels)", lambda v: v is None or _positive_int(v)),
     mixtures=("an int >= 1 (logistics per pixel)", _positive_int),
     latent_dim=("an int >= 1", _positive_int),
     whiten_kernel=("an int >= 1 (pixels)", _positive_int),
-    bn_momentum=("a number in (0, 1) (the old running statistics' weight)", lambda v: _real(v) and 0 < v < 1),
+    bn_momentum=("a number in [0, 1) (the old running statistics' weight)", lambda v: _real(v) and 0 <= v < 1),
     logit_scale=("a number > 0", lambda v: _real(v) and v > 0),
     min_log_scale=("a finite number", _real),
 )
@@ -214,7 +217,7 @@ def vae_config(preset="default", in_channels=3, **overrides):
     config = dict(
         kind="vae",
         preset=preset,
-        in_channels=in_channels,
+        in_channels=plain(in_channels),
         min_log_scale=-7.0,     # floor of the discretized logistic's log scale
         mixtures=MIXTURES,      # logistic components per pixel; their channels are linearly coupled
     )

@@ -203,7 +203,7 @@ def _match_csv(path, history):
     try:
         if read_csv(path) == [{k: float(v) for k, v in row.items()} for row in history]:
             return
-    except (OSError, ValueError, csv.Error):  # missing or unreadable: written anew
+    except (OSError, ValueError, TypeError, csv.Error):  # missing or unreadable (a short row: float(None)): anew
         pass
     write_csv(history, path)
 
@@ -292,8 +292,9 @@ class BestKeeper:
         """Record one epoch's metrics; keep the weights if the epoch is the best so far. A metric that is not
         a number stops the run: NaN would stay the best, as no later epoch compares greater."""
         if not math.isfinite(row[self.key]):
+            kept = _kept(self.ckpt_path) if self.best else "No epoch of this run was kept; nothing was saved."
             raise FloatingPointError(f"{self.key} became {row[self.key]} in epoch {row['epoch']}; training stopped. "
-                                     f"{_kept(self.ckpt_path)} Try a lower lr.")
+                                     f"{kept} Try a lower lr.")
         self.rows.append(row)
         if self.best is None or self.sign * row[self.key] > self.sign * self.best[self.key]:
             self.best = row

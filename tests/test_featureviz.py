@@ -648,20 +648,6 @@ def test_diversity_penalty_moves_each_image_by_its_own_term_only():
     assert torch.equal(act.grad[1:], torch.zeros_like(act.grad[1:]))
 
 
-def test_terms_compare_the_images_of_one_target_in_one_restart_slot():
-    """The restarts candidates of one image compete, and one comes back: Diversity must not push them apart."""
-    seen = []
-
-    class Recording(fv.Term):
-        def __call__(self, images, acts, param, groups, values):
-            seen.append(groups.tolist())
-            return torch.zeros(len(images))
-    fv.render(cnn(), [0, 1], steps=1, regularizers=[Recording(1.0)], images_per_target=2, restarts=3,
-              progress=False)
-    # target-major, each image's 3 candidates in a run: target t, image i, candidate k -> group 3t + k
-    assert seen == [[0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]]
-
-
 @pytest.mark.parametrize("term", [fv.L2(1.5), fv.TV(2.0), fv.Blur(4.0)], ids=["L2", "TV", "Blur"])
 def test_image_terms_closed_form_gradient_equals_autograd(term):
     x = torch.rand(3, 2, 7, 9, requires_grad=True)  # not square: the axes cannot be swapped unnoticed

@@ -85,6 +85,9 @@ def test_a_second_copy_of_the_dataset_inside_its_folder_is_refused(tmp_path):
             tar.add(tree / "test", arcname=f"{wrap}/test")
     with pytest.raises(ValueError, match=r"in more than one place: a, b"):
         data.load_data(str(tmp_path / "two.tar.gz"), tmp_path / "cache2")
+    for leftover in (tree / "CIFAR-10-images").rglob("*.png"):
+        leftover.unlink()  # empty folders left behind: no second copy
+    assert len(data.load_data(str(tree), tmp_path / "cache3").test_y) == 6
 
 
 def test_mixed_rgb_and_grayscale_is_read_as_rgb_and_grayscale_alone_as_one_channel(tmp_path):

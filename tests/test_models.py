@@ -104,7 +104,8 @@ def test_bad_config_errors():
     with pytest.raises(ValueError, match="kind"):
         models.build_model({"kind": "transformer"})
     for build, key, value, what in [  # each used to train silently on nonsense or fail deep inside torch
-            (models.cnn_config, "bn_momentum", 1.5, r"a number in \(0, 1\) \(the old running statistics' weight\)"),
+            (models.cnn_config, "bn_momentum", 1.5, r"a number in \[0, 1\) \(the old running statistics' weight\)"),
+            (models.cnn_config, "logit_scale", 1j, "a number > 0"),  # was a TypeError converting it to float
             (models.cnn_config, "logit_scale", 0, "a number > 0"),
             (models.cnn_config, "whiten_kernel", 0, r"an int >= 1 \(pixels\)"),
             (models.vae_config, "latent_dim", 1.5, "an int >= 1")]:
@@ -114,6 +115,8 @@ def test_bad_config_errors():
         models.cnn_config("small", std=[0.2, 0.0, 0.2])  # a constant channel: was a NaN loss blamed on the lr
     with pytest.raises(ValueError, match=r"mean must give one number per input channel \(3\), got \[0.5\]"):
         models.cnn_config("small", mean=[0.5])
+    with pytest.raises(ValueError, match=r"num_classes must be an int >= 1, got 2.5"):
+        models.cnn_config("small", num_classes=2.5)
 
 
 def test_recorder_keeps_nothing_past_a_pass():

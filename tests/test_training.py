@@ -239,9 +239,11 @@ def test_numpy_settings_are_saved_as_numbers_a_checkpoint_loads_back(tmp_path):
     torch.load(weights_only=True) refuses, called corrupt, and trained again on every re-run."""
     hyp = training.hyperparameters(training.CNN_HYP, dict(lr=np.float64(0.1), batch_size=np.int64(8)))
     assert type(hyp["lr"]) is float and type(hyp["batch_size"]) is int
-    config = models.cnn_config("small", widths=(np.int64(8), 8, 8), bn_momentum=np.float32(0.5),
-                               mean=np.array([0.5, 0.4, 0.3]), std=torch.tensor([0.2, 0.2, 0.2]))
+    config = models.cnn_config("small", np.int64(3), np.int64(10), widths=(np.int64(8), 8, 8), image_size=np.int64(32),
+                               bn_momentum=np.float32(0.5), mean=np.array([0.5, 0.4, 0.3]), std=torch.tensor([0.2] * 3))
     assert type(config["widths"][0]) is int and type(config["bn_momentum"]) is float
+    assert all(type(config[key]) is int for key in ("in_channels", "num_classes", "image_size"))
+    assert type(models.vae_config("small", np.int64(1))["in_channels"]) is int
     assert all(type(v) is float for v in config["mean"] + config["std"])
     training.seed_everything(np.int64(1))  # random.seed refuses NumPy ints
     torch.save(dict(hyp=hyp, config=config, seed=training.trained_on(_Named(), np.int64(1))["seed"]), tmp_path / "c.pt")
