@@ -102,8 +102,9 @@ def measure(how, model, other, ref, units, offset, w, args):
     and "low", the lowest normalized activation of any image of any seed. offset: the units' first row in ref."""
     seeds, low = [], float("inf")
     for seed in range(args.seeds):
-        r = how(model, units, steps=args.steps, images_per_target=args.images, regularizers=[fv.Diversity(w)],
-                seed=seed, progress=False)
+        terms = [*how.settings.get("regularizers", ()), fv.Diversity(w)]  # the technique's own terms kept
+        r = how(model, units, steps=args.steps, images_per_target=args.images, regularizers=terms, seed=seed,
+                progress=False)
         act = r.activation / ref.real.max(0).values[r.target_index + offset]
         row = dict(div=metrics.diversity(other, r.images, r.target_index), mean=act.mean().item())
         if offset == 0:

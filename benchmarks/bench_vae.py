@@ -27,13 +27,14 @@ def main():
     p.add_argument("--data-dir", default=None)
     p.add_argument("--ckpt", default=None, help="default checkpoints/bench/vae_<dataset>_<preset>.pt")
     p.add_argument("--png", default="outputs/figures/vae_bpd_vs_time.png")
+    p.add_argument("--mixtures", type=int, default=models.MIXTURES, help="logistic components per pixel")
     args = p.parse_args()
 
     d = data.load_data(args.dataset, args.data_dir)
     ckpt_path = args.ckpt or f"checkpoints/bench/vae_{d.name}_{args.preset}.pt"
     start = time.perf_counter()
     vae, ckpt = training.train_vae(d, ckpt_path, preset=args.preset, hyp=dict(epochs=args.epochs), retrain=True,
-                                   progress=False)
+                                   progress=False, mixtures=args.mixtures)
     wall = time.perf_counter() - start
     test = training.evaluate_vae(vae, d.test_x)
     print(f"{d.name}, VAE preset {args.preset} ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params), "

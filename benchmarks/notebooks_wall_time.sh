@@ -16,9 +16,11 @@ echo "$(date -u +%FT%TZ) DATASET=${DATASET:-cifar10} on $($PY -c 'import trainin
 total=0
 notebooks=("$@")  # default: all three, in order
 [ ${#notebooks[@]} -gt 0 ] || notebooks=(Classifier.ipynb VAE.ipynb Visualization.ipynb)
+out=outputs; [ -z "${SMOKE:-}" ] || [ "${SMOKE}" = 0 ] || out=outputs/smoke  # a smoke run's copies apart
+trap 'echo "${nb:-setup}: FAILED (see the error above); no total" | tee -a "$log"' ERR
 for nb in "${notebooks[@]}"; do
   start=$(date +%s)
-  $PY -m jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 --output-dir outputs "$nb"
+  $PY -m jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 --output-dir "$out" "$nb"
   took=$(( $(date +%s) - start )); total=$(( total + took ))
   echo "$nb: ${took} s" | tee -a "$log"
 done
