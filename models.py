@@ -318,7 +318,8 @@ class VAE(nn.Module):
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"the VAE takes {self.image_size}x{self.image_size} images (its architecture is fixed); "
                              f"got {tuple(x.shape)}: the classifier takes any size, the VAE does not")
-        mu, logvar = self.encoder(_unit(x).to(dtype_of(self)) * 2 - 1).chunk(2, dim=1)
+        x = _unit(x).to(self.latent_mean.device, dtype_of(self))  # images on another device (the CPU) too
+        mu, logvar = self.encoder(x * 2 - 1).chunk(2, dim=1)
         return mu, logvar.clamp(-12, 8)
 
     def decode_params(self, z):
@@ -820,16 +821,18 @@ def _spatial_outputs(model, x):
     listed = list_layers(model)
     candidates = [name for name, _ in model.named_modules()
                   if name in listed or any(layer.startswith(name + ".") for layer in listed)]
-    # (id, version) -> the first module to output it; (name, shape) pairs; the outputs, kept alive so that no
-    # id is reused
-    made, order, kept = {}, [], []
+    # (id, version) -> the first module to output it; every call as (name, its maker, (id, version), shape), the
+    # last three None for an output that is no map; the outputs, kept alive so that no id is reused
+    made, calls, kept = {}, [], []
 
     def record(name, module, out):
-        if torch.is_tensor(out) and out.dim() == 4:
-            kept.append(out)
-            last = layouts.last_call.get(module, False)  # this call's: its hook, prepended, has run
-            shape = tuple(_channels_first(out, last).shape)
-            order.append((made.setdefault((id(out), out._version), name), shape))
+        key = (id(out), out._version) if torch.is_tensor(out) else None
+        kept.append(out)
+        if key is None or out.dim() != 4:
+            calls.append((name, None, key, None))
+            return
+        last = layouts.last_call.get(module, False)  # this call's: its hook, prepended, has run
+        calls.append((name, made.setdefault(key, name), key, tuple(_channels_first(out, last).shape)))
 
     # (not in inference mode, whose tensors keep no version)
     with evaluating(model), torch.no_grad(), torch.inference_mode(False), _Layouts(model) as layouts:
@@ -838,10 +841,13 @@ def _spatial_outputs(model, x):
                 lambda module, args, out, name=name: record(name, module, out))
         with probing(model, x):
             model(x)
+    # as Recorder and captum read a module that runs twice: by its last call, so a map counts only where it is
+    # its maker's last output (one ReLU module after conv1, conv2 and fc1 is fc1's, not a map)
+    final = {name: key for name, _, key, _ in calls}
+    order = [(maker, shape) for _, maker, key, shape in calls if maker is not None and final[maker] == key]
     if not order:
         raise ValueError(f"{type(model).__name__} has no layer with a spatial output (B, C, H, W) among "
                          f"{', '.join(listed)}")
-    # as Recorder and captum read a module that runs twice: by its last call
     return [(name, shape, layouts.last_call.get(get_layer(model, name), False)) for name, shape in order]
 
 

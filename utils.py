@@ -28,12 +28,13 @@ def _numpy_images(images):
     (N, H, W, 3) or (N, H, W) if gray; a clear error for any other shape."""
     if isinstance(images, (list, tuple)):
         images = torch.stack([torch.as_tensor(im) for im in images])
-    x = torch.as_tensor(images).detach().cpu()
-    x = x[None] if x.dim() == 3 else x
+    given = torch.as_tensor(images).detach().cpu()
+    x = given[None] if given.dim() == 3 else given
     if x.dim() != 4 or x.shape[1] not in (1, 3):
-        hint = " (channels last? pass images.permute(0, 3, 1, 2))" if x.dim() == 4 and x.shape[-1] in (1, 3) else ""
+        hint = (" (channels last? pass images.permute(0, 3, 1, 2))" if x.dim() == 4 and x.shape[-1] in (1, 3) else
+                " (gray images (N, H, W)? pass images[:, None])" if given.dim() == 3 else "")
         raise ValueError(f"images must be (N, C, H, W) or one (C, H, W), with C = 1 or 3; got shape "
-                         f"{tuple(x.shape)}{hint}")
+                         f"{tuple(given.shape)}{hint}")
     x = to_float(x)
     x = x.clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
     return x[..., 0] if x.shape[-1] == 1 else x
@@ -169,11 +170,13 @@ def plot_curves(rows, metrics=("loss", "acc"), save=None):
 
 @_no_figure_on_error
 def plot_confusion(cm, classes, normalize=True, save=None):
-    """Confusion matrix (rows true, cols predicted); colour is the row fraction if normalize, text the counts."""
+    """Confusion matrix (rows true, cols predicted); colour is the row fraction if normalize, text the counts
+    (up to 30 classes)."""
     counts = np.asarray(check_confusion(cm, classes).detach().cpu(), dtype=np.float64)  # (K, K)
     shown = counts / np.maximum(counts.sum(1, keepdims=True), 1) if normalize else counts
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(0.6 * k + 2.5, 0.6 * k + 1.5))
+    cell = min(0.6, 30 / k)  # inches: 100 classes make an 18-inch figure, not a 60-inch one
+    fig, ax = plt.subplots(figsize=(cell * k + 2.5, cell * k + 1.5))
     im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
     ax.set_xticks(range(k), classes, rotation=45, ha="right")
@@ -181,7 +184,7 @@ def plot_confusion(cm, classes, normalize=True, save=None):
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     high = 0.5 if normalize else shown.max() / 2  # white text on dark cells
-    for i in range(k):
+    for i in range(k if k <= 30 else 0):  # beyond 30 classes the counts would not fit their cells
         for j in range(k):
             ax.text(j, i, f"{counts[i, j]:.0f}", ha="center", va="center", fontsize=8,
                     color="white" if shown[i, j] > high else "black")
@@ -249,7 +252,8 @@ def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_
 @_no_figure_on_error
 def plot_heatmaps(images, maps, titles=None, row_labels=None, save=None):
     """The images on top, then one row per method with its map (normalized per image) overlaid: (B, h, w), or
-    (B, C, h, w) attributions, reduced to one map per image as attribution.to_heatmap does.
+    (B, C, h, w) attributions, reduced to one map per image as attribution.to_heatmap does. A method whose maps
+    have negative values (to_heatmap(..., signed=True)) is shown signed: red positive, blue negative, white 0.
 
     maps: one method's maps, or {method name: maps}. titles: one per image. row_labels: one per method
     (the top row is 'input'), or one more to name the top row too; default the method names."""
@@ -265,9 +269,12 @@ def plot_heatmaps(images, maps, titles=None, row_labels=None, save=None):
         if titles is not None:
             axes[0, j].set_title(titles[j], fontsize=9)
     for row, m in zip(axes[1:], heat.values()):
+        signed = bool((m < 0).any())  # min-max scaling would put its zero at an arbitrary colour
         for ax, img, mj in zip(row, x, m.numpy()):
             _imshow(ax, img)
-            ax.imshow(_minmax(mj), cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+            shown = mj / max(np.abs(mj).max(), 1e-12) if signed else _minmax(mj)
+            ax.imshow(shown, cmap="RdBu_r" if signed else "jet", alpha=0.5, vmin=-1 if signed else 0, vmax=1,
+                      interpolation="bilinear")
     for ax, label in zip(axes[:, 0], labels):
         ax.set_ylabel(label, fontsize=9)
     return _finish(fig, save)
@@ -300,18 +307,18 @@ def _heatmap(name, maps, x):
 @_no_figure_on_error
 def comparison_grid(rows, col_labels=None, save=None):
     """A grid of images: one row per entry of `rows` (label -> (N, C, H, W)), labels left and on top."""
-    ncols = max(len(v) for v in rows.values())
+    shown = {label: _numpy_images(images) for label, images in rows.items()}  # one (C, H, W) image: one column
+    ncols = max(len(x) for x in shown.values())
     fig, axes = plt.subplots(len(rows), ncols, figsize=(1.4 * ncols, 1.5 * len(rows)), squeeze=False)
-    for row, (label, images) in zip(axes, rows.items()):
-        x = _numpy_images(images)
+    for row, (label, x) in zip(axes, shown.items()):
         for j, ax in enumerate(row):
             if j < len(x):
                 _imshow(ax, x[j])
             else:
                 ax.set_visible(False)
         row[0].set_ylabel(label, fontsize=9)
-    for ax, label in zip(axes[0], col_labels or []):
-        ax.set_title(label, fontsize=9)
+    for column, label in zip(axes.T, col_labels or []):  # on the column's first image, whichever row has it
+        next(ax for ax in column if ax.get_visible()).set_title(label, fontsize=9)
     return _finish(fig, save)
 
 

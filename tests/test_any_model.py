@@ -5,6 +5,7 @@ torchvision resnet18 at 32 px, and our CNN at 64 px. Weights are untrained: what
 technique that applies renders at the model's own size and raises the activation, and that the rest
 fail with an error that says what to do.
 """
+import copy
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ MODELS = {
     "our CNN at 64 px": (lambda: cnn(64), None, 3, fv.Channel("block3.act2", 1)),
 }
 LATENT_FITS = {"our CNN at 32 px", "resnet18 at 32 px"}  # the VAE draws 3-channel 32 px images
+KNOWN_CHANNELS = {"sequential 28 px, 1 channel": 16, "our CNN at 32 px": 32, "resnet18 at 32 px": 512,
+                  "our CNN at 64 px": 32}  # the channels of each one's last spatial layer
 
 
 def _size_kw(size):
@@ -98,9 +101,16 @@ def test_diversity_and_exemplars_follow_the_model(name):
     assert not torch.equal(r.images, fv.render(model, [channel], regularizers=[fv.Diversity(0.0)], **kw).images)
     images = torch.randint(0, 256, (20, channels, side, side), dtype=torch.uint8)
     ex = fv.exemplars(model, images, channel, k=3)
-    acts = fv.activations(model, images, [channel])[:, 0]
-    assert torch.equal(ex.top_values, acts.topk(3).values)
-    assert models.layer_channels(model, layer, size) == models.capture(model, images[:1], [layer])[layer].shape[1]
+    with torch.no_grad():  # the channel's mean, one image at a time, through a plain hook
+        maps = []
+        hook = models.get_layer(model, channel.layer).register_forward_hook(lambda m, a, out: maps.append(out))
+        for image in images:
+            model(image[None].float() / 255)
+        hook.remove()
+    by_hand = torch.cat(maps)[:, channel.channel].float().mean((1, 2))
+    assert torch.allclose(ex.top_values, by_hand.topk(3).values, atol=1e-5)
+    assert torch.equal(ex.top, by_hand.topk(3).indices)
+    assert models.layer_channels(model, layer, size) == KNOWN_CHANNELS[name]
     cam = attribution.grad_cam(model, images[:2], 0)  # default layer: the last spatial one
     assert cam.shape == (2, side, side)
 
@@ -169,6 +179,25 @@ def test_last_spatial_layer_is_read_from_the_forward_pass():
     mlp.config = dict(in_channels=3)
     with pytest.raises(ValueError, match="no layer with a spatial output"):
         models.last_spatial_layer(mlp, 2)
+    # the tutorial CNN's one ReLU module, called after conv1, conv2 and fc1, is read by its last call (fc1's):
+    # not a map, so neither the last spatial layer nor a block (Grad-CAM's default used to fail on it)
+    tutorial, x = _OneReLU().eval(), torch.rand(2, 3, 32, 32)
+    assert models.last_spatial_layer(tutorial, 32) == "conv2" and models.block_layers(tutorial, 32) == ["conv1", "conv2"]
+    assert torch.equal(attribution.grad_cam(tutorial, x, 1), attribution.grad_cam(tutorial, x, 1, layer="conv2"))
+
+
+class _OneReLU(nn.Module):
+    """The PyTorch CIFAR-10 tutorial's CNN with one nn.ReLU module for all three activations."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.pool, self.conv2 = nn.Conv2d(3, 6, 5), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.relu = nn.Linear(16 * 5 * 5, 120), nn.Linear(120, 10), nn.ReLU()
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.conv2(self.pool(self.relu(self.conv1(x))))))
+        return self.fc2(self.relu(self.fc1(x.flatten(1))))
 
 
 def test_a_bfloat16_model_runs_in_its_own_dtype():
@@ -767,3 +796,12 @@ def test_the_data_statistics_take_images_on_a_gpu():
     hard = data.load_data("synthetic-hard", n_train=200, n_test=20)
     detector = metrics.PlantedDetector(hard.train_x)
     assert torch.equal(detector(hard.test_x.cuda()), detector(hard.test_x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_gpu_vae_reconstructs_images_from_the_cpu():
+    """As interpolate does: the dataset's uint8 images stay on the CPU, the VAE moves them."""
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    net = vae()
+    on_gpu = copy.deepcopy(net).cuda().reconstruct(images)
+    assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), net.reconstruct(images), atol=1e-3)

@@ -1,6 +1,7 @@
 """Plotting helpers: figure structure, titles, gray/uint8 handling, atomic saving."""
 import csv
 from collections import OrderedDict
+from pathlib import Path
 
 import matplotlib
 
@@ -140,6 +141,13 @@ def test_plot_heatmaps_overlays_normalized_maps():
     assert np.allclose(shown, utils._minmax(attributions[0].abs().sum(0).numpy()))
 
 
+def test_signed_maps_are_shown_around_zero():
+    m = torch.linspace(-1, 3, 64).view(1, 8, 8)  # integrated gradients' signed sum: zero must stay zero
+    overlay = image_axes(utils.plot_heatmaps(images(1), m))[1].images[1]
+    assert overlay.get_cmap().name == "RdBu_r" and overlay.get_clim() == (-1, 1)
+    assert np.allclose(overlay.get_array(), m[0].numpy() / 3)  # was min-max scaled: -1 showed as "no heat"
+
+
 def test_feature_maps_of_a_layer_without_space_are_refused_by_name():
     with pytest.raises(ValueError, match=r"layer 'head' gives \(1, 10\), not a \(C, H, W\) feature map"):
         utils.plot_feature_maps({"block1.act2": torch.rand(1, 4, 3, 3), "head": torch.rand(1, 10)})
@@ -160,6 +168,10 @@ def test_comparison_grid_labels():
     assert [ax.get_ylabel() for ax in axes[:, 0]] == list(rows)
     assert [ax.get_title() for ax in axes[0]] == CLASSES[:3]
     assert axes[1, 0].images[0].get_cmap().name == "gray"
+    fig = utils.comparison_grid({"one image": images(1)[0], "three": images(3)}, col_labels=CLASSES[:3])
+    axes = np.array(fig.axes).reshape(2, 3)  # one (C, H, W) image is one column, not C of them
+    assert [ax.get_visible() for ax in axes[0]] == [True, False, False]
+    assert [axes[0, 0].get_title(), axes[1, 1].get_title(), axes[1, 2].get_title()] == CLASSES[:3]  # none lost
 
 
 CALLS = {
@@ -239,11 +251,28 @@ def test_a_plot_that_fails_leaves_no_figure_open(tmp_path, name):
     assert len(plt.get_fignums()) == 1 and not list(tmp_path.iterdir())
 
 
+def test_a_confusion_matrix_of_many_classes_stays_a_readable_size():
+    fig = utils.plot_confusion(torch.eye(100, dtype=torch.long), [f"c{i}" for i in range(100)])
+    assert max(fig.get_size_inches()) < 35 and not fig.axes[0].texts  # was 62 inches and 10,000 labels
+
+
+def test_a_save_that_fails_while_writing_leaves_no_file(tmp_path, monkeypatch):
+    def half_written(fig, path, **kwargs):
+        Path(path).write_bytes(b"half a png")
+        raise OSError("disk full")
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        utils.show_images(images(2), save=tmp_path / "grid.png")
+    assert not list(tmp_path.iterdir())  # neither the figure nor its temporary file
+
+
 def test_wrong_images_labels_metrics_and_class_names_are_named():
     with pytest.raises(ValueError, match=r"C = 1 or 3; got shape \(4, 8, 8, 3\) \(channels last\? pass "):
         utils.show_images(images().permute(0, 2, 3, 1))
     with pytest.raises(ValueError, match=r"got shape \(4, 4, 8, 8\)"):  # RGBA, which matplotlib would take
         utils.show_images(images(c=4))
+    with pytest.raises(ValueError, match=r"got shape \(5, 8, 8\) \(gray images \(N, H, W\)\? pass images\[:, None\]\)"):
+        utils.show_images(torch.rand(5, 8, 8))  # was "(1, 5, 8, 8)", a shape never passed
     assert len(image_axes(utils.show_images(list(images(3))))) == 3  # a list of (C, H, W) images works
     with pytest.raises(ValueError, match="one label per image: 4 images, 2 labels"):
         utils.show_images(images(), labels=[0, 1], classes=CLASSES)
