@@ -186,12 +186,13 @@ class Statistics:
             raise ValueError(f"train_x must hold at least 2 images to standardize on; got {len(train_x)}")
         self.other, self.layers = other, models.block_layers(other, train_x.shape[-1])
         ref = block_activations(other, train_x, spatial_statistics, self.layers)
-        for layer, s in zip(self.layers, ref):
-            if not s.std(0).any():  # z-scores would be 0/0
+        sds = [s.std(0) for s in ref]
+        for layer, sd in zip(self.layers, sds):
+            if not sd.any():  # z-scores would be 0/0
                 raise ValueError(f"block {layer!r} of {type(other).__name__} gives the same statistics for every "
                                  f"training image (a dead block): it cannot tell images apart; train the model")
         self.mean = [s.mean(0) for s in ref]
-        self.sd = [s.std(0).clamp_min(1e-2 * s.std(0).mean()) for s in ref]  # a dead channel cannot dominate
+        self.sd = [sd.clamp_min(1e-2 * sd.mean()) for sd in sds]  # a dead channel cannot dominate
         self.train = self._standardize(ref)
 
     def __call__(self, images):

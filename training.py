@@ -585,7 +585,8 @@ def _check_learned(val_acc, val_y, num_classes, lr, ckpt_path):
     if reached >= 0.01:
         raise RuntimeError(
             f"the best validation accuracy, {val_acc:.1%}, is at chance level ({chance:.1%}, always naming the "
-            f"most frequent of {num_classes} classes): the run diverged or did not learn, so it is not saved as finished. {_kept(ckpt_path)} "
+            f"most frequent of {num_classes} classes): the run diverged or did not learn, so it is not saved as "
+            f"finished. {_kept(ckpt_path)} "
             f"Try a lower lr (now {lr}, e.g. {lr / 10:g}).")
 
 
