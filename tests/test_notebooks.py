@@ -78,13 +78,25 @@ assert (args.preset, args.vae_preset, args.steps, args.seed, args.checkpoints) =
 """
 
 
+# And its channel grid cell re-run, twice: a cell gives the same renders and exemplars every time it runs.
+RERUN_CHANNELS = """
+import torch
+cell = {cell!r}
+exec(cell)
+first = r.images.clone(), top.clone()
+exec(cell)
+assert torch.equal(r.images, first[0]) and torch.equal(top, first[1])
+"""
+
+
 def _smoke_checks(name, nb):
     """The cells appended to notebook `name` after its own (above), made from its cells."""
     if name in TRAINING:
         cell = next(c.source for c in nb.cells if f"training.{TRAINING[name]['trainer']}(" in c.source)
         return RERUN_TRAINING.format(cell=cell, **TRAINING[name])
     cell = next(c.source for c in nb.cells if "atlas.command(" in c.source)
-    return PRESS_RENDER + PRINTED_COMMAND.format(cell=cell)
+    channels = next(c.source for c in nb.cells if "CHANNEL_LAYER =" in c.source)
+    return PRESS_RENDER + PRINTED_COMMAND.format(cell=cell) + RERUN_CHANNELS.format(cell=channels)
 
 
 def test_notebooks_run_in_smoke_mode(monkeypatch):
