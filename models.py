@@ -318,7 +318,7 @@ class VAE(nn.Module):
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"the VAE takes {self.image_size}x{self.image_size} images (its architecture is fixed); "
                              f"got {tuple(x.shape)}: the classifier takes any size, the VAE does not")
-        x = _unit(x).to(self.latent_mean.device, dtype_of(self))  # images on another device (the CPU) too
+        x = _unit(x.to(self.latent_mean.device)).to(dtype_of(self))  # images on another device (the CPU) too
         mu, logvar = self.encoder(x * 2 - 1).chunk(2, dim=1)
         return mu, logvar.clamp(-12, 8)
 

@@ -31,8 +31,9 @@ def _numpy_images(images):
     given = torch.as_tensor(images).detach().cpu()
     x = given[None] if given.dim() == 3 else given
     if x.dim() != 4 or x.shape[1] not in (1, 3):
-        hint = (" (channels last? pass images.permute(0, 3, 1, 2))" if x.dim() == 4 and x.shape[-1] in (1, 3) else
-                " (gray images (N, H, W)? pass images[:, None])" if given.dim() == 3 else "")
+        hint = (" (channels last? pass images.permute(0, 3, 1, 2))" if given.dim() == 4 and given.shape[-1] in (1, 3)
+                else " (one image channels last? pass image.permute(2, 0, 1))" if given.dim() == 3 and given.shape[-1] in (1, 3)
+                else " (gray images (N, H, W)? pass images[:, None])" if given.dim() == 3 else "")
         raise ValueError(f"images must be (N, C, H, W) or one (C, H, W), with C = 1 or 3; got shape "
                          f"{tuple(given.shape)}{hint}")
     x = to_float(x)

@@ -38,7 +38,7 @@ def main():
     wall = time.perf_counter() - start
     test = training.evaluate_vae(vae, d.test_x)
     print(f"{d.name}, VAE preset {args.preset} ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params), "
-          f"{args.epochs} epochs, {torch.get_num_threads()} threads, device {training.get_device()}")
+          f"{args.mixtures} logistic(s) per pixel, {args.epochs} epochs, {torch.get_num_threads()} threads, device {training.get_device()}")
     print("| epoch | training seconds (cumulative) | val bits/dim |")
     print("|---|---|---|")
     elapsed = 0.0
@@ -56,7 +56,7 @@ def main():
     ax.plot([t / 60 for t, _ in points], [b for _, b in points], marker="o")
     ax.set_xlabel("training time (minutes, CPU)")
     ax.set_ylabel("validation bits/dim")
-    ax.set_title(f"VAE ({args.preset}) on {d.name}")
+    ax.set_title(f"VAE ({args.preset}, {args.mixtures} logistic(s) per pixel) on {d.name}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(args.png).parent.mkdir(parents=True, exist_ok=True)

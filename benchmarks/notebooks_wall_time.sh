@@ -8,15 +8,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RETRAIN=1 MPLBACKEND=Agg
-rm -f checkpoints/independent_*.pt  # the Visualization notebook retrains it too
+case "$(echo "${SMOKE:-}" | tr '[:upper:]' '[:lower:]' | xargs)" in  # as training.setting reads it
+  ""|0|false|no|off) smoke="" ;;
+  *) smoke=smoke/ ;;  # a smoke run's checkpoints and executed copies, apart from a full run's
+esac
+rm -f checkpoints/${smoke}independent_*.pt  # the Visualization notebook retrains it too
 PY=${PY:-.venv/bin/python}
 log=outputs/notebooks_wall_time.log
 mkdir -p outputs
-echo "$(date -u +%FT%TZ) DATASET=${DATASET:-cifar10} on $($PY -c 'import training; print(training.get_device())'), $(nproc) cores" | tee -a "$log"
+echo "$(date -u +%FT%TZ) ${smoke:+SMOKE }DATASET=${DATASET:-cifar10} on $($PY -c 'import training; print(training.get_device())'), $(nproc) cores" | tee -a "$log"
 total=0
 notebooks=("$@")  # default: all three, in order
 [ ${#notebooks[@]} -gt 0 ] || notebooks=(Classifier.ipynb VAE.ipynb Visualization.ipynb)
-out=outputs; [ -z "${SMOKE:-}" ] || [ "${SMOKE}" = 0 ] || out=outputs/smoke  # a smoke run's copies apart
+out=outputs/${smoke}
 trap 'echo "${nb:-setup}: FAILED (see the error above); no total" | tee -a "$log"' ERR
 for nb in "${notebooks[@]}"; do
   start=$(date +%s)

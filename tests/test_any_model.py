@@ -804,4 +804,4 @@ def test_a_gpu_vae_reconstructs_images_from_the_cpu():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     net = vae()
     on_gpu = copy.deepcopy(net).cuda().reconstruct(images)
-    assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), net.reconstruct(images), atol=1e-3)
+    assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), net.reconstruct(images), atol=1e-2)  # TF32 convolutions

@@ -81,11 +81,11 @@ assert (args.preset, args.vae_preset, args.steps, args.seed, args.checkpoints) =
 # And its channel grid cell re-run, twice: a cell gives the same renders and exemplars every time it runs.
 RERUN_CHANNELS = """
 import torch
-cell = {cell!r}
+cell, in_the_run = {cell!r}, top.clone()  # the grid's exemplars as the notebook's own run found them
 exec(cell)
 first = r.images.clone(), top.clone()
 exec(cell)
-assert torch.equal(r.images, first[0]) and torch.equal(top, first[1])
+assert torch.equal(r.images, first[0]) and torch.equal(top, first[1]) and torch.equal(top, in_the_run)
 """
 
 

@@ -168,8 +168,10 @@ def test_comparison_grid_labels():
     assert [ax.get_ylabel() for ax in axes[:, 0]] == list(rows)
     assert [ax.get_title() for ax in axes[0]] == CLASSES[:3]
     assert axes[1, 0].images[0].get_cmap().name == "gray"
+    fig = utils.comparison_grid({"one image": images(1)[0], "two": images(2)})
+    assert len(fig.axes) == 2 * 2  # one (C, H, W) image is one column, not C = 3 of them
     fig = utils.comparison_grid({"one image": images(1)[0], "three": images(3)}, col_labels=CLASSES[:3])
-    axes = np.array(fig.axes).reshape(2, 3)  # one (C, H, W) image is one column, not C of them
+    axes = np.array(fig.axes).reshape(2, 3)
     assert [ax.get_visible() for ax in axes[0]] == [True, False, False]
     assert [axes[0, 0].get_title(), axes[1, 1].get_title(), axes[1, 2].get_title()] == CLASSES[:3]  # none lost
 
@@ -273,6 +275,8 @@ def test_wrong_images_labels_metrics_and_class_names_are_named():
         utils.show_images(images(c=4))
     with pytest.raises(ValueError, match=r"got shape \(5, 8, 8\) \(gray images \(N, H, W\)\? pass images\[:, None\]\)"):
         utils.show_images(torch.rand(5, 8, 8))  # was "(1, 5, 8, 8)", a shape never passed
+    with pytest.raises(ValueError, match=r"got shape \(8, 8, 3\) \(one image channels last\? pass image.permute\(2, 0, 1\)\)"):
+        utils.show_images(torch.rand(8, 8, 3))
     assert len(image_axes(utils.show_images(list(images(3))))) == 3  # a list of (C, H, W) images works
     with pytest.raises(ValueError, match="one label per image: 4 images, 2 labels"):
         utils.show_images(images(), labels=[0, 1], classes=CLASSES)
