@@ -261,7 +261,7 @@ def _check_vae_fits(vae, channels, size):
 def _encode(vae, init):
     """Encoder means (N, D) of init images, in float32 (as the latent parameterizations keep z)."""
     with torch.no_grad():
-        return vae.encode(data.to_float(init, "init").to(vae.latent_mean.device))[0].float()
+        return vae.encode(data.to_float(init, "init"))[0].float()  # encode moves them to the VAE's device
 
 
 class LatentParam(nn.Module):

@@ -358,7 +358,7 @@ class VAE(nn.Module):
                              f"{tuple(b.shape)} (for images[i] of a batch, pass images[i], not images[i:i + 1])")
         check_count("steps", steps, 2)  # both ends included
         ends = check_input(self, torch.stack([to_float(a, "a"), to_float(b, "b")]), "a and b")
-        z = self.encode(ends.to(self.latent_mean.device))[0]
+        z = self.encode(ends)[0]  # encode moves them to the VAE's device
         t = torch.linspace(0, 1, steps, device=z.device, dtype=z.dtype)[:, None]
         return self.decode(torch.lerp(z[0], z[1], t))
 

@@ -194,14 +194,19 @@ def write_csv(rows, path):
 def read_csv(path):
     """Rows of a metrics CSV as dicts of floats."""
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return _floats(csv.DictReader(f))
+
+
+def _floats(rows):
+    """Rows of metrics as dicts of floats, as read_csv gives them."""
+    return [{k: float(v) for k, v in row.items()} for row in rows]
 
 
 def _match_csv(path, history):
     """Write a reused checkpoint's history as the CSV where the file is missing or holds other epochs (a run
     stopped between its CSV and its checkpoint, or one first trained without a csv_path)."""
     try:
-        if read_csv(path) == [{k: float(v) for k, v in row.items()} for row in history]:
+        if read_csv(path) == _floats(history):
             return
     except (OSError, ValueError, TypeError, csv.Error):  # missing or unreadable (a short row: float(None)): anew
         pass
