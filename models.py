@@ -394,7 +394,7 @@ class VAE(nn.Module):
 
     def elbo(self, x, kl_weight=1.0, free_bits=0.0, generator=None):
         """Loss terms per image, in nats summed over pixels (and in bits/dim for the negative ELBO)."""
-        x = _unit(x)
+        x = _unit(x.to(self.latent_mean.device))  # images on another device (the CPU) too
         mu, logvar = self.encode(x)
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + eps * torch.exp(0.5 * logvar)
@@ -770,9 +770,24 @@ def capture(model, images, layers):
     return {name: out[name] for name in layers}
 
 
-def _first_image(model, images):
+def first_image(model, images):
     """The first of a batch of images (checked), as the model takes it: (1, C, H, W) float on its device."""
     return to_float(check_input(model, images)[:1]).to(device_of(model), dtype_of(model))
+
+
+def last_to_run(model, x, kinds):
+    """(module, its input) of the last module of these kinds to run in model(x): by call, not by registration
+    order (a squeeze-and-excitation block's nn.Linear may be registered after the head); (None, None) if none
+    runs. The caller sets the model's mode."""
+    last = {}
+    handles = [m.register_forward_pre_hook(lambda module, args: last.update(module=module, input=args[0]))
+               for m in model.modules() if isinstance(m, kinds)]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return last.get("module"), last.get("input")
 
 
 @torch.no_grad()
@@ -780,7 +795,7 @@ def keeps_features_last(model, images, name):
     """Whether the named layer makes its output for images like these (the first is run) with its features on
     the last dim (an nn.Linear's tokens or channels-last map, or an output made from one: `_Layouts`), which
     `capture` moves to dim 1."""
-    x = _first_image(model, images)
+    x = first_image(model, images)
     return name in _features_last(model, {name: get_layer(model, name)}, x)
 
 
@@ -861,7 +876,7 @@ def last_map_layer(model, images):
     spatial layer if none is): Grad-CAM's default, as a 1x1 map, the last layer of a torchvision ResNet at 32
     px, would make a flat heatmap. Probed with the first image, so that a non-square input works too. A layer
     whose features are last (`keeps_features_last`) is passed over: Grad-CAM reads a layer's own output."""
-    x = _first_image(model, images)
+    x = first_image(model, images)
     every = _spatial_outputs(model, x)
     outputs = [(name, shape, last) for name, shape, last in every if not last] or every
     return next((name for name, shape, _ in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])

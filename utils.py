@@ -172,7 +172,7 @@ def plot_curves(rows, metrics=("loss", "acc"), save=None):
 @_no_figure_on_error
 def plot_confusion(cm, classes, normalize=True, save=None):
     """Confusion matrix (rows true, cols predicted); colour is the row fraction if normalize, text the counts
-    (up to 30 classes)."""
+    (up to 30 classes), the class names on the axes (every n-th past 100 classes)."""
     counts = np.asarray(check_confusion(cm, classes).detach().cpu(), dtype=np.float64)  # (K, K)
     shown = counts / np.maximum(counts.sum(1, keepdims=True), 1) if normalize else counts
     k = len(classes)
@@ -180,8 +180,10 @@ def plot_confusion(cm, classes, normalize=True, save=None):
     fig, ax = plt.subplots(figsize=(cell * k + 2.5, cell * k + 1.5))
     im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
-    ax.set_xticks(range(k), classes, rotation=45, ha="right")
-    ax.set_yticks(range(k), classes)
+    every = math.ceil(k / 100)  # past 100 classes, every n-th name, so that names stay 0.3 inch apart
+    ticks, names = range(0, k, every), list(classes)[::every]
+    ax.set_xticks(ticks, names, rotation=45, ha="right")
+    ax.set_yticks(ticks, names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     high = 0.5 if normalize else shown.max() / 2  # white text on dark cells

@@ -799,9 +799,12 @@ def test_the_data_statistics_take_images_on_a_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_a_gpu_vae_reconstructs_images_from_the_cpu():
+def test_a_gpu_vae_reconstructs_and_scores_images_from_the_cpu():
     """As interpolate does: the dataset's uint8 images stay on the CPU, the VAE moves them."""
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     net = vae()
-    on_gpu = copy.deepcopy(net).cuda().reconstruct(images)
+    gpu = copy.deepcopy(net).cuda()
+    on_gpu = gpu.reconstruct(images)
     assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), net.reconstruct(images), atol=1e-2)  # TF32 convolutions
+    bpd = gpu.elbo(images, generator=torch.Generator("cuda").manual_seed(0))["bpd"]
+    assert bpd.is_cuda and bpd.isfinite().all()

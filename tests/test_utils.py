@@ -258,6 +258,13 @@ def test_a_confusion_matrix_of_many_classes_stays_a_readable_size():
     assert max(fig.get_size_inches()) < 35 and not fig.axes[0].texts  # was 62 inches and 10,000 labels
 
 
+def test_the_names_of_many_classes_keep_apart():
+    names = [f"c{i}" for i in range(250)]
+    ax = utils.plot_confusion(torch.eye(250, dtype=torch.long), names).axes[0]
+    shown = [t.get_text() for t in ax.get_xticklabels()]
+    assert shown == names[::3] == [t.get_text() for t in ax.get_yticklabels()]  # 84 names, 0.36 inch apart
+
+
 def test_a_save_that_fails_while_writing_leaves_no_file(tmp_path, monkeypatch):
     def half_written(fig, path, **kwargs):
         Path(path).write_bytes(b"half a png")
