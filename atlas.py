@@ -70,10 +70,10 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out must be a folder for the atlas; {out} is a file")
-    # the training images' statistics too: the Fourier techniques render with them; and the techniques' code
-    # and settings, which an edit (under autoreload) changes without a new VERSION
+    # the training images' statistics too: the Fourier techniques render with them; and the code of the
+    # techniques and of the pages, which an edit (under autoreload) changes without a new VERSION
     key = fingerprint(VERSION, model, vae, techniques, steps, layers, d.name, d.classes, d.test_x, d.test_y,
-                      cov, magnitude, _techniques_code())
+                      cov, magnitude, _code())
 
     def one_step():  # of one channel per technique, before a stale atlas is emptied: what fails, fails before
         for how in hows.values():
@@ -90,9 +90,10 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     return out / "index.html"
 
 
-def _techniques_code():
-    """The source of featureviz, where every technique's settings and steps are written."""
-    return Path(fv.__file__).read_text()
+def _code():
+    """The source of featureviz, where every technique's settings and steps are written, and of this module,
+    which writes the pages."""
+    return Path(fv.__file__).read_text() + Path(__file__).read_text()
 
 
 def fingerprint(*parts):
@@ -146,11 +147,13 @@ def _save_manifest(out, key, done):
 # ----------------------------------------------------------------------------- what the pages show
 
 def selectivity(class_means):
-    """(C,) per channel: its largest per-class mean activation over its mean over the classes
-    (negative means count as 0; a channel silent on every class scores 0; a class without images, a
-    row of NaN, does not count)."""
+    """(C,) per channel: its largest per-class mean activation over its mean over the classes, that mean
+    taken as at least 1% of the layer's largest class mean, so that a channel that barely fires is not
+    ranked first (negative means count as 0; a channel silent on every class scores 0; a class without
+    images, a row of NaN, does not count)."""
     m = class_means[~class_means.isnan().any(1)].clamp_min(0)
-    return m.max(0).values / m.mean(0).clamp_min(1e-8)
+    floor = (0.01 * m.max()).clamp_min(1e-8)
+    return m.max(0).values / m.mean(0).clamp_min(floor)
 
 
 def class_means(acts, labels, num_classes):
@@ -161,21 +164,24 @@ def class_means(acts, labels, num_classes):
 
 def head_contributions(model, images, labels, num_classes):
     """(logits (N, K), contributions (K, F) or None) in one pass over the images: the contributions are
-    the head weight x the mean of each head input over each class's images, for a model whose last
-    module is an nn.Linear on pooled channels (None for another kind of head)."""
-    head = _head(model)
+    the head weight x the mean of each head input over each class's images, in logit units (times our
+    CNN's logit_scale), for a model whose last module to run is an nn.Linear on pooled channels (None for
+    another kind of head)."""
+    head = _head(model, images)
     if not isinstance(head, nn.Linear):
         return training.predict(model, images).cpu(), None
     with _head_inputs(head) as inputs:
         logits = training.predict(model, images).cpu()
-    if not inputs:  # a head that the forward pass never runs
-        return logits, None
-    return logits, head.weight.detach().float().cpu() * class_means(torch.cat(inputs), labels, num_classes)
+    scale = models.config_of(model).get("logit_scale", 1)  # our CNN's logits are its head's output x this
+    return logits, scale * head.weight.detach().float().cpu() * class_means(torch.cat(inputs), labels, num_classes)
 
 
-def _head(model):
-    """The model's last nn.Linear or nn.Conv2d: its head, in a classifier."""
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+@torch.no_grad()
+def _head(model, images):
+    """The last nn.Linear or nn.Conv2d to run on the first of the images: the model's head, in a classifier
+    (None if neither runs)."""
+    with models.evaluating(model):
+        return models.last_to_run(model, models.first_image(model, images), (nn.Linear, nn.Conv2d))[0]
 
 
 @contextmanager
@@ -194,13 +200,11 @@ def head_reads(model, layer, images):
     """True if the model's head is an nn.Linear that reads the layer's channels one to one, each pooled
     over the map (by its mean or its max), as checked on these images: not a hidden layer of the same
     width between them, whose units the class pages would take for the layer's channels."""
-    head = _head(model)
+    head = _head(model, images)
     if not isinstance(head, nn.Linear):
         return False
     with _head_inputs(head) as inputs:  # capture runs without gradients
         maps = models.capture(model, images, [layer, None])[layer].float().cpu().flatten(2)  # None: run it all
-    if not inputs:  # a head that the forward pass never runs
-        return False
     read = inputs[-1]
     return any(read.shape == pooled.shape and torch.allclose(read, pooled, rtol=1e-4, atol=1e-5)
                for pooled in (maps.mean(2), maps.amax(2)))

@@ -87,18 +87,11 @@ def _penultimate(model, x):
     f = model.features(x) if callable(getattr(model, "features", None)) else None
     if f is not None and f.dim() == 2:
         return f
-    seen = []
-    handles = [m.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-               for m in model.modules() if isinstance(m, nn.Linear)]
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    if not seen:
+    head, read = models.last_to_run(model, x, nn.Linear)
+    if head is None:
         raise ValueError(f"cannot tell the features of {type(model).__name__}: no nn.Linear head runs in it, and it "
                          f"has no features(x) method that returns (N, D) features")
-    return seen[-1].flatten(1)
+    return read.flatten(1)
 
 
 @torch.no_grad()
@@ -330,13 +323,13 @@ def path_percentiles(a_vis, a_top, a_random):
 
 def two_choice(f_refs, f_top, f_bottom):
     """Share of query pairs (f_top[j], f_bottom[j]) in which the top image is the more similar to the
-    references f_refs (R, D) (cosine, averaged over the references): 0.5 is chance."""
+    references f_refs (R, D) (cosine, averaged over the references; a tie counts half): 0.5 is chance."""
     if not len(f_refs) or not len(f_top) or f_top.shape != f_bottom.shape:
         raise ValueError(f"two_choice needs references and as many top as bottom images; got shapes "
                          f"{tuple(f_refs.shape)}, {tuple(f_top.shape)} and {tuple(f_bottom.shape)}")
     refs = F.normalize(f_refs, dim=1)
     s_top, s_bottom = ((F.normalize(f, dim=1) @ refs.T).mean(1) for f in (f_top, f_bottom))
-    return (s_top > s_bottom).float().mean().item()
+    return ((s_top > s_bottom).float() + 0.5 * (s_top == s_bottom).float()).mean().item()  # a tie is no choice
 
 
 def channel_sample(model, per_block=2, seed=0, size=None):
@@ -405,6 +398,16 @@ class Reference:
             row["planted"] = (self.detector(images[:n]) == labels).float().mean().item()
         return row
 
+    def rows(self, targets):
+        """Each target's index among the units."""
+        return [self.units.index(u) for u in targets]
+
+    def compared(self, targets):
+        """(T, 3R) per target: the test images its images are compared with, the path's direction and the
+        two-choice queries (its top 2R and weakest R)."""
+        rows = self.rows(targets)
+        return torch.cat([self.top[rows, :2 * R], self.bottom[rows]], 1)
+
     def _two_choice(self, f, units):
         """Mean over units of two_choice with the unit's images as references, its next R top test images
         against its R weakest as queries."""
@@ -420,13 +423,17 @@ class Reference:
         return (p.min(1).values < PATH_THRESHOLD).float().mean().item(), self.layers[p.argmin(1).mode().values.item()]
 
 
-def _pick(d, targets, seed, shift=0):
-    """One random test image per target: of the target's class (+ shift) for a Class, any for another."""
+def _pick(d, targets, seed, avoid, shift=0):
+    """One random test image per target: of the target's class (+ shift) for a Class, any for another; not
+    one of avoid[i], the test images target i's row is compared with (a draw among them takes the next one
+    of the pool that is not)."""
     gen, k = torch.Generator().manual_seed(seed), len(d.classes)
     idx = []
-    for t in targets:
+    for t, skip in zip(targets, avoid):
         pool = (d.test_y == (t.idx + shift) % k).nonzero()[:, 0] if isinstance(t, fv.Class) else torch.arange(len(d.test_y))
-        idx.append(pool[torch.randint(len(pool), (1,), generator=gen)])
+        pool = pool.roll(-torch.randint(len(pool), (1,), generator=gen).item())  # the draw first, then the next
+        kept = pool[~torch.isin(pool, skip)]
+        idx.append((kept if len(kept) else pool)[:1])
     return d.test_x[torch.cat(idx)]
 
 
@@ -443,11 +450,11 @@ def baselines(d, ref):
     shuffled pixels and real images of another class (which must score badly on what they miss)."""
     shape = d.test_x.shape[1:]
     return {
-        "real test images": lambda t, seed: _pick(d, t, seed),
-        "dataset exemplars": lambda t, seed: d.test_x[ref.top[[ref.units.index(u) for u in t], 2 * R + seed % R]],
+        "real test images": lambda t, seed: _pick(d, t, seed, ref.compared(t)),
+        "dataset exemplars": lambda t, seed: d.test_x[ref.top[ref.rows(t), 2 * R + seed % R]],
         "uniform noise": lambda t, seed: torch.rand(len(t), *shape, generator=torch.Generator().manual_seed(seed)),
-        "shuffled pixels": lambda t, seed: _shuffled(_pick(d, t, seed), seed),
-        "another class": lambda t, seed: _pick(d, t, seed, shift=1) if isinstance(t[0], fv.Class) else None,
+        "shuffled pixels": lambda t, seed: _shuffled(_pick(d, t, seed, ref.compared(t)), seed),
+        "another class": lambda t, seed: _pick(d, t, seed, ref.compared(t), shift=1) if isinstance(t[0], fv.Class) else None,
     }
 
 

@@ -100,11 +100,54 @@ def test_head_contributions_are_head_weight_times_the_class_mean_of_its_inputs(t
     logits, contrib = atlas.head_contributions(model, d.test_x, d.test_y, len(d.classes))
     assert torch.allclose(logits, fv.activations(model, d.test_x, [fv.Class(k) for k in range(10)]), atol=1e-4)
     feats = metrics.features(model, d.test_x)  # what our CNN's head reads
-    expected = torch.stack([model.head.weight[k].detach() * feats[d.test_y == k].mean(0) for k in range(10)])
+    scale = model.config["logit_scale"]  # logit units: our CNN's logits are its head's output x this
+    expected = torch.stack([scale * model.head.weight[k].detach() * feats[d.test_y == k].mean(0) for k in range(10)])
     assert torch.allclose(contrib, expected, atol=1e-4)
+    assert model.head.bias is None
+    for k in range(10):  # the contributions add up to the class's mean logit
+        assert contrib[k].sum().item() == pytest.approx(logits[d.test_y == k, k].mean().item(), abs=1e-4)
     conv_head = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 32), torch.nn.Flatten())
     assert atlas.head_contributions(conv_head, d.test_x, d.test_y, 10)[1] is None
     assert atlas.head_contributions(UnusedLastLinear(), d.test_x, d.test_y, 10)[1] is None
+
+
+class HeadRegisteredFirst(torch.nn.Module):
+    """A squeeze-and-excitation gate, an nn.Linear registered after the head, which runs last."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 10)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        m = self.conv(x)
+        gated = m * torch.sigmoid(self.gate(m.mean((2, 3))))[:, :, None, None]
+        return self.fc(gated.mean((2, 3)))
+
+
+def test_the_head_is_the_last_layer_to_run_not_the_last_registered():
+    torch.manual_seed(0)
+    model, x, y = HeadRegisteredFirst(), torch.rand(30, 3, 32, 32), torch.arange(30) % 10
+    logits, contrib = atlas.head_contributions(model, x, y, 10)
+    assert contrib.shape == (10, 4)  # the head's (10, 4), not the gate's (4, 4)
+    for k in range(10):
+        assert contrib[k].sum() + model.fc.bias[k].detach() == pytest.approx(logits[y == k, k].mean().item(), abs=1e-5)
+    pooled = PooledWithUnusedLinear()
+    assert atlas.head_reads(pooled, "net.1", x[:4])  # its head, not the nn.Linear registered after it
+
+
+class PooledWithUnusedLinear(torch.nn.Module):
+    """A head reading its map's channels, and an nn.Linear registered after it that never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                       torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
+        self.unused = torch.nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.net(x)
 
 
 class UnusedLastLinear(torch.nn.Module):
@@ -120,11 +163,12 @@ class UnusedLastLinear(torch.nn.Module):
 
 
 def test_selectivity_is_high_for_a_one_class_channel_and_low_for_an_even_one():
-    means = torch.zeros(10, 3)
+    means = torch.zeros(10, 4)
     means[4, 0] = 2.0       # fires for one class only: 10x its mean over the classes
     means[:, 1] = 0.7       # fires alike for every class
+    means[4, 3] = 1e-4      # barely fires, for one class: its mean is taken as 1% of the layer's 2.0
     sel = atlas.selectivity(means)  # channel 2 never fires
-    assert sel.tolist() == pytest.approx([10.0, 1.0, 0.0])
+    assert sel.tolist() == pytest.approx([10.0, 1.0, 0.0, 0.005])
     means[:, 2] = -1.0      # negative for every class but one: the negatives count as 0
     means[7, 2] = 0.5
     assert atlas.selectivity(means)[2].item() == pytest.approx(10.0)
@@ -153,7 +197,9 @@ def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_pat
     stale.write_bytes(b"")
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS + 1, progress=False)  # other settings
     assert calls == layers * 2 and not stale.exists()  # started afresh
-    monkeypatch.setattr(atlas, "_techniques_code", lambda: "a technique's settings edited")  # under autoreload
+    code = atlas._code()
+    assert Path(fv.__file__).read_text() in code and Path(atlas.__file__).read_text() in code
+    monkeypatch.setattr(atlas, "_code", lambda: code + "# a technique's or a page's settings edited")  # autoreload
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS + 1, progress=False)
     assert calls == layers * 3  # stale pages are never reused
 

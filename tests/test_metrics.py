@@ -4,6 +4,7 @@ inputs (pixel ascent, shuffled pixels, uniform noise, real images of another cla
 the seed-to-seed spread."""
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -105,6 +106,7 @@ def test_two_choice_by_hand_and_at_chance_for_random_references():
     top, bottom = torch.tensor([[1.0, 0.0], [0.9, 0.1]]), torch.tensor([[0.0, 1.0], [0.2, 0.8]])
     assert metrics.two_choice(torch.tensor([[1.0, 0.1]]), top, bottom) == 1.0
     assert metrics.two_choice(torch.tensor([[0.1, 1.0]]), top, bottom) == 0.0
+    assert metrics.two_choice(torch.ones(1, 2), torch.zeros(2, 2), torch.zeros(2, 2)) == 0.5  # ties: no choice
     # random references (isotropic) cannot tell the top images from the weakest: 50% on average
     gen = torch.Generator().manual_seed(0)
     scores = [metrics.two_choice(torch.randn(1, 16, generator=gen), torch.randn(10, 16, generator=gen) + 1,
@@ -454,3 +456,20 @@ def test_two_choice_queries_are_the_units_next_top_images_apart_from_the_others(
     reference._two_choice(f, torch.tensor([0, 1, 2]))
     for u, (f_top, f_bottom) in enumerate(queries):
         assert torch.equal(f_top, reference.f_test[top[u, R:2 * R]]) and torch.equal(f_bottom, reference.f_test[bottom[u]])
+
+
+def test_the_real_image_rows_never_draw_an_image_their_unit_is_compared_with(reference):
+    d = SimpleNamespace(classes=reference.classes, test_x=reference.test_x, test_y=reference.test_y)
+    rows, units = metrics.baselines(d, reference), reference.units
+    avoid = reference.compared(units)
+    classes = [u for u in units if isinstance(u, fv.Class)]
+    checked = 0
+    for seed in range(10):
+        for name, targets, shift in (("real test images", units, 0), ("another class", classes, 1)):
+            for t, image in zip(targets, rows[name](targets, seed)):
+                i = (d.test_x == image).flatten(1).all(1).nonzero()[:, 0]
+                pool = (d.test_y == (t.idx + shift) % 10).nonzero()[:, 0] if isinstance(t, fv.Class) else torch.arange(len(d.test_y))
+                if not torch.isin(pool, avoid[units.index(t)]).all():  # else every image is compared: any
+                    assert not torch.isin(i, avoid[units.index(t)]).any(), (name, t, seed)
+                    checked += 1
+    assert checked > 100
