@@ -355,7 +355,8 @@ class Recipe:
 def parameterization(kind, pool=0, **options):
     """A recipe for render(param=...): 'pixel', 'fourier', 'maco', 'latent' or 'whitened' with its own
     options (fourier: color_cov, decay, spectrum, sd; maco: magnitude, color_cov, contrast; latent and
-    whitened: vae, sd; every kind: init images).
+    whitened: vae, sd; whitened: jitter, added to the latent covariance before its Cholesky factor; every
+    kind: init images).
 
     pool: draw this many random initializations and start each image from the best ones for its target
     (one forward pass; useful for the latent parameterizations, whose draws differ).
@@ -388,7 +389,7 @@ def _check_options(options):
     if cov is not None:
         cov = torch.as_tensor(cov)
         color_sqrt(cov, len(cov) if cov.dim() else 0)  # square and finite; its channels are checked by render()
-    for name, low, inclusive in (("decay", 0, True), ("sd", 0, True), ("contrast", 0, False)):
+    for name, low, inclusive in (("decay", 0, True), ("sd", 0, True), ("contrast", 0, False), ("jitter", 0, True)):
         if name in options:
             _check_real(name, options[name], low, inclusive)
 
@@ -868,8 +869,10 @@ class Term:
     layer = None  # the layer whose activation the term reads (render hooks it); None: none
 
     def __post_init__(self):
-        if isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real) or not math.isfinite(self.weight):
-            raise ValueError(f"{type(self).__name__} weight must be a finite number, got {self.weight!r}")
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"{type(self).__name__} weight must be a finite number >= 0 (a negative one would "
+                             f"reward what it penalizes), got {w!r}")
 
 
 class ImageTerm(Term):
@@ -922,6 +925,12 @@ class Diversity(Term):
     logit (the default) with Diversity."""
     weight: float = DIVERSITY_WEIGHT
     layer: str = LAST_SPATIAL
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.layer, str) or not self.layer:
+            raise ValueError(f"Diversity's layer must be a layer name such as 'block2.act2' (by default the model's "
+                             f"last spatial layer), got {self.layer!r}")
 
     def __call__(self, images, acts, param, groups, values):
         return self.weight * values.detach().abs() * diversity_penalty(acts[self.layer], groups)
@@ -1082,6 +1091,9 @@ def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
     if transforms is not None and not callable(transforms):
         raise TypeError(f"transforms must be a transform t(x, gen) (STANDARD, AFFINE, LIGHT, jitter(...), "
                         f"resample(...), compose(...)) or None; got {transforms!r}")
+    if transforms in (jitter, resample, scale, rotate, compose, Shift):
+        raise TypeError(f"transforms={transforms.__name__} makes a transform: call it with its amounts, e.g. "
+                        f"{transforms.__name__}(...), or pass STANDARD, AFFINE or LIGHT")
 
 
 def _check_lr(lr):
@@ -1228,8 +1240,9 @@ def _optimize(step, param, gen, lr, history, progress):
     device = models.device_of(param)
     graphed = CUDA_GRAPHS and device.type == "cuda" and steps > _WARMUP
     # fused: the whole update in one kernel (on a CPU about half the time of the default's seven ops)
-    opt = torch.optim.Adam(param.parameters(), lr=torch.tensor(schedule(0.0), device=device) if graphed
-                           else schedule(0.0), capturable=graphed, fused=True)
+    # a captured Adam reads its lr from a float32 tensor (a NumPy float or an int lr would make it float64 or int64)
+    opt = torch.optim.Adam(param.parameters(), lr=torch.tensor(float(schedule(0.0)), dtype=torch.float32, device=device)
+                           if graphed else schedule(0.0), capturable=graphed, fused=True)
     project = getattr(param, "project", lambda: None)
     warm = _WARMUP if graphed else steps
     # the streams, synchronizations and capture below are the model's GPU's, whichever is the current one
@@ -1355,6 +1368,7 @@ def render_in_stages(model, targets, first, second, steps=256, **common):
     parameterization (a name or a Recipe) starts from the first stage's images. `common` goes to both, except
     restarts: the first stage keeps the best of its candidates, and the second refines those. A Prior
     term goes only to a stage whose parameterization has a prior (the latent one of 'hybrid')."""
+    data.check_count("steps", steps, 0)  # as given, before it is halved
     first, second = _priors_where_they_apply([{**first, **common}, {**second, **common, "restarts": 1}])
     if isinstance(second.get("param"), nn.Module):  # before the first stage runs
         raise TypeError("the second stage's param must be a parameterization name or Recipe, not a built module: "

@@ -10,6 +10,7 @@ import warnings
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -447,6 +448,15 @@ def test_the_same_seed_gives_the_same_images_on_a_gpu(monkeypatch, technique):
             a, b = (how(model, list(range(10)), steps=128, progress=False) for _ in range(2))
         assert (a.images - b.images).abs().max() <= SAME_SEED_ON_A_GPU[technique], f"CUDA_GRAPHS={graphs}"
         assert not [str(w.message) for w in caught if "graph" in str(w.message) or "stream" in str(w.message)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("lr", [np.float64(0.05), 1, lambda t: np.float32(0.05)])
+def test_a_graphed_render_takes_any_real_lr(lr):
+    """The captured Adam reads its lr from a float32 tensor: a NumPy float or an int lr, taken on a CPU, made
+    it float64 or int64, which the fused CUDA kernel does not convert."""
+    result = fv.render(cnn(32).cuda(), [0, 1], lr=lr, steps=8, progress=False)
+    assert result.images.isfinite().all()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -224,6 +224,7 @@ ENTRY_POINTS = {
     "models.capture": lambda x, cnn, vae: models.capture(cnn, x, ["block1.act2"]),
     "models.last_map_layer": lambda x, cnn, vae: models.last_map_layer(cnn, x),
     "models.keeps_features_last": lambda x, cnn, vae: models.keeps_features_last(cnn, x, "block1.act2"),
+    "models.first_image": lambda x, cnn, vae: models.first_image(cnn, x),
     "attribution.saliency": lambda x, cnn, vae: attribution.saliency(cnn, x, 0),
     "attribution.grad_cam": lambda x, cnn, vae: attribution.grad_cam(cnn, x, 0),
     "attribution.integrated_gradients": lambda x, cnn, vae: attribution.integrated_gradients(cnn, x, 0, steps=2),
@@ -256,6 +257,7 @@ NOT_IMAGES = {
     "data.check_batch": "the check itself",
     "models.check_input": "the check itself",
     "data.shift": "a differentiable gather on any dtype, used inside the loader and the transforms",
+    "models.last_to_run": "runs the model on its own input, which its callers have converted",
     **{f"models.{n}": "takes pixels scaled to [-1, 1] inside the VAE's loss"
        for n in ("discretized_logistic_nll", "mixture_logistic_nll", "coupled_means")},
     **{f"featureviz.{n}": "runs on the rendered batch inside render()'s step loop, where a check would sync"
@@ -551,6 +553,19 @@ def test_render_refuses_what_is_not_a_regularizer_or_a_parameterization(nets):
         fv.render(cnn, [0], steps=1, param=3, progress=False)
     with pytest.raises(ValueError, match="TV weight must be a finite number"):
         fv.TV(float("nan"))
+    with pytest.raises(ValueError, match=r"Diversity weight must be a finite number >= 0 .* got -1.5"):
+        fv.Diversity(-1.5)  # would pull the images together
+    with pytest.raises(ValueError, match="Diversity's layer must be a layer name such as 'block2.act2'"):
+        fv.Diversity(layer=None)  # was a KeyError: None at the first step
+    for maker in (fv.scale, fv.resample, fv.jitter):  # was "scale's low must be ... got tensor([[[[...": the images
+        with pytest.raises(TypeError, match=f"transforms={maker.__name__} makes a transform: call it"):
+            fv.render(cnn, [0], steps=1, transforms=maker, progress=False)
+    with pytest.raises(ValueError, match="jitter must be a finite number >= 0"):  # was a Cholesky error
+        fv.parameterization("whitened", vae=nets[1], jitter=-1)
+    stages = dict(first=dict(param="pixel"), second=dict(param="fourier"))
+    for steps in (2.0, True):  # as given, not halved: was "got 1.0", and True ran its first stage
+        with pytest.raises(ValueError, match=f"steps must be an int >= 0, got {steps!r}"):
+            fv.render_in_stages(cnn, [0], steps=steps, progress=False, **stages)
     with pytest.raises(TypeError, match=r"transforms must be a transform t\(x, gen\) .* got 'standard'"):
         fv.render(cnn, [0], steps=1, transforms="standard", progress=False)
 
