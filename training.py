@@ -68,6 +68,9 @@ def bf16_training(device):
     return device.type == "cpu" and amx()
 
 
+MAX_SEED = 2 ** 32 - 2  # the notebooks' SEED: NumPy takes seeds below 2 ** 32, and Visualization.ipynb uses SEED + 1
+
+
 def seed_everything(seed):
     """Seed torch, numpy and random."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 32:
@@ -125,10 +128,10 @@ def as_device(device):
 FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
-def setting(name, default, low=None, choices=None):
+def setting(name, default, low=None, choices=None, high=None):
     """The environment variable `name` as the type of `default` (bool, int, float or str), or `default` where
-    it is unset or empty; an error naming the variable and what it takes. low: the least number allowed;
-    choices: the strings allowed."""
+    it is unset or empty; an error naming the variable and what it takes. low, high: the least and the
+    greatest number allowed; choices: the strings allowed."""
     text = os.environ.get(name, "").strip()
     if not text:
         return default
@@ -142,8 +145,9 @@ def setting(name, default, low=None, choices=None):
             value = type(default)(text)
         except ValueError:
             raise ValueError(f"{name}={text!r}: give {kind}") from None
-        if low is not None and not value >= low:  # NaN fails too
-            raise ValueError(f"{name}={text!r}: give {kind} >= {low}")
+        if not ((low is None or value >= low) and (high is None or value <= high)):  # NaN fails too
+            bounds = f"in {low}..{high}" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
+            raise ValueError(f"{name}={text!r}: give {kind} {bounds}")
         return value
     if choices is not None and text not in choices:
         raise ValueError(f"{name}={text!r}: give one of {', '.join(choices)}")
@@ -260,21 +264,32 @@ def trained_on(data, seed):
 
 def reusable(path, **expected):
     """True if a complete checkpoint at path was trained with exactly these settings."""
+    return changed_settings(path, **expected) == []
+
+
+def changed_settings(path, **expected):
+    """The settings a complete checkpoint at path was trained with that differ from these, one line each
+    ([] if none); None if there is no complete checkpoint there."""
     if not Path(path).exists():
-        return False
+        return None
     try:
         ckpt = torch.load(path, weights_only=True, map_location="cpu")
     except Exception:
-        return False
-    return ckpt.get("complete", False) and all(_same(k, ckpt.get(k), v) for k, v in expected.items())
+        return None
+    if not ckpt.get("complete", False):
+        return None
+    return [line for key, wanted in expected.items() for line in _changes(key, ckpt.get(key), wanted)]
 
 
-def _same(key, saved, wanted):
-    """A saved setting equals the wanted one; of the hyperparameters, one since removed (tta_level, which
-    nothing read) is left out: it changed nothing, so it must not force a retrain."""
-    if key == "hyp" and isinstance(saved, dict) and isinstance(wanted, dict):
-        saved = {k: v for k, v in saved.items() if k in wanted}
-    return saved == wanted
+def _changes(key, saved, wanted):
+    """'name: saved in the checkpoint, wanted now' for a setting, or for each entry of a dict of them (config,
+    hyp) that differs; of the hyperparameters, one since removed (tta_level, which nothing read) is left out:
+    it changed nothing, so it must not force a retrain."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        keys = wanted if key == "hyp" else {**saved, **wanted}
+        return [f"{key}[{k!r}]: {saved.get(k)!r} in the checkpoint, {wanted.get(k)!r} now"
+                for k in keys if saved.get(k) != wanted.get(k)]
+    return [] if saved == wanted else [f"{key}: {saved!r} in the checkpoint, {wanted!r} now"]
 
 
 def partial_path(path):
@@ -379,11 +394,15 @@ def _train_or_load(fit_fn, data, ckpt_path, config, hyp, retrain, seed, device, 
     ckpt_path, csv_path = Path(ckpt_path).expanduser(), csv_path and Path(csv_path).expanduser()
     settings = trained_on(data, seed)
     with keeping_random_state():
-        if not retrain and reusable(ckpt_path, config=config, hyp=hyp, **settings):
+        changed = None if retrain else changed_settings(ckpt_path, config=config, hyp=hyp, **settings)
+        if changed == []:
             model, ckpt = load_checkpoint(ckpt_path, device)
             if csv_path:
                 _match_csv(csv_path, ckpt["history"])
             return model, ckpt
+        if changed:  # a setting that is not in the file's name, or a default that differs on this device
+            print(f"{ckpt_path} was trained with other settings, so a model is trained anew and replaces it when "
+                  f"the run completes (interrupt now and set them back to keep it): " + "; ".join(changed))
         seed_everything(seed)
         fit_fn(build_model(config), data, hyp, device, seed, ckpt_path, csv_path, progress, extra=settings)
         return load_checkpoint(ckpt_path, device)

@@ -7,12 +7,11 @@
 # Settings come from the environment as in the notebooks; the CPU or GPU defaults apply otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export RETRAIN=1 MPLBACKEND=Agg
+export RETRAIN=1 MPLBACKEND=Agg  # the notebooks train their models afresh, the independent classifier too; other datasets' stay
 case "$(echo "${SMOKE:-}" | tr '[:upper:]' '[:lower:]' | xargs)" in  # as training.setting reads it
   ""|0|false|no|off) smoke="" ;;
   *) smoke=smoke/ ;;  # a smoke run's checkpoints and executed copies, apart from a full run's
 esac
-rm -f checkpoints/${smoke}independent_*.pt  # the Visualization notebook retrains it too
 PY=${PY:-.venv/bin/python}
 log=outputs/notebooks_wall_time.log
 mkdir -p outputs

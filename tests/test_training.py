@@ -83,6 +83,19 @@ def test_same_settings_reload_instead_of_retraining(trained, tiny_data, monkeypa
     assert len(calls) == 3
 
 
+def test_a_checkpoint_of_other_settings_names_them_before_it_is_replaced(trained, tiny_data, monkeypatch, capsys):
+    _, ckpt, path = trained
+    monkeypatch.setattr(training, "fit", lambda *a, **k: None)  # trains nothing: the checkpoint stays
+    training.train_classifier(tiny_data, path / "cnn.pt", preset="small", hyp={**TINY, "epochs": 4}, seed=5)
+    said = capsys.readouterr().out
+    assert "was trained with other settings, so a model is trained anew" in said
+    assert f"hyp['epochs']: {ckpt['hyp']['epochs']!r} in the checkpoint, 4 now" in said
+    assert f"seed: {ckpt['seed']!r} in the checkpoint, 5 now" in said and "hyp['lr']" not in said  # only what changed
+    for kwargs in (dict(), dict(retrain=True)):  # reused, or retrained as asked: nothing to explain
+        training.train_classifier(tiny_data, path / "cnn.pt", preset="small", hyp=TINY, **kwargs)
+        assert "other settings" not in capsys.readouterr().out
+
+
 def test_interrupted_run_leaves_whole_files_and_is_not_reused(tiny_data, tmp_path, monkeypatch):
     calls = []
     real = training.evaluate
@@ -306,6 +319,13 @@ def test_notebook_settings_from_the_environment(monkeypatch):
         training.setting("SEEDS", 4, low=1)
     monkeypatch.delenv("SEEDS")
     assert training.setting("SEEDS", 4, low=1) == 4
+    monkeypatch.setenv("SEED", str(2 ** 32 - 1))  # numpy takes it, but Visualization.ipynb's SEED + 1 not
+    with pytest.raises(ValueError, match=rf"SEED='4294967295': give an integer in 0..{2 ** 32 - 2}"):
+        training.setting("SEED", 0, low=0, high=training.MAX_SEED)
+    monkeypatch.setenv("SEED", str(training.MAX_SEED))
+    assert training.setting("SEED", 0, low=0, high=training.MAX_SEED) == training.MAX_SEED
+    with training.keeping_random_state():
+        training.seed_everything(training.MAX_SEED + 1)  # the independent classifier's seed
     monkeypatch.setenv("PRESET", "Compact")
     with pytest.raises(ValueError, match=r"PRESET='Compact': give one of airbench, compact, small"):
         training.setting("PRESET", "compact", choices=models.CNN_PRESETS)  # used to fail a few cells later
