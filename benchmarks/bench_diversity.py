@@ -30,7 +30,8 @@ import training  # noqa: E402
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="cifar10-jpeg")
+    p.add_argument("--dataset", default=training.setting("DATASET", "cifar10-jpeg"),
+                   help="a dataset name or image-folder path (data.load_data; default: DATASET, else cifar10-jpeg)")
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints"), help="where the notebooks' checkpoints are")
     p.add_argument("--preset", choices=sorted(models.CNN_PRESETS), default=training.setting(
         "PRESET", training.device_defaults()["preset"], choices=models.CNN_PRESETS),
@@ -56,10 +57,10 @@ def weights(text):
 
 def load(args):
     d = data.load_data(args.dataset)
-    ckpt = Path(args.ckpt_dir)
-    hint = f"run the notebooks first, with the same DATASET, PRESET={args.preset} and SEED=0"
-    model = training.load_trained(ckpt / f"classifier_{d.name}_{args.preset}.pt", d, 0, hint=hint)[0]
-    other = training.load_trained(ckpt / f"independent_{d.name}.pt", d, 1, hint=hint)[0]  # the notebook's SEED + 1
+    ckpt, seed = Path(args.ckpt_dir), training.setting("SEED", 0, low=0, high=training.MAX_SEED)  # the notebooks'
+    hint = f"run the notebooks first, with the same DATASET, PRESET={args.preset} and SEED={seed}"
+    model = training.load_trained(ckpt / f"classifier_{d.name}_{args.preset}.pt", d, seed, hint=hint)[0]
+    other = training.load_trained(ckpt / f"independent_{d.name}.pt", d, seed + 1, hint=hint)[0]  # as the notebook
     return d, model, other
 
 

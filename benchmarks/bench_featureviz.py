@@ -76,7 +76,8 @@ def at_least(low):
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="cifar10-jpeg", help="a dataset name or image-folder path (data.load_data)")
+    p.add_argument("--dataset", default=training.setting("DATASET", "cifar10-jpeg"),
+                   help="a dataset name or image-folder path (data.load_data; default: DATASET, else cifar10-jpeg)")
     p.add_argument("--speed", action="store_true", help="time render() against Lucent instead")
     p.add_argument("--quick", action="store_true", help="smoke run: small models, few steps")
     p.add_argument("--seeds", type=at_least(2), default=4, help="renders per technique, at least 2 for a spread "
@@ -84,9 +85,9 @@ def parse_args():
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--rounds", type=at_least(1), default=5, help="--speed: interleaved rounds; ratios are taken within a round")
     p.add_argument("--preset", choices=sorted(models.CNN_PRESETS), default=None,
-                   help="classifier preset (default airbench, with --notebook-models the notebooks' device default)")
+                   help="classifier preset (default airbench; with --notebook-models PRESET, else the device's)")
     p.add_argument("--vae-preset", choices=sorted(models.VAE_PRESETS), default=None,
-                   help="VAE preset (default as --preset's)")
+                   help="VAE preset (default default; with --notebook-models VAE_PRESET, else the device's default)")
     p.add_argument("--epochs", type=int, default=5, help="classifier epochs")
     p.add_argument("--batch-size", type=int, default=1024, help="classifier batch size")
     p.add_argument("--vae-epochs", type=int, default=20)
@@ -101,10 +102,16 @@ def parse_args():
     p.add_argument("--png", default=None, help="comparison grid (default outputs/bench_featureviz_<dataset>.png)")
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints" / "bench"))
     p.add_argument("--notebook-models", action="store_true",
-                   help="use the notebooks' checkpoints (checkpoints/, their CPU or GPU default presets)")
+                   help="use the notebooks' checkpoints (checkpoints/), of their PRESET, VAE_PRESET and SEED")
     args = p.parse_args()
-    defaults = training.device_defaults() if args.notebook_models else dict(preset="airbench", vae_preset="default")
-    args.preset, args.vae_preset = args.preset or defaults["preset"], args.vae_preset or defaults["vae_preset"]
+    args.seed = 0
+    if args.notebook_models:  # the notebooks' settings, read as they read them
+        device = training.device_defaults()
+        args.preset = args.preset or training.setting("PRESET", device["preset"], choices=models.CNN_PRESETS)
+        args.vae_preset = args.vae_preset or training.setting("VAE_PRESET", device["vae_preset"],
+                                                              choices=models.VAE_PRESETS)
+        args.seed = training.setting("SEED", 0, low=0, high=training.MAX_SEED)
+    args.preset, args.vae_preset = args.preset or "airbench", args.vae_preset or "default"
     if args.quick:
         args.seeds, args.steps, args.epochs, args.vae_epochs = min(args.seeds, 2), 16, 1, 1
         args.preset, args.vae_preset = "small", "small"
@@ -127,10 +134,11 @@ def load_models(args, d):
     """(classifier, independent classifier, VAE), trained once and reused from checkpoints/bench/, or
     those the notebooks wrote (--notebook-models)."""
     if args.notebook_models:
-        ckpt, hint = ROOT / "checkpoints", "run the three notebooks first, with the same DATASET, presets and SEED=0"
+        ckpt, hint = ROOT / "checkpoints", "run the three notebooks first, with the same DATASET, presets and SEED"
         return tuple(training.load_trained(ckpt / name, d, seed, hint=hint)[0] for name, seed in (
-            (f"classifier_{d.name}_{args.preset}.pt", 0), (f"independent_{d.name}.pt", 1),  # the notebook's SEED + 1
-            (f"vae_{d.name}_{args.vae_preset}.pt", 0)))
+            (f"classifier_{d.name}_{args.preset}.pt", args.seed),
+            (f"independent_{d.name}.pt", args.seed + 1),  # the notebook's SEED + 1
+            (f"vae_{d.name}_{args.vae_preset}.pt", args.seed)))
     ckpt = Path(args.ckpt_dir)
     tag = f"{d.name}{'_quick' if args.quick else ''}"
     widths = models.CNN_PRESETS[args.preset]["widths"]

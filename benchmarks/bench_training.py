@@ -172,7 +172,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("accuracy")
-    a.add_argument("--dataset", default="cifar10-jpeg", help="a dataset name or image-folder path (data.load_data)")
+    a.add_argument("--dataset", default=training.setting("DATASET", "cifar10-jpeg"),
+                   help="a dataset name or image-folder path (data.load_data; default: DATASET, else cifar10-jpeg)")
     a.add_argument("--preset", default="airbench", choices=sorted(models.CNN_PRESETS))
     a.add_argument("--epochs", type=float, default=10)
     a.add_argument("--seed", type=int, default=0)

@@ -21,7 +21,8 @@ import training  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="cifar10-jpeg", help="a dataset name or image-folder path (data.load_data)")
+    p.add_argument("--dataset", default=training.setting("DATASET", "cifar10-jpeg"),
+                   help="a dataset name or image-folder path (data.load_data; default: DATASET, else cifar10-jpeg)")
     p.add_argument("--epochs", type=float, default=8)
     p.add_argument("--preset", default="default", choices=sorted(models.VAE_PRESETS))
     p.add_argument("--data-dir", default=None)
