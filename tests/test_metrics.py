@@ -97,9 +97,10 @@ def test_metrics_degrade_gracefully_on_small_inputs():
     assert metrics.diversity(model, x[:3], y[:3]) != metrics.diversity(model, x[:3], y[:3])  # nan: no pairs
     ex = fv.exemplars(model, x, fv.Class(0), k=10)  # k larger than the set
     assert len(ex.top) == 6 and sorted(ex.top.tolist()) == list(range(6))
-    # class 2 has no held-out images: it is skipped, not nan
-    p = metrics.naturalness(model, x, y, x, y, x[:2], y[:2])
-    assert p == p and p > 0
+    # class 2 has no held-out images: its visualizations are skipped, not nan
+    vis, held = (torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(s)) for n, s in ((6, 1), (2, 2)))
+    p = metrics.naturalness(model, vis, y, x, y, held, y[:2])
+    assert math.isfinite(p) and p == pytest.approx(metrics.naturalness(model, vis[y != 2], y[y != 2], x, y, held, y[:2]))
 
 
 def test_two_choice_by_hand_and_at_chance_for_random_references():
