@@ -220,12 +220,18 @@ def test_fourier_scale_is_one_over_frequency():
         assert s.shape == (32, 17)
         assert torch.isclose(s[0, 1] / s[0, 4], torch.tensor(4.0 ** decay), rtol=1e-5)
         assert torch.isclose(s[0, 0], s[0, 1])  # floored at 1/size
-    measured = fv.spectrum(torch.rand(4, 3, 32, 32))
-    assert measured.shape == (32, 17)
-    scale = fv.fourier_scale(32, spectrum=measured)
-    assert torch.allclose(scale.pow(2).mean(), torch.tensor(1.0))
-    floored = measured.clamp_min(measured.max() * 1e-3)
-    assert torch.allclose(scale, floored / floored.pow(2).mean().sqrt())  # the measured spectrum, not 1/f
+        assert torch.isclose(s[4, 3], s[0, 5]) and torch.isclose(s[-1, 0], s[0, 1])  # radial: |(4, 3)| = 5; -1 is 1
+    # a cosine of 3 cycles across, in every row: the measured spectrum is its one frequency, (0, 3)
+    wave = 0.5 + 0.4 * torch.cos(2 * math.pi * 3 * torch.arange(32) / 32).expand(2, 3, 32, 32)
+    measured = fv.spectrum(wave)
+    assert measured.shape == (32, 17) and measured.argmax().item() == 3 and measured.max() > 1000 * measured[0, 4]
+    # a measured spectrum is taken as it is, floored at 1e-3 of its peak, RMS 1
+    given = torch.ones(32, 17)
+    given[5, 5], given[7, 2] = 1e-6, 0.5
+    scale = fv.fourier_scale(32, spectrum=given)
+    assert torch.isclose(scale.pow(2).mean(), torch.tensor(1.0))
+    assert scale[5, 5] / scale[0, 0] == pytest.approx(1e-3) and scale[7, 2] / scale[0, 0] == pytest.approx(0.5)
+    assert torch.allclose(scale.flatten()[[1, 40, 200]], scale[0, 0].expand(3))  # the rest flat, not 1/f
 
 
 def test_fourier_and_pixel_params_start_from_given_images():
@@ -244,8 +250,10 @@ def test_whitened_latent_maps_zero_to_mean_and_has_the_latent_covariance():
         p.u.normal_(generator=torch.Generator().manual_seed(1))
         z = p.latent()
         assert torch.allclose(torch.cov(z.T), vae.latent_cov, atol=0.05)
+        assert p.penalty().mean().item() == pytest.approx(1.0, abs=0.01)  # u ~ N(0, I): its mean square
         p.u.zero_()
         assert torch.allclose(p.latent(), vae.latent_mean.expand(20000, -1), atol=1e-6)
+        assert torch.equal(p.penalty(), torch.zeros(20000))  # the data's mean latent: no prior cost
 
 
 def test_latent_param_stays_in_range():
@@ -256,7 +264,7 @@ def test_latent_param_stays_in_range():
         p.z.add_(100.0)
     p.project()
     assert torch.equal(p.z.detach(), vae.latent_hi.expand(4, -1))
-    assert p.penalty().shape == (4,)
+    torch.testing.assert_close(p.penalty(), vae.latent_hi.pow(2).mean().expand(4))  # ||z||^2 / D
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -693,6 +701,7 @@ def test_hybrid_keeps_the_best_restart_then_refines_it():
     first = fv.render(model, [0, 1], steps=2, **{**hybrid.settings, "restarts": 3, "images_per_target": 2,
                                                  "progress": False})
     torch.testing.assert_close(r.history[:2], first.history)  # the first stage's best of three
+    assert not torch.allclose(r.images, first.images, atol=1e-3)  # which the second stage refined
 
 
 def test_visualize_unit_builds_the_right_target():
@@ -908,3 +917,4 @@ def test_diversity_compares_a_half_models_maps_without_overflow():
     act[1, 0] = 1.0
     penalty = fv.diversity_penalty(act, torch.tensor([0, 0]))
     assert penalty.isfinite().all() and (penalty > 0.5).all()
+    torch.testing.assert_close(penalty.float(), fv.diversity_penalty(act.float(), torch.tensor([0, 0])), rtol=1e-2, atol=0)

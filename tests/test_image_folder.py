@@ -54,8 +54,12 @@ def test_split_follows_the_rule_of_the_builtin_datasets(tmp_path):
     d = data.load_data(str(tree), tmp_path / "cache", seed=3)
     train_idx, val_idx = data.split_indices(30, seed=3)
     assert len(d.val_y) == len(val_idx) == 3
+    (x, y), _, _ = data.load_image_folder(tree, tmp_path / "cache")  # every training image, in the order read
+    assert torch.equal(d.train_x, x[train_idx]) and torch.equal(d.val_y, y[val_idx])
     everything = torch.cat([d.train_x, d.val_x])[:, 0, 0, 0].sort().values
     assert torch.equal(everything, torch.tensor([10 * c + i for c in range(3) for i in range(10)], dtype=torch.uint8))
+    other = data.load_data(str(tree), tmp_path / "cache", seed=4)  # another seed, another split of the same images
+    assert not torch.equal(other.val_x, d.val_x) and torch.equal(other.val_x, x[data.split_indices(30, seed=4)[1]])
 
 
 @pytest.mark.parametrize("wrap", [None, "pets"])

@@ -146,9 +146,8 @@ def test_tta_averages_flipped_and_shifted_views():
 
 def test_device_choice_defaults_and_override():
     assert training.get_device("cpu") == torch.device("cpu")
-    expected = "cuda" if torch.cuda.is_available() else None
-    if expected:
-        assert training.get_device().type == expected
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    assert training.get_device().type == ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     with pytest.raises(ValueError, match="device must be .* got 'gpu'"):
         training.get_device("gpu")
     if not torch.cuda.is_available():
@@ -374,8 +373,8 @@ def test_fit_refuses_data_that_do_not_fit_the_model_before_changing_it(tiny_data
     assert all(torch.equal(before[k], v) for k, v in gray.state_dict().items())  # whitening not set
     model = models.build_model(models.cnn_config("small"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for bad in (dict(device="gpu"), dict(seed=-1)):
-        with pytest.raises(ValueError, match="device must be|seed"):
+    for bad, message in ((dict(device="gpu"), "device must be .* got 'gpu'"), (dict(seed=-1), r"seed \(SEED\) must be")):
+        with pytest.raises(ValueError, match=message):
             training.fit(model, tiny_data, hyp=TINY, progress=False, **bad)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     five = models.build_model(models.cnn_config("small", num_classes=5))
