@@ -270,7 +270,7 @@ img{image-rendering:pixelated;width:64px;height:64px;display:block}
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;border-radius:6px;padding:8px;width:590px}
 .card:target{border-color:#14c;box-shadow:0 0 6px #14c}.row{display:flex;gap:4px;align-items:flex-end;margin:4px 0}
 figure{margin:0;text-align:center;font-size:11px}.label{width:52px;font-size:12px;color:#555}
-.bars{display:flex;gap:3px;align-items:flex-end;height:48px}.bar{width:22px;background:#5a8;min-height:1px}
+.bars{display:flex;gap:3px;align-items:flex-end;height:48px}.bar{width:22px;background:#5a8;min-height:1px}.bar.neg{background:#c66}
 .barlabel{width:22px;font-size:9px;overflow:hidden;text-align:center}.strip{display:flex;gap:6px;flex-wrap:wrap}
 table{border-collapse:collapse}.row .label{align-self:center}td,th{padding:2px 8px;text-align:left}"""
 
@@ -325,17 +325,18 @@ class Site:
         return f'<div class="row"><span class="label">{label}</span>{figs}</div>'
 
     def bars(self, values):
-        """Mean activation per class as CSS bars (exact values on hover)."""
-        scale = max(values.nan_to_num(0).max().item(), 1e-8)
+        """Mean activation per class as CSS bars, as high as its size, red where negative (exact values on hover)."""
+        scale = max(values.nan_to_num(0).abs().max().item(), 1e-8)
         bars = "".join(self._bar(name, v, scale) for name, v in zip(self.d.classes, values.tolist()))
         labels = "".join(f'<div class="barlabel">{html.escape(name[:4])}</div>' for name in self.d.classes)
         return f'<div class="bars">{bars}</div><div class="row">{labels}</div>'
 
     @staticmethod
     def _bar(name, value, scale):
-        """One class's bar: empty for a negative mean, and for a class without test images (NaN)."""
-        height, title = (max(value, 0) / scale * 100, f"{value:.3f}") if value == value else (0, "no test images")
-        return f'<div class="bar" style="height:{height:.0f}%" title="{html.escape(name)}: {title}"></div>'
+        """One class's bar: red for a negative mean; empty for a class without test images (NaN)."""
+        height, title = (abs(value) / scale * 100, f"{value:.3f}") if value == value else (0, "no test images")
+        kind = "bar neg" if value < 0 else "bar"
+        return f'<div class="{kind}" style="height:{height:.0f}%" title="{html.escape(name)}: {title}"></div>'
 
     def card(self, layer, c, top, top_values, bottom, bottom_values, means):
         vis = "".join(self.figure(self.vis_file(layer, t, c), t) for t in self.techniques)
@@ -360,7 +361,7 @@ class Site:
         figs = "".join(self.figure(self.vis_file(last_layer, self.techniques[0], j), f"ch {j}: {contrib[j]:+.2f}",
                                    f"{self.layer_file(last_layer)}#c{j}") for j in top_ch)
         return body + (f"<h2>Channels of {html.escape(last_layer)} that add most to its logit</h2>"
-                       f"<p>head weight x mean activation on the class's test images</p><div class=\"strip\">{figs}</div>")
+                       f"<p>head weight x the channel's value the head reads, averaged over the class's test images, in logit units</p><div class=\"strip\">{figs}</div>")
 
     def layer_entry(self, layer, summary):
         href = self.layer_file(layer)

@@ -550,7 +550,8 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
                     device=device, seed=seed, channels_last=True)
     total = math.ceil(len(loader) * hyp["epochs"])
     opt = make_optimizer(model, hyp)
-    ema_decay = 0.95 ** 5 * (torch.arange(total + 1) / total) ** 3
+    # airbench's 0.95 a step, taken ema_every steps at a time, ramped up over the run
+    ema_decay = 0.95 ** hyp["ema_every"] * (torch.arange(total + 1) / total) ** 3
     lookahead = Lookahead(model)
     keeper = BestKeeper(model, "val_acc", True, ckpt_path, csv_path, hyp=hyp, precision="bf16" if bf16 else "fp32",
                         **(extra or {}))

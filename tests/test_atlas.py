@@ -270,6 +270,9 @@ def test_classes_without_test_images_and_three_classes_read_right(tmp_path):
     assert atlas.selectivity(means).tolist() == pytest.approx([1.5, 0.0])  # over cat and bird alone
     bars = site.bars(means[:, 0])
     assert "nan" not in bars and "dog: no test images" in bars and "height:100%" in bars
+    signed = site.bars(torch.tensor([-2.0, 1.0, 0.0]))  # a signed map (the whitening conv's): both sizes shown
+    assert '<div class="bar neg" style="height:100%" title="cat: -2.000">' in signed
+    assert '<div class="bar" style="height:50%" title="dog: 1.000">' in signed
     cm = torch.tensor([[50, 3, 1], [4, 40, 2], [0, 5, 45]])
     body = site.class_body(0, torch.tensor([0]), torch.tensor([1.0]), cm, "block3.act2", None)
     confused = body[body.index("Most confused with"):]
@@ -342,7 +345,7 @@ def test_the_cards_show_the_channels_own_exemplars(tiny, built):
     # its bars: channel 5's own mean activation per class (the exact value on hover)
     acts = fv.activations(model, d.test_x, [fv.Channel(layer, 5)])[:, 0]
     means = [acts[d.test_y == k].mean().item() for k in range(len(d.classes))]
-    assert [float(v) for v in re.findall(r'class="bar"[^>]*title="[^"]*: (-?[0-9.]+)"', card)] == pytest.approx(
+    assert [float(v) for v in re.findall(r'class="bar(?: neg)?"[^>]*title="[^"]*: (-?[0-9.]+)"', card)] == pytest.approx(
         means, abs=1e-3)
 
 

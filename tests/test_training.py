@@ -363,6 +363,9 @@ def test_fit_follows_the_recipe_at_each_step(tiny_data, monkeypatch):
     assert smoothing == [0.3] * 2 * per_epoch
     assert bias_trains == [True] * per_epoch + [False] * per_epoch
     assert len(decays) == 2 * per_epoch // 3 + 1 and decays[-1] == 1.0 and all(d < 1 for d in decays[:-1])
+    total = 2 * per_epoch  # a pull every 3 steps decays as 3 steps of 0.95, ramped up by (step / total)^3
+    expected = [0.95 ** 3 * (s / total) ** 3 for s in range(3, total + 1, 3)]
+    assert decays[:-1] == pytest.approx(expected, rel=1e-5)
 
 
 def test_fit_refuses_data_that_do_not_fit_the_model_before_changing_it(tiny_data):
