@@ -214,12 +214,14 @@ def plot_misclassified(images, true, pred, classes, n=16, save=None):
 
 @_no_figure_on_error
 def plot_filters(weight, save=None):
-    """Conv filters (O, I, kh, kw): RGB when I == 3, else the first input channel in gray; each min-max scaled."""
+    """Conv filters (O, I, kh, kw): RGB when I == 3, else the first input channel in gray; each scaled by its
+    largest |weight| around mid-gray (0), so that a flat filter shows as flat and a colour-opponent one as
+    the colours it adds (brighter) and takes away (darker)."""
     w = torch.as_tensor(weight).detach().cpu().float().numpy()
     fig, axes = _grid(len(w), 16, size=0.8)
     for ax, f in zip(axes.flat, w):
-        img = _minmax(f).transpose(1, 2, 0) if f.shape[0] == 3 else _minmax(f[0])  # (kh, kw, 3) or (kh, kw)
-        _imshow(ax, img)
+        f = 0.5 + 0.5 * f / max(np.abs(f).max(), 1e-12)
+        _imshow(ax, f.transpose(1, 2, 0) if f.shape[0] == 3 else f[0])  # (kh, kw, 3) or (kh, kw)
     return _finish(fig, save)
 
 
@@ -331,8 +333,11 @@ def plot_spectrum(eigenvalues, title="latent covariance spectrum", save=None):
     ev = torch.as_tensor(eigenvalues).detach().cpu().double().sort(descending=True).values.clamp_min(1e-12).numpy()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.semilogy(np.arange(1, len(ev) + 1), ev, marker=".")
+    a.axhline(1.0, color="gray", ls="--", lw=1, label="N(0, I) prior: 1")
     a.set_xlabel("component")
+    a.set_ylabel("variance (eigenvalue)")
     a.set_title(title)
+    a.legend(fontsize=8)
     b.plot(np.arange(1, len(ev) + 1), np.cumsum(ev) / ev.sum())
     b.set_xlabel("components")
     b.set_title("cumulative share of variance")

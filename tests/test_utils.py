@@ -104,7 +104,11 @@ def test_plot_filters_rgb_and_gray():
     fig = utils.plot_filters(torch.randn(6, 3, 3, 3))
     arrays = [ax.images[0].get_array() for ax in image_axes(fig)]
     assert len(arrays) == 6 and all(a.shape == (3, 3, 3) for a in arrays)
-    assert all(np.isclose(a.min(), 0) and np.isclose(a.max(), 1) for a in arrays)  # per filter min-max
+    assert all(np.isclose(np.abs(a - 0.5).max(), 0.5) for a in arrays)  # each filter's largest |weight| at 0 or 1
+    flat, opponent = torch.full((3, 2, 2), 0.3), torch.tensor([1.0, -1.0, 0.0])[:, None, None].expand(3, 2, 2)
+    shown = [ax.images[0].get_array() for ax in image_axes(utils.plot_filters(torch.stack([flat, -flat, opponent])))]
+    assert np.allclose(shown[0], 1.0) and np.allclose(shown[1], 0.0)  # brightness up, down: flat (min-max: noise)
+    assert np.allclose(shown[2], np.broadcast_to([1.0, 0.0, 0.5], (2, 2, 3)))  # red up, green down, blue untouched
     fig = utils.plot_filters(torch.nn.Conv2d(2, 4, 5).weight)  # parameter with grad, 2 input channels
     ims = [ax.images[0] for ax in image_axes(fig)]
     assert len(ims) == 4 and all(im.get_array().shape == (5, 5) and im.get_cmap().name == "gray" for im in ims)
