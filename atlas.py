@@ -172,6 +172,8 @@ def head_contributions(model, images, labels, num_classes):
         return training.predict(model, images).cpu(), None
     with _head_inputs(head) as inputs:
         logits = training.predict(model, images).cpu()
+    if sum(map(len, inputs)) != len(images):  # a head that runs more than once a pass: no one input per image
+        return logits, None
     scale = models.config_of(model).get("logit_scale", 1)  # our CNN's logits are its head's output x this
     return logits, scale * head.weight.detach().float().cpu() * class_means(torch.cat(inputs), labels, num_classes)
 
@@ -419,13 +421,8 @@ def arguments(description, argv=None):
     from_environment = [("dataset", "DATASET", "cifar10", {}),
                         ("preset", "PRESET", defaults["preset"], dict(choices=models.CNN_PRESETS)),
                         ("vae_preset", "VAE_PRESET", defaults["vae_preset"], dict(choices=models.VAE_PRESETS)),
-                        ("steps", "STEPS", 256, dict(low=1)), ("seed", "SEED", 0, dict(low=0))]
-    for key, variable, default, check in from_environment:  # only those no flag gave: a flag overrides a bad one
-        if getattr(args, key) is None:
-            try:
-                setattr(args, key, training.setting(variable, default, **check))
-            except ValueError as e:
-                p.error(f"{e} (or give --{key.replace('_', '-')})")
+                        ("steps", "STEPS", 256, dict(low=1)), ("seed", "SEED", 0, dict(low=0, high=training.MAX_SEED))]
+    training.from_environment(p, args, from_environment)
     args.techniques = args.techniques.split(",")
     unknown = [t for t in args.techniques if t not in fv.TECHNIQUE_NAMES]
     if unknown:

@@ -871,8 +871,8 @@ class Term:
     def __post_init__(self):
         w = self.weight
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
-            raise ValueError(f"{type(self).__name__} weight must be a finite number >= 0 (a negative one would "
-                             f"reward what it penalizes), got {w!r}")
+            why = " (a negative one would reward what it penalizes)" if isinstance(w, numbers.Real) and w < 0 else ""
+            raise ValueError(f"{type(self).__name__} weight must be a finite number >= 0{why}, got {w!r}")
 
 
 class ImageTerm(Term):

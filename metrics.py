@@ -348,6 +348,7 @@ def channel_sample(model, per_block=2, seed=0, size=None):
 
 R = 10  # per unit: its 10 top test images set the path's direction, the next 10 are the two-choice queries
         # (beside its 10 weakest), the next 10 are the "dataset exemplars" row
+PATH, QUERIES, EXEMPLARS = slice(0, R), slice(R, 2 * R), slice(2 * R, 3 * R)  # of a unit's top test images
 
 
 class Reference:
@@ -403,22 +404,23 @@ class Reference:
         return [self.units.index(u) for u in targets]
 
     def compared(self, targets):
-        """(T, 3R) per target: the test images its images are compared with, the path's direction and the
-        two-choice queries (its top 2R and weakest R)."""
+        """(T, 3R + n_random) per target: the test images its images are compared with: the path's direction,
+        the two-choice queries (its top 2R and weakest R) and the path check's random images."""
         rows = self.rows(targets)
-        return torch.cat([self.top[rows, :2 * R], self.bottom[rows]], 1)
+        return torch.cat([self.top[rows, PATH], self.top[rows, QUERIES], self.bottom[rows],
+                          self.random.expand(len(rows), -1)], 1)
 
     def _two_choice(self, f, units):
         """Mean over units of two_choice with the unit's images as references, its next R top test images
         against its R weakest as queries."""
-        return sum(two_choice(f[units == u], self.f_test[self.top[u, R:2 * R]], self.f_test[self.bottom[u]])
+        return sum(two_choice(f[units == u], self.f_test[self.top[u, QUERIES]], self.f_test[self.bottom[u]])
                    for u in units.unique().tolist()) / len(units.unique())
 
     def path_check(self, images, units):
         """(the share of images the path check flags, the block that is most often the least similar);
         units: (N,) each image's unit, an index into self.units."""
         a = block_activations(self.model, images, pooled, self.layers)
-        p = torch.cat([path_percentiles([x[units == u] for x in a], [x[self.top[u, :R]] for x in self.a_test],
+        p = torch.cat([path_percentiles([x[units == u] for x in a], [x[self.top[u, PATH]] for x in self.a_test],
                                         [x[self.random] for x in self.a_test]) for u in units.unique().tolist()])
         return (p.min(1).values < PATH_THRESHOLD).float().mean().item(), self.layers[p.argmin(1).mode().values.item()]
 
@@ -426,11 +428,14 @@ class Reference:
 def _pick(d, targets, seed, avoid, shift=0):
     """One random test image per target: of the target's class (+ shift) for a Class, any for another; not
     one of avoid[i], the test images target i's row is compared with (a draw among them takes the next one
-    of the pool that is not)."""
+    of the pool that is not; where the whole pool is among them, the draw stands)."""
     gen, k = torch.Generator().manual_seed(seed), len(d.classes)
     idx = []
     for t, skip in zip(targets, avoid):
         pool = (d.test_y == (t.idx + shift) % k).nonzero()[:, 0] if isinstance(t, fv.Class) else torch.arange(len(d.test_y))
+        if not len(pool):
+            raise ValueError(f"the real-image rows need a test image of class {(t.idx + shift) % k} "
+                             f"({d.classes[(t.idx + shift) % k]}); {d.name} has none")
         pool = pool.roll(-torch.randint(len(pool), (1,), generator=gen).item())  # the draw first, then the next
         kept = pool[~torch.isin(pool, skip)]
         idx.append((kept if len(kept) else pool)[:1])
@@ -451,7 +456,7 @@ def baselines(d, ref):
     shape = d.test_x.shape[1:]
     return {
         "real test images": lambda t, seed: _pick(d, t, seed, ref.compared(t)),
-        "dataset exemplars": lambda t, seed: d.test_x[ref.top[ref.rows(t), 2 * R + seed % R]],
+        "dataset exemplars": lambda t, seed: d.test_x[ref.top[ref.rows(t), EXEMPLARS][:, seed % R]],
         "uniform noise": lambda t, seed: torch.rand(len(t), *shape, generator=torch.Generator().manual_seed(seed)),
         "shuffled pixels": lambda t, seed: _shuffled(_pick(d, t, seed, ref.compared(t)), seed),
         "another class": lambda t, seed: _pick(d, t, seed, ref.compared(t), shift=1) if isinstance(t[0], fv.Class) else None,

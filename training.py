@@ -68,6 +68,18 @@ def bf16_training(device):
     return device.type == "cpu" and amx()
 
 
+def from_environment(parser, args, settings):
+    """Fill in each (attribute, variable, default, checks) of `settings` that no flag gave (None) with the
+    environment variable, as `setting` reads it (checks: its low, high or choices); a bad variable is the
+    parser's error, which names the flag that overrides it. So a flag overrides a bad variable too."""
+    for key, variable, default, checks in settings:
+        if getattr(args, key) is None:
+            try:
+                setattr(args, key, setting(variable, default, **checks))
+            except ValueError as e:
+                parser.error(f"{e} (or give --{key.replace('_', '-')})")
+
+
 MAX_SEED = 2 ** 32 - 2  # the notebooks' SEED: NumPy takes seeds below 2 ** 32, and Visualization.ipynb uses SEED + 1
 
 
@@ -287,9 +299,13 @@ def _changes(key, saved, wanted):
     it changed nothing, so it must not force a retrain."""
     if isinstance(saved, dict) and isinstance(wanted, dict):
         keys = wanted if key == "hyp" else {**saved, **wanted}
-        return [f"{key}[{k!r}]: {saved.get(k)!r} in the checkpoint, {wanted.get(k)!r} now"
-                for k in keys if saved.get(k) != wanted.get(k)]
+        return [f"{key}[{k!r}]: {_shown(saved, k)} in the checkpoint, {_shown(wanted, k)} now"
+                for k in keys if k not in saved or k not in wanted or saved[k] != wanted[k]]
     return [] if saved == wanted else [f"{key}: {saved!r} in the checkpoint, {wanted!r} now"]
+
+
+def _shown(settings, key):
+    return repr(settings[key]) if key in settings else "absent"
 
 
 def partial_path(path):

@@ -99,6 +99,12 @@ def _minmax(x, eps=1e-12):
     return (x - x.min()) / max(x.max() - x.min(), eps)
 
 
+def _symmetric(x, eps=1e-12):
+    """Scale an array by its largest |value| to [-1, 1], 0 kept at 0 (a zero array stays zeros)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / max(np.abs(x).max(), eps)
+
+
 def _no_figure_on_error(plot):
     """A plot that raises closes the figures it opened: half-drawn, they would pile up in a script and
     show under the traceback in a notebook."""
@@ -220,7 +226,7 @@ def plot_filters(weight, save=None):
     w = torch.as_tensor(weight).detach().cpu().float().numpy()
     fig, axes = _grid(len(w), 16, size=0.8)
     for ax, f in zip(axes.flat, w):
-        f = 0.5 + 0.5 * f / max(np.abs(f).max(), 1e-12)
+        f = 0.5 + 0.5 * _symmetric(f)
         _imshow(ax, f.transpose(1, 2, 0) if f.shape[0] == 3 else f[0])  # (kh, kw, 3) or (kh, kw)
     return _finish(fig, save)
 
@@ -277,7 +283,7 @@ def plot_heatmaps(images, maps, titles=None, row_labels=None, save=None):
         signed = bool((m < 0).any())  # min-max scaling would put its zero at an arbitrary colour
         for ax, img, mj in zip(row, x, m.numpy()):
             _imshow(ax, img)
-            shown = mj / max(np.abs(mj).max(), 1e-12) if signed else _minmax(mj)
+            shown = _symmetric(mj) if signed else _minmax(mj)
             ax.imshow(shown, cmap="RdBu_r" if signed else "jet", alpha=0.5, vmin=-1 if signed else 0, vmax=1,
                       interpolation="bilinear")
     for ax, label in zip(axes[:, 0], labels):

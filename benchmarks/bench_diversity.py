@@ -30,18 +30,23 @@ import training  # noqa: E402
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default=training.setting("DATASET", "cifar10-jpeg"),
-                   help="a dataset name or image-folder path (data.load_data; default: DATASET, else cifar10-jpeg)")
+    p.add_argument("--dataset", help="a dataset name or image-folder path (data.load_data; default: DATASET, "
+                   "else cifar10-jpeg)")
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints"), help="where the notebooks' checkpoints are")
-    p.add_argument("--preset", choices=sorted(models.CNN_PRESETS), default=training.setting(
-        "PRESET", training.device_defaults()["preset"], choices=models.CNN_PRESETS),
+    p.add_argument("--preset", choices=sorted(models.CNN_PRESETS),
                    help="the notebooks' classifier preset (default: PRESET, else this device's)")
+    p.add_argument("--seed", type=int, help="the notebooks' SEED (their train/val split; default: SEED, else 0)")
     p.add_argument("--weights", type=weights, default="0,0.5,1,1.25,1.5,2,3", help="comma-separated Diversity weights")
     p.add_argument("--images", type=int, default=6, help="images per unit")
     p.add_argument("--technique", default="fourier", choices=("pixel", "pixel+reg", "fourier", "maco"))
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--seeds", type=int, default=3, help="render seeds per weight: means over them, the lowest of all")
-    return p.parse_args()
+    args = p.parse_args()
+    training.from_environment(p, args, [
+        ("dataset", "DATASET", "cifar10-jpeg", {}),
+        ("preset", "PRESET", training.device_defaults()["preset"], dict(choices=models.CNN_PRESETS)),
+        ("seed", "SEED", 0, dict(low=0, high=training.MAX_SEED))])
+    return args
 
 
 def weights(text):
@@ -56,8 +61,7 @@ def weights(text):
 
 
 def load(args):
-    d = data.load_data(args.dataset)
-    ckpt, seed = Path(args.ckpt_dir), training.setting("SEED", 0, low=0, high=training.MAX_SEED)  # the notebooks'
+    d, ckpt, seed = data.load_data(args.dataset, seed=args.seed), Path(args.ckpt_dir), args.seed  # their split
     hint = f"run the notebooks first, with the same DATASET, PRESET={args.preset} and SEED={seed}"
     model = training.load_trained(ckpt / f"classifier_{d.name}_{args.preset}.pt", d, seed, hint=hint)[0]
     other = training.load_trained(ckpt / f"independent_{d.name}.pt", d, seed + 1, hint=hint)[0]  # as the notebook

@@ -76,8 +76,8 @@ def at_least(low):
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default=training.setting("DATASET", "cifar10-jpeg"),
-                   help="a dataset name or image-folder path (data.load_data; default: DATASET, else cifar10-jpeg)")
+    p.add_argument("--dataset", help="a dataset name or image-folder path (data.load_data; default: DATASET, "
+                   "else cifar10-jpeg)")
     p.add_argument("--speed", action="store_true", help="time render() against Lucent instead")
     p.add_argument("--quick", action="store_true", help="smoke run: small models, few steps")
     p.add_argument("--seeds", type=at_least(2), default=4, help="renders per technique, at least 2 for a spread "
@@ -103,15 +103,17 @@ def parse_args():
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints" / "bench"))
     p.add_argument("--notebook-models", action="store_true",
                    help="use the notebooks' checkpoints (checkpoints/), of their PRESET, VAE_PRESET and SEED")
+    p.add_argument("--seed", type=int, help="with --notebook-models: the notebooks' SEED (their train/val split; "
+                   "default: SEED, else 0)")
     args = p.parse_args()
-    args.seed = 0
+    settings = [("dataset", "DATASET", "cifar10-jpeg", {})]
     if args.notebook_models:  # the notebooks' settings, read as they read them
         device = training.device_defaults()
-        args.preset = args.preset or training.setting("PRESET", device["preset"], choices=models.CNN_PRESETS)
-        args.vae_preset = args.vae_preset or training.setting("VAE_PRESET", device["vae_preset"],
-                                                              choices=models.VAE_PRESETS)
-        args.seed = training.setting("SEED", 0, low=0, high=training.MAX_SEED)
-    args.preset, args.vae_preset = args.preset or "airbench", args.vae_preset or "default"
+        settings += [("preset", "PRESET", device["preset"], dict(choices=models.CNN_PRESETS)),
+                     ("vae_preset", "VAE_PRESET", device["vae_preset"], dict(choices=models.VAE_PRESETS)),
+                     ("seed", "SEED", 0, dict(low=0, high=training.MAX_SEED))]
+    training.from_environment(p, args, settings)
+    args.preset, args.vae_preset, args.seed = args.preset or "airbench", args.vae_preset or "default", args.seed or 0
     if args.quick:
         args.seeds, args.steps, args.epochs, args.vae_epochs = min(args.seeds, 2), 16, 1, 1
         args.preset, args.vae_preset = "small", "small"
@@ -121,8 +123,8 @@ def parse_args():
 # ----------------------------------------------------------------------------- models
 
 def load_data(args):
-    """The dataset; --quick keeps a small slice of it."""
-    d = data.load_data(args.dataset)
+    """The dataset (split by the notebooks' SEED with --notebook-models); --quick keeps a small slice of it."""
+    d = data.load_data(args.dataset, seed=args.seed)
     if args.quick:
         n = 3000
         d = dataclasses.replace(d, train_x=d.train_x[:n], train_y=d.train_y[:n], val_x=d.val_x[:500],

@@ -133,6 +133,10 @@ def test_the_head_is_the_last_layer_to_run_not_the_last_registered():
     assert contrib.shape == (10, 4)  # the head's (10, 4), not the gate's (4, 4)
     for k in range(10):
         assert contrib[k].sum() + model.fc.bias[k].detach() == pytest.approx(logits[y == k, k].mean().item(), abs=1e-5)
+    twice = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    head = torch.nn.Linear(4, 4)
+    twice.append(head).append(head)  # one head run twice a pass: no one input per image (was an IndexError)
+    assert atlas.head_contributions(twice, x, y % 4, 4)[1] is None
     pooled = PooledWithUnusedLinear()
     assert atlas.head_reads(pooled, "net.1", x[:4])  # its head, not the nn.Linear registered after it
 

@@ -825,7 +825,7 @@ def test_several_targets_as_an_array_or_tensor_and_numpy_weights():
     r = fv.visualize_unit(model, "block1.act2", np.arange(2), steps=1, progress=False)
     assert r.targets == [fv.Channel("block1.act2", 0), fv.Channel("block1.act2", 1)]
     assert fv.TV(np.float32(2.0)).weight == 2.0 and fv.Diversity(np.int64(1)).weight == 1  # a sweep's weights
-    with pytest.raises(ValueError, match=r"TV weight must be a finite number >= 0 .*, got True"):
+    with pytest.raises(ValueError, match=r"TV weight must be a finite number >= 0, got True"):
         fv.TV(True)
 
 

@@ -91,6 +91,8 @@ def test_a_checkpoint_of_other_settings_names_them_before_it_is_replaced(trained
     assert "was trained with other settings, so a model is trained anew" in said
     assert f"hyp['epochs']: {ckpt['hyp']['epochs']!r} in the checkpoint, 4 now" in said
     assert f"seed: {ckpt['seed']!r} in the checkpoint, 5 now" in said and "hyp['lr']" not in said  # only what changed
+    assert training.changed_settings(path / "cnn.pt", config={**ckpt["config"], "new": 1}, hyp=ckpt["hyp"]) == [
+        "config['new']: absent in the checkpoint, 1 now"]  # a setting the checkpoint never had
     for kwargs in (dict(), dict(retrain=True)):  # reused, or retrained as asked: nothing to explain
         training.train_classifier(tiny_data, path / "cnn.pt", preset="small", hyp=TINY, **kwargs)
         assert "other settings" not in capsys.readouterr().out
