@@ -363,7 +363,8 @@ class Site:
         figs = "".join(self.figure(self.vis_file(last_layer, self.techniques[0], j), f"ch {j}: {contrib[j]:+.2f}",
                                    f"{self.layer_file(last_layer)}#c{j}") for j in top_ch)
         return body + (f"<h2>Channels of {html.escape(last_layer)} that add most to its logit</h2>"
-                       f"<p>head weight x the channel's value the head reads, averaged over the class's test images, in logit units</p><div class=\"strip\">{figs}</div>")
+                       f"<p>head weight x the channel's value the head reads, averaged over the class's test "
+                       f"images, in logit units</p><div class=\"strip\">{figs}</div>")
 
     def layer_entry(self, layer, summary):
         href = self.layer_file(layer)

@@ -459,7 +459,8 @@ def baselines(d, ref):
         "dataset exemplars": lambda t, seed: d.test_x[ref.top[ref.rows(t), EXEMPLARS][:, seed % R]],
         "uniform noise": lambda t, seed: torch.rand(len(t), *shape, generator=torch.Generator().manual_seed(seed)),
         "shuffled pixels": lambda t, seed: _shuffled(_pick(d, t, seed, ref.compared(t)), seed),
-        "another class": lambda t, seed: _pick(d, t, seed, ref.compared(t), shift=1) if isinstance(t[0], fv.Class) else None,
+        "another class": lambda t, seed: (_pick(d, t, seed, ref.compared(t), shift=1) if isinstance(t[0], fv.Class)
+                                          else None),
     }
 
 

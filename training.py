@@ -68,18 +68,6 @@ def bf16_training(device):
     return device.type == "cpu" and amx()
 
 
-def from_environment(parser, args, settings):
-    """Fill in each (attribute, variable, default, checks) of `settings` that no flag gave (None) with the
-    environment variable, as `setting` reads it (checks: its low, high or choices); a bad variable is the
-    parser's error, which names the flag that overrides it. So a flag overrides a bad variable too."""
-    for key, variable, default, checks in settings:
-        if getattr(args, key) is None:
-            try:
-                setattr(args, key, setting(variable, default, **checks))
-            except ValueError as e:
-                parser.error(f"{e} (or give --{key.replace('_', '-')})")
-
-
 MAX_SEED = 2 ** 32 - 2  # the notebooks' SEED: NumPy takes seeds below 2 ** 32, and Visualization.ipynb uses SEED + 1
 
 
@@ -164,6 +152,18 @@ def setting(name, default, low=None, choices=None, high=None):
     if choices is not None and text not in choices:
         raise ValueError(f"{name}={text!r}: give one of {', '.join(choices)}")
     return text
+
+
+def from_environment(parser, args, settings):
+    """Fill in each (attribute, variable, default, checks) of `settings` that no flag gave (None) with the
+    environment variable, as `setting` reads it (checks: its low, high or choices); a bad variable is the
+    parser's error, which names the flag that overrides it. So a flag overrides a bad variable too."""
+    for key, variable, default, checks in settings:
+        if getattr(args, key) is None:
+            try:
+                setattr(args, key, setting(variable, default, **checks))
+            except ValueError as e:
+                parser.error(f"{e} (or give --{key.replace('_', '-')})")
 
 
 def device_defaults(device=None):

@@ -917,4 +917,5 @@ def test_diversity_compares_a_half_models_maps_without_overflow():
     act[1, 0] = 1.0
     penalty = fv.diversity_penalty(act, torch.tensor([0, 0]))
     assert penalty.isfinite().all() and (penalty > 0.5).all()
-    torch.testing.assert_close(penalty.float(), fv.diversity_penalty(act.float(), torch.tensor([0, 0])), rtol=1e-2, atol=0)
+    in_float32 = fv.diversity_penalty(act.float(), torch.tensor([0, 0]))
+    torch.testing.assert_close(penalty.float(), in_float32, rtol=1e-2, atol=0)

@@ -100,7 +100,8 @@ def test_metrics_degrade_gracefully_on_small_inputs():
     # class 2 has no held-out images: its visualizations are skipped, not nan
     vis, held = (torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(s)) for n, s in ((6, 1), (2, 2)))
     p = metrics.naturalness(model, vis, y, x, y, held, y[:2])
-    assert math.isfinite(p) and p == pytest.approx(metrics.naturalness(model, vis[y != 2], y[y != 2], x, y, held, y[:2]))
+    without = metrics.naturalness(model, vis[y != 2], y[y != 2], x, y, held, y[:2])
+    assert math.isfinite(p) and p == pytest.approx(without)
 
 
 def test_two_choice_by_hand_and_at_chance_for_random_references():
@@ -470,7 +471,8 @@ def test_the_real_image_rows_never_draw_an_image_their_unit_is_compared_with(ref
         for name, targets, shift in (("real test images", units, 0), ("another class", classes, 1)):
             for t, image in zip(targets, rows[name](targets, seed)):
                 i = (d.test_x == image).flatten(1).all(1).nonzero()[:, 0]
-                pool = (d.test_y == (t.idx + shift) % 10).nonzero()[:, 0] if isinstance(t, fv.Class) else torch.arange(len(d.test_y))
+                pool = ((d.test_y == (t.idx + shift) % 10).nonzero()[:, 0] if isinstance(t, fv.Class)
+                        else torch.arange(len(d.test_y)))
                 if not torch.isin(pool, avoid[units.index(t)]).all():  # else every image is compared: any
                     assert not torch.isin(i, avoid[units.index(t)]).any(), (name, t, seed)
                     checked += 1

@@ -151,7 +151,8 @@ def test_latent_statistics_match_an_independent_computation(tiny):
     assert torch.allclose(stats["latent_cov"].double(), torch.cov(mu.T), atol=1e-5)
     assert torch.linalg.eigvalsh(stats["latent_cov"].double()).min() > -1e-6  # positive semi-definite
     lo, hi = np.percentile(mu.numpy(), [0.5, 99.5], axis=0)  # each dim's 0.5th and 99.5th percentile
-    assert np.allclose(stats["latent_lo"].numpy(), lo, atol=1e-5) and np.allclose(stats["latent_hi"].numpy(), hi, atol=1e-5)
+    assert np.allclose(stats["latent_lo"].numpy(), lo, atol=1e-5)
+    assert np.allclose(stats["latent_hi"].numpy(), hi, atol=1e-5)
     assert (stats["latent_lo"] < stats["latent_hi"]).all()
 
 
