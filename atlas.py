@@ -428,9 +428,6 @@ def arguments(description, argv=None):
     unknown = [t for t in args.techniques if t not in fv.TECHNIQUE_NAMES]
     if unknown:
         p.error(f"argument --techniques: unknown {unknown}; choose from {', '.join(fv.TECHNIQUE_NAMES)}")
-    for key, low in (("steps", 1), ("seed", 0)):  # a flag's (a variable's is checked above)
-        if getattr(args, key) < low:
-            p.error(f"argument --{key}: must be at least {low}, got {getattr(args, key)}")
     return args
 
 

@@ -145,25 +145,37 @@ def setting(name, default, low=None, choices=None, high=None):
             value = type(default)(text)
         except ValueError:
             raise ValueError(f"{name}={text!r}: give {kind}") from None
-        if not ((low is None or value >= low) and (high is None or value <= high)):  # NaN fails too
-            bounds = f"in {low}..{high}" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
-            raise ValueError(f"{name}={text!r}: give {kind} {bounds}")
+        if not _within(value, low, high):
+            raise ValueError(f"{name}={text!r}: give {kind} {_bounds(low, high)}")
         return value
     if choices is not None and text not in choices:
         raise ValueError(f"{name}={text!r}: give one of {', '.join(choices)}")
     return text
 
 
+def _within(value, low, high):
+    return (low is None or value >= low) and (high is None or value <= high)  # NaN is not
+
+
+def _bounds(low, high):
+    return f"in {low}..{high}" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
+
+
 def from_environment(parser, args, settings):
     """Fill in each (attribute, variable, default, checks) of `settings` that no flag gave (None) with the
     environment variable, as `setting` reads it (checks: its low, high or choices); a bad variable is the
-    parser's error, which names the flag that overrides it. So a flag overrides a bad variable too."""
+    parser's error, which names the flag that overrides it, so a flag overrides a bad variable too. A flag's
+    number is held to the same low and high."""
     for key, variable, default, checks in settings:
+        flag = "--" + key.replace("_", "-")
         if getattr(args, key) is None:
             try:
                 setattr(args, key, setting(variable, default, **checks))
             except ValueError as e:
-                parser.error(f"{e} (or give --{key.replace('_', '-')})")
+                parser.error(f"{e} (or give {flag})")
+        elif not _within(getattr(args, key), checks.get("low"), checks.get("high")):
+            parser.error(f"argument {flag}: give a number {_bounds(checks.get('low'), checks.get('high'))}, "
+                         f"got {getattr(args, key)}")
 
 
 def device_defaults(device=None):

@@ -112,6 +112,8 @@ def parse_args():
         settings += [("preset", "PRESET", device["preset"], dict(choices=models.CNN_PRESETS)),
                      ("vae_preset", "VAE_PRESET", device["vae_preset"], dict(choices=models.VAE_PRESETS)),
                      ("seed", "SEED", 0, dict(low=0, high=training.MAX_SEED))]
+    if args.seed is not None and not args.notebook_models:
+        p.error("argument --seed: the notebooks' SEED, for --notebook-models only")
     training.from_environment(p, args, settings)
     args.preset, args.vae_preset, args.seed = args.preset or "airbench", args.vae_preset or "default", args.seed or 0
     if args.quick:

@@ -304,7 +304,7 @@ def test_the_command_line_defaults_to_the_notebooks_settings_and_names_bad_flags
     assert atlas.arguments("atlas", ["--preset", "compact"]).preset == "compact"  # a flag beats the environment
     for argv, named in [(["--preset", "airbnch"], "--preset"), (["--vae-preset", "wdie"], "--vae-preset"),
                         (["--techniques", "maco,whitend"], "--techniques"), (["--steps", "0"], "--steps"),
-                        (["--seed", "-1"], "--seed")]:
+                        (["--seed", "-1"], "--seed"), (["--seed", str(2 ** 32 - 1)], "--seed")]:  # SEED + 1 overflows
         with pytest.raises(SystemExit):
             atlas.arguments("atlas", argv)
         assert named in capsys.readouterr().err, argv

@@ -461,7 +461,7 @@ def test_two_choice_queries_are_the_units_next_top_images_apart_from_the_others(
 
 
 def test_the_real_image_rows_never_draw_an_image_their_unit_is_compared_with(reference):
-    d = SimpleNamespace(classes=reference.classes, test_x=reference.test_x, test_y=reference.test_y)
+    d = SimpleNamespace(name="synthetic", classes=reference.classes, test_x=reference.test_x, test_y=reference.test_y)
     rows, units, R = metrics.baselines(d, reference), reference.units, metrics.R
     # by hand: each unit's path images and two-choice queries (its top 2R, its weakest R), the path's random images
     avoid = torch.cat([reference.top[:, :2 * R], reference.bottom, reference.random.expand(len(units), -1)], 1)
