@@ -1314,7 +1314,8 @@ def _capture(step, opt, project, gen):
         graph.register_generator_state(gen)  # the transforms' draws advance on every replay
         torch.cuda.synchronize()
         opt.zero_grad(set_to_none=True)  # the graph allocates the gradients; each replay rewrites them
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream()):  # on the current GPU, the model's (torch's default
+            # capture stream is one per process, made on whichever GPU captured first)
             values = step()
             opt.step()
             project()

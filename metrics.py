@@ -36,7 +36,7 @@ def confusion_matrix(y_true, y_pred, num_classes):
 def per_class_report(cm, classes):
     """Per-class precision, recall and support from a confusion matrix. A class never predicted has
     precision 0, and one without true examples (support 0) recall 0 (sklearn's zero_division=0)."""
-    cm = check_confusion(cm, classes).double()
+    cm = check_confusion(cm, classes).cpu().double()
     tp = cm.diag()
     precision = tp / cm.sum(0).clamp_min(1)
     recall = tp / cm.sum(1).clamp_min(1)
@@ -243,8 +243,8 @@ def template_recovery(images, templates):
     """(T, K) Pearson correlation between each visualization and each class template; NaN for a constant
     image, which correlates with nothing."""
     data.check_batch(images)
-    a = data.to_float(images).flatten(1).double().cpu()
-    b = data.to_float(templates, "templates").flatten(1).double().cpu()
+    a = data.to_float(images).flatten(1).cpu().double()  # on the CPU first: mps has no float64
+    b = data.to_float(templates, "templates").flatten(1).cpu().double()
     if images.shape[1:] != templates.shape[1:]:
         raise ValueError(f"templates must have the images' shape {tuple(images.shape[1:])}; got "
                          f"{tuple(templates.shape[1:])}")

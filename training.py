@@ -125,6 +125,14 @@ def as_device(device):
         raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device; got {device!r}") from None
 
 
+def synchronize(device):
+    """Wait for the work queued on the device (a GPU, its own one of several, or mps); on a CPU, nothing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -195,8 +203,7 @@ class Forecast:
         """Call after each step with the number of steps done."""
         if self.steps < 1 or step not in (1, 1 + self.steps):
             return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(self.device)  # the steps' work done, not only queued
         if step == 1:
             self.start = time.perf_counter()
             return
@@ -438,6 +445,19 @@ def _train_or_load(fit_fn, data, ckpt_path, config, hyp, retrain, seed, device, 
 
 # ----------------------------------------------------------------------------- classifier
 
+@torch.no_grad()
+def _dry_run(model, image):
+    """The model run on one training image (1, C, H, W) before anything of it is changed: an image too small
+    for its pooling (under 9 px for our CNN) fails here, named, not at the first step."""
+    with evaluating(model):
+        try:
+            model(to_float(image).to(device_of(model), dtype_of(model)))
+        except RuntimeError as e:
+            c, h, w = image.shape[1:]
+            raise ValueError(f"the model cannot take the data's {c}-channel {h}x{w} images ({e}): our CNN needs "
+                             f"images of at least 9x9 (a 2x2 conv, then three 2x poolings)") from e
+
+
 def lr_factor(step, total, warmup):
     """airbench schedule: linear 0.2 -> 1 over the warm-up, then linear 1 -> 0.07."""
     warm = int(total * warmup)
@@ -566,6 +586,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     if classes is not None and classes != len(data.classes):
         raise ValueError(f"the model has {classes} outputs and the data {len(data.classes)} classes: build it "
                          f"with num_classes={len(data.classes)} (models.cnn_config)")
+    _dry_run(model, data.train_x[:1])
     device = get_device(device)
     seed_everything(seed)
     model.init_whiten(data.train_x[:5000])  # draws no random numbers

@@ -147,8 +147,7 @@ def precision(args):
     def rate(bf16, steps=3):
         for i in range(steps + 1):  # the first a warm-up
             if i == 1:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                training.synchronize(device)
                 start = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(model(x).float(), y)

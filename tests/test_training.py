@@ -1,3 +1,4 @@
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -222,6 +223,15 @@ def test_forecast_extrapolates_the_pace_of_the_first_steps(monkeypatch, capsys):
     assert out.count("training:") == 1 and "about 10.0 min for all 600 steps" in out
 
 
+def test_synchronize_waits_on_the_device_it_is_given(monkeypatch):
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
+    for device in ("cuda:1", "mps", "cpu"):
+        training.synchronize(torch.device(device))
+    assert waited == [torch.device("cuda:1"), "mps"]  # the model's GPU, not the current one; a CPU has no queue
+
+
 def test_forecast_is_silent_without_progress(monkeypatch, capsys):
     monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: pytest.fail("timed a silent run")))
     forecast = training.Forecast(total=600, desc="training", device=torch.device("cpu"), steps=0)
@@ -376,6 +386,12 @@ def test_fit_refuses_data_that_do_not_fit_the_model_before_changing_it(tiny_data
     with pytest.raises(ValueError, match="data.train_x have 3 channel"):
         training.fit(gray, tiny_data, hyp=TINY, progress=False)
     assert all(torch.equal(before[k], v) for k, v in gray.state_dict().items())  # whitening not set
+    small = dataclasses.replace(tiny_data, train_x=tiny_data.train_x[:, :, :8, :8], val_x=tiny_data.val_x[:, :, :8, :8])
+    tiny_images = models.build_model(models.cnn_config("small", image_size=8))
+    before = {k: v.clone() for k, v in tiny_images.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot take the data's 3-channel 8x8 images .* at least 9x9"):
+        training.fit(tiny_images, small, hyp=TINY, progress=False)  # was torch's error at the first step
+    assert all(torch.equal(before[k], v) for k, v in tiny_images.state_dict().items())
     model = models.build_model(models.cnn_config("small"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for bad, message in ((dict(device="gpu"), "device must be .* got 'gpu'"), (dict(seed=-1), r"seed \(SEED\) must be")):
