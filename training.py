@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from data import Loader, atomic_write, check_count, check_labels, plain, to_float
 from models import (BatchNorm, build_model, check_input, cnn_config, config_of, device_of, dtype_of, evaluating,
-                    exact, vae_config)
+                    exact, first_image, vae_config)
 
 CNN_HYP = dict(
     epochs=10,               # airbench94 trains 9.9 epochs
@@ -446,14 +446,14 @@ def _train_or_load(fit_fn, data, ckpt_path, config, hyp, retrain, seed, device, 
 # ----------------------------------------------------------------------------- classifier
 
 @torch.no_grad()
-def _dry_run(model, image):
-    """The model run on one training image (1, C, H, W) before anything of it is changed: an image too small
+def _dry_run(model, images):
+    """The model run on the first of the training images before anything of it is changed: an image too small
     for its pooling (under 9 px for our CNN) fails here, named, not at the first step."""
     with evaluating(model):
         try:
-            model(to_float(image).to(device_of(model), dtype_of(model)))
+            model(first_image(model, images))
         except RuntimeError as e:
-            c, h, w = image.shape[1:]
+            c, h, w = images.shape[1:]
             raise ValueError(f"the model cannot take the data's {c}-channel {h}x{w} images ({e}): our CNN needs "
                              f"images of at least 9x9 (a 2x2 conv, then three 2x poolings)") from e
 
@@ -586,7 +586,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     if classes is not None and classes != len(data.classes):
         raise ValueError(f"the model has {classes} outputs and the data {len(data.classes)} classes: build it "
                          f"with num_classes={len(data.classes)} (models.cnn_config)")
-    _dry_run(model, data.train_x[:1])
+    _dry_run(model, data.train_x)
     device = get_device(device)
     seed_everything(seed)
     model.init_whiten(data.train_x[:5000])  # draws no random numbers

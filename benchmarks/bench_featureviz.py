@@ -259,12 +259,11 @@ def save_grid(grid, model, d, args):
 
 def timed(fn):
     """(seconds that fn() takes, with the GPU's queued work included; what fn() returns)."""
-    sync = (torch.cuda.synchronize if torch.cuda.is_available() else
-            torch.mps.synchronize if torch.backends.mps.is_available() else (lambda: None))
-    sync()
+    device = training.get_device()  # where the benchmark's models run
+    training.synchronize(device)
     start = time.perf_counter()
     result = fn()
-    sync()
+    training.synchronize(device)
     return time.perf_counter() - start, result
 
 
