@@ -48,12 +48,12 @@ def spectrum(images):
 
 
 def magnitude_spectrum(images, color_cov=None):
-    """(C, H, W//2+1) mean magnitude of the rfft2 of the images in the decorrelated colour space that
-    FourierParam and MaCoParam use (color_sqrt(color_cov)), mean removed: the data's own spectrum per
-    channel, which MaCo keeps fixed."""
+    """(C, H, W//2+1) mean magnitude of the rfft2 of the images less 0.5, in the decorrelated colour space
+    that FourierParam and MaCoParam use (color_sqrt(color_cov)): the data's own spectrum per channel, which
+    MaCo keeps fixed. Its DC term [:, 0, 0] is the images' mean distance from mid-gray (times the side), so
+    MaCo's images can be as much brighter, darker or more tinted as the data's are."""
     x = data.to_float(data.check_batch(images)) - 0.5
     x = _decorrelate(color_sqrt(color_cov, x.size(1)).to(x.device), x)
-    x = x - x.mean((2, 3), keepdim=True)
     return torch.fft.rfft2(x, norm="ortho").abs().mean(0)
 
 
@@ -208,9 +208,10 @@ class _Polar(torch.autograd.Function):
 class MaCoParam(nn.Module):
     """MaCo (Fel et al. 2023): only the Fourier phase is optimized; the magnitude spectrum stays the
     data's own (magnitude_spectrum(train images)), so every image has natural-image frequency content.
-    The magnitude is scaled once so that every image's RMS is about `contrast`, whatever its phases
-    (Parseval: no per-image standardization needed); then the colours are correlated as in
-    FourierParam, and a sigmoid."""
+    The magnitude is scaled once so that every image's RMS about its mean is about `contrast`, whatever
+    its phases (Parseval: no per-image standardization needed). The DC term's phase sets the image's mean,
+    between plus and minus the data's mean distance from mid-gray (magnitude_spectrum). Then the colours
+    are correlated as in FourierParam, and a sigmoid."""
 
     shifts_in_spectrum = True  # as FourierParam
 
@@ -225,7 +226,13 @@ class MaCoParam(nn.Module):
         if tuple(magnitude.shape) != shape:
             raise ValueError(f"magnitude must be {shape} for {channels}-channel {size}x{size} images, as "
                              f"magnitude_spectrum(images) returns; got {tuple(magnitude.shape)}")
-        self.register_buffer("magnitude", magnitude * (contrast / _rms(magnitude, size)))  # (C, H, W//2+1)
+        varying = magnitude.clone()
+        varying[:, 0, 0] = 0  # the DC term is the images' mean: `contrast` is their RMS about it
+        spread = _rms(varying, size)
+        if not (torch.isfinite(magnitude).all() and (magnitude >= 0).all() and spread > 0):
+            raise ValueError("magnitude must be finite, >= 0 and not all 0 beyond its DC term [:, 0, 0], as "
+                             "magnitude_spectrum(images) returns for images that are not each one flat colour")
+        self.register_buffer("magnitude", magnitude * (contrast / spread))  # (C, H, W//2+1)
         self.register_buffer("color", color_sqrt(color_cov, channels))  # (C, C)
         phase = (2 * torch.rand((n, *shape), generator=generator) - 1) * math.pi
         self.phase = nn.Parameter(phase)                                # (N, C, H, W//2+1)
@@ -235,7 +242,7 @@ class MaCoParam(nn.Module):
     def forward(self, shift=None):
         """The images; shift: (N, 1, H, W//2+1) phase ramps (Shift.phase) that translate them, or None."""
         spec = _Polar.apply(self.magnitude, self.phase if shift is None else self.phase + shift)
-        x = torch.fft.irfft2(spec, s=(self.size, self.size), norm="ortho")  # (N, C, H, W), RMS about contrast
+        x = torch.fft.irfft2(spec, s=(self.size, self.size), norm="ortho")  # (N, C, H, W), RMS about its mean: contrast
         return _to_image(self.color, x)
 
     @torch.no_grad()

@@ -596,6 +596,10 @@ def test_helpers_name_a_bad_argument(nets):
     (lambda: fv.parameterization("fourier", decay="a"), "decay must be a finite number >= 0, got 'a'"),
     (lambda: fv.parameterization("fourier", sd=-1), "sd must be a finite number >= 0"),
     (lambda: fv.parameterization("maco", magnitude=torch.ones(3, 32, 17), contrast=0), "contrast must be a finite"),
+    (lambda: fv.MaCoParam(1, 3, 32, magnitude=fv.magnitude_spectrum(torch.full((4, 3, 32, 32), 0.3))),
+     r"not all 0 beyond its DC term"),
+    (lambda: fv.MaCoParam(1, 3, 32, magnitude=-torch.ones(3, 32, 17)), r"magnitude must be finite, >= 0"),
+    (lambda: fv.MaCoParam(1, 3, 32, magnitude=torch.full((3, 32, 17), float("nan"))), r"magnitude must be finite"),
     # a second stage's options fail when the technique is made, not after its first stage
     (lambda: fv.techniques(models.build_model(models.vae_config("small")), color_cov=torch.eye(2, 3)),
      r"color_cov must be a finite \(2, 2\) covariance"),

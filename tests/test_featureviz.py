@@ -93,7 +93,8 @@ def test_maco_keeps_the_data_magnitude_and_optimizes_only_the_phase():
     magnitude = torch.rand(3, 16, 9, generator=gen) + 0.1
     p = fv.MaCoParam(2, 3, 16, magnitude=magnitude, generator=gen)  # no color_cov: the identity
     assert [name for name, _ in p.named_parameters()] == ["phase"]
-    rms = torch.logit(p().detach().double()).pow(2).mean((1, 2, 3)).sqrt()  # the contrast, whatever the phases
+    x = torch.logit(p().detach().double())
+    rms = (x - x.mean((2, 3), keepdim=True)).pow(2).mean((1, 2, 3)).sqrt()  # the contrast, whatever the phases
     assert torch.allclose(rms, torch.ones(2, dtype=torch.double), rtol=0.1), rms
     opt = torch.optim.Adam(p.parameters(), lr=0.1)
     for _ in range(5):  # after some steps of any objective, the magnitude is still the data's
@@ -160,13 +161,49 @@ def test_the_colour_transform_is_the_covariance_root_with_spectral_norm_one():
 
 @pytest.mark.parametrize("size", [16, 15])
 def test_maco_contrast_is_exact_for_a_real_images_phases(size):
-    """Parseval: with the magnitude and the phases of one real image, the image's RMS is the contrast asked."""
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))  # logits
+    """Parseval: with the magnitude and the phases of one real image, the image's RMS about its mean is the
+    contrast asked, and its mean is the image's own, scaled alike."""
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)) + torch.tensor([-1.0, 0.5, 0.0])[:, None, None]
     magnitude = torch.fft.rfft2(x, norm="ortho").abs()[0]
     p = fv.MaCoParam(1, 3, size, magnitude=magnitude, contrast=0.7)
     p.set_images(torch.sigmoid(x))
-    rms = torch.logit(p().detach().double()).pow(2).mean().sqrt()
+    got = torch.logit(p().detach().double())
+    mean = got.mean((2, 3), keepdim=True)
+    rms = (got - mean).pow(2).mean().sqrt()
     assert rms.item() == pytest.approx(0.7, rel=1e-3)
+    k = 0.7 / (x - x.mean((2, 3), keepdim=True)).pow(2).mean().sqrt()
+    torch.testing.assert_close(mean.flatten(), (k * x.mean((2, 3))).flatten().double(), rtol=1e-3, atol=1e-4)
+
+
+def test_magnitude_spectrum_keeps_how_far_the_images_means_are_from_mid_gray():
+    """The DC term is the mean over images of |mean - 0.5| times the side: the data's spread of brightness."""
+    images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.2
+    images[::2] += 0.7  # three bright images (mean 0.8), three dark ones (mean 0.1)
+    m = fv.magnitude_spectrum(images)
+    want = (images.mean((1, 2, 3)) - 0.5).abs().mean() * 16
+    assert m[0, 0, 0].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_maco_draws_as_dark_as_its_data():
+    """Dark data (Fashion-MNIST's black background): MaCo's images can be as dark on average as the data's
+    images are far from mid-gray, through the DC term's phase. With the DC term dropped, as before, they
+    stayed at mid-gray on average whatever the objective."""
+    gen = torch.Generator().manual_seed(0)
+    dark = torch.zeros(64, 1, 16, 16)
+    dark[:, :, 4:12, 5:11] = 0.5 + 0.5 * torch.rand(64, 1, 8, 6, generator=gen)  # a bright object on black
+    magnitude = fv.magnitude_spectrum(dark)
+    p = fv.MaCoParam(4, 1, 16, magnitude=magnitude, generator=gen)
+    opt = torch.optim.Adam(p.parameters(), lr=0.1)
+    for _ in range(50):  # the darkest images the fixed magnitude allows
+        opt.zero_grad()
+        p().mean().backward()
+        opt.step()
+    got = p().detach()
+    mean_logit = torch.logit(got.double()).mean((1, 2, 3))
+    reach = p.magnitude[0, 0, 0].item() / 16  # the DC term's largest mean, in the images' logits
+    assert reach > 0.5
+    torch.testing.assert_close(mean_logit, torch.full_like(mean_logit, -reach), rtol=0.02, atol=0.0)
+    assert got.mean().item() < 0.4, got.mean()
 
 
 def test_maco_technique_needs_the_magnitude():
