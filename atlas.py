@@ -38,7 +38,7 @@ import models
 import training
 
 ATLAS_DIR = Path("outputs") / "atlas"
-ATLAS_TECHNIQUES = ("maco", "whitened")  # the best image-space and the best latent technique by the quality table
+ATLAS_TECHNIQUES = ("maco", "whitened")  # the best by the quality table, and the more natural latent technique
 TOP, BOTTOM = 8, 4                     # exemplars per card
 STRIP = 8                              # most selective channels per layer on the index
 CONTRIBUTORS = 8                       # channels listed per class
