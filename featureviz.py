@@ -188,21 +188,28 @@ def _polar(magnitude, phase):
 
 
 class _Polar(torch.autograd.Function):
-    """torch.polar(magnitude, phase) for a constant magnitude, with the phase's gradient in closed form:
-    d(m e^(i phase)) / d phase = i m e^(i phase). The built-in op costs about 0.3 ms forward and backward
-    on a CPU render step of 10 images; this one computes the same spectrum with plain real ops (_polar)
-    and a one-line backward, which on its own runs in less than half the built-in forward's time."""
+    """The one-sided spectrum magnitude x e^(i phase) of (..., H, W//2+1) phases for a constant magnitude,
+    its DC term [..., 0, 0] made real (m cos phase), as a real image's is: irfft2 ignores its imaginary part
+    on a CPU, but what cuFFT makes of one is undefined. The phase's gradient is in closed form:
+    d(m e^(i phase)) / d phase = i m e^(i phase), and -m sin phase for the real DC term. The built-in
+    torch.polar costs about 0.3 ms forward and backward on a CPU render step of 10 images; this one computes
+    the spectrum with plain real ops (_polar) and a short backward, which on its own runs in less than half
+    the built-in forward's time."""
 
     @staticmethod
     def forward(ctx, magnitude, phase):
         spec = _polar(magnitude, phase)
-        ctx.save_for_backward(spec)
+        dc_sin = spec.imag[..., 0, 0].clone()  # m sin phase of the DC term, for its gradient
+        spec.imag[..., 0, 0] = 0
+        ctx.save_for_backward(spec, dc_sin)
         return spec
 
     @staticmethod
     def backward(ctx, grad):
-        spec, = ctx.saved_tensors
-        return None, (spec.conj() * grad).imag
+        spec, dc_sin = ctx.saved_tensors
+        out = (spec.conj() * grad).imag  # m (cos phase grad.imag - sin phase grad.real); at DC, sin's part is 0
+        out[..., 0, 0] -= dc_sin * grad.real[..., 0, 0]
+        return None, out
 
 
 class MaCoParam(nn.Module):
@@ -210,8 +217,8 @@ class MaCoParam(nn.Module):
     data's own (magnitude_spectrum(train images)), so every image has natural-image frequency content.
     The magnitude is scaled once so that every image's RMS about its mean is about `contrast`, whatever
     its phases (Parseval: no per-image standardization needed). The DC term's phase sets the image's mean,
-    between plus and minus the data's mean distance from mid-gray (magnitude_spectrum). Then the colours
-    are correlated as in FourierParam, and a sigmoid."""
+    between plus and minus the data's mean distance from mid-gray (magnitude_spectrum), scaled as the rest
+    of the spectrum. Then the colours are correlated as in FourierParam, and a sigmoid."""
 
     shifts_in_spectrum = True  # as FourierParam
 
@@ -229,7 +236,7 @@ class MaCoParam(nn.Module):
         varying = magnitude.clone()
         varying[:, 0, 0] = 0  # the DC term is the images' mean: `contrast` is their RMS about it
         spread = _rms(varying, size)
-        if not (torch.isfinite(magnitude).all() and (magnitude >= 0).all() and spread > 0):
+        if not (torch.isfinite(magnitude).all() and (magnitude >= 0).all() and spread > 1e-6 * magnitude.max()):
             raise ValueError("magnitude must be finite, >= 0 and not all 0 beyond its DC term [:, 0, 0], as "
                              "magnitude_spectrum(images) returns for images that are not each one flat colour")
         self.register_buffer("magnitude", magnitude * (contrast / spread))  # (C, H, W//2+1)
@@ -247,10 +254,15 @@ class MaCoParam(nn.Module):
 
     @torch.no_grad()
     def set_images(self, images):
-        """Set the phases to those of `images` (N, C, H, W) in [0, 1] (their magnitude is not kept)."""
+        """Set the phases to those of `images` (N, C, H, W) in [0, 1] (their magnitude is not kept; their mean
+        is, as far as the DC term reaches)."""
         x = _logit(data.to_float(images, "init").to(self.phase.device))
-        x = _decorrelate(self.color, x)
-        self.phase.copy_(torch.fft.rfft2(x, norm="ortho").angle())
+        spec = torch.fft.rfft2(_decorrelate(self.color, x), norm="ortho")
+        self.phase.copy_(spec.angle())
+        # the DC term, m cos phase, takes the images' mean as far as m reaches; its phase is kept off 0 and
+        # pi, where the gradient of cos vanishes and Adam could not move it
+        mean = spec.real[..., 0, 0] / self.magnitude[:, 0, 0].clamp_min(1e-12)
+        self.phase[..., 0, 0] = mean.clamp(-0.999, 0.999).acos()
 
 
 def _check_vae_fits(vae, channels, size):
@@ -525,8 +537,9 @@ def compose(*ts):
 # synthetic set, 6 seeds: transfer 0.59 against 0.54 for 2 px, 0.50 for 3 px, 0.52 for the former pad, jitter, affine, jitter, crop chain)
 AFFINE = resample(shift=1.5 / 32, scale=(0.9, 1.1), degrees=10)
 # render()'s default: sub-pixel shifts of up to 1.5 px at 32 px, inside the spectrum of fourier and maco. On
-# CIFAR-10 (4 seeds) as natural as AFFINE or more for them (naturalness 2.01 against 2.17, maco 1.25 against
-# 1.22, each SD 0.03-0.07), at the same path check, at a fraction of its cost; pixel+reg keeps AFFINE (README)
+# CIFAR-10 (4 seeds, maco before it kept the DC term) as natural as AFFINE or more for them (naturalness 2.01
+# against 2.17, maco 1.25 against 1.22, each SD 0.03-0.07), at the same path check, at a fraction of its cost;
+# pixel+reg keeps AFFINE (README)
 STANDARD = Shift(1.5 / 32)
 LIGHT = jitter(1 / 32)  # 1 px at 32 px
 
