@@ -203,9 +203,9 @@ def test_magnitude_spectrum_keeps_how_far_the_images_means_are_from_mid_gray():
 
 
 def test_maco_draws_as_dark_as_its_data():
-    """Dark data (Fashion-MNIST's black background): MaCo's images can be as dark on average as the data's
-    images are far from mid-gray, through the DC term's phase. With the DC term dropped, as before, they
-    stayed at mid-gray on average whatever the objective."""
+    """Dark data (Fashion-MNIST's black background): through the DC term's phase, MaCo's images can be as dark
+    on average as the DC term reaches (the data's mean distance from mid-gray, scaled with the spectrum).
+    With the DC term dropped, as before, they stayed at mid-gray on average whatever the objective."""
     gen = torch.Generator().manual_seed(0)
     dark = torch.zeros(64, 1, 16, 16)
     dark[:, :, 4:12, 5:11] = 0.5 + 0.5 * torch.rand(64, 1, 8, 6, generator=gen)  # a bright object on black
