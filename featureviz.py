@@ -189,27 +189,26 @@ def _polar(magnitude, phase):
 
 class _Polar(torch.autograd.Function):
     """The one-sided spectrum magnitude x e^(i phase) of (..., H, W//2+1) phases for a constant magnitude,
-    its DC term [..., 0, 0] made real (m cos phase), as a real image's is: irfft2 ignores its imaginary part
-    on a CPU, but what cuFFT makes of one is undefined. The phase's gradient is in closed form:
-    d(m e^(i phase)) / d phase = i m e^(i phase), and -m sin phase for the real DC term. The built-in
-    torch.polar costs about 0.3 ms forward and backward on a CPU render step of 10 images; this one computes
-    the spectrum with plain real ops (_polar) and a short backward, which on its own runs in less than half
-    the built-in forward's time."""
+    its DC term made real (m cos phase), as a real image's is: irfft2 ignores the DC's imaginary part on a
+    CPU, but what cuFFT makes of one is undefined. imag_magnitude is the magnitude with its DC term [:, 0, 0]
+    at 0, by which the sines are scaled. The phase's gradient is in closed form, d(m e^(i phase)) / d phase
+    = i m e^(i phase), taken from the spectrum with the DC's sine kept: irfft2 passes back no gradient for
+    the DC's imaginary part, so only its cosine's, -m sin phase, remains there. The built-in torch.polar
+    costs about 0.3 ms forward and backward on a CPU render step of 10 images; this one computes the
+    spectrum with plain real ops and a one-line backward, which on its own runs in less than half the
+    built-in forward's time."""
 
     @staticmethod
-    def forward(ctx, magnitude, phase):
-        spec = _polar(magnitude, phase)
-        dc_sin = spec.imag[..., 0, 0].clone()  # m sin phase of the DC term, for its gradient
-        spec.imag[..., 0, 0] = 0
-        ctx.save_for_backward(spec, dc_sin)
-        return spec
+    def forward(ctx, magnitude, imag_magnitude, phase):
+        cos, sin = torch.cos(phase), torch.sin(phase)
+        real = magnitude * cos
+        ctx.save_for_backward(torch.complex(real, magnitude * sin))
+        return torch.complex(real, imag_magnitude * sin)
 
     @staticmethod
     def backward(ctx, grad):
-        spec, dc_sin = ctx.saved_tensors
-        out = (spec.conj() * grad).imag  # m (cos phase grad.imag - sin phase grad.real); at DC, sin's part is 0
-        out[..., 0, 0] -= dc_sin * grad.real[..., 0, 0]
-        return None, out
+        spec, = ctx.saved_tensors
+        return None, None, (spec.conj() * grad).imag
 
 
 class MaCoParam(nn.Module):
@@ -240,6 +239,7 @@ class MaCoParam(nn.Module):
             raise ValueError("magnitude must be finite, >= 0 and not all 0 beyond its DC term [:, 0, 0], as "
                              "magnitude_spectrum(images) returns for images that are not each one flat colour")
         self.register_buffer("magnitude", magnitude * (contrast / spread))  # (C, H, W//2+1)
+        self.register_buffer("imag_magnitude", varying * (contrast / spread))  # a real DC term (_Polar)
         self.register_buffer("color", color_sqrt(color_cov, channels))  # (C, C)
         phase = (2 * torch.rand((n, *shape), generator=generator) - 1) * math.pi
         self.phase = nn.Parameter(phase)                                # (N, C, H, W//2+1)
@@ -248,7 +248,7 @@ class MaCoParam(nn.Module):
 
     def forward(self, shift=None):
         """The images; shift: (N, 1, H, W//2+1) phase ramps (Shift.phase) that translate them, or None."""
-        spec = _Polar.apply(self.magnitude, self.phase if shift is None else self.phase + shift)
+        spec = _Polar.apply(self.magnitude, self.imag_magnitude, self.phase if shift is None else self.phase + shift)
         x = torch.fft.irfft2(spec, s=(self.size, self.size), norm="ortho")  # (N, C, H, W), RMS about its mean: contrast
         return _to_image(self.color, x)
 

@@ -118,7 +118,10 @@ def test_maco_polar_matches_torch_polar_and_its_gradient():
     phase = ((2 * torch.rand(2, 3, 8, 5, generator=gen) - 1) * torch.pi).requires_grad_()
     weight = torch.randn(2, 3, 8, 8, generator=gen)
     grads = []
-    for polar in (lambda: fv._Polar.apply(magnitude, phase), lambda: torch.polar(magnitude.expand_as(phase), phase)):
+    imag_magnitude = magnitude.clone()
+    imag_magnitude[:, 0, 0] = 0
+    for polar in (lambda: fv._Polar.apply(magnitude, imag_magnitude, phase),
+                  lambda: torch.polar(magnitude.expand_as(phase), phase)):
         spec = polar()
         (torch.fft.irfft2(spec, s=(8, 8), norm="ortho") * weight).sum().backward()
         grads.append((spec.detach(), phase.grad))
