@@ -51,7 +51,8 @@ def magnitude_spectrum(images, color_cov=None):
     """(C, H, W//2+1) mean magnitude of the rfft2 of the images less 0.5, in the decorrelated colour space
     that FourierParam and MaCoParam use (color_sqrt(color_cov)): the data's own spectrum per channel, which
     MaCo keeps fixed. Its DC term [:, 0, 0] is the images' mean distance from mid-gray (times the side), so
-    MaCo's images can be as much brighter, darker or more tinted as the data's are."""
+    MaCo's images can be brighter, darker or more tinted in proportion to the data's, relative to the
+    contrast."""
     x = data.to_float(data.check_batch(images)) - 0.5
     x = _decorrelate(color_sqrt(color_cov, x.size(1)).to(x.device), x)
     return torch.fft.rfft2(x, norm="ortho").abs().mean(0)
@@ -181,22 +182,30 @@ def _rms(magnitude, size):
 
 
 def _polar(magnitude, phase):
-    """torch.polar(magnitude, phase) in plain real ops: on a CPU faster than the built-in op, by 3x on
-    MaCo's phases of 10 images of 3 x 32 x 32 (59 against 201 us), less on Fourier's (10, 1, 32, 17)
-    shift ramps (34-42 against 48-51 us)."""
+    """torch.polar(magnitude, phase) in plain real ops, for the shift's phase factor: on a CPU faster than the
+    built-in op, on Fourier's (10, 1, 32, 17) shift ramps 34-42 against 48-51 us (and 59 against 201 us on
+    10 images' phases of 3 x 32 x 17)."""
     return torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+
+
+def _real_bins(size):
+    """(size, size//2+1) bool: the bins of a real size x size image's rfft2 that are real, their own
+    conjugates: the DC term and, for an even size, the Nyquist ones."""
+    real = torch.zeros(size, size // 2 + 1, dtype=torch.bool)
+    ends = [0, size // 2] if size % 2 == 0 else [0]
+    real[[[e] for e in ends], ends] = True
+    return real
 
 
 class _Polar(torch.autograd.Function):
     """The one-sided spectrum magnitude x e^(i phase) of (..., H, W//2+1) phases for a constant magnitude,
-    its DC term made real (m cos phase), as a real image's is: irfft2 ignores the DC's imaginary part on a
-    CPU, but what cuFFT makes of one is undefined. imag_magnitude is the magnitude with its DC term [:, 0, 0]
-    at 0, by which the sines are scaled. The phase's gradient is in closed form, d(m e^(i phase)) / d phase
-    = i m e^(i phase), taken from the spectrum with the DC's sine kept: irfft2 passes back no gradient for
-    the DC's imaginary part, so only its cosine's, -m sin phase, remains there. The built-in torch.polar
-    costs about 0.3 ms forward and backward on a CPU render step of 10 images; this one computes the
-    spectrum with plain real ops and a one-line backward, which on its own runs in less than half the
-    built-in forward's time."""
+    real (m cos phase) at the bins where a real image's is (_real_bins): irfft2 ignores their imaginary
+    parts on a CPU, but what cuFFT makes of them is undefined. imag_magnitude is the magnitude with those
+    bins at 0, by which the sines are scaled. The phase's gradient is in closed form, d(m e^(i phase)) /
+    d phase = i m e^(i phase), taken from the spectrum with their sines kept: irfft2 passes back no gradient
+    for their imaginary parts, so only their cosines', -m sin phase, remains there. torch.polar costs about
+    0.3 ms forward and backward on a CPU render step of 10 images; this computes the spectrum in plain real
+    ops, with a one-line backward."""
 
     @staticmethod
     def forward(ctx, magnitude, imag_magnitude, phase):
@@ -235,11 +244,11 @@ class MaCoParam(nn.Module):
         varying = magnitude.clone()
         varying[:, 0, 0] = 0  # the DC term is the images' mean: `contrast` is their RMS about it
         spread = _rms(varying, size)
-        if not (torch.isfinite(magnitude).all() and (magnitude >= 0).all() and spread > 1e-6 * magnitude.max()):
+        if not ((magnitude >= 0).all() and spread > 1e-6 * magnitude.max()):  # NaN and inf fail one or the other
             raise ValueError("magnitude must be finite, >= 0 and not all 0 beyond its DC term [:, 0, 0], as "
                              "magnitude_spectrum(images) returns for images that are not each one flat colour")
         self.register_buffer("magnitude", magnitude * (contrast / spread))  # (C, H, W//2+1)
-        self.register_buffer("imag_magnitude", varying * (contrast / spread))  # a real DC term (_Polar)
+        self.register_buffer("imag_magnitude", self.magnitude * ~_real_bins(size))  # those bins real (_Polar)
         self.register_buffer("color", color_sqrt(color_cov, channels))  # (C, C)
         phase = (2 * torch.rand((n, *shape), generator=generator) - 1) * math.pi
         self.phase = nn.Parameter(phase)                                # (N, C, H, W//2+1)
@@ -259,10 +268,11 @@ class MaCoParam(nn.Module):
         x = _logit(data.to_float(images, "init").to(self.phase.device))
         spec = torch.fft.rfft2(_decorrelate(self.color, x), norm="ortho")
         self.phase.copy_(spec.angle())
-        # the DC term, m cos phase, takes the images' mean as far as m reaches; its phase is kept off 0 and
-        # pi, where the gradient of cos vanishes and Adam could not move it
-        mean = spec.real[..., 0, 0] / self.magnitude[:, 0, 0].clamp_min(1e-12)
-        self.phase[..., 0, 0] = mean.clamp(-0.999, 0.999).acos()
+        # a real bin, m cos phase (the DC term: the images' mean), takes the images' value as far as m reaches;
+        # its phase is kept off 0 and pi, where the gradient of cos vanishes and Adam could not move it
+        real = _real_bins(self.size)
+        ratio = spec.real[..., real] / self.magnitude[:, real].clamp_min(1e-12)
+        self.phase[..., real] = ratio.clamp(-0.999, 0.999).acos()
 
 
 def _check_vae_fits(vae, channels, size):
