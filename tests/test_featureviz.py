@@ -259,6 +259,18 @@ def test_color_covariance_matches_torch_cov():
     assert torch.allclose(fv.color_covariance(x.float() / 255), ref, atol=1e-6)
 
 
+def test_colour_mixing_in_blocks_of_pixels_is_the_plain_product():
+    # _to_image mixes k pixels a row with a block-diagonal matrix: the same numbers as the (C, C) product
+    gen = torch.Generator().manual_seed(0)
+    for channels, n, side, blocks in [(3, 10, 32, 4), (3, 3, 7, 1), (2, 2, 5, 2), (1, 2, 28, 1)]:
+        color = torch.randn(channels, channels, generator=gen)
+        x = torch.randn(n, channels, side, side, generator=gen)
+        mixing = fv._mixing(color, n * side * side)
+        assert mixing.shape == (blocks * channels, blocks * channels)
+        ref = torch.sigmoid(torch.einsum("dc,nchw->ndhw", color, x))
+        assert torch.allclose(fv._to_image(mixing, x), ref, atol=1e-6)
+
+
 def test_fourier_color_transform_is_a_square_root_of_the_covariance():
     a = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.5, 0.0], [0.3, 0.6, 0.4]])
     cov = a @ a.T
