@@ -66,22 +66,23 @@ def _decorrelate(color, x):
 def _to_image(mixing, x):
     """Images in [0, 1] from decorrelated x (N, C, H, W): colours correlated by `mixing` (_mixing), then a
     sigmoid. They come out channels_last (the memory format our models run in on a CPU): the colours mix as
-    one product over the pixels, whose backward takes the model's channels_last gradient as it comes. (A
-    bmm over (C, H*W) planes, as before, was as fast forward, but its backward on that gradient took
-    about 0.2 ms of a 4-5 ms CPU render step of 10 images, against 0.1 ms for a (N*H*W, C) x (C, C) product
-    and its copies.)"""
+    one product over the pixels, k at a time (as many as `mixing` holds and divide the pixels), whose
+    backward takes the model's channels_last gradient as it comes. (A bmm over (C, H*W) planes, as before,
+    was as fast forward, but its backward on that gradient took about 0.2 ms of a 4-5 ms CPU render step of
+    10 images, against 0.1 ms for a (N*H*W, C) x (C, C) product and its copies.)"""
     n, c, h, w = x.shape
-    mixed = x.permute(0, 2, 3, 1).reshape(-1, len(mixing)) @ mixing   # (N*H*W / k, k*C)
+    k = math.gcd(n * h * w, len(mixing) // c)  # the leading k x k blocks of `mixing` are k copies too
+    mixed = x.permute(0, 2, 3, 1).reshape(-1, k * c) @ mixing[:k * c, :k * c]  # (N*H*W / k, k*C)
     return torch.sigmoid(mixed).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
-def _mixing(color, pixels):
-    """(k*C, k*C): k copies of color.T (C, C) on the diagonal, for the colour product of `pixels` pixels
-    taken k at a time, k = gcd(pixels, 4) (1 for one channel). The same numbers, in a shape a CPU's BLAS
-    runs faster: (N*H*W, 3) x (3, 3) is a long, thin product, and 4 pixels a row took its forward and
-    backward from about 250 to 90 us on 10 images of 32 x 32 (15 to 2.2 ms on 512)."""
-    k = math.gcd(pixels, 4) if len(color) > 1 else 1
-    return torch.block_diag(*[color.T] * k)
+def _mixing(color):
+    """(4C, 4C): 4 copies of color.T (C, C) on the diagonal (one for one channel), with which _to_image mixes
+    the colours of 4 pixels a row (fewer where 4 do not divide the pixels). The same numbers, in a shape a
+    CPU's BLAS runs faster: (N*H*W, 3) x (3, 3) is a long, thin product, and 4 pixels a row took its forward
+    and backward from about 250 to 90 us on 10 images of 32 x 32 (15 to 2.2 ms on 512). Made from the
+    colour transform once: a parameterization's `mixing` follows its `color` only as it is built."""
+    return torch.block_diag(*[color.T] * (4 if len(color) > 1 else 1))
 
 
 def _sqrt_psd(cov):
@@ -160,7 +161,7 @@ class FourierParam(nn.Module):
         self.size = size
         self.register_buffer("scale", fourier_scale(size, decay, spectrum))  # (H, W//2+1)
         self.register_buffer("color", color_sqrt(color_cov, channels))       # (C, C)
-        self.register_buffer("mixing", _mixing(self.color, n * size * size), persistent=False)  # _to_image's
+        self.register_buffer("mixing", _mixing(self.color), persistent=False)  # _to_image's
         shape = (n, channels, size, size // 2 + 1, 2)
         self.coeffs = nn.Parameter(sd * torch.randn(shape, generator=generator))
         if init is not None:
@@ -261,7 +262,7 @@ class MaCoParam(nn.Module):
         self.register_buffer("magnitude", magnitude * (contrast / spread))  # (C, H, W//2+1)
         self.register_buffer("imag_magnitude", self.magnitude * ~_real_bins(size))  # those bins real (_Polar)
         self.register_buffer("color", color_sqrt(color_cov, channels))  # (C, C)
-        self.register_buffer("mixing", _mixing(self.color, n * size * size), persistent=False)  # _to_image's
+        self.register_buffer("mixing", _mixing(self.color), persistent=False)  # _to_image's
         phase = (2 * torch.rand((n, *shape), generator=generator) - 1) * math.pi
         self.phase = nn.Parameter(phase)                                # (N, C, H, W//2+1)
         if init is not None:

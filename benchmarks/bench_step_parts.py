@@ -64,7 +64,7 @@ def parts(n=10, side=32):
     grad = torch.rand(n, 3, side, side, generator=gen)
     grad_cl = grad.contiguous(memory_format=torch.channels_last)  # as our model's backward hands it to its images
     color = fv.color_sqrt(fv.color_covariance(x), 3)
-    mixing = fv._mixing(color, n * side * side)
+    mixing = fv._mixing(color)
     spec = torch.randn(n, 3, side, side // 2 + 1, dtype=torch.complex64, generator=gen).requires_grad_()
     terms = fv.techniques()["pixel+reg"].settings["regularizers"]
     affine, scale = functools.partial(fv.AFFINE, gen=gen), fv.fourier_scale(side)
@@ -81,7 +81,7 @@ def parts(n=10, side=32):
         "colour mixing (one product, 4 pixels a row, as fourier does it) + sigmoid, forward + backward": backward_of(
             lambda v: fv._to_image(mixing, v), leaf, grad_cl),
         "colour mixing as one (N*H*W, C) x (C, C) product + sigmoid, forward + backward": backward_of(
-            lambda v: fv._to_image(color.T, v), leaf, grad_cl),
+            lambda v: fv._to_image(color.T, v), leaf, grad_cl),  # one block: one pixel a row
         "colour mixing as a bmm over (C, H*W) planes + sigmoid, forward + backward": backward_of(
             lambda v: torch.sigmoid(torch.bmm(color.expand(n, -1, -1), v.flatten(2)).view_as(v)), leaf, grad_cl),
         "sigmoid alone, forward + backward": backward_of(torch.sigmoid, leaf, grad_cl),

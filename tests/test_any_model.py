@@ -825,3 +825,12 @@ def test_a_gpu_vae_reconstructs_and_scores_images_from_the_cpu():
     assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), net.reconstruct(images), atol=1e-2)  # TF32 convolutions
     bpd = gpu.elbo(images, generator=torch.Generator("cuda").manual_seed(0))["bpd"]
     assert bpd.is_cuda and bpd.isfinite().all()
+
+
+@pytest.mark.parametrize("kind", ["fourier", "maco"])
+def test_a_pool_of_fourier_draws_keeps_fewer_images_than_it_was_built_for(kind):
+    """A pool is built for all its draws and keeps the best: its colour mixing cannot assume the count it was
+    built for (at 9 x 9, 4 draws have 324 pixels and the one kept 81, which 4 do not divide)."""
+    options = dict(magnitude=_magnitude(3, 9)) if kind == "maco" else {}
+    result = fv.render(cnn(9), [0], param=fv.parameterization(kind, pool=4, **options), steps=2, progress=False)
+    assert result.images.shape == (1, 3, 9, 9) and result.images.isfinite().all()
