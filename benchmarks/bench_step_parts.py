@@ -78,7 +78,7 @@ def parts(n=10, side=32):
         "Blur gradient (not in pixel+reg)": lambda: fv.Blur(4.0).gradient(x),
         "inverse FFT, forward + backward": backward_of(
             lambda s: torch.fft.irfft2(s, s=(side, side), norm="ortho"), spec, grad),
-        "colour mixing (one product, 4 pixels a row, as fourier does it) + sigmoid, forward + backward": backward_of(
+        "colour mixing (one product, 4 pixels a row at this size, as fourier does it) + sigmoid, forward + backward": backward_of(
             lambda v: fv._to_image(mixing, v), leaf, grad_cl),
         "colour mixing as one (N*H*W, C) x (C, C) product + sigmoid, forward + backward": backward_of(
             lambda v: fv._to_image(color.T, v), leaf, grad_cl),  # one block: one pixel a row
