@@ -76,6 +76,30 @@ def _to_image(mixing, x):
     return torch.sigmoid(mixed).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
+def _irfft2(spec, size):
+    """The size x size real images (ortho) of one-sided spectra (..., size, size//2+1) that need not be the
+    spectra of real images. A real image's is Hermitian in its first column, and in its last for an even size:
+    the bins at -ky and ky are conjugates, the DC and Nyquist bins real. A Fourier parameterization's are not,
+    and what irfft2 makes of that is the backend's to choose (pytorch/pytorch#154496): a CPU's takes their
+    Hermitian part; cuFFT's is undefined. So on any other device the inverse is taken in two steps that make
+    the same images: along the height, then along the width, the columns' imaginary parts cleared between
+    them (_hermitian_irfft2). On a CPU irfft2 already does it; the two steps would add 0.03-0.08x of a bare step."""
+    if spec.device.type == "cpu":
+        return torch.fft.irfft2(spec, s=(size, size), norm="ortho")
+    return _hermitian_irfft2(spec, size)
+
+
+def _hermitian_irfft2(spec, size):
+    """irfft2 of the Hermitian part of spectra (..., size, size//2+1), on any backend: after the inverse
+    transform along the height, the first column (and the last for an even size) holds each row's DC (and
+    Nyquist) bin, which must be real; the imaginary part cleared there is the anti-Hermitian part's."""
+    parts = torch.view_as_real(torch.fft.ifft(spec, n=size, dim=-2, norm="ortho"))  # (..., H, W//2+1, 2)
+    ends = (0, size // 2) if size % 2 == 0 else (0,)
+    keep = tuple((1.0, float(k not in ends)) for k in range(size // 2 + 1))
+    parts = parts * _constant(keep, parts.device, parts.dtype)
+    return torch.fft.irfft(torch.view_as_complex(parts), n=size, dim=-1, norm="ortho")
+
+
 def _mixing(color):
     """(4C, 4C): 4 copies of color.T (C, C) on the diagonal (one for one channel), with which _to_image mixes
     the colours of 4 pixels a row (fewer where 4 do not divide the pixels). The same numbers, in a shape a
@@ -169,10 +193,9 @@ class FourierParam(nn.Module):
 
     def forward(self, shift=None):
         """The images; shift: (N, 1, H, W//2+1) phase ramps (Shift.phase) that translate them, or None."""
-        factor = self.scale if shift is None else _polar(self.scale, shift)  # scale x exp(i shift)
+        factor = self.scale if shift is None else _Polar.apply(self.scale, shift)  # scale x exp(i shift)
         spec = torch.view_as_complex(self.coeffs) * factor                  # (N, C, H, W//2+1)
-        x = torch.fft.irfft2(spec, s=(self.size, self.size), norm="ortho")  # (N, C, H, W)
-        return _to_image(self.mixing, x)
+        return _to_image(self.mixing, _irfft2(spec, self.size))  # from (N, C, H, W)
 
     @torch.no_grad()
     def set_images(self, images):
@@ -193,13 +216,6 @@ def _rms(magnitude, size):
     return ((magnitude ** 2 * weight).sum() / (magnitude.shape[0] * size * size)).sqrt()
 
 
-def _polar(magnitude, phase):
-    """torch.polar(magnitude, phase) in plain real ops, for the shift's phase factor: on a CPU faster than the
-    built-in op, on Fourier's (10, 1, 32, 17) shift ramps 34-42 against 48-51 us (and 59 against 201 us on
-    10 images' phases of 3 x 32 x 17)."""
-    return torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-
-
 def _real_bins(size):
     """(size, size//2+1) bool: the bins of a real size x size image's rfft2 that are real, their own
     conjugates: the DC term and, for an even size, the Nyquist ones."""
@@ -210,26 +226,22 @@ def _real_bins(size):
 
 
 class _Polar(torch.autograd.Function):
-    """The one-sided spectrum magnitude x e^(i phase) of (..., H, W//2+1) phases for a constant magnitude,
-    real (m cos phase) at the bins where a real image's is (_real_bins): irfft2 ignores their imaginary
-    parts on a CPU, but what cuFFT makes of them is undefined. imag_magnitude is the magnitude with those
-    bins at 0, by which the sines are scaled. The phase's gradient is in closed form, d(m e^(i phase)) /
-    d phase = i m e^(i phase), taken from the spectrum with their sines kept: irfft2 passes back no gradient
-    for their imaginary parts, so only their cosines', -m sin phase, remains there. torch.polar costs about
-    0.3 ms forward and backward on a CPU render step of 10 images; this computes the spectrum in plain real
-    ops, with a one-line backward."""
+    """torch.polar(magnitude, phase) for a constant magnitude, in plain real ops, with the phase's gradient in
+    closed form, d(m e^(i phase)) / d phase = i m e^(i phase): a one-line backward, where autograd through
+    torch.polar cost about 0.3 ms forward and backward on a CPU render step of maco's 10 images. Forward alone
+    (Fourier's shift factor) which is faster depends on the machine: on (10, 1, 32, 17) ramps 34-42 against
+    48-51 us for torch.polar on one CPU, 73-84 against 25-34 us on another."""
 
     @staticmethod
-    def forward(ctx, magnitude, imag_magnitude, phase):
-        cos, sin = torch.cos(phase), torch.sin(phase)
-        real = magnitude * cos
-        ctx.save_for_backward(torch.complex(real, magnitude * sin))
-        return torch.complex(real, imag_magnitude * sin)
+    def forward(ctx, magnitude, phase):
+        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        ctx.save_for_backward(spec)
+        return spec
 
     @staticmethod
     def backward(ctx, grad):
         spec, = ctx.saved_tensors
-        return None, None, (spec.conj() * grad).imag
+        return None, (spec.conj() * grad).imag
 
 
 class MaCoParam(nn.Module):
@@ -260,7 +272,6 @@ class MaCoParam(nn.Module):
             raise ValueError("magnitude must be finite, >= 0 and not all 0 beyond its DC term [:, 0, 0], as "
                              "magnitude_spectrum(images) returns for images that are not each one flat colour")
         self.register_buffer("magnitude", magnitude * (contrast / spread))  # (C, H, W//2+1)
-        self.register_buffer("imag_magnitude", self.magnitude * ~_real_bins(size))  # those bins real (_Polar)
         self.register_buffer("color", color_sqrt(color_cov, channels))  # (C, C)
         self.register_buffer("mixing", _mixing(self.color), persistent=False)  # _to_image's
         phase = (2 * torch.rand((n, *shape), generator=generator) - 1) * math.pi
@@ -270,8 +281,8 @@ class MaCoParam(nn.Module):
 
     def forward(self, shift=None):
         """The images; shift: (N, 1, H, W//2+1) phase ramps (Shift.phase) that translate them, or None."""
-        spec = _Polar.apply(self.magnitude, self.imag_magnitude, self.phase if shift is None else self.phase + shift)
-        x = torch.fft.irfft2(spec, s=(self.size, self.size), norm="ortho")  # (N, C, H, W), RMS about its mean: contrast
+        spec = _Polar.apply(self.magnitude, self.phase if shift is None else self.phase + shift)
+        x = _irfft2(spec, self.size)  # (N, C, H, W), RMS about its mean: contrast
         return _to_image(self.mixing, x)
 
     @torch.no_grad()
@@ -476,7 +487,7 @@ class Shift:
     def __call__(self, x, gen):
         h, w = x.shape[-2:]
         phase = self.phase(len(x), h, w, gen, x.device)
-        spec = torch.fft.rfft2(_logit(x)) * _polar(torch.ones_like(phase), phase)
+        spec = torch.fft.rfft2(_logit(x)) * _Polar.apply(torch.ones_like(phase), phase)
         return torch.sigmoid(torch.fft.irfft2(spec, s=(h, w)))
 
 

@@ -112,26 +112,89 @@ def test_maco_keeps_the_data_magnitude_and_optimizes_only_the_phase():
 
 
 def test_maco_polar_matches_torch_polar_and_its_gradient():
-    """MaCo's closed-form phase gradient is the one autograd gives torch.polar, through the inverse FFT."""
+    """MaCo's closed-form phase gradient is the one autograd gives torch.polar, through the inverse FFT, also
+    at the bins a real image's spectrum has real (the inverse reads only their cosines)."""
     gen = torch.Generator().manual_seed(0)
     magnitude = torch.rand(3, 8, 5, generator=gen) + 0.1
     phase = ((2 * torch.rand(2, 3, 8, 5, generator=gen) - 1) * torch.pi).requires_grad_()
     weight = torch.randn(2, 3, 8, 8, generator=gen)
     grads = []
-    real = fv._real_bins(8)  # the DC term and the three Nyquist bins
-    assert real.sum() == 4 and real[0, 0] and real[4, 4]
-    imag_magnitude = magnitude * ~real
-    for polar in (lambda: fv._Polar.apply(magnitude, imag_magnitude, phase),
-                  lambda: torch.polar(magnitude.expand_as(phase), phase)):
-        spec = polar()
-        (torch.fft.irfft2(spec, s=(8, 8), norm="ortho") * weight).sum().backward()
+    for polar in (fv._Polar.apply, lambda m, p: torch.polar(m.expand_as(p), p)):
+        spec = polar(magnitude, phase)
+        (fv._irfft2(spec, 8) * weight).sum().backward()
         grads.append((spec.detach(), phase.grad))
         phase.grad = None
     (ours, g_ours), (want, g_want) = grads
-    assert ours[..., real].imag.abs().max() == 0  # those bins real, as irfft2 reads them
-    want[..., real] = want[..., real].real.to(want.dtype)
     assert torch.allclose(ours, want, atol=1e-6)
+    real = fv._real_bins(8)  # the DC term and the three Nyquist bins
+    assert real.sum() == 4 and real[0, 0] and real[4, 4]
     assert torch.allclose(g_ours, g_want, atol=1e-5) and g_want[..., real].abs().min() > 0
+
+
+def _hermitian_reference(spec, size):
+    """The real images of the Hermitian part of one-sided spectra (..., size, size//2+1): the whole spectrum
+    written out, each bin of the self-conjugate columns (the first; the last for an even size) averaged with
+    its mirror's conjugate, then a complex inverse FFT, whose imaginary part is then nothing."""
+    mirror = (-torch.arange(size)) % size  # row -ky of each row ky
+    full = torch.zeros(*spec.shape[:-1], size, dtype=spec.dtype)
+    full[..., : spec.shape[-1]] = spec
+    for k in range(spec.shape[-1], size):  # the columns rfft2 leaves out: conjugates of mirrored ones
+        full[..., k] = spec[..., mirror, size - k].conj()
+    for k in (0, size // 2) if size % 2 == 0 else (0,):
+        full[..., k] = (spec[..., k] + spec[..., mirror, k].conj()) / 2
+    x = torch.fft.ifft2(full, norm="ortho")
+    assert x.imag.abs().max() < 1e-12 * size
+    return x.real
+
+
+@pytest.mark.parametrize("size", [8, 9])
+def test_the_inverse_fft_of_a_spectrum_that_is_not_hermitian_takes_its_hermitian_part(size, monkeypatch):
+    """A Fourier parameterization's spectra are not Hermitian where a real image's are: a CPU's irfft2 takes
+    their Hermitian part, and _hermitian_irfft2 (used on other devices, whose irfft2 may not) does the same,
+    handing on to its inverse along the width only bins that are real where they must be."""
+    gen = torch.Generator().manual_seed(size)
+    spec = torch.randn(2, 3, size, size // 2 + 1, dtype=torch.complex128, generator=gen)
+    weight = torch.randn(size, size, dtype=torch.float64, generator=gen)
+    handed = []
+    irfft = torch.fft.irfft
+    monkeypatch.setattr(torch.fft, "irfft", lambda y, **kw: handed.append(y.detach()) or irfft(y, **kw))
+    got = []
+    for inverse in (lambda s: _hermitian_reference(s, size),
+                    lambda s: torch.fft.irfft2(s, s=(size, size), norm="ortho"),
+                    lambda s: fv._hermitian_irfft2(s, size)):
+        leaf = spec.clone().requires_grad_()
+        x = inverse(leaf)
+        (x * weight).sum().backward()
+        got.append((x.detach(), leaf.grad))
+    (want, g_want), *others = got
+    for x, g in others:  # the images and their gradient, in every bin
+        assert torch.allclose(x, want, atol=1e-12) and torch.allclose(g, g_want, atol=1e-12)
+    ends = [0, size // 2] if size % 2 == 0 else [0]
+    assert handed and handed[0][..., ends].imag.abs().max() == 0 and handed[0][..., 1].imag.abs().max() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("cls", [fv.FourierParam, fv.MaCoParam])
+def test_fourier_images_on_a_gpu_are_the_cpu_ones(cls):
+    """The same parameters make the same images and gradients on a GPU as on the CPU, shifted or not,
+    though their spectra are not Hermitian (cuFFT's irfft2 of such spectra is undefined)."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(16, 3, 32, 32, generator=gen)
+    cov = fv.color_covariance(images)
+    options = dict(magnitude=fv.magnitude_spectrum(images, cov)) if cls is fv.MaCoParam else dict(sd=0.5)
+    param = cls(4, 3, 32, color_cov=cov, generator=gen, **options)
+    shift = fv.STANDARD.phase(4, 32, 32, gen, "cpu")
+    weight = torch.randn(4, 3, 32, 32, generator=gen)
+    for ramp in (None, shift):
+        got = []
+        for device in ("cpu", "cuda"):
+            p = copy.deepcopy(param).to(device)
+            x = p() if ramp is None else p(ramp.to(device))
+            (x * weight.to(device)).sum().backward()
+            got.append((x.detach().cpu(), next(p.parameters()).grad.cpu()))
+        (x_cpu, g_cpu), (x_gpu, g_gpu) = got
+        assert torch.allclose(x_cpu, x_gpu, atol=1e-5)
+        assert torch.allclose(g_cpu, g_gpu, atol=1e-4 * g_cpu.abs().max())
 
 
 def test_magnitude_spectrum_finds_the_data_frequency():
