@@ -94,10 +94,16 @@ def _hermitian_irfft2(spec, size):
     transform along the height, the first column (and the last for an even size) holds each row's DC (and
     Nyquist) bin, which must be real; the imaginary part cleared there is the anti-Hermitian part's."""
     parts = torch.view_as_real(torch.fft.ifft(spec, n=size, dim=-2, norm="ortho"))  # (..., H, W//2+1, 2)
-    ends = (0, size // 2) if size % 2 == 0 else (0,)
+    ends = _self_conjugate_columns(size)
     keep = tuple((1.0, float(k not in ends)) for k in range(size // 2 + 1))
     parts = parts * _constant(keep, parts.device, parts.dtype)
     return torch.fft.irfft(torch.view_as_complex(parts), n=size, dim=-1, norm="ortho")
+
+
+def _self_conjugate_columns(size):
+    """The columns of a size x size real image's one-sided spectrum (..., size, size//2+1) that stand for
+    themselves alone, not also for their mirror image: the first and, for an even size, the last."""
+    return (0, size // 2) if size % 2 == 0 else (0,)
 
 
 def _mixing(color):
@@ -193,7 +199,7 @@ class FourierParam(nn.Module):
 
     def forward(self, shift=None):
         """The images; shift: (N, 1, H, W//2+1) phase ramps (Shift.phase) that translate them, or None."""
-        factor = self.scale if shift is None else _Polar.apply(self.scale, shift)  # scale x exp(i shift)
+        factor = self.scale if shift is None else _polar(self.scale, shift)  # scale x exp(i shift)
         spec = torch.view_as_complex(self.coeffs) * factor                  # (N, C, H, W//2+1)
         return _to_image(self.mixing, _irfft2(spec, self.size))  # from (N, C, H, W)
 
@@ -210,9 +216,7 @@ def _rms(magnitude, size):
     """RMS over (C, H, W) of the image whose ortho rfft2 has this magnitude, for any phases (Parseval):
     every column but the first (and, for an even size, the last) stands for itself and its conjugate."""
     weight = torch.full((magnitude.shape[-1],), 2.0)
-    weight[0] = 1.0
-    if size % 2 == 0:
-        weight[-1] = 1.0
+    weight[list(_self_conjugate_columns(size))] = 1.0
     return ((magnitude ** 2 * weight).sum() / (magnitude.shape[0] * size * size)).sqrt()
 
 
@@ -220,21 +224,26 @@ def _real_bins(size):
     """(size, size//2+1) bool: the bins of a real size x size image's rfft2 that are real, their own
     conjugates: the DC term and, for an even size, the Nyquist ones."""
     real = torch.zeros(size, size // 2 + 1, dtype=torch.bool)
-    ends = [0, size // 2] if size % 2 == 0 else [0]
+    ends = list(_self_conjugate_columns(size))  # the rows 0 and size/2 are their own mirrors too
     real[[[e] for e in ends], ends] = True
     return real
 
 
+def _polar(magnitude, phase):
+    """torch.polar(magnitude, phase) in plain real ops, where no gradient is needed (the shift's phase factor).
+    Which is faster depends on the machine: on Fourier's (10, 1, 32, 17) shift ramps 34-42 against 48-51 us
+    for torch.polar on one CPU, 73-84 against 25-34 us on another (each timed alone)."""
+    return torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+
+
 class _Polar(torch.autograd.Function):
-    """torch.polar(magnitude, phase) for a constant magnitude, in plain real ops, with the phase's gradient in
-    closed form, d(m e^(i phase)) / d phase = i m e^(i phase): a one-line backward, where autograd through
-    torch.polar cost about 0.3 ms forward and backward on a CPU render step of maco's 10 images. Forward alone
-    (Fourier's shift factor) which is faster depends on the machine: on (10, 1, 32, 17) ramps 34-42 against
-    48-51 us for torch.polar on one CPU, 73-84 against 25-34 us on another."""
+    """_polar(magnitude, phase) for a constant magnitude, with the phase's gradient in closed form,
+    d(m e^(i phase)) / d phase = i m e^(i phase): a one-line backward, where autograd through torch.polar
+    cost about 0.3 ms forward and backward on a CPU render step of maco's 10 images."""
 
     @staticmethod
     def forward(ctx, magnitude, phase):
-        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        spec = _polar(magnitude, phase)
         ctx.save_for_backward(spec)
         return spec
 
@@ -487,7 +496,7 @@ class Shift:
     def __call__(self, x, gen):
         h, w = x.shape[-2:]
         phase = self.phase(len(x), h, w, gen, x.device)
-        spec = torch.fft.rfft2(_logit(x)) * _Polar.apply(torch.ones_like(phase), phase)
+        spec = torch.fft.rfft2(_logit(x)) * _polar(torch.ones_like(phase), phase)
         return torch.sigmoid(torch.fft.irfft2(spec, s=(h, w)))
 
 

@@ -71,7 +71,7 @@ def parts(n=10, side=32):
     return {
         "resample (AFFINE, pixel+reg's), forward": lambda: fv.AFFINE(x, gen),
         "resample (AFFINE, pixel+reg's), forward + backward": backward_of(affine, leaf, grad),
-        "Shift (STANDARD) inside the spectrum: its phase ramps and scale x exp(i ramp)": lambda: fv._Polar.apply(
+        "Shift (STANDARD) inside the spectrum: its phase ramps and scale x exp(i ramp)": lambda: fv._polar(
             scale, fv.STANDARD.phase(n, side, side, gen, x.device)),
         **{f"{type(t).__name__} gradient": (lambda t=t: t.gradient(x)) for t in terms},
         "pixel+reg's penalty gradients, summed": lambda: fv._image_terms_gradient(terms, x),

@@ -173,6 +173,16 @@ def test_the_inverse_fft_of_a_spectrum_that_is_not_hermitian_takes_its_hermitian
     assert handed and handed[0][..., ends].imag.abs().max() == 0 and handed[0][..., 1].imag.abs().max() > 0
 
 
+def test_the_inverse_fft_takes_two_steps_off_the_cpu_only(monkeypatch):
+    """On a CPU _irfft2 is irfft2 (which takes the Hermitian part there); on any other device the two steps."""
+    calls = []
+    monkeypatch.setattr(fv, "_hermitian_irfft2", lambda spec, size: calls.append(spec.device.type) or spec.real)
+    cpu = torch.randn(1, 1, 8, 5, dtype=torch.complex64)
+    assert torch.equal(fv._irfft2(cpu, 8), torch.fft.irfft2(cpu, s=(8, 8), norm="ortho")) and calls == []
+    fv._irfft2(torch.empty(1, 1, 8, 5, dtype=torch.complex64, device="meta"), 8)
+    assert calls == ["meta"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("cls", [fv.FourierParam, fv.MaCoParam])
 def test_fourier_images_on_a_gpu_are_the_cpu_ones(cls):
