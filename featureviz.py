@@ -94,10 +94,18 @@ def _hermitian_irfft2(spec, size):
     transform along the height, the first column (and the last for an even size) holds each row's DC (and
     Nyquist) bin, which must be real; the imaginary part cleared there is the anti-Hermitian part's."""
     parts = torch.view_as_real(torch.fft.ifft(spec, n=size, dim=-2, norm="ortho"))  # (..., H, W//2+1, 2)
-    ends = _self_conjugate_columns(size)
-    keep = tuple((1.0, float(k not in ends)) for k in range(size // 2 + 1))
-    parts = parts * _constant(keep, parts.device, parts.dtype)
+    parts = parts * _real_where_self_conjugate(size, parts.device, parts.dtype)
     return torch.fft.irfft(torch.view_as_complex(parts), n=size, dim=-1, norm="ortho")
+
+
+@functools.lru_cache(maxsize=16)
+def _real_where_self_conjugate(size, device, dtype):
+    """(size//2+1, 2) factors of the (real, imaginary) parts of a one-sided spectrum's columns: 0 for the
+    imaginary parts of the self-conjugate columns, 1 elsewhere. Made once per device, before any CUDA graph
+    is captured (render's eager warm-up steps make it): no host-to-device copy in a step."""
+    keep = torch.ones(size // 2 + 1, 2, dtype=dtype)
+    keep[list(_self_conjugate_columns(size)), 1] = 0
+    return keep.to(device)
 
 
 def _self_conjugate_columns(size):
