@@ -829,7 +829,7 @@ class Objective:
     def hooked(self, layout=None):
         """Yield run(x) -> acts {layer: activation, None: output if needed}; hooks removed on exit. A
         layer's activation is its output as models.Recorder defines it (last call, safe from in-place ops).
-        layout: x -> x in the memory format the model runs in (what frozen() yields), applied first."""
+        layout: x -> x in the memory format the model runs in (what models.frozen() yields), applied first."""
         with self.recorder.hooked() as run:
             yield run if layout is None else (lambda x: run(layout(x)))
 
@@ -1045,31 +1045,6 @@ class Render:
 
 
 @contextmanager
-def frozen(model, *others):
-    """models.evaluating(model, *others), and on the CPU our own models' 4-D weights channels_last for the
-    duration (faster convolutions there), restored to their own memory format on exit. Yields layout(x),
-    which gives the model's inputs the format it runs in: channels_last for ours on the CPU; for any other
-    model the one it was written for, as a model that views a feature map (x.view(len(x), -1), as many
-    do) fails on channels_last tensors."""
-    ours = [m for m in (model, *others) if isinstance(m, _CHANNELS_LAST)]
-    params = [p for m in ours for p in m.parameters() if p.dim() == 4 and p.device.type == "cpu"]
-    datas = [p.data for p in params]
-    fast = isinstance(model, _CHANNELS_LAST) and models.device_of(model).type == "cpu"
-    memory_format = torch.channels_last if fast else torch.contiguous_format
-    with models.evaluating(model, *others):
-        try:
-            for p in params:
-                p.data = p.data.contiguous(memory_format=torch.channels_last)
-            yield lambda x: x.contiguous(memory_format=memory_format)
-        finally:
-            for p, saved in zip(params, datas):
-                p.data = saved
-
-
-_CHANNELS_LAST = (models.CNN, models.VAE)  # written for either memory format
-
-
-@contextmanager
 def _deterministic_convolutions():
     """cuDNN's deterministic algorithms for the duration, the flag restored on exit. On a GPU its default
     may pick, for a small batch, an algorithm that sums in a different order from run to run, and an
@@ -1138,7 +1113,7 @@ def _prepared(model, targets, param, transforms, terms, groups, size, seed):
     groups: (N,) the target of each image, target-major with as many per target (as render() orders them:
     a pool's best draws come in that order); terms: the regularizers as _resolve returns them."""
     device, channels = models.device_of(model), models.input_channels(model)
-    with frozen(model, _vae_on(param, device)) as layout, _deterministic_convolutions():
+    with models.frozen(model, _vae_on(param, device)) as layout, _deterministic_convolutions():
         objective = Objective(model, targets, [t.layer for t in terms if t.layer], (channels, size, size))
         with objective.hooked(layout) as run:
             param = _build(param, len(groups), channels, size, len(groups) // len(targets), objective, run, seed)
@@ -1405,7 +1380,7 @@ def activations(model, images, targets, batch_size=500):
     models.check_input(model, images)
     data.check_count("batch_size", batch_size, 1)
     device = models.device_of(model)
-    with frozen(model) as layout:
+    with models.frozen(model) as layout:
         objective = Objective(model, targets, input_shape=tuple(images.shape[1:]))
         with objective.hooked(layout) as run:
             out = [objective(run(data.to_float(x.to(device))))

@@ -72,7 +72,7 @@ def features(model, images, batch_size=500):
     (a torchvision ResNet's pooled features; for VGG or MobileNet, their classifier's last hidden layer)."""
     models.check_input(model, images)
     data.check_count("batch_size", batch_size, 1)
-    with fv.frozen(model) as layout:
+    with models.frozen(model) as layout:
         out = [_penultimate(model, layout(_as_input(model, x))) for x in images.split(batch_size)]
     return torch.cat(out).float().cpu()
 
@@ -135,7 +135,7 @@ def transferability(other_model, images, labels):
     """Top-1 accuracy of an independently trained classifier on the class visualizations."""
     n = len(models.check_input(other_model, images))
     data.check_labels(labels, n)  # before the pass over the images; their range after it
-    with fv.frozen(other_model) as layout:
+    with models.frozen(other_model) as layout:
         logits = other_model(layout(_as_input(other_model, images)))
     models.check_logits(other_model, logits)
     labels = data.check_labels(labels, n, logits.shape[1])  # one beyond the classes would count as a miss

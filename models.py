@@ -318,14 +318,15 @@ class VAE(nn.Module):
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"the VAE takes {self.image_size}x{self.image_size} images (its architecture is fixed); "
                              f"got {tuple(x.shape)}: the classifier takes any size, the VAE does not")
-        x = _unit(x.to(self.latent_mean.device)).to(dtype_of(self))  # images on another device (the CPU) too
-        mu, logvar = self.encoder(x * 2 - 1).chunk(2, dim=1)
+        dtype = dtype_of(self)
+        x = _unit(x.to(self.latent_mean.device)).to(dtype)  # images on another device (the CPU) too
+        mu, logvar = self.encoder(x * 2 - 1).to(dtype).chunk(2, dim=1)  # the model's dtype under autocast too
         return mu, logvar.clamp(-12, 8)
 
     def decode_params(self, z):
         """The mixture's parameters in [-1, 1] pixel space, as mixture_logistic_nll takes them:
         logits (B, K, H, W); means, log_scales (B, K, C, H, W); coeffs (B, K, C(C-1)/2, H, W)."""
-        out = self.decoder(z)
+        out = self.decoder(z).to(self.latent_mean.dtype)  # the likelihood in the model's dtype, not autocast's
         b, (k, c), hw = len(z), (self.split[0], self.config["in_channels"]), out.shape[-2:]
         logits, means, log_scales, coeffs = out.split(self.split, dim=1)
         return (logits, torch.tanh(means).view(b, k, c, *hw),
@@ -472,6 +473,31 @@ def evaluating(*modules):
             d = getattr(s, name)
             for key in set(d) - before:
                 del d[key]
+
+
+@contextmanager
+def frozen(model, *others):
+    """evaluating(model, *others), and on the CPU our own models' 4-D weights channels_last for the
+    duration (faster convolutions there), restored to their own memory format on exit. Yields layout(x),
+    which gives the model's inputs the format it runs in: channels_last for ours on the CPU; for any other
+    model the one it was written for, as a model that views a feature map (x.view(len(x), -1), as many
+    do) fails on channels_last tensors."""
+    ours = [m for m in (model, *others) if isinstance(m, _CHANNELS_LAST)]
+    params = [p for m in ours for p in m.parameters() if p.dim() == 4 and p.device.type == "cpu"]
+    datas = [p.data for p in params]
+    fast = isinstance(model, _CHANNELS_LAST) and device_of(model).type == "cpu"
+    memory_format = torch.channels_last if fast else torch.contiguous_format
+    with evaluating(model, *others):
+        try:
+            for p in params:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+            yield lambda x: x.contiguous(memory_format=memory_format)
+        finally:
+            for p, saved in zip(params, datas):
+                p.data = saved
+
+
+_CHANNELS_LAST = (CNN, VAE)  # written for either memory format
 
 
 def exact(t):
@@ -760,14 +786,13 @@ def as_names(value, what="layers"):
 @torch.no_grad()
 def capture(model, images, layers):
     """Outputs of the named layers (one name or several) for a batch of images (B, C, H, W) (uint8 or float in
-    [0, 1]), as {name: tensor}, each a layer's output as `Recorder` defines it; the model is left as found
-    (`evaluating`)."""
+    [0, 1]), as {name: tensor}, each a layer's output as `Recorder` defines it, in the standard memory
+    format; the model is left as found (`frozen`, which runs ours channels-last on a CPU, 1.5-3x faster)."""
     check_input(model, images)
     layers = as_names(layers)
-    with evaluating(model), Recorder(model, layers).hooked() as run:
-        # contiguous: a model that views its feature maps fails on channels_last
-        out = run(to_float(images.to(device_of(model))).contiguous())
-    return {name: out[name] for name in layers}
+    with frozen(model) as layout, Recorder(model, layers).hooked() as run:
+        out = run(layout(to_float(images.to(device_of(model)))))
+    return {name: out[name].contiguous() for name in layers}
 
 
 def first_image(model, images):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from data import Loader, atomic_write, check_count, check_labels, plain, to_float
 from models import (BatchNorm, build_model, check_input, cnn_config, config_of, device_of, dtype_of, evaluating,
-                    exact, first_image, vae_config)
+                    exact, first_image, frozen, vae_config)
 
 CNN_HYP = dict(
     epochs=10,               # airbench94 trains 9.9 epochs
@@ -58,14 +58,17 @@ DEVICE_DEFAULTS = dict(
 
 # ----------------------------------------------------------------------------- plumbing
 
+CPU_BF16 = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's checks for bfloat16 units
+
+
 def bf16_training(device):
-    """Whether the classifier trains in bfloat16 autocast on this device: on a CUDA GPU, and on a CPU with AMX
-    (bfloat16 matrix units, recent Intel Xeons: a `compact` step 2.3-2.8x faster there); elsewhere in float32,
-    where bfloat16 is emulated and slower. Evaluation is float32 everywhere."""
+    """Whether the classifier trains in bfloat16 autocast on this device: on a CUDA GPU, and on a CPU with
+    bfloat16 instructions, AMX (recent Intel Xeons: a `compact` step 2.3-2.8x faster) or AVX512-BF16 (AMD
+    EPYCs since Zen 4: 1.7-2.1x); elsewhere in float32, where bfloat16 is emulated and slower. Evaluation is
+    float32 everywhere."""
     if device.type == "cuda":
         return True
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return device.type == "cpu" and amx()
+    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in CPU_BF16)
 
 
 MAX_SEED = 2 ** 32 - 2  # the notebooks' SEED: NumPy takes seeds below 2 ** 32, and Visualization.ipynb uses SEED + 1
@@ -494,14 +497,14 @@ def predict(model, images, tta_level=0, batch_size=1000):
         raise ValueError(f"tta_level must be 0 (none), 1 (mirror) or 2 (mirror and shifts), got {tta_level!r}")
     device = device_of(model)
 
-    def flip_avg(x):
-        return model(x) if tta_level == 0 else 0.5 * (model(x) + model(x.flip(3)))
-
     out = []
-    with evaluating(model):
+    with frozen(model) as layout:  # the memory format the model runs fastest in, where it can take another
+
+        def flip_avg(x):
+            return model(layout(x)) if tta_level == 0 else 0.5 * (model(layout(x)) + model(layout(x.flip(3))))
+
         for x in images.split(batch_size):
-            # in the model's dtype (half, bfloat16); contiguous: a model that views its maps fails on channels_last
-            x = to_float(x.to(device)).to(dtype_of(model)).contiguous()
+            x = to_float(x.to(device)).to(dtype_of(model))  # in the model's dtype (half, bfloat16)
             logits = flip_avg(x)
             if tta_level >= 2:
                 h, w = x.shape[2:]
@@ -687,9 +690,9 @@ def evaluate_vae(vae, images, batch_size=500, seed=0):
     device = device_of(vae)
     gen = torch.Generator(device=device).manual_seed(seed)
     sums = dict(bpd=0.0, nll=0.0, kl=0.0)
-    with evaluating(vae):
+    with frozen(vae) as layout:
         for x in images.split(batch_size):
-            out = vae.elbo(to_float(x.to(device)), generator=gen)
+            out = vae.elbo(layout(to_float(x.to(device))), generator=gen)
             for k in sums:
                 sums[k] += out[k].sum().item()
     return {k: v / len(images) for k, v in sums.items()}
@@ -701,7 +704,8 @@ def latent_statistics(vae, images, batch_size=500):
     device = vae.latent_mean.device
     check_input(vae, images)
     check_count("batch_size", batch_size, 1)
-    mu = torch.cat([vae.encode(to_float(x.to(device)))[0] for x in images.split(batch_size)])
+    with frozen(vae) as layout:
+        mu = torch.cat([vae.encode(layout(to_float(x.to(device))))[0] for x in images.split(batch_size)])
     mu = exact(mu)
     mean = mu.mean(0)
     cov = (mu - mean).T @ (mu - mean) / (len(mu) - 1)
@@ -733,13 +737,16 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_at)
     gen = torch.Generator(device=device).manual_seed(seed)
-    keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, **(extra or {}))
+    bf16 = bf16_training(device)
+    keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, precision="bf16" if bf16 else "fp32",
+                        **(extra or {}))
 
     def kl_weight(step):  # rising to 1 over the warm-up; with no warm-up epochs, 1 from the first step
         return min(1.0, step / warm) if hyp["kl_warmup_epochs"] else 1.0
 
     def train_step(step, x, y):
-        out = vae.elbo(x, kl_weight(step), hyp["free_bits"], generator=gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the convolutions; the likelihood in float32
+            out = vae.elbo(x, kl_weight(step), hyp["free_bits"], generator=gen)
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(
                 f"VAE loss became {out['loss'].item()} at step {step} (epoch {step // len(loader) + 1}); "

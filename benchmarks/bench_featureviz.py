@@ -301,7 +301,7 @@ def bare_stepper(stack, model, classes, bounded=True, recipe=None):
     idx = torch.arange(n, device=device)
     cls = torch.tensor(classes, device=device)
     opt = torch.optim.Adam(params, lr=0.05, fused=True)  # as render() steps
-    layout = stack.enter_context(fv.frozen(model))
+    layout = stack.enter_context(models.frozen(model))
 
     def step():
         opt.zero_grad(set_to_none=True)

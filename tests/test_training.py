@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -122,6 +123,27 @@ def test_interrupted_run_leaves_whole_files_and_is_not_reused(tiny_data, tmp_pat
         training.load_checkpoint(tmp_path / "cnn.partial.pt")
 
 
+def test_our_models_are_evaluated_channels_last_on_a_cpu_and_left_as_found():
+    """predict, capture and the VAE's evaluation run our models channels-last on a CPU (1.5-2x faster than the
+    standard format there), with their weights back in their own format after, and the same outputs."""
+    cnn = models.build_model(models.cnn_config("small")).eval()
+    vae = models.build_model(models.vae_config("small")).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        plain = cnn(x)
+    layouts = []
+    for conv in (cnn.whiten, cnn.block1.conv1, vae.encoder[0], vae.decoder[-1]):
+        conv.register_forward_pre_hook(
+            lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    torch.testing.assert_close(training.predict(cnn, x), plain, atol=1e-5, rtol=1e-5)
+    maps = models.capture(cnn, x, "block1.act2")["block1.act2"]
+    assert maps.is_contiguous()  # channels-last inside, the standard format out
+    training.evaluate_vae(vae, x)
+    training.latent_statistics(vae, x)
+    assert len(layouts) > 4 and all(layouts), layouts
+    assert all(p.is_contiguous() for m in (cnn, vae) for p in m.parameters())
+
+
 def test_lr_schedule_warms_up_then_decays():
     f = [training.lr_factor(s, 100, 0.23) for s in range(100)]
     assert f[0] == pytest.approx(0.2) and max(f) == pytest.approx(1.0) and f.index(1.0) == 23
@@ -182,9 +204,10 @@ def test_fit_autocasts_to_bfloat16_only_where_the_device_has_it(tiny_data, monke
     """Training steps run in bfloat16 where `bf16_training` says so, in float32 elsewhere; validation runs in
     float32 either way; both learn."""
     assert training.bf16_training(torch.device("cuda")) and not training.bf16_training(torch.device("mps"))
-    for amx in (False, True):
+    for amx, avx512_bf16 in itertools.product((False, True), repeat=2):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        assert training.bf16_training(torch.device("cpu")) == amx
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert training.bf16_training(torch.device("cpu")) == (amx or avx512_bf16), (amx, avx512_bf16)
     monkeypatch.undo()
     for bf16 in (False, True):
         monkeypatch.setattr(training, "bf16_training", lambda device: bf16)

@@ -140,6 +140,28 @@ def test_no_kl_warm_up_weighs_the_full_kl_from_the_first_step(tiny, tmp_path, mo
     assert len(weights) > 1 and set(weights) == {1.0}  # the first step weighed 0 before
 
 
+def test_fit_vae_autocasts_its_convolutions_to_bfloat16_only_where_the_device_has_it(tiny, tmp_path, monkeypatch):
+    """Where `bf16_training` says so, training steps run the VAE's convolutions in bfloat16 and its likelihood
+    in float32 (in bfloat16 a pixel's mean would be off by up to a quarter of a level); validation is float32 either
+    way; the checkpoint records the precision; both learn."""
+    real_nll = models.mixture_logistic_nll
+    for bf16 in (False, True):
+        monkeypatch.setattr(training, "bf16_training", lambda device: bf16)
+        seen, likelihood = set(), set()
+        monkeypatch.setattr(models, "mixture_logistic_nll",
+                            lambda *args: likelihood.add(tuple(a.dtype for a in args)) or real_nll(*args))
+        vae = small_vae()
+        untrained = training.evaluate_vae(vae, tiny.val_x)["bpd"]
+        vae.decoder[-1].register_forward_hook(lambda module, args, out: seen.add((module.training, out.dtype)))
+        training.fit_vae(vae, tiny, hyp=dict(epochs=2, batch_size=64), ckpt_path=tmp_path / f"{bf16}.pt",
+                         progress=False)
+        assert seen == {(True, torch.bfloat16 if bf16 else torch.float32), (False, torch.float32)}, bf16
+        assert likelihood == {(torch.float32,) * 5}, (bf16, likelihood)
+        ckpt = torch.load(tmp_path / f"{bf16}.pt", weights_only=True)
+        assert ckpt["precision"] == ("bf16" if bf16 else "fp32")
+        assert training.evaluate_vae(vae, tiny.val_x)["bpd"] < untrained - 0.1, bf16
+
+
 def test_latent_statistics_match_an_independent_computation(tiny):
     vae = small_vae()
     stats = training.latent_statistics(vae, tiny.train_x, batch_size=64)
