@@ -787,7 +787,7 @@ def as_names(value, what="layers"):
 def capture(model, images, layers):
     """Outputs of the named layers (one name or several) for a batch of images (B, C, H, W) (uint8 or float in
     [0, 1]), as {name: tensor}, each a layer's output as `Recorder` defines it, in the standard memory
-    format; the model is left as found (`frozen`, which runs ours channels-last on a CPU, 1.5-3x faster)."""
+    format; the model is left as found (`frozen`, which runs ours channels-last on a CPU, where that is faster)."""
     check_input(model, images)
     layers = as_names(layers)
     with frozen(model) as layout, Recorder(model, layers).hooked() as run:

@@ -124,7 +124,7 @@ def test_interrupted_run_leaves_whole_files_and_is_not_reused(tiny_data, tmp_pat
 
 
 def test_our_models_are_evaluated_channels_last_on_a_cpu_and_left_as_found():
-    """predict, capture and the VAE's evaluation run our models channels-last on a CPU (1.5-2x faster than the
+    """predict, capture and the VAE's evaluation run our models channels-last on a CPU (faster than the
     standard format there), with their weights back in their own format after, and the same outputs."""
     cnn = models.build_model(models.cnn_config("small")).eval()
     vae = models.build_model(models.vae_config("small")).eval()
