@@ -318,15 +318,16 @@ class VAE(nn.Module):
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"the VAE takes {self.image_size}x{self.image_size} images (its architecture is fixed); "
                              f"got {tuple(x.shape)}: the classifier takes any size, the VAE does not")
-        dtype = dtype_of(self)
+        dtype = self.latent_mean.dtype  # the model's: under autocast too, the KL and the prior are taken in it
         x = _unit(x.to(self.latent_mean.device)).to(dtype)  # images on another device (the CPU) too
-        mu, logvar = self.encoder(x * 2 - 1).to(dtype).chunk(2, dim=1)  # the model's dtype under autocast too
+        mu, logvar = self.encoder(x * 2 - 1).to(dtype).chunk(2, dim=1)
         return mu, logvar.clamp(-12, 8)
 
     def decode_params(self, z):
         """The mixture's parameters in [-1, 1] pixel space, as mixture_logistic_nll takes them:
         logits (B, K, H, W); means, log_scales (B, K, C, H, W); coeffs (B, K, C(C-1)/2, H, W)."""
-        out = self.decoder(z).to(self.latent_mean.dtype)  # the likelihood in the model's dtype, not autocast's
+        # the likelihood in the model's dtype, not autocast's: its differences of two CDFs a level apart need it
+        out = self.decoder(z).to(self.latent_mean.dtype)
         b, (k, c), hw = len(z), (self.split[0], self.config["in_channels"]), out.shape[-2:]
         logits, means, log_scales, coeffs = out.split(self.split, dim=1)
         return (logits, torch.tanh(means).view(b, k, c, *hw),

@@ -62,13 +62,20 @@ CPU_BF16 = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu'
 
 
 def bf16_training(device):
-    """Whether the classifier trains in bfloat16 autocast on this device: on a CUDA GPU, and on a CPU with
-    bfloat16 instructions, AMX (recent Intel Xeons: a `compact` step 2.3-2.8x faster) or AVX512-BF16 (AMD
-    EPYCs since Zen 4: 1.7-2.1x); elsewhere in float32, where bfloat16 is emulated and slower. Evaluation is
-    float32 everywhere."""
+    """Whether our models (the classifier, the VAE's convolutions) train in bfloat16 autocast on this device: on
+    a CUDA GPU with bfloat16 units (Ampere and later), and on a CPU with bfloat16 instructions, AMX (recent Intel
+    Xeons: a `compact` step 2.3-2.8x faster) or AVX512-BF16 (AMD EPYCs since Zen 4: 1.7-2.1x); elsewhere in
+    float32, where bfloat16 is emulated and slower. Evaluation is float32 everywhere."""
     if device.type == "cuda":
-        return True
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in CPU_BF16)
+
+
+def training_precision(device):
+    """(autocast, name): the autocast context a training step runs in on this device (bfloat16 where
+    bf16_training says so, else none), and the precision's name as a checkpoint records it."""
+    bf16 = bf16_training(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), "bf16" if bf16 else "fp32"
 
 
 MAX_SEED = 2 ** 32 - 2  # the notebooks' SEED: NumPy takes seeds below 2 ** 32, and Visualization.ipynb uses SEED + 1
@@ -593,7 +600,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     device = get_device(device)
     seed_everything(seed)
     model.init_whiten(data.train_x[:5000])  # draws no random numbers
-    bf16 = bf16_training(device)
+    autocast, precision = training_precision(device)
     model.to(device)
     if device.type != "cuda":
         model.to(memory_format=torch.channels_last)
@@ -605,14 +612,14 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     # airbench's 0.95 a step, taken ema_every steps at a time, ramped up over the run
     ema_decay = 0.95 ** hyp["ema_every"] * (torch.arange(total + 1) / total) ** 3
     lookahead = Lookahead(model)
-    keeper = BestKeeper(model, "val_acc", True, ckpt_path, csv_path, hyp=hyp, precision="bf16" if bf16 else "fp32",
+    keeper = BestKeeper(model, "val_acc", True, ckpt_path, csv_path, hyp=hyp, precision=precision,
                         **(extra or {}))
 
     def train_step(step, x, y):
         model.whiten.bias.requires_grad_(step < len(loader) * hyp["whiten_bias_epochs"])
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, total, hyp["warmup"])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast:
             out = model(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=hyp["label_smoothing"], reduction="sum")
         opt.zero_grad(set_to_none=True)
@@ -717,8 +724,10 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
             progress=True, extra=None):
     """Train a VAE on data.train (negative ELBO), keep the best checkpoint by validation bits/dim.
 
-    Stops with a clear error if the loss becomes NaN/inf; the best checkpoint so far is kept.
-    Returns the per-epoch metrics rows; the model ends with the best epoch's weights and the latent
+    Its convolutions train in bfloat16 autocast where `bf16_training` says so, as the classifier does; the
+    likelihood, the KL and validation are float32. Stops with a clear error if the loss becomes NaN/inf; the
+    best checkpoint so far is kept. Returns the per-epoch metrics rows; the model ends with the best epoch's
+    weights and the latent
     statistics of the training set stored in its buffers.
     """
     hyp = hyperparameters(VAE_HYP, hyp)
@@ -737,15 +746,15 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_at)
     gen = torch.Generator(device=device).manual_seed(seed)
-    bf16 = bf16_training(device)
-    keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, precision="bf16" if bf16 else "fp32",
+    autocast, precision = training_precision(device)
+    keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, precision=precision,
                         **(extra or {}))
 
     def kl_weight(step):  # rising to 1 over the warm-up; with no warm-up epochs, 1 from the first step
         return min(1.0, step / warm) if hyp["kl_warmup_epochs"] else 1.0
 
     def train_step(step, x, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the convolutions; the likelihood in float32
+        with autocast:  # the convolutions (bf16_training); the likelihood and KL in float32 (VAE.encode, decode_params)
             out = vae.elbo(x, kl_weight(step), hyp["free_bits"], generator=gen)
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(

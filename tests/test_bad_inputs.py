@@ -144,8 +144,8 @@ def test_a_checkpoint_of_another_seed_or_data_is_refused_where_the_notebooks_loa
 
 def test_diverging_classifier_is_not_saved_as_finished(finished, tiny_data, monkeypatch):
     ckpt, csv, ckpt_bytes, csv_bytes = finished
-    # in float32 on the CPU: there this lr keeps the loss finite at chance level; bfloat16 (a GPU's, an AMX
-    # CPU's) reaches NaN first, which the test below covers
+    # in float32 on the CPU: there this lr keeps the loss finite at chance level; bfloat16 (a GPU's, or a CPU's
+    # with bf16 units) reaches NaN first, which the test below covers
     monkeypatch.setattr(training, "bf16_training", lambda device: False)
     with pytest.raises(RuntimeError, match="chance level.*lower lr"):
         training.train_classifier(tiny_data, ckpt, preset="small", hyp={**TINY, "lr": 1e6}, retrain=True,

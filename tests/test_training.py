@@ -126,22 +126,33 @@ def test_interrupted_run_leaves_whole_files_and_is_not_reused(tiny_data, tmp_pat
 def test_our_models_are_evaluated_channels_last_on_a_cpu_and_left_as_found():
     """predict, capture and the VAE's evaluation run our models channels-last on a CPU (faster than the
     standard format there), with their weights back in their own format after, and the same outputs."""
-    cnn = models.build_model(models.cnn_config("small")).eval()
-    vae = models.build_model(models.vae_config("small")).eval()
+    cnn = models.build_model(models.cnn_config("small"))
+    vae = models.build_model(models.vae_config("small"))
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
-        plain = cnn(x)
+        plain = cnn.eval()(x)
+        maps = models.Recorder(cnn, ["block1.act2"])
+        with maps.hooked() as run:
+            expected = run(x)["block1.act2"]
+    cnn.train()
+    flags = [p.requires_grad for m in (cnn, vae) for p in m.parameters()]
     layouts = []
-    for conv in (cnn.whiten, cnn.block1.conv1, vae.encoder[0], vae.decoder[-1]):
+    for conv in (cnn.whiten, vae.encoder[0]):  # the first convolutions: their inputs are the layout's
         conv.register_forward_pre_hook(
             lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     torch.testing.assert_close(training.predict(cnn, x), plain, atol=1e-5, rtol=1e-5)
     maps = models.capture(cnn, x, "block1.act2")["block1.act2"]
+    torch.testing.assert_close(maps, expected, atol=1e-5, rtol=1e-5)
     assert maps.is_contiguous()  # channels-last inside, the standard format out
     training.evaluate_vae(vae, x)
     training.latent_statistics(vae, x)
-    assert len(layouts) > 4 and all(layouts), layouts
+    assert len(layouts) >= 4 and all(layouts), layouts
     assert all(p.is_contiguous() for m in (cnn, vae) for p in m.parameters())
+    assert cnn.training and vae.training and [p.requires_grad for m in (cnn, vae) for p in m.parameters()] == flags
+    with torch.inference_mode():  # a caller's inference mode: the weights swapped in and back are not kept
+        training.predict(cnn, x)
+        models.capture(cnn, x, "block1.act2")
+    assert not any(p.is_inference() for p in cnn.parameters())
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -203,7 +214,10 @@ def test_fashion_mnist_short_run_beats_85_percent(tmp_path):
 def test_fit_autocasts_to_bfloat16_only_where_the_device_has_it(tiny_data, monkeypatch):
     """Training steps run in bfloat16 where `bf16_training` says so, in float32 elsewhere; validation runs in
     float32 either way; both learn."""
-    assert training.bf16_training(torch.device("cuda")) and not training.bf16_training(torch.device("mps"))
+    assert not training.bf16_training(torch.device("mps"))
+    for units in (False, True):  # a GPU with bfloat16 units (Ampere and later), or one that emulates them
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: units)
+        assert training.bf16_training(torch.device("cuda")) == units
     for amx, avx512_bf16 in itertools.product((False, True), repeat=2):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)

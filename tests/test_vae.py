@@ -142,12 +142,19 @@ def test_no_kl_warm_up_weighs_the_full_kl_from_the_first_step(tiny, tmp_path, mo
 
 def test_fit_vae_autocasts_its_convolutions_to_bfloat16_only_where_the_device_has_it(tiny, tmp_path, monkeypatch):
     """Where `bf16_training` says so, training steps run the VAE's convolutions in bfloat16 and its likelihood
-    in float32 (in bfloat16 a pixel's mean would be off by up to a quarter of a level); validation is float32 either
-    way; the checkpoint records the precision; both learn."""
-    real_nll = models.mixture_logistic_nll
+    and KL in float32 (in bfloat16 the difference of two CDFs a level apart would lose most of its digits);
+    validation is float32 either way; the checkpoint records the precision; both learn."""
+    real_nll, real_elbo = models.mixture_logistic_nll, models.VAE.elbo
     for bf16 in (False, True):
         monkeypatch.setattr(training, "bf16_training", lambda device: bf16)
-        seen, likelihood = set(), set()
+        seen, likelihood, kl = set(), set(), set()
+
+        def elbo(*args, **kwargs):
+            out = real_elbo(*args, **kwargs)
+            kl.add(out["kl"].dtype)
+            return out
+
+        monkeypatch.setattr(models.VAE, "elbo", elbo)
         monkeypatch.setattr(models, "mixture_logistic_nll",
                             lambda *args: likelihood.add(tuple(a.dtype for a in args)) or real_nll(*args))
         vae = small_vae()
@@ -156,7 +163,7 @@ def test_fit_vae_autocasts_its_convolutions_to_bfloat16_only_where_the_device_ha
         training.fit_vae(vae, tiny, hyp=dict(epochs=2, batch_size=64), ckpt_path=tmp_path / f"{bf16}.pt",
                          progress=False)
         assert seen == {(True, torch.bfloat16 if bf16 else torch.float32), (False, torch.float32)}, bf16
-        assert likelihood == {(torch.float32,) * 5}, (bf16, likelihood)
+        assert likelihood == {(torch.float32,) * 5} and kl == {torch.float32}, (bf16, likelihood, kl)
         ckpt = torch.load(tmp_path / f"{bf16}.pt", weights_only=True)
         assert ckpt["precision"] == ("bf16" if bf16 else "fp32")
         assert training.evaluate_vae(vae, tiny.val_x)["bpd"] < untrained - 0.1, bf16
