@@ -76,6 +76,15 @@ def _to_image(mixing, x):
     return torch.sigmoid(mixed).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
+def _cached(maxsize=16):
+    """functools.lru_cache for a function that makes small constant tensors once per device (and size): they
+    are made outside inference mode, whatever the first caller's, since an inference tensor cached by a call
+    under torch.inference_mode could never be saved for the backward of a later render."""
+    def wrap(fn):
+        return functools.lru_cache(maxsize=maxsize)(torch.inference_mode(False)(fn))
+    return wrap
+
+
 def _irfft2(spec, size):
     """The size x size real images (ortho) of one-sided spectra (..., size, size//2+1) that need not be the
     spectra of real images. A real image's is Hermitian in its first column, and in its last for an even size:
@@ -98,7 +107,7 @@ def _hermitian_irfft2(spec, size):
     return torch.fft.irfft(torch.view_as_complex(parts), n=size, dim=-1, norm="ortho")
 
 
-@functools.lru_cache(maxsize=16)
+@_cached()
 def _real_where_self_conjugate(size, device, dtype):
     """(size//2+1, 2) factors of the (real, imaginary) parts of a one-sided spectrum's columns: 0 for the
     imaginary parts of the self-conjugate columns, 1 elsewhere. Made once per device, before any CUDA graph
@@ -114,12 +123,24 @@ def _self_conjugate_columns(size):
     return (0, size // 2) if size % 2 == 0 else (0,)
 
 
+def _register_color(module, color):
+    """Give a Fourier parameterization its (C, C) colour transform `color` (saved in its state_dict) and
+    _to_image's `mixing`, made from it (not saved): made anew when load_state_dict loads another `color`."""
+    module.register_buffer("color", color)
+    module.register_buffer("mixing", _mixing(color), persistent=False)
+    module.register_load_state_dict_post_hook(_remix)
+
+
+def _remix(module, incompatible_keys):
+    module.mixing = _mixing(module.color)
+
+
 def _mixing(color):
     """(4C, 4C): 4 copies of color.T (C, C) on the diagonal (one for one channel), with which _to_image mixes
     the colours of 4 pixels a row (fewer where 4 do not divide the pixels). The same numbers, in a shape a
     CPU's BLAS runs faster: (N*H*W, 3) x (3, 3) is a long, thin product, and 4 pixels a row took its forward
     and backward from about 250 to 90 us on 10 images of 32 x 32 (15 to 2.2 ms on 512). Made from the
-    colour transform once: a parameterization's `mixing` follows its `color` only as it is built."""
+    colour transform as it is built or loaded (_register_color)."""
     return torch.block_diag(*[color.T] * (4 if len(color) > 1 else 1))
 
 
@@ -167,9 +188,12 @@ def fourier_scale(size, decay=1.0, spectrum=None):
         scale = (fy ** 2 + fx ** 2).sqrt().clamp_min(1 / size) ** -decay
     else:
         if tuple(spectrum.shape) != (size, size // 2 + 1):
-            raise ValueError(f"spectrum must be ({size}, {size // 2 + 1}) for {size}x{size} images, as spectrum(images) "
-                             f"of such images returns; got {tuple(spectrum.shape)}")
+            raise ValueError(f"spectrum must be ({size}, {size // 2 + 1}) for {size}x{size} images, as "
+                             f"spectrum(images) of such images returns; got {tuple(spectrum.shape)}")
         scale = spectrum.float().cpu()  # made on the CPU, whatever the spectrum's device; the module moves it
+        if not (torch.isfinite(scale).all() and scale.min() >= 0 and scale.max() > 0):
+            raise ValueError("spectrum must be finite, >= 0 and not all 0, as spectrum(images) returns for images "
+                             "that are not each one flat colour")
         scale = scale.clamp_min(scale.max() * 1e-3)
     return scale / scale.pow(2).mean().sqrt()
 
@@ -186,7 +210,11 @@ def color_sqrt(color_cov, channels):
     if channels == 1:
         return torch.eye(1)  # one channel has no colours to correlate
     root = _sqrt_psd(color_cov)
-    return (root / torch.linalg.matrix_norm(root, 2)).float()
+    norm = torch.linalg.matrix_norm(root, 2)
+    if not norm > 0:
+        raise ValueError("color_cov is all zero (images with no colour variation, such as one flat gray): there "
+                         "are no colours to decorrelate; pass color_cov=None, or the covariance of real images")
+    return (root / norm).float()
 
 
 class FourierParam(nn.Module):
@@ -198,8 +226,7 @@ class FourierParam(nn.Module):
         super().__init__()
         self.size = size
         self.register_buffer("scale", fourier_scale(size, decay, spectrum))  # (H, W//2+1)
-        self.register_buffer("color", color_sqrt(color_cov, channels))       # (C, C)
-        self.register_buffer("mixing", _mixing(self.color), persistent=False)  # _to_image's
+        _register_color(self, color_sqrt(color_cov, channels))
         shape = (n, channels, size, size // 2 + 1, 2)
         self.coeffs = nn.Parameter(sd * torch.randn(shape, generator=generator))
         if init is not None:
@@ -289,8 +316,7 @@ class MaCoParam(nn.Module):
             raise ValueError("magnitude must be finite, >= 0 and not all 0 beyond its DC term [:, 0, 0], as "
                              "magnitude_spectrum(images) returns for images that are not each one flat colour")
         self.register_buffer("magnitude", magnitude * (contrast / spread))  # (C, H, W//2+1)
-        self.register_buffer("color", color_sqrt(color_cov, channels))  # (C, C)
-        self.register_buffer("mixing", _mixing(self.color), persistent=False)  # _to_image's
+        _register_color(self, color_sqrt(color_cov, channels))
         phase = (2 * torch.rand((n, *shape), generator=generator) - 1) * math.pi
         self.phase = nn.Parameter(phase)                                # (N, C, H, W//2+1)
         if init is not None:
@@ -436,7 +462,7 @@ def parameterization(kind, pool=0, **options):
     valid = [p for p in inspect.signature(PARAMS[kind]).parameters if p not in _BUILT_BY_RENDER]
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for parameterization {kind!r}; valid: {', '.join(valid)}")
+        raise ValueError(f"unknown option(s) {unknown} for parameterization {kind!r}; valid: {', '.join(valid)}, pool")
     if "vae" in valid and options.get("vae") is None:
         raise ValueError(f"parameterization {kind!r} needs a VAE: parameterization({kind!r}, vae=vae) with a trained "
                          f"models.VAE")
@@ -508,7 +534,7 @@ class Shift:
         return torch.sigmoid(torch.fft.irfft2(spec, s=(h, w)))
 
 
-@functools.lru_cache(maxsize=16)
+@_cached()
 def _ramp_axes(h, w, fraction, device):
     """The phase ramp of the largest shift along each axis, -2 pi f d: (h, 1) and (1, w//2+1), made once.
     A Nyquist frequency (even sides) keeps its phase: a real image cannot move it by a fraction of a pixel."""
@@ -544,7 +570,7 @@ def resample(shift=0.0, scale=(1.0, 1.0), degrees=0.0):
     return t
 
 
-@functools.lru_cache(maxsize=64)
+@_cached(64)
 def _constant(values, device, dtype):
     """A small constant tensor, made once per device: no host-to-device copy in a step (or a CUDA graph)."""
     return torch.tensor(values, device=device, dtype=dtype)
@@ -558,7 +584,7 @@ def affine_grid(theta, h, w):
     return coords.view(len(theta), 2, h, w).permute(0, 2, 3, 1)
 
 
-@functools.lru_cache(maxsize=16)
+@_cached()
 def _pixel_grid(h, w, device, dtype):
     """(3, h*w) homogeneous coordinates (x, y, 1) of the pixel centres, in F.affine_grid's order."""
     grid = F.affine_grid(torch.eye(2, 3, dtype=dtype, device=device)[None], [1, 1, h, w], align_corners=False)
@@ -1060,7 +1086,7 @@ def _deterministic_convolutions():
 
 def cosine(lr):
     """A learning rate falling from lr to 0 along a half cosine: render(lr=cosine(0.3))."""
-    _check_lr(lr)
+    _check_real("cosine's lr (its starting value)", lr, 0, inclusive=False)
     return lambda t: lr * 0.5 * (1 + math.cos(math.pi * t))  # t: fraction of the steps done
 
 
@@ -1131,7 +1157,8 @@ def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
     for name, value, low in [("steps", steps, 0), ("images_per_target", images_per_target, 1), ("restarts", restarts, 1)]:
         data.check_count(name, value, low)
     if not callable(lr):
-        _check_lr(lr)
+        _check_real("lr", lr, 0, inclusive=False,
+                    hint=" (or a schedule f(fraction of steps done) such as cosine(0.3))")
     if not _is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
     if transforms is not None and not callable(transforms):
@@ -1140,10 +1167,6 @@ def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
     if transforms in (jitter, resample, scale, rotate, compose, Shift):
         raise TypeError(f"transforms={transforms.__name__} makes a transform: call it with its amounts, e.g. "
                         f"{transforms.__name__}(...), or pass STANDARD, AFFINE or LIGHT")
-
-
-def _check_lr(lr):
-    _check_real("lr", lr, 0, inclusive=False, hint=" (or a schedule f(fraction of steps done) such as cosine(0.3))")
 
 
 def _best_of_restarts(final, restarts):

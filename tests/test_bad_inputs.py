@@ -572,8 +572,8 @@ def test_render_refuses_what_is_not_a_regularizer_or_a_parameterization(nets):
 
 def test_helpers_name_a_bad_argument(nets):
     cnn, _ = nets
-    with pytest.raises(ValueError, match="lr must be a finite number > 0, got -1"):
-        fv.cosine(-1)
+    with pytest.raises(ValueError, match=r"cosine's lr \(its starting value\) must be a finite number > 0, got -1$"):
+        fv.cosine(-1)  # no hint of a schedule: cosine() takes a number
     with pytest.raises(ValueError, match="k must be an int >= 1, got 0"):
         fv.exemplars(cnn, torch.rand(4, 3, 32, 32), fv.Channel("block2.act2", 1), k=0)
     with pytest.raises(ValueError, match=r"neuron must be a \(y, x\) position in layer 'block2.act2', got \(1, 2, 3\)"):
@@ -599,6 +599,11 @@ def test_helpers_name_a_bad_argument(nets):
     (lambda: fv.MaCoParam(1, 3, 32, magnitude=fv.magnitude_spectrum(torch.full((4, 3, 32, 32), 0.3))),
      r"not all 0 beyond its DC term"),
     (lambda: fv.MaCoParam(1, 3, 32, magnitude=-torch.ones(3, 32, 17)), r"magnitude must be finite, >= 0"),
+    # the statistics of flat gray images: all zero, which would make NaN images
+    (lambda: fv.parameterization("fourier", color_cov=fv.color_covariance(torch.full((4, 3, 32, 32), 0.5))),
+     r"color_cov is all zero"),
+    (lambda: fv.FourierParam(1, 3, 32, spectrum=fv.spectrum(torch.full((4, 3, 32, 32), 0.5))),
+     r"spectrum must be finite, >= 0 and not all 0"),
     (lambda: fv.MaCoParam(1, 3, 32, magnitude=torch.full((3, 32, 17), float("nan"))), r"magnitude must be finite"),
     # a second stage's options fail when the technique is made, not after its first stage
     (lambda: fv.techniques(models.build_model(models.vae_config("small")), color_cov=torch.eye(2, 3)),

@@ -323,6 +323,8 @@ def test_parameterization_errors():
         fv.parameterization("pixel", decay=1.5)
     with pytest.raises(ValueError, match="pool must be an int >= 0"):
         fv.parameterization("pixel", pool=-1)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['pools'\].*; valid: sd, init, pool$"):
+        fv.parameterization("pixel", pools=8)  # pool is render's option, not the class's, and valid too
 
 
 def test_color_covariance_matches_torch_cov():
@@ -831,6 +833,37 @@ def test_render_needs_no_gradients_switched_on_and_takes_numpy_integers():
     r = fv.render(model, np.array([2, 5]), steps=3, seed=np.int64(3), size=np.int64(32), progress=False)
     assert torch.equal(r.images, ref.images) and r.targets == [fv.Class(2), fv.Class(5)]
     assert fv.render(model, np.int64(2), steps=1, progress=False).targets == [fv.Class(2)]
+
+
+@pytest.mark.parametrize("kind", ["fourier", "maco"])
+def test_a_loaded_colour_transform_mixes_the_colours(kind):
+    """load_state_dict of another parameterization's state gives its images: `mixing`, made from `color` and not
+    saved, is made again from the loaded one."""
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) ** 2
+    cov = fv.color_covariance(images) + 0.01 * torch.eye(3)
+    make = {"fourier": lambda c: fv.FourierParam(2, 3, 32, color_cov=c),
+            "maco": lambda c: fv.MaCoParam(2, 3, 32, magnitude=fv.magnitude_spectrum(images, c), color_cov=c)}[kind]
+    a, b = make(cov), make(None)
+    assert not torch.allclose(a(), b())
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.mixing, a.mixing) and torch.allclose(b(), a(), atol=1e-6)
+    if kind == "fourier":  # set_images (which reads `color`) and forward (`mixing`) agree; maco keeps its magnitude
+        b.set_images(images[:2])
+        assert torch.allclose(b(), images[:2].clamp(1e-3, 1 - 1e-3), atol=2e-3)
+
+
+def test_constants_cached_under_inference_mode_serve_a_later_backward():
+    """The small constant tensors made once per device are made outside inference mode: a first call under
+    torch.inference_mode must not cache a tensor that a later backward cannot save (sizes no other test uses)."""
+    with torch.inference_mode():
+        fv.affine_grid(torch.eye(2, 3)[None], 23, 23)
+        fv._hermitian_irfft2(torch.ones(1, 1, 23, 12, dtype=torch.complex64), 23)
+    theta = torch.eye(2, 3)[None].requires_grad_()
+    fv.affine_grid(theta, 23, 23).sum().backward()
+    assert theta.grad is not None
+    spec = torch.ones(1, 1, 23, 12, dtype=torch.complex64, requires_grad=True)
+    fv._hermitian_irfft2(spec, 23).sum().backward()
+    assert spec.grad is not None
 
 
 def test_fourier_refuses_a_spectrum_of_another_size():
