@@ -10,7 +10,8 @@ import numbers
 import os
 import random
 import time
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,8 @@ def bf16_training(device):
     Xeons: a `compact` step 2.3-2.8x faster) or AVX512-BF16 (AMD EPYCs since Zen 4: 1.7-2.1x); elsewhere in
     float32, where bfloat16 is emulated and slower. Evaluation is float32 everywhere."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        with torch.cuda.device(device) if device.index is not None else nullcontext():  # that GPU's, not the current
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in CPU_BF16)
 
 
@@ -464,8 +466,11 @@ def _dry_run(model, images):
             model(first_image(model, images))
         except RuntimeError as e:
             c, h, w = images.shape[1:]
-            raise ValueError(f"the model cannot take the data's {c}-channel {h}x{w} images ({e}): our CNN needs "
-                             f"images of at least 9x9 (a 2x2 conv, then three 2x poolings)") from e
+            k = config_of(model).get("whiten_kernel")
+            if k is None or min(h, w) >= 7 + k:  # not ours, or not too small: the model's own error stands
+                raise
+            raise ValueError(f"the model cannot take the data's {c}-channel {h}x{w} images ({e}): this CNN needs "
+                             f"images of at least {7 + k}x{7 + k} (a {k}x{k} conv, then three 2x poolings)") from e
 
 
 def lr_factor(step, total, warmup):
@@ -598,15 +603,15 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
                          f"with num_classes={len(data.classes)} (models.cnn_config)")
     _dry_run(model, data.train_x)
     device = get_device(device)
+    loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=True,  # checks translate
+                    translate=hyp["translate"], drop_last=len(data.train_y) >= hyp["batch_size"],
+                    device=device, seed=seed, channels_last=True)
     seed_everything(seed)
     model.init_whiten(data.train_x[:5000])  # draws no random numbers
     autocast, precision = training_precision(device)
     model.to(device)
     if device.type != "cuda":
         model.to(memory_format=torch.channels_last)
-    loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=True,
-                    translate=hyp["translate"], drop_last=len(data.train_y) >= hyp["batch_size"],
-                    device=device, seed=seed, channels_last=True)
     total = math.ceil(len(loader) * hyp["epochs"])
     opt = make_optimizer(model, hyp)
     # airbench's 0.95 a step, taken ema_every steps at a time, ramped up over the run
@@ -664,6 +669,10 @@ def _check_learned(val_acc, val_y, num_classes, lr, ckpt_path):
     its most frequent class, 1 / num_classes for balanced classes)."""
     num_val = len(val_y)
     chance = torch.bincount(torch.as_tensor(val_y).long(), minlength=num_classes).max().item() / num_val
+    if chance ** num_val >= 0.01:  # guessing would get them all right that often: no score can tell
+        warnings.warn(f"the validation set ({num_val} images) is too small to tell learning from guessing (all "
+                      f"{num_val} right by chance {chance ** num_val:.0%} of the time): the run is not checked for it")
+        return
     guesses = torch.distributions.Binomial(num_val, probs=torch.tensor(chance, dtype=torch.float64))
     reached = guesses.log_prob(torch.arange(round(val_acc * num_val), num_val + 1, dtype=torch.float64)).exp().sum()
     if reached >= 0.01:

@@ -164,6 +164,12 @@ def test_the_chance_check_weighs_the_number_of_validation_images():
     with pytest.raises(RuntimeError, match=r"chance level \(80.0%, always naming the most frequent of 5 classes\)"):
         training._check_learned(0.81, skewed, 5, 0.1, None)  # was far beyond 1/5
     training._check_learned(0.9, skewed, 5, 0.1, None)
+    # a set so small that guessing gets every image right 1% of the time or more: no score can tell, so a warning
+    for classes, labels in [(3, balanced(3, 3)), (2, balanced(2, 4)), (10, torch.tensor([7]))]:
+        with pytest.warns(UserWarning, match=f"validation set \\({len(labels)} images\\) is too small to tell"):
+            training._check_learned(1.0, labels, classes, 0.1, None)
+    with pytest.raises(RuntimeError, match="chance level"):  # 6 images of 3 classes: all right by chance 0.14%
+        training._check_learned(0.2, balanced(3, 6), 3, 0.1, None)
 
 
 def test_the_best_epoch_is_the_best_not_the_last_and_a_nan_metric_stops_the_run(tmp_path):

@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -218,6 +219,16 @@ def test_fit_autocasts_to_bfloat16_only_where_the_device_has_it(tiny_data, monke
     for units in (False, True):  # a GPU with bfloat16 units (Ampere and later), or one that emulates them
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: units)
         assert training.bf16_training(torch.device("cuda")) == units
+    current = [0]  # an Ampere GPU 0 and an older GPU 1: the chosen one's units count, not the current one's
+
+    @contextlib.contextmanager
+    def on(device):
+        current.append(torch.device(device).index)
+        yield
+        current.pop()
+    monkeypatch.setattr(torch.cuda, "device", on)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: current[-1] == 0)
+    assert [training.bf16_training(torch.device(f"cuda:{i}")) for i in (1, 0)] == [False, True]
     for amx, avx512_bf16 in itertools.product((False, True), repeat=2):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
@@ -429,11 +440,16 @@ def test_fit_refuses_data_that_do_not_fit_the_model_before_changing_it(tiny_data
     with pytest.raises(ValueError, match="cannot take the data's 3-channel 8x8 images .* at least 9x9"):
         training.fit(tiny_images, small, hyp=TINY, progress=False)  # was torch's error at the first step
     assert all(torch.equal(before[k], v) for k, v in tiny_images.state_dict().items())
+    nine = dataclasses.replace(tiny_data, train_x=tiny_data.train_x[:, :, :9, :9], val_x=tiny_data.val_x[:, :, :9, :9])
+    wider = models.build_model(models.cnn_config("small", image_size=9, whiten_kernel=3))
+    with pytest.raises(ValueError, match=r"cannot take the data's 3-channel 9x9 images .* at least 10x10 \(a 3x3 conv"):
+        training.fit(wider, nine, hyp=TINY, progress=False)  # the minimum follows the whitening kernel
     model = models.build_model(models.cnn_config("small"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for bad, message in ((dict(device="gpu"), "device must be .* got 'gpu'"), (dict(seed=-1), r"seed \(SEED\) must be")):
+    for bad, message in ((dict(device="gpu"), "device must be .* got 'gpu'"), (dict(seed=-1), r"seed \(SEED\) must be"),
+                         (dict(hyp={**TINY, "translate": 32}), "translate must be from 0 to 31 px")):
         with pytest.raises(ValueError, match=message):
-            training.fit(model, tiny_data, hyp=TINY, progress=False, **bad)
+            training.fit(model, tiny_data, **{"hyp": TINY, **bad}, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     five = models.build_model(models.cnn_config("small", num_classes=5))
     with pytest.raises(ValueError, match="5 outputs and the data 10 classes: build it with num_classes=10"):
