@@ -555,7 +555,8 @@ def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progre
     """The loop both fits share: `total` steps in epochs over `loader`, a progress bar and a duration
     forecast; train_step(step, x, y) runs one step and returns its sums {name: tensor} (kept on the
     device, no host sync per step); end_epoch(epoch, sums, seen) returns the epoch's metrics row
-    (validation included), which goes to `keeper` with the epoch number and its seconds."""
+    (validation included), which goes to `keeper` with the epoch number and its seconds. A run stopped by an
+    error or an interrupt leaves the model with the best epoch's weights so far, in eval mode, as a finished run."""
     step = 0
     bar = tqdm(total=total, desc=desc, disable=not progress)
     forecast = Forecast(total, desc, device_of(model), steps=10 if progress else 0)
@@ -576,6 +577,10 @@ def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progre
             row = end_epoch(epoch, sums, seen)
             keeper.update(dict(epoch=epoch + 1, **row, seconds=time.perf_counter() - start))
             bar.set_postfix(epoch=epoch + 1, **{keeper.key: f"{row[keeper.key]:.4f}"})
+    except BaseException:
+        if keeper.state is not None:  # not the weights of a diverged or half-done epoch
+            keeper.restore()
+        raise
     finally:
         bar.close()
 

@@ -190,6 +190,32 @@ def test_the_best_epoch_is_the_best_not_the_last_and_a_nan_metric_stops_the_run(
     assert vae_keeper.best is None
 
 
+@pytest.mark.parametrize("stop", [FloatingPointError("loss became nan"), KeyboardInterrupt()])
+def test_a_stopped_run_leaves_the_best_epochs_weights_in_eval_mode(stop):
+    """An error or an interrupt in epoch 3 leaves the model as a finished run does: the best epoch's weights (the
+    first's), not those of the epoch it stopped in, in eval mode; nothing kept yet, the weights stay as they are."""
+    model = torch.nn.Linear(2, 2)
+    keeper = training.BestKeeper(model, "val_acc", True)
+
+    def train_step(step, x, y):
+        if step == 2:
+            raise stop
+        with torch.no_grad():
+            model.weight.fill_(step + 1)  # epoch e's weights: all e
+        return dict(loss=torch.tensor(0.0))
+
+    def end_epoch(epoch, sums, seen):
+        return dict(val_acc=[0.9, 0.5][epoch])
+    with pytest.raises(type(stop)):
+        training.run_epochs(model, [(None, torch.zeros(1))], 5, train_step, end_epoch, keeper, "test", progress=False)
+    assert (model.weight == 1).all() and not model.training
+    fresh = training.BestKeeper(model.train(), "val_acc", True)
+    with pytest.raises(type(stop)):  # stopped in the first epoch: no best epoch to go back to
+        training.run_epochs(model, [(None, torch.zeros(1))] * 3, 5, train_step, end_epoch, fresh, "test",
+                            progress=False)
+    assert (model.weight == 2).all() and model.training
+
+
 def test_nan_loss_stops_the_classifier(finished, tiny_data, monkeypatch):
     ckpt, csv, ckpt_bytes, _ = finished
     real = torch.nn.functional.cross_entropy
