@@ -272,9 +272,15 @@ img{image-rendering:pixelated;width:64px;height:64px;display:block}
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;border-radius:6px;padding:8px;width:590px}
 .card:target{border-color:#14c;box-shadow:0 0 6px #14c}.row{display:flex;gap:4px;align-items:flex-end;margin:4px 0}
 figure{margin:0;text-align:center;font-size:11px}.label{width:52px;font-size:12px;color:#555}
-.bars{display:flex;gap:3px;align-items:flex-end;height:48px}.bar{width:22px;background:#5a8;min-height:1px}.bar.neg{background:#c66}
-.barlabel{width:22px;font-size:9px;overflow:hidden;text-align:center}.strip{display:flex;gap:6px;flex-wrap:wrap}
+.bars{display:flex;gap:3px;align-items:flex-end;height:48px}.bar{width:var(--w);background:#5a8;min-height:1px}.bar.neg{background:#c66}
+.barlabels{display:flex;gap:3px}.barlabel{width:var(--w);font-size:9px;overflow:hidden;text-align:center}.strip{display:flex;gap:6px;flex-wrap:wrap}
 table{border-collapse:collapse}.row .label{align-self:center}td,th{padding:2px 8px;text-align:left}"""
+
+
+def bar_width(classes, card=590, gap=3):
+    """Pixels of one class's bar (and its label): 22 for up to 23 classes, narrower for more, so that all fit
+    the card's 590 px (at least 1)."""
+    return max(1, min(22, (card + gap) // classes - gap))
 
 
 class Site:
@@ -331,7 +337,8 @@ class Site:
         scale = max(values.nan_to_num(0).abs().max().item(), 1e-8)
         bars = "".join(self._bar(name, v, scale) for name, v in zip(self.d.classes, values.tolist()))
         labels = "".join(f'<div class="barlabel">{html.escape(name[:4])}</div>' for name in self.d.classes)
-        return f'<div class="bars">{bars}</div><div class="row">{labels}</div>'
+        width = f"--w:{bar_width(len(self.d.classes))}px"
+        return f'<div class="bars" style="{width}">{bars}</div><div class="barlabels" style="{width}">{labels}</div>'
 
     @staticmethod
     def _bar(name, value, scale):
@@ -359,6 +366,9 @@ class Site:
         if contrib is None:
             return body + (f"<p>The head reads the channels of {html.escape(last_layer)}, which this atlas has no "
                            f"page for, or does not read them one to one.</p>")
+        if contrib.isnan().all():  # the class's mean over no test images
+            return body + (f"<p>No test images of this class: no mean contribution of the channels of "
+                           f"{html.escape(last_layer)} to its logit.</p>")
         top_ch = contrib.argsort(descending=True)[:CONTRIBUTORS].tolist()
         figs = "".join(self.figure(self.vis_file(last_layer, self.techniques[0], j), f"ch {j}: {contrib[j]:+.2f}",
                                    f"{self.layer_file(last_layer)}#c{j}") for j in top_ch)

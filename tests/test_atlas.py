@@ -274,6 +274,11 @@ def test_classes_without_test_images_and_three_classes_read_right(tmp_path):
     assert atlas.selectivity(means).tolist() == pytest.approx([1.5, 0.0])  # over cat and bird alone
     bars = site.bars(means[:, 0])
     assert "nan" not in bars and "dog: no test images" in bars and "height:100%" in bars
+    assert '<div class="bars" style="--w:22px">' in bars and '<div class="barlabels" style="--w:22px">' in bars
+    for k in (10, 23, 100, 140):  # a hundred classes' bars fit the card as ten do, each as wide as it can be
+        w = atlas.bar_width(k)
+        assert k * w + (k - 1) * 3 <= 590 < k * (w + 1) + (k - 1) * 3 or w == 22
+    assert atlas.bar_width(10) == atlas.bar_width(23) == 22 and atlas.bar_width(100) == 2
     signed = site.bars(torch.tensor([-2.0, 1.0, 0.0]))  # a signed map (the whitening conv's): both sizes shown
     assert '<div class="bar neg" style="height:100%" title="cat: -2.000">' in signed
     assert '<div class="bar" style="height:50%" title="dog: 1.000">' in signed
@@ -285,6 +290,10 @@ def test_classes_without_test_images_and_three_classes_read_right(tmp_path):
     cm = torch.tensor([[50, 3, 0], [4, 40, 2], [0, 5, 45]])
     confused = site.class_body(0, torch.tensor([0]), torch.tensor([1.0]), cm, "block3.act2", None)
     assert 'href="class-2.html"' not in confused  # never confused either way: no confusion to list
+    contrib = 2.0 * means  # (classes, channels): the dog's row NaN, as head_contributions gives it
+    dog = site.class_body(1, torch.tensor([0]), torch.tensor([1.0]), cm, "block3.act2", contrib[1])
+    assert "nan" not in dog and "No test images of this class" in dog and "ch 0" not in dog
+    assert "ch 0: +6.00" in site.class_body(2, torch.tensor([0]), torch.tensor([1.0]), cm, "block3.act2", contrib[2])
 
 
 def test_the_printed_command_builds_the_atlas_the_notebook_would():
