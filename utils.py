@@ -23,9 +23,9 @@ from metrics import check_confusion
 # ----------------------------------------------------------------------------- helpers
 
 
-def _numpy_images(images):
+def _numpy_images(images, name="images"):
     """(N, C, H, W) tensor/array (or a list of (C, H, W) ones), float [0, 1] or uint8 -> float array
-    (N, H, W, 3) or (N, H, W) if gray; a clear error for any other shape."""
+    (N, H, W, 3) or (N, H, W) if gray; a clear error, naming the argument, for any other shape."""
     if isinstance(images, (list, tuple)):
         images = torch.stack([torch.as_tensor(im) for im in images])
     given = torch.as_tensor(images).detach().cpu()
@@ -34,9 +34,9 @@ def _numpy_images(images):
         hint = (" (channels last? pass images.permute(0, 3, 1, 2))" if given.dim() == 4 and given.shape[-1] in (1, 3)
                 else " (one image channels last? pass image.permute(2, 0, 1))" if given.dim() == 3 and given.shape[-1] in (1, 3)
                 else " (gray images (N, H, W)? pass images[:, None])" if given.dim() == 3 else "")
-        raise ValueError(f"images must be (N, C, H, W) or one (C, H, W), with C = 1 or 3; got shape "
+        raise ValueError(f"{name} must be (N, C, H, W) or one (C, H, W), with C = 1 or 3; got shape "
                          f"{tuple(given.shape)}{hint}")
-    x = to_float(x)
+    x = to_float(x, name)
     x = x.clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
     return x[..., 0] if x.shape[-1] == 1 else x
 
@@ -129,7 +129,8 @@ def show_images(images, labels=None, classes=None, ncols=10, title=None, save=No
     """A grid of images, each titled with its class name when labels are given."""
     x = _numpy_images(images)
     if labels is not None and len(labels) != len(x):
-        raise ValueError(f"labels must give one label per image: {len(x)} images, {len(labels)} labels")
+        gray = " (a (3, H, W) tensor is one colour image: pass 3 gray ones as images[:, None])" if len(x) == 1 else ""
+        raise ValueError(f"labels must give one label per image: {len(x)} images, {len(labels)} labels{gray}")
     fig, axes = _grid(len(x), ncols, extra_height=0.2 if labels is not None else 0)
     for i, ax in enumerate(axes.flat[: len(x)]):
         _imshow(ax, x[i])
@@ -255,7 +256,7 @@ def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_
         cells[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
     if image is not None:
         axes[0, 0].set_visible(True)
-        _imshow(axes[0, 0], _numpy_images(image)[0])
+        _imshow(axes[0, 0], _numpy_images(image, "image")[0])
         axes[0, 0].set_title("input", fontsize=8)
     return _finish(fig, save)
 
@@ -318,7 +319,8 @@ def _heatmap(name, maps, x):
 @_no_figure_on_error
 def comparison_grid(rows, col_labels=None, save=None):
     """A grid of images: one row per entry of `rows` (label -> (N, C, H, W)), labels left and on top."""
-    shown = {label: _numpy_images(images) for label, images in rows.items()}  # one (C, H, W) image: one column
+    # one (C, H, W) image: one column
+    shown = {label: _numpy_images(images, f"rows[{label!r}]") for label, images in rows.items()}
     ncols = max(len(x) for x in shown.values())
     fig, axes = plt.subplots(len(rows), ncols, figsize=(1.4 * ncols, 1.5 * len(rows)), squeeze=False)
     for row, (label, x) in zip(axes, shown.items()):
@@ -355,9 +357,9 @@ def plot_spectrum(eigenvalues, title="latent covariance spectrum", save=None):
 @_no_figure_on_error
 def plot_unit(image, exemplars, values=None, title=None, save=None):
     """A visualization (C, H, W) beside the dataset images that excite the same unit (with activations)."""
-    ex = _numpy_images(exemplars)
+    ex = _numpy_images(exemplars, "exemplars")
     fig, axes = plt.subplots(1, len(ex) + 1, figsize=(1.5 * (len(ex) + 1), 2.0), squeeze=False)
-    _imshow(axes[0, 0], _numpy_images(image)[0])
+    _imshow(axes[0, 0], _numpy_images(image, "image")[0])
     axes[0, 0].set_title("visualization", fontsize=9)
     for k, (ax, img) in enumerate(zip(axes[0, 1:], ex)):
         _imshow(ax, img)

@@ -290,8 +290,17 @@ def test_wrong_images_labels_metrics_and_class_names_are_named():
     with pytest.raises(ValueError, match=r"got shape \(8, 8, 3\) \(one image channels last\? pass image.permute\(2, 0, 1\)\)"):
         utils.show_images(torch.rand(8, 8, 3))
     assert len(image_axes(utils.show_images(list(images(3))))) == 3  # a list of (C, H, W) images works
-    with pytest.raises(ValueError, match="one label per image: 4 images, 2 labels"):
+    with pytest.raises(ValueError, match="one label per image: 4 images, 2 labels$"):
         utils.show_images(images(), labels=[0, 1], classes=CLASSES)
+    with pytest.raises(ValueError, match=r"1 images, 3 labels \(a \(3, H, W\) tensor is one colour image: pass 3 gray"):
+        utils.show_images(torch.rand(3, 8, 8), labels=[0, 1, 2], classes=CLASSES)  # 3 gray images, squeezed
+    # the argument named is the one passed
+    with pytest.raises(ValueError, match=r"^exemplars must be \(N, C, H, W\).*got shape \(4, 8, 8, 3\)"):
+        utils.plot_unit(images(1)[0], images().permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match=r"^image must be .*in \[0, 1\]"):
+        utils.plot_unit(images(1)[0] * 255, images())
+    with pytest.raises(ValueError, match=r"^rows\['fourier'\] must be \(N, C, H, W\)"):
+        utils.comparison_grid({"pixel": images(2), "fourier": torch.rand(2, 8, 8, 3)})
     for label in (10, -1):  # -1 would show the last class
         with pytest.raises(ValueError, match=rf"label {label} is not a class index in 0\.\.9"):
             utils.show_images(images(1), labels=[label], classes=CLASSES)
