@@ -64,6 +64,7 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
         raise ValueError(f"layers and techniques must not be empty, got layers={layers!r}, techniques={techniques!r}")
     for name in layers:
         models.get_layer(model, name)  # an unknown name fails here, naming the valid ones
+    _check_files_apart(layers)
     cov = fv.color_covariance(d.train_x[:10000])
     magnitude = fv.magnitude_spectrum(d.train_x[:10000], cov)
     hows = {name: fv.get_technique(name, vae, cov, magnitude) for name in techniques}
@@ -261,6 +262,16 @@ def _index(site, layers, done):
 
 
 # ----------------------------------------------------------------------------- the files
+
+def _check_files_apart(layers):
+    """An error for two units (the layers, the class pages) whose images would share a folder (`safe` names)."""
+    seen = {safe(CLASSES): "the class pages"}
+    for name in layers:
+        other = seen.setdefault(safe(name), f"layer {name!r}")
+        if other != f"layer {name!r}":
+            raise ValueError(f"layer {name!r} and {other} would write their images to the same folder "
+                             f"img/{safe(name)}/ of the atlas: build an atlas of one of them at a time (another out)")
+
 
 def safe(name):
     """A file name for a layer or technique name."""

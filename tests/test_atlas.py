@@ -1,5 +1,6 @@
 """The atlas: page structure (every channel has its card, every link and image resolves), resuming and
 stale keys, the selectivity and head-contribution numbers, and a real headless browser."""
+import collections
 import os
 import re
 import shlex
@@ -339,6 +340,10 @@ def test_bad_arguments_name_what_is_wrong(tiny, tmp_path):
         atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, ["block9"], STEPS, progress=False)
     with pytest.raises(ValueError, match="steps must be"):
         atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, steps=0, progress=False)
+    named = torch.nn.Sequential(collections.OrderedDict(classes=torch.nn.Conv2d(3, 4, 3), pool=torch.nn.Flatten()))
+    with pytest.raises(ValueError, match=r"layer 'classes' and the class pages would write their images to the same"):
+        atlas.build_atlas(named, d, vae, TECHNIQUES, tmp_path, ["classes"], STEPS, progress=False)
+    assert not any(tmp_path.iterdir())  # refused before anything is written
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="other files in it"):
         atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, steps=STEPS, progress=False)
