@@ -414,6 +414,24 @@ def test_latent_param_stays_in_range():
     torch.testing.assert_close(p.penalty(), vae.latent_hi.pow(2).mean().expand(4))  # ||z||^2 / D
 
 
+
+def test_render_projects_the_latent_back_into_range_after_every_step():
+    vae = vae_with_stats()
+    p = fv.LatentParam(2, 3, 32, vae, generator=torch.Generator().manual_seed(0))
+    fv.render(cnn(), [3, 5], param=p, steps=5, lr=5.0, transforms=None, progress=False)  # steps far past the range
+    z = p.z.detach()
+    assert ((z >= p.lo) & (z <= p.hi)).all()
+    assert ((z == p.lo) | (z == p.hi)).any()  # pushed out, and back onto a bound
+
+
+def test_the_lr_and_its_schedule_set_each_steps_size():
+    model, kw = cnn(), dict(param="pixel", transforms=None, seed=1, progress=False)
+    two = fv.render(model, [3], steps=2, lr=0.05, **kw).images
+    # the schedule is read at each step's fraction of the run: 0, 0.25 at 0.05; 0.5, 0.75 at 0, which moves nothing
+    assert torch.equal(fv.render(model, [3], steps=4, lr=lambda t: 0.05 if t < 0.5 else 0.0, **kw).images, two)
+    assert (fv.render(model, [3], steps=2, lr=0.5, **kw).images - two).abs().max() > 1e-3
+
+
 # ----------------------------------------------------------------------------- transforms
 
 TRANSFORMS = dict(jitter=fv.jitter(2 / 32), scale=fv.scale(0.8, 1.2), rotate=fv.rotate(20),
@@ -970,11 +988,11 @@ def test_quality_table_scores_every_technique_and_the_baselines(trained):
         return d.test_x[torch.stack([(d.test_y == t.idx).nonzero()[seed, 0] for t in targets])]
     channels = [fv.Channel("block2.act2", 0), fv.Channel("block3.act2", 5)]
     rows, grid = metrics.quality_table(trained["model"], trained["other"], d, {"pixel": fv.get_technique("pixel"),
-                                       "outside": outside}, seeds=2, steps=4, progress=False, n_ref=2000,
-                                       channels=channels)
+                                       "outside": outside, "same": lambda targets, seed: outside(targets, 0)},
+                                       seeds=2, steps=4, progress=False, n_ref=2000, channels=channels)
     names = [r["technique"] for r in rows]
     assert names == ["real test images", "dataset exemplars", "uniform noise", "shuffled pixels", "another class",
-                     "pixel", "outside"] and calls == [0, 0, 1, 1]  # classes, channels
+                     "pixel", "outside", "same"] and calls == [0, 0, 1, 1] + [0] * 4  # classes, channels by seed
     assert grid["pixel"].shape == (10, 3, 32, 32)
     assert torch.equal(grid["outside"], outside([fv.Class(k) for k in range(10)], 0))
     by = dict(zip(names, rows))
@@ -982,6 +1000,8 @@ def test_quality_table_scores_every_technique_and_the_baselines(trained):
     assert real["planted"] >= 0.9 and real["transfer"] >= 0.8  # real images: planted feature, transferable
     assert 0.5 < real["naturalness"] < 2 < noise["naturalness"] and real["act"] <= 1.0
     assert "two_choice_channels" not in real and "two_choice_channels" in by["pixel"]
+    # diversity: of each class's images over the seeds; one image whatever the seed has none
+    assert by["same"]["diversity"] < 1e-3 < 0.1 * real["diversity"] and by["real test images"]["diversity"] > 1e-3
     table = metrics.format_table(rows)
     assert "| planted recovery |" in table and table.count("\n") == len(rows) + 1
     assert f"{real['transfer']:.2f} ± {real['transfer_sd']:.2f}" in table

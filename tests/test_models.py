@@ -81,6 +81,21 @@ def test_a_double_vae_samples_in_its_own_dtype():
         assert vae.sample(2).dtype == vae.sample_aggregate(2).dtype == torch.float64
 
 
+def test_aggregate_samples_come_from_the_fitted_latent_gaussian():
+    """sample_aggregate decodes z from N(latent_mean, latent_cov), not from the prior N(0, I)."""
+    vae = models.build_model(models.vae_config("small")).eval()
+    d = vae.latent_dim
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(d, d, generator=gen) / d ** 0.5
+    mean, cov = torch.randn(d, generator=gen), a @ a.T + 0.5 * torch.eye(d)  # correlated, off the prior
+    vae.latent_mean.copy_(mean)
+    vae.latent_cov.copy_(cov)
+    vae.decode = lambda z: z  # the latents themselves
+    z = vae.sample_aggregate(50000, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(z.mean(0), mean, atol=0.03, rtol=0)
+    torch.testing.assert_close(torch.cov(z.T), cov, atol=0.05, rtol=0)
+
+
 def test_bn_scale_is_frozen_and_momentum_follows_airbench():
     model = models.build_model(models.cnn_config("small"))
     bn = model.block1.bn1

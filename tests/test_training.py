@@ -39,6 +39,46 @@ def test_csv_has_one_row_per_epoch(trained):
     assert not list(path.glob(".*.tmp"))
 
 
+def test_the_csv_lr_is_the_rate_of_each_epochs_last_step(trained, tiny_data):
+    """The lr column: the non-BatchNorm group's rate at the epoch's last step (warm-up, then the linear decay)."""
+    _, _, path = trained
+    hyp = training.hyperparameters(training.CNN_HYP, TINY)
+    base = training.make_optimizer(models.build_model(models.cnn_config("small")), hyp).param_groups[1]["lr"]
+    per_epoch = len(tiny_data.train_y) // hyp["batch_size"]
+    total = per_epoch * hyp["epochs"]
+    expected = [base * training.lr_factor((e + 1) * per_epoch - 1, total, hyp["warmup"]) for e in range(hyp["epochs"])]
+    assert [r["lr"] for r in training.read_csv(path / "metrics.csv")] == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_optimizer_decouples_lr_and_weight_decay_and_speeds_up_the_batchnorm_parameters():
+    model = models.build_model(models.cnn_config("small"))
+    hyp = training.CNN_HYP
+    bn, other = training.make_optimizer(model, hyp).param_groups
+    in_bn = {id(p) for m in model.modules() if isinstance(m, models.BatchNorm) for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert bn["params"] and {id(p) for p in bn["params"]} == {id(p) for p in trainable} & in_bn
+    assert other["params"] and {id(p) for p in other["params"]} == {id(p) for p in trainable} - in_bn
+    assert bn["lr"] / other["lr"] == pytest.approx(hyp["bias_scaler"])
+    # SGD's decay is lr x weight_decay: the same for both groups, whatever their lr
+    assert bn["lr"] * bn["weight_decay"] == pytest.approx(other["lr"] * other["weight_decay"])
+    assert all(g["nesterov"] and g["momentum"] == hyp["momentum"] and g["base_lr"] == g["lr"] for g in (bn, other))
+
+
+def test_the_lookahead_pulls_the_weights_onto_their_ema():
+    lin = torch.nn.Linear(3, 2)
+    w0 = lin.weight.detach().clone()
+    lookahead = training.Lookahead(lin)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    lookahead.update(lin, 0.25)  # the EMA keeps a quarter of its old value; the weights take the EMA
+    assert torch.allclose(lin.weight, 0.25 * w0 + 0.75) and torch.equal(lookahead.ema["weight"], lin.weight)
+    ema = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.fill_(-2.0)
+    lookahead.update(lin, 1.0)  # decay 1, the run's last step: the weights go back to the EMA, which stays
+    assert torch.equal(lin.weight, ema) and torch.equal(lookahead.ema["weight"], ema)
+
+
 def test_classifier_records_the_size_of_its_training_data(trained, tiny_data):
     model, ckpt, _ = trained
     assert model.config["image_size"] == ckpt["config"]["image_size"] == tiny_data.size == 32
