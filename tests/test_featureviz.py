@@ -415,6 +415,19 @@ def test_latent_param_stays_in_range():
 
 
 
+def test_the_whitened_latent_decodes_inside_the_range():
+    vae = vae_with_stats()
+    p = fv.WhitenedLatentParam(2, 3, 32, vae, generator=torch.Generator().manual_seed(0))
+    outside = torch.stack([p.hi + 5, p.lo - 5])  # z above the range in every dimension, and below it
+    with torch.no_grad():
+        p.u.copy_(torch.linalg.solve_triangular(p.chol, (outside - p.mean).T, upper=False).T)
+    torch.testing.assert_close(p.latent(), outside)
+    decoded = []
+    vae.decode = lambda z: decoded.append(z) or torch.zeros(len(z), 3, 32, 32)
+    p()
+    assert torch.equal(decoded[0], torch.stack([p.hi, p.lo]))  # decoded at the bounds
+
+
 def test_render_projects_the_latent_back_into_range_after_every_step():
     vae = vae_with_stats()
     p = fv.LatentParam(2, 3, 32, vae, generator=torch.Generator().manual_seed(0))
