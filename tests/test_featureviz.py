@@ -1108,6 +1108,14 @@ def test_one_init_image_for_all_and_single_values_named():
                           ("whitened", dict(vae=vae))]:  # every kind, as parameterization() says
         r = fv.render(model, [0, 1], param=fv.parameterization(kind, init=image, **options), steps=0, progress=False)
         assert r.images.shape == (2, 3, 32, 32) and torch.equal(r.images[0], r.images[1]), kind
+    with torch.no_grad():  # and it is that image: itself, or the VAE's reading of it (its mean latent, in range)
+        z = torch.maximum(torch.minimum(vae.encode(image)[0], vae.latent_hi), vae.latent_lo)
+        decoded = vae.decode(z)[0]
+    # (an untrained VAE's images differ by only ~4e-3 from one z to another: the latent kinds are held closer)
+    for kind, options, expected, atol in [("pixel", {}, image[0], 2e-3), ("latent", dict(vae=vae), decoded, 1e-5),
+                                          ("whitened", dict(vae=vae), decoded, 1e-5)]:
+        r = fv.render(model, [0, 1], param=fv.parameterization(kind, init=image, **options), steps=0, progress=False)
+        assert torch.allclose(r.images[0], expected, atol=atol), kind
     with pytest.raises(TypeError, match=r"Channel channel must be an int, got None"):
         fv.visualize_unit(model, "block1.act2", None, steps=1, progress=False)
     x = torch.rand(10, 3, 32, 32)
