@@ -265,12 +265,13 @@ def _index(site, layers, done):
 
 def _check_files_apart(layers):
     """An error for two units (the layers, the class pages) whose images would share a folder (`safe` names)."""
-    seen = {safe(CLASSES): "the class pages"}
+    units = {safe(CLASSES): "the class pages"}
     for name in layers:
-        other = seen.setdefault(safe(name), f"layer {name!r}")
-        if other != f"layer {name!r}":
-            raise ValueError(f"layer {name!r} and {other} would write their images to the same folder "
-                             f"img/{safe(name)}/ of the atlas: build an atlas of one of them at a time (another out)")
+        unit = f"layer {name!r}"
+        other = units.setdefault(safe(name), unit)
+        if other != unit:
+            raise ValueError(f"{unit} and {other} would write their images to the same folder img/{safe(name)}/ of "
+                             f"the atlas: build an atlas of one of them at a time (another out)")
 
 
 def safe(name):

@@ -129,7 +129,8 @@ def show_images(images, labels=None, classes=None, ncols=10, title=None, save=No
     """A grid of images, each titled with its class name when labels are given."""
     x = _numpy_images(images)
     if labels is not None and len(labels) != len(x):
-        gray = " (a (3, H, W) tensor is one colour image: pass 3 gray ones as images[:, None])" if len(x) == 1 else ""
+        gray = (" (a (3, H, W) tensor is one colour image: pass 3 gray ones as images[:, None])"
+                if len(x) == 1 and len(labels) == 3 else "")
         raise ValueError(f"labels must give one label per image: {len(x)} images, {len(labels)} labels{gray}")
     fig, axes = _grid(len(x), ncols, extra_height=0.2 if labels is not None else 0)
     for i, ax in enumerate(axes.flat[: len(x)]):
