@@ -546,13 +546,15 @@ def check_input(model, images, name="images"):
 def input_size(model, size=None):
     """Side in pixels of the square images the model takes: `size` if given, else what the model records
     (`model.image_size` or `model.config['image_size']`); an error asking for size= otherwise."""
+    source = "size" if size is not None else f"{type(model).__name__}'s recorded image_size"
     if size is None:
         size = getattr(model, "image_size", None) or config_of(model).get("image_size")
     if size is None:
         raise ValueError(f"cannot tell the image size {type(model).__name__} takes (it records none): pass "
                          f"size=..., the side in pixels of its input images (e.g. size=32 for CIFAR-10)")
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        raise ValueError(f"size must be an int >= 1 (pixels), got {size!r}")
+        hint = "" if source == "size" else " (pass size=..., the side in pixels of its square input images)"
+        raise ValueError(f"{source} must be an int >= 1 (pixels), got {size!r}{hint}")
     return int(size)
 
 
@@ -697,6 +699,15 @@ def _features_last(model, modules, x):
     return {name for name, m in modules.items() if layouts.last_call.get(m)}
 
 
+def check_one_replica(model):
+    """An error for a model run as replicas on several GPUs (nn.DataParallel): its layers are read with forward
+    hooks, which fire in each replica on its share of the batch, so an output would come back in pieces."""
+    if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
+        raise TypeError(f"the model is an nn.DataParallel over the GPUs {model.device_ids}, whose layers run as "
+                        f"replicas on parts of each batch: pass model.module (its layers are named without "
+                        f"'module.')")
+
+
 class Recorder:
     """The outputs of named layers in a forward pass: `with Recorder(model, names).hooked() as run:`, then
     run(x) -> {name: output} (None among the names: the model's output too, under the key None).
@@ -713,6 +724,7 @@ class Recorder:
     """
 
     def __init__(self, model, names):
+        check_one_replica(model)
         self.model, self.dtype = model, dtype_of(model)
         self.modules = {name: get_layer(model, name) for name in names if name is not None}
         self.full = None in names
@@ -805,6 +817,7 @@ def last_to_run(model, x, kinds):
     """(module, its input) of the last module of these kinds to run in model(x): by call, not by registration
     order (a squeeze-and-excitation block's nn.Linear may be registered after the head); (None, None) if none
     runs. The caller sets the model's mode."""
+    check_one_replica(model)
     last = {}
     handles = [m.register_forward_pre_hook(lambda module, args: last.update(module=module, input=args[0]))
                for m in model.modules() if isinstance(m, kinds)]

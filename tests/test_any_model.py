@@ -277,6 +277,20 @@ def test_block_layers_of_a_model_whose_layers_all_sit_in_one_container():
     assert [a.shape[-1] for a in acts.values()] == [16, 16, 8, 4, 4, 4]
 
 
+def test_a_model_replicated_over_several_gpus_is_refused_and_on_one_device_runs():
+    """nn.DataParallel's replicas each run their share of the batch, and forward hooks fire in each: a layer's
+    output would come back in pieces. On a CPU (or one GPU) it runs the module itself, and works."""
+    dp = nn.DataParallel(cnn(32))
+    assert fv.render(dp, [0], steps=1, size=32, progress=False).images.shape == (1, 3, 32, 32)
+    dp.device_ids = [0, 1]  # as over two GPUs
+    x = torch.rand(2, 3, 32, 32)
+    for call in (lambda: fv.render(dp, [0], steps=1, size=32, progress=False),
+                 lambda: models.capture(dp, x, ["module.block2.act2"]),
+                 lambda: models.last_to_run(dp, x, nn.Linear)):
+        with pytest.raises(TypeError, match=r"nn.DataParallel over the GPUs \[0, 1\].*pass model.module"):
+            call()
+
+
 def test_a_size_the_model_cannot_tell_asks_for_size():
     for model in (sequential_28(), resnet18()):
         with pytest.raises(ValueError, match=r"cannot tell the image size .* pass size=\.\.\."):
@@ -285,6 +299,11 @@ def test_a_size_the_model_cannot_tell_asks_for_size():
             models.layer_channels(model, "fc" if isinstance(model, torchvision.models.ResNet) else "7")
     with pytest.raises(ValueError, match="size must be an int >= 1"):
         models.input_size(cnn(32), 0)
+    recorded = sequential_28()
+    recorded.image_size = (28, 28)  # a model's own record, not the size= argument, is named as the culprit
+    with pytest.raises(ValueError, match=r"^Sequential's recorded image_size must be an int >= 1 \(pixels\), got "
+                                         r"\(28, 28\) \(pass size="):
+        models.input_size(recorded)
     assert models.input_size(cnn(64)) == 64 and models.input_size(vae()) == 32
     # a size the model cannot take fails inside it; a built parameterization gives its own size
     r = fv.render(sequential_28(), [0], param=fv.PixelParam(1, 1, 28), steps=1, progress=False)
