@@ -546,15 +546,17 @@ def check_input(model, images, name="images"):
 def input_size(model, size=None):
     """Side in pixels of the square images the model takes: `size` if given, else what the model records
     (`model.image_size` or `model.config['image_size']`); an error asking for size= otherwise."""
-    source = "size" if size is not None else f"{type(model).__name__}'s recorded image_size"
-    if size is None:
+    given = size is not None
+    if not given:
         size = getattr(model, "image_size", None) or config_of(model).get("image_size")
     if size is None:
         raise ValueError(f"cannot tell the image size {type(model).__name__} takes (it records none): pass "
                          f"size=..., the side in pixels of its input images (e.g. size=32 for CIFAR-10)")
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        hint = "" if source == "size" else " (pass size=..., the side in pixels of its square input images)"
-        raise ValueError(f"{source} must be an int >= 1 (pixels), got {size!r}{hint}")
+        if given:
+            raise ValueError(f"size must be an int >= 1 (pixels), got {size!r}")
+        raise ValueError(f"{type(model).__name__}'s recorded image_size must be an int >= 1 (pixels), got {size!r} "
+                         f"(pass size=..., the side in pixels of its square input images)")
     return int(size)
 
 

@@ -741,8 +741,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     Its convolutions train in bfloat16 autocast where `bf16_training` says so, as the classifier does; the
     likelihood, the KL and validation are float32. Stops with a clear error if the loss becomes NaN/inf; the
     best checkpoint so far is kept. Returns the per-epoch metrics rows; the model ends with the best epoch's
-    weights and the latent
-    statistics of the training set stored in its buffers.
+    weights and the latent statistics of the training set stored in its buffers.
     """
     hyp = hyperparameters(VAE_HYP, hyp)
     check_input(vae, data.train_x[:1], "data.train_x")  # before anything of the model is changed
