@@ -929,9 +929,28 @@ def block_layers(model, size=None):
     a torchvision ResNet; every spatial layer of a flat nn.Sequential. Wrappers do not count as blocks:
     in nn.Sequential(Normalize(...), resnet) the blocks are the ResNet's (1.conv1, 1.relu, 1.layer1.1.relu ...),
     and in a torchvision VGG or DenseNet, whose spatial layers all sit in `features`, they are its children,
-    then `features` itself for its output (made by a max-pool or a batch norm, which are not layers)."""
-    names = [name.split(".") for name, *_ in _spatial_outputs(model, _probe(model, size))]
+    then `features` itself for its output (made by a max-pool or a batch norm, which are not layers). Nor do
+    containers of stages (_blocks): a RegNet's trunk_output is read as its stages, a SqueezeNet's features as
+    its Fire modules."""
+    outputs = [(name.split("."), shape[-2:]) for name, shape, _ in _spatial_outputs(model, _probe(model, size))]
     # the leading name parts every spatial layer shares (a wrapper's), a wrapper's own name included
-    depth = len(list(itertools.takewhile(lambda parts: len(set(parts)) == 1, zip(*names))))
-    last = {tuple(n[:depth + 1]): ".".join(n) for n in names}  # the last one of each block wins
-    return list(last.values())
+    depth = len(list(itertools.takewhile(lambda parts: len(set(parts)) == 1, zip(*[n for n, _ in outputs]))))
+    return _blocks(outputs, depth)
+
+
+def _blocks(outputs, depth):
+    """The last name of each block of [(name parts, map size)], a block being the modules that share the first
+    depth + 1 parts. A block whose maps come in three sizes or more (1x1 ones aside, such as a squeeze-and-
+    excitation gate's) is a container of stages, split into its own blocks: a block (our CNN's, a ResNet's
+    layer2) changes the resolution once at most, from its input's to its own."""
+    blocks = {}
+    for parts, hw in outputs:
+        blocks.setdefault(tuple(parts[:depth + 1]), []).append((parts, hw))
+    names = []
+    for members in blocks.values():
+        sizes = {hw for _, hw in members if hw[0] * hw[1] > 1}
+        if len(sizes) >= 3 and any(len(parts) > depth + 1 for parts, _ in members):
+            names += _blocks(members, depth + 1)
+        else:
+            names.append(".".join(members[-1][0]))
+    return names

@@ -277,6 +277,27 @@ def test_block_layers_of_a_model_whose_layers_all_sit_in_one_container():
     assert [a.shape[-1] for a in acts.values()] == [16, 16, 8, 4, 4, 4]
 
 
+def test_block_layers_split_a_container_of_stages_into_its_stages():
+    # a RegNet's stages sit in trunk_output, a SqueezeNet's Fire modules in features beside a convolutional
+    # classifier: each container was one "block", its last layer, so the atlas showed two layers of a RegNet
+    regnet = torchvision.models.regnet_x_400mf(num_classes=10).eval()
+    stages = models.block_layers(regnet, 32)
+    assert stages[0] == "stem.2" and [s.split(".")[:2] for s in stages[1:]] == [["trunk_output", f"block{i}"]
+                                                                             for i in range(1, 5)]
+    assert stages[-1] == models.last_spatial_layer(regnet, 32)
+    squeezenet = torchvision.models.squeezenet1_1(num_classes=10).eval()
+    fires = [f"features.{i}" for i in (3, 4, 6, 7, 9, 10, 11, 12)]
+    assert models.block_layers(squeezenet, 32) == ["features.0", "features.1", *fires, "classifier"]
+    # a stage that changes the resolution once (by a max-pool inside it, or a strided first convolution) is one
+    # block; their container, whose maps come in three sizes, is not
+    pooled = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                           nn.ReLU())
+    strided = [nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU()) for _ in range(2)]
+    staged = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Sequential(pooled, *strided),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    assert models.block_layers(staged, 28) == ["0", "1", "2.0.4", "2.1.1", "2.2.1"]
+
+
 def test_a_model_replicated_over_several_gpus_is_refused_and_on_one_device_runs():
     """nn.DataParallel's replicas each run their share of the batch, and forward hooks fire in each: a layer's
     output would come back in pieces. On a CPU (or one GPU) it runs the module itself, and works."""
