@@ -67,8 +67,8 @@ def check_confusion(cm, classes):
 
 @torch.no_grad()
 def features(model, images, batch_size=500):
-    """(N, D) penultimate features of images, model left as found: the model's features(x) where it returns
-    (N, D) (our CNN's: what its head reads), else what the last nn.Linear to run in the forward pass reads
+    """(N, D) penultimate features of images, model left as found: the model's features(x) method where it
+    returns (N, D) (our CNN's: what its head reads), else what the last nn.Linear to run in the forward pass reads
     (a torchvision ResNet's pooled features; for VGG or MobileNet, their classifier's last hidden layer)."""
     models.check_input(model, images)
     data.check_count("batch_size", batch_size, 1)
@@ -83,8 +83,11 @@ def _as_input(model, images):
 
 
 def _penultimate(model, x):
-    """(B, D) features of one batch: model.features(x) if 2-D, else the input of the last nn.Linear to run."""
-    f = model.features(x) if callable(getattr(model, "features", None)) else None
+    """(B, D) features of one batch: model.features(x) if 2-D, else the input of the last nn.Linear to run. A
+    `features` submodule is not such a method: it is a part of the model (a VGG's convolutions; in some
+    models its flattened maps, which a classifier with hidden layers reads, not the head)."""
+    method = getattr(model, "features", None)
+    f = model.features(x) if callable(method) and not isinstance(method, nn.Module) else None
     if f is not None and f.dim() == 2:
         return f
     head, read = models.last_to_run(model, x, nn.Linear)

@@ -2,6 +2,7 @@
 on the CIFAR-10 copy, with two small classifiers trained here, real images score best and the known-bad
 inputs (pixel ascent, shuffled pixels, uniform noise, real images of another class) worse, by more than
 the seed-to-seed spread."""
+import collections
 import itertools
 import math
 from types import SimpleNamespace
@@ -359,6 +360,12 @@ def test_features_of_torchvision_classifiers_are_what_their_head_reads():
         assert f.shape == (4, head.in_features)
         with torch.no_grad():
             torch.testing.assert_close(head(f), model(x), atol=1e-5, rtol=1e-4)  # vgg's .features was unpooled maps
+    # a `features` submodule that flattens its maps is a part, not the penultimate features: a hidden layer follows
+    torch.manual_seed(0)
+    flat = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.Flatten())
+    mlp_head = nn.Sequential(nn.Linear(4 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 10))
+    model = nn.Sequential(collections.OrderedDict(features=flat, classifier=mlp_head)).eval()
+    assert metrics.features(model, x).shape == (4, 16)
     cnn = models.build_model(models.cnn_config("small"))
     with torch.no_grad():
         torch.testing.assert_close(metrics.features(cnn, x), cnn.eval().features(x))
