@@ -526,21 +526,32 @@ def config_of(model):
 
 
 def input_channels(model):
-    """Number of channels the model's input has: from its config, else its first convolution."""
-    config = config_of(model)
-    if "in_channels" in config:
-        return config["in_channels"]
+    """Number of channels the model's input has: what it records (_recorded_channels), else its first
+    registered nn.Conv2d's."""
+    recorded = _recorded_channels(model)
+    if recorded is not None:
+        return recorded
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is None:
-        raise ValueError(f"cannot tell how many input channels {type(model).__name__} takes: it has no "
-                         f"config['in_channels'] and no nn.Conv2d")
+        raise ValueError(f"cannot tell how many input channels {type(model).__name__} takes: it records none and "
+                         f"has no nn.Conv2d; set model.in_channels = C, the channels of its input images")
     return conv.in_channels
 
 
+def _recorded_channels(model):
+    """The input channels the model records, `model.config['in_channels']` (ours) or `model.in_channels` (what
+    a user may set, as `model.image_size` for the size); None if neither."""
+    recorded = config_of(model).get("in_channels", getattr(model, "in_channels", None))
+    if recorded is not None and (isinstance(recorded, bool) or not isinstance(recorded, numbers.Integral)
+                                 or recorded < 1):
+        raise ValueError(f"{type(model).__name__}'s recorded in_channels must be an int >= 1, got {recorded!r}")
+    return recorded
+
+
 def check_input(model, images, name="images"):
-    """The images, checked as a batch the model takes (data.check_batch): of the channels its config records
-    (any for a model without a config, whose first nn.Conv2d need not be its stem)."""
-    return check_batch(images, config_of(model).get("in_channels"), name)
+    """The images, checked as a batch the model takes (data.check_batch): of the channels it records
+    (_recorded_channels; any for a model that records none, whose first nn.Conv2d need not be its stem)."""
+    return check_batch(images, _recorded_channels(model), name)
 
 
 def input_size(model, size=None):
@@ -855,8 +866,8 @@ def probing(model, probe):
     except RuntimeError as e:
         c, h, w = probe.shape[1:]
         raise ValueError(f"{type(model).__name__} fails on a {c}-channel {h}x{w} image: is size={h} the side it "
-                         f"takes, and {c} its channels (models.input_channels: its config's in_channels, else its "
-                         f"first registered nn.Conv2d's)? ({e})") from e
+                         f"takes, and {c} its channels (models.input_channels: its recorded in_channels, else its "
+                         f"first registered nn.Conv2d's; set model.in_channels to say)? ({e})") from e
 
 
 def layer_channels(model, name, size=None):

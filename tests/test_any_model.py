@@ -823,8 +823,25 @@ def test_a_model_whose_first_registered_conv_is_not_its_stem_gets_an_error_namin
     model = _StemLast().eval()  # input_channels reads 16 from `head`, registered first
     with pytest.raises(ValueError, match="16 its channels"):
         fv.render(model, [0], steps=1, size=16, progress=False)
-    model.config = {"in_channels": 3}  # what the error points to
+    model.in_channels = 3  # what the error points to
     assert fv.render(model, [0], steps=1, size=16, progress=False).images.shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"images have 16 channel\(s\), the model takes 3"):
+        models.check_input(model, torch.rand(2, 16, 16, 16))
+    del model.in_channels
+    model.config = {"in_channels": 3}  # as our models record it
+    assert fv.render(model, [0], steps=1, size=16, progress=False).images.shape == (1, 3, 16, 16)
+
+
+def test_a_model_without_convolutions_is_told_to_record_its_channels():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(2 * 8 * 8, 10)).eval()
+    with pytest.raises(ValueError, match=r"records none and has no nn.Conv2d; set model.in_channels = C"):
+        fv.render(mlp, [0], steps=1, size=8, progress=False)
+    mlp.in_channels = 2
+    assert fv.render(mlp, [0], steps=1, size=8, progress=False).images.shape == (1, 2, 8, 8)
+    for bad in (0, 2.0, True, "2"):
+        mlp.in_channels = bad
+        with pytest.raises(ValueError, match=f"Sequential's recorded in_channels must be an int >= 1, got {bad!r}"):
+            models.input_channels(mlp)
 
 
 def test_a_vae_on_another_device_than_the_model_is_refused_before_rendering():
