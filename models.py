@@ -430,9 +430,11 @@ ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GEL
 
 
 def list_layers(model):
-    """Names of the layers a user can target: convolutions, activations, and the head."""
+    """Names of the layers a user can target: convolutions, activations, and the head. Not an
+    nn.MultiheadAttention's out_proj, which never runs as a module (the attention reads its weights)."""
     kinds = (nn.Conv2d, nn.Linear, *ACTIVATIONS)
-    return [name for name, m in model.named_modules() if name and isinstance(m, kinds)]
+    unrun = {m.out_proj for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    return [name for name, m in model.named_modules() if name and isinstance(m, kinds) and m not in unrun]
 
 
 def get_layer(model, name):

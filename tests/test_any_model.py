@@ -742,6 +742,10 @@ def test_a_vits_tokens_read_their_features_as_channels():
         tokens = model.encoder(torch.cat([model.class_token.expand(2, -1, -1), model._process_input(x)], 1))
     # the same numbers: the layouts are followed on a pass of their own, which leaves attention's fused kernel on
     assert torch.equal(models.capture(model, x, "encoder")["encoder"], tokens.transpose(1, 2))
+    # every listed layer runs: not attention's out_proj, whose weights the attention reads without calling it
+    assert models.list_layers(model) == ["conv_proj"] + [f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in (0, 1)
+                                                         for j in (0, 1, 3)] + ["heads.head"]
+    assert set(models.capture(model, x, models.list_layers(model))) == set(models.list_layers(model))
 
 
 def test_layouts_follow_in_place_moves_and_leave_a_getters_tensor_as_it_was():
