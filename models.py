@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
+from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 from data import check_batch, check_count, plain, to_float
 
@@ -430,11 +431,21 @@ ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GEL
 
 
 def list_layers(model):
-    """Names of the layers a user can target: convolutions, activations, and the head. Not an
-    nn.MultiheadAttention's out_proj, which never runs as a module (the attention reads its weights)."""
+    """Names of the layers a user can target: convolutions, activations, and the head. Not the linear layers
+    that never run as modules, as attention reads their weights (_unrun)."""
     kinds = (nn.Conv2d, nn.Linear, *ACTIVATIONS)
-    unrun = {m.out_proj for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    unrun = {layer for m in model.modules() for layer in _unrun(m)}
     return [name for name, m in model.named_modules() if name and isinstance(m, kinds) and m not in unrun]
+
+
+def _unrun(module):
+    """The linear layers of an attention module that reads their weights without calling them: an
+    nn.MultiheadAttention's out_proj, a torchvision Swin's window attention's qkv and proj."""
+    if isinstance(module, nn.MultiheadAttention):
+        return [module.out_proj]
+    if isinstance(module, ShiftedWindowAttention):  # V2 too
+        return [module.qkv, module.proj]
+    return []
 
 
 def get_layer(model, name):
@@ -536,17 +547,21 @@ def input_channels(model):
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is None:
         raise ValueError(f"cannot tell how many input channels {type(model).__name__} takes: it records none and "
-                         f"has no nn.Conv2d; set model.in_channels = C, the channels of its input images")
+                         f"has no nn.Conv2d; set model.image_channels = C, the channels of its input images")
     return conv.in_channels
 
 
 def _recorded_channels(model):
-    """The input channels the model records, `model.config['in_channels']` (ours) or `model.in_channels` (what
-    a user may set, as `model.image_size` for the size); None if neither."""
-    recorded = config_of(model).get("in_channels", getattr(model, "in_channels", None))
+    """The input channels the model records, `model.config['in_channels']` (ours) or `model.image_channels`
+    (what a user may set, beside `model.image_size`; not `model.in_channels`, which many CIFAR ResNets use as
+    the width counter of their _make_layer); None if neither."""
+    config = config_of(model)
+    source = "config['in_channels']" if "in_channels" in config else "image_channels"
+    recorded = config["in_channels"] if "in_channels" in config else getattr(model, "image_channels", None)
     if recorded is not None and (isinstance(recorded, bool) or not isinstance(recorded, numbers.Integral)
                                  or recorded < 1):
-        raise ValueError(f"{type(model).__name__}'s recorded in_channels must be an int >= 1, got {recorded!r}")
+        raise ValueError(f"{type(model).__name__}'s {source} (its input images' channels) must be an int >= 1, "
+                         f"got {recorded!r}")
     return recorded
 
 
@@ -868,8 +883,8 @@ def probing(model, probe):
     except RuntimeError as e:
         c, h, w = probe.shape[1:]
         raise ValueError(f"{type(model).__name__} fails on a {c}-channel {h}x{w} image: is size={h} the side it "
-                         f"takes, and {c} its channels (models.input_channels: its recorded in_channels, else its "
-                         f"first registered nn.Conv2d's; set model.in_channels to say)? ({e})") from e
+                         f"takes, and {c} its channels (models.input_channels: what it records, else its first "
+                         f"registered nn.Conv2d's; set model.image_channels to say)? ({e})") from e
 
 
 def layer_channels(model, name, size=None):

@@ -280,11 +280,13 @@ def test_block_layers_of_a_model_whose_layers_all_sit_in_one_container():
 def test_block_layers_split_a_container_of_stages_into_its_stages():
     # a RegNet's stages sit in trunk_output, a SqueezeNet's Fire modules in features beside a convolutional
     # classifier: each container was one "block", its last layer, so the atlas showed two layers of a RegNet
-    regnet = torchvision.models.regnet_x_400mf(num_classes=10).eval()
-    stages = models.block_layers(regnet, 32)
-    assert stages[0] == "stem.2" and [s.split(".")[:2] for s in stages[1:]] == [["trunk_output", f"block{i}"]
-                                                                             for i in range(1, 5)]
-    assert stages[-1] == models.last_spatial_layer(regnet, 32)
+    for build in (torchvision.models.regnet_x_400mf, torchvision.models.regnet_y_400mf):
+        # (the y's squeeze-and-excitation gates make 1x1 maps in every stage: a third size, which is no stage)
+        regnet = build(num_classes=10).eval()
+        stages = models.block_layers(regnet, 32)
+        assert stages[0] == "stem.2" and [s.split(".")[:2] for s in stages[1:]] == [["trunk_output", f"block{i}"]
+                                                                                 for i in range(1, 5)]
+        assert stages[-1] == models.last_spatial_layer(regnet, 32)
     squeezenet = torchvision.models.squeezenet1_1(num_classes=10).eval()
     fires = [f"features.{i}" for i in (3, 4, 6, 7, 9, 10, 11, 12)]
     assert models.block_layers(squeezenet, 32) == ["features.0", "features.1", *fires, "classifier"]
@@ -727,6 +729,10 @@ def test_a_swin_stage_reads_its_channels_last_map_with_its_channels_on_dim_1():
         model, x, ["features.1.0.norm1", "features.1.0.norm2", "features.2.norm", "features.2"]).items()}
     assert shapes == {"features.1.0.norm1": 96, "features.1.0.norm2": 96, "features.2.norm": 384, "features.2": 192}
     assert not models.keeps_features_last(model, x, "permute")  # back to (B, C, H, W)
+    # every listed layer runs: not window attention's qkv and proj, whose weights it reads without calling them
+    layers = models.list_layers(model)
+    assert "features.1.0.attn.qkv" not in layers and "features.1.0.mlp.0" in layers
+    assert set(models.capture(model, x, layers)) == set(layers)
 
 
 def test_a_vits_tokens_read_their_features_as_channels():
@@ -827,25 +833,53 @@ def test_a_model_whose_first_registered_conv_is_not_its_stem_gets_an_error_namin
     model = _StemLast().eval()  # input_channels reads 16 from `head`, registered first
     with pytest.raises(ValueError, match="16 its channels"):
         fv.render(model, [0], steps=1, size=16, progress=False)
-    model.in_channels = 3  # what the error points to
+    model.image_channels = 3  # what the error points to
     assert fv.render(model, [0], steps=1, size=16, progress=False).images.shape == (1, 3, 16, 16)
     with pytest.raises(ValueError, match=r"images have 16 channel\(s\), the model takes 3"):
         models.check_input(model, torch.rand(2, 16, 16, 16))
-    del model.in_channels
+    del model.image_channels
     model.config = {"in_channels": 3}  # as our models record it
     assert fv.render(model, [0], steps=1, size=16, progress=False).images.shape == (1, 3, 16, 16)
 
 
 def test_a_model_without_convolutions_is_told_to_record_its_channels():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(2 * 8 * 8, 10)).eval()
-    with pytest.raises(ValueError, match=r"records none and has no nn.Conv2d; set model.in_channels = C"):
+    with pytest.raises(ValueError, match=r"records none and has no nn.Conv2d; set model.image_channels = C"):
         fv.render(mlp, [0], steps=1, size=8, progress=False)
-    mlp.in_channels = 2
+    mlp.image_channels = 2
     assert fv.render(mlp, [0], steps=1, size=8, progress=False).images.shape == (1, 2, 8, 8)
     for bad in (0, 2.0, True, "2"):
-        mlp.in_channels = bad
-        with pytest.raises(ValueError, match=f"Sequential's recorded in_channels must be an int >= 1, got {bad!r}"):
+        mlp.image_channels = bad
+        with pytest.raises(ValueError, match=rf"Sequential's image_channels \(its input images' channels\) must be "
+                                             rf"an int >= 1, got {bad!r}"):
             models.input_channels(mlp)
+
+
+class _CifarResNet(nn.Module):
+    """The widespread CIFAR ResNet layout whose _make_layer counts widths in self.in_channels."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.in_channels = 8
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.layer1 = self._make_layer(16)
+        self.fc = nn.Linear(16, 10)
+
+    def _make_layer(self, width):
+        layer = nn.Sequential(nn.Conv2d(self.in_channels, width, 3, padding=1), nn.ReLU())
+        self.in_channels = width  # 16 once built: not the input's channels
+        return layer
+
+    def forward(self, x):
+        return self.fc(self.layer1(torch.relu(self.conv1(x))).mean((2, 3)))
+
+
+def test_a_width_counter_called_in_channels_is_not_read_as_the_inputs_channels():
+    model = _CifarResNet().eval()
+    assert models.input_channels(model) == 3
+    assert fv.render(model, [0], steps=1, size=16, progress=False).images.shape == (1, 3, 16, 16)
+    assert models.check_input(model, torch.rand(2, 3, 16, 16)).shape == (2, 3, 16, 16)
 
 
 def test_a_vae_on_another_device_than_the_model_is_refused_before_rendering():
