@@ -369,8 +369,13 @@ def test_features_of_torchvision_classifiers_are_what_their_head_reads():
     cnn = models.build_model(models.cnn_config("small"))
     with torch.no_grad():
         torch.testing.assert_close(metrics.features(cnn, x), cnn.eval().features(x))
-    with pytest.raises(ValueError, match=r"cannot tell the features of Sequential: no nn.Linear head runs in it"):
+    with pytest.raises(ValueError, match=r"cannot tell the features of Sequential: no nn.Linear or 1x1 convolution "
+                                         r"head runs last in it"):
         metrics.features(nn.Sequential(nn.Conv2d(3, 4, 3)), x)
+    squeezenet = torchvision.models.squeezenet1_1(num_classes=10).eval()  # a 1x1 convolution head, no nn.Linear
+    f = metrics.features(squeezenet, x)
+    with torch.no_grad():
+        torch.testing.assert_close(f, squeezenet.features(x).mean((2, 3)))  # what its head reads, over the map
 
 
 def test_metrics_refuse_labels_that_do_not_match_the_images():
