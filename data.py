@@ -15,6 +15,7 @@ import os
 import re
 import struct
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,7 +172,7 @@ def load_data(name="cifar10", root=None, seed=0, val_size=None, **synthetic_kwar
     `name` is one of DATASETS, or an image folder or .tar/.tar.gz archive of one: its path, or its
     base name in `root`. The Data's name is that base name, so both spellings share checkpoints.
     """
-    root = data_dir(root)
+    root, name = data_dir(root), os.fspath(name)  # a pathlib.Path too
     templates = None
     if synthetic_kwargs and name not in ("synthetic", "synthetic-hard"):
         raise ValueError(f"unknown option(s) {', '.join(sorted(synthetic_kwargs))} for {name!r}: load_data takes name, "
@@ -219,6 +220,9 @@ def atomic_write(path, write):
 
 def split_indices(n, val_size=None, seed=0):
     """Deterministic disjoint (train, val) index tensors: 5,000 val for 50,000 images, else 10%."""
+    if n < 2:
+        raise ValueError(f"the training set has {n} image(s): at least 2 are needed, one of them held out for "
+                         f"validation, which picks the best checkpoint")
     if val_size is None:
         val_size = 5000 if n == 50000 else max(1, round(0.1 * n))
     if isinstance(val_size, bool) or not isinstance(val_size, numbers.Integral) or not 1 <= val_size < n:
@@ -306,8 +310,9 @@ SPLITS = ("train", "test")
 
 
 def folder_name(path):
-    """A dataset's name from its folder or archive: the base name without the archive suffix."""
-    name = Path(path).name
+    """A dataset's name from its folder or archive: the base name without the archive suffix (of the folder
+    itself for '.' or '..')."""
+    name = Path(os.path.abspath(path)).name
     for suffix in ARCHIVE_SUFFIXES:
         if name.endswith(suffix):
             return name[:-len(suffix)]
@@ -342,9 +347,8 @@ def load_image_folder(path, root):
     files = _list_archive(path) if path.is_file() else _list_folder(path)
     key = hashlib.sha256(repr((CACHE_FORMAT, files)).encode()).hexdigest()[:16]
     cache = root / f"{folder_name(path)}.{key}.pt"
-    if cache.exists():
-        c = torch.load(cache, weights_only=True)
-    else:
+    c = _read_cache(cache)
+    if c is None:
         writable_dir(root)  # before the decode, not after it
         c = _decode_image_folder(path, files)
         atomic_write(cache, lambda tmp: torch.save(c, tmp))
@@ -352,6 +356,18 @@ def load_image_folder(path, root):
             if stale != cache and re.fullmatch(rf"{re.escape(folder_name(path))}\.[0-9a-f]{{16}}\.pt", stale.name):
                 stale.unlink()  # this dataset's older cache, not that of another whose name starts the same
     return _mixed(c["train_x"], c["train_y"]), _mixed(c["test_x"], c["test_y"]), list(c["classes"])
+
+
+def _read_cache(cache):
+    """The decoded dataset saved in `cache`; None if there is none, or it cannot be read (cut short by a full
+    disk or a partial copy), so that it is decoded anew."""
+    if not cache.exists():
+        return None
+    try:
+        return torch.load(cache, weights_only=True)
+    except Exception as e:  # torch.load raises RuntimeError, EOFError or pickle's errors for a damaged file
+        warnings.warn(f"the cache {cache} cannot be read ({e}); decoding the dataset again", stacklevel=3)
+        return None
 
 
 def _mixed(x, y):
@@ -408,12 +424,19 @@ def _is_image(name):
 
 def _place(rel, is_dir):
     """(root, split, class) of the folder train/<class> or of an image in it: root '.', or the one wrapping
-    folder allowed (an archive of the folder itself: <name>/train/<class>/<file>)."""
+    folder allowed (an archive of the folder itself: <name>/train/<class>/<file>). None for anything else,
+    hidden folders (.ipynb_checkpoints) included; an error for an image in train/ or test/ but not straight
+    in a class folder, which would be left out."""
     parts, root = [p for p in rel.split("/") if p not in ("", ".")], "."
+    if any(p.startswith(".") for p in parts):
+        return None
     if len(parts) > 1 and parts[0] not in SPLITS and parts[1] in SPLITS:
         root, parts = parts[0], parts[1:]
     if parts and parts[0] in SPLITS and len(parts) == (2 if is_dir else 3):
         return root, parts[0], parts[1]
+    if parts and parts[0] in SPLITS and not is_dir:
+        raise ValueError(f"the image {rel} is not straight in a class folder: images go into "
+                         f"{parts[0]}/<class>/<image>, one folder per class; move it there or delete it")
     return None
 
 
@@ -425,7 +448,10 @@ def _decode_image_folder(path, files):
     roots = set()
     total = sum(1 for f in files if _is_image(f[0])) or None  # unknown for an archive
     for rel, blob in tqdm(_read_files(path), desc=f"decoding {path.name}", unit=" files", total=total):
-        place = _place(rel, blob is None)
+        try:
+            place = _place(rel, blob is None)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         if place is None:
             continue
         if blob is not None:  # images only: an empty leftover folder is no copy

@@ -148,6 +148,17 @@ def test_cache_is_reused_and_a_changed_tree_is_decoded_again(tmp_path, monkeypat
     assert list(cache_dir.glob("pets.*.pt")) != caches and len(list(cache_dir.glob("pets.*.pt"))) == 1  # stale one gone
 
 
+def test_a_damaged_cache_is_decoded_again(tmp_path):
+    tree, cache_dir = write_tree(tmp_path / "pets"), tmp_path / "cache"
+    first = data.load_data(str(tree), cache_dir)
+    cache, = cache_dir.glob("pets.*.pt")
+    cache.write_bytes(cache.read_bytes()[:100])  # cut short (a full disk, a partial copy)
+    with pytest.warns(UserWarning, match=f"the cache {cache} cannot be read .*decoding the dataset again"):
+        again = data.load_data(str(tree), cache_dir)
+    assert torch.equal(first.train_x, again.train_x) and torch.equal(first.test_y, again.test_y)
+    assert torch.load(cache, weights_only=True)["classes"] == first.classes  # written anew, whole
+
+
 def test_a_cache_in_a_folder_that_cannot_be_written_is_read(tmp_path, monkeypatch):
     tree, cache_dir = write_tree(tmp_path / "pets"), tmp_path / "cache"
     first = data.load_data(str(tree), cache_dir)
@@ -161,8 +172,24 @@ def test_a_cache_in_a_folder_that_cannot_be_written_is_read(tmp_path, monkeypatc
 
 
 def test_missing_path_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist.*train/<class>"):
-        data.load_data(str(tmp_path / "nowhere" / "pets.tar.gz"), tmp_path)
+    for path in (str(tmp_path / "nowhere" / "pets.tar.gz"), tmp_path / "nowhere" / "pets.tar.gz"):  # a Path too
+        with pytest.raises(FileNotFoundError, match="does not exist.*train/<class>"):
+            data.load_data(path, tmp_path)
+
+
+def test_a_path_object_and_the_current_folder_name_the_dataset_by_its_folder(tmp_path, monkeypatch):
+    tree = write_tree(tmp_path / "pets")
+    assert data.load_data(tree, tmp_path / "cache").name == "pets"
+    monkeypatch.chdir(tree)
+    assert data.load_data(".", tmp_path / "cache").name == "pets"  # was "", and its cache a hidden file
+    monkeypatch.chdir(tree / "train")
+    assert data.folder_name("..") == "pets"
+
+
+def test_a_training_set_too_small_to_split_says_so(tmp_path):
+    tree = write_tree(tmp_path / "pets", classes=["cat"], n_train=1)
+    with pytest.raises(ValueError, match=r"the training set has 1 image\(s\): at least 2 are needed"):
+        data.load_data(str(tree), tmp_path / "cache")
 
 
 def test_unknown_short_name_lists_the_choices_and_where_to_put_it(tmp_path):
@@ -248,7 +275,19 @@ def test_other_files_are_ignored(tmp_path):
     (tree / "README.txt").write_text("about")
     (tree / "train" / "cat" / "notes.txt").write_text("ignored")
     (tree / "train" / "cat" / ".hidden.png").write_bytes(b"junk")
-    assert len(data.load_data(str(tree), tmp_path / "cache").test_y) == 6
+    (tree / "train" / ".ipynb_checkpoints").mkdir()  # a hidden folder is no class, nor are its images
+    Image.new("RGB", (8, 6)).save(tree / "train" / ".ipynb_checkpoints" / "x.png")
+    d = data.load_data(str(tree), tmp_path / "cache")
+    assert len(d.test_y) == 6 and len(d.train_y) + len(d.val_y) == 12 and d.classes == sorted(CLASSES)
+
+
+@pytest.mark.parametrize("where", ["train/cat/more/x.png", "test/x.png"])
+def test_an_image_not_straight_in_a_class_folder_is_named(tmp_path, where):
+    tree = write_tree(tmp_path / "pets")
+    (tree / where).parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 6)).save(tree / where)  # it would have been left out without a word
+    with pytest.raises(ValueError, match=f"pets: the image {where} is not straight in a class folder"):
+        data.load_data(str(tree), tmp_path / "cache")
 
 
 def test_interrupted_decoding_or_writing_leaves_nothing(tmp_path, monkeypatch):
