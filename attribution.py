@@ -5,6 +5,7 @@ Every function takes images (B, C, H, W), uint8 in [0, 255] or float in [0, 1], 
 model), leaves the model (mode, requires_grad, hooks) as found, and returns float32 maps.
 """
 import numbers
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -41,8 +42,10 @@ def _prepare(images, targets, model):
         logits = model(x[:1])
     models.check_logits(model, logits)
     k = logits.shape[1]
-    if len(t.flatten()) and not (0 <= t.min() and t.max() < k):
-        raise ValueError(f"targets must be class indices in 0..{k - 1}; got {t.flatten().tolist()}")
+    bad = ((t < 0) | (t >= k)).flatten().nonzero().flatten()
+    if len(bad):  # the first few of them, not every target of a large batch
+        shown = ", ".join(f"{t.flatten()[i].item()} (image {i})" if t.dim() else str(t.item()) for i in bad[:5].tolist())
+        raise ValueError(f"targets must be class indices in 0..{k - 1}; got {shown}{', ...' if len(bad) > 5 else ''}")
     t = t.long()
     return x, t.expand(len(x)).contiguous() if t.dim() == 0 else t
 
@@ -68,6 +71,10 @@ def grad_cam(model, images, targets, layer=None):
     if len(shape) != 4:
         raise ValueError(f"Grad-CAM needs a layer with a spatial output (B, C, H, W); {name!r} gives "
                          f"{tuple(shape)}: pick a conv layer (models.list_layers)")
+    if shape[-2] * shape[-1] == 1:
+        warnings.warn(f"Grad-CAM at {name!r}, whose map is 1x1 for {x.shape[-2]}x{x.shape[-1]} images, is flat: "
+                      f"every pixel gets the same weight. Pick a layer with a larger map, or leave layer out "
+                      f"(models.last_map_layer)", stacklevel=2)
     if models.keeps_features_last(model, x[:1].detach(), name):  # captum reads the module's own output
         raise ValueError(f"Grad-CAM needs a layer whose output has its channels on dim 1; {name!r} keeps its "
                          f"features last (an nn.Linear's output, or one made from it): pick a conv layer "

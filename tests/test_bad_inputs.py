@@ -540,12 +540,19 @@ def test_attribution_targets_out_of_range_and_a_layer_without_space(nets):
     cnn, _ = nets
     x = _good(2)
     for fn in (attribution.saliency, attribution.grad_cam, attribution.integrated_gradients):
-        with pytest.raises(ValueError, match=r"class indices in 0..9; got \[10\]"):
+        with pytest.raises(ValueError, match=r"class indices in 0..9; got 10$"):
             fn(cnn, x, 10)
         with pytest.raises(ValueError, match="one per image"):
             fn(cnn, x, torch.tensor([1, 2, 3]))
+    many = _good(8)  # the bad ones by image, the first five of them: not every target of a large batch
+    with pytest.raises(ValueError, match=r"0..9; got -1 \(image 1\), 12 \(image 2\), 10 \(image 3\), 10 \(image "
+                                         r"4\), 10 \(image 5\), \.\.\.$"):
+        attribution.saliency(cnn, many, [0, -1, 12, 10, 10, 10, 10, 3])
     with pytest.raises(ValueError, match="spatial output.*'head'"):
         attribution.grad_cam(cnn, x, 0, layer="head")
+    with pytest.warns(UserWarning, match=r"Grad-CAM at 'block3.act2', whose map is 1x1 for 16x16 images, is flat"):
+        flat = attribution.grad_cam(cnn, torch.rand(2, 3, 16, 16), 0, layer="block3.act2")
+    torch.testing.assert_close(flat.amax((1, 2)), flat.amin((1, 2)))  # each image's: one weight at every pixel
 
 
 @pytest.mark.parametrize("kwargs, match", [
