@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from attribution import to_heatmap
-from data import to_float
+from data import check_count, check_labels, to_float
 from metrics import check_confusion
 
 # ----------------------------------------------------------------------------- helpers
@@ -184,7 +184,7 @@ def plot_confusion(cm, classes, normalize=True, save=None):
     counts = np.asarray(check_confusion(cm, classes).detach().cpu(), dtype=np.float64)  # (K, K)
     shown = counts / np.maximum(counts.sum(1, keepdims=True), 1) if normalize else counts
     k = len(classes)
-    cell = min(0.6, 30 / k)  # inches: 100 classes make an 18-inch figure, not a 60-inch one
+    cell = min(0.6, 30 / k)  # inches: past 50 classes the matrix stays 30 inches wide (60 for 100 at 0.6)
     fig, ax = plt.subplots(figsize=(cell * k + 2.5, cell * k + 1.5))
     im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
@@ -204,8 +204,9 @@ def plot_confusion(cm, classes, normalize=True, save=None):
 
 @_no_figure_on_error
 def plot_misclassified(images, true, pred, classes, n=16, save=None):
-    """The first n images whose prediction is wrong, titled 'True: cat / Pred: dog'."""
-    true, pred = torch.as_tensor(true).cpu(), torch.as_tensor(pred).cpu()
+    """The first n images whose prediction is wrong, titled 'True: cat / Pred: dog'. true and pred: one class
+    index per image (pred: the predicted classes, logits.argmax(1), not the logits)."""
+    true, pred = (check_labels(y, len(images), len(classes), name) for y, name in ((true, "true"), (pred, "pred")))
     wrong = (true != pred).nonzero().flatten()[:n]
     if len(wrong) == 0:
         fig, ax = plt.subplots(figsize=(3, 1))
@@ -226,6 +227,9 @@ def plot_filters(weight, save=None):
     largest |weight| around mid-gray (0), so that a flat filter shows as flat and a colour-opponent one as
     the colours it adds (brighter) and takes away (darker)."""
     w = torch.as_tensor(weight).detach().cpu().float().numpy()
+    if w.ndim != 4:
+        raise ValueError(f"weight must be convolution filters (O, I, kh, kw), such as a Conv2d's weight; got shape "
+                         f"{tuple(w.shape)}")
     fig, axes = _grid(len(w), 16, size=0.8)
     for ax, f in zip(axes.flat, w):
         f = 0.5 + 0.5 * _symmetric(f)
@@ -236,6 +240,10 @@ def plot_filters(weight, save=None):
 @_no_figure_on_error
 def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_active=True):
     """One row per layer of (C, H, W) maps of one image: the most active (or first) max_channels channels."""
+    check_count("max_channels", max_channels, 1)
+    if not feature_maps:
+        raise ValueError("feature_maps must name at least one layer: {layer name: its (C, H, W) map}, as "
+                         "models.capture returns")
     ncols = max_channels + (image is not None)
     fig, axes = plt.subplots(len(feature_maps), ncols, figsize=(1.3 * ncols, 1.4 * len(feature_maps)), squeeze=False)
     for row, (name, fmap) in zip(axes, feature_maps.items()):
@@ -263,15 +271,22 @@ def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_
 
 
 @_no_figure_on_error
-def plot_heatmaps(images, maps, titles=None, row_labels=None, save=None):
+def plot_heatmaps(images, maps, titles=None, row_labels=None, signed=None, save=None):
     """The images on top, then one row per method with its map (normalized per image) overlaid: (B, h, w), or
-    (B, C, h, w) attributions, reduced to one map per image as attribution.to_heatmap does. A method whose maps
-    have negative values (to_heatmap(..., signed=True)) is shown signed: red positive, blue negative, white 0.
+    (B, C, h, w) attributions, reduced to one map per image as attribution.to_heatmap does. A signed method
+    (to_heatmap(..., signed=True)) is shown around 0: red positive, blue negative, white 0.
 
     maps: one method's maps, or {method name: maps}. titles: one per image. row_labels: one per method
-    (the top row is 'input'), or one more to name the top row too; default the method names."""
+    (the top row is 'input'), or one more to name the top row too; default the method names. signed: the
+    names of the signed methods; default those whose maps have a negative value."""
     x = _numpy_images(images)
+    if isinstance(maps, (list, tuple)):
+        raise ValueError("maps must be one method's maps (B, h, w) or {method name: maps}; got a "
+                         f"{type(maps).__name__} of {len(maps)}: name them in a dict")
     maps = maps if isinstance(maps, dict) else {"map": maps}
+    signed = [signed] if isinstance(signed, str) else signed  # one method's name
+    if signed is not None and not set(signed) <= set(maps):
+        raise ValueError(f"signed must name methods among {', '.join(map(str, maps))}; got {sorted(map(str, signed))}")
     labels = _row_labels(row_labels, list(maps))
     if titles is not None and len(titles) != len(x):
         raise ValueError(f"titles must have one per image ({len(x)}); got {len(titles)}")
@@ -281,13 +296,14 @@ def plot_heatmaps(images, maps, titles=None, row_labels=None, save=None):
         _imshow(axes[0, j], img)
         if titles is not None:
             axes[0, j].set_title(titles[j], fontsize=9)
-    for row, m in zip(axes[1:], heat.values()):
-        signed = bool((m < 0).any())  # min-max scaling would put its zero at an arbitrary colour
+    for row, (name, m) in zip(axes[1:], heat.items()):
+        # signed maps around 0: min-max scaling would put their zero at an arbitrary colour
+        around_zero = bool((m < 0).any()) if signed is None else name in signed
         for ax, img, mj in zip(row, x, m.numpy()):
             _imshow(ax, img)
-            shown = _symmetric(mj) if signed else _minmax(mj)
-            ax.imshow(shown, cmap="RdBu_r" if signed else "jet", alpha=0.5, vmin=-1 if signed else 0, vmax=1,
-                      interpolation="bilinear")
+            shown = _symmetric(mj) if around_zero else _minmax(mj)
+            ax.imshow(shown, cmap="RdBu_r" if around_zero else "jet", alpha=0.5, vmin=-1 if around_zero else 0,
+                      vmax=1, interpolation="bilinear")
     for ax, label in zip(axes[:, 0], labels):
         ax.set_ylabel(label, fontsize=9)
     return _finish(fig, save)
@@ -318,21 +334,29 @@ def _heatmap(name, maps, x):
 
 
 @_no_figure_on_error
-def comparison_grid(rows, col_labels=None, save=None):
-    """A grid of images: one row per entry of `rows` (label -> (N, C, H, W)), labels left and on top."""
+def comparison_grid(rows, col_labels=None, max_cols=16, save=None):
+    """A grid of images: one row per entry of `rows` (label -> (N, C, H, W)), labels left and on top. Past
+    max_cols columns (100 classes, say) the grid wraps: the rows again for each further max_cols columns."""
+    check_count("max_cols", max_cols, 1)
     # one (C, H, W) image: one column
     shown = {label: _numpy_images(images, f"rows[{label!r}]") for label, images in rows.items()}
     ncols = max(len(x) for x in shown.values())
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.4 * ncols, 1.5 * len(rows)), squeeze=False)
-    for row, (label, x) in zip(axes, shown.items()):
-        for j, ax in enumerate(row):
-            if j < len(x):
-                _imshow(ax, x[j])
-            else:
-                ax.set_visible(False)
-        row[0].set_ylabel(label, fontsize=9)
-    for column, label in zip(axes.T, col_labels or []):  # on the column's first image, whichever row has it
-        next(ax for ax in column if ax.get_visible()).set_title(label, fontsize=9)
+    if col_labels is not None and len(col_labels) > ncols:
+        raise ValueError(f"col_labels must have at most one label per column ({ncols}); got {len(col_labels)}")
+    width, bands = min(ncols, max_cols), math.ceil(ncols / max_cols)
+    fig, axes = plt.subplots(len(rows) * bands, width, figsize=(1.4 * width, 1.5 * len(rows) * bands), squeeze=False)
+    labels = list(col_labels or [])
+    for band in range(bands):
+        block, first = axes[band * len(rows):(band + 1) * len(rows)], band * width  # its rows; its first column
+        for row, (label, x) in zip(block, shown.items()):
+            for j, ax in enumerate(row, first):
+                if j < len(x):
+                    _imshow(ax, x[j])
+                else:
+                    ax.set_visible(False)
+            row[0].set_ylabel(label, fontsize=9)
+        for column, label in zip(block.T, labels[first:first + width]):  # on the column's first image, whichever row has it
+            next(ax for ax in column if ax.get_visible()).set_title(label, fontsize=9)
     return _finish(fig, save)
 
 

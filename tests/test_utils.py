@@ -98,6 +98,13 @@ def test_plot_misclassified_titles():
     assert len(image_axes(fig)) == 3 and "True: plane\nPred: ship" in titles(fig)
     fig = utils.plot_misclassified(images(2), true[:2] * 0, pred[:2] * 0, CLASSES)  # none wrong
     assert isinstance(fig, Figure) and not image_axes(fig)
+    with pytest.raises(ValueError, match=r"pred must be \(5,\) integer class indices, one per image; got "
+                                         r"torch.float32 of shape \(5, 10\)"):
+        utils.plot_misclassified(images(5), true, torch.randn(5, 10), CLASSES)  # the logits, not the classes
+    with pytest.raises(ValueError, match=r"true must be \(4,\) integer class indices"):
+        utils.plot_misclassified(images(4), true, pred[:4], CLASSES)  # more labels than images
+    with pytest.raises(ValueError, match=r"pred must be class indices in 0..9 .*from 3 to 10"):
+        utils.plot_misclassified(images(5), true, pred + 2, CLASSES)
 
 
 def test_plot_filters_rgb_and_gray():
@@ -109,6 +116,8 @@ def test_plot_filters_rgb_and_gray():
     shown = [ax.images[0].get_array() for ax in image_axes(utils.plot_filters(torch.stack([flat, -flat, opponent])))]
     assert np.allclose(shown[0], 1.0) and np.allclose(shown[1], 0.0)  # brightness up, down: flat (min-max: noise)
     assert np.allclose(shown[2], np.broadcast_to([1.0, 0.0, 0.5], (2, 2, 3)))  # red up, green down, blue untouched
+    with pytest.raises(ValueError, match=r"weight must be convolution filters \(O, I, kh, kw\).*got shape \(4, 2\)"):
+        utils.plot_filters(torch.nn.Linear(2, 4).weight)
     fig = utils.plot_filters(torch.nn.Conv2d(2, 4, 5).weight)  # parameter with grad, 2 input channels
     ims = [ax.images[0] for ax in image_axes(fig)]
     assert len(ims) == 4 and all(im.get_array().shape == (5, 5) and im.get_cmap().name == "gray" for im in ims)
@@ -126,14 +135,21 @@ def test_plot_feature_maps_rows_and_labels():
     assert [axes[0, 1].get_title(), axes[0, 2].get_title()] == ["ch 7", "ch 2"]
     fig = utils.plot_feature_maps(maps, max_channels=3, most_active=False)
     assert len(image_axes(fig)) == 6 and fig.axes[0].get_title() == "ch 0"
+    with pytest.raises(ValueError, match="max_channels must be an int >= 1, got 0"):
+        utils.plot_feature_maps(maps, max_channels=0, image=images(1)[0])
+    with pytest.raises(ValueError, match="feature_maps must name at least one layer"):
+        utils.plot_feature_maps({})
 
 
 def test_plot_heatmaps_overlays_normalized_maps():
-    x, m = images(3), torch.rand(3, 8, 8) * 7 + 2  # (B, H, W), not in [0, 1]
-    fig = utils.plot_heatmaps(x, m, titles=CLASSES[:3])
+    m = torch.rand(8, 8, generator=torch.Generator().manual_seed(0))
+    m = torch.stack([m + 5, 10 * m, 0.1 * m + 3])  # (B, H, W), not in [0, 1], each image in its own range
+    fig = utils.plot_heatmaps(images(3), m, titles=CLASSES[:3])
     assert len(image_axes(fig)) == 6 and titles(fig)[:3] == CLASSES[:3]
-    overlay = image_axes(fig)[3].images[1].get_array()
-    assert overlay.min() == 0 and np.isclose(overlay.max(), 1)
+    for j in range(3):  # one scale for all would leave images 0 and 2 each in a narrow band
+        overlay = image_axes(fig)[3 + j].images[1].get_array()
+        assert overlay.min() == 0 and np.isclose(overlay.max(), 1)
+        np.testing.assert_allclose(overlay, (m[0] - m[0].min()) / (m[0].max() - m[0].min()), atol=1e-5)
     fig = utils.plot_heatmaps(images(2, c=1), {"saliency": m[:2], "grad-cam": torch.rand(2, 2, 2)})
     axes = np.array(fig.axes).reshape(3, 2)
     assert [ax.get_ylabel() for ax in axes[:, 0]] == ["input", "saliency", "grad-cam"]
@@ -151,6 +167,17 @@ def test_signed_maps_are_shown_around_zero():
     overlay = image_axes(utils.plot_heatmaps(images(1), m))[1].images[1]
     assert overlay.get_cmap().name == "RdBu_r" and overlay.get_clim() == (-1, 1)
     assert np.allclose(overlay.get_array(), m[0].numpy() / 3)  # was min-max scaled: -1 showed as "no heat"
+    # said, not guessed: a signed method whose maps happen to be positive, or one with a stray negative value
+    maps = {"ig": torch.linspace(1, 3, 64).view(1, 8, 8), "saliency": m}
+    shown = [ax.images[1] for ax in image_axes(utils.plot_heatmaps(images(1), maps, signed="ig"))[1:]]
+    assert [im.get_cmap().name for im in shown] == ["RdBu_r", "jet"]
+    assert np.allclose(shown[0].get_array(), maps["ig"][0].numpy() / 3)  # its smallest value is no blue
+    assert np.allclose(shown[1].get_array(), (m[0].numpy() + 1) / 4)
+    with pytest.raises(ValueError, match=r"signed must name methods among ig, saliency; got \['IG'\]"):
+        utils.plot_heatmaps(images(1), maps, signed=["IG"])
+    with pytest.raises(ValueError, match=r"maps must be one method's maps \(B, h, w\) or \{method name: maps\}; "
+                                         r"got a list of 2"):
+        utils.plot_heatmaps(images(1), [m, m])
 
 
 def test_feature_maps_of_a_layer_without_space_are_refused_by_name():
@@ -179,6 +206,22 @@ def test_comparison_grid_labels():
     axes = np.array(fig.axes).reshape(2, 3)
     assert [ax.get_visible() for ax in axes[0]] == [True, False, False]
     assert [axes[0, 0].get_title(), axes[1, 1].get_title(), axes[1, 2].get_title()] == CLASSES[:3]  # none lost
+    with pytest.raises(ValueError, match=r"col_labels must have at most one label per column \(3\); got 4"):
+        utils.comparison_grid({"three": images(3)}, col_labels=CLASSES[:4])
+
+
+def test_comparison_grid_wraps_past_max_cols():
+    x, names = images(10), [f"class {i}" for i in range(10)]  # ten classes, four columns a band
+    fig = utils.comparison_grid({"top image": x, "one": x[:1]}, col_labels=names, max_cols=4)
+    axes = np.array(fig.axes).reshape(6, 4)  # 3 bands of the 2 rows
+    assert [ax.get_title() for ax in axes[[0, 2, 4]].flat if ax.get_title()] == names  # each column labelled once
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["top image", "one"] * 3
+    assert [ax.get_visible() for ax in axes[4]] == [True, True, False, False]  # columns 8 and 9
+    assert sum(ax.get_visible() for ax in axes[[1, 3, 5]].flat) == 1  # the one image, in the first band
+    np.testing.assert_allclose(axes[4, 1].images[0].get_array(), x[9].permute(1, 2, 0).numpy(), atol=1e-6)
+    assert len(utils.comparison_grid({"a": x}).axes) == 10  # within max_cols: one band, as before
+    with pytest.raises(ValueError, match="max_cols must be an int >= 1, got 0"):
+        utils.comparison_grid({"a": x}, max_cols=0)
 
 
 CALLS = {
