@@ -72,7 +72,7 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out must be a folder for the atlas; {out} is a file")
     # the training images' statistics too: the Fourier techniques render with them; and the code of the
-    # techniques and of the pages, which an edit (under autoreload) changes without a new VERSION
+    # techniques, the layers' reading and the pages, which an edit (under autoreload) changes without a new VERSION
     key = fingerprint(VERSION, model, vae, techniques, steps, layers, d.name, d.classes, d.test_x, d.test_y,
                       cov, magnitude, _code())
 
@@ -92,9 +92,11 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
 
 
 def _code():
-    """The source of featureviz, where every technique's settings and steps are written, and of this module,
+    """The source of every module of ours the pages are made with: featureviz, where every technique's settings
+    and steps are written, the modules that read the model's layers, predictions and the data, and this one,
     which writes the pages."""
-    return Path(fv.__file__).read_text() + Path(__file__).read_text()
+    return "".join(Path(module.__file__).read_text() for module in (fv, models, metrics, training, data)) + \
+        Path(__file__).read_text()
 
 
 def fingerprint(*parts):

@@ -18,6 +18,7 @@ import data
 import featureviz as fv
 import metrics
 import models
+import training
 
 STEPS = 4
 TECHNIQUES = atlas.ATLAS_TECHNIQUES
@@ -203,7 +204,9 @@ def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_pat
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS + 1, progress=False)  # other settings
     assert calls == layers * 2 and not stale.exists()  # started afresh
     code = atlas._code()
-    assert Path(fv.__file__).read_text() in code and Path(atlas.__file__).read_text() in code
+    # the pages' own code and that of the modules which render, read the layers (block_layers) and predict
+    for module in (fv, atlas, models, metrics, training, data):
+        assert Path(module.__file__).read_text() in code, module.__name__
     monkeypatch.setattr(atlas, "_code", lambda: code + "# a technique's or a page's settings edited")  # autoreload
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS + 1, progress=False)
     assert calls == layers * 3  # stale pages are never reused
