@@ -64,21 +64,23 @@ def grad_cam(model, images, targets, layer=None):
     """Grad-CAM at `layer` (a name or a module; default the model's last layer with a map larger than 1x1,
     `models.last_map_layer`), relu'd and bilinearly upsampled to the input: (B, H, W)."""
     x, t = _prepare(images, targets, model)
-    if layer is None:
+    chosen = layer is None
+    if chosen:
         layer = models.last_map_layer(model, x)
     name = layer if isinstance(layer, str) else _name_of(model, layer)
     shape = models.capture(model, x[:1].detach(), [name])[name].shape
     if len(shape) != 4:
         raise ValueError(f"Grad-CAM needs a layer with a spatial output (B, C, H, W); {name!r} gives "
                          f"{tuple(shape)}: pick a conv layer (models.list_layers)")
-    if shape[-2] * shape[-1] == 1:
-        warnings.warn(f"Grad-CAM at {name!r}, whose map is 1x1 for {x.shape[-2]}x{x.shape[-1]} images, is flat: "
-                      f"every pixel gets the same weight. Pick a layer with a larger map, or leave layer out "
-                      f"(models.last_map_layer)", stacklevel=2)
     if models.keeps_features_last(model, x[:1].detach(), name):  # captum reads the module's own output
         raise ValueError(f"Grad-CAM needs a layer whose output has its channels on dim 1; {name!r} keeps its "
                          f"features last (an nn.Linear's output, or one made from it): pick a conv layer "
                          f"(models.list_layers)")
+    if shape[-2] * shape[-1] == 1:
+        why = ("no layer of the model has a larger one" if chosen
+               else "pick a layer with a larger map, or leave layer out (models.last_map_layer)")
+        warnings.warn(f"Grad-CAM at {name!r}, whose map is 1x1 for {x.shape[-2]}x{x.shape[-1]} images, is flat "
+                      f"(every pixel gets the same weight): {why}", stacklevel=2)
     layer = models.get_layer(model, name)
     with _untouched(model):
         cam = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)  # (B, 1, h, w)

@@ -440,6 +440,14 @@ def _place(rel, is_dir):
     return None
 
 
+def _placed(path, rel, is_dir):
+    """_place(rel, is_dir), its error naming the dataset's path."""
+    try:
+        return _place(rel, is_dir)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def _decode_image_folder(path, files):
     """Decode every image of the tree into uint8 tensors; checks the layout, classes and sizes."""
     from PIL import Image
@@ -447,11 +455,11 @@ def _decode_image_folder(path, files):
     images = {split: {} for split in SPLITS}  # split -> class -> [(relative path, HxW or HxWx3 array)]
     roots = set()
     total = sum(1 for f in files if _is_image(f[0])) or None  # unknown for an archive
+    for rel, *_ in files if path.is_dir() else []:  # a folder's layout, before anything is decoded
+        if _is_image(rel):
+            _placed(path, rel, False)
     for rel, blob in tqdm(_read_files(path), desc=f"decoding {path.name}", unit=" files", total=total):
-        try:
-            place = _place(rel, blob is None)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        place = _placed(path, rel, blob is None)
         if place is None:
             continue
         if blob is not None:  # images only: an empty leftover folder is no copy

@@ -69,8 +69,7 @@ def check_confusion(cm, classes):
 def features(model, images, batch_size=500):
     """(N, D) penultimate features of images, model left as found: the model's features(x) method where it
     returns (N, D) (our CNN's: what its head reads), else what the last nn.Linear to run in the forward pass reads
-    (a torchvision ResNet's pooled features; for VGG or MobileNet, their classifier's last hidden layer), or a
-    1x1 convolution head, averaged over the map (SqueezeNet's)."""
+    (a torchvision ResNet's pooled features; for VGG or MobileNet, their classifier's last hidden layer)."""
     models.check_input(model, images)
     data.check_count("batch_size", batch_size, 1)
     with models.frozen(model) as layout:
@@ -84,21 +83,19 @@ def _as_input(model, images):
 
 
 def _penultimate(model, x):
-    """(B, D) features of one batch: model.features(x) if 2-D, else what the head reads: the input of the last
-    nn.Linear to run, or of a 1x1 convolution head (a fully convolutional classifier's, as SqueezeNet's) averaged
-    over the map. A `features` submodule is not such a method: it is a part of the model (a VGG's convolutions;
-    in some models its flattened maps, which a classifier with hidden layers reads, not the head)."""
+    """(B, D) features of one batch: model.features(x) if 2-D, else the input of the last nn.Linear to run. A
+    `features` submodule is not such a method: it is a part of the model (a VGG's convolutions; in some
+    models its flattened maps, which a classifier with hidden layers reads, not the head)."""
     method = getattr(model, "features", None)
     f = model.features(x) if callable(method) and not isinstance(method, nn.Module) else None
     if torch.is_tensor(f) and f.dim() == 2:
         return f
-    head, read = models.last_to_run(model, x, (nn.Linear, nn.Conv2d))
-    if isinstance(head, nn.Linear):
-        return read.flatten(1)
-    if isinstance(head, nn.Conv2d) and head.kernel_size == (1, 1):
-        return read.mean((2, 3))
-    raise ValueError(f"cannot tell the features of {type(model).__name__}: no nn.Linear or 1x1 convolution head runs "
-                     f"last in it, and it has no features(x) method that returns (N, D) features")
+    head, read = models.last_to_run(model, x, nn.Linear)
+    if head is None:  # (a last 1x1 convolution need not be a head: a ResNet's whose fc is nn.Identity())
+        raise ValueError(f"cannot tell the features of {type(model).__name__}: no nn.Linear head runs in it, and it "
+                         f"has no features(x) method (not a submodule) that returns (N, D) features; for a fully "
+                         f"convolutional classifier (SqueezeNet), wrap it in a module with such a method")
+    return read.flatten(1)
 
 
 @torch.no_grad()

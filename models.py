@@ -10,6 +10,7 @@ import copy
 import itertools
 import math
 import numbers
+import sys
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -19,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
-from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 from data import check_batch, check_count, plain, to_float
 
@@ -443,7 +443,8 @@ def _unrun(module):
     nn.MultiheadAttention's out_proj, a torchvision Swin's window attention's qkv and proj."""
     if isinstance(module, nn.MultiheadAttention):
         return [module.out_proj]
-    if isinstance(module, ShiftedWindowAttention):  # V2 too
+    swin = sys.modules.get("torchvision.models.swin_transformer")  # not imported: no Swin model exists
+    if swin is not None and isinstance(module, swin.ShiftedWindowAttention):  # V2 too
         return [module.qkv, module.proj]
     return []
 
@@ -556,8 +557,8 @@ def _recorded_channels(model):
     (what a user may set, beside `model.image_size`; not `model.in_channels`, which many CIFAR ResNets use as
     the width counter of their _make_layer); None if neither."""
     config = config_of(model)
-    source = "config['in_channels']" if "in_channels" in config else "image_channels"
-    recorded = config["in_channels"] if "in_channels" in config else getattr(model, "image_channels", None)
+    source, recorded = (("config['in_channels']", config["in_channels"]) if "in_channels" in config
+                        else ("image_channels", getattr(model, "image_channels", None)))
     if recorded is not None and (isinstance(recorded, bool) or not isinstance(recorded, numbers.Integral)
                                  or recorded < 1):
         raise ValueError(f"{type(model).__name__}'s {source} (its input images' channels) must be an int >= 1, "
@@ -968,16 +969,17 @@ def block_layers(model, size=None):
 
 def _blocks(outputs, depth):
     """The last name of each block of [(name parts, map size)], a block being the modules that share the first
-    depth + 1 parts. A block whose maps come in three sizes or more (1x1 ones aside, such as a squeeze-and-
-    excitation gate's) is a container of stages, split into its own blocks: a block (our CNN's, a ResNet's
-    layer2) changes the resolution once at most, from its input's to its own."""
+    depth + 1 parts. A block of blocks (some layer two levels below it) whose maps come in three sizes or more
+    (1x1 ones aside, such as a squeeze-and-excitation gate's) is a container of stages, split into its own
+    blocks: a block (our CNN's, a ResNet's layer2) changes the resolution once at most, from its input's to
+    its own, and a stem of plain layers stays one block however often it does."""
     blocks = {}
     for parts, hw in outputs:
         blocks.setdefault(tuple(parts[:depth + 1]), []).append((parts, hw))
     names = []
     for members in blocks.values():
         sizes = {hw for _, hw in members if hw[0] * hw[1] > 1}
-        if len(sizes) >= 3 and any(len(parts) > depth + 1 for parts, _ in members):
+        if len(sizes) >= 3 and any(len(parts) > depth + 2 for parts, _ in members):
             names += _blocks(members, depth + 1)
         else:
             names.append(".".join(members[-1][0]))

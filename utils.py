@@ -276,17 +276,16 @@ def plot_heatmaps(images, maps, titles=None, row_labels=None, signed=None, save=
     (B, C, h, w) attributions, reduced to one map per image as attribution.to_heatmap does. A signed method
     (to_heatmap(..., signed=True)) is shown around 0: red positive, blue negative, white 0.
 
-    maps: one method's maps, or {method name: maps}. titles: one per image. row_labels: one per method
-    (the top row is 'input'), or one more to name the top row too; default the method names. signed: the
-    names of the signed methods; default those whose maps have a negative value."""
+    maps: one method's maps (named "map"), or {method name: maps}. titles: one per image. row_labels: one per
+    method (the top row is 'input'), or one more to name the top row too; default the method names. signed:
+    True or False for every method, or the names of the signed ones; default those whose maps have a negative
+    value."""
     x = _numpy_images(images)
     if isinstance(maps, (list, tuple)):
         raise ValueError("maps must be one method's maps (B, h, w) or {method name: maps}; got a "
                          f"{type(maps).__name__} of {len(maps)}: name them in a dict")
     maps = maps if isinstance(maps, dict) else {"map": maps}
-    signed = [signed] if isinstance(signed, str) else signed  # one method's name
-    if signed is not None and not set(signed) <= set(maps):
-        raise ValueError(f"signed must name methods among {', '.join(map(str, maps))}; got {sorted(map(str, signed))}")
+    signed = _signed_methods(signed, list(maps))
     labels = _row_labels(row_labels, list(maps))
     if titles is not None and len(titles) != len(x):
         raise ValueError(f"titles must have one per image ({len(x)}); got {len(titles)}")
@@ -307,6 +306,19 @@ def plot_heatmaps(images, maps, titles=None, row_labels=None, signed=None, save=
     for ax, label in zip(axes[:, 0], labels):
         ax.set_ylabel(label, fontsize=9)
     return _finish(fig, save)
+
+
+def _signed_methods(signed, methods):
+    """The set of methods that plot_heatmaps shows signed, from its `signed` (None: to be read from the maps)."""
+    if signed is None:
+        return None
+    if isinstance(signed, bool):
+        return set(methods) if signed else set()
+    names = {signed} if isinstance(signed, str) else set(signed)  # one method's name, or several
+    if not names <= set(methods):
+        raise ValueError(f"signed must be True, False or names among the methods {', '.join(map(str, methods))}; "
+                         f"got {sorted(map(str, names))}")
+    return names
 
 
 def _row_labels(row_labels, methods):
@@ -336,7 +348,8 @@ def _heatmap(name, maps, x):
 @_no_figure_on_error
 def comparison_grid(rows, col_labels=None, max_cols=16, save=None):
     """A grid of images: one row per entry of `rows` (label -> (N, C, H, W)), labels left and on top. Past
-    max_cols columns (100 classes, say) the grid wraps: the rows again for each further max_cols columns."""
+    max_cols columns (100 classes, say) the grid wraps: the rows again for each further max_cols columns (a
+    row with fewer images is left blank there)."""
     check_count("max_cols", max_cols, 1)
     # one (C, H, W) image: one column
     shown = {label: _numpy_images(images, f"rows[{label!r}]") for label, images in rows.items()}

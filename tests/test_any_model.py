@@ -298,6 +298,10 @@ def test_block_layers_split_a_container_of_stages_into_its_stages():
     staged = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Sequential(pooled, *strided),
                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
     assert models.block_layers(staged, 28) == ["0", "1", "2.0.4", "2.1.1", "2.2.1"]
+    stem = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU())])
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), stem, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 10)).eval()
+    assert models.block_layers(plain, 28) == ["0", "1.5"]  # a stem of plain layers: one block, in three sizes
 
 
 def test_a_model_replicated_over_several_gpus_is_refused_and_on_one_device_runs():

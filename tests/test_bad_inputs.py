@@ -1,4 +1,5 @@
 """Bad inputs and faults: each gets a clear error, and nothing good is lost or silently wrong."""
+import warnings
 from pathlib import Path
 
 import pytest
@@ -550,9 +551,18 @@ def test_attribution_targets_out_of_range_and_a_layer_without_space(nets):
         attribution.saliency(cnn, many, [0, -1, 12, 10, 10, 10, 10, 3])
     with pytest.raises(ValueError, match="spatial output.*'head'"):
         attribution.grad_cam(cnn, x, 0, layer="head")
-    with pytest.warns(UserWarning, match=r"Grad-CAM at 'block3.act2', whose map is 1x1 for 16x16 images, is flat"):
-        flat = attribution.grad_cam(cnn, torch.rand(2, 3, 16, 16), 0, layer="block3.act2")
+    small = torch.rand(2, 3, 16, 16)
+    with pytest.warns(UserWarning, match=r"Grad-CAM at 'block3.act2', whose map is 1x1 for 16x16 images, is flat "
+                                         r".*pick a layer with a larger map, or leave layer out"):
+        flat = attribution.grad_cam(cnn, small, 0, layer="block3.act2")
     torch.testing.assert_close(flat.amax((1, 2)), flat.amin((1, 2)))  # each image's: one weight at every pixel
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default layer at 16 px: block2.act2's 3x3 map, no warning
+        assert torch.equal(attribution.grad_cam(cnn, small, 0), attribution.grad_cam(cnn, small, 0, layer="block2.act2"))
+    tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    with pytest.warns(UserWarning, match=r"Grad-CAM at '1', whose map is 1x1 for 3x3 images, is flat \(every pixel "
+                                         r"gets the same weight\): no layer of the model has a larger one"):
+        attribution.grad_cam(tiny.eval(), torch.rand(2, 3, 3, 3), 0)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -282,12 +282,16 @@ def test_other_files_are_ignored(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["train/cat/more/x.png", "test/x.png"])
-def test_an_image_not_straight_in_a_class_folder_is_named(tmp_path, where):
+def test_an_image_not_straight_in_a_class_folder_is_named(tmp_path, where, monkeypatch):
     tree = write_tree(tmp_path / "pets")
     (tree / where).parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 6)).save(tree / where)  # it would have been left out without a word
+    archive = make_tar(tree, tmp_path / "pets.tar.gz")
+    with pytest.raises(ValueError, match=f"pets.tar.gz: the image {where} is not straight in a class folder"):
+        data.load_data(str(archive), tmp_path / "cache")
+    monkeypatch.setattr(data, "_pixels", lambda im: pytest.fail("decoded before the layout was checked"))
     with pytest.raises(ValueError, match=f"pets: the image {where} is not straight in a class folder"):
-        data.load_data(str(tree), tmp_path / "cache")
+        data.load_data(str(tree), tmp_path / "cache")  # a folder's, before any image is decoded
 
 
 def test_interrupted_decoding_or_writing_leaves_nothing(tmp_path, monkeypatch):

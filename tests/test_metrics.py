@@ -369,13 +369,24 @@ def test_features_of_torchvision_classifiers_are_what_their_head_reads():
     cnn = models.build_model(models.cnn_config("small"))
     with torch.no_grad():
         torch.testing.assert_close(metrics.features(cnn, x), cnn.eval().features(x))
-    with pytest.raises(ValueError, match=r"cannot tell the features of Sequential: no nn.Linear or 1x1 convolution "
-                                         r"head runs last in it"):
+    with pytest.raises(ValueError, match=r"cannot tell the features of Sequential: no nn.Linear head runs in it"):
         metrics.features(nn.Sequential(nn.Conv2d(3, 4, 3)), x)
-    squeezenet = torchvision.models.squeezenet1_1(num_classes=10).eval()  # a 1x1 convolution head, no nn.Linear
-    f = metrics.features(squeezenet, x)
-    with torch.no_grad():
-        torch.testing.assert_close(f, squeezenet.features(x).mean((2, 3)))  # what its head reads, over the map
+    # a fully convolutional classifier: its `features` submodule is not read as the features, and the error
+    # says what to do (its last 1x1 convolution is no sure head: a ResNet-50's with fc = nn.Identity() is not)
+    with pytest.raises(ValueError, match=r"SqueezeNet: no nn.Linear head runs in it.*not a submodule.*wrap it"):
+        metrics.features(torchvision.models.squeezenet1_1(num_classes=10).eval(), x)
+
+    class TupleFeatures(nn.Module):  # a features() method of another kind falls through to the head's input
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+
+        def features(self, x):
+            return x, x
+
+        def forward(self, x):
+            return self.net(x)
+    assert metrics.features(TupleFeatures().eval(), x).shape == (4, 4 * 8 * 8)
 
 
 def test_metrics_refuse_labels_that_do_not_match_the_images():

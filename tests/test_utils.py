@@ -173,8 +173,14 @@ def test_signed_maps_are_shown_around_zero():
     assert [im.get_cmap().name for im in shown] == ["RdBu_r", "jet"]
     assert np.allclose(shown[0].get_array(), maps["ig"][0].numpy() / 3)  # its smallest value is no blue
     assert np.allclose(shown[1].get_array(), (m[0].numpy() + 1) / 4)
-    with pytest.raises(ValueError, match=r"signed must name methods among ig, saliency; got \['IG'\]"):
+    with pytest.raises(ValueError, match=r"signed must be True, False or names among the methods ig, saliency; "
+                                         r"got \['IG'\]"):
         utils.plot_heatmaps(images(1), maps, signed=["IG"])
+    for signed, cmaps in ((True, ["RdBu_r", "RdBu_r"]), (False, ["jet", "jet"]), (["ig", "saliency"], ["RdBu_r"] * 2)):
+        fig = utils.plot_heatmaps(images(1), maps, signed=signed)
+        assert [ax.images[1].get_cmap().name for ax in image_axes(fig)[1:]] == cmaps
+    one = utils.plot_heatmaps(images(1), maps["ig"], signed="map")  # one method's maps: named "map"
+    assert image_axes(one)[1].images[1].get_cmap().name == "RdBu_r"
     with pytest.raises(ValueError, match=r"maps must be one method's maps \(B, h, w\) or \{method name: maps\}; "
                                          r"got a list of 2"):
         utils.plot_heatmaps(images(1), [m, m])
