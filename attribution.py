@@ -42,10 +42,12 @@ def _prepare(images, targets, model):
         logits = model(x[:1])
     models.check_logits(model, logits)
     k = logits.shape[1]
-    bad = ((t < 0) | (t >= k)).flatten().nonzero().flatten()
-    if len(bad):  # the first few of them, not every target of a large batch
-        shown = ", ".join(f"{t.flatten()[i].item()} (image {i})" if t.dim() else str(t.item()) for i in bad[:5].tolist())
-        raise ValueError(f"targets must be class indices in 0..{k - 1}; got {shown}{', ...' if len(bad) > 5 else ''}")
+    flat = t.flatten()
+    bad = ((flat < 0) | (flat >= k)).nonzero().flatten().tolist()
+    if bad:  # the first few of them, not every target of a large batch
+        shown = [f"{flat[i].item()} (image {i})" if t.dim() else str(t.item()) for i in bad[:5]]
+        raise ValueError(f"targets must be class indices in 0..{k - 1}; got {', '.join(shown)}"
+                         f"{', ...' if len(bad) > 5 else ''}")
     t = t.long()
     return x, t.expand(len(x)).contiguous() if t.dim() == 0 else t
 

@@ -368,7 +368,7 @@ def comparison_grid(rows, col_labels=None, max_cols=16, save=None):
                 else:
                     ax.set_visible(False)
             row[0].set_ylabel(label, fontsize=9)
-        for column, label in zip(block.T, labels[first:first + width]):  # on the column's first image, whichever row has it
+        for column, label in zip(block.T, labels[first:first + width]):  # on its first image, whichever row has it
             next(ax for ax in column if ax.get_visible()).set_title(label, fontsize=9)
     return _finish(fig, save)
 

@@ -558,7 +558,8 @@ def test_attribution_targets_out_of_range_and_a_layer_without_space(nets):
     torch.testing.assert_close(flat.amax((1, 2)), flat.amin((1, 2)))  # each image's: one weight at every pixel
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default layer at 16 px: block2.act2's 3x3 map, no warning
-        assert torch.equal(attribution.grad_cam(cnn, small, 0), attribution.grad_cam(cnn, small, 0, layer="block2.act2"))
+        default = attribution.grad_cam(cnn, small, 0)
+    assert torch.equal(default, attribution.grad_cam(cnn, small, 0, layer="block2.act2"))
     tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4, 10))
     with pytest.warns(UserWarning, match=r"Grad-CAM at '1', whose map is 1x1 for 3x3 images, is flat \(every pixel "
                                          r"gets the same weight\): no layer of the model has a larger one"):
