@@ -68,6 +68,7 @@ def assert_untouched(model, modes, flags):
             assert len(getattr(m, name)) == 0, f"{name} left on {type(m).__name__}"
     assert [m.training for m in model.modules()] == modes
     assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())  # gradients were taken for the images only
 
 
 def snapshot(model):
@@ -172,6 +173,7 @@ class FailsInBackwardPass(nn.Module):
 
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
+            self.register_forward_hook(lambda *args: None)  # a hook that a failed pass leaves, which is removed
             raise RuntimeError("fails in the gradient pass")
         return x
 
