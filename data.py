@@ -455,9 +455,10 @@ def _decode_image_folder(path, files):
     images = {split: {} for split in SPLITS}  # split -> class -> [(relative path, HxW or HxWx3 array)]
     roots = set()
     total = sum(1 for f in files if _is_image(f[0])) or None  # unknown for an archive
-    for rel, *_ in files if path.is_dir() else []:  # a folder's layout, before anything is decoded
-        if _is_image(rel):
-            _placed(path, rel, False)
+    if path.is_dir():  # a folder's layout, before anything is decoded (an archive's is read as it decodes)
+        for rel, *_ in files:
+            if _is_image(rel):
+                _placed(path, rel, False)
     for rel, blob in tqdm(_read_files(path), desc=f"decoding {path.name}", unit=" files", total=total):
         place = _placed(path, rel, blob is None)
         if place is None:
