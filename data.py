@@ -295,11 +295,18 @@ def load_fashion_mnist(root):
 
 def _read_idx_gz(path):
     """A gzipped IDX file (the MNIST format) as a uint8 tensor of the shape in its header."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(*shape)
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # not gzip, or cut short
+        raise DatasetUnavailable(f"{path} cannot be read ({e}): reinstall the package that holds it") from e
+    ndim = raw[3] if len(raw) >= 4 and raw[:3] == b"\0\0\x08" else 0  # two zeros, 8 for uint8, the rank
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", raw[4:header]) if ndim and len(raw) >= header else ()
+    if not shape or len(raw) - header != math.prod(shape):
+        raise DatasetUnavailable(f"{path} is not a whole IDX file of uint8 (its header or its length is wrong): "
+                                 f"reinstall the package that holds it")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).view(*shape)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -320,17 +327,22 @@ def folder_name(path):
 
 
 def find_image_folder(name, root):
-    """The folder or archive that `name` means: a path, or a short name looked up in root."""
+    """The folder or archive that `name` means: a path, or a short name looked up in root (also in the
+    current folder; an error if it names a different dataset in each)."""
     path = Path(name).expanduser()
-    if path.exists():
-        return path
-    if os.sep in name or "/" in name or name.endswith(ARCHIVE_SUFFIXES):
+    if os.sep in name or "/" in name or name in (".", "..") or name.endswith(ARCHIVE_SUFFIXES):
+        if path.exists():
+            return path
         raise FileNotFoundError(
             f"dataset path {name!r} does not exist; give a folder or a .tar/.tar.gz archive laid out "
             f"as train/<class>/*.jpg and test/<class>/*.jpg")
-    for candidate in [root / name] + [root / f"{name}{s}" for s in ARCHIVE_SUFFIXES]:
-        if candidate.exists():
-            return candidate
+    in_root = [c for c in [root / name] + [root / f"{name}{s}" for s in ARCHIVE_SUFFIXES] if c.exists()]
+    if in_root and path.exists() and not path.samefile(in_root[0]):
+        raise ValueError(f"dataset {name!r} is both {in_root[0]} (in DATA_DIR) and {path.resolve()} (in the "
+                         f"current folder): give the one you mean as a path, {str(in_root[0])!r} or "
+                         f"{os.path.join('.', name)!r}")
+    if in_root or path.exists():
+        return in_root[0] if in_root else path
     raise ValueError(
         f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, give the path of an image folder "
         f"or archive (train/<class>/*, test/<class>/*), or put {name}.tar.gz or the folder {name}/ into "
@@ -350,12 +362,32 @@ def load_image_folder(path, root):
     c = _read_cache(cache)
     if c is None:
         writable_dir(root)  # before the decode, not after it
-        c = _decode_image_folder(path, files)
+        c = dict(_decode_image_folder(path, files), source=os.path.abspath(path))
         atomic_write(cache, lambda tmp: torch.save(c, tmp))
-        for stale in root.glob(f"{glob.escape(folder_name(path))}.*.pt"):
-            if stale != cache and re.fullmatch(rf"{re.escape(folder_name(path))}\.[0-9a-f]{{16}}\.pt", stale.name):
-                stale.unlink()  # this dataset's older cache, not that of another whose name starts the same
+        _remove_stale_caches(root, path, cache)
     return _mixed(c["train_x"], c["train_y"]), _mixed(c["test_x"], c["test_y"]), list(c["classes"])
+
+
+def _remove_stale_caches(root, path, cache):
+    """Delete the older caches of this dataset: those of its name (not of another whose name starts the same)
+    decoded from this path, or from a path that is gone (a moved folder). A dataset of the same name
+    elsewhere keeps its cache, so that loading the two in turn does not decode each again."""
+    name = folder_name(path)
+    for stale in root.glob(f"{glob.escape(name)}.*.pt"):
+        if stale == cache or not re.fullmatch(rf"{re.escape(name)}\.[0-9a-f]{{16}}\.pt", stale.name):
+            continue
+        source = _cached_source(stale)
+        if source is None or source == os.path.abspath(path) or not os.path.exists(source):
+            stale.unlink()
+
+
+def _cached_source(cache):
+    """The path a cache was decoded from, read without its images; None if it is not recorded (an older
+    cache) or the cache cannot be read."""
+    try:
+        return torch.load(cache, weights_only=True, mmap=True).get("source")
+    except Exception:  # a damaged cache: nothing worth keeping
+        return None
 
 
 def _read_cache(cache):
@@ -393,7 +425,23 @@ def _tree(path):
     found = []
     for folder, dirs, files in os.walk(path, followlinks=True):
         found += [Path(folder) / name for name in dirs + files]
+        for name in dirs:
+            _check_no_loop(path, Path(folder) / name)
     return sorted(found)
+
+
+def _check_no_loop(path, folder):
+    """An error if `folder`, under `path`, is a link to a folder that holds it (its parent or one above, out
+    of the tree too): the walk would not end."""
+    real = os.path.realpath(folder)
+    above = folder.parent
+    while True:
+        if os.path.commonpath([real, os.path.realpath(above)]) == real:
+            raise ValueError(f"{folder} links to {real}, a folder that holds it, so the tree under {path} never ends: "
+                             f"remove the link or point it elsewhere")
+        if above == path:
+            return
+        above = above.parent
 
 
 def _list_archive(path):

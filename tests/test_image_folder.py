@@ -367,3 +367,41 @@ def test_a_dataset_keeps_its_cache_when_another_with_a_longer_name_loads(tmp_pat
     data.load_data(str(write_tree(tmp_path / "pets.v2")), cache_dir)
     data.load_data(str(write_tree(tmp_path / "pets")), cache_dir)  # "pets.*.pt" also matched pets.v2's cache
     assert len(list(cache_dir.glob("pets.v2.*.pt"))) == 1 and len(list(cache_dir.glob("pets.????????????????.pt"))) == 1
+
+
+def test_two_datasets_of_one_name_keep_their_caches_and_a_moved_ones_goes(tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    a = write_tree(tmp_path / "a" / "pets")
+    b = write_tree(tmp_path / "b" / "pets", classes=["cat", "dog"])
+    data.load_data(str(a), cache_dir)
+    data.load_data(str(b), cache_dir)  # used to delete a's cache, its name being the same
+    real_decode = data._decode_image_folder
+    monkeypatch.setattr(data, "_decode_image_folder", lambda *a: pytest.fail("decoded again: its cache was deleted"))
+    assert data.load_data(str(a), cache_dir).classes == ["airplane", "cat", "dog"]
+    moved = (tmp_path / "c").mkdir() or b.rename(tmp_path / "c" / "pets")
+    assert data.load_data(str(moved), cache_dir).classes == ["cat", "dog"]  # the same files: the same cache
+    monkeypatch.setattr(data, "_decode_image_folder", real_decode)
+    Image.new("RGB", (8, 6), (255, 255, 255)).save(moved / "test" / "cat" / "000.png")
+    data.load_data(str(moved), cache_dir)
+    sources = sorted(torch.load(c, weights_only=True, mmap=True)["source"] for c in cache_dir.glob("pets.*.pt"))
+    assert sources == [str(a), str(moved)]  # the cache decoded from b/, which is gone, is deleted
+
+
+def test_a_name_in_the_current_folder_and_in_data_dir_must_be_given_as_a_path(tmp_path, monkeypatch):
+    here, root = write_tree(tmp_path / "pets"), tmp_path / "root"
+    write_tree(root / "pets", classes=["cat", "dog"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"'pets' is both .*root/pets \(in DATA_DIR\) and .*(current folder).*'./pets'"):
+        data.load_data("pets", root)
+    assert data.load_data("./pets", root).classes == ["airplane", "cat", "dog"]
+    assert data.load_data(str(root / "pets"), root).classes == ["cat", "dog"]
+    assert data.load_data("pets", tmp_path).classes == ["airplane", "cat", "dog"]  # DATA_DIR is here: one dataset
+    assert here.exists()
+
+
+@pytest.mark.parametrize("target", ["..", "/"])
+def test_a_link_to_a_folder_that_holds_it_is_refused(tmp_path, target):
+    tree = write_tree(tmp_path / "pets")
+    os.symlink(target, tree / "train" / "cat" / "loop")  # the walk would go round it
+    with pytest.raises(ValueError, match=r"train/cat/loop links to .*, a folder that holds it.*remove the link"):
+        data.load_data(str(tree), tmp_path / "cache")
