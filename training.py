@@ -642,10 +642,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
         return dict(loss=loss.detach().to(_sum_dtype(device)), correct=(out.argmax(1) == y).sum())
 
     def end_epoch(epoch, sums, seen):
-        if not torch.isfinite(sums["loss"]):
-            raise FloatingPointError(
-                f"training loss became {float(sums['loss'])} in epoch {epoch + 1}; training stopped. "
-                f"{_kept(ckpt_path)} Try a lower lr (now {hyp['lr']}).")
+        _check_finite(sums["loss"], epoch, ckpt_path, f"Try a lower lr (now {hyp['lr']}).")
         val = evaluate(model, data.val_x, data.val_y)
         return dict(train_loss=float(sums["loss"]) / seen, train_acc=int(sums["correct"]) / seen,
                     val_loss=val["loss"], val_acc=val["acc"], lr=opt.param_groups[1]["lr"])
@@ -658,6 +655,14 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     keeper.restore()
     keeper.finish()
     return keeper.rows
+
+
+def _check_finite(loss, epoch, ckpt_path, advice):
+    """Stop a run whose epoch's summed training loss is NaN or inf, checked once an epoch (a check per step
+    would wait for the device at every step); the weights go back to the best epoch's (run_epochs)."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss became {float(loss)} in epoch {epoch + 1}; training stopped. "
+                                 f"{_kept(ckpt_path)} {advice}")
 
 
 def _kept(ckpt_path):
@@ -739,9 +744,10 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     """Train a VAE on data.train (negative ELBO), keep the best checkpoint by validation bits/dim.
 
     Its convolutions train in bfloat16 autocast where `bf16_training` says so, as the classifier does; the
-    likelihood, the KL and validation are float32. Stops with a clear error if the loss becomes NaN/inf; the
-    best checkpoint so far is kept. Returns the per-epoch metrics rows; the model ends with the best epoch's
-    weights and the latent statistics of the training set stored in its buffers.
+    likelihood, the KL and validation are float32. Stops with a clear error at the end of an epoch whose loss
+    became NaN/inf (checked once an epoch, as fit does); the best checkpoint so far is kept. Returns the
+    per-epoch metrics rows; the model ends with the best epoch's weights and the latent statistics of the
+    training set stored in its buffers.
     """
     hyp = hyperparameters(VAE_HYP, hyp)
     check_input(vae, data.train_x[:1], "data.train_x")  # before anything of the model is changed
@@ -769,10 +775,6 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     def train_step(step, x, y):
         with autocast:  # the convolutions (bf16_training); the likelihood and KL in float32 (VAE.encode, decode_params)
             out = vae.elbo(x, kl_weight(step), hyp["free_bits"], generator=gen)
-        if not torch.isfinite(out["loss"]):
-            raise FloatingPointError(
-                f"VAE loss became {out['loss'].item()} at step {step} (epoch {step // len(loader) + 1}); "
-                f"training stopped. {_kept(ckpt_path)} Try a lower lr or grad_clip.")
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), hyp["grad_clip"])
@@ -781,6 +783,8 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
         return dict(loss=out["loss"].detach() * len(x), **{k: out[k].detach().sum() for k in ("bpd", "nll", "kl")})
 
     def end_epoch(epoch, sums, seen):
+        _check_finite(sums["loss"], epoch, ckpt_path, f"Try a lower lr (now {hyp['lr']}) or grad_clip "
+                                                      f"(now {hyp['grad_clip']}).")
         val = evaluate_vae(vae, data.val_x, seed=seed)
         last = min((epoch + 1) * len(loader), total) - 1  # the epoch's last step: its KL weight and lr
         return dict(**{f"train_{k}": float(v) / seen for k, v in sums.items()},
