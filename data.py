@@ -445,11 +445,12 @@ def _check_no_loop(path, folder):
 
 
 def _list_archive(path):
-    """An archive is keyed by its own name, size and mtime: reading its listing means decompressing it."""
+    """An archive is keyed by its name and the digest of its bytes, one read of the file (its listing would mean
+    decompressing it): an archive replaced by another of the same size and time (`cp -p`) is decoded again."""
     if not path.name.endswith(ARCHIVE_SUFFIXES):
         raise ValueError(f"{path} is a file but not a .tar or .tar.gz archive; give a folder or an archive")
-    st = path.stat()
-    return [(path.name, st.st_size, st.st_mtime_ns)]
+    with open(path, "rb") as f:
+        return [(path.name, hashlib.file_digest(f, "sha256").hexdigest())]
 
 
 def _read_files(path):

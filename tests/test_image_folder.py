@@ -405,3 +405,21 @@ def test_a_link_to_a_folder_that_holds_it_is_refused(tmp_path, target):
     os.symlink(target, tree / "train" / "cat" / "loop")  # the walk would go round it
     with pytest.raises(ValueError, match=r"train/cat/loop links to .*, a folder that holds it.*remove the link"):
         data.load_data(str(tree), tmp_path / "cache")
+
+
+def test_an_archive_replaced_by_one_of_the_same_size_and_time_is_decoded_again(tmp_path):
+    archive, cache_dir = tmp_path / "pets.tar", tmp_path / "cache"
+    blobs = []
+    for classes in (["cat", "dog"], ["cat", "owl"]):
+        tree = write_tree(tmp_path / "-".join(classes), classes=classes)
+        with tarfile.open(archive, "w") as tar:
+            for split in ("train", "test"):
+                tar.add(tree / split, arcname=split)
+        blobs.append(archive.read_bytes())
+    length = max(map(len, blobs))
+    archive.write_bytes(blobs[0].ljust(length, b"\0"))  # zero blocks after the end: the same archive, padded
+    os.utime(archive, ns=(0, 0))
+    assert data.load_data(str(archive), cache_dir).classes == ["cat", "dog"]
+    archive.write_bytes(blobs[1].ljust(length, b"\0"))  # another dataset, as `cp -p` leaves it
+    os.utime(archive, ns=(0, 0))
+    assert data.load_data(str(archive), cache_dir).classes == ["cat", "owl"]
