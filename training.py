@@ -551,6 +551,12 @@ class Lookahead:
                 v.copy_(ema)
 
 
+def total_steps(batches, epochs):
+    """The steps of `epochs` (a fraction too) over `batches` an epoch: rounded up, but not past a float's
+    error (100 batches x 1.1 epochs is 110 steps, where the product is 110.00000000000001)."""
+    return math.ceil(round(batches * epochs, 9))
+
+
 def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progress=True):
     """The loop both fits share: `total` steps in epochs over `loader`, a progress bar and a duration
     forecast; train_step(step, x, y) runs one step and returns its sums {name: tensor} (kept on the
@@ -617,8 +623,9 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     model.to(device)
     if device.type != "cuda":
         model.to(memory_format=torch.channels_last)
-    total = math.ceil(len(loader) * hyp["epochs"])
-    opt = make_optimizer(model, hyp)
+    total = total_steps(len(loader), hyp["epochs"])
+    # the weight decay per image (the loss is a sum), of the batches there are: the whole set, if smaller
+    opt = make_optimizer(model, dict(hyp, batch_size=min(hyp["batch_size"], len(data.train_y))))
     # airbench's 0.95 a step, taken ema_every steps at a time, ramped up over the run
     ema_decay = 0.95 ** hyp["ema_every"] * (torch.arange(total + 1) / total) ** 3
     lookahead = Lookahead(model)
@@ -637,7 +644,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
         opt.step()
         if (step + 1) % hyp["ema_every"] == 0:
             lookahead.update(model, ema_decay[step + 1].item())
-        if step + 1 == total:
+        if step + 1 == total and total >= hyp["ema_every"]:  # a run too short to update the EMA keeps its weights
             lookahead.update(model, 1.0)
         return dict(loss=loss.detach().to(_sum_dtype(device)), correct=(out.argmax(1) == y).sum())
 
@@ -651,8 +658,8 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
         run_epochs(model, loader, total, train_step, end_epoch, keeper, "training", progress)
     finally:
         model.whiten.bias.requires_grad_(True)
+    keeper.restore()  # first: a run refused as unlearned is left as a stopped one is, at its best epoch
     _check_learned(keeper.best["val_acc"], data.val_y, len(data.classes), hyp["lr"], ckpt_path)
-    keeper.restore()
     keeper.finish()
     return keeper.rows
 
@@ -757,7 +764,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=hyp["flip"],
                     translate=0, drop_last=len(data.train_y) >= hyp["batch_size"], device=device,
                     seed=seed)
-    total = math.ceil(len(loader) * hyp["epochs"])
+    total = total_steps(len(loader), hyp["epochs"])
     warm = max(1, int(len(loader) * hyp["kl_warmup_epochs"]))
     opt = torch.optim.Adam(vae.parameters(), lr=hyp["lr"])
     def lr_factor_at(step):  # cosine from 1 down to 0.1

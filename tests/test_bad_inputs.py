@@ -154,6 +154,16 @@ def test_diverging_classifier_is_not_saved_as_finished(finished, tiny_data, monk
     assert ckpt.read_bytes() == ckpt_bytes and csv.read_bytes() == csv_bytes
 
 
+def test_a_run_refused_as_unlearned_is_left_at_its_best_epoch_in_eval_mode(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "bf16_training", lambda device: False)  # finite at chance level, as above
+    model = models.build_model(models.cnn_config("small"))
+    with pytest.raises(RuntimeError, match="chance level"):
+        training.fit(model, tiny_data, hyp={**TINY, "lr": 1e6}, device="cpu", ckpt_path=tmp_path / "c.pt",
+                     progress=False)
+    best = torch.load(training.partial_path(tmp_path / "c.pt"), weights_only=True)["state_dict"]
+    assert not model.training and all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+
+
 def test_the_chance_check_weighs_the_number_of_validation_images():
     balanced = lambda classes, n: torch.arange(classes).repeat(n // classes)
     training._check_learned(11 / 12, balanced(2, 12), 2, 0.1, None)    # guessing gets 11 of 12 right 0.3% of the time

@@ -497,3 +497,23 @@ def test_fit_refuses_data_that_do_not_fit_the_model_before_changing_it(tiny_data
     vae = models.build_model(models.vae_config("small", in_channels=1))
     with pytest.raises(ValueError, match="data.train_x have 3 channel"):
         training.fit_vae(vae, tiny_data, hyp=dict(epochs=1), progress=False)
+
+
+def test_a_run_shorter_than_the_lookahead_period_keeps_what_it_learned(tiny_data, monkeypatch):
+    """One step (a batch larger than the training set), where the lookahead pulls every 5: the final pull used to
+    put back the starting weights, its average never updated. The weight decay is that of the one real batch."""
+    monkeypatch.setattr(training, "_check_learned", lambda *args: None)  # one step need not learn
+    real, batches = training.make_optimizer, []
+    monkeypatch.setattr(training, "make_optimizer", lambda model, hyp: batches.append(hyp["batch_size"]) or
+                        real(model, hyp))
+    model = models.build_model(models.cnn_config("small"))
+    start = model.head.weight.detach().clone()
+    rows = training.fit(model, tiny_data, hyp=dict(epochs=1, batch_size=5000), device="cpu", progress=False)
+    assert len(rows) == 1 and not torch.equal(model.head.weight, start)
+    assert batches == [len(tiny_data.train_y)]  # not the 5,000 it was asked for: a decay 4.6x too strong
+
+
+def test_fractional_epochs_take_the_steps_they_say():
+    assert training.total_steps(100, 1.1) == 110  # 100 * 1.1 is 110.00000000000001 in floats
+    assert training.total_steps(50, 0.14) == 7  # 7.000000000000001
+    assert training.total_steps(10, 1.15) == 12 and training.total_steps(3, 1) == 3 and training.total_steps(3, 0.1) == 1
