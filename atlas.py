@@ -58,28 +58,28 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
       models.block_layers). Either may be one name.
     """
     data.check_count("steps", steps, 1)
-    techniques = models.as_names(techniques, "techniques")
-    layers = models.as_names(models.block_layers(model, d.size) if layers is None else layers)
+    out = Path(out).expanduser()
+    saved = saved_manifest(out)
+    techniques = list(dict.fromkeys(models.as_names(techniques, "techniques")))  # each once
+    layers = list(dict.fromkeys(models.as_names(models.block_layers(model, d.size) if layers is None else layers)))
     if not layers or not techniques:
         raise ValueError(f"layers and techniques must not be empty, got layers={layers!r}, techniques={techniques!r}")
     for name in layers:
         models.get_layer(model, name)  # an unknown name fails here, naming the valid ones
     _check_files_apart(layers)
+    _check_outputs(model, d)
     cov = fv.color_covariance(d.train_x[:10000])
     magnitude = fv.magnitude_spectrum(d.train_x[:10000], cov)
     hows = {name: fv.get_technique(name, vae, cov, magnitude) for name in techniques}
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"out must be a folder for the atlas; {out} is a file")
     # the training images' statistics too: the Fourier techniques render with them; and the code of the
     # techniques, the layers' reading and the pages, which an edit (under autoreload) changes without a new VERSION
     key = fingerprint(VERSION, model, vae, techniques, steps, layers, d.name, d.classes, d.test_x, d.test_y,
                       cov, magnitude, _code())
 
-    def one_step():  # of one channel per technique, before a stale atlas is emptied: what fails, fails before
+    def one_step():  # one step of one channel and one class per technique, before a stale atlas is emptied
         for how in hows.values():
-            how(model, [fv.Channel(layers[0], 0)], steps=1, size=d.size, progress=False)
-    done = _resume(out, key, one_step)
+            how(model, [fv.Channel(layers[0], 0), fv.Class(len(d.classes) - 1)], steps=1, size=d.size, progress=False)
+    done = _resume(out, saved, key, one_step)
     _save_manifest(out, key, done)  # before any other file: a build interrupted at once resumes too
     site = Site(out, d, techniques)
     for unit in tqdm(layers + [CLASSES], desc="atlas", disable=not progress):
@@ -118,28 +118,44 @@ def _bytes(t):
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _resume(out, key, before_emptying):
-    """The finished units recorded under this key; a folder built under another key is emptied first, after
-    before_emptying() (which raises if the build cannot work). Its manifest is kept but first records no key
-    and nothing done, so that a build interrupted while emptying it, under either key, empties it again. A
-    folder that is not an atlas is never touched."""
-    manifest = out / MANIFEST
-    if manifest.exists():
-        saved = json.loads(manifest.read_text())
-        if saved.get("key") == key:
-            return saved["done"]
-        before_emptying()
-        _save_manifest(out, None, {})
-        for path in out.iterdir():
-            if path == manifest:
-                continue
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-    elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"out={str(out)!r} is a folder with other files in it (no {MANIFEST}): choose an empty "
-                         f"or new folder for the atlas")
+def saved_manifest(out):
+    """The manifest of the atlas in the folder `out` ({key, done}), None for a new or empty folder; an error for
+    a file, or a folder with other files in it (an atlas.json of another program's among them), which is
+    never touched."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out must be a folder for the atlas; {out} is a file")
+    if (out / MANIFEST).is_file():
+        try:
+            saved = json.loads((out / MANIFEST).read_text())
+        except ValueError:  # not JSON, or not text
+            saved = None
+        if isinstance(saved, dict) and set(saved) == {"key", "done"}:
+            return saved
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"out={str(out)!r} is a folder with other files in it (and no {MANIFEST} of an atlas): "
+                         f"choose an empty or new folder for the atlas")
+    return None
+
+
+def _resume(out, saved, key, before_emptying):
+    """The finished units recorded under this key in the manifest `saved` (saved_manifest); a folder built under
+    another key is emptied first, after before_emptying() (which raises if the build cannot work). Its manifest
+    is kept but first records no key and nothing done, so that a build interrupted while emptying it, under
+    either key, empties it again."""
+    if saved is None:
+        return {}
+    if saved["key"] == key:
+        return saved["done"]
+    before_emptying()
+    _save_manifest(out, None, {})
+    for path in out.iterdir():
+        if path.name == MANIFEST:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     return {}
 
 
@@ -265,12 +281,21 @@ def _index(site, layers, done):
 
 # ----------------------------------------------------------------------------- the files
 
+def _check_outputs(model, d):
+    """An error unless the model has an output for each class of d: the class pages read one per class."""
+    outputs = training.predict(model, d.test_x[:1]).shape[1]
+    if outputs != len(d.classes):
+        raise ValueError(f"the model has {outputs} outputs but {d.name} has {len(d.classes)} classes: build the "
+                         f"atlas of a classifier of these classes, with the data it was trained on")
+
+
 def _check_files_apart(layers):
-    """An error for two units (the layers, the class pages) whose images would share a folder (`safe` names)."""
-    units = {safe(CLASSES): "the class pages"}
+    """An error for two units (the layers, the class pages) whose images would share a folder (`safe` names,
+    which a file system that ignores case, macOS's or Windows's, takes as one when they differ in case only)."""
+    units = {safe(CLASSES).casefold(): "the class pages"}
     for name in layers:
         unit = f"layer {name!r}"
-        other = units.setdefault(safe(name), unit)
+        other = units.setdefault(safe(name).casefold(), unit)
         if other != unit:
             raise ValueError(f"{unit} and {other} would write their images to the same folder img/{safe(name)}/ of "
                              f"the atlas: build an atlas of one of them at a time (another out)")
@@ -286,15 +311,16 @@ img{image-rendering:pixelated;width:64px;height:64px;display:block}
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;border-radius:6px;padding:8px;width:590px}
 .card:target{border-color:#14c;box-shadow:0 0 6px #14c}.row{display:flex;gap:4px;align-items:flex-end;margin:4px 0}
 figure{margin:0;text-align:center;font-size:11px}.label{width:52px;font-size:12px;color:#555}
-.bars{display:flex;gap:3px;align-items:flex-end;height:48px}.bar{width:var(--w);background:#5a8;min-height:1px}.bar.neg{background:#c66}
-.barlabels{display:flex;gap:3px}.barlabel{width:var(--w);font-size:9px;overflow:hidden;text-align:center}.strip{display:flex;gap:6px;flex-wrap:wrap}
+.bars{display:flex;gap:var(--g);align-items:flex-end;height:48px}.bar{width:var(--w);background:#5a8;min-height:1px}.bar.neg{background:#c66}
+.barlabels{display:flex;gap:var(--g)}.barlabel{width:var(--w);font-size:9px;overflow:hidden;text-align:center}.strip{display:flex;gap:6px;flex-wrap:wrap}
 table{border-collapse:collapse}.row .label{align-self:center}td,th{padding:2px 8px;text-align:left}"""
 
 
-def bar_width(classes, card=590, gap=3):
-    """Pixels of one class's bar (and its label): 22 for up to 23 classes, narrower for more, so that all fit
-    the card's 590 px (at least 1)."""
-    return max(1, min(22, (card + gap) // classes - gap))
+def bar_layout(classes, card=590):
+    """(width, gap) in pixels of one class's bar (and its label): 22 wide and 3 apart for up to 23 classes,
+    narrower for more, then closer (from 149 classes), so that all fit the card's 590 px (up to 590 classes)."""
+    gap = max(0, min(3, (card - classes) // max(1, classes - 1)))
+    return max(1, min(22, (card + gap) // classes - gap)), gap
 
 
 class Site:
@@ -351,8 +377,8 @@ class Site:
         scale = max(values.nan_to_num(0).abs().max().item(), 1e-8)
         bars = "".join(self._bar(name, v, scale) for name, v in zip(self.d.classes, values.tolist()))
         labels = "".join(f'<div class="barlabel">{html.escape(name[:4])}</div>' for name in self.d.classes)
-        width = f"--w:{bar_width(len(self.d.classes))}px"
-        return f'<div class="bars" style="{width}">{bars}</div><div class="barlabels" style="{width}">{labels}</div>'
+        style = "--w:{}px;--g:{}px".format(*bar_layout(len(self.d.classes)))
+        return f'<div class="bars" style="{style}">{bars}</div><div class="barlabels" style="{style}">{labels}</div>'
 
     @staticmethod
     def _bar(name, value, scale):
@@ -452,6 +478,10 @@ def arguments(description, argv=None):
     unknown = [t for t in args.techniques if t not in fv.TECHNIQUE_NAMES]
     if unknown:
         p.error(f"argument --techniques: unknown {unknown}; choose from {', '.join(fv.TECHNIQUE_NAMES)}")
+    try:
+        saved_manifest(args.out)  # before the data and the checkpoints load
+    except (OSError, ValueError) as e:
+        p.error(f"argument --out: {e}")
     return args
 
 

@@ -27,8 +27,10 @@ def main():
     out = Path(args.out).expanduser()
     if out.resolve() == atlas.ATLAS_DIR.resolve():  # never the notebooks' own atlas, however it is spelled
         out = Path("outputs/atlas_bench")
-    if out.exists() and any(out.iterdir()) and not (out / atlas.MANIFEST).exists():
-        sys.exit(f"--out {out} holds files and no atlas ({atlas.MANIFEST}): give an empty or new folder, or an atlas's")
+    try:
+        atlas.saved_manifest(out)  # emptied below: only an atlas's folder, or a new or empty one
+    except (OSError, ValueError) as e:
+        sys.exit(f"--out: {e}")
     model, d, vae = atlas.notebook_models(args.dataset, args.data_dir, args.preset, args.vae_preset, args.techniques,
                                           args.seed, args.checkpoints)
     shutil.rmtree(out, ignore_errors=True)

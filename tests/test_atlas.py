@@ -278,11 +278,13 @@ def test_classes_without_test_images_and_three_classes_read_right(tmp_path):
     assert atlas.selectivity(means).tolist() == pytest.approx([1.5, 0.0])  # over cat and bird alone
     bars = site.bars(means[:, 0])
     assert "nan" not in bars and "dog: no test images" in bars and "height:100%" in bars
-    assert '<div class="bars" style="--w:22px">' in bars and '<div class="barlabels" style="--w:22px">' in bars
-    for k in (10, 23, 100, 140):  # a hundred classes' bars fit the card as ten do, each as wide as it can be
-        w = atlas.bar_width(k)
-        assert k * w + (k - 1) * 3 <= 590 < k * (w + 1) + (k - 1) * 3 or w == 22
-    assert atlas.bar_width(10) == atlas.bar_width(23) == 22 and atlas.bar_width(100) == 2
+    style = "--w:22px;--g:3px"
+    assert f'<div class="bars" style="{style}">' in bars and f'<div class="barlabels" style="{style}">' in bars
+    for k in (10, 23, 100, 140, 149, 200, 590):  # a hundred classes' bars fit the card as ten do, each as wide as
+        w, gap = atlas.bar_layout(k)           # it can be; past 148, closer together (they overflowed at 3 px)
+        assert k * w + (k - 1) * gap <= 590 < k * (w + 1) + (k - 1) * gap or w == 22
+        assert gap == 3 or k > 148 and k * w + (k - 1) * (gap + 1) > 590
+    assert atlas.bar_layout(10) == atlas.bar_layout(23) == (22, 3) and atlas.bar_layout(100) == (2, 3)
     signed = site.bars(torch.tensor([-2.0, 1.0, 0.0]))  # a signed map (the whitening conv's): both sizes shown
     assert '<div class="bar neg" style="height:100%" title="cat: -2.000">' in signed
     assert '<div class="bar" style="height:50%" title="dog: 1.000">' in signed
@@ -351,6 +353,40 @@ def test_bad_arguments_name_what_is_wrong(tiny, tmp_path):
     with pytest.raises(ValueError, match="other files in it"):
         atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, steps=STEPS, progress=False)
     assert (tmp_path / "notes.txt").read_text() == "mine"  # a folder that is not an atlas is left alone
+    for manifest in ('{"frames": [], "key": null}', '{"key": "', "\xff"):  # another program's atlas.json, broken
+        (tmp_path / atlas.MANIFEST).write_text(manifest, encoding="latin-1")
+        with pytest.raises(ValueError, match="other files in it"):
+            atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, steps=STEPS, progress=False)
+        assert (tmp_path / "notes.txt").read_text() == "mine"  # was emptied for a manifest of other keys
+        with pytest.raises(SystemExit):  # the command line says so before it loads anything
+            atlas.arguments("atlas", ["--out", str(tmp_path)])
+
+
+def test_a_model_with_other_outputs_than_the_classes_is_refused_first(tiny, tmp_path):
+    model, d, vae = tiny
+    for k in (1, 11):
+        other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(k))
+        other(torch.zeros(1, 3, 32, 32))
+        with pytest.raises(ValueError, match=f"the model has {k} outputs but synthetic has 10 classes"):
+            atlas.build_atlas(other, d, vae, TECHNIQUES, tmp_path, steps=STEPS, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_layers_whose_files_differ_in_case_only_are_refused(tiny, tmp_path):
+    _, d, vae = tiny
+    model = torch.nn.Sequential(collections.OrderedDict(SE=torch.nn.Conv2d(3, 4, 3), se=torch.nn.Conv2d(4, 10, 3),
+                                                        pool=torch.nn.AdaptiveAvgPool2d(1), flat=torch.nn.Flatten()))
+    with pytest.raises(ValueError, match=r"layer 'se' and layer 'SE' would write their images to the same folder"):
+        atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, ["SE", "se"], STEPS, progress=False)
+
+
+def test_a_technique_or_layer_named_twice_is_shown_once(tiny, tmp_path):
+    model, d, _ = tiny
+    last = models.block_layers(model, 32)[-1]
+    atlas.build_atlas(model, d, None, ("maco", "maco"), tmp_path, [last, last], STEPS, progress=False)
+    page = (tmp_path / f"layer-{atlas.safe(last)}.html").read_text()
+    assert page.count(f"/maco-0.png") == 1 and page.count('<div class="card"') == models.layer_channels(model, last, 32)
+    assert (tmp_path / "index.html").read_text().count(f'href="layer-{atlas.safe(last)}.html"') == 1
 
 
 def test_the_cards_show_the_channels_own_exemplars(tiny, built):
