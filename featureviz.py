@@ -13,6 +13,7 @@ own target. The image size comes from the model (models.input_size) or from size
 Sections: data statistics, parameterizations, transforms, targets, regularizers, render, real-image
 activations and exemplars, techniques (techniques(): name -> Technique). How good the images are: metrics.py.
 """
+import collections.abc
 import functools
 import inspect
 import math
@@ -784,11 +785,13 @@ TARGETS = (Class, Channel, Neuron, Direction)
 
 
 def _is_one(value):
-    """One target or index (a Class, ..., an int, a 0-d tensor or array; anything not a sequence, which
-    as_targets then names), not a list, range, array or tensor of them."""
-    if isinstance(value, (list, tuple, range)):
-        return False  # np.ndim would convert it, which fails for GPU or meta tensors in it
-    return isinstance(value, TARGETS) or isinstance(value, (str, bytes)) or np.ndim(value) == 0
+    """One target or index (a Class, ..., an int, a 0-d tensor or array; anything not a collection, which
+    as_targets then names), not a list, range, generator, set, dict view, array or tensor of them."""
+    if isinstance(value, (str, bytes, dict)):
+        return True  # no collection of targets: named as a bad target (a dict would give its keys)
+    if isinstance(value, collections.abc.Iterable) and not isinstance(value, (torch.Tensor, np.ndarray)):
+        return False  # np.ndim would take a generator, set or view for one object, and convert a list
+    return isinstance(value, TARGETS) or np.ndim(value) == 0
 
 
 def _as_index(value):
@@ -1156,6 +1159,8 @@ def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
     """A clear error, naming the argument, for a render() setting of the wrong kind or out of range."""
     for name, value, low in [("steps", steps, 0), ("images_per_target", images_per_target, 1), ("restarts", restarts, 1)]:
         data.check_count(name, value, low)
+    if lr is cosine:
+        raise TypeError("lr=cosine makes a schedule: call it with its starting value, e.g. lr=cosine(0.3)")
     if not callable(lr):
         _check_real("lr", lr, 0, inclusive=False,
                     hint=" (or a schedule f(fraction of steps done) such as cosine(0.3))")

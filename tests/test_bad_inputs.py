@@ -591,7 +591,7 @@ def test_attribution_targets_out_of_range_and_a_layer_without_space(nets):
     (dict(lr=float("nan")), "lr must be a finite number > 0"),
     (dict(lr="0.05"), "lr must be a finite number > 0"),
     (dict(seed="a"), "seed must be an int, got 'a'"),
-    (dict(size=7), r"CNN fails on a 3-channel 7x7 image: is size=7 the side it takes, and 3 its channels .*\? \(.*too small\)"),
+    (dict(size=7), r"CNN fails on a 3-channel 7x7 image \(.*size=.*\): is 7 the side it takes, and 3 its channels .*\? \(.*too small\)"),
 ])
 def test_render_refuses_bad_settings_by_name(nets, kwargs, match):
     cnn, _ = nets
@@ -639,8 +639,14 @@ def test_helpers_name_a_bad_argument(nets):
     with pytest.raises(ValueError, match=r"neuron must be a \(y, x\) position in layer 'block2.act2', got \(1, 2, 3\)"):
         fv.visualize_unit(cnn, "block2.act2", 1, neuron=(1, 2, 3), steps=1, progress=False)
     for probe in (lambda: models.layer_channels(cnn, "block3.act2", size=6), lambda: models.last_spatial_layer(cnn, 6)):
-        with pytest.raises(ValueError, match="CNN fails on a 3-channel 6x6 image: is size=6 the side it takes"):
+        with pytest.raises(ValueError, match=r"CNN fails on a 3-channel 6x6 image \(.*\): is 6 the side it takes"):
             probe()
+    for small in (lambda: fv.exemplars(cnn, torch.rand(4, 3, 6, 6), fv.Channel("block2.act2", 1)),  # no size= to
+                  lambda: fv.activations(cnn, torch.rand(4, 3, 6, 6), [0])):                        # blame: the images
+        with pytest.raises(ValueError, match=r"6x6 image \(the images' side where images are given.*is 6 the side"):
+            small()
+    with pytest.raises(TypeError, match=r"lr=cosine makes a schedule: call it .* lr=cosine\(0.3\)"):
+        fv.render(cnn, [0], steps=1, lr=fv.cosine, progress=False)
 
 
 @pytest.mark.parametrize("make, match", [
