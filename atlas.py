@@ -67,7 +67,7 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     for name in layers:
         models.get_layer(model, name)  # an unknown name fails here, naming the valid ones
     _check_files_apart(layers)
-    _check_outputs(model, d)
+    metrics.check_outputs(model, d)  # the class pages read one per class
     cov = fv.color_covariance(d.train_x[:10000])
     magnitude = fv.magnitude_spectrum(d.train_x[:10000], cov)
     hows = {name: fv.get_technique(name, vae, cov, magnitude) for name in techniques}
@@ -280,14 +280,6 @@ def _index(site, layers, done):
 
 
 # ----------------------------------------------------------------------------- the files
-
-def _check_outputs(model, d):
-    """An error unless the model has an output for each class of d: the class pages read one per class."""
-    outputs = training.predict(model, d.test_x[:1]).shape[1]
-    if outputs != len(d.classes):
-        raise ValueError(f"the model has {outputs} outputs but {d.name} has {len(d.classes)} classes: build the "
-                         f"atlas of a classifier of these classes, with the data it was trained on")
-
 
 def _check_files_apart(layers):
     """An error for two units (the layers, the class pages) whose images would share a folder (`safe` names,

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 import data
 import featureviz as fv
 import models
+import training
 
 # ----------------------------------------------------------------------------- classifier analysis
 
@@ -355,6 +356,14 @@ R = 10  # per unit: its 10 top test images set the path's direction, the next 10
 PATH, QUERIES, EXEMPLARS = slice(0, R), slice(R, 2 * R), slice(2 * R, 3 * R)  # of a unit's top test images
 
 
+def check_outputs(model, d, name="the model"):
+    """An error unless the model has one output per class of the data d, naming both counts."""
+    outputs = training.predict(model, d.test_x[:1]).shape[1]
+    if outputs != len(d.classes):
+        raise ValueError(f"{name} has {outputs} outputs but {d.name} has {len(d.classes)} classes: use a "
+                         f"classifier of these classes, with the data it was trained on")
+
+
 class Reference:
     """Everything a row of the quality table is compared with, computed once: the classes and the channel
     sample of `model`, their top and weakest test images, the test set through both models, and the
@@ -364,6 +373,8 @@ class Reference:
         if len(d.test_y) < 4 * R:  # a unit's top 3R and weakest R test images must not overlap
             raise ValueError(f"the quality table needs at least {4 * R} test images (each unit's top {3 * R} and "
                              f"weakest {R}); {d.name} has {len(d.test_y)}")
+        check_outputs(model, d)
+        check_outputs(other, d, "the independent classifier (other)")
         self.model, self.other, self.classes = model, other, list(range(len(d.classes)))
         self.units = [fv.Class(c) for c in self.classes] + list(channels)
         keep = torch.randperm(len(d.train_y), generator=torch.Generator().manual_seed(0))[:n_ref]

@@ -463,6 +463,15 @@ def test_the_quality_table_checks_its_arguments_before_scoring_anything(nets, ti
             metrics.quality_table(cnn, cnn, tiny_data, **{"techniques": techniques, **kwargs})
 
 
+def test_the_quality_table_refuses_a_classifier_of_other_classes_first(nets, tiny_data, monkeypatch):
+    cnn, _ = nets
+    monkeypatch.setattr(metrics, "Statistics", lambda *a, **k: pytest.fail("computed before the models were checked"))
+    three = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3))
+    for model, other, who in [(three, cnn, "the model"), (cnn, three, r"the independent classifier \(other\)")]:
+        with pytest.raises(ValueError, match=f"{who} has 3 outputs but synthetic has 10 classes"):
+            metrics.quality_table(model, other, tiny_data, {}, channels=[], progress=False)
+
+
 def test_one_layer_name_is_a_list_of_one(nets):
     cnn, _ = nets
     for bad in (1, None):  # a name that is not a str: test_a_layer_named_by_an_int_asks_for_a_str
