@@ -498,8 +498,8 @@ def quality_table(model, other, d, techniques, seeds=4, steps=256, n_ref=10000, 
     for name, make in tqdm(makers.items(), desc="quality table", disable=not progress):
         start, per_seed, images = time.perf_counter(), [], []
         for seed in range(seeds):
-            images.append(make(classes, seed))
-            per_seed.append(ref.score(images[-1], make(channels, seed) if channels else None))
+            images.append(_one_each(name, make(classes, seed), classes))
+            per_seed.append(ref.score(images[-1], _one_each(name, make(channels, seed), channels) if channels else None))
         seconds = (time.perf_counter() - start) / seeds if name in techniques else float("nan")
         blocks = Counter(r["least_similar"] for r in per_seed)
         row = dict(technique=name, seconds=seconds, least_similar=blocks.most_common(1)[0][0])
@@ -555,6 +555,15 @@ def _check_techniques(techniques):
             hint = f" (featureviz.techniques(...)[{how!r}] is that technique)" if isinstance(how, str) else ""
             raise TypeError(f"techniques[{name!r}] must be a Technique or a renderer fn(targets, seed) -> images; "
                             f"got {how!r}{hint}")
+
+
+def _one_each(name, images, targets):
+    """A renderer's images (or None: none for these targets), checked to be one per target, as the table
+    scores them (a Technique with images_per_target=2 gives two)."""
+    if images is not None and len(images) != len(targets):
+        raise ValueError(f"{name!r} gave {len(images)} images for {len(targets)} targets: the quality table scores "
+                         f"one image per target (images_per_target=1)")
+    return images
 
 
 def _renderer(how, model, steps, size):

@@ -374,6 +374,10 @@ class VAE(nn.Module):
     def latent_cholesky(self, jitter=1e-4):
         """Lower-triangular L with L L^T = covariance of the encoder means (+ jitter x its mean variance)."""
         cov = exact(self.latent_cov)
+        if not cov.diagonal().mean() > 0:
+            raise ValueError("the VAE's latent covariance is zero: every training image it was measured on has "
+                             "the same code (identical images?), so the latent cannot be whitened; measure it on "
+                             "varied images (training.latent_statistics)")
         eye = torch.eye(self.latent_dim, dtype=cov.dtype, device=cov.device)
         return torch.linalg.cholesky(cov + jitter * cov.diagonal().mean() * eye).to(self.latent_cov)  # its device too
 
@@ -386,7 +390,8 @@ class VAE(nn.Module):
         std = cov.diagonal().sqrt()
         corr = cov / (std[:, None] * std[None, :]).clamp_min(1e-12)
         off = ~torch.eye(len(cov), dtype=torch.bool, device=cov.device)
-        return dict(eigenvalues=eig.cpu(), participation_ratio=(eig.sum() ** 2 / (eig ** 2).sum()).item(),
+        ratio = (eig.sum() ** 2 / (eig ** 2).sum()).item() if eig.sum() > 0 else 0.0  # no variance: no dimension
+        return dict(eigenvalues=eig.cpu(), participation_ratio=ratio,
                     active_dims=int((cov.diagonal() > 0.01).sum()), mean_abs_corr=corr[off].abs().mean().item())
 
     def sample_aggregate(self, n, generator=None):

@@ -731,12 +731,19 @@ def evaluate_vae(vae, images, batch_size=500, seed=0):
     return {k: v / len(images) for k, v in sums.items()}
 
 
+def _check_covariance_images(n, name):
+    """An error for fewer than 2 images, whose latent covariance (over n - 1) would be NaN."""
+    if n < 2:
+        raise ValueError(f"{name} has {n} image(s): the latent statistics (a covariance) need at least 2")
+
+
 @torch.no_grad()
 def latent_statistics(vae, images, batch_size=500):
     """Mean, covariance and 0.5/99.5 percentiles of the encoder means over a set of images."""
     device = vae.latent_mean.device
     check_input(vae, images)
     check_count("batch_size", batch_size, 1)
+    _check_covariance_images(len(images), "images")
     with frozen(vae) as layout:
         mu = torch.cat([vae.encode(layout(to_float(x.to(device))))[0] for x in images.split(batch_size)])
     mu = exact(mu)
@@ -758,6 +765,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     """
     hyp = hyperparameters(VAE_HYP, hyp)
     check_input(vae, data.train_x[:1], "data.train_x")  # before anything of the model is changed
+    _check_covariance_images(len(data.train_x), "data.train_x")  # before training, not after it
     seed_everything(seed)
     device = get_device(device)
     vae.to(device)

@@ -472,6 +472,13 @@ def test_the_quality_table_refuses_a_classifier_of_other_classes_first(nets, tin
             metrics.quality_table(model, other, tiny_data, {}, channels=[], progress=False)
 
 
+def test_the_quality_table_scores_one_image_per_target_or_names_the_renderer(nets, tiny_data):
+    cnn, _ = nets
+    two_each = lambda targets, seed: torch.rand(2 * len(targets), 3, 32, 32)  # as images_per_target=2 gives
+    with pytest.raises(ValueError, match="'twice' gave 20 images for 10 targets: .* one image per target"):
+        metrics.quality_table(cnn, cnn, tiny_data, {"twice": two_each}, seeds=1, n_ref=200, channels=[], progress=False)
+
+
 def test_one_layer_name_is_a_list_of_one(nets):
     cnn, _ = nets
     for bad in (1, None):  # a name that is not a str: test_a_layer_named_by_an_int_asks_for_a_str

@@ -245,6 +245,19 @@ def test_latent_summary_of_a_known_covariance():
     assert s["mean_abs_corr"] == pytest.approx(2 * 0.5 / (d * (d - 1)), rel=1e-6)
 
 
+def test_a_latent_without_variance_is_named_not_nan(tiny, tmp_path):
+    vae = small_vae()
+    vae.latent_cov.zero_()  # every code the same: measured on identical images
+    with pytest.raises(ValueError, match="latent covariance is zero.*cannot be whitened"):
+        vae.latent_cholesky()
+    assert vae.latent_summary()["participation_ratio"] == 0.0  # was NaN
+    with pytest.raises(ValueError, match=r"images has 1 image\(s\): the latent statistics \(a covariance\) need"):
+        training.latent_statistics(vae, tiny.train_x[:1])  # its covariance over n - 1 = 0 was NaN
+    one = dataclasses.replace(tiny, train_x=tiny.train_x[:1], train_y=tiny.train_y[:1])
+    with pytest.raises(ValueError, match=r"data.train_x has 1 image\(s\)"):  # before training, not after it
+        training.train_vae(one, tmp_path / "vae.pt", preset="small", hyp=dict(epochs=1), progress=False)
+
+
 def test_a_config_from_before_the_mixture_asks_for_retraining():
     config = models.vae_config("small")
     del config["mixtures"]
