@@ -16,6 +16,7 @@ import re
 import struct
 import tarfile
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,7 +299,7 @@ def _read_idx_gz(path):
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:  # not gzip, or cut short
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # not gzip, cut short, or damaged inside
         raise DatasetUnavailable(f"{path} cannot be read ({e}): reinstall the package that holds it") from e
     ndim = raw[3] if len(raw) >= 4 and raw[:3] == b"\0\0\x08" else 0  # two zeros, 8 for uint8, the rank
     header = 4 + 4 * ndim
@@ -362,7 +363,7 @@ def load_image_folder(path, root):
     c = _read_cache(cache)
     if c is None:
         writable_dir(root)  # before the decode, not after it
-        c = dict(_decode_image_folder(path, files), source=os.path.abspath(path))
+        c = dict(_decode_image_folder(path, files), source=os.path.realpath(path))
         atomic_write(cache, lambda tmp: torch.save(c, tmp))
         _remove_stale_caches(root, path, cache)
     return _mixed(c["train_x"], c["train_y"]), _mixed(c["test_x"], c["test_y"]), list(c["classes"])
@@ -377,7 +378,7 @@ def _remove_stale_caches(root, path, cache):
         if stale == cache or not re.fullmatch(rf"{re.escape(name)}\.[0-9a-f]{{16}}\.pt", stale.name):
             continue
         source = _cached_source(stale)
-        if source is None or source == os.path.abspath(path) or not os.path.exists(source):
+        if source is None or source == os.path.realpath(path) or not os.path.exists(source):
             stale.unlink()
 
 
@@ -436,12 +437,20 @@ def _check_no_loop(path, folder):
     real = os.path.realpath(folder)
     above = folder.parent
     while True:
-        if os.path.commonpath([real, os.path.realpath(above)]) == real:
+        if _holds(real, os.path.realpath(above)):
             raise ValueError(f"{folder} links to {real}, a folder that holds it, so the tree under {path} never ends: "
                              f"remove the link or point it elsewhere")
         if above == path:
             return
         above = above.parent
+
+
+def _holds(folder, path):
+    """Whether `folder` is `path` or one of the folders above it (not on another drive, on Windows)."""
+    try:
+        return os.path.commonpath([folder, path]) == folder
+    except ValueError:  # paths on two drives
+        return False
 
 
 def _list_archive(path):

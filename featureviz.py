@@ -786,9 +786,9 @@ TARGETS = (Class, Channel, Neuron, Direction)
 
 def _is_one(value):
     """One target or index (a Class, ..., an int, a 0-d tensor or array; anything not a collection, which
-    as_targets then names), not a list, range, generator, set, dict view, array or tensor of them."""
-    if isinstance(value, (str, bytes, dict)):
-        return True  # no collection of targets: named as a bad target (a dict would give its keys)
+    as_targets then names), not a list, range, generator, dict view, array or tensor of them."""
+    if isinstance(value, (str, bytes, dict, set, frozenset)):
+        return True  # no ordered collection of targets: named as a bad target (a dict would give its keys)
     if isinstance(value, collections.abc.Iterable) and not isinstance(value, (torch.Tensor, np.ndarray)):
         return False  # np.ndim would take a generator, set or view for one object, and convert a list
     return isinstance(value, TARGETS) or np.ndim(value) == 0
@@ -807,6 +807,9 @@ def _as_index(value):
 
 def as_targets(targets):
     """A list of targets from one target, a list, or class indices (ints or integer tensors)."""
+    if isinstance(targets, (set, frozenset)):
+        raise TypeError("targets must be in an order, not a set: the images, and the random draws each starts "
+                        "from, follow it; give a list (sorted(...))")
     if _is_one(targets):
         targets = [targets]
     if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
@@ -1444,6 +1447,7 @@ def render_in_stages(model, targets, first, second, steps=256, **common):
     restarts: the first stage keeps the best of its candidates, and the second refines those. A Prior
     term goes only to a stage whose parameterization has a prior (the latent one of 'hybrid')."""
     data.check_count("steps", steps, 0)  # as given, before it is halved
+    targets = as_targets(targets)  # a generator, read once, serves both stages
     first, second = _priors_where_they_apply([{**first, **common}, {**second, **common, "restarts": 1}])
     if isinstance(second.get("param"), nn.Module):  # before the first stage runs
         raise TypeError("the second stage's param must be a parameterization name or Recipe, not a built module: "

@@ -554,7 +554,7 @@ class Lookahead:
 def total_steps(batches, epochs):
     """The steps of `epochs` (a fraction too) over `batches` an epoch: rounded up, but not past a float's
     error (100 batches x 1.1 epochs is 110 steps, where the product is 110.00000000000001)."""
-    return math.ceil(round(batches * epochs, 9))
+    return max(1, math.ceil(round(batches * epochs, 9)))  # at least one step, however few epochs
 
 
 def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progress=True):

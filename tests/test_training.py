@@ -516,4 +516,5 @@ def test_a_run_shorter_than_the_lookahead_period_keeps_what_it_learned(tiny_data
 def test_fractional_epochs_take_the_steps_they_say():
     assert training.total_steps(100, 1.1) == 110  # 100 * 1.1 is 110.00000000000001 in floats
     assert training.total_steps(50, 0.14) == 7  # 7.000000000000001
+    assert training.total_steps(10, 1e-11) == 1  # the rounding never leaves a run with no step
     assert training.total_steps(10, 1.15) == 12 and training.total_steps(3, 1) == 3 and training.total_steps(3, 0.1) == 1
