@@ -49,7 +49,7 @@ def main():
 
 def screenshot(page_path, png):
     """A screenshot of the top of one atlas page, in headless Chromium (skipped without it)."""
-    chromium = shutil.which("chromium")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")  # the package's name on some systems
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:

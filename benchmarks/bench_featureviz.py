@@ -112,6 +112,9 @@ def parse_args():
         settings += [("preset", "PRESET", device["preset"], dict(choices=models.CNN_PRESETS)),
                      ("vae_preset", "VAE_PRESET", device["vae_preset"], dict(choices=models.VAE_PRESETS)),
                      ("seed", "SEED", 0, dict(low=0, high=training.MAX_SEED))]
+    if args.quick and args.notebook_models:
+        p.error("argument --quick: trains small models of its own on a slice of the data; --notebook-models loads "
+                "the notebooks' (give one of the two)")
     if args.seed is not None and not args.notebook_models:
         p.error("argument --seed: the notebooks' SEED, for --notebook-models only")
     training.from_environment(p, args, settings)
