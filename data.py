@@ -33,7 +33,7 @@ class DatasetUnavailable(RuntimeError):
     """The dataset is neither on disk nor downloadable; the message says what to do."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: == on its tensors would be ambiguous
 class Data:
     name: str
     classes: list           # class names, index = label
@@ -64,7 +64,7 @@ class Data:
         """A short hash of the training and validation images and labels: what a checkpoint was trained on."""
         h = hashlib.sha256()
         for t in (self.train_x, self.train_y, self.val_x, self.val_y):
-            h.update(t.contiguous().numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())  # the same on any device
         return h.hexdigest()[:16]
 
     def channel_stats(self):
@@ -97,7 +97,7 @@ def plain(value):
 
 
 def check_images(images, name="images"):
-    """Refuse anything but uint8 in [0, 255] or float in [0, 1] (up to 1 + 1e-3), with an error that
+    """Refuse anything but uint8 in [0, 255] or float in [0, 1] (within 1e-3 of it), with an error that
     names the accepted forms; returns the images unchanged. Called at entry points, never per step."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, {IMAGE_FORMS}; got {type(images).__name__}")
@@ -107,7 +107,7 @@ def check_images(images, name="images"):
         raise TypeError(f"{name} must be {IMAGE_FORMS}; got dtype {images.dtype}")
     if images.numel():
         lo, hi = torch.aminmax(images.detach())
-        if not (lo >= 0 and hi <= 1 + 1e-3):  # NaN fails too
+        if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # rounding's error either way (un-normalized images); NaN fails
             hint = " (floats in 0-255: divide by 255, or pass uint8)" if hi > 1.5 else ""
             raise ValueError(f"{name} must be {IMAGE_FORMS}; got floats in [{lo.item():.4g}, {hi.item():.4g}]{hint}")
     return images
@@ -628,11 +628,20 @@ def synthetic_templates():
     return (0.5 + 0.45 * patterns[:, None] * colours[:, :, None, None]).clamp(0, 1)
 
 
+def _check_sizes_of_sets(n_train, n_test):
+    """Errors that name n_train or n_test where either is no count of images (the split checks n_train's size)."""
+    check_count("n_train", n_train, 0)
+    check_count("n_test", n_test, 0)
+
+
 def make_synthetic(n_train=10000, n_test=2000, seed=0, noise=0.12):
     """A deterministic 10-class dataset whose defining feature per class is known (the templates).
 
     Each image is its class template at a random contrast on a random background tint, plus noise.
     """
+    _check_sizes_of_sets(n_train, n_test)
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not 0 <= noise < math.inf:
+        raise ValueError(f"noise must be a finite number >= 0 (the noise's SD, in [0, 1] units), got {noise!r}")
     templates = synthetic_templates()
     gen = torch.Generator().manual_seed(seed)
 
@@ -674,20 +683,22 @@ def gabor_patches(features, size, gen, amplitude):
     centre = size * (0.3 + 0.4 * u[:, :2])                         # (N, 2) y, x: away from the border
     phase = 2 * math.pi * u[:, 2]
     scale = HARD_SCALE[0] + (HARD_SCALE[1] - HARD_SCALE[0]) * u[:, 3]
-    wavelength = torch.tensor([hard_wavelength(f, size) for f in features]) * scale
-    vertical = torch.tensor([f[1] == "vertical" for f in features])
+    wavelength = torch.tensor([hard_wavelength(f, size) for f in features], dtype=torch.float32) * scale
+    vertical = torch.tensor([f[1] == "vertical" for f in features], dtype=torch.bool)  # typed: n may be 0
     r = torch.arange(size, dtype=torch.float32)
     yy, xx = r.view(1, -1, 1) - centre[:, 0, None, None], r.view(1, 1, -1) - centre[:, 1, None, None]
     across = torch.where(vertical[:, None, None], xx, yy)          # the stripes vary along this axis
     sigma = (HARD_ENVELOPE * wavelength)[:, None, None]
     patch = torch.exp(-(yy ** 2 + xx ** 2) / (2 * sigma ** 2)) * torch.cos(
         2 * math.pi * across / wavelength[:, None, None] + phase[:, None, None])
-    axes = torch.tensor([COLOUR_AXES[f[0]] for f in features])     # (N, 3)
+    axes = torch.tensor([COLOUR_AXES[f[0]] for f in features], dtype=torch.float32).view(n, 3)
     return amplitude * patch[:, None] * axes[:, :, None, None]
 
 
 def textured_background(n, size, gen, contrast=0.08):
     """(N, 3, size, size) zero-mean colour noise with a 1/f spectrum (like natural texture), RMS `contrast`."""
+    if n == 0:  # MKL's FFT refuses an empty batch
+        return torch.zeros(0, 3, size, size)
     f = (torch.fft.fftfreq(size)[:, None] ** 2 + torch.fft.rfftfreq(size)[None] ** 2).sqrt().clamp_min(1 / size)
     spec = torch.randn(n, 3, size, size // 2 + 1, 2, generator=gen) / f[..., None]
     x = torch.fft.irfft2(torch.view_as_complex(spec), s=(size, size))
@@ -699,6 +710,8 @@ def make_synthetic_hard(n_train=10000, n_test=2000, seed=0, size=32):
     """A deterministic 10-class dataset whose classes are HARD_FEATURES: each image is its class's patch
     (random position, phase, scale) over a textured, tinted background, with faint patches of two other
     classes as distractors. The class is in the patch only: no fixed position, no template."""
+    _check_sizes_of_sets(n_train, n_test)
+    check_count("size", size, 1)
     gen = torch.Generator().manual_seed(seed + 1000)
     k = len(HARD_FEATURES)
 
@@ -729,9 +742,13 @@ class Loader:
         if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
             raise TypeError(f"Loader takes uint8 images (N, C, H, W) in [0, 255], as data.load_data returns; "
                             f"got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() != 4:
+            raise ValueError(f"Loader takes images (N, C, H, W); got shape {tuple(x.shape)}")
         check_count("batch_size", batch_size, 1)
         y = check_labels(y, len(x), name="y")
-        if augment and not 0 <= translate < min(x.shape[-2:]):
+        if augment:
+            check_count("translate", translate, 0)
+        if augment and not translate < min(x.shape[-2:]):
             raise ValueError(f"translate must be from 0 to {min(x.shape[-2:]) - 1} px for {tuple(x.shape[-2:])} "
                              f"images (reflect padding); got {translate}")
         self.x, self.y = x.to(device), y.to(device)  # uint8 (N, C, H, W), int64 (N,)

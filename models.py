@@ -188,6 +188,7 @@ class CNN(nn.Module):
     @torch.no_grad()
     def init_whiten(self, images, eps=5e-4):
         """Set the whitening filters to the scaled eigenvectors of the patch covariance of `images`."""
+        check_input(self, images)  # gray images for an RGB model would broadcast into three equal channels
         x = self.normalize(to_float(images).to(self.whiten.weight.device))
         c, k = x.size(1), self.config["whiten_kernel"]
         patches = x.unfold(2, k, 1).unfold(3, k, 1)  # (B, C, H', W', k, k)

@@ -266,3 +266,23 @@ def test_an_idx_file_is_read_whole_or_refused(tmp_path, damage):
         return
     with pytest.raises(data.DatasetUnavailable, match=f"{path}.*reinstall"):
         data._read_idx_gz(path)
+
+
+def test_edge_arguments_of_the_synthetic_sets_the_loader_and_the_image_check():
+    hard = data.load_data("synthetic-hard", n_train=40, n_test=0)  # no test set: the empty draw is typed
+    assert hard.test_x.shape == (0, 3, 32, 32) and hard == hard and hard != data.load_data("synthetic-hard", n_train=40,
+                                                                                             n_test=0)  # by identity
+    for name, kwargs, match in [("synthetic", dict(n_train=1.5e4), "n_train must be an int >= 0, got 15000.0"),
+                                ("synthetic-hard", dict(n_test=-1), "n_test must be an int >= 0, got -1"),
+                                ("synthetic-hard", dict(size=0), "size must be an int >= 1, got 0"),
+                                ("synthetic", dict(noise=-0.1), "noise must be a finite number >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            data.load_data(name, **kwargs)
+    x, y = hard.train_x, hard.train_y
+    with pytest.raises(ValueError, match="translate must be an int >= 0, got 1.5"):  # was a failure at the first batch
+        data.Loader(x, y, augment=True, translate=1.5)
+    with pytest.raises(ValueError, match=r"Loader takes images \(N, C, H, W\); got shape \(36, 32, 32\)"):
+        data.Loader(x[:, 0], y, augment=True)
+    assert data.check_images(torch.full((1, 3, 2, 2), -6e-8)) is not None  # an un-normalized image's rounding
+    with pytest.raises(ValueError, match=r"got floats in \[-0.01"):
+        data.check_images(torch.full((1, 3, 2, 2), -0.01))

@@ -219,3 +219,11 @@ def test_exact_gives_float64_on_the_tensors_device_where_it_has_float64():
     t = torch.rand(3, dtype=torch.float16)
     wide = models.exact(t)
     assert wide.dtype == torch.float64 and wide.device == t.device and torch.equal(wide.half(), t)
+
+
+def test_the_whitening_is_fitted_only_to_images_of_the_models_channels():
+    rgb = models.build_model(models.cnn_config("small"))
+    before = rgb.whiten.weight.clone()
+    with pytest.raises(ValueError, match="images have 1 channel.*the model takes 3"):  # gray images would broadcast into three equal channels
+        rgb.init_whiten(torch.rand(8, 1, 32, 32))
+    assert torch.equal(rgb.whiten.weight, before)
