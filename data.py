@@ -342,8 +342,10 @@ def find_image_folder(name, root):
         raise ValueError(f"dataset {name!r} is both {in_root[0]} (in DATA_DIR) and {path.resolve()} (in the "
                          f"current folder): give the one you mean as a path, {str(in_root[0])!r} or "
                          f"{os.path.join('.', name)!r}")
-    if in_root or path.exists():
-        return in_root[0] if in_root else path
+    if in_root:
+        return in_root[0]
+    if path.exists():
+        return path
     raise ValueError(
         f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, give the path of an image folder "
         f"or archive (train/<class>/*, test/<class>/*), or put {name}.tar.gz or the folder {name}/ into "
@@ -748,9 +750,9 @@ class Loader:
         y = check_labels(y, len(x), name="y")
         if augment:
             check_count("translate", translate, 0)
-        if augment and not translate < min(x.shape[-2:]):
-            raise ValueError(f"translate must be from 0 to {min(x.shape[-2:]) - 1} px for {tuple(x.shape[-2:])} "
-                             f"images (reflect padding); got {translate}")
+            if translate >= min(x.shape[-2:]):
+                raise ValueError(f"translate must be from 0 to {min(x.shape[-2:]) - 1} px for {tuple(x.shape[-2:])} "
+                                 f"images (reflect padding); got {translate}")
         self.x, self.y = x.to(device), y.to(device)  # uint8 (N, C, H, W), int64 (N,)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.translate, self.drop_last, self.device = translate, drop_last, torch.device(device)

@@ -790,7 +790,7 @@ def _is_one(value):
     if isinstance(value, (str, bytes, dict, set, frozenset)):
         return True  # no ordered collection of targets: named as a bad target (a dict would give its keys)
     if isinstance(value, collections.abc.Iterable) and not isinstance(value, (torch.Tensor, np.ndarray)):
-        return False  # np.ndim would take a generator, set or view for one object, and convert a list
+        return False  # np.ndim would take a generator or a view for one object, and convert a list
     return isinstance(value, TARGETS) or np.ndim(value) == 0
 
 
