@@ -41,6 +41,8 @@ def cnn_config(preset="airbench", in_channels=3, num_classes=10, mean=None, std=
     image_size the side of the training images (the network takes any size; this records its own)."""
     if preset not in CNN_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(CNN_PRESETS)}")
+    if not _positive_int(in_channels):  # before the default statistics are made for that many channels
+        raise ValueError(f"in_channels must be {_CONFIG_RULES['in_channels'][0]}, got {in_channels!r}")
     config = dict(
         kind="cnn",
         preset=preset,
@@ -60,9 +62,10 @@ def cnn_config(preset="airbench", in_channels=3, num_classes=10, mean=None, std=
 def _overridden(config, overrides):
     """The config with the overrides applied (NumPy numbers as Python's: data.plain); an error for a key it
     does not have or a value a model cannot be built or trained with."""
-    unknown = sorted(set(overrides) - set(config))
+    valid = [key for key in config if key != "kind"]  # a cnn_config is a CNN's, a vae_config a VAE's
+    unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown} for a {config['kind']}; valid: {', '.join(config)}")
+        raise ValueError(f"unknown config key(s) {unknown} for a {config['kind']}; valid: {', '.join(valid)}")
     config.update({key: plain(value) for key, value in overrides.items()})
     widths = config["widths"]
     if not isinstance(widths, (list, tuple)) or len(widths) != 3 or not all(_positive_int(w) for w in widths):

@@ -110,6 +110,11 @@ def test_bad_config_errors():
         models.vae_config("small", latent_dims=8)
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['width'\] for a cnn; valid: .*widths"):
         models.cnn_config("small", width=(8, 8, 8))
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['kind'\] for a cnn"):  # a CNN's config says vae
+        models.cnn_config("small", kind="vae")
+    for bad in (3.0, "3", 0):  # was "can't multiply sequence by non-int" for the default statistics
+        with pytest.raises(ValueError, match=f"in_channels must be an int >= 1, got {bad!r}"):
+            models.cnn_config("small", in_channels=bad)
     with pytest.raises(ValueError, match=r"widths must give the channels of 3 stages \(3 ints >= 1\), got \(16, 32\)"):
         models.vae_config("small", widths=(16, 32))
     with pytest.raises(ValueError, match=r"widths must give the channels of 3 stages \(3 ints >= 1\), got 64"):
