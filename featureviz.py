@@ -434,14 +434,18 @@ class Recipe:
     options: dict
     pool: int = 0  # > 0: start each image from the best of this many random draws for its target
 
-    def __call__(self, n, channels, size, generator=None):
+    def __call__(self, n, channels, size, generator=None, per_target=1):
+        """The module for n images, per_target of them for each target in a row (images_per_target x restarts)."""
         init = self.options.get("init")
         if not isinstance(init, torch.Tensor):  # no init (or one of another type, which the class names)
             return self.cls(n, channels, size, generator=generator, **self.options)
-        if init.dim() != 4 or tuple(init.shape[1:]) != (channels, size, size) or len(init) not in (1, n):
-            raise ValueError(f"init images must be {(n, channels, size, size)} (or {(1, channels, size, size)}: one "
-                             f"for all) at the model's size; got {tuple(init.shape)}")
-        init = init.expand(n, -1, -1, -1)  # one image serves every target
+        targets = n // per_target
+        if init.dim() != 4 or tuple(init.shape[1:]) != (channels, size, size) or len(init) not in (1, targets, n):
+            raise ValueError(f"init images must be {(n, channels, size, size)}, {(targets, channels, size, size)} "
+                             f"(one per target) or {(1, channels, size, size)} (one for all) at the model's size; "
+                             f"got {tuple(init.shape)}")
+        # one image for all, or each target's for its images_per_target x restarts images
+        init = init.expand(n, -1, -1, -1) if len(init) == 1 else init.repeat_interleave(n // len(init), 0)
         return self.cls(n, channels, size, generator=generator, **{**self.options, "init": init})
 
     def starting_from(self, images):
@@ -453,7 +457,7 @@ def parameterization(kind, pool=0, **options):
     """A recipe for render(param=...): 'pixel', 'fourier', 'maco', 'latent' or 'whitened' with its own
     options (fourier: color_cov, decay, spectrum, sd; maco: magnitude, color_cov, contrast; latent and
     whitened: vae, sd; whitened: jitter, added to the latent covariance before its Cholesky factor; every
-    kind: init images).
+    kind: init images, one for all targets, one per target or one per image).
 
     pool: draw this many random initializations and start each image from the best ones for its target
     (one forward pass; useful for the latent parameterizations, whose draws differ).
@@ -1216,7 +1220,7 @@ def _build(param, n, channels, size, per_target, objective, run, seed):
     recipe = _as_recipe(param)
     gen = torch.Generator().manual_seed(seed)
     if not recipe.pool:
-        return recipe(n, channels, size, gen).to(objective.device)
+        return recipe(n, channels, size, gen, per_target).to(objective.device)
     pool = recipe(max(recipe.pool, per_target), channels, size, gen).to(objective.device)
     return _best_draws(pool, per_target, objective, run)
 

@@ -1076,7 +1076,7 @@ def test_transforms_and_regularizers_given_the_wrong_way():
     one = fv.render(model, [0], param="pixel", transforms=None, regularizers=fv.TV(1.0), seed=1, **kw)
     listed = fv.render(model, [0], param="pixel", transforms=None, regularizers=[fv.TV(1.0)], seed=1, **kw)
     assert torch.equal(one.images, listed.images)
-    with pytest.raises(ValueError, match=r"init images must be \(1, 3, 32, 32\).*got \(1, 3, 28, 28\)"):
+    with pytest.raises(ValueError, match=r"init images must be \(1, 3, 32, 32\).*at the model's size; got \(1, 3, 28, 28\)"):
         fv.render(model, [0], param=fv.parameterization("fourier", init=torch.rand(1, 3, 28, 28)), **kw)
 
 
@@ -1141,6 +1141,15 @@ def test_one_init_image_for_all_and_single_values_named():
     assert torch.equal(built.logits, before)  # refused before the first stage optimized it
     with pytest.raises(ValueError, match="pool draws random starts and init gives the starts: pass one of them"):
         fv.parameterization("whitened", vae=vae, pool=256, init=image)
+    two = torch.rand(2, 3, 32, 32)  # one per target, for each target's images and restarts (target-major)
+    r = fv.render(model, [0, 1], param=fv.parameterization("pixel", init=two), images_per_target=3, steps=0,
+                  progress=False)
+    assert torch.allclose(r.images, two.repeat_interleave(3, 0), atol=2e-3)
+    r = fv.render(model, [0, 1], param=fv.parameterization("pixel", init=two), restarts=2, steps=0, progress=False)
+    assert torch.allclose(r.images, two, atol=2e-3)  # was refused: (4, 3, 32, 32) or one image only
+    with pytest.raises(ValueError, match=r"init images must be \(6, 3, 32, 32\), \(2, 3, 32, 32\) \(one per target\)"):
+        fv.render(model, [0, 1], param=fv.parameterization("pixel", init=torch.rand(3, 3, 32, 32)), images_per_target=3,
+                  steps=0, progress=False)
 
 
 def test_diversity_compares_a_half_models_maps_without_overflow():
