@@ -9,7 +9,7 @@ import warnings
 from contextlib import contextmanager
 
 import torch
-from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
+from captum.attr import IntegratedGradients, LayerGradCam, Saliency
 
 import models
 from data import check_count, to_float
@@ -64,7 +64,8 @@ def saliency(model, images, targets):
 @torch.inference_mode(False)
 def grad_cam(model, images, targets, layer=None):
     """Grad-CAM at `layer` (a name or a module; default the model's last layer with a map larger than 1x1,
-    `models.last_map_layer`), relu'd and bilinearly upsampled to the input: (B, H, W)."""
+    `models.last_map_layer`), relu'd and upsampled to the input linearly between its cells' centres in the image
+    (`models.cell_centres`), not stretched evenly over it: (B, H, W)."""
     x, t = _prepare(images, targets, model)
     chosen = layer is None
     if chosen:
@@ -86,8 +87,25 @@ def grad_cam(model, images, targets, layer=None):
     layer = models.get_layer(model, name)
     with _untouched(model):
         cam = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)  # (B, 1, h, w)
-    cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")
-    return cam[:, 0].clamp_min(0).float()  # (B, H, W)
+    rows, cols = models.cell_centres(model, name, x)
+    place = [_linear_weights(c, side).to(cam.device, cam.dtype) for c, side in zip((rows, cols), x.shape[-2:])]
+    cam = torch.einsum("yi,bij,xj->byx", place[0], cam.detach()[:, 0], place[1])  # each cell at its centre
+    return cam.clamp_min(0).float()  # (B, H, W)
+
+
+def _linear_weights(centres, size):
+    """(size, n) weights that read a signal given at n increasing centres (pixels) at each pixel 0..size-1:
+    linear between the two nearest centres, the end value beyond them (as bilinear resizing does at edges)."""
+    n = len(centres)
+    if n == 1:
+        return torch.ones(size, 1)
+    pos = torch.arange(size, dtype=centres.dtype).clamp(centres[0], centres[-1])
+    i = (torch.searchsorted(centres, pos, right=True) - 1).clamp(0, n - 2)
+    t = (pos - centres[i]) / (centres[i + 1] - centres[i])
+    weights = torch.zeros(size, n, dtype=centres.dtype)
+    weights[torch.arange(size), i] = 1 - t
+    weights[torch.arange(size), i + 1] += t
+    return weights.float()
 
 
 def _name_of(model, layer):
@@ -101,7 +119,9 @@ def _name_of(model, layer):
 
 @torch.inference_mode(False)
 def integrated_gradients(model, images, targets, baseline=None, steps=32, internal_batch_size=64):
-    """Integrated gradients from `baseline` (default black) to the images: signed, (B, C, H, W)."""
+    """Integrated gradients from `baseline` (default black) to the images: signed, (B, C, H, W). Their sum over
+    an image's pixels is f(image) - f(baseline) in the limit of many steps: a warning says when `steps` leave it
+    more than COMPLETENESS short for some image."""
     check_count("steps", steps, 1)
     check_count("internal_batch_size", internal_batch_size, 1)
     x, t = _prepare(images, targets, model)
@@ -119,9 +139,25 @@ def integrated_gradients(model, images, targets, baseline=None, steps=32, intern
     except RuntimeError:
         raise ValueError(f"baseline must be {shapes}; got shape {tuple(b.shape)}") from None
     with _untouched(model):
-        attr = IntegratedGradients(model).attribute(
-            x, baselines=b, target=t, n_steps=steps, internal_batch_size=internal_batch_size)
+        attr, delta = IntegratedGradients(model).attribute(
+            x, baselines=b, target=t, n_steps=steps, internal_batch_size=internal_batch_size,
+            return_convergence_delta=True)
+    _check_complete(attr, delta, steps)
     return attr.detach().float()
+
+
+COMPLETENESS = 0.05  # the largest share of f(image) - f(baseline) that the attributions' sum may miss unwarned
+
+
+def _check_complete(attr, delta, steps):
+    """Warn where integrated gradients' sum misses the logit's change along the path (delta = their sum minus
+    f(image) - f(baseline)) by more than COMPLETENESS of it: the integral is taken in too few steps."""
+    change = attr.detach().double().flatten(1).sum(1) - delta.detach().double()
+    missed = (delta.detach().double().abs() / change.abs().clamp_min(1e-3)).max().item()  # of a logit that barely moves, by 1e-3
+    if missed > COMPLETENESS:
+        warnings.warn(f"integrated gradients in {steps} steps miss the logit's change f(image) - f(baseline) by up to "
+                      f"{missed:.0%} of it, over {COMPLETENESS:.0%}: pass more steps",
+                      stacklevel=4)  # integrated_gradients' caller, past inference_mode's wrapper
 
 
 def to_heatmap(attr, signed=False):

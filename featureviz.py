@@ -1291,6 +1291,7 @@ def _step(param, own, run, transforms, terms, groups, gen):
             # the image terms' gradient first, while x is fresh in the caches (_image_terms_gradient)
             grad = _image_terms_gradient(on_images, x) if on_images else None
             acts = run(x if transforms is None else transforms(x, gen))
+        _check_differentiable(acts)
         values = own(acts)                                           # (N,) each image's own target
         loss = -values.sum()
         for term in others:
@@ -1301,6 +1302,18 @@ def _step(param, own, run, transforms, terms, groups, gen):
             torch.autograd.backward([loss, x], [None, grad])
         return values.detach()
     return step
+
+
+def _check_differentiable(acts):
+    """An error naming a layer (None: the model's output) that the images' gradient cannot reach, as its forward
+    made it without gradients (torch.no_grad around a backbone, a reentrant checkpoint): its targets' images
+    would never change. The model's weights are frozen, so anything made from the images requires grad."""
+    cut = [name for name, a in acts.items() if not a.requires_grad]
+    if cut:
+        what = "the model's output" if cut[0] is None else f"layer {cut[0]!r}"
+        raise ValueError(f"{what} is computed without gradients in the model's forward (torch.no_grad, or a "
+                         f"reentrant checkpoint): no image can be optimized for it; pick a layer outside that part, "
+                         f"or take the no_grad out of the forward")
 
 
 @torch.no_grad()

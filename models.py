@@ -11,6 +11,7 @@ import itertools
 import math
 import numbers
 import sys
+import warnings
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -918,11 +919,13 @@ def _spatial_outputs(model, x):
                   if name in listed or any(layer.startswith(name + ".") for layer in listed)]
     # (id, version) -> the first module to output it; every call as (name, its maker, (id, version), shape), the
     # last three None for an output that is no map; the outputs, kept alive so that no id is reused
-    made, calls, kept = {}, [], []
+    made, calls, kept, tokens = {}, [], [], []
 
     def record(name, module, out):
         key = (id(out), out._version) if torch.is_tensor(out) else None
         kept.append(out)
+        if key is not None and out.dim() == 3 and layouts.last_call.get(module, False):
+            tokens.append((len(calls), name))  # a ViT's (B, N, D)
         if key is None or out.dim() != 4:
             calls.append((name, None, key, None))
             return
@@ -943,6 +946,12 @@ def _spatial_outputs(model, x):
     if not order:
         raise ValueError(f"{type(model).__name__} has no layer with a spatial output (B, C, H, W) among "
                          f"{', '.join(listed)}")
+    last_map = max(i for i, (_, maker, key, _) in enumerate(calls) if maker is not None and final[maker] == key)
+    later = list(dict.fromkeys(name for i, name in tokens if i > last_map))
+    if later:
+        warnings.warn(f"{type(model).__name__}'s layers after its last map ({order[-1][0]!r}) output tokens (B, N, D) "
+                      f"({', '.join(map(repr, later[:3]))}{', ...' if len(later) > 3 else ''}), which the default "
+                      f"layers (spatial ones) leave out: pass layers= (or layer=) to read them", stacklevel=3)
     return [(name, shape, layouts.last_call.get(get_layer(model, name), False)) for name, shape in order]
 
 
@@ -959,7 +968,73 @@ def last_map_layer(model, images):
     x = first_image(model, images)
     every = _spatial_outputs(model, x)
     outputs = [(name, shape, last) for name, shape, last in every if not last] or every
-    return next((name for name, shape, _ in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])
+    chosen = next((name for name, shape, _ in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])
+    later = [name for name, _, last in every[[name for name, _, _ in every].index(chosen) + 1:] if last]
+    if later:  # a Swin's stages: the default would be its stem
+        warnings.warn(f"Grad-CAM's default layer is {chosen!r}, the last map with its channels on dim 1; the later "
+                      f"maps ({', '.join(map(repr, later[:3]))}{', ...' if len(later) > 3 else ''}) keep their "
+                      f"features last, which Grad-CAM cannot read: {chosen!r} may be far from the output, so pass "
+                      f"layer= to choose", stacklevel=2)
+    return chosen
+
+
+MARGIN = 64  # px of noise on each side of the image when cell_centres finds a map's geometry: a multiple of strides
+
+
+@torch.inference_mode(False)
+def cell_centres(model, layer, images, cells=4):
+    """Where the rows and the columns of a layer's map (B, C, h, w) look in an image like the first of `images`:
+    their centres in pixels (0 the first pixel's centre), as (rows (h,), columns (w,)) float64 tensors.
+
+    A map does not always span its image evenly: a convolution without padding or a pooling that drops an odd
+    last row leaves the last cells short of the far edge (our CNN's 3x3 map of 32 px images looks at rows 4,
+    12 and 20, where an even stretch puts them at 4.8, 15.5 and 26.2). So the geometry is measured: the image,
+    with MARGIN px of noise around it, goes through the model up to the layer; the stride is how many cells
+    the margin adds, and the offset the mean over a few (`cells`) rows (columns) of where the gradient of the
+    row's sum falls in the image (its centre of mass; the margin keeps it from being cut off at the image's
+    edges). A model that refuses the larger image, or whose map does not grow by a whole number of cells
+    with it (a stride that does not divide MARGIN, an adaptive pooling), or whose rows no gradient reaches, gets
+    the even stretch (bilinear resizing's)."""
+    x = first_image(model, images)
+    noise = torch.rand(1, x.shape[1], *(side + 2 * MARGIN for side in x.shape[-2:]),
+                       generator=torch.Generator().manual_seed(0)).to(x)
+    recorder = Recorder(model, [layer])  # its first pass (the image's) learns where to stop: before any head
+    with torch.no_grad(), evaluating(model), recorder.hooked() as run:
+        shape = run(x)[layer].shape
+        if len(shape) != 4:
+            raise ValueError(f"layer {layer!r} gives {tuple(shape)}, not a map (B, C, H, W): its cells have no place")
+        try:
+            grown = run(noise)[layer].shape[-2:]
+        except (RuntimeError, ValueError, AssertionError):  # a model for one input size only
+            grown = shape[-2:]
+    centres = []
+    for axis, (side, k, big) in enumerate(zip(x.shape[-2:], shape[-2:], grown)):
+        half = (big - k) // 2  # the cells the margin adds on each side
+        even = (torch.arange(k, dtype=torch.float64) + 0.5) * side / k - 0.5  # bilinear resizing's centres
+        if big - k <= 0 or (big - k) % 2 or MARGIN % half:
+            centres.append(even)
+            continue
+        stride = MARGIN // half
+        picked = torch.linspace(0, k - 1, min(k, cells)).round().long().unique()
+        mass = _gradient_mass(recorder, noise, axis, picked + half)
+        where = (mass * torch.arange(mass.shape[1], dtype=torch.float64)).sum(1) / mass.sum(1) - MARGIN
+        offset = (where - stride * picked).mean()
+        centres.append(offset + stride * torch.arange(k, dtype=torch.float64) if offset.isfinite() else even)
+    return tuple(centres)
+
+
+def _gradient_mass(recorder, image, axis, index):
+    """|d (the recorder's one layer's map summed over row (axis 0) or column (axis 1) i) / d image|, summed over
+    the image's channels and the other axis: (len(index), the image's side) float64, one profile per i."""
+    images = image.repeat(len(index), 1, 1, 1).requires_grad_()
+    (layer,) = recorder.modules
+    with torch.enable_grad(), evaluating(recorder.model), recorder.hooked() as run:
+        a = run(images)[layer]
+        pick = torch.zeros(len(index), a.shape[2 + axis], device=a.device, dtype=a.dtype)
+        pick[torch.arange(len(index)), index] = 1
+        pick = pick[:, None, :, None] if axis == 0 else pick[:, None, None, :]
+        grad, = torch.autograd.grad((a * pick).sum(), images)
+    return grad.abs().double().sum(1).sum(2 - axis).cpu()
 
 
 def block_layers(model, size=None):

@@ -7,8 +7,6 @@ Images are tensors (or arrays) of shape (N, C, H, W), C = 1 or 3, floats in [0, 
 import csv
 import functools
 import math
-import os
-import uuid
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -17,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from attribution import to_heatmap
-from data import check_count, check_labels, to_float
+from data import atomic_write, check_count, check_labels, to_float
 from metrics import check_confusion
 
 # ----------------------------------------------------------------------------- helpers
@@ -78,18 +76,11 @@ def _name(label, classes):
 
 
 def _finish(fig, save):
-    """Lay out the figure and, if `save` is a path, write it atomically (temp file + os.replace)."""
+    """Lay out the figure and, if `save` is a path, write it atomically (data.atomic_write)."""
     fig.tight_layout()
     if save is not None:
         path = Path(save).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex[:8]}{path.suffix or '.png'}"  # not mkstemp: keep umask
-        try:
-            fig.savefig(tmp, format=path.suffix[1:] or "png", bbox_inches="tight")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:] or "png", bbox_inches="tight"))
     return fig
 
 
@@ -289,20 +280,22 @@ def plot_heatmaps(images, maps, titles=None, row_labels=None, signed=None, save=
     labels = _row_labels(row_labels, list(maps))
     if titles is not None and len(titles) != len(x):
         raise ValueError(f"titles must have one per image ({len(x)}); got {len(titles)}")
-    heat = {name: _heatmap(name, m, x) for name, m in maps.items()}
+    # signed maps around 0 (min-max scaling would put their zero at an arbitrary colour); attributions (B, C, h, w)
+    # are read as signed before their channels are summed, which would drop the sign
+    around_zero = {name: bool((torch.as_tensor(m) < 0).any()) if signed is None else name in signed
+                   for name, m in maps.items()}
+    heat = {name: _heatmap(name, m, x, around_zero[name]) for name, m in maps.items()}
     fig, axes = plt.subplots(1 + len(maps), len(x), figsize=(1.6 * len(x), 1.6 * (1 + len(maps))), squeeze=False)
     for j, img in enumerate(x):
         _imshow(axes[0, j], img)
         if titles is not None:
             axes[0, j].set_title(titles[j], fontsize=9)
     for row, (name, m) in zip(axes[1:], heat.items()):
-        # signed maps around 0: min-max scaling would put their zero at an arbitrary colour
-        around_zero = bool((m < 0).any()) if signed is None else name in signed
         for ax, img, mj in zip(row, x, m.numpy()):
             _imshow(ax, img)
-            shown = _symmetric(mj) if around_zero else _minmax(mj)
-            ax.imshow(shown, cmap="RdBu_r" if around_zero else "jet", alpha=0.5, vmin=-1 if around_zero else 0,
-                      vmax=1, interpolation="bilinear")
+            shown = _symmetric(mj) if around_zero[name] else _minmax(mj)
+            ax.imshow(shown, cmap="RdBu_r" if around_zero[name] else "jet", alpha=0.5,
+                      vmin=-1 if around_zero[name] else 0, vmax=1, interpolation="bilinear")
     for ax, label in zip(axes[:, 0], labels):
         ax.set_ylabel(label, fontsize=9)
     return _finish(fig, save)
@@ -333,10 +326,11 @@ def _row_labels(row_labels, methods):
                      f"top row and them ({len(methods) + 1}); got {len(row_labels)}")
 
 
-def _heatmap(name, maps, x):
-    """One method's maps as (N, H, W) at the size of the images x (N, H, W[, 3]), as to_heatmap reduces them."""
+def _heatmap(name, maps, x, signed):
+    """One method's maps as (N, H, W) at the size of the images x (N, H, W[, 3]), as to_heatmap(maps, signed)
+    reduces them."""
     given = torch.as_tensor(maps).detach().cpu().float()
-    m = to_heatmap(given) if given.dim() == 4 else (given[None] if given.dim() == 2 else given)  # (N, h, w)
+    m = to_heatmap(given, signed) if given.dim() == 4 else (given[None] if given.dim() == 2 else given)  # (N, h, w)
     if m.dim() != 3 or len(m) != len(x):
         raise ValueError(f"maps of {name!r} must be one per image ({len(x)}): (B, h, w), or attributions (B, C, h, w); "
                          f"got shape {tuple(given.shape)}")

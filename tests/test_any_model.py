@@ -237,9 +237,41 @@ def test_a_model_that_returns_no_tensor_renders_its_layers_and_says_what_to_do_f
     assert r.images.shape == (1, 1, 28, 28) and r.history[-1] > r.history[0]
     with pytest.raises(TypeError, match=r"_DictOutput returns a dict, not a tensor of logits .* wrap it"):
         fv.render(_DictOutput(), [0], steps=1, size=28, progress=False)
-    for attribute in (attribution.saliency, attribution.grad_cam, attribution.integrated_gradients):
+    for attribute in (attribution.saliency, attribution.grad_cam, attribution.integrated_gradients,
+                      lambda model, x, t: training.predict(model, x)):
         with pytest.raises(TypeError, match=r"_DictOutput returns a dict, not a tensor of logits .* wrap it"):
             attribute(_DictOutput(), torch.rand(2, 1, 28, 28), 0)
+
+
+class _PartlyNoGrad(nn.Module):
+    """A forward whose second block runs without gradients (as a frozen feature extractor under a probe does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = sequential_28()
+
+    def forward(self, x):
+        x = self.net[:3](x)
+        with torch.no_grad():
+            x = self.net[3:6](x)
+        return self.net[6:](x)
+
+
+def test_a_layer_made_without_gradients_is_named_not_left_unoptimized():
+    model = _PartlyNoGrad()
+    for target, what in [(fv.Channel("net.3", 2), "layer 'net.3'"), (fv.Class(1), "the model's output")]:
+        with pytest.raises(ValueError, match=f"{what} is computed without gradients in the model's forward"):
+            fv.render(model, [fv.Channel("net.0", 0), target], steps=2, size=28, progress=False)
+    r = fv.render(model, [fv.Channel("net.0", 0)], steps=8, size=28, progress=False)  # before the no_grad: fine
+    assert r.history[-1] > r.history[0]
+
+
+def test_the_default_layers_of_a_vit_say_that_its_tokens_are_left_out():
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16,
+                                               mlp_dim=32, num_classes=10).eval()
+    with pytest.warns(UserWarning, match=r"VisionTransformer's layers after its last map \('conv_proj'\) output "
+                                         r"tokens \(B, N, D\) \('encoder.layers.encoder_layer_0.*pass layers="):
+        assert models.block_layers(vit, 32) == ["conv_proj"]
 
 
 def test_block_layers_look_through_a_wrapper():
@@ -571,8 +603,11 @@ def test_grad_cam_passes_over_a_linear_layers_channels_last_map_and_refuses_it_b
     """captum's Grad-CAM reads a layer's own output, which an nn.Linear gives with its channels last: it would
     take the map's rows for channels. The default is the last conv map; naming the linear layer is an error."""
     model, x = _ChannelsLastNet().eval(), torch.rand(2, 3, 8, 8)
-    assert models.last_map_layer(model, x) == "conv"
-    assert torch.equal(attribution.grad_cam(model, x, 1), attribution.grad_cam(model, x, 1, layer="conv"))
+    later = r"Grad-CAM's default layer is 'conv', the last map with its channels on dim 1; the later maps \('mix'"
+    with pytest.warns(UserWarning, match=later):  # as a Swin's stages: the default may be far from the output
+        assert models.last_map_layer(model, x) == "conv"
+    with pytest.warns(UserWarning, match=later):
+        assert torch.equal(attribution.grad_cam(model, x, 1), attribution.grad_cam(model, x, 1, layer="conv"))
     with pytest.raises(ValueError, match="'mix' keeps its features last"):
         attribution.grad_cam(model, x, 1, layer="mix")
 
@@ -796,8 +831,12 @@ def test_grad_cams_default_passes_over_a_module_whose_last_call_keeps_its_featur
     """Read by its last call, the shared ReLU keeps its features last: Grad-CAM would refuse it by name, so its
     default is the stem, not the ReLU's earlier call on the stem's map."""
     model, x = _SharedLast().eval(), torch.rand(2, 3, 8, 8)
-    assert models.keeps_features_last(model, x, "relu") and models.last_map_layer(model, x) == "stem"
-    assert attribution.grad_cam(model, x, 1).shape == (2, 8, 8)
+    with pytest.warns(UserWarning, match=r"default layer is 'stem'.* the later maps \('fc', 'relu'\) keep their features"):
+        assert models.keeps_features_last(model, x, "relu") and models.last_map_layer(model, x) == "stem"
+        assert attribution.grad_cam(model, x, 1).shape == (2, 8, 8)
+    with warnings.catch_warnings():  # a CNN's default is its last map: no warning
+        warnings.simplefilter("error")
+        models.last_map_layer(cnn(32), torch.rand(1, 3, 32, 32))
 
 
 def test_following_the_layouts_keeps_no_output_of_the_pass_alive():

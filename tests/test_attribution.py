@@ -1,4 +1,7 @@
 """Attribution maps on tiny models whose evidence sits at known pixels / regions."""
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -296,9 +299,85 @@ def test_saliency_and_grad_cam_match_their_definitions_by_hand():
         hook.remove()
     a = acts["a"]
     grads, = torch.autograd.grad(out[torch.arange(3), t].sum(), a)
-    cam = (grads.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True).relu()  # (B, 1, 8, 8)
-    want = nn.functional.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
-    assert torch.allclose(attribution.grad_cam(model, x, t, layer=layer), want.detach(), atol=1e-5)
+    cam = (grads.mean((2, 3), keepdim=True) * a).sum(1).relu()  # (B, 7, 7)
+    want = placed(cam.detach(), *models.cell_centres(model, layer, x))  # each cell at its centre: tested below
+    assert torch.allclose(attribution.grad_cam(model, x, t, layer=layer), want, atol=1e-5)
+
+
+def placed(cam, rows, cols, size=32):
+    """Maps (B, h, w) read at every pixel of a size x size image linearly between their cells' centres (rows,
+    cols), the end cells' values beyond them: one axis after the other, by np.interp."""
+    grid = np.arange(size)
+    down = np.array([[np.interp(grid, rows, column) for column in m.T] for m in cam.double().numpy()])  # (B, w, H)
+    return torch.tensor(np.array([[np.interp(grid, cols, row) for row in m.T] for m in down])).float()
+
+
+class ValidConv(nn.Module):
+    """Class 0 = redness, class 1 = blueness, read from a 6x6 map of 32 px images that ends short of their far
+    edges: a 9x9 convolution without padding (24x24, centred on pixels 4..27) then 4x4 average pools, so the
+    cells see pixels 4k..4k+11, centred on 4k + 5.5 (5.5 .. 25.5), where an even stretch puts 2.2 .. 28.8."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 9, bias=False)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0, 0] = 1 / 81
+            self.conv.weight[1, 2] = 1 / 81
+        self.pool = nn.AvgPool2d(4)
+
+    def forward(self, x):
+        return self.pool(self.conv(x)).mean((2, 3))
+
+
+def test_grad_cam_draws_each_cell_at_the_centre_of_what_it_sees():
+    model, x = ValidConv(), region_images()
+    centres = 4 * torch.arange(6.0) + 5.5
+    rows, cols = models.cell_centres(model, "pool", x)
+    assert torch.allclose(rows, centres.double(), atol=1e-6) and torch.allclose(cols, rows)
+    with torch.no_grad():  # class 1 is channel 1's mean over 36 cells: Grad-CAM weighs it 1/36, channel 0 by 0
+        cam = model.pool(model.conv(x))[:, 1] / 36  # (B, 6, 6), not negative
+    got = attribution.grad_cam(model, x, 1, layer="pool")
+    assert torch.allclose(got, placed(cam, centres, centres), atol=1e-6)
+    stretched = nn.functional.interpolate(cam[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    assert not torch.allclose(got, stretched, atol=1e-3)  # Grad-CAM as usually drawn: up to 3.3 px off
+    blue = got[:, 24:, 24:].mean() / got.mean()  # the blue patch's corner: read by the last cells only
+    assert blue > nn.functional.pad(stretched, (0, 0, 0, 0))[:, 24:, 24:].mean() / stretched.mean()
+
+
+def test_cell_centres_of_known_geometries():
+    model = _small_cnn()
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    # a 2x2 convolution without padding, then 2x2 pools that drop an odd last row: by hand, rows and columns at
+    # these centres, measured from the gradient, which one random 2x2 kernel may tip by up to half a pixel
+    for layer, want, atol in [("whiten", torch.arange(31) + 0.5, 0.5), ("block1.act2", 2 * torch.arange(15) + 1.0, 0.3),
+                              ("block2.act2", 4 * torch.arange(7) + 2.0, 0.3),
+                              ("block3.act2", 8 * torch.arange(3) + 4.0, 0.3)]:
+        for got in models.cell_centres(model, layer, x):
+            assert torch.allclose(got, want.double(), atol=atol), (layer, got)
+    import torchvision
+    resnet = torchvision.models.resnet18(num_classes=10).eval()  # a stem of stride 4 centred on pixel 0, then 2
+    for got in models.cell_centres(resnet, "layer2.1.relu", x):
+        assert torch.allclose(got, 8 * torch.arange(4).double(), atol=0.5), got
+    even = (torch.arange(8) + 0.5).double() * 4 - 0.5
+    sized = nn.Sequential(nn.AdaptiveAvgPool2d(16), nn.Conv2d(3, 2, 3, padding=1), nn.AvgPool2d(2))
+    for got in models.cell_centres(sized, "2", x):  # a map of 8x8 cells whatever the image: the even stretch
+        assert torch.allclose(got, even), got
+
+
+class _OneSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AvgPool2d(4)
+
+    def forward(self, x):
+        torch._assert(x.shape[-1] == 32, "32 px images only")
+        return self.pool(x).mean((2, 3))
+
+
+def test_cell_centres_of_a_model_for_one_image_size_are_the_even_stretch():
+    rows, cols = models.cell_centres(_OneSize(), "pool", torch.rand(1, 3, 32, 32))
+    assert torch.allclose(rows, (torch.arange(8) + 0.5).double() * 4 - 0.5) and torch.allclose(cols, rows)
 
 
 def test_integrated_gradients_takes_its_steps():
@@ -317,3 +396,20 @@ def test_a_model_that_does_not_return_logits_is_named():
     squeezed = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 1), nn.Flatten(0))  # (B,): one number an image
     with pytest.raises(ValueError, match=r"Sequential returns a tensor of shape \(1,\), not logits \(B, classes\)"):
         attribution.saliency(squeezed, pixel_images(), 0)
+
+
+def test_integrated_gradients_say_when_their_sum_misses_the_logits_change():
+    model = _small_cnn()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(UserWarning, match=r"integrated gradients in 4 steps miss the logit's change f\(image\) - "
+                                         r"f\(baseline\) by up to \d+% of it, over 5%: pass more steps"):
+        attribution.integrated_gradients(model, x, 1, steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attribution.integrated_gradients(model, x, 1, steps=64)
+
+
+def test_cell_centres_of_a_layer_without_a_map_are_refused_by_name():
+    flat = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 30 * 30, 10))
+    with pytest.raises(ValueError, match=r"layer '1' gives \(1, 1800\), not a map \(B, C, H, W\)"):
+        models.cell_centres(flat, "1", torch.rand(1, 3, 32, 32))

@@ -156,10 +156,14 @@ def test_plot_heatmaps_overlays_normalized_maps():
     assert all(len(ax.images) == 2 for ax in axes[1:].flat)
     assert axes[2, 0].images[1].get_array().shape == (8, 8)  # upsampled to the image size
     attributions = torch.randn(2, 3, 8, 8)  # (B, C, h, w), as integrated gradients gives them
-    fig = utils.plot_heatmaps(images(2), attributions)
+    fig = utils.plot_heatmaps(images(2), attributions, signed=False)
     shown = np.array(fig.axes).reshape(2, 2)[1, 0].images[1].get_array()
     summed = attributions[0].abs().sum(0).numpy()  # channels summed as magnitudes, then scaled to [0, 1]
     assert np.allclose(shown, (summed - summed.min()) / (summed.max() - summed.min()), atol=1e-6)
+    for signed in (None, True):  # signed (said, or read from the negative values): the channels' signed sum
+        overlay = np.array(utils.plot_heatmaps(images(2), attributions, signed=signed).axes).reshape(2, 2)[1, 0].images[1]
+        summed = attributions[0].sum(0).numpy()
+        assert overlay.get_cmap().name == "RdBu_r" and np.allclose(overlay.get_array(), summed / np.abs(summed).max())
 
 
 def test_signed_maps_are_shown_around_zero():
