@@ -15,6 +15,7 @@ import os
 import re
 import struct
 import tarfile
+import uuid
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -148,22 +149,21 @@ def to_float(images, name="images"):
 
 def data_dir(root=None):
     """DATA_DIR from the argument, else the environment, else ./data."""
-    return Path(root or os.environ.get("DATA_DIR") or "data").expanduser()
+    return Path(root or os.environ.get("DATA_DIR", "").strip() or "data").expanduser()  # blank: unset, as README says
 
 
-def writable_dir(root):
-    """root, created if missing; an error that says what to do where it is a file or not writable."""
+def writable_dir(root, name="DATA_DIR", fix="set DATA_DIR to"):
+    """root, created if missing; an error naming it (`name`) that says what to do (`fix` a folder you can write
+    to) where it is a file or not writable."""
     root = Path(root)
     if root.exists() and not root.is_dir():
-        raise NotADirectoryError(f"DATA_DIR {root} is a file, not a folder: set DATA_DIR to a folder "
-                                 f"(it is created if missing)")
+        raise NotADirectoryError(f"{name} {root} is a file, not a folder: {fix} a folder (it is created if missing)")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise PermissionError(f"DATA_DIR {root} cannot be created ({e}): set DATA_DIR to a folder you "
-                              f"can write to") from e
+        raise PermissionError(f"{name} {root} cannot be created ({e}): {fix} a folder you can write to") from e
     if not os.access(root, os.W_OK | os.X_OK):
-        raise PermissionError(f"DATA_DIR {root} is not writable: set DATA_DIR to a folder you can write to")
+        raise PermissionError(f"{name} {root} is not writable: {fix} a folder you can write to")
     return root
 
 
@@ -208,10 +208,11 @@ def check_seed(d, seed):
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename onto path: a crash never leaves a half-written file."""
+    """Call write(tmp_path), then rename onto path: a crash never leaves a half-written file. The temporary
+    name is random, so that two processes writing one file (even with one pid, in two containers) never share it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # not mkstemp: keep the umask's mode
     try:
         write(tmp)
         os.replace(tmp, path)

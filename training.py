@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import Loader, atomic_write, check_count, check_labels, plain, to_float
-from models import (BatchNorm, build_model, check_input, cnn_config, config_of, device_of, dtype_of, evaluating,
-                    exact, first_image, frozen, vae_config)
+from data import Loader, atomic_write, check_count, check_labels, plain, to_float, writable_dir
+from models import (BatchNorm, build_model, check_input, check_logits, cnn_config, config_of, device_of, dtype_of,
+                    evaluating, exact, first_image, frozen, vae_config)
 
 CNN_HYP = dict(
     epochs=10,               # airbench94 trains 9.9 epochs
@@ -257,7 +257,11 @@ def _match_csv(path, history):
             return
     except (OSError, ValueError, TypeError, csv.Error):  # missing or unreadable (a short row: float(None)): anew
         pass
-    write_csv(history, path)
+    try:
+        write_csv(history, path)
+    except OSError as e:  # a read-only copy of the checkpoints: the model loads all the same
+        warnings.warn(f"the training history of the reused checkpoint could not be written to {path} ({e}); the "
+                      f"checkpoint holds it (its 'history')", stacklevel=2)
 
 
 def save_checkpoint(path, model, **info):
@@ -359,9 +363,8 @@ class BestKeeper:
         """Record one epoch's metrics; keep the weights if the epoch is the best so far. A metric that is not
         a number stops the run: NaN would stay the best, as no later epoch compares greater."""
         if not math.isfinite(row[self.key]):
-            kept = _kept(self.ckpt_path) if self.best else "No epoch of this run was kept; nothing was saved."
             raise FloatingPointError(f"{self.key} became {row[self.key]} in epoch {row['epoch']}; training stopped. "
-                                     f"{kept} Try a lower lr.")
+                                     f"{_kept(self.ckpt_path, self.best is not None)} Try a lower lr.")
         self.rows.append(row)
         if self.best is None or self.sign * row[self.key] > self.sign * self.best[self.key]:
             self.best = row
@@ -450,6 +453,8 @@ def _train_or_load(fit_fn, data, ckpt_path, config, hyp, retrain, seed, device, 
         if changed:  # a setting that is not in the file's name, or a default that differs on this device
             print(f"{ckpt_path} was trained with other settings, so a model is trained anew and replaces it when "
                   f"the run completes (interrupt now and set them back to keep it): " + "; ".join(changed))
+        for path in filter(None, (ckpt_path, csv_path)):  # now, not when the first epoch is saved
+            writable_dir(path.parent, f"{path.name}'s folder", f"give {path.name} a path in")
         seed_everything(seed)
         fit_fn(build_model(config), data, hyp, device, seed, ckpt_path, csv_path, progress, extra=settings)
         return load_checkpoint(ckpt_path, device)
@@ -512,8 +517,13 @@ def predict(model, images, tta_level=0, batch_size=1000):
     out = []
     with frozen(model) as layout:  # the memory format the model runs fastest in, where it can take another
 
+        def logits_of(x):
+            out = model(layout(x))
+            check_logits(model, out)  # a dict or a tuple is named, not met as an AttributeError further on
+            return out
+
         def flip_avg(x):
-            return model(layout(x)) if tta_level == 0 else 0.5 * (model(layout(x)) + model(layout(x.flip(3))))
+            return logits_of(x) if tta_level == 0 else 0.5 * (logits_of(x) + logits_of(x.flip(3)))
 
         for x in images.split(batch_size):
             x = to_float(x.to(device)).to(dtype_of(model))  # in the model's dtype (half, bfloat16)
@@ -649,7 +659,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
         return dict(loss=loss.detach().to(_sum_dtype(device)), correct=(out.argmax(1) == y).sum())
 
     def end_epoch(epoch, sums, seen):
-        _check_finite(sums["loss"], epoch, ckpt_path, f"Try a lower lr (now {hyp['lr']}).")
+        _check_finite(sums["loss"], epoch, keeper, f"Try a lower lr (now {hyp['lr']}).")
         val = evaluate(model, data.val_x, data.val_y)
         return dict(train_loss=float(sums["loss"]) / seen, train_acc=int(sums["correct"]) / seen,
                     val_loss=val["loss"], val_acc=val["acc"], lr=opt.param_groups[1]["lr"])
@@ -664,20 +674,20 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     return keeper.rows
 
 
-def _check_finite(loss, epoch, ckpt_path, advice):
+def _check_finite(loss, epoch, keeper, advice):
     """Stop a run whose epoch's summed training loss is NaN or inf, checked once an epoch (a check per step
     would wait for the device at every step); the weights go back to the best epoch's (run_epochs)."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training loss became {float(loss)} in epoch {epoch + 1}; training stopped. "
-                                 f"{_kept(ckpt_path)} {advice}")
+                                 f"{_kept(keeper.ckpt_path, keeper.best is not None)} {advice}")
 
 
-def _kept(ckpt_path):
-    """What a stopped run leaves: the finished checkpoint untouched, the best epoch beside it."""
+def _kept(ckpt_path, saved=True):
+    """What a stopped run leaves: the finished checkpoint untouched, the best epoch beside it once one was saved."""
     if not ckpt_path:
         return "Nothing was saved."
-    return (f"Any finished checkpoint at {ckpt_path} is untouched; the best epoch so far is in "
-            f"{partial_path(ckpt_path)}.")
+    best = f"the best epoch so far is in {partial_path(ckpt_path)}" if saved else "no epoch of this run was kept"
+    return f"Any finished checkpoint at {ckpt_path} is untouched; {best}."
 
 
 def _check_learned(val_acc, val_y, num_classes, lr, ckpt_path):
@@ -798,8 +808,8 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
         return dict(loss=out["loss"].detach() * len(x), **{k: out[k].detach().sum() for k in ("bpd", "nll", "kl")})
 
     def end_epoch(epoch, sums, seen):
-        _check_finite(sums["loss"], epoch, ckpt_path, f"Try a lower lr (now {hyp['lr']}) or grad_clip "
-                                                      f"(now {hyp['grad_clip']}).")
+        _check_finite(sums["loss"], epoch, keeper, f"Try a lower lr (now {hyp['lr']}) or grad_clip "
+                                                   f"(now {hyp['grad_clip']}).")
         val = evaluate_vae(vae, data.val_x, seed=seed)
         last = min((epoch + 1) * len(loader), total) - 1  # the epoch's last step: its KL weight and lr
         return dict(**{f"train_{k}": float(v) / seen for k, v in sums.items()},

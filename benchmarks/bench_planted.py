@@ -56,8 +56,10 @@ def sequential(channels=3, classes=10):
 def train_plain(model, d, epochs, seed=0):
     """Adam and cross-entropy with flip and translate augmentation: the plain recipe of any tutorial."""
     training.seed_everything(seed)
+    device = training.get_device()  # where train_classifier puts ours and the VAE: the techniques need one device
+    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loader = data.Loader(d.train_x, d.train_y, 128, shuffle=True, augment=True, seed=seed)
+    loader = data.Loader(d.train_x, d.train_y, 128, shuffle=True, augment=True, seed=seed, device=device)
     model.train()
     for _ in range(epochs):
         for x, y in loader:

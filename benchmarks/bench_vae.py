@@ -55,13 +55,12 @@ def main():
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([t / 60 for t, _ in points], [b for _, b in points], marker="o")
-    ax.set_xlabel("training time (minutes, CPU)")
+    ax.set_xlabel(f"training time (minutes, {training.get_device().type})")
     ax.set_ylabel("validation bits/dim")
     ax.set_title(f"VAE ({args.preset}, {args.mixtures} logistic(s) per pixel) on {d.name}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.png, dpi=80)
+    data.atomic_write(Path(args.png), lambda tmp: fig.savefig(tmp, format="png", dpi=80))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ out=outputs/${smoke}
 trap 'echo "${nb:-setup}: FAILED (see the error above); no total" | tee -a "$log"' ERR
 for nb in "${notebooks[@]}"; do
   start=$(date +%s)
+  rm -f "$out/$nb"  # a failed run leaves no earlier run's executed copy behind to be read as this one
   $PY -m jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=-1 --output-dir "$out" "$nb"
   took=$(( $(date +%s) - start )); total=$(( total + took ))
   echo "$nb: ${took} s" | tee -a "$log"

@@ -196,9 +196,12 @@ def test_the_best_epoch_is_the_best_not_the_last_and_a_nan_metric_stops_the_run(
     keeper.finish()
     assert torch.load(tmp_path / "m.pt", weights_only=True)["epoch"] == 2
     vae_keeper = training.BestKeeper(model, "val_bpd", False)
-    with pytest.raises(FloatingPointError, match=r"val_bpd became nan in epoch 1; training stopped. No epoch of"):
+    with pytest.raises(FloatingPointError, match=r"val_bpd became nan in epoch 1; training stopped. Nothing was saved"):
         vae_keeper.update(dict(epoch=1, val_bpd=float("nan")))  # was the best for good: nothing compares below it
     assert vae_keeper.best is None
+    saving = training.BestKeeper(model, "val_bpd", False, tmp_path / "v.pt")  # a first epoch has no partial file
+    with pytest.raises(FloatingPointError, match=r"v.pt is untouched; no epoch of this run was kept\. Try"):
+        saving.update(dict(epoch=1, val_bpd=float("nan")))
 
 
 @pytest.mark.parametrize("stop", [FloatingPointError("loss became nan"), KeyboardInterrupt()])
@@ -231,7 +234,7 @@ def test_nan_loss_stops_the_classifier(finished, tiny_data, monkeypatch):
     ckpt, csv, ckpt_bytes, _ = finished
     real = torch.nn.functional.cross_entropy
     monkeypatch.setattr(training.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
-    with pytest.raises(FloatingPointError, match="loss became nan in epoch 1.*untouched"):
+    with pytest.raises(FloatingPointError, match="loss became nan in epoch 1.*untouched; no epoch of this run was kept"):
         training.train_classifier(tiny_data, ckpt, preset="small", hyp=TINY, retrain=True, csv_path=csv,
                                   progress=False)
     assert ckpt.read_bytes() == ckpt_bytes
@@ -267,6 +270,7 @@ ENTRY_POINTS = {
     "models.capture": lambda x, cnn, vae: models.capture(cnn, x, ["block1.act2"]),
     "models.last_map_layer": lambda x, cnn, vae: models.last_map_layer(cnn, x),
     "models.keeps_features_last": lambda x, cnn, vae: models.keeps_features_last(cnn, x, "block1.act2"),
+    "models.cell_centres": lambda x, cnn, vae: list(models.cell_centres(cnn, "block1.act2", x)),
     "models.first_image": lambda x, cnn, vae: models.first_image(cnn, x),
     "attribution.saliency": lambda x, cnn, vae: attribution.saliency(cnn, x, 0),
     "attribution.grad_cam": lambda x, cnn, vae: attribution.grad_cam(cnn, x, 0),
@@ -526,6 +530,33 @@ def test_data_dir_that_is_not_writable(tmp_path, monkeypatch):
     monkeypatch.setattr(data.os, "access", lambda p, mode: Path(p) != ro and real(p, mode))
     with pytest.raises(PermissionError, match="not writable"):
         data.load_data("cifar10", root=ro)
+
+
+def test_a_checkpoint_folder_that_is_not_writable_is_named_before_training(tiny_data, tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    real = data.os.access  # root may write anywhere, so the folder reads as unwritable through os.access
+    monkeypatch.setattr(data.os, "access", lambda p, mode: Path(p) != ro and real(p, mode))
+    monkeypatch.setattr(training, "fit", lambda *a, **k: pytest.fail("trained before the folder was checked"))
+    with pytest.raises(PermissionError, match=r"cnn.pt's folder .*ro is not writable: give cnn.pt a path in a folder"):
+        training.train_classifier(tiny_data, ro / "cnn.pt", preset="small", hyp=TINY, progress=False)
+    with pytest.raises(PermissionError, match=r"cnn.csv's folder .*ro is not writable"):
+        training.train_classifier(tiny_data, tmp_path / "cnn.pt", preset="small", hyp=TINY, csv_path=ro / "cnn.csv",
+                                  progress=False)
+
+
+def test_a_reused_checkpoint_whose_csv_cannot_be_written_loads_with_a_warning(finished, tiny_data, monkeypatch):
+    ckpt, csv, _, _ = finished
+    csv.unlink()  # as in a read-only copy of the checkpoints without their CSVs
+
+    def read_only(rows, path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(training, "write_csv", read_only)
+    monkeypatch.setattr(training, "fit", lambda *a, **k: pytest.fail("retrained"))
+    with pytest.warns(UserWarning, match=r"history of the reused checkpoint could not be written to .*cnn.csv"):
+        model, ckpt_dict = training.train_classifier(tiny_data, ckpt, preset="small", hyp=TINY, csv_path=csv,
+                                                     progress=False)
+    assert ckpt_dict["history"] and not csv.exists()
 
 
 @pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.exists(), reason="dataset-fashion-mnist not installed")

@@ -286,3 +286,19 @@ def test_edge_arguments_of_the_synthetic_sets_the_loader_and_the_image_check():
     assert data.check_images(torch.full((1, 3, 2, 2), -6e-8)) is not None  # an un-normalized image's rounding
     with pytest.raises(ValueError, match=r"got floats in \[-0.01"):
         data.check_images(torch.full((1, 3, 2, 2), -0.01))
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_gives_each_write_its_own_temporary_name(tmp_path):
+    path, seen = tmp_path / "f.bin", []
+    path.write_bytes(b"old")
+
+    def fail(tmp):
+        seen.append(tmp)
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        data.atomic_write(path, fail)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+    data.atomic_write(path, lambda tmp: (seen.append(tmp), tmp.write_bytes(b"new")))
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+    assert seen[0] != seen[1] and seen[0].parent == seen[1].parent == tmp_path  # two writers never share one
