@@ -1,6 +1,7 @@
 """The atlas: page structure (every channel has its card, every link and image resolves), resuming and
 stale keys, the selectivity and head-contribution numbers, and a real headless browser."""
 import collections
+import copy
 import os
 import re
 import shlex
@@ -210,6 +211,14 @@ def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_pat
     monkeypatch.setattr(atlas, "_code", lambda: code + "# a technique's or a page's settings edited")  # autoreload
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS + 1, progress=False)
     assert calls == layers * 3  # stale pages are never reused
+    retrained, vae_retrained = copy.deepcopy(model), copy.deepcopy(vae)  # the same settings, other weights
+    with torch.no_grad():
+        retrained.head.weight.add_(1e-3)
+        next(vae_retrained.parameters()).add_(1e-3)
+    atlas.build_atlas(retrained, d, vae, TECHNIQUES, tmp_path, layers, STEPS + 1, progress=False)
+    assert calls == layers * 4
+    atlas.build_atlas(retrained, d, vae_retrained, TECHNIQUES, tmp_path, layers, STEPS + 1, progress=False)
+    assert calls == layers * 5
 
 
 def test_a_rebuild_that_fails_for_its_model_leaves_the_finished_atlas_as_it_was(tiny, tmp_path):

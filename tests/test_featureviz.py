@@ -809,7 +809,7 @@ def test_render_accepts_a_built_parameterization_and_checks_its_size():
     model = cnn()
     r = fv.render(model, [0, 1], param=fv.PixelParam(2, 3, 32), steps=2, progress=False)
     assert r.images.shape == (2, 3, 32, 32)
-    with pytest.raises(ValueError, match="need"):
+    with pytest.raises(ValueError, match=r"parameterization makes images \(3, 3, 32, 32\); need \(2, 3, 32, 32\)"):
         fv.render(model, [0, 1], param=fv.PixelParam(3, 3, 32), steps=2, progress=False)
 
 
@@ -1159,3 +1159,14 @@ def test_diversity_compares_a_half_models_maps_without_overflow():
     assert penalty.isfinite().all() and (penalty > 0.5).all()
     in_float32 = fv.diversity_penalty(act.float(), torch.tensor([0, 0]))
     torch.testing.assert_close(penalty.float(), in_float32, rtol=1e-2, atol=0)
+
+
+def test_the_cosine_schedule_falls_from_its_start_to_0_along_a_half_cosine_and_reaches_adam(monkeypatch):
+    schedule = fv.cosine(0.3)
+    assert [schedule(t) for t in (0.0, 0.25, 0.5, 1.0)] == pytest.approx([0.3, 0.3 * (1 + 0.5 ** 0.5) / 2, 0.15, 0.0])
+    seen = []
+    set_lr = fv._set_lr
+    monkeypatch.setattr(fv, "_set_lr", lambda opt, lr: (seen.append(float(lr)), set_lr(opt, lr)))
+    model = models.build_model(models.cnn_config("small")).eval()
+    fv.render(model, [0], "pixel", steps=4, lr=schedule, transforms=None, size=32, progress=False)
+    assert seen == pytest.approx([schedule(i / 4) for i in range(4)])  # each step's, at the fraction done

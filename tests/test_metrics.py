@@ -500,3 +500,24 @@ def test_the_real_image_rows_never_draw_an_image_their_unit_is_compared_with(ref
                     assert not torch.isin(i, avoid[units.index(t)]).any(), (name, t, seed)
                     checked += 1
     assert checked > 100
+
+
+def test_the_table_gives_each_metric_its_mean_and_standard_deviation_over_the_seeds(reference, monkeypatch):
+    """Each row's metric is the mean of its seeds' scores and `_sd` their standard deviation; one seed has no
+    spread (NaN); only techniques are timed (the baselines' `seconds` is NaN)."""
+    d = SimpleNamespace(name="synthetic", classes=reference.classes, size=32, test_x=reference.test_x,
+                        test_y=reference.test_y, train_x=reference.test_x)
+    calls = itertools.count()
+    monkeypatch.setattr(metrics, "Reference", lambda *a, **k: reference)
+    monkeypatch.setattr(reference, "score", lambda images, channel_images=None: dict(
+        act=float(next(calls) % 3 + 1), least_similar="block1.act2"))  # seeds 0, 1, 2 score 1, 2, 3
+    mine = lambda targets, seed: torch.rand(len(targets), 3, 32, 32)
+    rows, _ = metrics.quality_table(reference.model, reference.other, d, {"mine": mine}, seeds=3, channels=[],
+                                    progress=False)
+    for row in rows:
+        assert row["act"] == 2 and row["act_sd"] == pytest.approx(1.0), row
+        assert math.isnan(row["seconds"]) != (row["technique"] == "mine")
+    monkeypatch.setattr(reference, "score", lambda images, channel_images=None: dict(act=1.0, least_similar="block1.act2"))
+    row, = [r for r in metrics.quality_table(reference.model, reference.other, d, {"mine": mine}, seeds=1,
+                                             channels=[], progress=False)[0] if r["technique"] == "mine"]
+    assert row["act"] == 1 and math.isnan(row["act_sd"])

@@ -75,6 +75,12 @@ finally:
 args = atlas.arguments("atlas", shlex.split(printed.getvalue().split("\\n")[1].strip())[2:])
 assert (args.preset, args.vae_preset, args.steps, args.seed, args.checkpoints) == (
     PRESET, VAE_PRESET, STEPS, SEED, str(CKPT_DIR)), (printed.getvalue(), args)
+# and from them the atlas reads the very checkpoints the notebooks wrote (their file names, one place each)
+import torch
+loaded = atlas.notebook_models(args.dataset, args.data_dir, args.preset, args.vae_preset, ["whitened"], args.seed,
+                               args.checkpoints)
+for mine, theirs in ((loaded[0], model), (loaded[2], vae)):
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
 """
 
 

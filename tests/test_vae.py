@@ -313,3 +313,27 @@ def test_the_vaes_image_methods_take_the_two_image_forms_and_refuse_others():
             vae.interpolate(x[0].float(), x[1].float())
         with pytest.raises(ValueError, match="1 channel"):
             vae.reconstruct(x[:, :1])
+
+
+def test_the_mean_image_is_the_mixtures_mean_with_each_channel_coupled_to_the_ones_before_it(monkeypatch):
+    """decode by hand, on fixed mixture parameters (2 components, 3 channels, 2x2 images): channel j's mean in
+    component k is mu_kj + sum over i < j of c_k(ij) m_ki, and the image is the components' mean, weighted by
+    the softmax of their logits, from [-1, 1] to [0, 1]."""
+    vae = small_vae()
+    g = torch.Generator().manual_seed(0)
+    logits, mu = torch.randn(1, 2, 2, 2, generator=g), torch.rand(1, 2, 3, 2, 2, generator=g) * 1.2 - 0.6
+    coeffs = torch.rand(1, 2, 3, 2, 2, generator=g) * 2 - 1  # pairs (0, 1), (0, 2), (1, 2)
+    monkeypatch.setattr(vae, "decode_params", lambda z: (logits, mu, None, coeffs))
+    m0 = mu[:, :, 0]
+    m1 = mu[:, :, 1] + coeffs[:, :, 0] * m0
+    m2 = mu[:, :, 2] + coeffs[:, :, 1] * m0 + coeffs[:, :, 2] * m1
+    weights = torch.softmax(logits, 1)[:, :, None]
+    want = ((weights * torch.stack([m0, m1, m2], 2)).sum(1).clamp(-1, 1) + 1) / 2
+    assert torch.allclose(vae.decode(torch.zeros(1, vae.latent_dim)), want, atol=1e-6)
+
+
+def test_a_sample_at_temperature_0_is_the_prior_means_image():
+    vae = small_vae().eval()
+    with torch.no_grad():
+        assert torch.allclose(vae.sample(2, temperature=0.0), vae.decode(torch.zeros(2, vae.latent_dim)))
+        assert not torch.allclose(vae.sample(2, temperature=1.0), vae.decode(torch.zeros(2, vae.latent_dim)))
