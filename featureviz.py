@@ -1312,8 +1312,8 @@ def _check_differentiable(acts):
     if cut:
         what = "the model's output" if cut[0] is None else f"layer {cut[0]!r}"
         raise ValueError(f"{what} is computed without gradients in the model's forward (torch.no_grad, or a "
-                         f"reentrant checkpoint): no image can be optimized for it; pick a layer outside that part, "
-                         f"or take the no_grad out of the forward")
+                         f"reentrant checkpoint) or the transforms (a detach): no image can be optimized for it; pick "
+                         f"a layer outside that part, or take the no_grad out")
 
 
 @torch.no_grad()

@@ -107,8 +107,11 @@ def block_activations(model, images, reduce, layers=None, batch_size=500):
     data.check_count("batch_size", batch_size, 1)
     layers = models.block_layers(model, images.shape[-1]) if layers is None else models.as_names(layers)
     device = models.device_of(model)
-    out = [models.capture(model, data.to_float(x.to(device)), layers) for x in images.split(batch_size)]
-    return [torch.cat([reduce(o[name]).float().cpu() for o in out]) for name in layers]
+    out = []
+    for x in images.split(batch_size):  # each batch reduced at once: no whole set's maps held in memory
+        maps = models.capture(model, data.to_float(x.to(device)), layers)
+        out.append({name: reduce(a).float().cpu() for name, a in maps.items()})
+    return [torch.cat([o[name] for o in out]) for name in layers]
 
 
 def spatial_statistics(a):

@@ -942,16 +942,16 @@ def _spatial_outputs(model, x):
     # as Recorder and captum read a module that runs twice: by its last call, so a map counts only where it is
     # its maker's last output (one ReLU module after conv1, conv2 and fc1 is fc1's, not a map)
     final = {name: key for name, _, key, _ in calls}
-    order = [(maker, shape) for _, maker, key, shape in calls if maker is not None and final[maker] == key]
-    if not order:
+    maps = [i for i, (_, maker, key, _) in enumerate(calls) if maker is not None and final[maker] == key]
+    if not maps:
         raise ValueError(f"{type(model).__name__} has no layer with a spatial output (B, C, H, W) among "
                          f"{', '.join(listed)}")
-    last_map = max(i for i, (_, maker, key, _) in enumerate(calls) if maker is not None and final[maker] == key)
-    later = list(dict.fromkeys(name for i, name in tokens if i > last_map))
+    order = [(calls[i][1], calls[i][3]) for i in maps]  # (maker, shape)
+    later = list(dict.fromkeys(name for i, name in tokens if i > maps[-1]))
     if later:
         warnings.warn(f"{type(model).__name__}'s layers after its last map ({order[-1][0]!r}) output tokens (B, N, D) "
-                      f"({', '.join(map(repr, later[:3]))}{', ...' if len(later) > 3 else ''}), which the default "
-                      f"layers (spatial ones) leave out: pass layers= (or layer=) to read them", stacklevel=3)
+                      f"({_some(later)}), which the default layers (spatial ones) leave out: pass layers= to read "
+                      f"them", stacklevel=3)
     return [(name, shape, layouts.last_call.get(get_layer(model, name), False)) for name, shape in order]
 
 
@@ -969,13 +969,18 @@ def last_map_layer(model, images):
     every = _spatial_outputs(model, x)
     outputs = [(name, shape, last) for name, shape, last in every if not last] or every
     chosen = next((name for name, shape, _ in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])
-    later = [name for name, _, last in every[[name for name, _, _ in every].index(chosen) + 1:] if last]
-    if later:  # a Swin's stages: the default would be its stem
-        warnings.warn(f"Grad-CAM's default layer is {chosen!r}, the last map with its channels on dim 1; the later "
-                      f"maps ({', '.join(map(repr, later[:3]))}{', ...' if len(later) > 3 else ''}) keep their "
-                      f"features last, which Grad-CAM cannot read: {chosen!r} may be far from the output, so pass "
-                      f"layer= to choose", stacklevel=2)
+    after = every[[name for name, _, _ in every].index(chosen) + 1:]
+    later = [name for name, shape, last in after if last and shape[-2] * shape[-1] > 1]
+    if later:  # a Swin's stages, channels-last maps all: the default is its stem
+        warnings.warn(f"Grad-CAM's default layer is {chosen!r}, the last map with its channels on dim 1: the later "
+                      f"maps ({_some(later)}) keep their features last, which Grad-CAM cannot read (captum reads a "
+                      f"layer's own output), so the heatmap is that early layer's", stacklevel=2)
     return chosen
+
+
+def _some(names):
+    """The first three names, quoted, and '...' for more: for a message."""
+    return ", ".join(map(repr, names[:3])) + (", ..." if len(names) > 3 else "")
 
 
 MARGIN = 64  # px of noise on each side of the image when cell_centres finds a map's geometry: a multiple of strides
@@ -988,13 +993,14 @@ def cell_centres(model, layer, images, cells=4):
 
     A map does not always span its image evenly: a convolution without padding or a pooling that drops an odd
     last row leaves the last cells short of the far edge (our CNN's 3x3 map of 32 px images looks at rows 4,
-    12 and 20, where an even stretch puts them at 4.8, 15.5 and 26.2). So the geometry is measured: the image,
-    with MARGIN px of noise around it, goes through the model up to the layer; the stride is how many cells
-    the margin adds, and the offset the mean over a few (`cells`) rows (columns) of where the gradient of the
-    row's sum falls in the image (its centre of mass; the margin keeps it from being cut off at the image's
-    edges). A model that refuses the larger image, or whose map does not grow by a whole number of cells
-    with it (a stride that does not divide MARGIN, an adaptive pooling), or whose rows no gradient reaches, gets
-    the even stretch (bilinear resizing's)."""
+    12 and 20, where an even stretch puts them at 4.8, 15.5 and 26.2). So the geometry is measured, on a noise
+    image MARGIN px larger than the image on every side, run through the model up to the layer: the stride is
+    how many cells the margin adds, and the offset the mean over a few (`cells`) rows (columns) of where the
+    gradient of the row's sum falls (its centre of mass, above the profile's floor, which a squeeze-and-excitation
+    gate spreads over every pixel; the margin keeps it from being cut off at the image's edges). A model that
+    refuses the larger image, whose map does not grow by a whole number of cells with it (an adaptive pooling),
+    whose measured spacing is not that stride (a stride that does not divide 2 x MARGIN), or whose rows no
+    gradient reaches, gets the even stretch (bilinear resizing's)."""
     x = first_image(model, images)
     noise = torch.rand(1, x.shape[1], *(side + 2 * MARGIN for side in x.shape[-2:]),
                        generator=torch.Generator().manual_seed(0)).to(x)
@@ -1016,11 +1022,18 @@ def cell_centres(model, layer, images, cells=4):
             continue
         stride = MARGIN // half
         picked = torch.linspace(0, k - 1, min(k, cells)).round().long().unique()
-        mass = _gradient_mass(recorder, noise, axis, picked + half)
-        where = (mass * torch.arange(mass.shape[1], dtype=torch.float64)).sum(1) / mass.sum(1) - MARGIN
+        where = _centres_of_mass(_gradient_mass(recorder, noise, axis, picked + half)) - MARGIN
+        spacing = (where[-1] - where[0]) / (picked[-1] - picked[0]) if k > 1 else torch.tensor(float(stride))
         offset = (where - stride * picked).mean()
-        centres.append(offset + stride * torch.arange(k, dtype=torch.float64) if offset.isfinite() else even)
+        fits = offset.isfinite() and abs(spacing - stride) <= 0.1 * stride
+        centres.append(offset + stride * torch.arange(k, dtype=torch.float64) if fits else even)
     return tuple(centres)
+
+
+def _centres_of_mass(profiles):
+    """(n,) where each of n profiles (n, side) has its mass above its own floor (its smallest value), in pixels."""
+    mass = profiles - profiles.min(1, keepdim=True).values
+    return (mass * torch.arange(mass.shape[1], dtype=mass.dtype)).sum(1) / mass.sum(1)
 
 
 def _gradient_mass(recorder, image, axis, index):

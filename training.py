@@ -364,7 +364,7 @@ class BestKeeper:
         a number stops the run: NaN would stay the best, as no later epoch compares greater."""
         if not math.isfinite(row[self.key]):
             raise FloatingPointError(f"{self.key} became {row[self.key]} in epoch {row['epoch']}; training stopped. "
-                                     f"{_kept(self.ckpt_path, self.best is not None)} Try a lower lr.")
+                                     f"{self.left()} Try a lower lr.")
         self.rows.append(row)
         if self.best is None or self.sign * row[self.key] > self.sign * self.best[self.key]:
             self.best = row
@@ -373,6 +373,10 @@ class BestKeeper:
                 self._save(partial_path(self.ckpt_path), complete=False)
         if self.csv_path:
             write_csv(self.rows, partial_path(self.csv_path))
+
+    def left(self):
+        """What a run stopped now leaves, in words (_kept)."""
+        return _kept(self.ckpt_path, self.best is not None)
 
     def restore(self):
         """Load the best epoch's weights into the model, in eval mode."""
@@ -679,7 +683,7 @@ def _check_finite(loss, epoch, keeper, advice):
     would wait for the device at every step); the weights go back to the best epoch's (run_epochs)."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training loss became {float(loss)} in epoch {epoch + 1}; training stopped. "
-                                 f"{_kept(keeper.ckpt_path, keeper.best is not None)} {advice}")
+                                 f"{keeper.left()} {advice}")
 
 
 def _kept(ckpt_path, saved=True):

@@ -60,7 +60,7 @@ def main():
     ax.set_title(f"VAE ({args.preset}, {args.mixtures} logistic(s) per pixel) on {d.name}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    data.atomic_write(Path(args.png), lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    data.atomic_write(Path(args.png), lambda tmp: fig.savefig(tmp, format=Path(args.png).suffix[1:] or "png", dpi=80))
 
 
 if __name__ == "__main__":
