@@ -1456,6 +1456,19 @@ def exemplars(model, images, target, k=8, batch_size=500):
     return Exemplars(pick(top.indices), pick(top.values), pick(bottom.indices), pick(bottom.values))
 
 
+def looks_at(model, target, images):
+    """Where a Neuron target looks in images like these: its cell's centre (y, x) in pixels, as
+    models.cell_centres measures it, to be marked on its exemplars (whole images: the neuron sees a part). None for
+    any other target (a class or a channel reads the whole image)."""
+    if not isinstance(target, Neuron):
+        return None
+    shape = models.capture(model, images[:1], target.layer)[target.layer].shape[1:]
+    target.check(shape)
+    rows, cols = models.cell_centres(model, target.layer, images)
+    y, x = target.position(shape)
+    return rows[y].item(), cols[x].item()
+
+
 # ----------------------------------------------------------------------------- techniques
 
 def render_in_stages(model, targets, first, second, steps=256, **common):

@@ -387,8 +387,9 @@ def plot_spectrum(eigenvalues, title="latent covariance spectrum", save=None):
 
 
 @_no_figure_on_error
-def plot_unit(image, exemplars, values=None, title=None, save=None):
-    """A visualization (C, H, W) beside the dataset images that excite the same unit (with activations)."""
+def plot_unit(image, exemplars, values=None, title=None, mark=None, save=None):
+    """A visualization (C, H, W) beside the dataset images that excite the same unit (with activations). mark:
+    (y, x) in pixels, where the unit looks (a neuron's, featureviz.looks_at), ringed on every image."""
     ex = _numpy_images(exemplars, "exemplars")
     fig, axes = plt.subplots(1, len(ex) + 1, figsize=(1.5 * (len(ex) + 1), 2.0), squeeze=False)
     _imshow(axes[0, 0], _numpy_images(image, "image")[0])
@@ -397,6 +398,11 @@ def plot_unit(image, exemplars, values=None, title=None, save=None):
         _imshow(ax, img)
         if values is not None:
             ax.set_title(f"{float(values[k]):.2f}", fontsize=9)
+    if mark is not None:
+        for ax in axes[0]:
+            ax.autoscale(False)  # the axes keep the image's extent
+            ax.plot(mark[1], mark[0], marker="o", markersize=9, markerfacecolor="none", markeredgecolor="red",
+                    markeredgewidth=1.5)
     if title:
         fig.suptitle(title, fontsize=10)
     return _finish(fig, save)

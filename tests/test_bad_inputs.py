@@ -271,6 +271,7 @@ ENTRY_POINTS = {
     "models.last_map_layer": lambda x, cnn, vae: models.last_map_layer(cnn, x),
     "models.keeps_features_last": lambda x, cnn, vae: models.keeps_features_last(cnn, x, "block1.act2"),
     "models.cell_centres": lambda x, cnn, vae: list(models.cell_centres(cnn, "block1.act2", x)),
+    "featureviz.looks_at": lambda x, cnn, vae: list(fv.looks_at(cnn, fv.Neuron("block1.act2", 0), x)),
     "models.first_image": lambda x, cnn, vae: models.first_image(cnn, x),
     "attribution.saliency": lambda x, cnn, vae: attribution.saliency(cnn, x, 0),
     "attribution.grad_cam": lambda x, cnn, vae: attribution.grad_cam(cnn, x, 0),

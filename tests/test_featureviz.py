@@ -1170,3 +1170,16 @@ def test_the_cosine_schedule_falls_from_its_start_to_0_along_a_half_cosine_and_r
     model = models.build_model(models.cnn_config("small")).eval()
     fv.render(model, [0], "pixel", steps=4, lr=schedule, transforms=None, size=32, progress=False)
     assert seen == pytest.approx([schedule(i / 4) for i in range(4)])  # each step's, at the fraction done
+
+
+def test_a_neuron_looks_at_its_cells_centre_and_other_targets_at_no_one_place():
+    model = models.build_model(models.cnn_config("small")).eval()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    rows, cols = models.cell_centres(model, "block3.act2", images)
+    assert fv.looks_at(model, fv.Neuron("block3.act2", 5, 2, 0), images) == (rows[2].item(), cols[0].item())
+    assert fv.looks_at(model, fv.Neuron("block3.act2", 5), images) == (rows[1].item(), cols[1].item())  # the centre
+    assert abs(rows[2].item() - 20) < 0.3 and abs(cols[0].item() - 4) < 0.3  # by hand: rows and columns 4, 12, 20
+    for target in (fv.Channel("block3.act2", 5), fv.Class(3), 3):
+        assert fv.looks_at(model, target, images) is None
+    with pytest.raises(ValueError, match=r"neuron position \(y=3, x=0\) out of range: layer 'block3.act2' is 3x3"):
+        fv.looks_at(model, fv.Neuron("block3.act2", 5, 3, 0), images)

@@ -62,6 +62,13 @@ finally:
 """
 
 
+# And the unit cell's function on a neuron: every image rings where the neuron looks.
+NEURON_RING = """
+fig = show_unit("block3.act2", 0, "pixel", (1, 1))
+assert [len(ax.lines) for ax in fig.axes] == [1] * len(fig.axes), "a neuron's images ringed"
+"""
+
+
 # And its atlas cell re-run with ATLAS off: the command it prints builds from the smoke run's own settings.
 PRINTED_COMMAND = """
 import contextlib, io, shlex
@@ -102,7 +109,7 @@ def _smoke_checks(name, nb):
         return RERUN_TRAINING.format(cell=cell, **TRAINING[name])
     cell = next(c.source for c in nb.cells if "atlas.command(" in c.source)
     channels = next(c.source for c in nb.cells if "CHANNEL_LAYER =" in c.source)
-    return PRESS_RENDER + PRINTED_COMMAND.format(cell=cell) + RERUN_CHANNELS.format(cell=channels)
+    return PRESS_RENDER + NEURON_RING + PRINTED_COMMAND.format(cell=cell) + RERUN_CHANNELS.format(cell=channels)
 
 
 def test_notebooks_run_in_smoke_mode(monkeypatch):

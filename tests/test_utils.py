@@ -280,6 +280,13 @@ def test_plot_unit_shows_visualization_and_exemplars(tmp_path):
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["visualization", "3.00", "2.50", "2.00", "1.00"] and len(fig.axes[0].images) == 1
     assert (tmp_path / "u.png").stat().st_size > 0
+    assert all(not ax.lines for ax in fig.axes)  # nothing marked unless asked
+    plt.close(fig)
+    fig = utils.plot_unit(torch.rand(3, 32, 32), torch.rand(2, 3, 32, 32), mark=(4.5, 20.0))  # a neuron's centre
+    for ax in fig.axes:
+        (ring,) = ax.lines
+        assert list(ring.get_xydata()[0]) == [20.0, 4.5] and ring.get_marker() == "o"  # (x, y) on the image
+        assert ax.get_xlim() == (-0.5, 31.5) and ax.get_ylim() == (31.5, -0.5)  # the image's extent kept
     plt.close(fig)
 
 
