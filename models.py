@@ -995,12 +995,15 @@ def cell_centres(model, layer, images, cells=4):
     last row leaves the last cells short of the far edge (our CNN's 3x3 map of 32 px images looks at rows 4,
     12 and 20, where an even stretch puts them at 4.8, 15.5 and 26.2). So the geometry is measured, on a noise
     image MARGIN px larger than the image on every side, run through the model up to the layer: the stride is
-    how many cells the margin adds, and the offset the mean over a few (`cells`) rows (columns) of where the
-    gradient of the row's sum falls (its centre of mass, above the profile's floor, which a squeeze-and-excitation
-    gate spreads over every pixel; the margin keeps it from being cut off at the image's edges). A model that
-    refuses the larger image, whose map does not grow by a whole number of cells with it (an adaptive pooling),
-    whose measured spacing is not that stride (a stride that does not divide 2 x MARGIN), or whose rows no
-    gradient reaches, gets the even stretch (bilinear resizing's)."""
+    how many cells the margin adds, and the offset the mean over a few (`cells`) rows (columns), spread evenly
+    over the map, of where the gradient of the row's sum falls (its centre of mass; the margin keeps it from
+    being cut off at the image's edges, and the mean cancels the pull to the middle that a gradient spread over
+    the whole image, a squeeze-and-excitation gate's, gives rows on either side alike). A model that refuses the
+    larger image, whose map does not grow by a whole number of cells with it (an adaptive pooling),
+    whose measured spacing drifts from that stride by half a cell or more over the map (a stride that does not
+    divide 2 x MARGIN, such as 28, whose margins add the cells 32's would), or whose rows no gradient reaches,
+    gets the even stretch (bilinear resizing's)."""
+    check_count("cells", cells, 2)  # two at least, to measure the spacing
     x = first_image(model, images)
     noise = torch.rand(1, x.shape[1], *(side + 2 * MARGIN for side in x.shape[-2:]),
                        generator=torch.Generator().manual_seed(0)).to(x)
@@ -1025,15 +1028,14 @@ def cell_centres(model, layer, images, cells=4):
         where = _centres_of_mass(_gradient_mass(recorder, noise, axis, picked + half)) - MARGIN
         spacing = (where[-1] - where[0]) / (picked[-1] - picked[0]) if k > 1 else torch.tensor(float(stride))
         offset = (where - stride * picked).mean()
-        fits = offset.isfinite() and abs(spacing - stride) <= 0.1 * stride
+        fits = offset.isfinite() and abs(spacing - stride) * max(k - 1, 1) <= stride / 2  # drift: under half a cell
         centres.append(offset + stride * torch.arange(k, dtype=torch.float64) if fits else even)
     return tuple(centres)
 
 
 def _centres_of_mass(profiles):
-    """(n,) where each of n profiles (n, side) has its mass above its own floor (its smallest value), in pixels."""
-    mass = profiles - profiles.min(1, keepdim=True).values
-    return (mass * torch.arange(mass.shape[1], dtype=mass.dtype)).sum(1) / mass.sum(1)
+    """(n,) where each of n profiles (n, side) has its mass, in pixels."""
+    return (profiles * torch.arange(profiles.shape[1], dtype=profiles.dtype)).sum(1) / profiles.sum(1)
 
 
 def _gradient_mass(recorder, image, axis, index):

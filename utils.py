@@ -389,7 +389,8 @@ def plot_spectrum(eigenvalues, title="latent covariance spectrum", save=None):
 @_no_figure_on_error
 def plot_unit(image, exemplars, values=None, title=None, mark=None, save=None):
     """A visualization (C, H, W) beside the dataset images that excite the same unit (with activations). mark:
-    (y, x) in pixels, where the unit looks (a neuron's, featureviz.looks_at), ringed on every image."""
+    (y, x) in pixels, where the unit looks (a neuron's, featureviz.looks_at), ringed on every image, the
+    visualization's too (rendered at the exemplars' size, as visualize_unit does by default)."""
     ex = _numpy_images(exemplars, "exemplars")
     fig, axes = plt.subplots(1, len(ex) + 1, figsize=(1.5 * (len(ex) + 1), 2.0), squeeze=False)
     _imshow(axes[0, 0], _numpy_images(image, "image")[0])

@@ -373,6 +373,23 @@ def test_cell_centres_of_a_stride_that_does_not_divide_the_margin_twice():
         assert torch.allclose(got, 13.5 + 28 * torch.arange(8).double()), got
 
 
+class _Gated(nn.Module):
+    """4x4 average pools scaled by a gate read from the whole image, as a squeeze-and-excitation block's: the
+    gradient of any row spreads a little over every pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AvgPool2d(4)
+
+    def forward(self, x):
+        return self.pool(x) * (1 + x.mean((1, 2, 3), keepdim=True))
+
+
+def test_cell_centres_look_past_a_gate_that_reads_the_whole_image():
+    for got in models.cell_centres(_Gated(), "pool", torch.rand(1, 3, 32, 32)):  # not pulled to the middle
+        assert torch.allclose(got, 4 * torch.arange(8).double() + 1.5, atol=1e-3), got
+
+
 class _OneSize(nn.Module):
     def __init__(self):
         super().__init__()
@@ -421,3 +438,5 @@ def test_cell_centres_of_a_layer_without_a_map_are_refused_by_name():
     flat = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 30 * 30, 10))
     with pytest.raises(ValueError, match=r"layer '1' gives \(1, 1800\), not a map \(B, C, H, W\)"):
         models.cell_centres(flat, "1", torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="cells must be an int >= 2, got 1"):  # one row: no spacing to measure
+        models.cell_centres(flat, "0", torch.rand(1, 3, 32, 32), cells=1)
