@@ -12,8 +12,8 @@
 
 Plain HTML and CSS with PNG images: no server, no network, no JavaScript; it opens from the file
 system and can be shared as a folder. Each layer is one render of all its channels and one pass over
-the test set. Every finished layer is recorded in atlas.json under a key of the model, the VAE, the
-data and the settings: an interrupted build resumes at the next layer, and a build under another key
+the test set. Every finished layer is recorded in atlas.json under a key of the model, the VAE, their
+device, the data and the settings: an interrupted build resumes at the next layer, and a build under another key
 starts afresh, so stale pages are never reused.
 """
 import argparse
@@ -100,10 +100,12 @@ def _code():
 
 
 def fingerprint(*parts):
-    """A short hash of models (their state), tensors and plain values: the atlas's cache key."""
+    """A short hash of models (their state and device), tensors and plain values: the atlas's cache key. The
+    device counts: a GPU draws other random numbers and rounds otherwise, so its pages differ from the CPU's."""
     h = hashlib.sha256()
     for part in parts:
         if isinstance(part, nn.Module):
+            h.update(models.device_of(part).type.encode())
             for name, t in part.state_dict().items():
                 h.update(name.encode())
                 h.update(_bytes(t))

@@ -221,6 +221,16 @@ def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_pat
     assert calls == layers * 5
 
 
+def test_the_key_names_the_device_its_pages_were_rendered_on(tiny, monkeypatch):
+    model, _, vae = tiny
+    on_cpu = atlas.fingerprint(model, vae)
+    assert atlas.fingerprint(model, vae) == on_cpu
+    monkeypatch.setattr(models, "device_of", lambda m: torch.device("cuda", 0))  # random numbers drawn otherwise
+    on_gpu = atlas.fingerprint(model, vae)
+    monkeypatch.setattr(models, "device_of", lambda m: torch.device("cuda", 1))
+    assert on_gpu != on_cpu and atlas.fingerprint(model, vae) == on_gpu  # the same pages on any GPU of a kind
+
+
 def test_a_rebuild_that_fails_for_its_model_leaves_the_finished_atlas_as_it_was(tiny, tmp_path):
     model, d, vae = tiny
     atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS, progress=False)
