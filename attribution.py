@@ -5,14 +5,13 @@ Every function takes images (B, C, H, W), uint8 in [0, 255] or float in [0, 1], 
 model), leaves the model (mode, requires_grad, hooks) as found, and returns float32 maps.
 """
 import numbers
-import warnings
 from contextlib import contextmanager
 
 import torch
 from captum.attr import IntegratedGradients, LayerGradCam, Saliency
 
 import models
-from data import check_count, to_float
+from data import check_count, to_float, warn
 
 @contextmanager
 def _untouched(model):
@@ -82,8 +81,8 @@ def grad_cam(model, images, targets, layer=None):
     if shape[-2] * shape[-1] == 1:
         why = ("no layer of the model has a larger one" if chosen
                else "pick a layer with a larger map, or leave layer out (models.last_map_layer)")
-        warnings.warn(f"Grad-CAM at {name!r}, whose map is 1x1 for {x.shape[-2]}x{x.shape[-1]} images, is flat "
-                      f"(every pixel gets the same weight): {why}", stacklevel=2)
+        warn(f"Grad-CAM at {name!r}, whose map is 1x1 for {x.shape[-2]}x{x.shape[-1]} images, is flat "
+                  f"(every pixel gets the same weight): {why}")
     layer = models.get_layer(model, name)
     with _untouched(model):
         cam = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)  # (B, 1, h, w)
@@ -159,9 +158,8 @@ def _check_complete(delta, ends, steps):
     change = (ends[0] - ends[1]).abs().maximum(0.01 * ends.abs().sum(0)).clamp_min(1e-3)
     off = (delta.abs() / change).max().item()
     if off > COMPLETENESS:
-        warnings.warn(f"integrated gradients in {steps} steps are off the logit's change f(image) - f(baseline) by "
-                      f"up to {off:.0%} of it, over {COMPLETENESS:.0%}: pass more steps",
-                      stacklevel=4)  # integrated_gradients' caller, past inference_mode's wrapper
+        warn(f"integrated gradients in {steps} steps are off the logit's change f(image) - f(baseline) by "
+                  f"up to {off:.0%} of it, over {COMPLETENESS:.0%}: pass more steps")
 
 
 def to_heatmap(attr, signed=False):

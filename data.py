@@ -5,6 +5,7 @@ split into train / val / test. `name` is a built-in dataset, or an image folder 
 (train/<class>/*, test/<class>/*) given by its path or by its base name in DATA_DIR. `Loader` slices batches from memory on the training device and
 augments there (random translate with reflect padding, horizontal flip), with no per-image Python.
 """
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -14,6 +15,7 @@ import numbers
 import os
 import re
 import struct
+import sys
 import tarfile
 import uuid
 import warnings
@@ -85,6 +87,21 @@ def check_count(name, value, low):
     """A clear error unless value is an int (a Python or NumPy one, not a bool) >= low."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+_OURS = [Path(__file__).resolve().with_name(f"{name}.py") for name in
+         ("atlas", "attribution", "data", "featureviz", "metrics", "models", "training", "utils")]
+_PASSED = (str(Path(torch.__file__).parent) + os.sep, contextlib.__file__)  # wrappers between (inference_mode's)
+
+
+def warn(message):
+    """warnings.warn(message), shown at the first caller outside the lab's modules and torch's wrappers: the
+    notebook cell or script that can act on it, however deep in our functions it was found."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and (Path(frame.f_code.co_filename).resolve() in _OURS
+                                        or frame.f_code.co_filename.startswith(_PASSED)):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level + 1)
 
 
 def plain(value):
@@ -402,7 +419,7 @@ def _read_cache(cache):
     try:
         return torch.load(cache, weights_only=True)
     except Exception as e:  # torch.load raises RuntimeError, EOFError or pickle's errors for a damaged file
-        warnings.warn(f"the cache {cache} cannot be read ({e}); decoding the dataset again", stacklevel=3)
+        warn(f"the cache {cache} cannot be read ({e}); decoding the dataset again")
         return None
 
 

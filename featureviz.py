@@ -18,7 +18,6 @@ import functools
 import inspect
 import math
 import numbers
-import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields as fields_of, replace
 
@@ -1414,7 +1413,7 @@ def _capture(step, opt, project, gen):
             opt.step()
             project()
     except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
-        warnings.warn(f"render: could not capture a CUDA graph ({e}); running the steps eagerly")
+        data.warn(f"render: could not capture a CUDA graph ({e}); running the steps eagerly")
         return None
     return lambda: (graph.replay(), values)[1]
 

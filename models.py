@@ -11,7 +11,6 @@ import itertools
 import math
 import numbers
 import sys
-import warnings
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from data import check_batch, check_count, plain, to_float
+from data import check_batch, check_count, plain, to_float, warn
 
 # ----------------------------------------------------------------------------- classifier
 
@@ -949,9 +948,9 @@ def _spatial_outputs(model, x):
     order = [(calls[i][1], calls[i][3]) for i in maps]  # (maker, shape)
     later = list(dict.fromkeys(name for i, name in tokens if i > maps[-1]))
     if later:
-        warnings.warn(f"{type(model).__name__}'s layers after its last map ({order[-1][0]!r}) output tokens (B, N, D) "
-                      f"({_some(later)}), which the default layers (spatial ones) leave out: pass layers= to read "
-                      f"them", stacklevel=3)
+        warn(f"{type(model).__name__}'s layers after its last map ({order[-1][0]!r}) output tokens (B, N, D) "
+                  f"({_some(later)}), which the default layers (spatial ones) leave out: pass layers= to read "
+                  f"them")
     return [(name, shape, layouts.last_call.get(get_layer(model, name), False)) for name, shape in order]
 
 
@@ -972,9 +971,9 @@ def last_map_layer(model, images):
     after = every[[name for name, _, _ in every].index(chosen) + 1:]
     later = [name for name, shape, last in after if last and shape[-2] * shape[-1] > 1]
     if later:  # a Swin's stages, channels-last maps all: the default is its stem
-        warnings.warn(f"Grad-CAM's default layer is {chosen!r}, the last map with its channels on dim 1: the later "
-                      f"maps ({_some(later)}) keep their features last, which Grad-CAM cannot read (captum reads a "
-                      f"layer's own output), so the heatmap is that early layer's", stacklevel=2)
+        warn(f"Grad-CAM's default layer is {chosen!r}, the last map with its channels on dim 1: the later "
+                  f"maps ({_some(later)}) keep their features last, which Grad-CAM cannot read (captum reads a "
+                  f"layer's own output), so the heatmap is that early layer's")
     return chosen
 
 

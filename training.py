@@ -10,7 +10,6 @@ import numbers
 import os
 import random
 import time
-import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import Loader, atomic_write, check_count, check_labels, plain, to_float, writable_dir
+from data import Loader, atomic_write, check_count, check_labels, plain, to_float, warn, writable_dir
 from models import (BatchNorm, build_model, check_input, check_logits, cnn_config, config_of, device_of, dtype_of,
                     evaluating, exact, first_image, frozen, vae_config)
 
@@ -260,8 +259,8 @@ def _match_csv(path, history):
     try:
         write_csv(history, path)
     except OSError as e:  # a read-only copy of the checkpoints: the model loads all the same
-        warnings.warn(f"the training history of the reused checkpoint could not be written to {path} ({e}); the "
-                      f"checkpoint holds it (its 'history')", stacklevel=2)
+        warn(f"the training history of the reused checkpoint could not be written to {path} ({e}); the "
+                  f"checkpoint holds it (its 'history')")
 
 
 def save_checkpoint(path, model, **info):
@@ -701,8 +700,8 @@ def _check_learned(val_acc, val_y, num_classes, lr, ckpt_path):
     num_val = len(val_y)
     chance = torch.bincount(torch.as_tensor(val_y).long(), minlength=num_classes).max().item() / num_val
     if chance ** num_val >= 0.01:  # guessing would get them all right that often: no score can tell
-        warnings.warn(f"the validation set ({num_val} images) is too small to tell learning from guessing (all "
-                      f"{num_val} right by chance {chance ** num_val:.0%} of the time): the run is not checked for it")
+        warn(f"the validation set ({num_val} images) is too small to tell learning from guessing (all "
+                  f"{num_val} right by chance {chance ** num_val:.0%} of the time): the run is not checked for it")
         return
     guesses = torch.distributions.Binomial(num_val, probs=torch.tensor(chance, dtype=torch.float64))
     reached = guesses.log_prob(torch.arange(round(val_acc * num_val), num_val + 1, dtype=torch.float64)).exp().sum()

@@ -270,8 +270,9 @@ def test_the_default_layers_of_a_vit_say_that_its_tokens_are_left_out():
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16,
                                                mlp_dim=32, num_classes=10).eval()
     with pytest.warns(UserWarning, match=r"VisionTransformer's layers after its last map \('conv_proj'\) output "
-                                         r"tokens \(B, N, D\) \('encoder.layers.encoder_layer_0.*pass layers="):
+                                         r"tokens \(B, N, D\) \('encoder.layers.encoder_layer_0.*pass layers=") as w:
         assert models.block_layers(vit, 32) == ["conv_proj"]
+    assert w[0].filename == __file__  # shown at the line that called, not inside models
 
 
 def test_block_layers_look_through_a_wrapper():
@@ -606,8 +607,9 @@ def test_grad_cam_passes_over_a_linear_layers_channels_last_map_and_refuses_it_b
     later = r"Grad-CAM's default layer is 'conv', the last map with its channels on dim 1: the later maps \('mix'"
     with pytest.warns(UserWarning, match=later):  # as a Swin's stages: the default may be far from the output
         assert models.last_map_layer(model, x) == "conv"
-    with pytest.warns(UserWarning, match=later):
+    with pytest.warns(UserWarning, match=later) as w:
         assert torch.equal(attribution.grad_cam(model, x, 1), attribution.grad_cam(model, x, 1, layer="conv"))
+    assert w[0].filename == __file__  # through grad_cam: shown at its caller
     with pytest.raises(ValueError, match="'mix' keeps its features last"):
         attribution.grad_cam(model, x, 1, layer="mix")
 

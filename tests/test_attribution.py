@@ -427,8 +427,9 @@ def test_integrated_gradients_say_when_their_sum_misses_the_logits_change():
     model = _small_cnn()
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with pytest.warns(UserWarning, match=r"integrated gradients in 4 steps are off the logit's change f\(image\) - "
-                                         r"f\(baseline\) by up to \d+% of it, over 5%: pass more steps"):
+                                         r"f\(baseline\) by up to \d+% of it, over 5%: pass more steps") as w:
         attribution.integrated_gradients(model, x, 1, steps=4)
+    assert w[0].filename == __file__  # past inference_mode's wrapper
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attribution.integrated_gradients(model, x, 1, steps=64)

@@ -554,9 +554,10 @@ def test_a_reused_checkpoint_whose_csv_cannot_be_written_loads_with_a_warning(fi
         raise PermissionError(13, "Permission denied", str(path))
     monkeypatch.setattr(training, "write_csv", read_only)
     monkeypatch.setattr(training, "fit", lambda *a, **k: pytest.fail("retrained"))
-    with pytest.warns(UserWarning, match=r"history of the reused checkpoint could not be written to .*cnn.csv"):
+    with pytest.warns(UserWarning, match=r"history of the reused checkpoint could not be written to .*cnn.csv") as w:
         model, ckpt_dict = training.train_classifier(tiny_data, ckpt, preset="small", hyp=TINY, csv_path=csv,
                                                      progress=False)
+    assert w[0].filename == __file__
     assert ckpt_dict["history"] and not csv.exists()
 
 
@@ -620,8 +621,9 @@ def test_attribution_targets_out_of_range_and_a_layer_without_space(nets):
     assert torch.equal(default, attribution.grad_cam(cnn, small, 0, layer="block2.act2"))
     tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4, 10))
     with pytest.warns(UserWarning, match=r"Grad-CAM at '1', whose map is 1x1 for 3x3 images, is flat \(every pixel "
-                                         r"gets the same weight\): no layer of the model has a larger one"):
+                                         r"gets the same weight\): no layer of the model has a larger one") as w:
         attribution.grad_cam(tiny.eval(), torch.rand(2, 3, 3, 3), 0)
+    assert w[0].filename == __file__
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -153,8 +153,9 @@ def test_a_damaged_cache_is_decoded_again(tmp_path):
     first = data.load_data(str(tree), cache_dir)
     cache, = cache_dir.glob("pets.*.pt")
     cache.write_bytes(cache.read_bytes()[:100])  # cut short (a full disk, a partial copy)
-    with pytest.warns(UserWarning, match=f"the cache {cache} cannot be read .*decoding the dataset again"):
+    with pytest.warns(UserWarning, match=f"the cache {cache} cannot be read .*decoding the dataset again") as w:
         again = data.load_data(str(tree), cache_dir)
+    assert w[0].filename == __file__
     assert torch.equal(first.train_x, again.train_x) and torch.equal(first.test_y, again.test_y)
     assert torch.load(cache, weights_only=True)["classes"] == first.classes  # written anew, whole
 
