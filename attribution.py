@@ -144,7 +144,7 @@ def integrated_gradients(model, images, targets, baseline=None, steps=32, intern
         with torch.no_grad():  # f(image), f(baseline), batched as captum's steps are
             logits = torch.cat([model(part).float() for part in torch.cat([x, b]).split(internal_batch_size)])
             ends = logits.gather(1, t.repeat(2)[:, None]).view(2, -1)
-    _check_complete(delta.detach().double(), ends.double(), steps)
+    _check_complete(models.exact(delta.detach()), models.exact(ends), steps)  # mps has no float64
     return attr.detach().float()
 
 

@@ -89,6 +89,13 @@ def check_count(name, value, low):
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
+def check_real(name, value, low, inclusive=True, hint=""):
+    """A clear error unless value is a finite number >= low (> low where not inclusive); hint ends it."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not (ok and (value >= low if inclusive else value > low)):
+        raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}{hint}")
+
+
 _OURS = [Path(__file__).resolve().with_name(f"{name}.py") for name in
          ("atlas", "attribution", "data", "featureviz", "metrics", "models", "training", "utils")]
 _PASSED = (str(Path(torch.__file__).parent) + os.sep, contextlib.__file__)  # wrappers between (inference_mode's)

@@ -146,15 +146,8 @@ def _mixing(color):
 
 def _sqrt_psd(cov):
     """Symmetric square root of a positive semi-definite matrix."""
-    vals, vecs = torch.linalg.eigh(cov.double())
+    vals, vecs = torch.linalg.eigh(models.exact(cov))
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
-
-
-def _check_real(name, value, low, inclusive=True, hint=""):
-    """A clear error unless value is a finite number >= low (> low where not inclusive); hint ends it."""
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-    if not (ok and (value >= low if inclusive else value > low)):
-        raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}{hint}")
 
 
 def _logit(x, eps=1e-3):
@@ -491,7 +484,7 @@ def _check_options(options):
         color_sqrt(cov, len(cov) if cov.dim() else 0)  # square and finite; its channels are checked by render()
     for name, low, inclusive in (("decay", 0, True), ("sd", 0, True), ("contrast", 0, False), ("jitter", 0, True)):
         if name in options:
-            _check_real(name, options[name], low, inclusive)
+            data.check_real(name, options[name], low, inclusive)
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -501,7 +494,7 @@ def _check_options(options):
 def jitter(fraction):
     """Shift each image by its own integer offset of up to fraction x its side (at least 1 px),
     reflecting at the border; same size."""
-    _check_real("jitter's fraction (of the image side)", fraction, 0)
+    data.check_real("jitter's fraction (of the image side)", fraction, 0)
 
     def t(x, gen):
         px = max(1, round(fraction * x.shape[-1]))
@@ -522,7 +515,7 @@ class Shift:
     logit of 0.001)."""
 
     def __init__(self, fraction):
-        _check_real("Shift's fraction (of the image side)", fraction, 0)
+        data.check_real("Shift's fraction (of the image side)", fraction, 0)
         self.fraction = fraction
 
     def phase(self, n, h, w, gen, device):
@@ -551,15 +544,15 @@ def _ramp_axes(h, w, fraction, device):
 def resample(shift=0.0, scale=(1.0, 1.0), degrees=0.0):
     """Per image, a random shift of up to `shift` x the side, a zoom in `scale` and a rotation in
     [-degrees, degrees], applied as ONE bilinear resampling that reflects at the border; same size."""
-    _check_real("resample's shift (a fraction of the image side)", shift, 0)
-    _check_real("degrees", degrees, 0)
+    data.check_real("resample's shift (a fraction of the image side)", shift, 0)
+    data.check_real("degrees", degrees, 0)
     try:
         lo, hi = scale
     except (TypeError, ValueError):
         raise ValueError(f"scale must be a range (low, high) of zoom factors, such as (0.9, 1.1); "
                          f"got {scale!r}") from None
-    _check_real("scale's low", lo, 0, inclusive=False)
-    _check_real("scale's high", hi, lo)
+    data.check_real("scale's low", lo, 0, inclusive=False)
+    data.check_real("scale's high", hi, lo)
     radians, span = math.radians(degrees), 2 * shift  # grid coordinates span 2 per side
     ranges = ((lo, hi - lo), (-radians, 2 * radians), (-span, 2 * span), (-span, 2 * span))  # (low, width)
 
@@ -1095,7 +1088,7 @@ def _deterministic_convolutions():
 
 def cosine(lr):
     """A learning rate falling from lr to 0 along a half cosine: render(lr=cosine(0.3))."""
-    _check_real("cosine's lr (its starting value)", lr, 0, inclusive=False)
+    data.check_real("cosine's lr (its starting value)", lr, 0, inclusive=False)
     return lambda t: lr * 0.5 * (1 + math.cos(math.pi * t))  # t: fraction of the steps done
 
 
@@ -1168,7 +1161,7 @@ def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
     if lr is cosine:
         raise TypeError("lr=cosine makes a schedule: call it with its starting value, e.g. lr=cosine(0.3)")
     if not callable(lr):
-        _check_real("lr", lr, 0, inclusive=False,
+        data.check_real("lr", lr, 0, inclusive=False,
                     hint=" (or a schedule f(fraction of steps done) such as cosine(0.3))")
     if not _is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
@@ -1361,7 +1354,7 @@ def _schedule(lr):
 
     def checked(t):
         value = lr(t)
-        _check_real(f"the lr schedule's value at t={t:.3g} (the fraction of steps done)", value, 0)
+        data.check_real(f"the lr schedule's value at t={t:.3g} (the fraction of steps done)", value, 0)
         return value
     return checked
 

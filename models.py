@@ -21,7 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from data import check_batch, check_count, plain, to_float, warn
+from data import check_batch, check_count, check_real, plain, to_float, warn
 
 # ----------------------------------------------------------------------------- classifier
 
@@ -114,6 +114,13 @@ class Normalize(nn.Module):
 
     def forward(self, x):
         return (_unit(x) - self.mean) / self.std
+
+
+def _randn(shape, generator, like):
+    """Standard normal numbers of this shape on like's device and dtype, drawn on the generator's device: a CPU
+    generator serves a VAE on a GPU (its numbers are the CPU's), a GPU one draws there."""
+    device = like.device if generator is None else generator.device
+    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
 def _unit(x):
@@ -319,7 +326,9 @@ class VAE(nn.Module):
         self.register_buffer("latent_hi", torch.full((d,), 3.0))   # 99.5th percentile per dim
 
     def encode(self, x):
-        """Posterior q(z|x) of images (uint8, or float in [0, 1]): (mean, logvar), each (B, latent_dim)."""
+        """Posterior q(z|x) of images (uint8, or float in [0, 1]): (mean, logvar), each (B, latent_dim). The range is
+        not checked here, as every training step comes through (reconstruct and interpolate check theirs): floats in
+        0-255 would give codes of nothing."""
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"the VAE takes {self.image_size}x{self.image_size} images (its architecture is fixed); "
                              f"got {tuple(x.shape)}: the classifier takes any size, the VAE does not")
@@ -370,14 +379,20 @@ class VAE(nn.Module):
         return self.decode(torch.lerp(z[0], z[1], t))
 
     def sample(self, n, generator=None, temperature=1.0):
-        """Mean images of n draws of z from the N(0, I) prior."""
-        device = self.latent_mean.device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device, dtype=self.latent_mean.dtype) * temperature
+        """Mean images of n draws of z from the N(0, I) prior, its standard deviation scaled by temperature."""
+        check_count("n", n, 1)
+        check_real("temperature", temperature, 0)
+        z = _randn((n, self.latent_dim), generator, self.latent_mean) * temperature
         return self.decode(z)
 
     def latent_cholesky(self, jitter=1e-4):
         """Lower-triangular L with L L^T = covariance of the encoder means (+ jitter x its mean variance)."""
+        check_real("jitter", jitter, 0)
         cov = exact(self.latent_cov)
+        if not cov.isfinite().all():
+            raise ValueError("the VAE's latent covariance is not finite (NaN or inf: measured on a model whose codes "
+                             "overflowed, or a damaged checkpoint), so the latent cannot be whitened; measure it "
+                             "again (training.latent_statistics)")
         if not cov.diagonal().mean() > 0:
             raise ValueError("the VAE's latent covariance is zero: every training image it was measured on has "
                              "the same code (identical images?), so the latent cannot be whitened; measure it on "
@@ -399,16 +414,17 @@ class VAE(nn.Module):
                     active_dims=int((cov.diagonal() > 0.01).sum()), mean_abs_corr=corr[off].abs().mean().item())
 
     def sample_aggregate(self, n, generator=None):
-        """Mean images of z drawn from the Gaussian fitted to the encoder means (aggregate posterior)."""
-        eps = torch.randn(n, self.latent_dim, generator=generator, device=self.latent_mean.device,
-                          dtype=self.latent_mean.dtype)
+        """Mean images of n draws of z from the Gaussian fitted to the encoder means (aggregate posterior)."""
+        check_count("n", n, 1)
+        eps = _randn((n, self.latent_dim), generator, self.latent_mean)
         return self.decode(self.latent_mean + eps @ self.latent_cholesky().T)
 
     def elbo(self, x, kl_weight=1.0, free_bits=0.0, generator=None):
-        """Loss terms per image, in nats summed over pixels (and in bits/dim for the negative ELBO)."""
+        """Loss terms per image, in nats summed over pixels (and in bits/dim for the negative ELBO), of images as
+        encode takes them (unchecked: the training step's)."""
         x = _unit(x.to(self.latent_mean.device))  # images on another device (the CPU) too
         mu, logvar = self.encode(x)
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        eps = _randn(mu.shape, generator, mu)
         z = mu + eps * torch.exp(0.5 * logvar)
         target = (torch.round(x * 255) / 255) * 2 - 1
         nll = mixture_logistic_nll(target, *self.decode_params(z)).flatten(1).sum(1)  # (B,)
@@ -1048,7 +1064,7 @@ def _gradient_mass(recorder, image, axis, index):
         pick[torch.arange(len(index)), index] = 1
         pick = pick[:, None, :, None] if axis == 0 else pick[:, None, None, :]
         grad, = torch.autograd.grad((a * pick).sum(), images)
-    return grad.abs().double().sum(1).sum(2 - axis).cpu()
+    return exact(grad.abs()).sum(1).sum(2 - axis).cpu()  # exact: mps has no float64
 
 
 def block_layers(model, size=None):

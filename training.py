@@ -65,7 +65,8 @@ def bf16_training(device):
     """Whether our models (the classifier, the VAE's convolutions) train in bfloat16 autocast on this device: on
     a CUDA GPU with bfloat16 units (Ampere and later), and on a CPU with bfloat16 instructions, AMX (recent Intel
     Xeons: a `compact` step 2.3-2.8x faster) or AVX512-BF16 (AMD EPYCs since Zen 4: 1.7-2.1x); elsewhere in
-    float32, where bfloat16 is emulated and slower. Evaluation is float32 everywhere."""
+    float32, where bfloat16 is emulated and slower. Evaluation is float32 everywhere, without autocast (on a CUDA
+    GPU, cuDNN's convolutions may round their products to TF32, PyTorch's default)."""
     if device.type == "cuda":
         with torch.cuda.device(device) if device.index is not None else nullcontext():  # that GPU's, not the current
             return torch.cuda.is_bf16_supported(including_emulation=False)
@@ -634,7 +635,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     model.init_whiten(data.train_x[:5000])  # draws no random numbers
     autocast, precision = training_precision(device)
     model.to(device)
-    if device.type != "cuda":
+    if device.type == "cpu":  # as models.frozen evaluates it; a GPU's (CUDA, mps) convolutions keep theirs
         model.to(memory_format=torch.channels_last)
     total = total_steps(len(loader), hyp["epochs"])
     # the weight decay per image (the loss is a sum), of the batches there are: the whole set, if smaller

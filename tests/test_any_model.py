@@ -5,10 +5,12 @@ torchvision resnet18 at 32 px, and our CNN at 64 px. Weights are untrained: what
 technique that applies renders at the model's own size and raises the activation, and that the rest
 fail with an error that says what to do.
 """
+import ast
 import copy
 import warnings
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,12 +19,14 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import atlas
 import attribution
 import data
 import featureviz as fv
 import metrics
 import models
 import training
+import utils
 
 HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
 
@@ -968,6 +972,25 @@ def test_a_gpu_vae_reconstructs_and_scores_images_from_the_cpu():
     assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), net.reconstruct(images), atol=1e-2)  # TF32 convolutions
     bpd = gpu.elbo(images, generator=torch.Generator("cuda").manual_seed(0))["bpd"]
     assert bpd.is_cuda and bpd.isfinite().all()
+    with torch.no_grad():  # a CPU generator serves it too, with the CPU's draws (VAE.ipynb's samples)
+        for how in ("sample", "sample_aggregate"):
+            cpu, gpu_drawn = (getattr(m, how)(3, torch.Generator().manual_seed(0)) for m in (net, gpu))
+            assert torch.allclose(gpu_drawn.cpu(), cpu, atol=1e-2), how
+    assert gpu.elbo(images, generator=torch.Generator().manual_seed(0))["bpd"].isfinite().all()
+
+
+def test_float64_casts_happen_on_the_cpu():
+    """mps has no float64: a tensor that may be on the model's device is cast through models.exact (which moves
+    it to the CPU there) or after .cpu(), in every module of the lab. No mps device here: this reads the code."""
+    for module in (attribution, atlas, data, fv, metrics, models, training, utils):
+        tree = ast.parse(Path(module.__file__).read_text())
+        exact_body = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "exact"
+                      for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "double":
+                on = node.func.value
+                cpu = isinstance(on, ast.Call) and isinstance(on.func, ast.Attribute) and on.func.attr == "cpu"
+                assert cpu or id(node) in exact_body, f"{module.__name__}:{node.lineno} casts to float64 on its device"
 
 
 @pytest.mark.parametrize("kind", ["fourier", "maco"])

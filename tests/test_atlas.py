@@ -404,7 +404,7 @@ def test_a_technique_or_layer_named_twice_is_shown_once(tiny, tmp_path):
     last = models.block_layers(model, 32)[-1]
     atlas.build_atlas(model, d, None, ("maco", "maco"), tmp_path, [last, last], STEPS, progress=False)
     page = (tmp_path / f"layer-{atlas.safe(last)}.html").read_text()
-    assert page.count(f"/maco-0.png") == 1 and page.count('<div class="card"') == models.layer_channels(model, last, 32)
+    assert page.count("/maco-0.png") == 1 and page.count('<div class="card"') == models.layer_channels(model, last, 32)
     assert (tmp_path / "index.html").read_text().count(f'href="layer-{atlas.safe(last)}.html"') == 1
 
 
@@ -545,4 +545,6 @@ def test_head_reads_only_a_head_on_the_layers_pooled_channels(tiny):
     hidden = torch.nn.Sequential(*pooled, torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)).eval()
     assert atlas.head_reads(direct, "1", d.test_x[:8])
     assert not atlas.head_reads(hidden, "1", d.test_x[:8])
+    half = copy.deepcopy(direct).to(torch.bfloat16)  # its average pool rounds to bfloat16: not another head
+    assert atlas.head_reads(half, "1", d.test_x[:8]) and not atlas.head_reads(hidden.to(torch.bfloat16), "1", d.test_x[:8])
     assert not atlas.head_reads(UnusedLastLinear(), "net.0", d.test_x[:8])  # its nn.Linear never runs: was an IndexError

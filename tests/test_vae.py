@@ -250,6 +250,11 @@ def test_a_latent_without_variance_is_named_not_nan(tiny, tmp_path):
     vae.latent_cov.zero_()  # every code the same: measured on identical images
     with pytest.raises(ValueError, match="latent covariance is zero.*cannot be whitened"):
         vae.latent_cholesky()
+    for bad in (float("nan"), float("inf")):
+        broken = small_vae()
+        broken.latent_cov[0, 0] = bad  # overflowed codes, or a damaged checkpoint: not "identical images"
+        with pytest.raises(ValueError, match="latent covariance is not finite.*measure it again"):
+            broken.latent_cholesky()
     assert vae.latent_summary()["participation_ratio"] == 0.0  # was NaN
     with pytest.raises(ValueError, match=r"images has 1 image\(s\): the latent statistics \(a covariance\) need"):
         training.latent_statistics(vae, tiny.train_x[:1])  # its covariance over n - 1 = 0 was NaN
@@ -337,3 +342,25 @@ def test_a_sample_at_temperature_0_is_the_prior_means_image():
     with torch.no_grad():
         assert torch.allclose(vae.sample(2, temperature=0.0), vae.decode(torch.zeros(2, vae.latent_dim)))
         assert not torch.allclose(vae.sample(2, temperature=1.0), vae.decode(torch.zeros(2, vae.latent_dim)))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_scales_the_priors_standard_deviation(temperature, monkeypatch):
+    vae = small_vae().eval()
+    monkeypatch.setattr(vae, "decode", lambda z: z)  # the codes drawn
+    z = vae.sample(20000, torch.Generator().manual_seed(0), temperature)
+    assert z.std().item() == pytest.approx(temperature, rel=0.02)  # not its variance (T ** 2)
+
+
+def test_bad_sample_arguments_are_named():
+    vae = small_vae()
+    for n in (0, -1, 2.0):
+        with pytest.raises(ValueError, match=f"n must be an int >= 1, got {n!r}"):
+            vae.sample(n)
+        with pytest.raises(ValueError, match=f"n must be an int >= 1, got {n!r}"):
+            vae.sample_aggregate(n)
+    for t in (-1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match=f"temperature must be a finite number >= 0, got {t!r}"):
+            vae.sample(2, temperature=t)
+    with pytest.raises(ValueError, match="jitter must be a finite number >= 0, got -1"):
+        vae.latent_cholesky(jitter=-1)
