@@ -54,6 +54,7 @@ show_unit = lambda *args: drawn.append(args)
 try:
     channel_box.value = channel_box.max
     layer_box.value = "head"
+    technique_box.value = next(name for name in TECHNIQUES if name != TECHNIQUE)  # the box's, not the cell's
     assert drawn == [], drawn
     ui.manual_button.click()
     assert drawn == [("head", len(d.classes) - 1, technique_box.value)], drawn
@@ -62,10 +63,17 @@ finally:
 """
 
 
-# And the unit cell's function on a neuron: every image rings where the neuron looks.
+# And the unit cell's function on a neuron off the centre: every image rings where that neuron looks, and the
+# title names it; on a class, the title names the class.
 NEURON_RING = """
-fig = show_unit("block3.act2", 0, "pixel", (1, 1))
-assert [len(ax.lines) for ax in fig.axes] == [1] * len(fig.axes), "a neuron's images ringed"
+rows, cols = models.cell_centres(model, "block3.act2", d.test_x)
+fig = show_unit("block3.act2", 0, "pixel", (2, 0))
+rings = [(line.get_xdata()[0], line.get_ydata()[0]) for ax in fig.axes for line in ax.lines]
+assert rings == [(cols[0].item(), rows[2].item())] * len(fig.axes), rings
+assert "block3.act2 channel 0 at (2, 0)" in fig._suptitle.get_text(), fig._suptitle.get_text()
+fig = show_unit("head", 3, "pixel")
+assert fig._suptitle.get_text().startswith(f"{d.classes[3]}: pixel reaches") and "(logit)" in fig._suptitle.get_text()
+assert not any(ax.lines for ax in fig.axes), "a class reads the whole image: no ring"
 """
 
 
