@@ -50,6 +50,10 @@ def test_whitening_layer_whitens_patches():
     cov = half.T @ half / len(half)
     assert torch.allclose(cov, torch.eye(12), atol=0.05)
     assert torch.allclose(out[:, 12:], -out[:, :12])
+    # the filters from the patches' highest variance to their lowest, as Classifier.ipynb shows them: a filter's
+    # variance before scaling (1 / |filter|^2 of the eigenvector scaled by 1 / sqrt(its eigenvalue)) falls
+    variance = 1 / model.whiten.weight[:12].flatten(1).pow(2).sum(1)
+    assert (variance[:-1] >= variance[1:]).all() and variance[0] > 10 * variance[-1]
     assert not model.whiten.weight.requires_grad
 
 

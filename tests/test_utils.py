@@ -85,7 +85,9 @@ def test_plot_confusion_labels_and_counts():
     assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES[:3]
     assert [t.get_text() for t in ax.get_yticklabels()] == CLASSES[:3]
     assert [t.get_text() for t in ax.texts] == [str(v) for v in cm.flatten().tolist()]
-    np.testing.assert_allclose(ax.images[0].get_array().sum(1), 1)  # rows normalized
+    # each count in its cell: row i (true class) at y = i, column j (predicted) at x = j
+    assert [t.get_position() for t in ax.texts] == [(j, i) for i in range(3) for j in range(3)]
+    np.testing.assert_allclose(ax.images[0].get_array(), (cm / cm.sum(1, keepdim=True)).numpy())  # rows normalized
     fig = utils.plot_confusion(cm.numpy(), CLASSES[:3], normalize=False)
     np.testing.assert_allclose(fig.axes[0].images[0].get_array(), cm.numpy())
 
@@ -142,14 +144,15 @@ def test_plot_feature_maps_rows_and_labels():
 
 
 def test_plot_heatmaps_overlays_normalized_maps():
-    m = torch.rand(8, 8, generator=torch.Generator().manual_seed(0))
-    m = torch.stack([m + 5, 10 * m, 0.1 * m + 3])  # (B, H, W), not in [0, 1], each image in its own range
+    m = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    m = m * torch.tensor([1.0, 10.0, 0.1])[:, None, None] + torch.tensor([5.0, 0.0, 3.0])[:, None, None]
+    # (B, H, W): three maps, not in [0, 1], each image in its own range
     fig = utils.plot_heatmaps(images(3), m, titles=CLASSES[:3])
     assert len(image_axes(fig)) == 6 and titles(fig)[:3] == CLASSES[:3]
     for j in range(3):  # one scale for all would leave images 0 and 2 each in a narrow band
         overlay = image_axes(fig)[3 + j].images[1].get_array()
         assert overlay.min() == 0 and np.isclose(overlay.max(), 1)
-        np.testing.assert_allclose(overlay, (m[0] - m[0].min()) / (m[0].max() - m[0].min()), atol=1e-5)
+        np.testing.assert_allclose(overlay, (m[j] - m[j].min()) / (m[j].max() - m[j].min()), atol=1e-5)  # its own
     fig = utils.plot_heatmaps(images(2, c=1), {"saliency": m[:2], "grad-cam": torch.rand(2, 2, 2)})
     axes = np.array(fig.axes).reshape(3, 2)
     assert [ax.get_ylabel() for ax in axes[:, 0]] == ["input", "saliency", "grad-cam"]
