@@ -227,8 +227,9 @@ def test_two_choice_tells_exemplars_from_random_references(table):
     diff, spread = margin(rows, "two_choice_channels", "dataset exemplars", "real test images", higher_is_worse=False)
     assert diff > spread
     for bad in ("uniform noise", "shuffled pixels"):
-        diff, spread = margin(rows, "two_choice", "dataset exemplars", bad, higher_is_worse=False)
-        assert diff > spread, bad
+        for metric in ("two_choice", "two_choice_channels"):
+            diff, spread = margin(rows, metric, "dataset exemplars", bad, higher_is_worse=False)
+            assert diff > spread, (bad, metric)
 
 
 def test_diversity_is_zero_for_copies_and_high_for_real_images_of_a_class(table):
