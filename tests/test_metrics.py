@@ -76,7 +76,8 @@ def test_quality_metrics_by_hand():
     logits = torch.zeros(4, 1, 32, 32)
     logits[:, 0, 0, :3] = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
     assert metrics.transferability(fm, logits, torch.tensor([0, 1, 2, 2])) == 0.75
-    train, train_y = torch.tensor([[0, 0], [0, 0.2], [5, 5]]), torch.tensor([0, 0, 1])
+    # a class-1 training point beside class 0's visualization (0.05 away): another class's, not counted
+    train, train_y = torch.tensor([[0, 0], [0, 0.2], [5, 5], [0.35, 0]]), torch.tensor([0, 0, 1, 1])
     held, held_y = torch.tensor([[0.1, 0], [5, 5.5]]), torch.tensor([0, 1])
     vis, vis_y = torch.tensor([[0.3, 0.0], [5, 6]]), torch.tensor([0, 1])
     # k=1: class 0 vis at distance 0.3 vs held-out 0.1 -> 3; class 1: 1.0 vs 0.5 -> 2; mean 2.5
