@@ -295,12 +295,18 @@ def load_trained(path, data, seed, device=None, hint="train the model first (or 
     so its train/val split too) with this seed: a notebook that reads another's checkpoint must not get
     a model of another split, or of images since changed under the same name."""
     model, ckpt = load_checkpoint(path, device, hint)
-    wanted = trained_on(data, seed)
-    differ = [f"{key} {ckpt.get(key)!r}, not {value!r}" if key != "data" else "other images (or another split)"
-              for key, value in wanted.items() if ckpt.get(key) != value]
-    if differ:
-        raise RuntimeError(f"checkpoint {path} was trained on {', '.join(differ)}: {hint}")
+    check_trained_on(ckpt, data, seed, hint, f"checkpoint {path}")
     return model, ckpt
+
+
+def check_trained_on(ckpt, data, seed, hint="re-run the training cell after the data cell", name="the model"):
+    """An error naming what differs unless the checkpoint dict `ckpt` was trained on this data with this seed
+    (trained_on): a notebook whose data cell was re-run with another DATASET, and not its training cell, would
+    score the earlier model on the new images, under their class names."""
+    differ = [f"{key} {ckpt.get(key)!r}, not {value!r}" if key != "data" else "other images (or another split)"
+              for key, value in trained_on(data, seed).items() if ckpt.get(key) != value]
+    if differ:
+        raise RuntimeError(f"{name} was trained on {', '.join(differ)}: {hint}")
 
 
 def trained_on(data, seed):

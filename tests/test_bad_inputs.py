@@ -143,6 +143,17 @@ def test_a_checkpoint_of_another_seed_or_data_is_refused_where_the_notebooks_loa
         training.load_trained(ckpt, other, 0)
 
 
+def test_a_notebooks_model_is_checked_against_data_loaded_after_it(finished, tiny_data):
+    """Classifier.ipynb's and VAE.ipynb's evaluation cells: the data cell re-run with another DATASET, and not
+    the training cell, would have the earlier model scored on the new images under their class names."""
+    _, ckpt = training.load_trained(finished[0], tiny_data, 0)
+    training.check_trained_on(ckpt, tiny_data, 0)  # the data it was trained on: fine
+    hard = data.load_data("synthetic-hard", n_train=1200, n_test=300, seed=0)  # same shapes and classes
+    with pytest.raises(RuntimeError, match=r"the model was trained on dataset 'synthetic', not 'synthetic-hard', "
+                                           r"other images \(or another split\): re-run the training cell after"):
+        training.check_trained_on(ckpt, hard, 0)
+
+
 def test_diverging_classifier_is_not_saved_as_finished(finished, tiny_data, monkeypatch):
     ckpt, csv, ckpt_bytes, csv_bytes = finished
     # in float32 on the CPU: there this lr keeps the loss finite at chance level; bfloat16 (a GPU's, or a CPU's
