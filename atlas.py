@@ -229,7 +229,7 @@ def head_reads(model, layer, images):
     with _head_inputs(head) as inputs:  # capture runs without gradients
         maps = models.capture(model, images, [layer, None])[layer].float().cpu().flatten(2)  # None: run it all
     read = inputs[-1]
-    rtol = max(1e-4, torch.finfo(models.dtype_of(model)).eps)  # a bfloat16 model's pooling rounds to 2 ** -8
+    rtol = max(1e-4, torch.finfo(models.dtype_of(model)).eps)  # a bfloat16 model's pooling: one unit in its last place
     return any(read.shape == pooled.shape and torch.allclose(read, pooled, rtol=rtol, atol=1e-5)
                for pooled in (maps.mean(2), maps.amax(2)))
 

@@ -82,7 +82,7 @@ def grad_cam(model, images, targets, layer=None):
         why = ("no layer of the model has a larger one" if chosen
                else "pick a layer with a larger map, or leave layer out (models.last_map_layer)")
         warn(f"Grad-CAM at {name!r}, whose map is 1x1 for {x.shape[-2]}x{x.shape[-1]} images, is flat "
-                  f"(every pixel gets the same weight): {why}")
+             f"(every pixel gets the same weight): {why}")
     layer = models.get_layer(model, name)
     with _untouched(model):
         cam = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)  # (B, 1, h, w)
@@ -159,7 +159,7 @@ def _check_complete(delta, ends, steps):
     off = (delta.abs() / change).max().item()
     if off > COMPLETENESS:
         warn(f"integrated gradients in {steps} steps are off the logit's change f(image) - f(baseline) by "
-                  f"up to {off:.0%} of it, over {COMPLETENESS:.0%}: pass more steps")
+             f"up to {off:.0%} of it, over {COMPLETENESS:.0%}: pass more steps")
 
 
 def to_heatmap(attr, signed=False):

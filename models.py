@@ -965,8 +965,8 @@ def _spatial_outputs(model, x):
     later = list(dict.fromkeys(name for i, name in tokens if i > maps[-1]))
     if later:
         warn(f"{type(model).__name__}'s layers after its last map ({order[-1][0]!r}) output tokens (B, N, D) "
-                  f"({_some(later)}), which the default layers (spatial ones) leave out: pass layers= to read "
-                  f"them")
+             f"({_some(later)}), which the default layers (spatial ones) leave out: pass layers= to read "
+             f"them")
     return [(name, shape, layouts.last_call.get(get_layer(model, name), False)) for name, shape in order]
 
 
@@ -988,8 +988,8 @@ def last_map_layer(model, images):
     later = [name for name, shape, last in after if last and shape[-2] * shape[-1] > 1]
     if later:  # a Swin's stages, channels-last maps all: the default is its stem
         warn(f"Grad-CAM's default layer is {chosen!r}, the last map with its channels on dim 1: the later "
-                  f"maps ({_some(later)}) keep their features last, which Grad-CAM cannot read (captum reads a "
-                  f"layer's own output), so the heatmap is that early layer's")
+             f"maps ({_some(later)}) keep their features last, which Grad-CAM cannot read (captum reads a "
+             f"layer's own output), so the heatmap is that early layer's")
     return chosen
 
 

@@ -261,7 +261,7 @@ def _match_csv(path, history):
         write_csv(history, path)
     except OSError as e:  # a read-only copy of the checkpoints: the model loads all the same
         warn(f"the training history of the reused checkpoint could not be written to {path} ({e}); the "
-                  f"checkpoint holds it (its 'history')")
+             f"checkpoint holds it (its 'history')")
 
 
 def save_checkpoint(path, model, **info):
@@ -303,6 +303,8 @@ def check_trained_on(ckpt, data, seed, hint="re-run the training cell after the 
     """An error naming what differs unless the checkpoint dict `ckpt` was trained on this data with this seed
     (trained_on): a notebook whose data cell was re-run with another DATASET, and not its training cell, would
     score the earlier model on the new images, under their class names."""
+    if ckpt is None:  # the notebooks' after a stopped training cell
+        raise RuntimeError(f"{name} has no checkpoint: its training did not finish; {hint}")
     differ = [f"{key} {ckpt.get(key)!r}, not {value!r}" if key != "data" else "other images (or another split)"
               for key, value in trained_on(data, seed).items() if ckpt.get(key) != value]
     if differ:
@@ -641,7 +643,9 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     model.init_whiten(data.train_x[:5000])  # draws no random numbers
     autocast, precision = training_precision(device)
     model.to(device)
-    if device.type == "cpu":  # as models.frozen evaluates it; a GPU's (CUDA, mps) convolutions keep theirs
+    # batches come channels-last on every device; on CUDA cuDNN follows the input's layout, so only the CPU and mps
+    # need the weights so too (the GPU timings in the README were measured so)
+    if device.type != "cuda":
         model.to(memory_format=torch.channels_last)
     total = total_steps(len(loader), hyp["epochs"])
     # the weight decay per image (the loss is a sum), of the batches there are: the whole set, if smaller
@@ -708,7 +712,7 @@ def _check_learned(val_acc, val_y, num_classes, lr, ckpt_path):
     chance = torch.bincount(torch.as_tensor(val_y).long(), minlength=num_classes).max().item() / num_val
     if chance ** num_val >= 0.01:  # guessing would get them all right that often: no score can tell
         warn(f"the validation set ({num_val} images) is too small to tell learning from guessing (all "
-                  f"{num_val} right by chance {chance ** num_val:.0%} of the time): the run is not checked for it")
+             f"{num_val} right by chance {chance ** num_val:.0%} of the time): the run is not checked for it")
         return
     guesses = torch.distributions.Binomial(num_val, probs=torch.tensor(chance, dtype=torch.float64))
     reached = guesses.log_prob(torch.arange(round(val_acc * num_val), num_val + 1, dtype=torch.float64)).exp().sum()

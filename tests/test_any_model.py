@@ -987,7 +987,10 @@ def test_float64_casts_happen_on_the_cpu():
         exact_body = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "exact"
                       for n in ast.walk(f)}
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "double":
+            to_float64 = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+                node.func.attr == "double" or node.func.attr == "to" and any(
+                    isinstance(a, ast.Attribute) and a.attr in ("float64", "double") for a in node.args))
+            if to_float64:  # x.double(), x.to(torch.float64)
                 on = node.func.value
                 cpu = isinstance(on, ast.Call) and isinstance(on.func, ast.Attribute) and on.func.attr == "cpu"
                 assert cpu or id(node) in exact_body, f"{module.__name__}:{node.lineno} casts to float64 on its device"

@@ -152,6 +152,8 @@ def test_a_notebooks_model_is_checked_against_data_loaded_after_it(finished, tin
     with pytest.raises(RuntimeError, match=r"the model was trained on dataset 'synthetic', not 'synthetic-hard', "
                                            r"other images \(or another split\): re-run the training cell after"):
         training.check_trained_on(ckpt, hard, 0)
+    with pytest.raises(RuntimeError, match=r"the model has no checkpoint: its training did not finish; re-run"):
+        training.check_trained_on(None, tiny_data, 0)  # the notebooks' after a stopped training cell
 
 
 def test_diverging_classifier_is_not_saved_as_finished(finished, tiny_data, monkeypatch):
@@ -829,3 +831,9 @@ def test_training_refuses_bad_settings_by_name(tiny_data, tmp_path, hyp, match, 
 def test_training_needs_a_checkpoint_path(tiny_data, train):
     with pytest.raises(ValueError, match="ckpt_path is required"):
         train(tiny_data, None, preset="small", hyp=dict(epochs=1), progress=False)
+
+
+def test_warnings_pass_over_every_module_of_the_lab():
+    """data.warn shows a warning at the first frame outside these: a module left out would show its own."""
+    root = Path(data.__file__).resolve().parent
+    assert sorted(data._OURS) == sorted(p.resolve() for p in root.glob("*.py"))

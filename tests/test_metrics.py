@@ -411,6 +411,8 @@ def test_metrics_refuse_labels_that_do_not_match_the_images():
     f, y = torch.rand(30, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(30, dtype=torch.long)
     with pytest.raises(ValueError, match=r"held-out points of class 0 lie on training points"):
         metrics.knn_ratio(torch.rand(2, 4), y[:2], f, y, f, y, k=1)  # over 25 points cdist rounds: not exactly 0
+    with pytest.raises(ValueError, match=r"held-out points of class 0 lie on training points"):
+        metrics.knn_ratio(torch.rand(2, 4), y[:2], torch.full((30, 4), 0.7), y, torch.full((30, 4), 0.7), y)  # constant
 
 
 class _HeadThenSqueeze(nn.Module):

@@ -26,8 +26,8 @@ def test_committed_without_outputs_and_parameters_first(name):
 RERUN_TRAINING = """
 cell, train, before = {cell!r}, training.{trainer}, (PRESET, SEED)
 calls = []
-training.{trainer} = lambda d, path, **kw: (calls.append((path, kw["preset"])), (model_or_vae, ckpt))[1]
-model_or_vae = {result}
+trained = {result}, ckpt  # as they are now: the cell sets its own to None before the call
+training.{trainer} = lambda d, path, **kw: (calls.append((path, kw["preset"])), trained)[1]
 try:
     PRESET = {preset!r}
     exec(cell)  # the checkpoint is named after the preset it holds
@@ -107,6 +107,9 @@ exec(cell)
 first = r.images.clone(), top.clone()
 exec(cell)
 assert torch.equal(r.images, first[0]) and torch.equal(top, first[1]) and torch.equal(top, in_the_run)
+# at the head the units are classes: the columns name them
+exec(cell.replace('CHANNEL_LAYER = "block1.act2"', 'CHANNEL_LAYER = "head"'))
+assert labels == d.classes[:len(channels)], labels
 """
 
 
