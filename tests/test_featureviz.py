@@ -805,6 +805,36 @@ def test_init_pool_starts_each_target_from_its_best_draw():
     assert torch.allclose(r.activation, best, atol=1e-5)
 
 
+def test_a_pool_gives_each_target_its_own_best_draws_when_it_keeps_several():
+    model, vae = cnn(), vae_with_stats()
+    targets = [fv.Class(0), fv.Class(1), fv.Channel("block1.act2", 2)]
+    r = fv.render(model, targets, param=fv.parameterization("latent", vae=vae, pool=32), images_per_target=2,
+                  steps=0, seed=5, progress=False)
+    pool = fv.LatentParam(32, 3, 32, vae, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        best = fv.activations(model, pool(), targets).topk(2, 0).values.T  # (targets, 2): each its own two
+    assert torch.allclose(r.activation.view(3, 2), best, atol=1e-5)
+
+
+def test_diversity_and_the_prior_pull_the_way_they_are_named():
+    """Both are added to the loss, apart from the objective: a flipped sign would pull a target's images
+    together, or z away from the prior, and still change the images."""
+    model, vae = cnn(), vae_with_stats()
+    spread = []
+    for weight in (0.0, 3.0):
+        r = fv.render(model, [0, 1], param="pixel", images_per_target=3, regularizers=[fv.Diversity(weight)],
+                      steps=8, progress=False)
+        act = models.capture(model, r.images, ["block3.act2"])["block3.act2"]
+        spread.append(fv.diversity_penalty(act, torch.arange(2).repeat_interleave(3)).mean())
+    assert spread[1] < spread[0]  # the images of a class less alike with the term
+    penalty = []
+    for weight in (0.0, 5.0):
+        p = fv.LatentParam(2, 3, 32, vae, generator=torch.Generator().manual_seed(0))
+        fv.render(model, [0, 1], param=p, regularizers=[fv.Prior(weight)], steps=8, progress=False)
+        penalty.append(p.penalty().detach())
+    assert (penalty[1] < penalty[0]).all()  # z nearer the prior's mode with it
+
+
 def test_render_accepts_a_built_parameterization_and_checks_its_size():
     model = cnn()
     r = fv.render(model, [0, 1], param=fv.PixelParam(2, 3, 32), steps=2, progress=False)
@@ -1084,6 +1114,8 @@ def test_stages_take_names_and_a_prior_goes_to_the_latent_stage_only():
     model, vae = cnn(), vae_with_stats()
     r = fv.render_in_stages(model, [0], dict(param="pixel"), dict(param="fourier"), steps=2, progress=False)
     assert r.images.shape == (1, 3, 32, 32) and r.history.shape == (2, 1)
+    odd = fv.render_in_stages(model, [0], dict(param="pixel"), dict(param="fourier"), steps=5, progress=False)
+    assert odd.history.shape == (5, 1)  # 2 steps, then 3: none lost to the halving
     default = fv.render_in_stages(model, [0], dict(param="pixel"), dict(lr=0.05), steps=2, progress=False)
     assert torch.equal(default.images, r.images)  # a second stage without a param: render()'s, fourier
     hybrid = fv.techniques(vae)["hybrid"]
