@@ -377,7 +377,8 @@ def find_image_folder(name, root):
         f"{root.resolve()} (DATA_DIR)")
 
 
-CACHE_FORMAT = 2  # a cache decoded by an older loader (one that merged a second copy of the dataset) is decoded again
+CACHE_FORMAT = 3  # a cache decoded by an older loader (one that merged a second copy of the dataset, or skipped an
+                  # archive's linked images and kept both copies of an image added twice) is decoded again
 
 
 def load_image_folder(path, root):
@@ -439,12 +440,14 @@ def _mixed(x, y):
 
 
 def _list_folder(path):
-    """(relative path, size, mtime) of every file under a folder, sorted: the cache key's input."""
+    """(relative path, size, mtime, ctime) of every image file under a folder, sorted: the cache key's input.
+    Other files (.DS_Store, notes) do not count; the ctime catches images moved between class folders, which
+    keeps their size and mtime."""
     out = []
     for f in _tree(path):
-        if f.is_file():
+        if f.is_file() and _is_image(f.name):
             st = f.stat()
-            out.append((f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns))
+            out.append((f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return out
 
 
@@ -498,9 +501,18 @@ def _read_files(path):
                 yield f.relative_to(path).as_posix(), None if f.is_dir() else f.read_bytes()
         return
     with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            if member.isdir() or (member.isfile() and _is_image(member.name)):
-                yield member.name, None if member.isdir() else tar.extractfile(member).read()
+        for member in tar:  # an image stored as a link (a hard link, a symbolic one) too, as its folder holds it
+            if member.isdir() or ((member.isfile() or member.islnk() or member.issym()) and _is_image(member.name)):
+                yield member.name, None if member.isdir() else _member_bytes(path, tar, member)
+
+
+def _member_bytes(path, tar, member):
+    """The bytes of an archive's file, or of the file it links to; an error naming a link to a missing file."""
+    try:
+        return tar.extractfile(member).read()
+    except KeyError as e:
+        raise ValueError(f"{member.name} in {path} links to {member.linkname}, which the archive does not hold; "
+                         f"add the file or remove the link") from e
 
 
 def _is_image(name):
@@ -537,7 +549,7 @@ def _decode_image_folder(path, files):
     """Decode every image of the tree into uint8 tensors; checks the layout, classes and sizes."""
     from PIL import Image
 
-    images = {split: {} for split in SPLITS}  # split -> class -> [(relative path, HxW or HxWx3 array)]
+    images = {split: {} for split in SPLITS}  # split -> class -> {relative path: HxW or HxWx3 array}
     roots = set()
     total = sum(1 for f in files if _is_image(f[0])) or None  # unknown for an archive
     if path.is_dir():  # a folder's layout, before anything is decoded (an archive's is read as it decodes)
@@ -553,7 +565,7 @@ def _decode_image_folder(path, files):
         if len(roots) > 1:  # a second copy (a leftover clone) would put twins on both sides of train/val
             raise ValueError(f"{path} holds train/ and test/ in more than one place: {', '.join(sorted(roots))}; "
                              f"keep one copy of the dataset")
-        found = images[place[1]].setdefault(place[2], [])
+        found = images[place[1]].setdefault(place[2], {})
         if blob is None:
             continue
         try:
@@ -561,15 +573,15 @@ def _decode_image_folder(path, files):
                 array = _pixels(im)
         except Exception as e:
             raise ValueError(f"cannot read the image {rel} in {path} ({e}); delete or replace it") from e
-        found.append((rel, array))
+        found[rel] = array  # an image added to an archive twice (tar -r): its last copy, as extracting keeps
     classes = _check_classes(path, images)
     _check_sizes(path, images)
-    channels = 3 if any(a.ndim == 3 for s in images.values() for c in s.values() for _, a in c) else 1
+    channels = 3 if any(a.ndim == 3 for s in images.values() for c in s.values() for a in c.values()) else 1
     out = dict(classes=classes)
     for split in SPLITS:
         xs, ys = [], []
         for label, cls in enumerate(classes):
-            for _, a in sorted(images[split][cls], key=lambda item: item[0]):
+            for _, a in sorted(images[split][cls].items()):
                 a = torch.from_numpy(a.copy())
                 xs.append(a.permute(2, 0, 1) if a.ndim == 3 else a[None].expand(channels, -1, -1))
                 ys.append(label)
@@ -585,6 +597,9 @@ def _check_classes(path, images):
             raise ValueError(f"no {split}/<class>/ folders in {path}: expected train/<class>/<image> and "
                              f"test/<class>/<image> (png, jpg or bmp), one folder per class")
     train, test = set(images["train"]), set(images["test"])
+    undecodable = sorted(name for name in train | test if not _utf8(name))
+    if undecodable:  # the file system's bytes, not UTF-8: no page or file could be written with the name
+        raise ValueError(f"class folder names in {path} are not UTF-8 text: {undecodable}; rename them")
     if train != test:
         raise ValueError(f"the class folders of train/ and test/ differ in {path}: only in train/: "
                          f"{sorted(train - test) or 'none'}; only in test/: {sorted(test - train) or 'none'}")
@@ -594,6 +609,14 @@ def _check_classes(path, images):
                 raise ValueError(f"the class folder {split}/{cls}/ in {path} has no images (png, jpg or bmp); "
                                  f"add images or remove the class from train/ and test/")
     return sorted(train)
+
+
+def _utf8(name):
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a surrogate standing for a byte the walk could not decode
+        return False
 
 
 def _pixels(im):
@@ -609,7 +632,7 @@ def _check_sizes(path, images):
     first = None
     for split in SPLITS:
         for cls in sorted(images[split]):
-            for rel, a in images[split][cls]:
+            for rel, a in images[split][cls].items():
                 if first is None:
                     first = (rel, a.shape[:2])
                 elif a.shape[:2] != first[1]:

@@ -289,6 +289,16 @@ def test_a_build_interrupted_in_its_first_layer_resumes_and_credits_no_channels_
     assert "which this atlas has no page for" in page and "#c" not in page
 
 
+def test_class_names_are_escaped_wherever_a_page_shows_them(tmp_path):
+    """An image folder's class names are the user's: quotes and markup are shown, not parsed."""
+    names = ['a"b', "<i>x"]
+    site = atlas.Site(tmp_path, SimpleNamespace(classes=names, test_x=torch.zeros(2, 3, 32, 32, dtype=torch.uint8)),
+                      ["maco"])
+    shown = site.bars(torch.tensor([1.0, 2.0])) + site.page(names[1], "") + site.figure("x.png", names[0])
+    assert "<i>" not in shown and 'a"b' not in shown
+    assert 'title="a&quot;b: ' in shown and "&lt;i&gt;x" in shown
+
+
 def test_classes_without_test_images_and_three_classes_read_right(tmp_path):
     d = SimpleNamespace(classes=["cat", "dog", "bird"], test_x=torch.zeros(3, 3, 32, 32, dtype=torch.uint8))
     site = atlas.Site(tmp_path, d, ["maco"])

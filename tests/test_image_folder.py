@@ -140,6 +140,10 @@ def test_cache_is_reused_and_a_changed_tree_is_decoded_again(tmp_path, monkeypat
     again = data.load_data(str(tree), cache_dir)
     assert torch.equal(first.train_x, again.train_x) and first.classes == again.classes
 
+    (tree / "train" / ".DS_Store").write_bytes(b"\0")  # a file browser's, rewritten at a glance: no image
+    (tree / "train" / "cat" / "notes.txt").write_text("no image either")
+    data.load_data(str(tree), cache_dir)  # still the cache's
+
     Image.new("RGB", (8, 6), (255, 255, 255)).save(tree / "test" / "cat" / "000.png")  # one image changes
     calls = []
     monkeypatch.setattr(data, "_decode_image_folder", lambda *a: calls.append(1) or real_decode(*a))
@@ -432,3 +436,56 @@ def test_an_archive_replaced_by_one_of_the_same_size_and_time_is_decoded_again(t
     archive.write_bytes(blobs[1].ljust(length, b"\0"))  # another dataset, as `cp -p` leaves it
     os.utime(archive, ns=(0, 0))
     assert data.load_data(str(archive), cache_dir).classes == ["cat", "owl"]
+
+
+def test_images_swapped_between_classes_with_their_size_and_time_are_decoded_again(tmp_path):
+    tree = write_tree(tmp_path / "pets", suffix=".bmp")  # a BMP's size is its pixels': the two are alike
+    first = data.load_data(str(tree), tmp_path / "cache")
+    cat, dog = tree / "train" / "cat" / "000.bmp", tree / "train" / "dog" / "000.bmp"
+    stats = cat.stat(), dog.stat()
+    assert stats[0].st_size == stats[1].st_size
+    os.rename(cat, tmp_path / "swap.bmp")
+    os.rename(dog, cat)
+    os.rename(tmp_path / "swap.bmp", dog)  # renames (and mv) keep a file's mtime
+    for path, st in ((cat, stats[0]), (dog, stats[1])):  # each name its own size and mtime, as before
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = data.load_data(str(tree), tmp_path / "cache")
+    x = torch.cat([again.train_x, again.val_x])
+    y = torch.cat([again.train_y, again.val_y])
+    dog_image = 10 * sorted(CLASSES).index("dog")  # image 0 of each class is constant at 10 x its label
+    assert (x[y == again.classes.index("cat")][:, 0, 0, 0] == dog_image).any()  # in cat/ now: read anew
+    assert not (torch.cat([first.train_x, first.val_x])[torch.cat([first.train_y, first.val_y]) ==
+                                                         first.classes.index("cat")] == dog_image).any()
+
+
+def test_an_archive_holds_linked_images_and_an_image_added_twice_once(tmp_path):
+    """As extracting it would: a hard or symbolic link is its file, and a name added again (tar -r) is its
+    last copy."""
+    tree = write_tree(tmp_path / "pets")
+    folder = data.load_data(str(tree), tmp_path / "cache")
+    os.link(tree / "train" / "cat" / "000.png", tree / "train" / "cat" / "100.png")
+    os.symlink("001.png", tree / "train" / "cat" / "101.png")
+    archive = tmp_path / "pets.tar"
+    with tarfile.open(archive, "w") as tar:  # the second name of a file goes in as a link to the first
+        tar.add(tree / "train", arcname="train")
+        tar.add(tree / "test", arcname="test")
+    white = tmp_path / "white.png"
+    Image.new("RGB", (8, 6), (255, 255, 255)).save(white)
+    with tarfile.open(archive, "a") as tar:
+        tar.add(white, arcname="train/cat/002.png")  # a second copy of an image already there
+    with tarfile.open(archive) as tar:
+        assert tar.getmember("train/cat/100.png").islnk() and tar.getmember("train/cat/101.png").issym()
+    linked = data.load_data(str(tree), tmp_path / "cache")  # the folder: links followed
+    archived = data.load_data(str(archive), tmp_path / "cache")
+    count = lambda d: len(d.train_y) + len(d.val_y)  # noqa: E731
+    assert count(linked) == count(archived) == count(folder) + 2  # both links, and the image added twice once
+    x = torch.cat([archived.train_x, archived.val_x])
+    assert (x == 255).all((1, 2, 3)).sum() == 1  # the last copy of 002.png
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_named(tmp_path):
+    tree = write_tree(tmp_path / "pets")
+    os.rename(bytes(tree / "train" / "cat"), bytes(tree / "train") + b"/caf\xe9")  # Latin-1, as an old copy
+    os.rename(bytes(tree / "test" / "cat"), bytes(tree / "test") + b"/caf\xe9")
+    with pytest.raises(ValueError, match=r"class folder names in .* are not UTF-8 text: \['caf\\udce9'\]; rename"):
+        data.load_data(str(tree), tmp_path / "cache")
