@@ -6,6 +6,7 @@ split into train / val / test. `name` is a built-in dataset, or an image folder 
 augments there (random translate with reflect padding, horizontal flip), with no per-image Python.
 """
 import contextlib
+import functools
 import glob
 import gzip
 import hashlib
@@ -440,14 +441,13 @@ def _mixed(x, y):
 
 
 def _list_folder(path):
-    """(relative path, size, mtime, ctime) of every image file under a folder, sorted: the cache key's input.
-    Other files (.DS_Store, notes) do not count; the ctime catches images moved between class folders, which
-    keeps their size and mtime."""
+    """(relative path, size, mtime) of every image file under a folder, sorted: the cache key's input. Other
+    files (.DS_Store, notes) do not count."""
     out = []
     for f in _tree(path):
         if f.is_file() and _is_image(f.name):
             st = f.stat()
-            out.append((f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            out.append((f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns))
     return out
 
 
@@ -493,26 +493,29 @@ def _list_archive(path):
 
 
 def _read_files(path):
-    """Yield (relative posix path, bytes) for each image of a folder or archive, and (path, None) for
-    each folder, in any order."""
+    """Yield (relative posix path, read) for each image of a folder or archive, read() giving its bytes (call it
+    before the next item, and only for an image that counts), and (path, None) for each folder, in any order."""
     if path.is_dir():
         for f in _tree(path):
             if f.is_dir() or _is_image(f.name):
-                yield f.relative_to(path).as_posix(), None if f.is_dir() else f.read_bytes()
+                yield f.relative_to(path).as_posix(), None if f.is_dir() else f.read_bytes
         return
     with tarfile.open(path, "r:*") as tar:
         for member in tar:  # an image stored as a link (a hard link, a symbolic one) too, as its folder holds it
             if member.isdir() or ((member.isfile() or member.islnk() or member.issym()) and _is_image(member.name)):
-                yield member.name, None if member.isdir() else _member_bytes(path, tar, member)
+                yield member.name, None if member.isdir() else functools.partial(_member_bytes, path, tar, member)
 
 
 def _member_bytes(path, tar, member):
-    """The bytes of an archive's file, or of the file it links to; an error naming a link to a missing file."""
+    """The bytes of an archive's file, or of the file it links to; an error naming a link to no file."""
     try:
-        return tar.extractfile(member).read()
-    except KeyError as e:
-        raise ValueError(f"{member.name} in {path} links to {member.linkname}, which the archive does not hold; "
-                         f"add the file or remove the link") from e
+        f = tar.extractfile(member)
+    except (KeyError, RecursionError):  # a link to a name the archive does not hold, a loop of links
+        f = None
+    if f is None:  # (also a link to a folder)
+        raise ValueError(f"{member.name} in {path} links to {member.linkname}, which is no file the archive holds; "
+                         f"add the file or remove the link")
+    return f.read()
 
 
 def _is_image(name):
@@ -549,39 +552,41 @@ def _decode_image_folder(path, files):
     """Decode every image of the tree into uint8 tensors; checks the layout, classes and sizes."""
     from PIL import Image
 
-    images = {split: {} for split in SPLITS}  # split -> class -> {relative path: HxW or HxWx3 array}
+    images = {split: {} for split in SPLITS}  # split -> class -> {file name: (relative path, HxW or HxWx3 array)}
     roots = set()
     total = sum(1 for f in files if _is_image(f[0])) or None  # unknown for an archive
     if path.is_dir():  # a folder's layout, before anything is decoded (an archive's is read as it decodes)
         for rel, *_ in files:
             if _is_image(rel):
                 _placed(path, rel, False)
-    for rel, blob in tqdm(_read_files(path), desc=f"decoding {path.name}", unit=" files", total=total):
-        place = _placed(path, rel, blob is None)
+    for rel, read in tqdm(_read_files(path), desc=f"decoding {path.name}", unit=" files", total=total):
+        place = _placed(path, rel, read is None)
         if place is None:
             continue
-        if blob is not None:  # images only: an empty leftover folder is no copy
+        if read is not None:  # images only: an empty leftover folder is no copy
             roots.add(place[0])
         if len(roots) > 1:  # a second copy (a leftover clone) would put twins on both sides of train/val
             raise ValueError(f"{path} holds train/ and test/ in more than one place: {', '.join(sorted(roots))}; "
                              f"keep one copy of the dataset")
         found = images[place[1]].setdefault(place[2], {})
-        if blob is None:
+        if read is None:
             continue
+        blob = read()
         try:
             with Image.open(io.BytesIO(blob)) as im:
                 array = _pixels(im)
         except Exception as e:
             raise ValueError(f"cannot read the image {rel} in {path} ({e}); delete or replace it") from e
-        found[rel] = array  # an image added to an archive twice (tar -r): its last copy, as extracting keeps
+        found[rel.rsplit("/", 1)[-1]] = rel, array  # by file name: an image added to an archive twice (tar -r, with
+                                                    # or without ./) is its last copy, as extracting it gives
     classes = _check_classes(path, images)
     _check_sizes(path, images)
-    channels = 3 if any(a.ndim == 3 for s in images.values() for c in s.values() for a in c.values()) else 1
+    channels = 3 if any(a.ndim == 3 for s in images.values() for c in s.values() for _, a in c.values()) else 1
     out = dict(classes=classes)
     for split in SPLITS:
         xs, ys = [], []
         for label, cls in enumerate(classes):
-            for _, a in sorted(images[split][cls].items()):
+            for _, (_, a) in sorted(images[split][cls].items()):
                 a = torch.from_numpy(a.copy())
                 xs.append(a.permute(2, 0, 1) if a.ndim == 3 else a[None].expand(channels, -1, -1))
                 ys.append(label)
@@ -632,7 +637,7 @@ def _check_sizes(path, images):
     first = None
     for split in SPLITS:
         for cls in sorted(images[split]):
-            for rel, a in images[split][cls].items():
+            for rel, a in images[split][cls].values():
                 if first is None:
                     first = (rel, a.shape[:2])
                 elif a.shape[:2] != first[1]:
