@@ -617,6 +617,7 @@ def _check_classes(path, images):
 
 
 def _utf8(name):
+    """Whether a name from the file system is text (a byte it could not decode comes as a lone surrogate)."""
     try:
         name.encode("utf-8")
         return True

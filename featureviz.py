@@ -1162,7 +1162,7 @@ def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
         raise TypeError("lr=cosine makes a schedule: call it with its starting value, e.g. lr=cosine(0.3)")
     if not callable(lr):
         data.check_real("lr", lr, 0, inclusive=False,
-                    hint=" (or a schedule f(fraction of steps done) such as cosine(0.3))")
+                        hint=" (or a schedule f(fraction of steps done) such as cosine(0.3))")
     if not _is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
     if transforms is not None and not callable(transforms):
