@@ -338,7 +338,8 @@ def _read_idx_gz(path):
 
 # ----------------------------------------------------------------------------- image folders
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")  # a GIF's first frame
+IMAGE_KINDS = ", ".join(suffix[1:] for suffix in IMAGE_SUFFIXES)  # for messages
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 SPLITS = ("train", "test")
 
@@ -600,7 +601,7 @@ def _check_classes(path, images):
     for split in SPLITS:
         if not images[split]:
             raise ValueError(f"no {split}/<class>/ folders in {path}: expected train/<class>/<image> and "
-                             f"test/<class>/<image> (png, jpg or bmp), one folder per class")
+                             f"test/<class>/<image> ({IMAGE_KINDS}), one folder per class")
     train, test = set(images["train"]), set(images["test"])
     undecodable = sorted(name for name in train | test if not _utf8(name))
     if undecodable:  # the file system's bytes, not UTF-8: no page or file could be written with the name
@@ -611,7 +612,7 @@ def _check_classes(path, images):
     for split in SPLITS:
         for cls in sorted(images[split]):
             if not images[split][cls]:
-                raise ValueError(f"the class folder {split}/{cls}/ in {path} has no images (png, jpg or bmp); "
+                raise ValueError(f"the class folder {split}/{cls}/ in {path} has no images ({IMAGE_KINDS}); "
                                  f"add images or remove the class from train/ and test/")
     return sorted(train)
 

@@ -111,12 +111,12 @@ def test_mixed_rgb_and_grayscale_is_read_as_rgb_and_grayscale_alone_as_one_chann
     assert torch.equal(grays[:, 0], grays[:, 1]) and torch.equal(grays[:, 1], grays[:, 2])  # gray is replicated
 
 
-@pytest.mark.parametrize("suffix", [".jpg", ".bmp"])
-def test_jpeg_and_bmp_decode(tmp_path, suffix):
+@pytest.mark.parametrize("suffix", [".jpg", ".bmp", ".webp", ".gif"])
+def test_jpeg_bmp_webp_and_gif_decode(tmp_path, suffix):
     d = data.load_data(str(write_tree(tmp_path / "pets", suffix=suffix)), tmp_path / "cache")
     written = torch.tensor([0, 1, 10, 11, 20, 21])  # the test images' values, sorted
     read = d.test_x[:, :, 3, 3].long().sort(0).values  # each channel sorted: within 2 of written if each image is
-    assert (read - written[:, None]).abs().max() <= 2  # JPEG is lossy, by a little
+    assert (read - written[:, None]).abs().max() <= 2  # JPEG and WebP are lossy, by a little
 
 
 def test_images_come_in_one_fixed_order_that_mixes_the_classes(tmp_path):
