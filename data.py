@@ -380,7 +380,8 @@ def find_image_folder(name, root):
 
 
 CACHE_FORMAT = 3  # a cache decoded by an older loader (one that merged a second copy of the dataset, or skipped an
-                  # archive's linked images and kept both copies of an image added twice) is decoded again
+                  # archive's linked images, kept both copies of an image added twice, or left a photo's EXIF
+                  # orientation unapplied) is decoded again
 
 
 def load_image_folder(path, root):
@@ -551,7 +552,7 @@ def _placed(path, rel, is_dir):
 
 def _decode_image_folder(path, files):
     """Decode every image of the tree into uint8 tensors; checks the layout, classes and sizes."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     images = {split: {} for split in SPLITS}  # split -> class -> {file name: (relative path, HxW or HxWx3 array)}
     roots = set()
@@ -575,7 +576,7 @@ def _decode_image_folder(path, files):
         blob = read()
         try:
             with Image.open(io.BytesIO(blob)) as im:
-                array = _pixels(im)
+                array = _pixels(ImageOps.exif_transpose(im))  # a photo turned as its camera says
         except Exception as e:
             raise ValueError(f"cannot read the image {rel} in {path} ({e}); delete or replace it") from e
         found[rel.rsplit("/", 1)[-1]] = rel, array  # by file name: an image added to an archive twice (tar -r, with

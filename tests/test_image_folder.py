@@ -119,6 +119,18 @@ def test_jpeg_bmp_webp_and_gif_decode(tmp_path, suffix):
     assert (read - written[:, None]).abs().max() <= 2  # JPEG and WebP are lossy, by a little
 
 
+def test_a_photo_is_turned_as_its_exif_orientation_says(tmp_path):
+    tree = write_tree(tmp_path / "pets", suffix=".jpg")
+    photo = Image.new("RGB", (8, 6), (0, 0, 0))
+    photo.paste((255, 255, 255), (0, 0, 4, 6))  # its left half white, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 3  # Orientation: stored upside down, to be turned 180 degrees
+    photo.save(tree / "test" / "cat" / "000.jpg", exif=exif, quality=95)
+    d = data.load_data(str(tree), tmp_path / "cache")
+    turned = d.test_x[(d.test_x[:, 0, :, :4].float().mean((1, 2)) - d.test_x[:, 0, :, 4:].float().mean((1, 2))).abs() > 100]
+    assert len(turned) == 1 and turned[0, 0, :, 4:].float().mean() > 200 > 50 > turned[0, 0, :, :4].float().mean()
+
+
 def test_images_come_in_one_fixed_order_that_mixes_the_classes(tmp_path):
     """A folder lists its images class by class: the first images of a set must still sample every class
     (the notebooks' examples and colour statistics take them), the same for every seed."""
