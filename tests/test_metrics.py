@@ -29,6 +29,10 @@ def test_confusion_report_and_hardest_pairs():
     # only pairs that were confused, never a class with itself, and k beyond the number of pairs is fine
     assert metrics.hardest_pairs(cm, ["a", "b", "c"], k=20) == [("c", "b", 3), ("a", "b", 2), ("b", "a", 1)]
     assert metrics.hardest_pairs(torch.eye(2, dtype=torch.long) * 5, ["a", "b"]) == []
+    # a class never predicted has precision 0, one without true images recall 0 (sklearn's zero_division=0)
+    report = metrics.per_class_report(metrics.confusion_matrix(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]), 3),
+                                      ["a", "b", "c"])
+    assert report[2] == dict(cls="c", precision=0.0, recall=0.0, support=0)
     # a label outside the classes (a 10-class model scored on 3 classes) is refused, never filed in another cell
     with pytest.raises(ValueError, match=r"y_pred must be class indices in 0..2 .*got values from 1 to 5"):
         metrics.confusion_matrix(torch.tensor([0, 1, 2]), torch.tensor([5, 1, 2]), 3)
@@ -123,6 +127,11 @@ def test_two_choice_is_a_cosine_whatever_the_scale_of_each_reference():
     refs, top, bottom = (torch.randn(n, 8, generator=gen) for n in (5, 60, 60))
     scales = torch.logspace(-2, 2, 5)[:, None]  # one reference 100x longer than another: no louder
     assert metrics.two_choice(refs * scales, top, bottom) == metrics.two_choice(refs, top, bottom)
+    # nor a longer query: a short top image at a better angle beats a long bottom one at a worse angle
+    query_scales = torch.logspace(-2, 2, 60)[:, None]
+    assert metrics.two_choice(refs, top * query_scales, bottom * query_scales.flip(0)) == \
+        metrics.two_choice(refs, top, bottom)
+    assert metrics.two_choice(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.1, 0.0]]), torch.tensor([[10.0, 5.0]])) == 1.0
 
 
 def test_path_percentiles_are_centred_on_the_random_images():
@@ -466,10 +475,21 @@ def reference():
 def test_the_path_check_flags_an_image_unlike_the_natural_ones_at_a_single_block(reference, monkeypatch):
     n = len(reference.layers)
     p = torch.ones(2, n)
-    p[:, 2] = torch.tensor([0.1, 0.6])  # the first image fails at block 2 only; the second passes, least at block 2
-    monkeypatch.setattr(metrics, "path_percentiles", lambda a_vis, a_top, a_random: p)
-    flagged, least = reference.path_check(reference.test_x[:2], torch.tensor([0, 0]))
+    # the first image fails at block 2 only; the second, at the threshold, passes, least at block 2
+    p[:, 2] = torch.tensor([0.1, metrics.PATH_THRESHOLD])
+    calls = []
+    monkeypatch.setattr(metrics, "path_percentiles", lambda a_vis, a_top, a_random: (
+        calls.append((a_vis, a_top, a_random)), p)[1])
+    images = reference.test_x[:2]
+    flagged, least = reference.path_check(images, torch.tensor([0, 0]))
     assert flagged == 0.5 and least == reference.layers[2]
+    # compared with unit 0's path images (its top R) and the random images, block by block
+    (a_vis, a_top, a_random), = calls
+    a = metrics.block_activations(reference.model, images, metrics.pooled, reference.layers)
+    for block in range(n):
+        assert torch.equal(a_vis[block], a[block])
+        assert torch.equal(a_top[block], reference.a_test[block][reference.top[0, :metrics.R]])
+        assert torch.equal(a_random[block], reference.a_test[block][reference.random])
 
 
 def test_two_choice_queries_are_the_units_next_top_images_apart_from_the_others(reference, monkeypatch):
@@ -483,10 +503,13 @@ def test_two_choice_queries_are_the_units_next_top_images_apart_from_the_others(
     queries = []
     two_choice = metrics.two_choice
     monkeypatch.setattr(metrics, "two_choice", lambda refs, f_top, f_bottom: (
-        queries.append((f_top, f_bottom)), two_choice(refs, f_top, f_bottom))[1])
-    f = metrics.features(reference.other, reference.test_x[:3])
-    reference._two_choice(f, torch.tensor([0, 1, 2]))
-    for u, (f_top, f_bottom) in enumerate(queries):
+        queries.append((refs, f_top, f_bottom)), two_choice(refs, f_top, f_bottom))[1])
+    f = metrics.features(reference.other, reference.test_x[:4])
+    units = torch.tensor([0, 1, 2, 1])
+    reference._two_choice(f, units)
+    assert len(queries) == 3  # once per unit, with that unit's images as references
+    for u, (refs, f_top, f_bottom) in enumerate(queries):
+        assert torch.equal(refs, f[units == u])
         assert torch.equal(f_top, reference.f_test[top[u, R:2 * R]]) and torch.equal(f_bottom, reference.f_test[bottom[u]])
 
 
