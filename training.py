@@ -277,8 +277,8 @@ def load_checkpoint(path, device=None, hint="train the model first (or fix the p
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: {hint}")
     device = get_device(device)  # a bad device is the caller's error, not the checkpoint's
-    try:
-        ckpt = torch.load(path, weights_only=True, map_location=device)
+    try:  # on the CPU: a device out of memory is no fault of the file's
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
         with keeping_random_state():
             model = build_model(ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
@@ -325,13 +325,15 @@ def reusable(path, **expected):
 def changed_settings(path, **expected):
     """The settings a complete checkpoint at path was trained with that differ from these, one line each
     ([] if none); None if there is no complete checkpoint there."""
-    if not Path(path).exists():
+    if not Path(path).is_file():  # a folder is named by the training that follows
         return None
     try:
         ckpt = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception:
+    except Exception as e:  # retrained, and replaced when the run completes: say so before the time is spent
+        warn(f"checkpoint {path} cannot be read ({type(e).__name__}; training.load_checkpoint says more): a model "
+             f"is trained anew and replaces it when the run completes")
         return None
-    if not ckpt.get("complete", False):
+    if ckpt.get("complete") is False:  # as load_checkpoint: a checkpoint saved by hand has no such key
         return None
     return [line for key, wanted in expected.items() for line in _changes(key, ckpt.get(key), wanted)]
 
@@ -363,6 +365,12 @@ class BestKeeper:
     back into the model, and `finish` replaces the finished checkpoint and CSV with this run's."""
 
     def __init__(self, model, key, higher, ckpt_path=None, csv_path=None, **info):
+        for name, path in (("ckpt_path", ckpt_path), ("csv_path", csv_path)):
+            if path and Path(path).is_dir():  # else found only when the finished run is saved
+                raise IsADirectoryError(f"{name} {path} is a folder: give the path of the file to write")
+        taken = sorted({"config", "state_dict", "epoch", key, "history", "complete"} & set(info))
+        if taken:
+            raise ValueError(f"extra must not set {taken}: the checkpoint records them itself")
         self.model, self.key, self.sign = model, key, 1 if higher else -1
         self.ckpt_path, self.csv_path, self.info = ckpt_path, csv_path, info
         self.rows, self.best, self.state = [], None, None
@@ -785,7 +793,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     likelihood, the KL and validation are float32. Stops with a clear error at the end of an epoch whose loss
     became NaN/inf (checked once an epoch, as fit does); the best checkpoint so far is kept. Returns the
     per-epoch metrics rows; the model ends with the best epoch's weights and the latent statistics of the
-    training set stored in its buffers.
+    training set stored in its buffers (computed when the run completes: a stopped run's VAE keeps the prior's).
     """
     hyp = hyperparameters(VAE_HYP, hyp)
     check_input(vae, data.train_x[:1], "data.train_x")  # before anything of the model is changed

@@ -559,6 +559,34 @@ def test_a_checkpoint_folder_that_is_not_writable_is_named_before_training(tiny_
                                   progress=False)
 
 
+def test_a_checkpoint_path_that_is_a_folder_is_named_before_training(tiny_data, tmp_path, monkeypatch):
+    """Else the whole run went by and its last save failed, leaving only the unfinished checkpoint."""
+    monkeypatch.setattr(training, "run_epochs", lambda *a, **k: pytest.fail("trained before the path was checked"))
+    with pytest.raises(IsADirectoryError, match=r"ckpt_path .* is a folder: give the path of the file to write"):
+        training.train_classifier(tiny_data, tmp_path, preset="small", hyp=TINY, progress=False)
+    with pytest.raises(IsADirectoryError, match=r"csv_path .* is a folder"):
+        training.train_vae(tiny_data, tmp_path / "vae.pt", preset="small", hyp=dict(epochs=1), csv_path=tmp_path,
+                           progress=False)
+    model = models.build_model(models.cnn_config("small", image_size=32))
+    with pytest.raises(ValueError, match=r"extra must not set \['epoch', 'val_acc'\]: the checkpoint records them"):
+        training.fit(model, tiny_data, TINY, ckpt_path=tmp_path / "cnn.pt", extra=dict(val_acc=1.0, epoch=3, note=""))
+
+
+def test_an_unreadable_checkpoint_is_retrained_with_a_warning(tmp_path):
+    (tmp_path / "cnn.pt").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match=r"cnn.pt cannot be read .*: a model is trained anew and replaces it") as w:
+        assert training.changed_settings(tmp_path / "cnn.pt", hyp=TINY) is None
+    assert w[0].filename == __file__
+
+
+def test_a_checkpoint_is_read_on_the_cpu_and_then_moved(finished, monkeypatch):
+    """A device that fails to take the weights (out of memory) is not blamed on the file: here the meta
+    device, onto which torch.load's tensors would not load into the model."""
+    monkeypatch.setattr(training, "get_device", lambda device: torch.device("meta"))
+    model, _ = training.load_checkpoint(finished[0])
+    assert next(model.parameters()).device.type == "meta"
+
+
 def test_a_reused_checkpoint_whose_csv_cannot_be_written_loads_with_a_warning(finished, tiny_data, monkeypatch):
     ckpt, csv, _, _ = finished
     csv.unlink()  # as in a read-only copy of the checkpoints without their CSVs
