@@ -364,8 +364,10 @@ def test_the_command_line_defaults_to_the_notebooks_settings_and_names_bad_flags
     assert "STEPS" in capsys.readouterr().err  # the variable named, not a flag that was never given
 
 
-def test_bad_arguments_name_what_is_wrong(tiny, tmp_path):
+def test_bad_arguments_name_what_is_wrong(tiny, tmp_path, monkeypatch, capsys):
     model, d, vae = tiny
+    for key in ("DATASET", "PRESET", "VAE_PRESET", "STEPS", "SEED"):  # only --out can be wrong
+        monkeypatch.delenv(key, raising=False)
     with pytest.raises(ValueError, match="unknown technique 'sharp'"):
         atlas.build_atlas(model, d, vae, ("maco", "sharp"), tmp_path, steps=STEPS, progress=False)
     with pytest.raises(ValueError, match="draws through a VAE"):
@@ -389,6 +391,8 @@ def test_bad_arguments_name_what_is_wrong(tiny, tmp_path):
         assert (tmp_path / "notes.txt").read_text() == "mine"  # was emptied for a manifest of other keys
         with pytest.raises(SystemExit):  # the command line says so before it loads anything
             atlas.arguments("atlas", ["--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert "argument --out" in err and "other files in it" in err
 
 
 def test_a_model_with_other_outputs_than_the_classes_is_refused_first(tiny, tmp_path):

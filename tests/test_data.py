@@ -77,6 +77,18 @@ def test_loader_augmentation_keeps_labels_aligned():
     assert len(seen) == 4 and sorted(torch.cat(seen).tolist()) == sorted(y.tolist())
 
 
+def test_loader_shuffles_each_epoch_anew_and_the_same_for_a_seed():
+    x, y = torch.zeros(100, 1, 8, 8, dtype=torch.uint8), torch.arange(100)
+
+    def epochs(seed, shuffle=True, count=2):
+        loader = data.Loader(x, y, batch_size=30, shuffle=shuffle, seed=seed)
+        return [torch.cat([yb for _, yb in loader]).tolist() for _ in range(count)]
+    first, second = epochs(0)
+    assert sorted(first) == list(range(100)) and first != list(range(100)) and second != first
+    assert epochs(0) == [first, second] and epochs(1)[0] != first
+    assert epochs(0, shuffle=False) == [list(range(100))] * 2
+
+
 def test_loader_translates_and_flips_within_range():
     # one bright pixel per image at a known place; after augmentation it moves at most 2 px,
     # possibly mirrored, and both flips and several shifts occur
@@ -173,14 +185,34 @@ def test_fashion_mnist_error_when_nothing_is_reachable(tmp_path, monkeypatch):
         data.load_data("fashion-mnist", root=tmp_path)
 
 
-def test_fashion_mnist_downloaded_before_is_read_from_a_folder_that_cannot_be_written(tmp_path, monkeypatch):
+def _write_fashion_mnist(folder, suffix, value, train=12, test=4):
+    """Fashion-MNIST's four IDX files (suffix "" or ".gz"): 28 x 28 images of one value (value + 1 for the test
+    set's), labels i % 10 ((i + 3) % 10 for the test set's)."""
+    import gzip
     import struct
 
-    raw = tmp_path / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix, n in (("train", 12), ("t10k", 4)):  # torchvision's extracted files, 28 x 28 images
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">4I", 2051, n, 28, 28) + bytes(range(n)) * 784)
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">2I", 2049, n) + bytes(i % 10 for i in range(n)))
+    folder.mkdir(parents=True, exist_ok=True)
+    write = (lambda p, b: p.write_bytes(gzip.compress(b))) if suffix else (lambda p, b: p.write_bytes(b))
+    for prefix, n, v, shift in (("train", train, value, 0), ("t10k", test, value + 1, 3)):
+        write(folder / f"{prefix}-images-idx3-ubyte{suffix}", struct.pack(">4I", 2051, n, 28, 28) + bytes([v]) * n * 784)
+        write(folder / f"{prefix}-labels-idx1-ubyte{suffix}", struct.pack(">2I", 2049, n) +
+              bytes((i + shift) % 10 for i in range(n)))
+
+
+def test_fashion_mnist_reads_the_debian_packages_files(tmp_path, monkeypatch):
+    _write_fashion_mnist(tmp_path / "debian", ".gz", 7)
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
+    d = data.load_data("fashion-mnist", root=tmp_path / "unused", val_size=2)
+    assert d.train_x.shape == (10, 1, 32, 32) and d.test_x.shape == (4, 1, 32, 32) and d.train_y.dtype == torch.long
+    assert (d.test_x[:, :, 2:-2, 2:-2] == 8).all() and (d.train_x[:, :, 2:-2, 2:-2] == 7).all()  # each set its file
+    assert d.test_x[:, :, :2].max() == 0 and d.test_x[:, :, :, -2:].max() == 0  # zero padding to 32 px
+    assert d.test_y.tolist() == [3, 4, 5, 6] and sorted(d.train_y.tolist() + d.val_y.tolist()) == sorted(
+        i % 10 for i in range(12))
+    assert not (tmp_path / "unused").exists()  # read in place
+
+
+def test_fashion_mnist_downloaded_before_is_read_from_a_folder_that_cannot_be_written(tmp_path, monkeypatch):
+    _write_fashion_mnist(tmp_path / "FashionMNIST" / "raw", "", 1)  # torchvision's extracted files
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     monkeypatch.setattr(data.os, "access", lambda *args: False)  # a read-only DATA_DIR
     d = data.load_data("fashion-mnist", root=tmp_path, val_size=2)
