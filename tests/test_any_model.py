@@ -547,6 +547,29 @@ def test_a_graphed_render_takes_any_real_lr(lr):
     assert result.images.isfinite().all()
 
 
+def test_a_tensor_lr_is_set_in_place():
+    """A captured Adam reads its lr tensor on every replay: the schedule must write into that tensor."""
+    lr = torch.tensor(0.1)
+    opt = torch.optim.Adam([nn.Parameter(torch.zeros(2))], lr=lr)
+    fv._set_lr(opt, 0.5)
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == 0.5
+    opt = torch.optim.Adam([nn.Parameter(torch.zeros(2))], lr=0.1)
+    fv._set_lr(opt, 0.5)
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(monkeypatch):
+    model = cnn(32).cuda()
+    monkeypatch.setattr(fv, "CUDA_GRAPHS", False)
+    eager = fv.render(model, [0, 1], steps=16, progress=False)
+    monkeypatch.setattr(fv, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("not capturable")))
+    with pytest.warns(UserWarning, match=r"could not capture a CUDA graph \(not capturable\); running the steps"):
+        fallen = fv.render(model, [0, 1], steps=16, progress=False)
+    assert (fallen.images - eager.images).abs().max() < 2e-3
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_a_model_on_another_gpu_than_the_current_one_is_graphed_on_its_own(monkeypatch):
     model = cnn(32).to("cuda:1")
