@@ -137,25 +137,31 @@ def integrated_gradients(model, images, targets, baseline=None, steps=32, intern
         b = (b.view(-1, 1, 1) if b.dim() == 1 else b).expand_as(x).contiguous()  # 1-D: one value per channel
     except RuntimeError:
         raise ValueError(f"baseline must be {shapes}; got shape {tuple(b.shape)}") from None
+    ig, attr, ends = IntegratedGradients(model), [], []
     with _untouched(model):
-        attr, delta = IntegratedGradients(model).attribute(
-            x, baselines=b, target=t, n_steps=steps, internal_batch_size=internal_batch_size,
-            return_convergence_delta=True)
-        with torch.no_grad():  # f(image), f(baseline), batched as captum's steps are
-            logits = torch.cat([model(part).float() for part in torch.cat([x, b]).split(internal_batch_size)])
-            ends = logits.gather(1, t.repeat(2)[:, None]).view(2, -1)
-    _check_complete(models.exact(delta.detach()), models.exact(ends), steps)  # mps has no float64
-    return attr.detach().float()
+        # internal_batch_size images at a time: captum puts every image of a call in each of its batches
+        for xs, bs, ts in zip(*(v.split(internal_batch_size) for v in (x, b, t))):
+            attr.append(ig.attribute(xs, baselines=bs, target=ts, n_steps=steps,
+                                     internal_batch_size=internal_batch_size).detach())
+            with torch.no_grad():  # f(image), f(baseline)
+                ends.append(torch.stack([model(v).float().gather(1, ts[:, None])[:, 0] for v in (xs, bs)]))
+    attr, ends = torch.cat(attr), models.exact(torch.cat(ends, 1))  # mps has no float64
+    _check_complete(models.exact(attr), ends, steps, models.dtype_of(model))
+    return attr.float()
 
 
 COMPLETENESS = 0.05  # the largest share of f(image) - f(baseline) that the attributions' sum may be off unwarned
 
 
-def _check_complete(delta, ends, steps):
-    """Warn where integrated gradients' sum is off the logit's change along the path (delta: their sum minus
-    f(image) - f(baseline); ends: (2, B) f(image), f(baseline)) by more than COMPLETENESS of it: the integral is
-    taken in too few steps. A change smaller than 1% of the logits' size (or than 1e-3) counts as that much."""
-    change = (ends[0] - ends[1]).abs().maximum(0.01 * ends.abs().sum(0)).clamp_min(1e-3)
+def _check_complete(attr, ends, steps, dtype):
+    """Warn where integrated gradients' sum (attr (B, C, H, W)) is off the logit's change along the path (ends:
+    (2, B) f(image), f(baseline)) by more than COMPLETENESS of it: the integral is taken in too few steps. A
+    change smaller than 1% of the logits' size (or than 1e-3) counts as that much, as does, for a model in a low
+    precision (dtype), one that its rounding of the logits and attributions (eps of their size) would be
+    COMPLETENESS of: in bfloat16 the sum can miss a small change by tens of percent however many the steps."""
+    delta, size = attr.sum((1, 2, 3)) - (ends[0] - ends[1]), ends.abs().sum(0)
+    rounding = torch.finfo(dtype).eps / COMPLETENESS * (size + attr.abs().sum((1, 2, 3)))
+    change = (ends[0] - ends[1]).abs().maximum(0.01 * size).maximum(rounding).clamp_min(1e-3)
     off = (delta.abs() / change).max().item()
     if off > COMPLETENESS:
         warn(f"integrated gradients in {steps} steps are off the logit's change f(image) - f(baseline) by "
