@@ -270,9 +270,11 @@ def save_checkpoint(path, model, **info):
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
-def load_checkpoint(path, device=None, hint="train the model first (or fix the path)"):
-    """Rebuild a model from a finished checkpoint; returns (model in eval mode, checkpoint dict). The global
-    random states are left as they were (the new model's initial weights draw from them)."""
+def load_checkpoint(path, device=None, hint="train the model first (or fix the path)", partial=False):
+    """Rebuild a model from a finished checkpoint, or with partial=True from the best epoch so far of a run that
+    did not finish (the `.partial.pt` file a stopped run leaves; a VAE's holds the prior's latent statistics);
+    returns (model in eval mode, checkpoint dict). The global random states are left as they were (the new
+    model's initial weights draw from them)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: {hint}")
@@ -284,9 +286,9 @@ def load_checkpoint(path, device=None, hint="train the model first (or fix the p
         model.load_state_dict(ckpt["state_dict"])
     except Exception as e:
         raise RuntimeError(f"checkpoint {path} is corrupt or incompatible ({e}); delete it and retrain") from e
-    if ckpt.get("complete") is False:
+    if ckpt.get("complete") is False and not partial:
         raise RuntimeError(f"checkpoint {path} is from a run that did not finish (best epoch so far: "
-                           f"{ckpt.get('epoch')}); {hint}, and let it run to the end")
+                           f"{ckpt.get('epoch')}); {hint}, and let it run to the end (training.load_checkpoint(path, partial=True) loads that epoch)")
     return model.to(device).eval(), ckpt
 
 
@@ -708,7 +710,8 @@ def _kept(ckpt_path, saved=True):
     """What a stopped run leaves: the finished checkpoint untouched, the best epoch beside it once one was saved."""
     if not ckpt_path:
         return "Nothing was saved."
-    best = f"the best epoch so far is in {partial_path(ckpt_path)}" if saved else "no epoch of this run was kept"
+    best = (f"the best epoch so far is in {partial_path(ckpt_path)} (training.load_checkpoint(path, partial=True) "
+            f"loads it)" if saved else "no epoch of this run was kept")
     return f"Any finished checkpoint at {ckpt_path} is untouched; {best}."
 
 

@@ -161,8 +161,11 @@ def test_interrupted_run_leaves_whole_files_and_is_not_reused(tiny_data, tmp_pat
     assert ckpt["epoch"] == 1 and not ckpt["complete"]
     assert not list(tmp_path.glob(".*.tmp"))
     assert not training.reusable(tmp_path / "cnn.partial.pt", config=ckpt["config"], hyp=ckpt["hyp"])
-    with pytest.raises(RuntimeError, match="did not finish"):
+    with pytest.raises(RuntimeError, match=r"did not finish .*load_checkpoint\(path, partial=True\) loads that epoch"):
         training.load_checkpoint(tmp_path / "cnn.partial.pt")
+    model, loaded = training.load_checkpoint(tmp_path / "cnn.partial.pt", partial=True)  # the first epoch's
+    assert loaded["epoch"] == 1 and not model.training
+    assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in model.state_dict().items())
 
 
 def test_our_models_are_evaluated_channels_last_on_a_cpu_and_left_as_found():
