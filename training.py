@@ -288,7 +288,8 @@ def load_checkpoint(path, device=None, hint="train the model first (or fix the p
         raise RuntimeError(f"checkpoint {path} is corrupt or incompatible ({e}); delete it and retrain") from e
     if ckpt.get("complete") is False and not partial:
         raise RuntimeError(f"checkpoint {path} is from a run that did not finish (best epoch so far: "
-                           f"{ckpt.get('epoch')}); {hint}, and let it run to the end (training.load_checkpoint(path, partial=True) loads that epoch)")
+                           f"{ckpt.get('epoch')}); {hint}, and let it run to the end "
+                           f"(training.load_checkpoint(path, partial=True) loads that epoch)")
     return model.to(device).eval(), ckpt
 
 
