@@ -221,7 +221,17 @@ def load_data(name="cifar10", root=None, seed=0, val_size=None, **synthetic_kwar
                              f"outside 0..{len(classes) - 1} for its {len(classes)} classes: the files are "
                              f"corrupt; delete them from {root} and load again")
     train_idx, val_idx = split_indices(len(y), val_size, seed)
+    _check_every_class_trains(name, classes, y[train_idx])
     return Data(name, classes, x[train_idx], y[train_idx], x[val_idx], y[val_idx], tx, ty, templates, seed)
+
+
+def _check_every_class_trains(name, classes, train_y):
+    """Warn of classes left without a training image by the train/val split (not stratified): an image folder's
+    class of one or a few images, all drawn for validation."""
+    missing = [c for c, n in zip(classes, torch.bincount(train_y, minlength=len(classes)).tolist()) if n == 0]
+    if missing:
+        warn(f"the {name} classes {missing} have no training image after the train/val split (all drawn for "
+             f"validation): add training images of them, or load with another seed")
 
 
 def check_seed(d, seed):
@@ -395,8 +405,12 @@ def load_image_folder(path, root):
     if c is None:
         writable_dir(root)  # before the decode, not after it
         c = dict(_decode_image_folder(path, files), source=os.path.realpath(path))
-        atomic_write(cache, lambda tmp: torch.save(c, tmp))
-        _remove_stale_caches(root, path, cache)
+        try:
+            atomic_write(cache, lambda tmp: torch.save(c, tmp))
+        except OSError as e:  # a full disk: the decoded images serve this load all the same
+            warn(f"the decoded {path.name} could not be cached in {root} ({e}); it is decoded again on the next load")
+        else:
+            _remove_stale_caches(root, path, cache)
     return _mixed(c["train_x"], c["train_y"]), _mixed(c["test_x"], c["test_y"]), list(c["classes"])
 
 
@@ -410,7 +424,8 @@ def _remove_stale_caches(root, path, cache):
             continue
         source = _cached_source(stale)
         if source is None or source == os.path.realpath(path) or not os.path.exists(source):
-            stale.unlink()
+            with contextlib.suppress(OSError):  # another load removed it already, or holds it open (Windows)
+                stale.unlink()
 
 
 def _cached_source(cache):
@@ -551,50 +566,86 @@ def _placed(path, rel, is_dir):
 
 
 def _decode_image_folder(path, files):
-    """Decode every image of the tree into uint8 tensors; checks the layout, classes and sizes."""
+    """Decode every image of the tree into uint8 tensors; checks the layout and classes (a folder's before
+    anything is decoded, an archive's as it decodes) and the sizes, image by image."""
     from PIL import Image, ImageOps
 
-    images = {split: {} for split in SPLITS}  # split -> class -> {file name: (relative path, HxW or HxWx3 array)}
-    roots = set()
+    images = {split: {} for split in SPLITS}  # split -> class -> {file name: HxW or HxWx3 array}
+    roots, left_out, first = set(), {}, None
     total = sum(1 for f in files if _is_image(f[0])) or None  # unknown for an archive
-    if path.is_dir():  # a folder's layout, before anything is decoded (an archive's is read as it decodes)
-        for rel, *_ in files:
-            if _is_image(rel):
-                _placed(path, rel, False)
-    for rel, read in tqdm(_read_files(path), desc=f"decoding {path.name}", unit=" files", total=total):
-        place = _placed(path, rel, read is None)
-        if place is None:
-            continue
-        if read is not None:  # images only: an empty leftover folder is no copy
-            roots.add(place[0])
-        if len(roots) > 1:  # a second copy (a leftover clone) would put twins on both sides of train/val
-            raise ValueError(f"{path} holds train/ and test/ in more than one place: {', '.join(sorted(roots))}; "
-                             f"keep one copy of the dataset")
-        found = images[place[1]].setdefault(place[2], {})
-        if read is None:
-            continue
-        blob = read()
-        try:
-            with Image.open(io.BytesIO(blob)) as im:
-                array = _pixels(ImageOps.exif_transpose(im))  # a photo turned as its camera says
-        except Exception as e:
-            raise ValueError(f"cannot read the image {rel} in {path} ({e}); delete or replace it") from e
-        found[rel.rsplit("/", 1)[-1]] = rel, array  # by file name: an image added to an archive twice (tar -r, with
-                                                    # or without ./) is its last copy, as extracting it gives
+    if path.is_dir():  # listed, not read
+        _check_classes(path, _layout(path))
+    try:
+        for rel, read in tqdm(_read_files(path), desc=f"decoding {path.name}", unit=" files", total=total):
+            place = _placed(path, rel, read is None)
+            if place is None:
+                folder = read is not None and _outside_splits(rel)
+                if folder:
+                    left_out[folder] = left_out.get(folder, 0) + 1
+                continue
+            if read is not None:  # images only: an empty leftover folder is no copy
+                roots.add(place[0])
+            if len(roots) > 1:  # a second copy (a leftover clone) would put twins on both sides of train/val
+                raise ValueError(f"{path} holds train/ and test/ in more than one place: {', '.join(sorted(roots))}; "
+                                 f"keep one copy of the dataset")
+            found = images[place[1]].setdefault(place[2], {})
+            if read is None:
+                continue
+            blob = read()
+            try:
+                with Image.open(io.BytesIO(blob)) as im:
+                    array = _pixels(ImageOps.exif_transpose(im))  # a photo turned as its camera says
+            except Exception as e:
+                raise ValueError(f"cannot read the image {rel} in {path} ({e}); delete or replace it") from e
+            first = _check_size(path, first, rel, array)
+            found[rel.rsplit("/", 1)[-1]] = array  # by file name: an image added to an archive twice (tar -r, with
+                                                   # or without ./) is its last copy, as extracting it gives
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:  # a download cut short, a web page
+        raise ValueError(f"{path} cannot be read as a .tar or .tar.gz archive ({type(e).__name__}: {e}): it is "
+                         f"damaged or cut short; download or copy it again") from e
+    if left_out:
+        warn(f"{path}: the images in {', '.join(f'{folder}/ ({n})' for folder, n in sorted(left_out.items()))} are "
+             f"left out: only train/<class>/ and test/<class>/ are read, and the validation images are drawn from "
+             f"train/ (move any there)")
     classes = _check_classes(path, images)
-    _check_sizes(path, images)
-    channels = 3 if any(a.ndim == 3 for s in images.values() for c in s.values() for _, a in c.values()) else 1
-    out = dict(classes=classes)
+    return dict(classes=classes, **_stacked(images, classes, first[1]))
+
+
+def _stacked(images, classes, size):
+    """{split_x: (N, C, H, W) uint8, split_y: (N,) int64} of {split: {class: {file name: array}}}, each split's
+    images class by class and by file name; each array is dropped as it is copied, so that the images are
+    held about once, not twice. Grayscale images are repeated on three channels where any is in colour."""
+    channels = 3 if any(a.ndim == 3 for s in images.values() for c in s.values() for a in c.values()) else 1
+    out = {}
     for split in SPLITS:
-        xs, ys = [], []
-        for label, cls in enumerate(classes):
-            for _, (_, a) in sorted(images[split][cls].items()):
-                a = torch.from_numpy(a.copy())
-                xs.append(a.permute(2, 0, 1) if a.ndim == 3 else a[None].expand(channels, -1, -1))
-                ys.append(label)
-        out[f"{split}_x"] = torch.stack(xs).contiguous()  # (N, C, H, W) uint8
-        out[f"{split}_y"] = torch.tensor(ys, dtype=torch.int64)
+        names = [(label, name) for label, cls in enumerate(classes) for name in sorted(images[split][cls])]
+        x = torch.empty(len(names), channels, *size, dtype=torch.uint8)
+        view = x.numpy()  # written through NumPy: PIL's arrays are read-only, which torch.from_numpy warns about
+        for i, (label, name) in enumerate(names):
+            a = images[split][classes[label]].pop(name)
+            view[i] = a.transpose(2, 0, 1) if a.ndim == 3 else a  # (H, W): the same on every channel
+        out[f"{split}_x"], out[f"{split}_y"] = x, torch.tensor([label for label, _ in names], dtype=torch.int64)
     return out
+
+
+def _layout(path):
+    """{split: {class: number of images}} of a folder, from its listing: its layout checked (_place)."""
+    layout = {split: {} for split in SPLITS}
+    for rel, read in _read_files(path):
+        place = _placed(path, rel, read is None)
+        if place is not None:
+            found = layout[place[1]]
+            found[place[2]] = found.get(place[2], 0) + (read is not None)
+    return layout
+
+
+def _outside_splits(rel):
+    """The folder of class folders that an image outside train/ and test/ sits in (val/ of val/cat/1.png), or
+    None: an image one level down (a figure beside a README) or hidden is no dataset's."""
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if len(parts) < 3 or any(p.startswith(".") for p in parts):
+        return None
+    return "/".join(parts[:-2])
 
 
 def _check_classes(path, images):
@@ -635,18 +686,15 @@ def _pixels(im):
     return np.asarray(im.convert("L" if im.mode in ("1", "L", "LA", "F") else "RGB"))
 
 
-def _check_sizes(path, images):
-    """All images must share one size: otherwise name two that differ."""
-    first = None
-    for split in SPLITS:
-        for cls in sorted(images[split]):
-            for rel, a in images[split][cls].values():
-                if first is None:
-                    first = (rel, a.shape[:2])
-                elif a.shape[:2] != first[1]:
-                    raise ValueError(
-                        f"images of different sizes in {path}: {first[0]} is {first[1][1]}x{first[1][0]} and "
-                        f"{rel} is {a.shape[1]}x{a.shape[0]} (width x height); resize them to one size")
+def _check_size(path, first, rel, array):
+    """(relative path, (H, W)) of the first image decoded; an error naming it and `rel` where this image's size
+    differs: all images share one size, found as they decode rather than after the whole set."""
+    if first is None:
+        return rel, array.shape[:2]
+    if array.shape[:2] != first[1]:
+        raise ValueError(f"images of different sizes in {path}: {first[0]} is {first[1][1]}x{first[1][0]} and "
+                         f"{rel} is {array.shape[1]}x{array.shape[0]} (width x height); resize them to one size")
+    return first
 
 
 # ----------------------------------------------------------------------------- synthetic

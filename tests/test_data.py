@@ -185,7 +185,7 @@ def test_fashion_mnist_error_when_nothing_is_reachable(tmp_path, monkeypatch):
         data.load_data("fashion-mnist", root=tmp_path)
 
 
-def _write_fashion_mnist(folder, suffix, value, train=12, test=4):
+def _write_fashion_mnist(folder, suffix, value, train=20, test=4):
     """Fashion-MNIST's four IDX files (suffix "" or ".gz"): 28 x 28 images of one value (value + 1 for the test
     set's), labels i % 10 ((i + 3) % 10 for the test set's)."""
     import gzip
@@ -203,11 +203,11 @@ def test_fashion_mnist_reads_the_debian_packages_files(tmp_path, monkeypatch):
     _write_fashion_mnist(tmp_path / "debian", ".gz", 7)
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
     d = data.load_data("fashion-mnist", root=tmp_path / "unused", val_size=2)
-    assert d.train_x.shape == (10, 1, 32, 32) and d.test_x.shape == (4, 1, 32, 32) and d.train_y.dtype == torch.long
+    assert d.train_x.shape == (18, 1, 32, 32) and d.test_x.shape == (4, 1, 32, 32) and d.train_y.dtype == torch.long
     assert (d.test_x[:, :, 2:-2, 2:-2] == 8).all() and (d.train_x[:, :, 2:-2, 2:-2] == 7).all()  # each set its file
     assert d.test_x[:, :, :2].max() == 0 and d.test_x[:, :, :, -2:].max() == 0  # zero padding to 32 px
     assert d.test_y.tolist() == [3, 4, 5, 6] and sorted(d.train_y.tolist() + d.val_y.tolist()) == sorted(
-        i % 10 for i in range(12))
+        i % 10 for i in range(20))
     assert not (tmp_path / "unused").exists()  # read in place
 
 

@@ -3,6 +3,7 @@ import os
 import re
 import shutil
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -238,21 +239,83 @@ def test_class_folders_that_differ_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("as_archive", [False, True])
-def test_empty_class_is_named(tmp_path, as_archive):
+def test_empty_class_is_named(tmp_path, as_archive, monkeypatch):
     tree = write_tree(tmp_path / "pets")
     for f in (tree / "train" / "dog").iterdir():
         f.unlink()
     source = make_tar(tree, tmp_path / "pets.tar") if as_archive else tree
+    if not as_archive:  # a folder's classes are checked from its listing
+        monkeypatch.setattr(data, "_pixels", lambda im: pytest.fail("decoded before the classes were checked"))
     with pytest.raises(ValueError, match="train/dog/ .* has no images"):
         data.load_data(str(source), tmp_path / "cache")
 
 
-def test_mixed_sizes_name_two_images(tmp_path):
+def test_mixed_sizes_name_two_images(tmp_path, monkeypatch):
     tree = write_tree(tmp_path / "pets")
-    Image.new("RGB", (9, 9)).save(tree / "test" / "dog" / "big.png")
-    with pytest.raises(ValueError, match=r"different sizes.*8x6.*test/dog/big.png is 9x9"):
+    Image.new("RGB", (9, 9)).save(tree / "test" / "airplane" / "big.png")  # among the first decoded
+    decoded, pixels = [], data._pixels
+    monkeypatch.setattr(data, "_pixels", lambda im: (decoded.append(1), pixels(im))[1])
+    with pytest.raises(ValueError, match=r"different sizes.*8x6.*test/airplane/big.png is 9x9"):
         data.load_data(str(tree), tmp_path / "cache")
     assert leftovers(tmp_path / "cache") == []
+    assert len(decoded) == 3  # found as it decodes, not after the other 16 images
+
+
+def test_images_outside_train_and_test_are_named_as_left_out(tmp_path):
+    tree = write_tree(tmp_path / "pets")
+    for name in ("val/cat/1.png", "val/dog/2.png", "Train/cat/3.png"):  # a validation split, a capitalised copy
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 6)).save(tree / name)
+    Image.new("RGB", (8, 6)).save(tree / "figure.png")  # beside a README: no dataset's
+    with tarfile.open(tmp_path / "pets.tar.gz", "w:gz") as tar:
+        tar.add(tree, arcname=".")
+    for source in (tree, tmp_path / "pets.tar.gz"):
+        with pytest.warns(UserWarning, match=r"the images in Train/ \(1\), val/ \(2\) are left out: only "
+                                             r"train/<class>/ and test/<class>/ are read") as w:
+            d = data.load_data(str(source), tmp_path / "cache")
+        assert len(d.train_y) + len(d.val_y) == 12 and w[0].filename == __file__
+
+
+@pytest.mark.parametrize("damage", ["web page", "cut short"])
+def test_a_damaged_archive_is_named(tmp_path, damage):
+    archive = make_tar(write_tree(tmp_path / "pets", n_train=40), tmp_path / "pets.tar.gz")
+    blob = archive.read_bytes()
+    archive.write_bytes(b"<html>Not found</html>" if damage == "web page" else blob[:len(blob) // 2])
+    with pytest.raises(ValueError, match=r"(?s)pets.tar.gz cannot be read as a .tar or .tar.gz archive .*download or "
+                                         r"copy it again"):
+        data.load_data(str(archive), tmp_path / "cache")
+
+
+def test_a_decoded_set_that_cannot_be_cached_loads_with_a_warning(tmp_path, monkeypatch):
+    def full(obj, f):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(data.torch, "save", full)
+    with pytest.warns(UserWarning, match=r"the decoded pets could not be cached in .*No space left on device"):
+        d = data.load_data(str(write_tree(tmp_path / "pets")), tmp_path / "cache")
+    assert len(d.test_y) == 6 and leftovers(tmp_path / "cache") == []
+
+
+def test_a_stale_cache_another_load_removed_is_no_error(tmp_path, monkeypatch):
+    tree = write_tree(tmp_path / "pets")
+    data.load_data(str(tree), tmp_path / "cache")
+    Image.new("RGB", (8, 6)).save(tree / "train" / "cat" / "new.png")  # a new key: the old cache is stale
+    cached_source = data._cached_source
+    monkeypatch.setattr(data, "_cached_source", lambda cache: (cache.unlink(), cached_source(cache))[1])
+    data.load_data(str(tree), tmp_path / "cache")  # the other load deleted it between the listing and here
+    assert len(list((tmp_path / "cache").glob("pets.*.pt"))) == 1
+
+
+def test_a_class_the_split_leaves_without_training_images_is_named(tmp_path):
+    tree = write_tree(tmp_path / "pets")
+    for f in sorted((tree / "train" / "dog").iterdir())[1:]:
+        f.unlink()  # one dog image left, which some seeds draw for validation
+    (_, y), _, _ = data.load_image_folder(tree, tmp_path / "cache")
+    drawn = {seed: (y == 2).nonzero().item() in data.split_indices(len(y), 3, seed)[1] for seed in range(100)}
+    with pytest.warns(UserWarning, match=r"the pets classes \['dog'\] have no training image after the train/val"):
+        data.load_data(str(tree), tmp_path / "cache", seed=min(s for s in drawn if drawn[s]), val_size=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.load_data(str(tree), tmp_path / "cache", seed=min(s for s in drawn if not drawn[s]), val_size=3)
 
 
 def test_non_square_images_load_and_say_why_they_cannot_train(tmp_path):
@@ -317,16 +380,16 @@ def test_an_image_not_straight_in_a_class_folder_is_named(tmp_path, where, monke
 def test_interrupted_decoding_or_writing_leaves_nothing(tmp_path, monkeypatch):
     tree = write_tree(tmp_path / "pets")
     cache_dir = tmp_path / "cache"
-    real_check = data._check_sizes
+    real_check = data._check_size
 
     def interrupt(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(data, "_check_sizes", interrupt)  # Ctrl-C in the middle of decoding
+    monkeypatch.setattr(data, "_check_size", interrupt)  # Ctrl-C in the middle of decoding
     with pytest.raises(KeyboardInterrupt):
         data.load_data(str(tree), cache_dir)
     assert leftovers(cache_dir) == []
 
-    monkeypatch.setattr(data, "_check_sizes", real_check)
+    monkeypatch.setattr(data, "_check_size", real_check)
     real_save = torch.save
 
     def half_written(obj, f):
