@@ -628,12 +628,21 @@ def _mean_spatial(a):
     return a.flatten(2).mean(2) if a.dim() > 2 else a  # (B, C)
 
 
+def _plain_indices(t):
+    """A target's indices as Python ints where given as NumPy or 0-d tensor integers (Channel(layer, a.argmax())),
+    so that targets stay hashable and compare equal; any other value is left for check() to name."""
+    for f in fields_of(t):
+        object.__setattr__(t, f.name, _as_index(getattr(t, f.name)))  # frozen dataclasses
+
+
 @dataclass(frozen=True)
 class Class:
     """Class logit (or log-softmax) of the model's output."""
     idx: int
     log_prob: bool = False
     layer = None  # the model output
+
+    __post_init__ = _plain_indices
 
     def __str__(self):  # for titles; repr() stays the constructor call
         return f"class {self.idx}{' log-probability' if self.log_prob else ''}"
@@ -685,6 +694,8 @@ class Channel:
     layer: str
     channel: int
 
+    __post_init__ = _plain_indices
+
     def __str__(self):
         return f"{self.layer} channel {self.channel}"
 
@@ -709,6 +720,8 @@ class Neuron:
     channel: int
     y: int = None
     x: int = None
+
+    __post_init__ = _plain_indices
 
     def __str__(self):
         at = "the center" if self.y is None and self.x is None else f"({self.y}, {self.x})"
@@ -817,7 +830,8 @@ def as_targets(targets):
             raise TypeError(f"a target must be a class index (int), Class, Channel, Neuron or Direction; got {t!r}")
         out.append(Class(t) if isinstance(t, int) else t)
     if not out:
-        raise ValueError("no targets given")
+        raise ValueError("no targets given: give a class index, a Class/Channel/Neuron/Direction, or a non-empty "
+                         "list of them")
     return out
 
 
@@ -1163,8 +1177,8 @@ def _check_settings(steps, lr, transforms, images_per_target, restarts, seed):
     if not callable(lr):
         data.check_real("lr", lr, 0, inclusive=False,
                         hint=" (or a schedule f(fraction of steps done) such as cosine(0.3))")
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not _is_int(seed) or not 0 <= seed < 2 ** 64:  # torch's generators take 64 bits (a negative one wraps)
+        raise ValueError(f"seed must be an int in 0..{2 ** 64 - 1}, got {seed!r}")
     if transforms is not None and not callable(transforms):
         raise TypeError(f"transforms must be a transform t(x, gen) (STANDARD, AFFINE, LIGHT, jitter(...), "
                         f"resample(...), compose(...)) or None; got {transforms!r}")
@@ -1242,7 +1256,9 @@ def _check_param(param, shape, terms):
         x = param()
     got = tuple(x.shape)
     if got != shape:
-        raise ValueError(f"parameterization makes images {got}; need {shape}")
+        raise ValueError(f"parameterization makes images {got}; need {shape}, {shape[0]} being every target's "
+                         f"images (targets x images_per_target x restarts): a module built for another render "
+                         f"makes another number; pass a name or fv.parameterization(...), built for each render")
     if any(isinstance(t, Prior) for t in terms) and not hasattr(param, "penalty"):
         raise ValueError("the Prior regularizer needs a parameterization with a prior ('latent' or 'whitened')")
     return x

@@ -681,7 +681,9 @@ def test_attribution_targets_out_of_range_and_a_layer_without_space(nets):
     (dict(lr=0), r"lr must be a finite number > 0, got 0 \(or a schedule .* such as cosine\(0.3\)\)"),
     (dict(lr=float("nan")), "lr must be a finite number > 0"),
     (dict(lr="0.05"), "lr must be a finite number > 0"),
-    (dict(seed="a"), "seed must be an int, got 'a'"),
+    (dict(seed="a"), r"seed must be an int in 0..18446744073709551615, got 'a'"),
+    (dict(seed=-1), r"seed must be an int in 0..18446744073709551615, got -1"),  # torch would wrap it to 2**64 - 2
+    (dict(seed=2 ** 64), r"seed must be an int in 0..18446744073709551615, got 18446744073709551616"),
     (dict(size=7), r"CNN fails on a 3-channel 7x7 image \(.*size=.*\): is 7 the side it takes, and 3 its channels .*\? \(.*too small\)"),
 ])
 def test_render_refuses_bad_settings_by_name(nets, kwargs, match):

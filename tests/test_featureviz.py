@@ -839,8 +839,23 @@ def test_render_accepts_a_built_parameterization_and_checks_its_size():
     model = cnn()
     r = fv.render(model, [0, 1], param=fv.PixelParam(2, 3, 32), steps=2, progress=False)
     assert r.images.shape == (2, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"parameterization makes images \(3, 3, 32, 32\); need \(2, 3, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"parameterization makes images \(3, 3, 32, 32\); need \(2, 3, 32, 32\), 2 "
+                                         r"being every target's images \(targets x images_per_target x restarts\)"):
         fv.render(model, [0, 1], param=fv.PixelParam(3, 3, 32), steps=2, progress=False)
+
+
+def test_targets_take_numpy_and_tensor_indices_as_ints():
+    """Channel(layer, acts.argmax()) as Channel(layer, 3): equal, hashable, and rendered alike."""
+    a = torch.zeros(8)
+    a[3] = 1
+    assert fv.Channel("block2.act2", a.argmax()) == fv.Channel("block2.act2", 3)
+    assert {fv.Class(np.int64(2)), fv.Class(torch.tensor(2))} == {fv.Class(2)}
+    assert fv.Neuron("block1.act2", torch.tensor(1), np.int32(2), torch.tensor(0)) == fv.Neuron("block1.act2", 1, 2, 0)
+    assert type(fv.Neuron("block1.act2", torch.tensor(1)).channel) is int
+    with pytest.raises(TypeError, match="Channel channel must be an int, got tensor"):  # a float tensor stays refused
+        fv.render(cnn(), fv.Channel("block2.act2", torch.tensor(1.0)), steps=1, progress=False)
+    with pytest.raises(ValueError, match="no targets given: give a class index, a Class/Channel/Neuron/Direction"):
+        fv.render(cnn(), [], steps=1, progress=False)
 
 
 def test_regularizers_by_hand():
