@@ -82,12 +82,19 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     done = _resume(out, saved, key, one_step)
     _save_manifest(out, key, done)  # before any other file: a build interrupted at once resumes too
     site = Site(out, d, techniques)
-    for unit in tqdm(layers + [CLASSES], desc="atlas", disable=not progress):
-        if unit not in done:
-            done[unit] = (_class_pages(model, d, hows, steps, site, layers) if unit == CLASSES
-                          else _layer_page(model, d, unit, hows, steps, site))
-            _save_manifest(out, key, done)
-    site.write("index.html", _index(site, layers, done))
+    site.write("index.html", _index(site, layers, done))  # a half-built atlas opens at its finished pages
+    # the bar counts rendered images, so that its time estimate weighs a wide layer as such
+    sizes = {unit: len(d.classes) if unit == CLASSES else models.layer_channels(model, unit, d.size)
+             for unit in layers + [CLASSES]}
+    with tqdm(total=sum(sizes.values()) * len(hows), initial=sum(sizes[u] for u in done) * len(hows), desc="atlas",
+              unit=" images", disable=not progress) as bar:
+        for unit in sizes:
+            if unit not in done:
+                bar.set_postfix_str(unit)
+                done[unit] = (_class_pages(model, d, hows, steps, site, layers, bar) if unit == CLASSES
+                              else _layer_page(model, d, unit, hows, steps, site, bar))
+                _save_manifest(out, key, done)
+                site.write("index.html", _index(site, layers, done))
     return out / "index.html"
 
 
@@ -152,13 +159,20 @@ def _resume(out, saved, key, before_emptying):
     before_emptying()
     _save_manifest(out, None, {})
     for path in out.iterdir():
-        if path.name == MANIFEST:
-            continue
+        if not _written_by_atlas(path.name) or path.name == MANIFEST:
+            continue  # a file of the user's (a zip of the atlas, notes) stays
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
     return {}
+
+
+def _written_by_atlas(name):
+    """Whether a file or folder of the atlas's folder is one that build_atlas writes (or a temporary file of one
+    that a killed build left)."""
+    return (name in ("index.html", "atlas.css", "img", MANIFEST) or re.fullmatch(r"(layer|class)-.*\.html", name)
+            or re.fullmatch(r"\..*\.[0-9a-f]{12}\.tmp", name)) is not None
 
 
 def _save_manifest(out, key, done):
@@ -234,15 +248,16 @@ def head_reads(model, layer, images):
                for pooled in (maps.mean(2), maps.amax(2)))
 
 
-def _layer_page(model, d, layer, hows, steps, site):
-    """Render every channel of the layer (one render per technique), find the exemplars (one pass),
-    write the layer's page; returns the summary the index needs."""
+def _layer_page(model, d, layer, hows, steps, site, bar):
+    """Render every channel of the layer (one render per technique, each counted on the progress bar), find the
+    exemplars (one pass), write the layer's page; returns the summary the index needs."""
     n = models.layer_channels(model, layer, d.size)
     targets = [fv.Channel(layer, c) for c in range(n)]
     acts = fv.activations(model, d.test_x, targets)  # (N, n)
     means = class_means(acts, d.test_y, len(d.classes))
     for name, how in hows.items():
         site.save_images(layer, name, how(model, targets, steps=steps, size=d.size, progress=False).images)
+        bar.update(n)
     top, bottom = acts.topk(min(TOP, len(acts)), dim=0), acts.topk(min(BOTTOM, len(acts)), dim=0, largest=False)
     cards = [site.card(layer, c, top.indices[:, c], top.values[:, c], bottom.indices[:, c], bottom.values[:, c],
                        means[:, c]) for c in range(n)]
@@ -252,7 +267,7 @@ def _layer_page(model, d, layer, hows, steps, site):
     return dict(channels=n, selective=sel.argsort(descending=True)[:STRIP].tolist())
 
 
-def _class_pages(model, d, hows, steps, site, layers):
+def _class_pages(model, d, hows, steps, site, layers, bar):
     """One page per class; the contributing channels are those of the model's last spatial layer, when the
     head reads them one to one and the atlas has a page for that layer."""
     k = len(d.classes)
@@ -261,6 +276,7 @@ def _class_pages(model, d, hows, steps, site, layers):
     cm = metrics.confusion_matrix(d.test_y, logits.argmax(1), k)
     for name, how in hows.items():
         site.save_images(CLASSES, name, how(model, targets, steps=steps, size=d.size, progress=False).images)
+        bar.update(k)
     last_layer = models.last_spatial_layer(model, d.size)
     if contrib is None or last_layer not in layers or not head_reads(model, last_layer, d.test_x[:8]):
         contrib = None  # no page for the layer the head reads, or it does not read its channels one to one
@@ -273,12 +289,15 @@ def _class_pages(model, d, hows, steps, site, layers):
 
 
 def _index(site, layers, done):
-    rows = "".join(site.layer_entry(layer, done[layer]) for layer in layers)
-    classes = site.class_strip()
-    acc = done[CLASSES]["accuracy"]
-    body = (f"<p>Test accuracy {acc:.1%} (without test-time augmentation). Each channel's card shows its "
-            f"visualizations ({', '.join(site.techniques)}), its top {TOP} and bottom {BOTTOM} test images with their "
-            f"activations, and its mean activation per class.</p><h2>Layers</h2>{rows}<h2>Classes</h2>{classes}")
+    """The index of the finished units; those still to build are named as such (the index is rewritten as each
+    unit finishes, so that an atlas being built, or one whose build stopped, opens at what it has)."""
+    rows = "".join(site.layer_entry(layer, done[layer]) if layer in done else
+                   f"<h3>{html.escape(layer)}</h3><p>not built yet</p>" for layer in layers)
+    classes, acc = (site.class_strip(), f"Test accuracy {done[CLASSES]['accuracy']:.1%} (without test-time "
+                    f"augmentation). ") if CLASSES in done else ("<p>not built yet</p>", "")
+    body = (f"<p>{acc}Each channel's card shows its visualizations ({', '.join(site.techniques)}), its top {TOP} "
+            f"and bottom {BOTTOM} test images with their activations, and its mean activation per class.</p>"
+            f"<h2>Layers</h2>{rows}<h2>Classes</h2>{classes}")
     return site.page("atlas", body, home=False)
 
 
@@ -297,8 +316,10 @@ def _check_files_apart(layers):
 
 
 def safe(name):
-    """A file name for a layer or technique name."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    """A file name for a layer or technique name, which Windows too takes (a layer 'aux' or 'con.1' would name
+    a device there: 'aux_', 'con_.1')."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return re.sub(r"(?i)^(con|prn|aux|nul|com[1-9]|lpt[1-9])(?=\.|$)", r"\1_", name)
 
 
 CSS = """body{font-family:sans-serif;margin:1.5em;color:#222}a{color:#14c}h2{margin-top:1.4em}
@@ -359,7 +380,8 @@ class Site:
                 f'{body}</body></html>\n')
 
     def figure(self, src, caption, href=None):
-        img = f'<img src="{src}" alt="{html.escape(caption)}">'
+        # lazy: a layer of 512 channels shows 7,000 images
+        img = f'<img src="{src}" alt="{html.escape(caption)}" loading="lazy" decoding="async" width="64" height="64">'
         link = f'<a href="{href}">{img}</a>' if href else img
         return f"<figure>{link}<figcaption>{html.escape(caption)}</figcaption></figure>"
 

@@ -181,6 +181,23 @@ def test_selectivity_is_high_for_a_one_class_channel_and_low_for_an_even_one():
     assert atlas.selectivity(means)[2].item() == pytest.approx(10.0)
 
 
+def test_the_progress_bar_counts_images_and_the_pages_load_them_lazily(tiny, tmp_path, capsys):
+    """A unit of 256 channels takes ten times one of 24: the bar counts images, so its estimate weighs them."""
+    model, d, vae = tiny
+    layers = models.block_layers(model, 32)[-2:]
+    atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS)
+    total = len(TECHNIQUES) * (sum(models.layer_channels(model, layer) for layer in layers) + len(d.classes))
+    assert f"{total}/{total}" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    page = (tmp_path / f"layer-{atlas.safe(layers[0])}.html").read_text()
+    tags = re.findall(r"<img [^>]*>", page)
+    assert tags and all('loading="lazy"' in tag for tag in tags)
+
+
+def test_file_names_are_ones_windows_takes_too():
+    assert [atlas.safe(n) for n in ("aux", "Con.1", "lpt9", "auxiliary", "block.aux", "com10", "a/b:c")] == [
+        "aux_", "Con_.1", "lpt9_", "auxiliary", "block.aux", "com10", "a_b_c"]
+
+
 def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_path, monkeypatch):
     model, d, vae = tiny
     layers = models.block_layers(model, 32)[-2:]
@@ -194,16 +211,22 @@ def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_pat
     monkeypatch.setattr(atlas, "_class_pages", interrupted)
     with pytest.raises(KeyboardInterrupt):
         atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS, progress=False)
-    assert calls == layers and not (tmp_path / "index.html").exists()
+    assert calls == layers
+    index = (tmp_path / "index.html").read_text()  # the finished layers open from the index, the rest are named
+    assert all(f'href="layer-{atlas.safe(layer)}.html"' in index for layer in layers)
+    assert all((tmp_path / f"layer-{atlas.safe(layer)}.html").exists() for layer in layers)
+    assert "<h2>Classes</h2><p>not built yet</p>" in index and "Test accuracy" not in index
     monkeypatch.setattr(atlas, "_class_pages", real_classes)
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS, progress=False)
     assert calls == layers  # the finished layers were kept, only the classes ran
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS, progress=False)
     assert calls == layers
-    stale = tmp_path / "img" / "stale.png"
-    stale.write_bytes(b"")
+    stale, left, mine = tmp_path / "img" / "stale.png", tmp_path / ".class-0.html.0123456789ab.tmp", tmp_path / "atlas.zip"
+    for f in (stale, left, mine):  # a page of other settings, a killed build's temporary file, the user's file
+        f.write_bytes(b"")
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS + 1, progress=False)  # other settings
-    assert calls == layers * 2 and not stale.exists()  # started afresh
+    assert calls == layers * 2 and not stale.exists() and not left.exists()  # started afresh
+    assert mine.exists()  # what the atlas did not write is left alone
     code = atlas._code()
     # the pages' own code and that of the modules which render, read the layers (block_layers) and predict
     for module in (fv, atlas, models, metrics, training, data):
