@@ -85,7 +85,7 @@ def grad_cam(model, images, targets, layer=None):
              f"(every pixel gets the same weight): {why}")
     layer = models.get_layer(model, name)
     with _untouched(model):
-        cam = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)  # (B, 1, h, w)
+        cam = LayerGradCam(models.inner(model), layer).attribute(x, target=t, relu_attributions=True)  # (B, 1, h, w)
     rows, cols = models.cell_centres(model, name, x)
     place = [_linear_weights(c, side).to(cam.device) for c, side in zip((rows, cols), x.shape[-2:])]
     cam = torch.einsum("yi,bij,xj->byx", place[0], cam.detach()[:, 0].float(), place[1])  # each cell at its centre

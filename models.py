@@ -522,10 +522,10 @@ def frozen(model, *others):
     which gives the model's inputs the format it runs in: channels_last for ours on the CPU; for any other
     model the one it was written for, as a model that views a feature map (x.view(len(x), -1), as many
     do) fails on channels_last tensors."""
-    ours = [m for m in (model, *others) if isinstance(m, _CHANNELS_LAST)]
+    ours = [m for m in (model, *others) if isinstance(inner(m), _CHANNELS_LAST)]
     params = [p for m in ours for p in m.parameters() if p.dim() == 4 and p.device.type == "cpu"]
     datas = [p.data for p in params]
-    fast = isinstance(model, _CHANNELS_LAST) and device_of(model).type == "cpu"
+    fast = isinstance(inner(model), _CHANNELS_LAST) and device_of(model).type == "cpu"
     memory_format = torch.channels_last if fast else torch.contiguous_format
     with evaluating(model, *others):
         try:
@@ -560,7 +560,7 @@ def dtype_of(model):
 def config_of(model):
     """The model's config dict, as ours record one; {} for a model without one, or whose `config` is something
     else (a library's own config object, which is read for nothing)."""
-    config = getattr(model, "config", None)
+    config = getattr(inner(model), "config", None)
     return config if isinstance(config, Mapping) else {}
 
 
@@ -583,7 +583,7 @@ def _recorded_channels(model):
     the width counter of their _make_layer); None if neither."""
     config = config_of(model)
     source, recorded = (("config['in_channels']", config["in_channels"]) if "in_channels" in config
-                        else ("image_channels", getattr(model, "image_channels", None)))
+                        else ("image_channels", getattr(inner(model), "image_channels", None)))
     if recorded is not None and (isinstance(recorded, bool) or not isinstance(recorded, numbers.Integral)
                                  or recorded < 1):
         raise ValueError(f"{type(model).__name__}'s {source} (its input images' channels) must be an int >= 1, "
@@ -602,7 +602,7 @@ def input_size(model, size=None):
     (`model.image_size` or `model.config['image_size']`); an error asking for size= otherwise."""
     given = size is not None
     if not given:
-        size = getattr(model, "image_size", None) or config_of(model).get("image_size")
+        size = getattr(inner(model), "image_size", None) or config_of(model).get("image_size")
     if size is None:
         raise ValueError(f"cannot tell the image size {type(model).__name__} takes (it records none): pass "
                          f"size=..., the side in pixels of its input images (e.g. size=32 for CIFAR-10)")
@@ -750,9 +750,23 @@ def _features_last(model, modules, x):
     pass of its own on one image x (1, C, H, W), in eval mode: followed in a pass that counts, the layouts
     would change its numbers (multi-head attention's fused kernel turned off)."""
     with torch.no_grad(), evaluating(model), _Layouts(model) as layouts:
-        model(x)
+        inner(model)(x)
     # (.get: an nn.DataParallel runs replicas of the modules)
     return {name for name, m in modules.items() if layouts.last_call.get(m)}
+
+
+_WRAPPERS = {"OptimizedModule": "_orig_mod", "DataParallel": "module", "DistributedDataParallel": "module"}
+
+
+def inner(model):
+    """The module a wrapper runs (torch.compile's OptimizedModule, nn.DataParallel, DistributedDataParallel, one
+    inside another too), else the model. Passes with hooks run it: compiled code keeps no hook added after it was
+    traced (its guards skip a module's empty hook dict), and a hook's bookkeeping would make it compile again
+    and again. Its settings are read from it (config, image_size, image_channels), which DataParallel does not
+    pass on. Its layers are the same modules under either (the wrapper names them _orig_mod.*, module.*)."""
+    while isinstance(getattr(model, _WRAPPERS.get(type(model).__name__, ""), None), nn.Module):
+        model = getattr(model, _WRAPPERS[type(model).__name__])
+    return model
 
 
 def check_one_replica(model):
@@ -813,7 +827,7 @@ class Recorder:
             versions.clear()
             seen.update(dict.fromkeys(self.modules, 0))
             try:
-                out[None] = self.model(x.to(self.dtype))  # a half or bfloat16 model takes its own dtype
+                out[None] = inner(self.model)(x.to(self.dtype))  # a half or bfloat16 model takes its own dtype
             except _Stop:
                 pass
             if self.calls is None:
@@ -878,7 +892,7 @@ def last_to_run(model, x, kinds):
     handles = [m.register_forward_pre_hook(lambda module, args: last.update(module=module, input=args[0]))
                for m in model.modules() if isinstance(m, kinds)]
     try:
-        model(x)
+        inner(model)(x)
     finally:
         for h in handles:
             h.remove()
@@ -953,7 +967,7 @@ def _spatial_outputs(model, x):
             get_layer(model, name).register_forward_hook(
                 lambda module, args, out, name=name: record(name, module, out))
         with probing(model, x):
-            model(x)
+            inner(model)(x)
     # as Recorder and captum read a module that runs twice: by its last call, so a map counts only where it is
     # its maker's last output (one ReLU module after conv1, conv2 and fc1 is fc1's, not a map)
     final = {name: key for name, _, key, _ in calls}

@@ -345,7 +345,11 @@ def test_a_model_replicated_over_several_gpus_is_refused_and_on_one_device_runs(
     """nn.DataParallel's replicas each run their share of the batch, and forward hooks fire in each: a layer's
     output would come back in pieces. On a CPU (or one GPU) it runs the module itself, and works."""
     dp = nn.DataParallel(cnn(32))
-    assert fv.render(dp, [0], steps=1, size=32, progress=False).images.shape == (1, 3, 32, 32)
+    assert fv.render(dp, [0], steps=1, progress=False).images.shape == (1, 3, 32, 32)  # its module's image_size
+    # what the module records, which DataParallel does not pass on: its channels refuse gray images
+    with pytest.raises(ValueError, match="images have 1 channel\(s\), the model takes 3"):
+        models.check_input(dp, torch.rand(2, 1, 32, 32))
+    assert models.block_layers(dp) == ["module." + name for name in models.block_layers(dp.module)]
     dp.device_ids = [0, 1]  # as over two GPUs
     x = torch.rand(2, 3, 32, 32)
     for call in (lambda: fv.render(dp, [0], steps=1, size=32, progress=False),
@@ -545,6 +549,26 @@ def test_a_graphed_render_takes_any_real_lr(lr):
     it float64 or int64, which the fused CUDA kernel does not convert."""
     result = fv.render(cnn(32).cuda(), [0, 1], lr=lr, steps=8, progress=False)
     assert result.images.isfinite().all()
+
+
+def test_a_compiled_model_is_read_as_its_module():
+    """torch.compile's code keeps no hook added after it ran: each hooked pass runs the module it wraps, whose
+    layers are the same (named _orig_mod.*), so a compiled model reads, renders and explains as the plain one."""
+    model = cnn(32)
+    compiled = torch.compile(model, backend="eager")  # dynamo's guards, without a C++ compiler
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    training.predict(compiled, x)  # traced without hooks first, as after any plain use
+    layer = "_orig_mod.block2.act2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no recompile storm either
+        assert torch.equal(models.capture(compiled, x, [layer])[layer], models.capture(model, x, ["block2.act2"])[
+            "block2.act2"])
+        assert models.block_layers(compiled, 32) == ["_orig_mod." + name for name in models.block_layers(model, 32)]
+        torch.testing.assert_close(attribution.grad_cam(compiled, x, [0, 1, 2, 3]),
+                                   attribution.grad_cam(model, x, [0, 1, 2, 3]))
+        a, b = (fv.render(m, [0, fv.Channel(prefix + "block2.act2", 1)], steps=4, progress=False).images
+                for m, prefix in ((compiled, "_orig_mod."), (model, "")))
+    torch.testing.assert_close(a, b)
 
 
 def test_a_tensor_lr_is_set_in_place():
