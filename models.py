@@ -998,7 +998,8 @@ def last_map_layer(model, images):
     every = _spatial_outputs(model, x)
     outputs = [(name, shape, last) for name, shape, last in every if not last] or every
     chosen = next((name for name, shape, _ in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])
-    after = every[[name for name, _, _ in every].index(chosen) + 1:]
+    # after its last entry (a block that hands on a layer's output goes by that layer's name too)
+    after = every[max(i for i, (name, _, _) in enumerate(every) if name == chosen) + 1:]
     later = [name for name, shape, last in after if last and shape[-2] * shape[-1] > 1]
     if later:  # a Swin's stages, channels-last maps all: the default is its stem
         warn(f"Grad-CAM's default layer is {chosen!r}, the last map with its channels on dim 1: the later "

@@ -461,10 +461,27 @@ def test_grad_cam_defaults_to_the_last_map_larger_than_1x1_and_takes_non_square_
     assert (cam.flatten(1).std(1) > 0.1 * cam.flatten(1).mean(1)).all()  # not flat, as layer4.1.relu's is
     flat = nn.Sequential(nn.Conv2d(3, 4, 32), nn.ReLU(), nn.Flatten(), nn.Linear(4, 10))  # only 1x1 maps
     assert models.last_map_layer(flat, x) == "1"
+    # every map channels-last, the last one handed on by its block: it is the default, and no later map
+    # (its block's copy was taken for one) is said to be passed over
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert models.last_map_layer(AllLast(), x) == "stage.1"
     # a model of a fixed non-square input is probed with its own images, not a square of their width
     torch.manual_seed(0)
     wide = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 48, 10))
     assert attribution.grad_cam(wide, torch.rand(2, 3, 16, 48), 1).shape == (2, 16, 48)
+
+
+class AllLast(nn.Module):
+    """Linear layers on the pixels of a channels-last map: every map keeps its features last."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.head(self.stage(x.permute(0, 2, 3, 1)).mean((1, 2)))
 
 
 class ViewNet(nn.Module):
