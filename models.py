@@ -853,7 +853,8 @@ class Recorder:
         """The calls of each module in the first pass; an error for a module that did not run."""
         idle = [name for name, n in seen.items() if n == 0]
         if idle:
-            raise ValueError(f"layer {idle[0]!r} does not run in {type(self.model).__name__}'s forward pass")
+            raise ValueError(f"layer {idle[0]!r} does not run in {type(self.model).__name__}'s forward pass in eval "
+                             f"mode (a layer some models run only in training, such as googlenet's aux classifiers)")
         return dict(seen)
 
 

@@ -182,7 +182,8 @@ def test_capture_returns_layer_outputs_and_leaves_no_hooks():
     with pytest.raises(ValueError, match="valid layers"):
         models.capture(model, x, ["nope"])
     model.spare = torch.nn.ReLU()  # a module the forward pass never calls
-    with pytest.raises(ValueError, match="layer 'spare' does not run in CNN's forward pass"):
+    with pytest.raises(ValueError, match=r"layer 'spare' does not run in CNN's forward pass in eval mode \(a layer "
+                                         r"some models run only in training"):
         models.capture(model, x, ["spare"])
     with pytest.raises(TypeError, match="layer '0' outputs a tuple, not a tensor"):
         models.capture(torch.nn.Sequential(Pair()), torch.rand(2, 3, 4, 4), ["0"])
