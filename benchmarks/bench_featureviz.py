@@ -3,7 +3,7 @@
     python benchmarks/bench_featureviz.py                              # CIFAR-10 (JPEG copy in DATA_DIR)
     python benchmarks/bench_featureviz.py --dataset fashion-mnist      # quality table + grid PNG
     python benchmarks/bench_featureviz.py --dataset synthetic          # + planted-template recovery
-    python benchmarks/bench_featureviz.py --speed                      # timings, ratios vs Lucent
+    python benchmarks/bench_featureviz.py --speed                      # timings, ratios vs Lucent (small CNN)
     add --quick for a smoke run (small models, few steps, a data subset)
 
     python benchmarks/bench_featureviz.py --notebook-models            # the notebooks' own checkpoints
@@ -85,7 +85,8 @@ def parse_args():
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--rounds", type=at_least(1), default=5, help="--speed: interleaved rounds; ratios are taken within a round")
     p.add_argument("--preset", choices=sorted(models.CNN_PRESETS), default=None,
-                   help="classifier preset (default airbench; with --notebook-models PRESET, else the device's)")
+                   help="classifier preset (default airbench, small with --speed, whose CPU goal is the small "
+                        "CNN's; with --notebook-models PRESET, else the device's)")
     p.add_argument("--vae-preset", choices=sorted(models.VAE_PRESETS), default=None,
                    help="VAE preset (default default; with --notebook-models VAE_PRESET, else the device's default)")
     p.add_argument("--epochs", type=int, default=5, help="classifier epochs")
@@ -118,7 +119,8 @@ def parse_args():
     if args.seed is not None and not args.notebook_models:
         p.error("argument --seed: the notebooks' SEED, for --notebook-models only")
     training.from_environment(p, args, settings)
-    args.preset, args.vae_preset, args.seed = args.preset or "airbench", args.vae_preset or "default", args.seed or 0
+    args.preset = args.preset or ("small" if args.speed else "airbench")
+    args.vae_preset, args.seed = args.vae_preset or "default", args.seed or 0
     if args.quick:
         args.seeds, args.steps, args.epochs, args.vae_epochs = min(args.seeds, 2), 16, 1, 1
         args.preset, args.vae_preset = "small", "small"
@@ -161,10 +163,26 @@ def load_models(args, d):
 
 # ----------------------------------------------------------------------------- Lucent
 
-def lucent_classes(model, classes, steps, size=None, seed=0, channels=3):
-    """Lucent's render of several classes in one batch (summed objectives); images (T, C, 32, 32)."""
+LUCENT, LUCENT_FROZEN = "Lucent at 32 px", "Lucent at 32 px, weights frozen"
+
+
+def lucent_usable(device):
+    """Whether Lucent can render for a model on this device: it is importable, and puts its images on CUDA or
+    the CPU (on mps they would meet the model on another device); else a note says why it is left out."""
+    if lucent_render is None:
+        return False
+    if device.type not in ("cpu", "cuda"):
+        print(f"(Lucent left out: it renders on CUDA or the CPU, and the model is on {device.type})")
+        return False
+    return True
+
+def lucent_classes(model, classes, steps, size=None, seed=0, channels=3, frozen=False):
+    """Lucent's render of several classes in one batch (summed objectives); images (T, C, 32, 32). Lucent, as it
+    comes, leaves the weights' gradients on (each step computes them too); frozen=True turns them off, as
+    render() does."""
     training.seed_everything(seed)  # Lucent draws from the global RNGs
     model = copy.deepcopy(model)    # Lucent leaves its hooks on the model
+    model.requires_grad_(not frozen)
     if len(classes) == 1:
         obj = lucent_objectives.channel("head", classes[0])
     else:
@@ -187,14 +205,14 @@ def quality(args):
     techniques = {name: every[name] for name in args.techniques}
     if args.transforms:
         techniques.update(swapped(techniques, args.transforms))
-    if lucent_render is not None:
+    if lucent_usable(models.device_of(model)):
         for name, size in [("lucent@32", 32)] + ([("lucent@224", None)] if args.lucent_224 else []):
             def lucent(targets, seed, size=size):  # classes only
                 if not isinstance(targets[0], fv.Class):
                     return None
                 return lucent_classes(model, [t.idx for t in targets], args.steps, size, seed, d.channels)
             techniques[name] = lucent
-    else:
+    elif lucent_render is None:
         print(f"(Lucent not importable: {LUCENT_ERROR}; pip install torch-lucent --no-deps kornia==0.4.1 "
               f"decorator to compare)\n")
     rows, grid = metrics.quality_table(model, other, d, techniques, seeds=args.seeds, steps=args.steps)
@@ -388,8 +406,9 @@ def per_step(args, model):
         runs[name] = lambda t=how[name]: t(model, classes, steps=args.steps, progress=False)
         if name in BY_HAND:
             runs[by_hand(name)] = lambda r=how[name].settings["param"]: bare_step(model, classes, args.steps, recipe=r)
-    if lucent_render is not None:
-        runs["Lucent at 32 px"] = lambda: lucent_classes(model, classes, args.steps, 32)
+    if lucent_usable(models.device_of(model)):
+        runs[LUCENT] = lambda: lucent_classes(model, classes, args.steps, 32)
+        runs[LUCENT_FROZEN] = lambda: lucent_classes(model, classes, args.steps, 32, frozen=True)
     for fn in runs.values():  # warm-up
         fn()
     times = {name: [] for name in runs}
@@ -426,17 +445,19 @@ def speed(args):
         r = ratio[name]
         print(f"| {name} | {1000 * statistics.median(ts):.2f} | {statistics.median(r):.2f}x "
               f"({min(r):.2f}-{max(r):.2f}) | {fastest[name]:.2f}x |")
-    if "Lucent at 32 px" in times:
-        lucent = [a / b for a, b in zip(times["Lucent at 32 px"], times["fourier"])]
-        print(f"\nLucent at 32 px / our fourier in the same round: median {statistics.median(lucent):.2f}x "
-              f"({min(lucent):.2f}-{max(lucent):.2f}; goal >= 2.5x)")
-    else:
-        print(f"(Lucent not importable: {LUCENT_ERROR})")
-    for name in BY_HAND:  # what render() adds to the same work written by hand
-        own = [a / b for a, b in zip(times[name], times[by_hand(name)])]
+    for name in (LUCENT, LUCENT_FROZEN) if LUCENT in times else ():
+        lucent = [a / b for a, b in zip(times[name], times["fourier"])]
+        print(f"\n{name} / our fourier in the same round: median {statistics.median(lucent):.2f}x "
+              f"({min(lucent):.2f}-{max(lucent):.2f}{'; goal >= 2.5x' if name == LUCENT else ''})")
+    if LUCENT not in times:
+        print(f"(Lucent not run: {LUCENT_ERROR if lucent_render is None else 'it renders on CUDA or the CPU only'})")
+    for name in BY_HAND if device.type == "cpu" else ():  # on a GPU render() replays a CUDA graph, by hand not
+        own = [a / b for a, b in zip(times[name], times[by_hand(name)])]  # what render() adds to the same work
         print(f"{name}: render() / by hand in the same round: median {statistics.median(own):.2f}x "
               f"({min(own):.2f}-{max(own):.2f})")
-    if device.type == "cpu":  # the goal is a CPU's: on a GPU the bare step is no floor (launches dominate)
+    if device.type == "cpu" and args.preset != "small":
+        print(f"(the CPU goal is the small CNN's: --preset small to check it; this run is {args.preset}'s)")
+    elif device.type == "cpu":  # the goal is a CPU's: on a GPU the bare step is no floor (launches dominate)
         for label, of in (("medians", {n: statistics.median(r) for n, r in ratio.items()}), ("fastest rounds", fastest)):
             met = all(of[n] <= 1.15 for n in IMAGE_SPACE)
             print(f"goal: every image-space technique within 1.15x of the bare step ({label}): "

@@ -74,8 +74,11 @@ def main():
     n_train, n_test = (3000, 500) if args.quick else (10000, 2000)
     d = data.load_data("synthetic-hard", n_train=n_train, n_test=n_test)
     detector = metrics.PlantedDetector(d.train_x[:2000])
-    real = (detector(d.test_x) == d.test_y).float().mean().item()
-    print(f"detector on real test images: {real:.3f} (chance 0.1)")
+    noise = torch.randint(0, 256, d.test_x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for label, images in (("real test images", d.test_x), ("the test images' pixels shuffled (must fail)",
+                                                           metrics._shuffled(d.test_x, 0)),
+                          ("uniform noise (must fail)", noise)):
+        print(f"detector on {label}: {(detector(images) == d.test_y).float().mean().item():.3f} (chance 0.1)")
     ckpt = Path(args.ckpt_dir) / ("quick" if args.quick else "full")
     build = dict(ours=lambda: training.train_classifier(d, ckpt / "cnn_small_hard.pt", "small",
                                                         dict(epochs=args.epochs, batch_size=256))[0],

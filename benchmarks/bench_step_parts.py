@@ -117,7 +117,9 @@ def in_step(steps=64, rounds=3, top=12):
     worst = sorted(ops, key=lambda op: -max(extra[name][op] for name in added))[:top]
     print(f"\n{steps} steps, {rounds} interleaved rounds; self CPU us per step over `pixel` without transforms, "
           f"leaving out the ops over 100 us per step there ({', '.join(heavy)}): from run to run they move "
-          f"by more than these rows\n")
+          f"by more than these rows. The profiler adds a small cost to every op it records, so a technique of "
+          f"many small ops (fourier, maco, pixel+reg) shows more here than it costs unprofiled: compare these "
+          f"rows with one another, and the step's cost with bench_featureviz.py --speed\n")
     print("| op | " + " | ".join(added) + " |\n" + "|---" * (len(added) + 1) + "|")
     sums = " | ".join(f"{sum(extra[n].values()):+.0f}" for n in added)
     print(f"| sum over all these ops: the rows below and the rest | {sums} |")

@@ -3,7 +3,7 @@
     python benchmarks/bench_vae.py --preset small --epochs 10     # CIFAR-10 (JPEG copy in DATA_DIR)
     python benchmarks/bench_vae.py --dataset fashion-mnist --epochs 3
 
-Prints one row per epoch (cumulative training seconds, validation bits/dim) and the final test
+Prints one row per epoch (cumulative seconds of training and validation, validation bits/dim) and the final test
 bits/dim; saves the curve to outputs/figures/vae_bpd_vs_time.png.
 """
 import argparse
@@ -40,7 +40,7 @@ def main():
     test = training.evaluate_vae(vae, d.test_x)
     print(f"{d.name}, VAE preset {args.preset} ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params), "
           f"{args.mixtures} logistic(s) per pixel, {args.epochs} epochs, {torch.get_num_threads()} threads, device {training.get_device()}")
-    print("| epoch | training seconds (cumulative) | val bits/dim |")
+    print("| epoch | seconds, training and validation (cumulative) | val bits/dim |")
     print("|---|---|---|")
     elapsed = 0.0
     points = []
