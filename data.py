@@ -407,7 +407,8 @@ def load_image_folder(path, root):
         c = dict(_decode_image_folder(path, files), source=os.path.realpath(path))
         try:
             atomic_write(cache, lambda tmp: torch.save(c, tmp))
-        except OSError as e:  # a full disk: the decoded images serve this load all the same
+        except (OSError, RuntimeError) as e:  # a full disk (torch's writer raises RuntimeError): the decoded images
+            # serve this load all the same
             warn(f"the decoded {path.name} could not be cached in {root} ({e}); it is decoded again on the next load")
         else:
             _remove_stale_caches(root, path, cache)
@@ -567,28 +568,18 @@ def _placed(path, rel, is_dir):
 
 def _decode_image_folder(path, files):
     """Decode every image of the tree into uint8 tensors; checks the layout and classes (a folder's before
-    anything is decoded, an archive's as it decodes) and the sizes, image by image."""
+    anything is decoded, an archive's as it decodes) and the sizes (a folder's image by image)."""
     from PIL import Image, ImageOps
 
-    images = {split: {} for split in SPLITS}  # split -> class -> {file name: HxW or HxWx3 array}
-    roots, left_out, first = set(), {}, None
+    images = {split: {} for split in SPLITS}  # split -> class -> {file name: (relative path, HxW(x3) array)}
+    left_out, first = {}, None
     total = sum(1 for f in files if _is_image(f[0])) or None  # unknown for an archive
     if path.is_dir():  # listed, not read
         _check_classes(path, _layout(path))
     try:
-        for rel, read in tqdm(_read_files(path), desc=f"decoding {path.name}", unit=" files", total=total):
-            place = _placed(path, rel, read is None)
-            if place is None:
-                folder = read is not None and _outside_splits(rel)
-                if folder:
-                    left_out[folder] = left_out.get(folder, 0) + 1
-                continue
-            if read is not None:  # images only: an empty leftover folder is no copy
-                roots.add(place[0])
-            if len(roots) > 1:  # a second copy (a leftover clone) would put twins on both sides of train/val
-                raise ValueError(f"{path} holds train/ and test/ in more than one place: {', '.join(sorted(roots))}; "
-                                 f"keep one copy of the dataset")
-            found = images[place[1]].setdefault(place[2], {})
+        for split, cls, rel, read in tqdm(_dataset_files(path, left_out), desc=f"decoding {path.name}",
+                                          unit=" files", total=total):
+            found = images[split].setdefault(cls, {})
             if read is None:
                 continue
             blob = read()
@@ -597,9 +588,10 @@ def _decode_image_folder(path, files):
                     array = _pixels(ImageOps.exif_transpose(im))  # a photo turned as its camera says
             except Exception as e:
                 raise ValueError(f"cannot read the image {rel} in {path} ({e}); delete or replace it") from e
-            first = _check_size(path, first, rel, array)
-            found[rel.rsplit("/", 1)[-1]] = array  # by file name: an image added to an archive twice (tar -r, with
-                                                   # or without ./) is its last copy, as extracting it gives
+            if path.is_dir():  # (an archive's image may be replaced by a later copy: its sizes are checked after)
+                first = _check_size(path, first, rel, array)
+            found[rel.rsplit("/", 1)[-1]] = rel, array  # by file name: an image added to an archive twice (tar -r,
+                                                        # with or without ./) is its last copy, as extracting it gives
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:  # a download cut short, a web page
         raise ValueError(f"{path} cannot be read as a .tar or .tar.gz archive ({type(e).__name__}: {e}): it is "
                          f"damaged or cut short; download or copy it again") from e
@@ -608,34 +600,58 @@ def _decode_image_folder(path, files):
              f"left out: only train/<class>/ and test/<class>/ are read, and the validation images are drawn from "
              f"train/ (move any there)")
     classes = _check_classes(path, images)
+    for split in SPLITS:
+        for cls in classes:
+            for rel, array in images[split][cls].values():
+                first = _check_size(path, first, rel, array)
     return dict(classes=classes, **_stacked(images, classes, first[1]))
 
 
+def _dataset_files(path, left_out):
+    """Yield (split, class, relative path, read) for each image of the dataset's train/<class>/ and
+    test/<class>/ folders, and (split, class, path, None) for each class folder (_read_files); an error where
+    they are in more than one place (a leftover copy would put twins on both sides of train/val). The images
+    of other folders of class folders (val/<class>/, not the dataset's own wrapping folder) are counted in
+    left_out {folder: images}."""
+    roots, outside = set(), {}
+    for rel, read in _read_files(path):
+        place = _placed(path, rel, read is None)
+        if place is None:
+            folder = read is not None and _outside_splits(rel)
+            if folder:
+                outside[folder] = outside.get(folder, 0) + 1
+            continue
+        if read is not None:  # images only: an empty leftover folder is no copy
+            roots.add(place[0])
+        if len(roots) > 1:
+            raise ValueError(f"{path} holds train/ and test/ in more than one place: {', '.join(sorted(roots))}; "
+                             f"keep one copy of the dataset")
+        yield place[1], place[2], rel, read
+    left_out.update({folder: n for folder, n in outside.items() if folder not in roots})
+
+
 def _stacked(images, classes, size):
-    """{split_x: (N, C, H, W) uint8, split_y: (N,) int64} of {split: {class: {file name: array}}}, each split's
+    """{split_x: (N, C, H, W) uint8, split_y: (N,) int64} of {split: {class: {file name: (path, array)}}}, each split's
     images class by class and by file name; each array is dropped as it is copied, so that the images are
     held about once, not twice. Grayscale images are repeated on three channels where any is in colour."""
-    channels = 3 if any(a.ndim == 3 for s in images.values() for c in s.values() for a in c.values()) else 1
+    channels = 3 if any(a.ndim == 3 for s in images.values() for c in s.values() for _, a in c.values()) else 1
     out = {}
     for split in SPLITS:
         names = [(label, name) for label, cls in enumerate(classes) for name in sorted(images[split][cls])]
         x = torch.empty(len(names), channels, *size, dtype=torch.uint8)
         view = x.numpy()  # written through NumPy: PIL's arrays are read-only, which torch.from_numpy warns about
         for i, (label, name) in enumerate(names):
-            a = images[split][classes[label]].pop(name)
+            _, a = images[split][classes[label]].pop(name)
             view[i] = a.transpose(2, 0, 1) if a.ndim == 3 else a  # (H, W): the same on every channel
         out[f"{split}_x"], out[f"{split}_y"] = x, torch.tensor([label for label, _ in names], dtype=torch.int64)
     return out
 
 
 def _layout(path):
-    """{split: {class: number of images}} of a folder, from its listing: its layout checked (_place)."""
+    """{split: {class: number of images}} of a folder, from its listing: its layout checked (_dataset_files)."""
     layout = {split: {} for split in SPLITS}
-    for rel, read in _read_files(path):
-        place = _placed(path, rel, read is None)
-        if place is not None:
-            found = layout[place[1]]
-            found[place[2]] = found.get(place[2], 0) + (read is not None)
+    for split, cls, _, read in _dataset_files(path, {}):
+        layout[split][cls] = layout[split].get(cls, 0) + (read is not None)
     return layout
 
 

@@ -96,6 +96,10 @@ def test_a_second_copy_of_the_dataset_inside_its_folder_is_refused(tmp_path):
     for leftover in (tree / "CIFAR-10-images").rglob("*.png"):
         leftover.unlink()  # empty folders left behind: no second copy
     assert len(data.load_data(str(tree), tmp_path / "cache3").test_y) == 6
+    (tree / "backup" / "train" / "zebra").mkdir(parents=True)  # a leftover of another set: the copy is named, not
+    Image.new("RGB", (8, 6)).save(tree / "backup" / "train" / "zebra" / "0.png")  # the classes it adds
+    with pytest.raises(ValueError, match=r"in more than one place: \., backup; keep one"):
+        data.load_data(str(tree), tmp_path / "cache4")
 
 
 def test_mixed_rgb_and_grayscale_is_read_as_rgb_and_grayscale_alone_as_one_channel(tmp_path):
@@ -274,6 +278,13 @@ def test_images_outside_train_and_test_are_named_as_left_out(tmp_path):
                                              r"train/<class>/ and test/<class>/ are read") as w:
             d = data.load_data(str(source), tmp_path / "cache")
         assert len(d.train_y) + len(d.val_y) == 12 and w[0].filename == __file__
+    (tree / "docs").mkdir()
+    Image.new("RGB", (8, 6)).save(tree / "docs" / "figure.png")  # beside the set: no dataset's, wrapped or not
+    with tarfile.open(tmp_path / "wrapped.tar.gz", "w:gz") as tar:  # an archive of the folder itself
+        tar.add(tree, arcname="pets")
+    with pytest.warns(UserWarning, match=r"the images in pets/Train/ \(1\), pets/val/ \(2\) are left out") as w:
+        data.load_data(str(tmp_path / "wrapped.tar.gz"), tmp_path / "cache")
+    assert "pets/ (" not in str(w[0].message)  # docs/figure.png sits in the dataset's own folder
 
 
 @pytest.mark.parametrize("damage", ["web page", "cut short"])
@@ -287,8 +298,9 @@ def test_a_damaged_archive_is_named(tmp_path, damage):
 
 
 def test_a_decoded_set_that_cannot_be_cached_loads_with_a_warning(tmp_path, monkeypatch):
-    def full(obj, f):
-        raise OSError(28, "No space left on device")
+    def full(obj, f):  # what torch's writer raises for a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file "
+                           "data/0: file write failed (No space left on device)")
     monkeypatch.setattr(data.torch, "save", full)
     with pytest.warns(UserWarning, match=r"the decoded pets could not be cached in .*No space left on device"):
         d = data.load_data(str(write_tree(tmp_path / "pets")), tmp_path / "cache")
@@ -539,6 +551,13 @@ def test_an_archive_holds_linked_images_and_an_image_added_twice_once(tmp_path):
     assert count(linked) == count(archived) == count(folder) + 2  # both links, and the image added twice once
     x = torch.cat([archived.train_x, archived.val_x])
     assert (x == 255).all((1, 2, 3)).sum() == 1  # the last copy of 002.png
+    stale = tmp_path / "stale.tar"
+    with tarfile.open(stale, "w") as tar:  # a first copy of another size, replaced by the one of the set's size
+        Image.new("RGB", (9, 9)).save(tmp_path / "big.png")
+        tar.add(tmp_path / "big.png", arcname="train/cat/000.png")
+        tar.add(tree / "train", arcname="train")
+        tar.add(tree / "test", arcname="test")
+    assert count(data.load_data(str(stale), tmp_path / "cache")) == count(linked)
     for name, target, kind in (("train/cat/200.png", "../dog", tarfile.SYMTYPE),  # a folder
                                ("train/cat/201.png", "train/cat/none.png", tarfile.LNKTYPE)):  # no such file
         broken = tmp_path / f"{Path(name).stem}.tar"
