@@ -92,7 +92,7 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
             if unit not in done:
                 bar.set_postfix_str(unit)
                 done[unit] = (_class_pages(model, d, hows, steps, site, layers, bar) if unit == CLASSES
-                              else _layer_page(model, d, unit, hows, steps, site, bar))
+                              else _layer_page(model, d, unit, sizes[unit], hows, steps, site, bar))
                 _save_manifest(out, key, done)
                 site.write("index.html", _index(site, layers, done))
     return out / "index.html"
@@ -205,8 +205,8 @@ def head_contributions(model, images, labels, num_classes):
     head = _head(model, images)
     if not isinstance(head, nn.Linear):
         return training.predict(model, images).cpu(), None
-    with _head_inputs(head) as inputs:
-        logits = training.predict(model, images).cpu()
+    with _head_inputs(head) as inputs:  # the module a compiled model wraps runs the hook (models.inner)
+        logits = training.predict(models.inner(model), images).cpu()
     if sum(map(len, inputs)) != len(images):  # a head that runs more than once a pass: no one input per image
         return logits, None
     scale = models.config_of(model).get("logit_scale", 1)  # our CNN's logits are its head's output x this
@@ -248,10 +248,9 @@ def head_reads(model, layer, images):
                for pooled in (maps.mean(2), maps.amax(2)))
 
 
-def _layer_page(model, d, layer, hows, steps, site, bar):
-    """Render every channel of the layer (one render per technique, each counted on the progress bar), find the
-    exemplars (one pass), write the layer's page; returns the summary the index needs."""
-    n = models.layer_channels(model, layer, d.size)
+def _layer_page(model, d, layer, n, hows, steps, site, bar):
+    """Render every channel of the layer, its n (one render per technique, each counted on the progress bar),
+    find the exemplars (one pass), write the layer's page; returns the summary the index needs."""
     targets = [fv.Channel(layer, c) for c in range(n)]
     acts = fv.activations(model, d.test_x, targets)  # (N, n)
     means = class_means(acts, d.test_y, len(d.classes))

@@ -362,6 +362,16 @@ def partial_path(path):
     return path.with_name(f"{path.stem}.partial{path.suffix}")
 
 
+def _extra(extra, key):
+    """fit's `extra` as a dict, refused where it would set an entry the checkpoint records itself (the best
+    epoch's metric `key` among them)."""
+    extra = dict(extra or {})
+    taken = sorted(set(extra) & {"config", "state_dict", "epoch", "history", "complete", "hyp", "precision", key})
+    if taken:
+        raise ValueError(f"extra must not set {taken}: the checkpoint records them itself")
+    return extra
+
+
 class BestKeeper:
     """Per-epoch bookkeeping of both training loops: the metrics CSV and the best epoch's weights, in
     memory and in files beside the finished ones (`partial_path`); `restore` loads the best weights
@@ -371,9 +381,6 @@ class BestKeeper:
         for name, path in (("ckpt_path", ckpt_path), ("csv_path", csv_path)):
             if path and Path(path).is_dir():  # else found only when the finished run is saved
                 raise IsADirectoryError(f"{name} {path} is a folder: give the path of the file to write")
-        taken = sorted({"config", "state_dict", "epoch", key, "history", "complete"} & set(info))
-        if taken:
-            raise ValueError(f"extra must not set {taken}: the checkpoint records them itself")
         self.model, self.key, self.sign = model, key, 1 if higher else -1
         self.ckpt_path, self.csv_path, self.info = ckpt_path, csv_path, info
         self.rows, self.best, self.state = [], None, None
@@ -665,7 +672,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     ema_decay = 0.95 ** hyp["ema_every"] * (torch.arange(total + 1) / total) ** 3
     lookahead = Lookahead(model)
     keeper = BestKeeper(model, "val_acc", True, ckpt_path, csv_path, hyp=hyp, precision=precision,
-                        **(extra or {}))
+                        **_extra(extra, "val_acc"))
 
     def train_step(step, x, y):
         model.whiten.bias.requires_grad_(step < len(loader) * hyp["whiten_bias_epochs"])
@@ -818,7 +825,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     gen = torch.Generator(device=device).manual_seed(seed)
     autocast, precision = training_precision(device)
     keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, precision=precision,
-                        **(extra or {}))
+                        **_extra(extra, "val_bpd"))
 
     def kl_weight(step):  # rising to 1 over the warm-up; with no warm-up epochs, 1 from the first step
         return min(1.0, step / warm) if hyp["kl_warmup_epochs"] else 1.0

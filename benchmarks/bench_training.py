@@ -58,7 +58,8 @@ class PILDataset(torch.utils.data.Dataset):
 
 def throughput(args):
     torch.manual_seed(0)
-    d = data.load_data("synthetic", n_train=max(12000, 2 * args.images), n_test=10)
+    # twice the images of a measurement, and the warm-up batches of a 2-worker loader (5 of 1024; 10% go to val)
+    d = data.load_data("synthetic", n_train=max(12000, 2 * args.images) + 6 * 1024, n_test=10)
     x, y = d.train_x, d.train_y
     mean, std = d.channel_stats()
 

@@ -583,6 +583,10 @@ def test_a_compiled_model_is_read_as_its_module():
         assert models.block_layers(compiled, 32) == ["_orig_mod." + name for name in models.block_layers(model, 32)]
         torch.testing.assert_close(attribution.grad_cam(compiled, x, [0, 1, 2, 3]),
                                    attribution.grad_cam(model, x, [0, 1, 2, 3]))
+        labels = torch.tensor([0, 1, 0, 1])
+        contributions = atlas.head_contributions(compiled, x, labels, 10)[1]  # the head's inputs, hooked
+        assert contributions is not None
+        torch.testing.assert_close(contributions, atlas.head_contributions(model, x, labels, 10)[1], equal_nan=True)
         a, b = (fv.render(m, [0, fv.Channel(prefix + "block2.act2", 1)], steps=4, progress=False).images
                 for m, prefix in ((compiled, "_orig_mod."), (model, "")))
     torch.testing.assert_close(a, b)
