@@ -512,8 +512,11 @@ def browser():
 
 
 def _loaded(page, errors):
-    """The page finished loading, every image on it has pixels, and nothing went wrong."""
+    """The page finished loading, every image on it has pixels (the lazy ones below the fold loaded first, as
+    scrolling to them would), and nothing went wrong."""
     page.wait_for_load_state("load")
+    page.eval_on_selector_all("img", "imgs => imgs.forEach(i => { i.loading = 'eager'; })")
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)")
     broken = page.eval_on_selector_all("img", "imgs => imgs.filter(i => !i.complete || i.naturalWidth === 0)"
                                                ".map(i => i.getAttribute('src'))")
     assert broken == [], f"images that did not load on {page.url}: {broken[:5]}"
