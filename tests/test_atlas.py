@@ -221,7 +221,8 @@ def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_pat
     assert calls == layers  # the finished layers were kept, only the classes ran
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS, progress=False)
     assert calls == layers
-    stale, left, mine = tmp_path / "img" / "stale.png", tmp_path / ".class-0.html.0123456789ab.tmp", tmp_path / "atlas.zip"
+    stale, mine = tmp_path / "img" / "stale.png", tmp_path / "atlas.zip"
+    left = tmp_path / ".class-0.html.0123456789ab.tmp"
     for f in (stale, left, mine):  # a page of other settings, a killed build's temporary file, the user's file
         f.write_bytes(b"")
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS + 1, progress=False)  # other settings

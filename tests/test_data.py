@@ -194,7 +194,8 @@ def _write_fashion_mnist(folder, suffix, value, train=20, test=4):
     folder.mkdir(parents=True, exist_ok=True)
     write = (lambda p, b: p.write_bytes(gzip.compress(b))) if suffix else (lambda p, b: p.write_bytes(b))
     for prefix, n, v, shift in (("train", train, value, 0), ("t10k", test, value + 1, 3)):
-        write(folder / f"{prefix}-images-idx3-ubyte{suffix}", struct.pack(">4I", 2051, n, 28, 28) + bytes([v]) * n * 784)
+        write(folder / f"{prefix}-images-idx3-ubyte{suffix}",
+              struct.pack(">4I", 2051, n, 28, 28) + bytes([v]) * n * 784)
         write(folder / f"{prefix}-labels-idx1-ubyte{suffix}", struct.pack(">2I", 2049, n) +
               bytes((i + shift) % 10 for i in range(n)))
 

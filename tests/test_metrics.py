@@ -131,7 +131,8 @@ def test_two_choice_is_a_cosine_whatever_the_scale_of_each_reference():
     query_scales = torch.logspace(-2, 2, 60)[:, None]
     assert metrics.two_choice(refs, top * query_scales, bottom * query_scales.flip(0)) == \
         metrics.two_choice(refs, top, bottom)
-    assert metrics.two_choice(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.1, 0.0]]), torch.tensor([[10.0, 5.0]])) == 1.0
+    short_top, long_bottom = torch.tensor([[0.1, 0.0]]), torch.tensor([[10.0, 5.0]])
+    assert metrics.two_choice(torch.tensor([[1.0, 0.0]]), short_top, long_bottom) == 1.0
 
 
 def test_path_percentiles_are_centred_on_the_random_images():

@@ -221,7 +221,8 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tiny, tmp_path, m
                 out["loss"] = out["loss"] * float("nan")
         return out
     monkeypatch.setattr(models.VAE, "elbo", poisoned)
-    with pytest.raises(FloatingPointError, match=r"loss became nan in epoch 2.*best epoch so far is in .*vae.partial.pt \(training.load_checkpoint\(path, partial=True\) loads it\)"):
+    with pytest.raises(FloatingPointError, match=r"loss became nan in epoch 2.*best epoch so far is in .*vae.partial.pt "
+                                                 r"\(training.load_checkpoint\(path, partial=True\) loads it\)"):
         training.train_vae(tiny, tmp_path / "vae.pt", preset="small", hyp=dict(epochs=3, batch_size=60),
                            progress=False)
     assert len(calls) == 18  # checked at the epoch's end, not at each step (that would wait for a GPU each step)
