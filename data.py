@@ -408,7 +408,8 @@ def load_image_folder(path, root):
         try:
             atomic_write(cache, lambda tmp: torch.save(c, tmp))
         except (OSError, RuntimeError) as e:  # a full disk (torch's writer raises RuntimeError): the decoded images
-            # serve this load all the same
+            if not isinstance(e, OSError) and "writ" not in str(e):  # serve this load all the same; not another bug
+                raise
             warn(f"the decoded {path.name} could not be cached in {root} ({e}); it is decoded again on the next load")
         else:
             _remove_stale_caches(root, path, cache)
@@ -613,20 +614,22 @@ def _dataset_files(path, left_out):
     they are in more than one place (a leftover copy would put twins on both sides of train/val). The images
     of other folders of class folders (val/<class>/, not the dataset's own wrapping folder) are counted in
     left_out {folder: images}."""
-    roots, outside = set(), {}
+    roots, outside, folders = set(), {}, []
     for rel, read in _read_files(path):
         place = _placed(path, rel, read is None)
         if place is None:
             folder = read is not None and _outside_splits(rel)
             if folder:
                 outside[folder] = outside.get(folder, 0) + 1
-            continue
-        if read is not None:  # images only: an empty leftover folder is no copy
-            roots.add(place[0])
-        if len(roots) > 1:
-            raise ValueError(f"{path} holds train/ and test/ in more than one place: {', '.join(sorted(roots))}; "
-                             f"keep one copy of the dataset")
-        yield place[1], place[2], rel, read
+        elif read is None:  # a class folder: kept until the images say where the dataset is
+            folders.append((place, rel))
+        else:
+            roots.add(place[0])  # images only: an empty leftover folder is no copy, nor are its classes
+            if len(roots) > 1:
+                raise ValueError(f"{path} holds train/ and test/ in more than one place: "
+                                 f"{', '.join(sorted(roots))}; keep one copy of the dataset")
+            yield place[1], place[2], rel, read
+    yield from ((split, cls, rel, None) for (root, split, cls), rel in folders if root in roots or not roots)
     left_out.update({folder: n for folder, n in outside.items() if folder not in roots})
 
 
@@ -703,8 +706,8 @@ def _pixels(im):
 
 
 def _check_size(path, first, rel, array):
-    """(relative path, (H, W)) of the first image decoded; an error naming it and `rel` where this image's size
-    differs: all images share one size, found as they decode rather than after the whole set."""
+    """(relative path, (H, W)) of the first image checked; an error naming it and `rel` where this image's size
+    differs: all images share one size (a folder's checked as they decode, not after the whole set)."""
     if first is None:
         return rel, array.shape[:2]
     if array.shape[:2] != first[1]:

@@ -646,7 +646,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     Returns the per-epoch metrics rows; the model ends with the best epoch's weights.
     `extra` is stored in the checkpoint (e.g. the dataset name).
     """
-    hyp = hyperparameters(CNN_HYP, hyp)
+    hyp, extra = hyperparameters(CNN_HYP, hyp), _extra(extra, "val_acc")
     check_input(model, data.train_x[:1], "data.train_x")  # these first: before anything of the model is changed
     classes = config_of(model).get("num_classes")
     if classes is not None and classes != len(data.classes):
@@ -672,7 +672,7 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     ema_decay = 0.95 ** hyp["ema_every"] * (torch.arange(total + 1) / total) ** 3
     lookahead = Lookahead(model)
     keeper = BestKeeper(model, "val_acc", True, ckpt_path, csv_path, hyp=hyp, precision=precision,
-                        **_extra(extra, "val_acc"))
+                        **extra)
 
     def train_step(step, x, y):
         model.whiten.bias.requires_grad_(step < len(loader) * hyp["whiten_bias_epochs"])
@@ -806,7 +806,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     per-epoch metrics rows; the model ends with the best epoch's weights and the latent statistics of the
     training set stored in its buffers (computed when the run completes: a stopped run's VAE keeps the prior's).
     """
-    hyp = hyperparameters(VAE_HYP, hyp)
+    hyp, extra = hyperparameters(VAE_HYP, hyp), _extra(extra, "val_bpd")
     check_input(vae, data.train_x[:1], "data.train_x")  # before anything of the model is changed
     _check_covariance_images(len(data.train_x), "data.train_x")  # before training, not after it
     seed_everything(seed)
@@ -825,7 +825,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     gen = torch.Generator(device=device).manual_seed(seed)
     autocast, precision = training_precision(device)
     keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, precision=precision,
-                        **_extra(extra, "val_bpd"))
+                        **extra)
 
     def kl_weight(step):  # rising to 1 over the warm-up; with no warm-up epochs, 1 from the first step
         return min(1.0, step / warm) if hyp["kl_warmup_epochs"] else 1.0

@@ -568,9 +568,11 @@ def test_a_checkpoint_path_that_is_a_folder_is_named_before_training(tiny_data, 
         training.train_vae(tiny_data, tmp_path / "vae.pt", preset="small", hyp=dict(epochs=1), csv_path=tmp_path,
                            progress=False)
     model = models.build_model(models.cnn_config("small", image_size=32))
+    whiten = model.whiten.weight.detach().clone()
     with pytest.raises(ValueError, match=r"extra must not set \['epoch', 'hyp', 'val_acc'\]: the checkpoint records"):
         training.fit(model, tiny_data, TINY, ckpt_path=tmp_path / "cnn.pt",
                      extra=dict(val_acc=1.0, epoch=3, hyp={}, note=""))
+    assert torch.equal(model.whiten.weight, whiten)  # refused before the whitening was set from the data
     with pytest.raises(ValueError, match=r"extra must not set \['precision', 'val_bpd'\]"):
         training.fit_vae(models.build_model(models.vae_config("small")), tiny_data, dict(epochs=1),
                          extra=dict(precision="fp32", val_bpd=1.0))

@@ -100,6 +100,8 @@ def test_a_second_copy_of_the_dataset_inside_its_folder_is_refused(tmp_path):
     Image.new("RGB", (8, 6)).save(tree / "backup" / "train" / "zebra" / "0.png")  # the classes it adds
     with pytest.raises(ValueError, match=r"in more than one place: \., backup; keep one"):
         data.load_data(str(tree), tmp_path / "cache4")
+    (tree / "backup" / "train" / "zebra" / "0.png").unlink()  # its empty folders: no copy, nor a class
+    assert data.load_data(str(tree), tmp_path / "cache5").classes == sorted(CLASSES)
 
 
 def test_mixed_rgb_and_grayscale_is_read_as_rgb_and_grayscale_alone_as_one_channel(tmp_path):
@@ -305,6 +307,9 @@ def test_a_decoded_set_that_cannot_be_cached_loads_with_a_warning(tmp_path, monk
     with pytest.warns(UserWarning, match=r"the decoded pets could not be cached in .*No space left on device"):
         d = data.load_data(str(write_tree(tmp_path / "pets")), tmp_path / "cache")
     assert len(d.test_y) == 6 and leftovers(tmp_path / "cache") == []
+    monkeypatch.setattr(data.torch, "save", lambda obj, f: (_ for _ in ()).throw(RuntimeError("a bug of torch's")))
+    with pytest.raises(RuntimeError, match="a bug of torch's"):  # not a write that failed: not hidden
+        data.load_data(str(write_tree(tmp_path / "pets")), tmp_path / "cache")
 
 
 def test_a_stale_cache_another_load_removed_is_no_error(tmp_path, monkeypatch):
