@@ -575,7 +575,8 @@ def _decode_image_folder(path, files):
     images = {split: {} for split in SPLITS}  # split -> class -> {file name: (relative path, HxW(x3) array)}
     left_out, first = {}, None
     total = sum(1 for f in files if _is_image(f[0])) or None  # unknown for an archive
-    if path.is_dir():  # listed, not read
+    folder = path.is_dir()
+    if folder:  # listed, not read
         _check_classes(path, _layout(path))
     try:
         for split, cls, rel, read in tqdm(_dataset_files(path, left_out), desc=f"decoding {path.name}",
@@ -589,7 +590,7 @@ def _decode_image_folder(path, files):
                     array = _pixels(ImageOps.exif_transpose(im))  # a photo turned as its camera says
             except Exception as e:
                 raise ValueError(f"cannot read the image {rel} in {path} ({e}); delete or replace it") from e
-            if path.is_dir():  # (an archive's image may be replaced by a later copy: its sizes are checked after)
+            if folder:  # (an archive's image may be replaced by a later copy: its sizes are checked after)
                 first = _check_size(path, first, rel, array)
             found[rel.rsplit("/", 1)[-1]] = rel, array  # by file name: an image added to an archive twice (tar -r,
                                                         # with or without ./) is its last copy, as extracting it gives
