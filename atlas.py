@@ -14,7 +14,7 @@ Plain HTML and CSS with PNG images: no server, no network, no JavaScript; it ope
 system and can be shared as a folder. Each layer is one render of all its channels and one pass over
 the test set. Every finished layer is recorded in atlas.json under a key of the model, the VAE, their
 device, the data and the settings: an interrupted build resumes at the next layer, and a build under another key
-starts afresh, so stale pages are never reused.
+starts afresh, so stale pages are never reused; the layers are not in the key, so adding one renders only it.
 """
 import argparse
 import hashlib
@@ -45,6 +45,7 @@ CONTRIBUTORS = 8                       # channels listed per class
 VERSION = 1                            # of the pages: a new version never reuses older pages
 CLASSES = "classes"                    # the manifest's entry for the class pages
 MANIFEST = "atlas.json"
+NAV = re.compile(r"<nav>.*?</nav>")    # the bar of links atop a layer's or a class's page
 
 
 # ----------------------------------------------------------------------------- the build
@@ -73,16 +74,20 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     hows = {name: fv.get_technique(name, vae, cov, magnitude) for name in techniques}
     # the training images' statistics too: the Fourier techniques render with them; and the code of the
     # techniques, the layers' reading and the pages, which an edit (under autoreload) changes without a new VERSION
-    key = fingerprint(VERSION, model, vae, techniques, steps, layers, d.name, d.classes, d.test_x, d.test_y,
+    # not the layers: each has its own entry, so that adding a layer renders only it
+    key = fingerprint(VERSION, model, vae, techniques, steps, d.name, d.classes, d.test_x, d.test_y,
                       cov, magnitude, _code())
 
     def one_step():  # one step of one channel and one class per technique, before a stale atlas is emptied
         for how in hows.values():
             how(model, [fv.Channel(layers[0], 0), fv.Class(len(d.classes) - 1)], steps=1, size=d.size, progress=False)
-    done = _resume(out, saved, key, one_step)
-    _save_manifest(out, key, done)  # before any other file: a build interrupted at once resumes too
     site = Site(out, d, techniques)
-    site.write("index.html", _index(site, layers, done))  # a half-built atlas opens at its finished pages
+    last_layer = models.last_spatial_layer(model, d.size)  # the layer whose channels the class pages may list
+    done = _reused(_resume(out, saved, key, one_step), layers, last_layer)
+    _save_manifest(out, key, done)  # before any other file: a build interrupted at once resumes too
+    site.remove_other_layers(layers)
+    site.write("atlas.css", CSS)
+    _link(site, layers, done)  # a half-built atlas opens at its finished pages
     # the bar counts rendered images, so that its time estimate weighs a wide layer as such
     sizes = {unit: len(d.classes) if unit == CLASSES else models.layer_channels(model, unit, d.size)
              for unit in layers + [CLASSES]}
@@ -91,11 +96,34 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
         for unit in sizes:
             if unit not in done:
                 bar.set_postfix_str(unit)
-                done[unit] = (_class_pages(model, d, hows, steps, site, layers, bar) if unit == CLASSES
-                              else _layer_page(model, d, unit, sizes[unit], hows, steps, site, bar))
+                done[unit] = (_class_pages(model, d, hows, steps, site, last_layer, last_layer in layers, bar)
+                              if unit == CLASSES else _layer_page(model, d, unit, sizes[unit], hows, steps, site, bar))
                 _save_manifest(out, key, done)
-                site.write("index.html", _index(site, layers, done))
+                _link(site, layers, done)
     return out / "index.html"
+
+
+def _reused(done, layers, last_layer):
+    """The finished units (done) that this build keeps: the layers asked for, and the class pages if their
+    list of contributing channels would link as before (to the page of the last layer, or to none)."""
+    keep = {unit: summary for unit, summary in done.items() if unit in layers}
+    if CLASSES in done and done[CLASSES]["lists_channels"] == (last_layer in layers):
+        keep[CLASSES] = done[CLASSES]
+    return keep
+
+
+def _link(site, layers, done):
+    """Writes the index of the finished units, and the bar of links atop each of their pages anew (to the index,
+    to every layer, to the classes), so that a page built before links to the layers built after it."""
+    site.write("index.html", _index(site, layers, done))
+    pages = {site.layer_file(layer): layer for layer in layers if layer in done}
+    if CLASSES in done:
+        pages.update({f"class-{c}.html": None for c in range(len(site.d.classes))})
+    for name, here in pages.items():
+        text = (site.out / name).read_text(encoding="utf-8")
+        linked = NAV.sub(lambda _: site.nav(layers, done, here), text, count=1)
+        if linked != text:
+            site.write(name, linked)
 
 
 def _code():
@@ -266,9 +294,9 @@ def _layer_page(model, d, layer, n, hows, steps, site, bar):
     return dict(channels=n, selective=sel.argsort(descending=True)[:STRIP].tolist())
 
 
-def _class_pages(model, d, hows, steps, site, layers, bar):
+def _class_pages(model, d, hows, steps, site, last_layer, has_page, bar):
     """One page per class; the contributing channels are those of the model's last spatial layer, when the
-    head reads them one to one and the atlas has a page for that layer."""
+    head reads them one to one and the atlas has a page for that layer (has_page)."""
     k = len(d.classes)
     targets = [fv.Class(c) for c in range(k)]
     logits, contrib = head_contributions(model, d.test_x, d.test_y, k)  # (N, K), (K, F)
@@ -276,15 +304,14 @@ def _class_pages(model, d, hows, steps, site, layers, bar):
     for name, how in hows.items():
         site.save_images(CLASSES, name, how(model, targets, steps=steps, size=d.size, progress=False).images)
         bar.update(k)
-    last_layer = models.last_spatial_layer(model, d.size)
-    if contrib is None or last_layer not in layers or not head_reads(model, last_layer, d.test_x[:8]):
+    if contrib is None or not has_page or not head_reads(model, last_layer, d.test_x[:8]):
         contrib = None  # no page for the layer the head reads, or it does not read its channels one to one
     top = logits.topk(min(TOP, len(logits)), dim=0)
     for c in range(k):
         body = site.class_body(c, top.indices[:, c], top.values[:, c], cm, last_layer,
                                None if contrib is None else contrib[c])
         site.write(f"class-{c}.html", site.page(f"class {c}: {d.classes[c]}", body))
-    return dict(accuracy=(cm.diag().sum() / cm.sum()).item())
+    return dict(accuracy=(cm.diag().sum() / cm.sum()).item(), lists_channels=has_page)
 
 
 def _index(site, layers, done):
@@ -297,7 +324,7 @@ def _index(site, layers, done):
     body = (f"<p>{acc}Each channel's card shows its visualizations ({', '.join(site.techniques)}), its top {TOP} "
             f"and bottom {BOTTOM} test images with their activations, and its mean activation per class.</p>"
             f"<h2>Layers</h2>{rows}<h2>Classes</h2>{classes}")
-    return site.page("atlas", body, home=False)
+    return site.page("atlas", body, nav=False)
 
 
 # ----------------------------------------------------------------------------- the files
@@ -328,6 +355,7 @@ img{image-rendering:pixelated;width:64px;height:64px;display:block}
 figure{margin:0;text-align:center;font-size:11px}.label{width:52px;font-size:12px;color:#555}
 .bars{display:flex;gap:var(--g);align-items:flex-end;height:48px}.bar{width:var(--w);background:#5a8;min-height:1px}.bar.neg{background:#c66}
 .barlabels{display:flex;gap:var(--g)}.barlabel{width:var(--w);font-size:9px;overflow:hidden;text-align:center}.strip{display:flex;gap:6px;flex-wrap:wrap}
+nav{margin:0 0 .8em;font-size:14px}nav b{color:#000}
 table{border-collapse:collapse}.row .label{align-self:center}td,th{padding:2px 8px;text-align:left}"""
 
 
@@ -343,7 +371,6 @@ class Site:
 
     def __init__(self, out, d, techniques):
         self.out, self.d, self.techniques = Path(out), d, techniques
-        self.write("atlas.css", CSS)
 
     def write(self, name, text):
         data.atomic_write(self.out / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -372,11 +399,36 @@ class Site:
     def layer_file(self, layer):
         return f"layer-{safe(layer)}.html"
 
-    def page(self, title, body, home=True):
-        back = '<p><a href="index.html">&larr; atlas index</a></p>' if home else ""
+    def remove_other_layers(self, layers):
+        """Removes the pages and images of every layer but these (of an earlier build), so that the folder holds
+        the atlas of these layers only."""
+        pages = {self.layer_file(layer) for layer in layers}
+        for path in self.out.glob("layer-*.html"):
+            if path.name not in pages:
+                path.unlink()
+        folders = {safe(unit) for unit in layers + [CLASSES]} | {"test"}  # img/test: the test images shown
+        for path in (self.out / "img").glob("*"):
+            if path.is_dir() and path.name not in folders:
+                shutil.rmtree(path)
+
+    def page(self, title, body, nav=True):
+        """A page of the atlas; nav: whether it has the bar of links atop (filled in by _link), not the index."""
         return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-                f'<link rel="stylesheet" href="atlas.css"></head><body>{back}<h1>{html.escape(title)}</h1>'
-                f'{body}</body></html>\n')
+                f'<link rel="stylesheet" href="atlas.css"></head><body>{"<nav></nav>" if nav else ""}'
+                f'<h1>{html.escape(title)}</h1>{body}</body></html>\n')
+
+    def nav(self, layers, done, here):
+        """The bar of links atop a page: the index, each layer's page (the layer `here` in bold, one not built
+        yet unlinked) and the first class's page."""
+        def link(unit, href, label):
+            if unit == here:
+                return f"<b>{html.escape(label)}</b>"
+            if unit not in done:
+                return f'<span title="not built yet">{html.escape(label)}</span>'
+            return f'<a href="{href}">{html.escape(label)}</a>'
+        units = [link(layer, self.layer_file(layer), layer) for layer in layers]
+        return (f'<nav><a href="index.html">&larr; atlas</a> | layers: {" ".join(units)} | '
+                f'{link(CLASSES, "class-0.html", "classes")}</nav>')
 
     def figure(self, src, caption, href=None):
         # lazy: a layer of 512 channels shows 7,000 images

@@ -216,6 +216,8 @@ def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_pat
     assert all(f'href="layer-{atlas.safe(layer)}.html"' in index for layer in layers)
     assert all((tmp_path / f"layer-{atlas.safe(layer)}.html").exists() for layer in layers)
     assert "<h2>Classes</h2><p>not built yet</p>" in index and "Test accuracy" not in index
+    page = (tmp_path / f"layer-{atlas.safe(layers[0])}.html").read_text()  # its bar links to what is built
+    assert f'href="layer-{atlas.safe(layers[1])}.html"' in page and '<span title="not built yet">classes' in page
     monkeypatch.setattr(atlas, "_class_pages", real_classes)
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS, progress=False)
     assert calls == layers  # the finished layers were kept, only the classes ran
@@ -243,6 +245,32 @@ def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_pat
     assert calls == layers * 4
     atlas.build_atlas(retrained, d, vae_retrained, TECHNIQUES, tmp_path, layers, STEPS + 1, progress=False)
     assert calls == layers * 5
+
+
+def test_adding_a_layer_renders_only_it_and_a_layer_left_out_is_removed(tiny, tmp_path, monkeypatch):
+    model, d, vae = tiny
+    first, last = models.block_layers(model, 32)[0], models.block_layers(model, 32)[-1]  # last: the head reads it
+    calls = []
+    real_layer, real_classes = atlas._layer_page, atlas._class_pages
+    monkeypatch.setattr(atlas, "_layer_page", lambda *a: calls.append(a[2]) or real_layer(*a))
+    monkeypatch.setattr(atlas, "_class_pages", lambda *a: calls.append(atlas.CLASSES) or real_classes(*a))
+
+    def build(layers):
+        atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS, progress=False)
+        return (tmp_path / "class-3.html").read_text(), (tmp_path / "index.html").read_text()
+
+    page, _ = build([first])
+    assert calls == [first, atlas.CLASSES] and "#c" not in page
+    page, _ = build([first, last])  # the class pages now list the channels of the new page: built again
+    assert calls == [first, atlas.CLASSES, last, atlas.CLASSES] and f"layer-{atlas.safe(last)}.html#c" in page
+    assert f'href="layer-{atlas.safe(last)}.html"' in (tmp_path / f"layer-{atlas.safe(first)}.html").read_text()
+    page, index = build([last])
+    assert len(calls) == 4 and f"layer-{atlas.safe(last)}.html#c" in page  # nothing rendered
+    gone = [tmp_path / f"layer-{atlas.safe(first)}.html", tmp_path / "img" / atlas.safe(first)]
+    assert not any(p.exists() for p in gone) and first not in index
+    assert first not in (tmp_path / f"layer-{atlas.safe(last)}.html").read_text()  # nor in the bar of links
+    build([last, first])
+    assert calls[4:] == [first]
 
 
 def test_the_key_names_the_device_its_pages_were_rendered_on(tiny, monkeypatch):
@@ -540,6 +568,7 @@ def test_the_atlas_opens_offline_in_a_browser(built, browser, tmp_path):
     assert "layer-" in page.url
     page.click(".nav a >> nth=3")         # layer -> its channel 3
     assert page.url.endswith("#c3") and page.is_visible("#c3")
+    _loaded(page, errors)                 # the images the jump brought into view, before the page is left
     page.goto(home)
     page.click(".strip a >> nth=0")       # index -> a selective channel's card
     _loaded(page, errors)
