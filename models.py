@@ -319,11 +319,16 @@ class VAE(nn.Module):
             ResBlock(w2), nn.SiLU(), nn.ConvTranspose2d(w2, w1, 4, 2, 1),  # (B, w1, 16, 16)
             ResBlock(w1), nn.SiLU(), nn.ConvTranspose2d(w1, sum(self.split), 4, 2, 1),  # (B, ., 32, 32)
         )
-        # statistics of the encoder means over the training set (filled in after training)
-        self.register_buffer("latent_mean", torch.zeros(d))
-        self.register_buffer("latent_cov", torch.eye(d))
-        self.register_buffer("latent_lo", torch.full((d,), -3.0))  # 0.5th percentile per dim
-        self.register_buffer("latent_hi", torch.full((d,), 3.0))   # 99.5th percentile per dim
+        # statistics of the encoder means over the training set (filled in after training), at first the prior's
+        for name, value in self.prior_statistics().items():
+            self.register_buffer(name, value)
+
+    def prior_statistics(self):
+        """The latent statistics of the prior N(0, I): mean, covariance and the range -3 to 3 in each dimension (in
+        place of the 0.5th and 99.5th percentiles), what a VAE holds until its training run completes."""
+        d = self.latent_dim
+        return dict(latent_mean=torch.zeros(d), latent_cov=torch.eye(d), latent_lo=torch.full((d,), -3.0),
+                    latent_hi=torch.full((d,), 3.0))
 
     def encode(self, x):
         """Posterior q(z|x) of images (uint8, or float in [0, 1]): (mean, logvar), each (B, latent_dim). The range is
@@ -414,14 +419,21 @@ class VAE(nn.Module):
                     active_dims=int((cov.diagonal() > 0.01).sum()), mean_abs_corr=corr[off].abs().mean().item())
 
     def sample_aggregate(self, n, generator=None):
-        """Mean images of n draws of z from the Gaussian fitted to the encoder means (aggregate posterior)."""
+        """Mean images of n draws of z from the Gaussian fitted to the encoder means (where real images' codes lie:
+        the aggregate posterior without each posterior's own spread)."""
         check_count("n", n, 1)
         eps = _randn((n, self.latent_dim), generator, self.latent_mean)
         return self.decode(self.latent_mean + eps @ self.latent_cholesky().T)
 
     def elbo(self, x, kl_weight=1.0, free_bits=0.0, generator=None):
-        """Loss terms per image, in nats summed over pixels (and in bits/dim for the negative ELBO), of images as
-        encode takes them (unchecked: the training step's)."""
+        """Loss terms per image, in nats summed over pixels (and in bits/dim for the negative ELBO), of images x
+        (B, C, H, W), uint8 or float in [0, 1] (checked: images in [-1, 1] or 0-255 would give a number of
+        nothing). The bits/dim are a one-sample estimate of the negative ELBO (one z drawn per image)."""
+        return self.loss_terms(to_float(check_input(self, x, "x")), kl_weight, free_bits, generator)
+
+    def loss_terms(self, x, kl_weight=1.0, free_bits=0.0, generator=None):
+        """elbo's terms of images as encode takes them, unchecked: the training step's, which cannot afford to
+        read its batch's range (a GPU would wait for it each step)."""
         x = _unit(x.to(self.latent_mean.device))  # images on another device (the CPU) too
         mu, logvar = self.encode(x)
         eps = _randn(mu.shape, generator, mu)

@@ -768,7 +768,7 @@ def evaluate_vae(vae, images, batch_size=500, seed=0):
     sums = dict(bpd=0.0, nll=0.0, kl=0.0)
     with frozen(vae) as layout:
         for x in images.split(batch_size):
-            out = vae.elbo(layout(to_float(x.to(device))), generator=gen)
+            out = vae.loss_terms(layout(to_float(x.to(device))), generator=gen)  # checked above
             for k in sums:
                 sums[k] += out[k].sum().item()
     return {k: v / len(images) for k, v in sums.items()}
@@ -809,6 +809,8 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     hyp, extra = hyperparameters(VAE_HYP, hyp), _extra(extra, "val_bpd")
     check_input(vae, data.train_x[:1], "data.train_x")  # before anything of the model is changed
     _check_covariance_images(len(data.train_x), "data.train_x")  # before training, not after it
+    for name, value in vae.prior_statistics().items():  # a model trained before: not its old statistics if stopped
+        getattr(vae, name).copy_(value)
     seed_everything(seed)
     device = get_device(device)
     vae.to(device)
@@ -832,7 +834,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
 
     def train_step(step, x, y):
         with autocast:  # the convolutions (bf16_training); the likelihood and KL in float32 (VAE.encode, decode_params)
-            out = vae.elbo(x, kl_weight(step), hyp["free_bits"], generator=gen)
+            out = vae.loss_terms(x, kl_weight(step), hyp["free_bits"], generator=gen)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), hyp["grad_clip"])

@@ -106,7 +106,7 @@ def throughput(args):
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
         def step(xb, yb):
-            loss = model.elbo(xb)["loss"] if is_vae else F.cross_entropy(model(xb), yb)
+            loss = model.loss_terms(xb)["loss"] if is_vae else F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

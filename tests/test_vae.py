@@ -127,14 +127,14 @@ def test_free_bits_floor_the_trained_kl():
 
 
 def test_no_kl_warm_up_weighs_the_full_kl_from_the_first_step(tiny, tmp_path, monkeypatch):
-    weights, real = [], models.VAE.elbo
+    weights, real = [], models.VAE.loss_terms
 
     def recording(self, x, kl_weight=1.0, *args, **kwargs):
         if self.training:
             weights.append(kl_weight)
         return real(self, x, kl_weight, *args, **kwargs)
 
-    monkeypatch.setattr(models.VAE, "elbo", recording)
+    monkeypatch.setattr(models.VAE, "loss_terms", recording)
     hyp = dict(epochs=1, batch_size=200, kl_warmup_epochs=0)
     training.train_vae(tiny, tmp_path / "v.pt", preset="small", hyp=hyp, progress=False)
     assert len(weights) > 1 and set(weights) == {1.0}  # the first step weighed 0 before
@@ -144,7 +144,7 @@ def test_fit_vae_autocasts_its_convolutions_to_bfloat16_only_where_the_device_ha
     """Where `bf16_training` says so, training steps run the VAE's convolutions in bfloat16 and its likelihood
     and KL in float32 (in bfloat16 the difference of two CDFs a level apart would lose most of its digits);
     validation is float32 either way; the checkpoint records the precision; both learn."""
-    real_nll, real_elbo = models.mixture_logistic_nll, models.VAE.elbo
+    real_nll, real_elbo = models.mixture_logistic_nll, models.VAE.loss_terms
     for bf16 in (False, True):
         monkeypatch.setattr(training, "bf16_training", lambda device: bf16)
         seen, likelihood, kl = set(), set(), set()
@@ -154,7 +154,7 @@ def test_fit_vae_autocasts_its_convolutions_to_bfloat16_only_where_the_device_ha
             kl.add(out["kl"].dtype)
             return out
 
-        monkeypatch.setattr(models.VAE, "elbo", elbo)
+        monkeypatch.setattr(models.VAE, "loss_terms", elbo)
         monkeypatch.setattr(models, "mixture_logistic_nll",
                             lambda *args: likelihood.add(tuple(a.dtype for a in args)) or real_nll(*args))
         vae = small_vae()
@@ -210,7 +210,7 @@ def test_training_stores_statistics_and_round_trips(tiny, tmp_path, monkeypatch)
 
 
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
-    real = models.VAE.elbo
+    real = models.VAE.loss_terms
     calls = []
 
     def poisoned(self, *args, **kwargs):
@@ -220,11 +220,15 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tiny, tmp_path, m
             if len(calls) == 12:  # second epoch (9 steps per epoch)
                 out["loss"] = out["loss"] * float("nan")
         return out
-    monkeypatch.setattr(models.VAE, "elbo", poisoned)
+    monkeypatch.setattr(models.VAE, "loss_terms", poisoned)
+    vae = small_vae()
+    for name, value in vae.prior_statistics().items():  # as if measured by an earlier run
+        getattr(vae, name).copy_(value + 1)
     with pytest.raises(FloatingPointError, match=r"loss became nan in epoch 2.*best epoch so far is in .*vae.partial.pt "
                                                  r"\(training.load_checkpoint\(path, partial=True\) loads it\)"):
-        training.train_vae(tiny, tmp_path / "vae.pt", preset="small", hyp=dict(epochs=3, batch_size=60),
-                           progress=False)
+        training.fit_vae(vae, tiny, dict(epochs=3, batch_size=60), ckpt_path=tmp_path / "vae.pt", progress=False)
+    for name, value in vae.prior_statistics().items():  # not the earlier run's, beside other weights
+        assert torch.equal(getattr(vae, name), value), name
     assert len(calls) == 18  # checked at the epoch's end, not at each step (that would wait for a GPU each step)
     assert not (tmp_path / "vae.pt").exists()  # never at the finished checkpoint's path
     ckpt = torch.load(tmp_path / "vae.partial.pt", weights_only=True)
@@ -275,6 +279,9 @@ def test_the_vae_names_its_image_size_and_takes_images_in_its_dtype():
     vae = small_vae().eval()
     with pytest.raises(ValueError, match=r"the VAE takes 32x32 images.*got \(2, 3, 64, 64\)"):
         vae.elbo(torch.rand(2, 3, 64, 64))  # used to fail inside a matmul
+    for wrong in (torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 255):  # bits/dim of nothing before
+        with pytest.raises(ValueError, match=r"x .*\[0, 1\]"):
+            vae.elbo(wrong)
     d = data.load_data("synthetic-hard", n_train=60, n_test=10, size=28)
     with pytest.raises(ValueError, match=r"the VAE takes 32x32 images"):
         training.train_vae(d, "unused.pt", preset="small", hyp=dict(epochs=1, batch_size=20), progress=False)
