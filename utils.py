@@ -7,6 +7,7 @@ Images are tensors (or arrays) of shape (N, C, H, W), C = 1 or 3, floats in [0, 
 import csv
 import functools
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -66,13 +67,25 @@ def _grid(n, ncols, size=1.4, extra_height=0.0):
 
 
 def _name(label, classes):
-    """Class name of an int label (or the label itself as text)."""
-    if isinstance(label, str):
-        return label
-    label = int(label)
-    if classes is not None and not 0 <= label < len(classes):
-        raise ValueError(f"label {label} is not a class index in 0..{len(classes) - 1} ({len(classes)} classes)")
-    return classes[label] if classes is not None else str(label)
+    """Class name of an int label (or the label itself as text), broken into lines of at most 14 characters
+    so that a long one ('American Staffordshire terrier') does not run into its neighbours' titles."""
+    if not isinstance(label, str):
+        label = int(label)
+        if classes is not None and not 0 <= label < len(classes):
+            raise ValueError(f"label {label} is not a class index in 0..{len(classes) - 1} ({len(classes)} classes)")
+        label = classes[label] if classes is not None else str(label)
+    return textwrap.fill(label, 14)
+
+
+MOST_COLUMNS = 32  # images side by side in one row: 33 would make a figure over 50 inches wide
+
+
+def _check_columns(name, n):
+    """An error for a row of more than MOST_COLUMNS images, which no screen shows (and past 400 matplotlib
+    cannot draw), naming the argument."""
+    if n > MOST_COLUMNS:
+        raise ValueError(f"{name} has {n} images side by side; at most {MOST_COLUMNS} fit a row: pass the first "
+                         f"{MOST_COLUMNS}, or plot them in parts")
 
 
 def _finish(fig, save):
@@ -123,6 +136,8 @@ def show_images(images, labels=None, classes=None, ncols=10, title=None, save=No
         gray = (" (a (3, H, W) tensor is one colour image: pass 3 gray ones as images[:, None])"
                 if len(x) == 1 and len(labels) == 3 else "")
         raise ValueError(f"labels must give one label per image: {len(x)} images, {len(labels)} labels{gray}")
+    if labels is not None and not all(isinstance(label, str) for label in labels):  # else names, as given
+        labels = check_labels(labels, len(x))  # integers, one per image (_name names one out of range)
     fig, axes = _grid(len(x), ncols, extra_height=0.2 if labels is not None else 0)
     for i, ax in enumerate(axes.flat[: len(x)]):
         _imshow(ax, x[i])
@@ -169,9 +184,10 @@ def plot_curves(rows, metrics=("loss", "acc"), save=None):
 
 
 @_no_figure_on_error
-def plot_confusion(cm, classes, normalize=True, save=None):
+def plot_confusion(cm, classes=None, normalize=True, save=None):
     """Confusion matrix (rows true, cols predicted); colour is the row fraction if normalize, text the counts
-    (up to 30 classes), the class names on the axes (every n-th past 100 classes)."""
+    (up to 30 classes), the class names (default: the indices) on the axes (every n-th past 100 classes)."""
+    classes = [str(i) for i in range(len(cm))] if classes is None else classes
     counts = np.asarray(check_confusion(cm, classes).detach().cpu(), dtype=np.float64)  # (K, K)
     shown = counts / np.maximum(counts.sum(1, keepdims=True), 1) if normalize else counts
     k = len(classes)
@@ -194,10 +210,12 @@ def plot_confusion(cm, classes, normalize=True, save=None):
 
 
 @_no_figure_on_error
-def plot_misclassified(images, true, pred, classes, n=16, save=None):
-    """The first n images whose prediction is wrong, titled 'True: cat / Pred: dog'. true and pred: one class
-    index per image (pred: the predicted classes, logits.argmax(1), not the logits)."""
-    true, pred = (check_labels(y, len(images), len(classes), name) for y, name in ((true, "true"), (pred, "pred")))
+def plot_misclassified(images, true, pred, classes=None, n=16, save=None):
+    """The first n images whose prediction is wrong, titled 'True: cat / Pred: dog' (by index where classes
+    is None). true and pred: one class index per image (pred: the predicted classes, logits.argmax(1), not the
+    logits)."""
+    k = None if classes is None else len(classes)
+    true, pred = (check_labels(y, len(images), k, name) for y, name in ((true, "true"), (pred, "pred")))
     wrong = (true != pred).nonzero().flatten()[:n]
     if len(wrong) == 0:
         fig, ax = plt.subplots(figsize=(3, 1))
@@ -232,6 +250,7 @@ def plot_filters(weight, save=None):
 def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_active=True):
     """One row per layer of (C, H, W) maps of one image: the most active (or first) max_channels channels."""
     check_count("max_channels", max_channels, 1)
+    _check_columns("max_channels", max_channels)
     if not feature_maps:
         raise ValueError("feature_maps must name at least one layer: {layer name: its (C, H, W) map}, as "
                          "models.capture returns")
@@ -272,6 +291,7 @@ def plot_heatmaps(images, maps, titles=None, row_labels=None, signed=None, save=
     True or False for every method, or the names of the signed ones; default those whose maps have a negative
     value."""
     x = _numpy_images(images)
+    _check_columns("images", len(x))
     if isinstance(maps, (list, tuple)):
         raise ValueError("maps must be one method's maps (B, h, w) or {method name: maps}; got a "
                          f"{type(maps).__name__} of {len(maps)}: name them in a dict")
@@ -392,6 +412,7 @@ def plot_unit(image, exemplars, values=None, title=None, mark=None, save=None):
     (y, x) in pixels, where the unit looks (a neuron's, featureviz.looks_at), ringed on every image, the
     visualization's too (rendered at the exemplars' size, as visualize_unit does by default)."""
     ex = _numpy_images(exemplars, "exemplars")
+    _check_columns("exemplars", len(ex) + 1)  # and the visualization
     fig, axes = plt.subplots(1, len(ex) + 1, figsize=(1.5 * (len(ex) + 1), 2.0), squeeze=False)
     _imshow(axes[0, 0], _numpy_images(image, "image")[0])
     axes[0, 0].set_title("visualization", fontsize=9)

@@ -92,6 +92,26 @@ def test_plot_confusion_labels_and_counts():
     np.testing.assert_allclose(fig.axes[0].images[0].get_array(), cm.numpy())
 
 
+def test_without_class_names_the_indices_name_the_classes_and_long_names_break():
+    cm = torch.tensor([[5, 1], [2, 7]])
+    ax = utils.plot_confusion(cm).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1"]
+    fig = utils.plot_misclassified(images(2), torch.tensor([3, 1]), torch.tensor([5, 1]))
+    assert titles(fig) == ["True: 3\nPred: 5"]
+    fig = utils.show_images(images(2), labels=[0, 1], classes=["American Staffordshire terrier", "cat"])
+    assert titles(fig) == ["American\nStaffordshire\nterrier", "cat"]  # no line over 14 characters
+
+
+def test_a_row_of_more_images_than_fit_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"^exemplars has 41 images side by side; at most 32 fit a row"):
+        utils.plot_unit(images(1)[0], images(40))
+    with pytest.raises(ValueError, match=r"^images has 33 images side by side"):
+        utils.plot_heatmaps(images(33), torch.rand(33, 8, 8))
+    with pytest.raises(ValueError, match=r"^max_channels has 64 images side by side"):
+        utils.plot_feature_maps({"block1": torch.rand(64, 8, 8)}, max_channels=64)
+    assert len(image_axes(utils.plot_unit(images(1)[0], images(31)))) == 32  # a full row is drawn
+
+
 def test_plot_misclassified_titles():
     true, pred = torch.tensor([3, 1, 5, 2, 0]), torch.tensor([5, 1, 3, 2, 8])
     fig = utils.plot_misclassified(images(5), true, pred, CLASSES, n=2)
@@ -364,6 +384,9 @@ def test_wrong_images_labels_metrics_and_class_names_are_named():
         utils.plot_unit(images(1)[0] * 255, images())
     with pytest.raises(ValueError, match=r"^rows\['fourier'\] must be \(N, C, H, W\)"):
         utils.comparison_grid({"pixel": images(2), "fourier": torch.rand(2, 8, 8, 3)})
+    for labels in ([0.7], torch.randn(1, 10)):  # 0.7 was shown as class 0; the logits failed deep in torch
+        with pytest.raises(ValueError, match=r"labels must be \(1,\) integer class indices"):
+            utils.show_images(images(1), labels=labels, classes=CLASSES)
     for label in (10, -1):  # -1 would show the last class
         with pytest.raises(ValueError, match=rf"label {label} is not a class index in 0\.\.9"):
             utils.show_images(images(1), labels=[label], classes=CLASSES)
