@@ -499,10 +499,11 @@ class Site:
 
 # ----------------------------------------------------------------------------- command line
 
-def command(dataset, preset, vae_preset, data_dir="data", steps=256, out=ATLAS_DIR, seed=0, checkpoints="checkpoints"):
+def command(dataset, preset, vae_preset, data_dir="data", steps=256, out=ATLAS_DIR, seed=0, checkpoints="checkpoints",
+            techniques=ATLAS_TECHNIQUES):
     """The command line that builds the atlas from the notebooks' checkpoints, each value quoted for the shell."""
     options = dict(dataset=dataset, preset=preset, vae_preset=vae_preset, data_dir=data_dir, steps=steps, out=out,
-                   seed=seed, checkpoints=checkpoints)
+                   seed=seed, checkpoints=checkpoints, techniques=",".join(techniques))
     return "python atlas.py " + " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in options.items())
 
 

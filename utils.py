@@ -148,8 +148,8 @@ def show_images(images, labels=None, classes=None, ncols=10, title=None, save=No
     return _finish(fig, save)
 
 
-TITLES = dict(loss="loss", acc="accuracy", bpd="negative ELBO (bits/dim)", nll="reconstruction NLL (nats)",
-              kl="KL (nats)")
+TITLES = dict(loss="loss", acc="accuracy", bpd="negative ELBO (bits/dim)", nll="reconstruction NLL (nats per image)",
+              kl="KL (nats per image)")
 
 
 @_no_figure_on_error
@@ -361,7 +361,8 @@ def _heatmap(name, maps, x, signed):
 
 @_no_figure_on_error
 def comparison_grid(rows, col_labels=None, max_cols=16, save=None):
-    """A grid of images: one row per entry of `rows` (label -> (N, C, H, W)), labels left and on top. Past
+    """A grid of images: one row per entry of `rows` (label -> (N, C, H, W)), labels left and on top (broken into
+    lines of 20 and 14 characters, as many as fit a row's height and a column's width). Past
     max_cols columns (100 classes, say) the grid wraps: the rows again for each further max_cols columns (a
     row with fewer images is left blank there)."""
     check_count("max_cols", max_cols, 1)
@@ -381,9 +382,9 @@ def comparison_grid(rows, col_labels=None, max_cols=16, save=None):
                     _imshow(ax, x[j])
                 else:
                     ax.set_visible(False)
-            row[0].set_ylabel(label, fontsize=9)
+            row[0].set_ylabel(textwrap.fill(label, 20), fontsize=9)  # lines a row high (1.5 inches)
         for column, label in zip(block.T, labels[first:first + width]):  # on its first image, whichever row has it
-            next(ax for ax in column if ax.get_visible()).set_title(label, fontsize=9)
+            next(ax for ax in column if ax.get_visible()).set_title(textwrap.fill(str(label), 14), fontsize=9)
     return _finish(fig, save)
 
 

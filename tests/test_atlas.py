@@ -385,11 +385,11 @@ def test_classes_without_test_images_and_three_classes_read_right(tmp_path):
 
 def test_the_printed_command_builds_the_atlas_the_notebook_would():
     line = atlas.command("cifar10-jpeg", "compact", "default", "/tmp/my data", 24, Path("outputs/smoke/atlas"), 3,
-                         Path("checkpoints/smoke"))
+                         Path("checkpoints/smoke"), ["maco"])
     args = atlas.arguments("atlas", shlex.split(line)[2:])  # as the shell splits it
     assert (args.dataset, args.preset, args.vae_preset, args.data_dir, args.steps, args.out, args.seed,
-            args.checkpoints) == ("cifar10-jpeg", "compact", "default", "/tmp/my data", 24, "outputs/smoke/atlas", 3,
-                                  "checkpoints/smoke")  # SEED: the split
+            args.checkpoints, args.techniques) == ("cifar10-jpeg", "compact", "default", "/tmp/my data", 24,
+                                                   "outputs/smoke/atlas", 3, "checkpoints/smoke", ["maco"])  # SEED: the split
 
 
 def test_the_command_line_defaults_to_the_notebooks_settings_and_names_bad_flags(monkeypatch, capsys):

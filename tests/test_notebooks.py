@@ -5,6 +5,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
@@ -88,8 +89,8 @@ try:
 finally:
     ATLAS = was
 args = atlas.arguments("atlas", shlex.split(printed.getvalue().split("\\n")[1].strip())[2:])
-assert (args.preset, args.vae_preset, args.steps, args.seed, args.checkpoints) == (
-    PRESET, VAE_PRESET, STEPS, SEED, str(CKPT_DIR)), (printed.getvalue(), args)
+assert (args.preset, args.vae_preset, args.steps, args.seed, args.checkpoints, args.techniques) == (
+    PRESET, VAE_PRESET, STEPS, SEED, str(CKPT_DIR), ATLAS_TECHNIQUES), (printed.getvalue(), args)
 # and from them the atlas reads the very checkpoints the notebooks wrote (their file names, one place each)
 import torch
 loaded = atlas.notebook_models(args.dataset, args.data_dir, args.preset, args.vae_preset, ["whitened"], args.seed,
@@ -148,3 +149,46 @@ def test_notebooks_run_in_smoke_mode(monkeypatch):
     assert all((smoke / f"{kind}_synthetic{preset}.pt").stat().st_mtime >= start for kind, preset in (
         ("classifier", "_small"), ("vae", "_small"), ("independent", "")))  # written by this run (RETRAIN=1)
     assert {p: p.stat().st_mtime_ns for p in (ROOT / "checkpoints").glob("*.pt")} == full_runs
+
+
+# Appended to Visualization's run on 64 px images: no VAE (its architecture is for 32 px), so no latent technique.
+WITHOUT_A_VAE = """
+assert d.size == 64 and vae is None and list(TECHNIQUES) == ["pixel", "pixel+reg", "fourier", "maco"], list(TECHNIQUES)
+assert ATLAS_TECHNIQUES == ["maco"]
+"""
+
+
+def _shapes_folder(root, size=64, train=40, test=12):
+    """An image folder of four classes of coloured shapes on noise, size x size PNGs."""
+    from PIL import Image
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for split, n in (("train", train), ("test", test)):
+        for k, name in enumerate(["disc", "bar", "ring", "checker"]):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = torch.rand(size, size, 3, generator=gen) * 80
+                cy, cx = torch.randint(size // 4, 3 * size // 4, (2,), generator=gen)
+                r = ((yy - cy) ** 2 + (xx - cx) ** 2).float().sqrt()
+                shape = [r < 12, (xx - cx).abs() < 5, (r > 9) & (r < 14), (yy // 8 + xx // 8) % 2 == 0][k]
+                img[shape] += torch.tensor([[140.0, 0, 0], [0, 140, 0], [0, 0, 140], [120, 120, 120]][k])
+                Image.fromarray(img.clamp(0, 255).byte().numpy()).save(folder / f"{i}.png")
+
+
+def test_the_classifier_and_visualization_notebooks_run_on_64_px_images_without_a_vae(tmp_path, monkeypatch):
+    """An image folder of another size than the VAE's: the classifier trains, the visualizations render with the
+    techniques that need no VAE, and the atlas command names those."""
+    _shapes_folder(tmp_path / "shapes64")
+    for key, value in dict(SMOKE="1", DATASET=str(tmp_path / "shapes64"), RETRAIN="1", MPLBACKEND="Agg",
+                           ATLAS="0").items():
+        monkeypatch.setenv(key, value)
+    for name, check in (("Classifier.ipynb", ""), ("Visualization.ipynb", WITHOUT_A_VAE)):
+        nb = nbformat.read(ROOT / name, as_version=4)
+        nb.cells.append(nbformat.v4.new_code_cell(check))
+        try:
+            NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+        except CellExecutionError as e:
+            pytest.fail(f"{name} failed on 64 px images:\n{e}")
+    printed = "".join(o.get("text", "") for o in nb.cells[-2].outputs)  # the atlas cell's command
+    assert printed.endswith("--techniques maco\n"), printed

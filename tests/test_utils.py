@@ -241,6 +241,9 @@ def test_comparison_grid_labels():
     assert [axes[0, 0].get_title(), axes[1, 1].get_title(), axes[1, 2].get_title()] == CLASSES[:3]  # none lost
     with pytest.raises(ValueError, match=r"col_labels must have at most one label per column \(3\); got 4"):
         utils.comparison_grid({"three": images(3)}, col_labels=CLASSES[:4])
+    fig = utils.comparison_grid({"airplane, diversity weight 1.5": images(1)}, col_labels=["American Staffordshire"])
+    assert fig.axes[0].get_ylabel() == "airplane, diversity\nweight 1.5"  # ran into the next row's label
+    assert fig.axes[0].get_title() == "American\nStaffordshire"
 
 
 def test_comparison_grid_wraps_past_max_cols():
