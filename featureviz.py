@@ -383,8 +383,9 @@ class LatentParam(nn.Module):
 
 
 class WhitenedLatentParam(nn.Module):
-    """z = latent_mean + L u, with L L^T = latent_cov: steps in u are whitened for the data's latents. u and the
-    statistics are float32, as in LatentParam."""
+    """z = latent_mean + L u, with L L^T = latent_cov: steps in u are whitened for the data's latents; u projected
+    back so that z stays in [latent_lo, latent_hi] after every step. u and the statistics are float32, as in
+    LatentParam."""
 
     def __init__(self, n, channels, size, vae=None, sd=1.0, jitter=1e-4, generator=None, init=None):
         super().__init__()
@@ -412,6 +413,14 @@ class WhitenedLatentParam(nn.Module):
     def penalty(self):
         """(N,) ||u||^2 / D: the squared Mahalanobis distance of z from the data's latents."""
         return self.u.pow(2).mean(1)
+
+    @torch.no_grad()
+    def project(self):
+        """u moved to the z it decodes, z clipped into [lo, hi] (after every step, as LatentParam's): a
+        coordinate past a bound, where its gradient is 0, would otherwise drift on unchecked, to be walked back
+        before it could move again, and the penalty would measure a z never drawn."""
+        clipped = torch.maximum(torch.minimum(self.latent(), self.hi), self.lo)
+        self.u.copy_(torch.linalg.solve_triangular(self.chol, (clipped - self.mean).T, upper=False).T)
 
 
 PARAMS = dict(pixel=PixelParam, fourier=FourierParam, maco=MaCoParam, latent=LatentParam,

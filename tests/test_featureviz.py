@@ -437,6 +437,16 @@ def test_render_projects_the_latent_back_into_range_after_every_step():
     assert ((z == p.lo) | (z == p.hi)).any()  # pushed out, and back onto a bound
 
 
+def test_render_projects_the_whitened_latent_back_into_range_after_every_step():
+    vae = vae_with_stats()
+    p = fv.WhitenedLatentParam(2, 3, 32, vae, generator=torch.Generator().manual_seed(0))
+    fv.render(cnn(), [3, 5], param=p, steps=5, lr=5.0, transforms=None, progress=False)  # steps far past the range
+    z, tol = p.latent().detach(), 1e-4 * (p.hi - p.lo)
+    assert ((z >= p.lo - tol) & (z <= p.hi + tol)).all()  # u drifted on past the bounds before
+    assert (((z - p.lo).abs() < tol) | ((z - p.hi).abs() < tol)).any()  # pushed out, and back onto a bound
+    torch.testing.assert_close(p.penalty(), p.u.detach().pow(2).mean(1))
+
+
 def test_the_lr_and_its_schedule_set_each_steps_size():
     model, kw = cnn(), dict(param="pixel", transforms=None, seed=1, progress=False)
     two = fv.render(model, [3], steps=2, lr=0.05, **kw).images
