@@ -936,9 +936,9 @@ def probing(model, probe):
     except RuntimeError as e:
         c, h, w = probe.shape[1:]
         raise ValueError(f"{type(model).__name__} fails on a {c}-channel {h}x{w} image (the images' side where images "
-                         f"are given, else size= or the model's image_size): is {h} the side it takes, and {c} its "
-                         f"channels (models.input_channels: what it records, else its first registered nn.Conv2d's; "
-                         f"set model.image_channels to say)? ({e})") from e
+                         f"are given, else size= or the model's image_size): {e}. If {h} is not the side it takes, "
+                         f"give size=; if {c} are not its channels (models.input_channels: what it records, else "
+                         f"its first registered nn.Conv2d's), set model.image_channels") from e
 
 
 def layer_channels(model, name, size=None):

@@ -2,7 +2,8 @@
 
 Images are tensors (or arrays) of shape (N, C, H, W), C = 1 or 3, floats in [0, 1] or uint8 in 0..255;
 1-channel images are shown in gray. Every function returns the Figure; `save=path` also writes it
-(atomically). No backend is forced here, so notebooks keep their inline backend.
+(atomically). No backend is forced here, so notebooks keep their inline backend. The figure stays open, as
+the notebook shows it at the cell's end: a script that draws many closes each (`plt.close(fig)`).
 """
 import csv
 import functools

@@ -950,7 +950,7 @@ class _StemLast(nn.Module):
 
 def test_a_model_whose_first_registered_conv_is_not_its_stem_gets_an_error_naming_channels():
     model = _StemLast().eval()  # input_channels reads 16 from `head`, registered first
-    with pytest.raises(ValueError, match="16 its channels"):
+    with pytest.raises(ValueError, match="if 16 are not its channels"):
         fv.render(model, [0], steps=1, size=16, progress=False)
     model.image_channels = 3  # what the error points to
     assert fv.render(model, [0], steps=1, size=16, progress=False).images.shape == (1, 3, 16, 16)
