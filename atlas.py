@@ -83,7 +83,7 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
             how(model, [fv.Channel(layers[0], 0), fv.Class(len(d.classes) - 1)], steps=1, size=d.size, progress=False)
     site = Site(out, d, techniques)
     last_layer = models.last_spatial_layer(model, d.size)  # the layer whose channels the class pages may list
-    done = _reused(_resume(out, saved, key, one_step), layers, last_layer)
+    done = _reused(site, _resume(out, saved, key, one_step), layers, last_layer)
     _save_manifest(out, key, done)  # before any other file: a build interrupted at once resumes too
     site.remove_other_layers(layers)
     site.write("atlas.css", CSS)
@@ -103,22 +103,21 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     return out / "index.html"
 
 
-def _reused(done, layers, last_layer):
+def _reused(site, done, layers, last_layer):
     """The finished units (done) that this build keeps: the layers asked for, and the class pages if their
-    list of contributing channels would link as before (to the page of the last layer, or to none)."""
-    keep = {unit: summary for unit, summary in done.items() if unit in layers}
-    if CLASSES in done and done[CLASSES]["lists_channels"] == (last_layer in layers):
-        keep[CLASSES] = done[CLASSES]
-    return keep
+    list of contributing channels would link as before (to the page of the last layer, or to none); each only
+    while its pages are there (one deleted by hand is built again)."""
+    keep = {unit: summary for unit, summary in done.items() if unit in layers or (
+        unit == CLASSES and summary["lists_channels"] == (last_layer in layers))}
+    return {unit: summary for unit, summary in keep.items() if all((site.out / page).is_file()
+                                                                   for page in site.pages(unit))}
 
 
 def _link(site, layers, done):
     """Writes the index of the finished units, and the bar of links atop each of their pages anew (to the index,
     to every layer, to the classes), so that a page built before links to the layers built after it."""
     site.write("index.html", _index(site, layers, done))
-    pages = {site.layer_file(layer): layer for layer in layers if layer in done}
-    if CLASSES in done:
-        pages.update({f"class-{c}.html": None for c in range(len(site.d.classes))})
+    pages = {page: None if unit == CLASSES else unit for unit in done for page in site.pages(unit)}
     for name, here in pages.items():
         text = (site.out / name).read_text(encoding="utf-8")
         linked = NAV.sub(lambda _: site.nav(layers, done, here), text, count=1)
@@ -398,6 +397,10 @@ class Site:
 
     def layer_file(self, layer):
         return f"layer-{safe(layer)}.html"
+
+    def pages(self, unit):
+        """The file names of a unit's pages: a layer's one, one per class for the class pages."""
+        return [f"class-{c}.html" for c in range(len(self.d.classes))] if unit == CLASSES else [self.layer_file(unit)]
 
     def remove_other_layers(self, layers):
         """Removes the pages and images of every layer but these (of an earlier build), so that the folder holds

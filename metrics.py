@@ -341,9 +341,11 @@ def path_percentiles(a_vis, a_top, a_random):
 def least_similar(lowest):
     """The block that is most often an image's least similar, from lowest (N, L): True where a block is one of
     an image's least similar; an image with several gives each its share, so that a tie (percentiles move in
-    steps, and a bad image is often at 0 at several blocks) does not go to the first block."""
+    steps, and a bad image is often at 0 at several blocks) does not go to the first block. None where no
+    block is any image's (none has a direction to compare along)."""
     lowest = lowest.float()
-    return (lowest / lowest.sum(1, keepdim=True).clamp_min(1)).sum(0).argmax().item()
+    shares = (lowest / lowest.sum(1, keepdim=True).clamp_min(1)).sum(0)
+    return shares.argmax().item() if shares.any() else None
 
 
 def two_choice(f_refs, f_top, f_bottom):
@@ -458,7 +460,8 @@ class Reference:
         p = torch.cat([path_percentiles([x[units == u] for x in a], [x[self.top[u, PATH]] for x in self.a_test],
                                         [x[self.random] for x in self.a_test]) for u in units.unique().tolist()])
         low = p.nan_to_num(math.inf).min(1, keepdim=True).values  # a block without a direction flags nothing
-        return (low < PATH_THRESHOLD).float().mean().item(), self.layers[least_similar(p == low)]
+        block = least_similar(p == low)
+        return (low < PATH_THRESHOLD).float().mean().item(), None if block is None else self.layers[block]
 
 
 def _pick(d, targets, seed, avoid, shift=0):
@@ -612,4 +615,4 @@ def _cell(row, key):
     value, sd = row.get(key, float("nan")), row.get(key + "_sd", float("nan"))
     if isinstance(value, str):
         return value
-    return "-" if value != value else f"{value:.2f}" + ("" if sd != sd else f" ± {sd:.2f}")
+    return "-" if value is None or value != value else f"{value:.2f}" + ("" if sd != sd else f" ± {sd:.2f}")

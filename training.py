@@ -809,10 +809,10 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     hyp, extra = hyperparameters(VAE_HYP, hyp), _extra(extra, "val_bpd")
     check_input(vae, data.train_x[:1], "data.train_x")  # before anything of the model is changed
     _check_covariance_images(len(data.train_x), "data.train_x")  # before training, not after it
+    device = get_device(device)  # a bad one named before the model is changed
     for name, value in vae.prior_statistics().items():  # a model trained before: not its old statistics if stopped
         getattr(vae, name).copy_(value)
     seed_everything(seed)
-    device = get_device(device)
     vae.to(device)
     loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=hyp["flip"],
                     translate=0, drop_last=len(data.train_y) >= hyp["batch_size"], device=device,

@@ -75,18 +75,24 @@ def _name(label, classes):
         if classes is not None and not 0 <= label < len(classes):
             raise ValueError(f"label {label} is not a class index in 0..{len(classes) - 1} ({len(classes)} classes)")
         label = classes[label] if classes is not None else str(label)
-    return textwrap.fill(label, 14)
+    return _wrap(label, 14)
+
+
+def _wrap(label, width):
+    """A label as text in lines of at most `width` characters, the lines it has kept."""
+    return "\n".join(textwrap.fill(line, width) for line in str(label).splitlines())
 
 
 MOST_COLUMNS = 32  # images side by side in one row: 33 would make a figure over 50 inches wide
 
 
-def _check_columns(name, n):
-    """An error for a row of more than MOST_COLUMNS images, which no screen shows (and past 400 matplotlib
-    cannot draw), naming the argument."""
-    if n > MOST_COLUMNS:
-        raise ValueError(f"{name} has {n} images side by side; at most {MOST_COLUMNS} fit a row: pass the first "
-                         f"{MOST_COLUMNS}, or plot them in parts")
+def _check_columns(name, n, beside=0):
+    """An error, naming the argument, for a row of n images and `beside` others (the visualization beside its
+    exemplars) wider than MOST_COLUMNS, which no screen shows (and past 400 matplotlib cannot draw)."""
+    most = MOST_COLUMNS - beside
+    if n > most:
+        raise ValueError(f"{name} has {n} images side by side; at most {most} fit a row{' beside the rest' * bool(beside)}: "
+                         f"pass the first {most}, or plot them in parts")
 
 
 def _finish(fig, save):
@@ -137,7 +143,10 @@ def show_images(images, labels=None, classes=None, ncols=10, title=None, save=No
         gray = (" (a (3, H, W) tensor is one colour image: pass 3 gray ones as images[:, None])"
                 if len(x) == 1 and len(labels) == 3 else "")
         raise ValueError(f"labels must give one label per image: {len(x)} images, {len(labels)} labels{gray}")
-    if labels is not None and not all(isinstance(label, str) for label in labels):  # else names, as given
+    names = labels is not None and [isinstance(label, str) for label in labels]
+    if names and any(names) and not all(names):
+        raise ValueError("labels must be all names or all class indices, not both")
+    if names and not any(names):
         labels = check_labels(labels, len(x))  # integers, one per image (_name names one out of range)
     fig, axes = _grid(len(x), ncols, extra_height=0.2 if labels is not None else 0)
     for i, ax in enumerate(axes.flat[: len(x)]):
@@ -251,7 +260,7 @@ def plot_filters(weight, save=None):
 def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_active=True):
     """One row per layer of (C, H, W) maps of one image: the most active (or first) max_channels channels."""
     check_count("max_channels", max_channels, 1)
-    _check_columns("max_channels", max_channels)
+    _check_columns("max_channels", max_channels, image is not None)
     if not feature_maps:
         raise ValueError("feature_maps must name at least one layer: {layer name: its (C, H, W) map}, as "
                          "models.capture returns")
@@ -383,9 +392,9 @@ def comparison_grid(rows, col_labels=None, max_cols=16, save=None):
                     _imshow(ax, x[j])
                 else:
                     ax.set_visible(False)
-            row[0].set_ylabel(textwrap.fill(label, 20), fontsize=9)  # lines a row high (1.5 inches)
+            row[0].set_ylabel(_wrap(label, 20), fontsize=9)  # lines a row high (1.5 inches)
         for column, label in zip(block.T, labels[first:first + width]):  # on its first image, whichever row has it
-            next(ax for ax in column if ax.get_visible()).set_title(textwrap.fill(str(label), 14), fontsize=9)
+            next(ax for ax in column if ax.get_visible()).set_title(_wrap(label, 14), fontsize=9)
     return _finish(fig, save)
 
 
@@ -414,7 +423,7 @@ def plot_unit(image, exemplars, values=None, title=None, mark=None, save=None):
     (y, x) in pixels, where the unit looks (a neuron's, featureviz.looks_at), ringed on every image, the
     visualization's too (rendered at the exemplars' size, as visualize_unit does by default)."""
     ex = _numpy_images(exemplars, "exemplars")
-    _check_columns("exemplars", len(ex) + 1)  # and the visualization
+    _check_columns("exemplars", len(ex), 1)  # and the visualization
     fig, axes = plt.subplots(1, len(ex) + 1, figsize=(1.5 * (len(ex) + 1), 2.0), squeeze=False)
     _imshow(axes[0, 0], _numpy_images(image, "image")[0])
     axes[0, 0].set_title("visualization", fontsize=9)

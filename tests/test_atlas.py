@@ -271,6 +271,9 @@ def test_adding_a_layer_renders_only_it_and_a_layer_left_out_is_removed(tiny, tm
     assert first not in (tmp_path / f"layer-{atlas.safe(last)}.html").read_text()  # nor in the bar of links
     build([last, first])
     assert calls[4:] == [first]
+    (tmp_path / f"layer-{atlas.safe(first)}.html").unlink()  # deleted by hand: built again, not an error
+    build([last, first])
+    assert calls[5:] == [first]
 
 
 def test_the_key_names_the_device_its_pages_were_rendered_on(tiny, monkeypatch):

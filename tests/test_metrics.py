@@ -165,6 +165,8 @@ def test_a_block_without_a_direction_flags_nothing_and_ties_share_the_least_simi
     lowest = torch.tensor([[False, True, True]] * 3 + [[False, False, True]])
     assert metrics.least_similar(lowest) == 2
     assert metrics.least_similar(torch.tensor([[True, False], [False, True], [True, False]])) == 0
+    assert metrics.least_similar(torch.zeros(3, 2, dtype=torch.bool)) is None  # no block has a direction
+    assert metrics.format_table([dict(technique="t", least_similar=None)]).endswith("| t | - |")
 
 
 def test_diversity_of_many_copies_is_zero():
@@ -529,6 +531,10 @@ def test_the_path_check_flags_an_image_unlike_the_natural_ones_at_a_single_block
         assert torch.equal(a_vis[block], a[block])
         assert torch.equal(a_top[block], reference.a_test[block][reference.top[0, :metrics.R]])
         assert torch.equal(a_random[block], reference.a_test[block][reference.random])
+    p[:, 0] = torch.nan  # a block without a direction flags nothing and hides nothing: the first image still flagged
+    assert reference.path_check(images, torch.tensor([0, 0])) == (0.5, reference.layers[2])
+    p[:] = torch.nan
+    assert reference.path_check(images, torch.tensor([0, 0])) == (0.0, None)
 
 
 def test_two_choice_queries_are_the_units_next_top_images_apart_from_the_others(reference, monkeypatch):

@@ -180,8 +180,8 @@ def test_the_classifier_and_visualization_notebooks_run_on_64_px_images_without_
     """An image folder of another size than the VAE's: the classifier trains, the visualizations render with the
     techniques that need no VAE, and the atlas command names those."""
     _shapes_folder(tmp_path / "shapes64")
-    for key, value in dict(SMOKE="1", DATASET=str(tmp_path / "shapes64"), RETRAIN="1", MPLBACKEND="Agg",
-                           ATLAS="0").items():
+    for key, value in dict(SMOKE="1", DATASET=str(tmp_path / "shapes64"), DATA_DIR=str(tmp_path), RETRAIN="1",
+                           MPLBACKEND="Agg", ATLAS="0").items():  # its decoded images cached in tmp_path
         monkeypatch.setenv(key, value)
     for name, check in (("Classifier.ipynb", ""), ("Visualization.ipynb", WITHOUT_A_VAE)):
         nb = nbformat.read(ROOT / name, as_version=4)

@@ -103,13 +103,17 @@ def test_without_class_names_the_indices_name_the_classes_and_long_names_break()
 
 
 def test_a_row_of_more_images_than_fit_is_refused_by_name():
-    with pytest.raises(ValueError, match=r"^exemplars has 41 images side by side; at most 32 fit a row"):
-        utils.plot_unit(images(1)[0], images(40))
-    with pytest.raises(ValueError, match=r"^images has 33 images side by side"):
+    with pytest.raises(ValueError, match=r"^exemplars has 32 images side by side; at most 31 fit a row beside the "
+                                         r"rest: pass the first 31"):
+        utils.plot_unit(images(1)[0], images(32))
+    with pytest.raises(ValueError, match=r"^images has 33 images side by side; at most 32 fit a row: pass the first 32"):
         utils.plot_heatmaps(images(33), torch.rand(33, 8, 8))
     with pytest.raises(ValueError, match=r"^max_channels has 64 images side by side"):
         utils.plot_feature_maps({"block1": torch.rand(64, 8, 8)}, max_channels=64)
+    with pytest.raises(ValueError, match=r"^max_channels has 32 images side by side; at most 31"):  # and the input
+        utils.plot_feature_maps({"block1": torch.rand(64, 8, 8)}, max_channels=32, image=images(1)[0])
     assert len(image_axes(utils.plot_unit(images(1)[0], images(31)))) == 32  # a full row is drawn
+    assert len(image_axes(utils.plot_heatmaps(images(32), torch.rand(32, 8, 8)))) == 64
 
 
 def test_plot_misclassified_titles():
@@ -244,6 +248,8 @@ def test_comparison_grid_labels():
     fig = utils.comparison_grid({"airplane, diversity weight 1.5": images(1)}, col_labels=["American Staffordshire"])
     assert fig.axes[0].get_ylabel() == "airplane, diversity\nweight 1.5"  # ran into the next row's label
     assert fig.axes[0].get_title() == "American\nStaffordshire"
+    fig = utils.comparison_grid({"0 cat\n-> 1 ship": images(1), 7: images(1)})  # its own lines kept; not text
+    assert [ax.get_ylabel() for ax in fig.axes] == ["0 cat\n-> 1 ship", "7"]
 
 
 def test_comparison_grid_wraps_past_max_cols():
@@ -387,6 +393,8 @@ def test_wrong_images_labels_metrics_and_class_names_are_named():
         utils.plot_unit(images(1)[0] * 255, images())
     with pytest.raises(ValueError, match=r"^rows\['fourier'\] must be \(N, C, H, W\)"):
         utils.comparison_grid({"pixel": images(2), "fourier": torch.rand(2, 8, 8, 3)})
+    with pytest.raises(ValueError, match=r"labels must be all names or all class indices, not both"):
+        utils.show_images(images(2), labels=["cat", 1], classes=CLASSES)
     for labels in ([0.7], torch.randn(1, 10)):  # 0.7 was shown as class 0; the logits failed deep in torch
         with pytest.raises(ValueError, match=r"labels must be \(1,\) integer class indices"):
             utils.show_images(images(1), labels=labels, classes=CLASSES)
