@@ -45,7 +45,7 @@ CONTRIBUTORS = 8                       # channels listed per class
 VERSION = 1                            # of the pages: a new version never reuses older pages
 CLASSES = "classes"                    # the manifest's entry for the class pages
 MANIFEST = "atlas.json"
-NAV = re.compile(r"<nav>.*?</nav>")    # the bar of links atop a layer's or a class's page
+NAV = re.compile(r"<nav>.*?</nav>", re.S)  # the bar of links atop a layer's or a class's page
 
 
 # ----------------------------------------------------------------------------- the build
@@ -85,9 +85,9 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     last_layer = models.last_spatial_layer(model, d.size)  # the layer whose channels the class pages may list
     done = _reused(site, _resume(out, saved, key, one_step), layers, last_layer)
     _save_manifest(out, key, done)  # before any other file: a build interrupted at once resumes too
-    site.remove_other_layers(layers)
     site.write("atlas.css", CSS)
-    _link(site, layers, done)  # a half-built atlas opens at its finished pages
+    _link(site, layers, done)  # a half-built atlas opens at its finished pages, and links no other
+    site.remove_unfinished(layers, done)
     # the bar counts rendered images, so that its time estimate weighs a wide layer as such
     sizes = {unit: len(d.classes) if unit == CLASSES else models.layer_channels(model, unit, d.size)
              for unit in layers + [CLASSES]}
@@ -402,11 +402,11 @@ class Site:
         """The file names of a unit's pages: a layer's one, one per class for the class pages."""
         return [f"class-{c}.html" for c in range(len(self.d.classes))] if unit == CLASSES else [self.layer_file(unit)]
 
-    def remove_other_layers(self, layers):
-        """Removes the pages and images of every layer but these (of an earlier build), so that the folder holds
-        the atlas of these layers only."""
-        pages = {self.layer_file(layer) for layer in layers}
-        for path in self.out.glob("layer-*.html"):
+    def remove_unfinished(self, layers, done):
+        """Removes the pages of every unit not done (of an earlier build: a layer left out, class pages listing
+        another layer's channels) and the images of every layer but these, so that no page links what is gone."""
+        pages = {page for unit in done for page in self.pages(unit)}
+        for path in [*self.out.glob("layer-*.html"), *self.out.glob("class-*.html")]:
             if path.name not in pages:
                 path.unlink()
         folders = {safe(unit) for unit in layers + [CLASSES]} | {"test"}  # img/test: the test images shown

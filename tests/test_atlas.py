@@ -65,6 +65,19 @@ def parse(path):
     return p
 
 
+def links_resolve(out):
+    """Every link and image of every page of the atlas in `out` is a file of the folder (a card of its page)."""
+    for page in out.glob("*.html"):
+        links = parse(page)
+        for ref in links.hrefs + links.srcs:
+            target = urlparse(ref)
+            assert not target.scheme and not target.netloc, f"{page.name} links outside the folder: {ref}"
+            path = out / (target.path or page.name)  # "#c3": a card on this page
+            assert path.is_file(), f"{page.name} links to a missing {ref}"
+            if target.fragment:
+                assert target.fragment in parse(path).cards, ref
+
+
 def test_every_channel_of_every_block_has_its_card_and_every_link_resolves(tiny, built):
     model, d, _ = tiny
     out, index = built
@@ -75,15 +88,8 @@ def test_every_channel_of_every_block_has_its_card_and_every_link_resolves(tiny,
     for layer in layers:
         cards = parse(out / f"layer-{atlas.safe(layer)}.html").cards
         assert cards == [f"c{c}" for c in range(models.layer_channels(model, layer, 32))]
-    for page in pages:
-        links = parse(page)
-        for ref in links.hrefs + links.srcs:
-            target = urlparse(ref)
-            assert not target.scheme and not target.netloc, f"{page.name} links outside the folder: {ref}"
-            path = out / (target.path or page.name)  # "#c3": a card on this page
-            assert path.is_file(), f"{page.name} links to a missing {ref}"
-            if target.fragment:
-                assert target.fragment in parse(path).cards, ref
+    assert sorted(pages) == sorted(out.glob("*.html"))  # no page of another build
+    links_resolve(out)
     linked = {urlparse(h).path for h in parse(index).hrefs}
     assert {p.name for p in pages[1:]} <= linked  # the index reaches every layer and class page
 
@@ -257,6 +263,7 @@ def test_adding_a_layer_renders_only_it_and_a_layer_left_out_is_removed(tiny, tm
 
     def build(layers):
         atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS, progress=False)
+        links_resolve(tmp_path)
         return (tmp_path / "class-3.html").read_text(), (tmp_path / "index.html").read_text()
 
     page, _ = build([first])
@@ -274,6 +281,16 @@ def test_adding_a_layer_renders_only_it_and_a_layer_left_out_is_removed(tiny, tm
     (tmp_path / f"layer-{atlas.safe(first)}.html").unlink()  # deleted by hand: built again, not an error
     build([last, first])
     assert calls[5:] == [first]
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atlas, "_class_pages", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # the class pages listed the last layer's channels: to be built again
+        atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, [first], STEPS, progress=False)
+    links_resolve(tmp_path)  # the old class pages linked the removed layer's cards
+    assert not list(tmp_path.glob("class-*.html")) and "<h2>Classes</h2><p>not built yet</p>" in (
+        tmp_path / "index.html").read_text()
 
 
 def test_the_key_names_the_device_its_pages_were_rendered_on(tiny, monkeypatch):
