@@ -1134,7 +1134,8 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     regularizers: weighted terms added to the loss, one or a list: TV(2.0), [L2(1.0), TV(2.0)], [Diversity()].
     restarts: optimize this many candidates per image and keep the one with the highest activation.
     size: the side of the images, if the model does not record it (models.input_size).
-    seed: seeds the initialization and the transforms; the same seed gives the same images.
+    seed: seeds the initialization and the transforms; the same seed gives the same images for the same
+      targets in the same order (the draws follow the order: a target alone starts otherwise than in a batch).
     """
     targets = as_targets(targets)
     _check_settings(steps, lr, transforms, images_per_target, restarts, seed)
@@ -1468,9 +1469,10 @@ def exemplars(model, images, target, k=8, batch_size=500):
     single = _is_one(target)
     a = activations(model, images, target, batch_size)  # (N, T)
     k = min(k, len(a))
-    top, bottom = a.topk(k, dim=0), a.topk(k, dim=0, largest=False)
+    # stable sorts: equal activations (a ReLU's zeros) in the images' order, the same on every device
+    top, bottom = a.argsort(dim=0, descending=True, stable=True)[:k], a.argsort(dim=0, stable=True)[:k]
     pick = (lambda t: t[:, 0]) if single else (lambda t: t)
-    return Exemplars(pick(top.indices), pick(top.values), pick(bottom.indices), pick(bottom.values))
+    return Exemplars(pick(top), pick(a.gather(0, top)), pick(bottom), pick(a.gather(0, bottom)))
 
 
 def looks_at(model, target, images):
@@ -1480,6 +1482,8 @@ def looks_at(model, target, images):
     if not isinstance(target, Neuron):
         return None
     shape = models.capture(model, images[:1], target.layer)[target.layer].shape[1:]
+    if len(shape) != 3:  # a neuron of a layer without a map (a linear layer's unit) reads the whole image too
+        return None
     target.check(shape)
     rows, cols = models.cell_centres(model, target.layer, images)
     y, x = target.position(shape)

@@ -640,6 +640,14 @@ def test_exemplars_are_the_true_top_and_bottom_k():
         assert torch.equal(many.bottom[:, j], fv.exemplars(model, x, t, k=4).bottom)
 
 
+def test_exemplars_of_equal_activations_come_in_the_images_order(monkeypatch):
+    a = torch.tensor([[0.0], [2.0], [0.0], [2.0], [0.0], [1.0]])  # a ReLU's ties: topk's order is undefined
+    monkeypatch.setattr(fv, "activations", lambda *args: a)
+    ex = fv.exemplars(cnn(), torch.zeros(6, 3, 32, 32), fv.Class(0), k=3)
+    assert ex.top.tolist() == [1, 3, 5] and ex.bottom.tolist() == [0, 2, 4]
+    assert ex.top_values.tolist() == [2.0, 2.0, 1.0] and ex.bottom_values.tolist() == [0.0, 0.0, 0.0]
+
+
 @pytest.mark.parametrize("target, match", [
     (fv.Channel("block9.act2", 0), "unknown layer 'block9.act2'; valid layers: whiten, "),
     (fv.Channel("block1.act2", 16), "layer 'block1.act2' has 16 channels"),
@@ -697,8 +705,10 @@ def test_render_leaves_the_model_as_found():
     model.head.weight.requires_grad_(False)
     before = snapshot(model)
     assert before["flags"].count(False) >= 3  # BN weights and the whitening conv are frozen on purpose
-    fv.render(model, [fv.Class(1), fv.Channel("block1.act2", 0)], steps=3, progress=False)
+    r = fv.render(model, [fv.Class(1), fv.Channel("block1.act2", 0)], steps=3, progress=False)
     assert_untouched(model, before)
+    model.eval()  # the activations it reports are the eval-mode model's, not the train-mode one it was given
+    torch.testing.assert_close(r.activation, fv.activations(model, r.images, r.targets).diagonal())
 
 
 def test_render_cleans_up_when_interrupted_mid_run():
@@ -1235,7 +1245,7 @@ def test_a_neuron_looks_at_its_cells_centre_and_other_targets_at_no_one_place():
     assert fv.looks_at(model, fv.Neuron("block3.act2", 5, 2, 0), images) == (rows[2].item(), cols[0].item())
     assert fv.looks_at(model, fv.Neuron("block3.act2", 5), images) == (rows[1].item(), cols[1].item())  # the centre
     assert abs(rows[2].item() - 20) < 0.3 and abs(cols[0].item() - 4) < 0.3  # by hand: rows and columns 4, 12, 20
-    for target in (fv.Channel("block3.act2", 5), fv.Class(3), 3):
+    for target in (fv.Channel("block3.act2", 5), fv.Class(3), 3, fv.Neuron("head", 4)):  # a unit of no map too
         assert fv.looks_at(model, target, images) is None
     with pytest.raises(ValueError, match=r"neuron position \(y=3, x=0\) out of range: layer 'block3.act2' is 3x3"):
         fv.looks_at(model, fv.Neuron("block3.act2", 5, 3, 0), images)
