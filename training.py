@@ -32,7 +32,7 @@ CNN_HYP = dict(
     label_smoothing=0.2,
     whiten_bias_epochs=3,    # the whitening conv's bias trains for this many epochs, then freezes
     warmup=0.23,             # fraction of steps with a linear lr warm-up (from 0.2x), then decay to 0.07x
-    translate=2,             # augmentation: random translate (px) and horizontal flip
+    translate=2,             # augmentation: random translate (px at 32 px; at_size: in proportion) and flip
     ema_every=5,             # lookahead: pull weights towards their EMA every this many steps
 )  # validation picks the best epoch without TTA; predict(..., tta_level=2) applies it to the test set
 
@@ -392,7 +392,7 @@ class BestKeeper:
             raise FloatingPointError(f"{self.key} became {row[self.key]} in epoch {row['epoch']}; training stopped. "
                                      f"{self.left()} Try a lower lr.")
         self.rows.append(row)
-        if self.best is None or self.sign * row[self.key] > self.sign * self.best[self.key]:
+        if self.best is None or self.sign * row[self.key] >= self.sign * self.best[self.key]:  # a tie: the later
             self.best = row
             self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self.ckpt_path:
@@ -534,10 +534,23 @@ def make_optimizer(model, hyp):
     return opt
 
 
+def at_size(pixels, size):
+    """A pixel amount set for 32 px images (a translation, a TTA shift), in proportion at another size: the same
+    at 28 px, twice at 64 px; at least 1 where it is not 0."""
+    return max(1, round(pixels * size / 32)) if pixels else 0
+
+
+def drops_last(n, batch_size):
+    """Whether an epoch of n images leaves out its last, partial batch: only when that is under 10% of the set
+    (a batch of a few images jolts the batch statistics); a larger one would leave that share unseen each
+    epoch (2,047 images in batches of 1,024: half)."""
+    return n % batch_size < 0.1 * n
+
+
 @torch.no_grad()
 def predict(model, images, tta_level=0, batch_size=1000):
     """Logits for images (uint8 or float in [0, 1]), with optional TTA: tta_level 0 none, 1 the mirror
-    image too, 2 also two 1-px shifts (airbench94's)."""
+    image too, 2 also two 1-px shifts (airbench94's; in proportion at another size than 32 px, at_size)."""
     check_input(model, images)
     check_count("batch_size", batch_size, 1)
     if isinstance(tta_level, bool) or tta_level not in (0, 1, 2):
@@ -560,8 +573,9 @@ def predict(model, images, tta_level=0, batch_size=1000):
             logits = flip_avg(x)
             if tta_level >= 2:
                 h, w = x.shape[2:]
-                p = F.pad(x, (1, 1, 1, 1), mode="reflect")
-                shifted = [flip_avg(p[:, :, :h, :w]), flip_avg(p[:, :, 2:, 2:])]
+                s = at_size(1, min(h, w))
+                p = F.pad(x, (s, s, s, s), mode="reflect")
+                shifted = [flip_avg(p[:, :, :h, :w]), flip_avg(p[:, :, 2 * s:, 2 * s:])]
                 logits = 0.5 * logits + 0.25 * (shifted[0] + shifted[1])
             out.append(logits.float())
     return torch.cat(out)
@@ -655,8 +669,9 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     _dry_run(model, data.train_x)
     device = get_device(device)
     loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=True,  # checks translate
-                    translate=hyp["translate"], drop_last=len(data.train_y) >= hyp["batch_size"],
-                    device=device, seed=seed, channels_last=True)
+                    translate=at_size(hyp["translate"], data.size),
+                    drop_last=drops_last(len(data.train_y), hyp["batch_size"]), device=device, seed=seed,
+                    channels_last=True)
     seed_everything(seed)
     model.init_whiten(data.train_x[:5000])  # draws no random numbers
     autocast, precision = training_precision(device)
@@ -815,7 +830,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     seed_everything(seed)
     vae.to(device)
     loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=hyp["flip"],
-                    translate=0, drop_last=len(data.train_y) >= hyp["batch_size"], device=device,
+                    translate=0, drop_last=drops_last(len(data.train_y), hyp["batch_size"]), device=device,
                     seed=seed)
     total = total_steps(len(loader), hyp["epochs"])
     warm = max(1, int(len(loader) * hyp["kl_warmup_epochs"]))

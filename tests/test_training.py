@@ -88,7 +88,7 @@ def test_classifier_records_the_size_of_its_training_data(trained, tiny_data):
 def test_best_checkpoint_is_the_best_epoch(trained, tiny_data):
     model, ckpt, path = trained
     rows = training.read_csv(path / "metrics.csv")
-    best = max(rows, key=lambda r: r["val_acc"])
+    best = max(reversed(rows), key=lambda r: r["val_acc"])  # of tied epochs, the later
     assert ckpt["epoch"] == best["epoch"] and ckpt["complete"]
     assert ckpt["val_acc"] == pytest.approx(best["val_acc"])
     # the stored weights really give that validation accuracy
@@ -223,6 +223,47 @@ def test_tta_averages_flipped_and_shifted_views():
     assert not torch.allclose(want, flip, atol=1e-4)
     uint8 = (x * 255).round().to(torch.uint8)
     assert torch.allclose(training.predict(model, uint8), training.predict(model, uint8.float() / 255))
+
+
+def test_tta_shifts_and_the_translation_are_in_proportion_to_the_size(tiny_data, monkeypatch):
+    model = models.build_model(models.cnn_config("small", image_size=64)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():  # twice airbench94's 1-px shifts at twice its 32 px
+        p = nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+        views = [0.5 * (model(v) + model(v.flip(3))) for v in (x, p[:, :, :64, :64], p[:, :, 4:, 4:])]
+    torch.testing.assert_close(training.predict(model, x, 2), 0.5 * views[0] + 0.25 * (views[1] + views[2]))
+    assert [training.at_size(2, side) for side in (28, 32, 64, 16, 8)] == [2, 2, 4, 1, 1]
+    assert training.at_size(0, 64) == 0  # no translation stays none
+    class Loaded(Exception):
+        """The loader fit builds, with its settings."""
+
+    def loader(*args, **kwargs):
+        raise Loaded(kwargs["translate"], kwargs["drop_last"])
+
+    monkeypatch.setattr(training, "Loader", loader)
+    twice = lambda x: x.repeat_interleave(2, 2).repeat_interleave(2, 3)  # noqa: E731
+    big = dataclasses.replace(tiny_data, train_x=twice(tiny_data.train_x), val_x=twice(tiny_data.val_x),
+                              test_x=twice(tiny_data.test_x))
+    with pytest.raises(Loaded) as loaded:
+        training.fit(models.build_model(models.cnn_config("small", image_size=64)), big, TINY, progress=False)
+    assert loaded.value.args == (4, training.drops_last(len(big.train_y), TINY["batch_size"]))  # 2 px at 32 px
+
+
+def test_an_epoch_leaves_out_only_a_small_last_batch():
+    assert training.drops_last(45000, 1024)      # 968 images: 2%, CIFAR-10's
+    assert not training.drops_last(2047, 1024)   # 1,023 images: half the set unseen each epoch before
+    assert not training.drops_last(100, 256)     # one batch of all the images
+    assert training.drops_last(2048, 1024)       # no partial batch to leave out
+
+
+def test_of_tied_epochs_the_later_is_kept():
+    model = nn.Linear(2, 2)
+    keeper = training.BestKeeper(model, "val_acc", True, None, None)
+    for epoch, weight in ((1, 1.0), (2, 2.0), (3, 3.0)):
+        with torch.no_grad():
+            model.weight.fill_(weight)
+        keeper.update(dict(epoch=epoch, val_acc=0.5 if epoch < 3 else 0.4))
+    assert keeper.best["epoch"] == 2 and torch.equal(keeper.state["weight"], torch.full((2, 2), 2.0))
 
 
 def test_device_choice_defaults_and_override():
