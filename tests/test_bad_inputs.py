@@ -200,14 +200,14 @@ def test_the_best_epoch_is_the_best_not_the_last_and_a_nan_metric_stops_the_run(
     model = models.build_model(models.cnn_config("small"))
     weight = model.head.weight
     keeper = training.BestKeeper(model, "val_acc", True, tmp_path / "m.pt")
-    for epoch, acc in enumerate([0.5, 0.9, 0.7, 0.9], 1):  # a tie keeps the earlier epoch
+    for epoch, acc in enumerate([0.5, 0.9, 0.7, 0.9, 0.6], 1):  # a tie keeps the later epoch, the more trained
         with torch.no_grad():
             weight.fill_(epoch)
         keeper.update(dict(epoch=epoch, val_acc=acc))
     keeper.restore()
-    assert keeper.best["epoch"] == 2 and (weight == 2).all()
+    assert keeper.best["epoch"] == 4 and (weight == 4).all()
     keeper.finish()
-    assert torch.load(tmp_path / "m.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["epoch"] == 4
     vae_keeper = training.BestKeeper(model, "val_bpd", False)
     with pytest.raises(FloatingPointError, match=r"val_bpd became nan in epoch 1; training stopped. Nothing was saved"):
         vae_keeper.update(dict(epoch=1, val_bpd=float("nan")))  # was the best for good: nothing compares below it

@@ -256,16 +256,6 @@ def test_an_epoch_leaves_out_only_a_small_last_batch():
     assert training.drops_last(2048, 1024)       # no partial batch to leave out
 
 
-def test_of_tied_epochs_the_later_is_kept():
-    model = nn.Linear(2, 2)
-    keeper = training.BestKeeper(model, "val_acc", True, None, None)
-    for epoch, weight in ((1, 1.0), (2, 2.0), (3, 3.0)):
-        with torch.no_grad():
-            model.weight.fill_(weight)
-        keeper.update(dict(epoch=epoch, val_acc=0.5 if epoch < 3 else 0.4))
-    assert keeper.best["epoch"] == 2 and torch.equal(keeper.state["weight"], torch.full((2, 2), 2.0))
-
-
 def test_device_choice_defaults_and_override():
     assert training.get_device("cpu") == torch.device("cpu")
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
