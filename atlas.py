@@ -107,10 +107,14 @@ def _reused(site, done, layers, last_layer):
     """The finished units (done) that this build keeps: the layers asked for, and the class pages if their
     list of contributing channels would link as before (to the page of the last layer, or to none); each only
     while its pages are there (one deleted by hand is built again)."""
-    keep = {unit: summary for unit, summary in done.items() if unit in layers or (
-        unit == CLASSES and summary["lists_channels"] == (last_layer in layers))}
-    return {unit: summary for unit, summary in keep.items() if all((site.out / page).is_file()
-                                                                   for page in site.pages(unit))}
+    keep = {unit: summary for unit, summary in done.items() if unit in layers and all(
+        (site.out / page).is_file() for page in site.pages(unit))}
+    lists = last_layer in layers  # whether the class pages are to list that layer's channels
+    classes = done.get(CLASSES)  # kept if they list as they are to, and the page they link to is kept too
+    if classes and classes["lists_channels"] == lists and (last_layer in keep or not lists) and all(
+            (site.out / page).is_file() for page in site.pages(CLASSES)):
+        keep[CLASSES] = classes
+    return keep
 
 
 def _link(site, layers, done):

@@ -1482,9 +1482,9 @@ def looks_at(model, target, images):
     if not isinstance(target, Neuron):
         return None
     shape = models.capture(model, images[:1], target.layer)[target.layer].shape[1:]
+    target.check(shape)
     if len(shape) != 3:  # a neuron of a layer without a map (a linear layer's unit) reads the whole image too
         return None
-    target.check(shape)
     rows, cols = models.cell_centres(model, target.layer, images)
     y, x = target.position(shape)
     return rows[y].item(), cols[x].item()

@@ -443,7 +443,7 @@ HYP_RULES = dict(  # what each hyperparameter must be: (in words, test)
     label_smoothing=("a number in [0, 1)", _number(lambda v: 0 <= v < 1)),
     whiten_bias_epochs=("a number >= 0", _number(lambda v: v >= 0)),
     warmup=("a number in [0, 1]", _number(lambda v: 0 <= v <= 1)),
-    translate=("an int >= 0 (pixels)", _integer(lambda v: v >= 0)),
+    translate=("an int from 0 to 31 (pixels at 32 px, in proportion at another size)", _integer(lambda v: 0 <= v < 32)),
     ema_every=("an int >= 1 (steps)", _integer(lambda v: v >= 1)),
     kl_warmup_epochs=("a number >= 0 (finite)", _number(lambda v: 0 <= v < math.inf)),
     free_bits=("a number >= 0 (finite)", _number(lambda v: 0 <= v < math.inf)),
@@ -542,9 +542,10 @@ def at_size(pixels, size):
 
 def drops_last(n, batch_size):
     """Whether an epoch of n images leaves out its last, partial batch: only when that is under 10% of the set
-    (a batch of a few images jolts the batch statistics); a larger one would leave that share unseen each
-    epoch (2,047 images in batches of 1,024: half)."""
-    return n % batch_size < 0.1 * n
+    (a batch of a few images jolts the batch statistics) or a single image (which BatchNorm cannot train on);
+    a larger one would leave that share unseen each epoch (2,047 images in batches of 1,024: half). A set
+    smaller than one batch is one batch."""
+    return n >= batch_size and n % batch_size < max(0.1 * n, 2)
 
 
 @torch.no_grad()
@@ -668,10 +669,10 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
                          f"with num_classes={len(data.classes)} (models.cnn_config)")
     _dry_run(model, data.train_x)
     device = get_device(device)
-    loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=True,  # checks translate
-                    translate=at_size(hyp["translate"], data.size),
-                    drop_last=drops_last(len(data.train_y), hyp["batch_size"]), device=device, seed=seed,
-                    channels_last=True)
+    drop = drops_last(len(data.train_y), hyp["batch_size"])
+    loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=True,
+                    translate=min(at_size(hyp["translate"], data.size), data.size - 1), drop_last=drop,  # < the side
+                    device=device, seed=seed, channels_last=True)
     seed_everything(seed)
     model.init_whiten(data.train_x[:5000])  # draws no random numbers
     autocast, precision = training_precision(device)
@@ -682,7 +683,8 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
         model.to(memory_format=torch.channels_last)
     total = total_steps(len(loader), hyp["epochs"])
     # the weight decay per image (the loss is a sum), of the batches there are: the whole set, if smaller
-    opt = make_optimizer(model, dict(hyp, batch_size=min(hyp["batch_size"], len(data.train_y))))
+    # the weights decay for the images a step sees: a kept partial batch makes the mean batch smaller
+    opt = make_optimizer(model, dict(hyp, batch_size=hyp["batch_size"] if drop else len(data.train_y) / len(loader)))
     # airbench's 0.95 a step, taken ema_every steps at a time, ramped up over the run
     ema_decay = 0.95 ** hyp["ema_every"] * (torch.arange(total + 1) / total) ** 3
     lookahead = Lookahead(model)

@@ -285,6 +285,14 @@ def test_adding_a_layer_renders_only_it_and_a_layer_left_out_is_removed(tiny, tm
     def interrupted(*a):
         raise KeyboardInterrupt
 
+    (tmp_path / f"layer-{atlas.safe(last)}.html").unlink()  # the page the class pages link: they go too
+    monkeypatch.setattr(atlas, "_layer_page", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, [last, first], STEPS, progress=False)
+    links_resolve(tmp_path)
+    monkeypatch.setattr(atlas, "_layer_page", lambda *a: calls.append(a[2]) or real_layer(*a))
+    build([last, first])
+    assert calls[6:] == [last, atlas.CLASSES]
     monkeypatch.setattr(atlas, "_class_pages", interrupted)
     with pytest.raises(KeyboardInterrupt):  # the class pages listed the last layer's channels: to be built again
         atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, [first], STEPS, progress=False)

@@ -244,16 +244,34 @@ def test_tta_shifts_and_the_translation_are_in_proportion_to_the_size(tiny_data,
     twice = lambda x: x.repeat_interleave(2, 2).repeat_interleave(2, 3)  # noqa: E731
     big = dataclasses.replace(tiny_data, train_x=twice(tiny_data.train_x), val_x=twice(tiny_data.val_x),
                               test_x=twice(tiny_data.test_x))
-    with pytest.raises(Loaded) as loaded:
-        training.fit(models.build_model(models.cnn_config("small", image_size=64)), big, TINY, progress=False)
-    assert loaded.value.args == (4, training.drops_last(len(big.train_y), TINY["batch_size"]))  # 2 px at 32 px
+    with pytest.raises(Loaded) as loaded:  # 1,080 images in batches of 700: the last 380 kept
+        training.fit(models.build_model(models.cnn_config("small", image_size=64)), big, dict(TINY, batch_size=700),
+                     progress=False)
+    assert loaded.value.args == (4, False)  # 2 px at 32 px
+
+
+def test_the_weights_decay_for_the_mean_batch_when_the_last_partial_one_is_kept(tiny_data, monkeypatch):
+    class Built(Exception):
+        """The optimizer fit builds, with the batch size its weight decay is for."""
+
+    def optimizer(model, hyp):
+        raise Built(hyp["batch_size"])
+
+    monkeypatch.setattr(training, "make_optimizer", optimizer)
+    for batch, decayed_for in ((700, 540), (200, 200), (5000, 1080)):  # 1,080 images: two steps of 540 on average
+        with pytest.raises(Built) as built:
+            training.fit(models.build_model(models.cnn_config("small")), tiny_data, dict(TINY, batch_size=batch),
+                         progress=False)
+        assert built.value.args == (decayed_for,), batch
 
 
 def test_an_epoch_leaves_out_only_a_small_last_batch():
     assert training.drops_last(45000, 1024)      # 968 images: 2%, CIFAR-10's
     assert not training.drops_last(2047, 1024)   # 1,023 images: half the set unseen each epoch before
     assert not training.drops_last(100, 256)     # one batch of all the images
+    assert not training.drops_last(1, 256)
     assert training.drops_last(2048, 1024)       # no partial batch to leave out
+    assert training.drops_last(3, 2)             # a batch of one image, which BatchNorm cannot train on
 
 
 def test_device_choice_defaults_and_override():
@@ -369,7 +387,7 @@ def test_forecast_is_silent_without_progress(monkeypatch, capsys):
     (training.CNN_HYP, "momentum", 0, r"a number in \(0, 1\) \(Nesterov\)"),  # Nesterov SGD refuses 0, later
     (training.CNN_HYP, "ema_every", 0, r"an int >= 1 \(steps\)"),     # was an integer modulo by zero
     (training.CNN_HYP, "epochs", math.inf, r"a number > 0 \(finite\)"),  # was an OverflowError
-    (training.CNN_HYP, "translate", 1.5, r"an int >= 0 \(pixels\)"),
+    (training.CNN_HYP, "translate", 1.5, r"an int from 0 to 31 \(pixels at 32 px, in proportion at another size\)"),
     (training.VAE_HYP, "grad_clip", 0, r"a number > 0 \(inf: no clipping\)"),  # was accepted
     (training.VAE_HYP, "kl_warmup_epochs", -1, r"a number >= 0 \(finite\)"),  # was accepted
     (training.VAE_HYP, "kl_warmup_epochs", math.inf, r"a number >= 0 \(finite\)"),  # was an OverflowError
@@ -522,7 +540,7 @@ def test_fit_refuses_data_that_do_not_fit_the_model_before_changing_it(tiny_data
     model = models.build_model(models.cnn_config("small"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for bad, message in ((dict(device="gpu"), "device must be .* got 'gpu'"), (dict(seed=-1), r"seed \(SEED\) must be"),
-                         (dict(hyp={**TINY, "translate": 32}), "translate must be from 0 to 31 px")):
+                         (dict(hyp={**TINY, "translate": 32}), r"translate must be an int from 0 to 31 \(pixels at 32 px")):
         with pytest.raises(ValueError, match=message):
             training.fit(model, tiny_data, **{"hyp": TINY, **bad}, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
