@@ -107,12 +107,11 @@ def _reused(site, done, layers, last_layer):
     """The finished units (done) that this build keeps: the layers asked for, and the class pages if their
     list of contributing channels would link as before (to the page of the last layer, or to none); each only
     while its pages are there (one deleted by hand is built again)."""
-    keep = {unit: summary for unit, summary in done.items() if unit in layers and all(
-        (site.out / page).is_file() for page in site.pages(unit))}
+    keep = {unit: summary for unit, summary in done.items() if unit in layers and site.has_pages(unit)}
     lists = last_layer in layers  # whether the class pages are to list that layer's channels
     classes = done.get(CLASSES)  # kept if they list as they are to, and the page they link to is kept too
-    if classes and classes["lists_channels"] == lists and (last_layer in keep or not lists) and all(
-            (site.out / page).is_file() for page in site.pages(CLASSES)):
+    if classes and classes["lists_channels"] == lists and (last_layer in keep or not lists) and \
+            site.has_pages(CLASSES):
         keep[CLASSES] = classes
     return keep
 
@@ -405,6 +404,10 @@ class Site:
     def pages(self, unit):
         """The file names of a unit's pages: a layer's one, one per class for the class pages."""
         return [f"class-{c}.html" for c in range(len(self.d.classes))] if unit == CLASSES else [self.layer_file(unit)]
+
+    def has_pages(self, unit):
+        """Whether every page of the unit is in the folder (one deleted by hand is not)."""
+        return all((self.out / page).is_file() for page in self.pages(unit))
 
     def remove_unfinished(self, layers, done):
         """Removes the pages of every unit not done (of an earlier build: a layer left out, class pages listing
