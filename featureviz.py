@@ -981,7 +981,7 @@ def diversity_penalty(act, groups):
     return (sim * same).sum(1) / same.sum(1).clamp_min(1)
 
 
-LAST_SPATIAL = "the model's last spatial layer"  # Diversity's default layer, resolved by render()
+LAST_WIDE = "the model's last map larger than 1x1"  # Diversity's default layer, resolved by render()
 
 
 @dataclass(frozen=True)
@@ -1044,15 +1044,16 @@ class Diversity(Term):
     each image's own activation (detached). So one weight means the same for a class logit, a channel
     mean or a neuron, whatever their scale: at weight w, full similarity costs w x the activation. For a
     Class(log_prob=True) target that unit is |log p|, which shrinks as the class grows certain: use the
-    logit (the default) with Diversity."""
+    logit (the default) with Diversity. `layer` is by default the model's last map larger than 1x1
+    (`models.last_wide_layer`)."""
     weight: float = DIVERSITY_WEIGHT
-    layer: str = LAST_SPATIAL
+    layer: str = LAST_WIDE
 
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.layer, str) or not self.layer:
             raise ValueError(f"Diversity's layer must be a layer name such as 'block2.act2' (by default the model's "
-                             f"last spatial layer), got {self.layer!r}")
+                             f"last map larger than 1x1), got {self.layer!r}")
 
     def __call__(self, images, acts, param, groups, values):
         return self.weight * values.detach().abs() * diversity_penalty(acts[self.layer], groups)
@@ -1076,7 +1077,7 @@ def _terms(regularizers):
 
 def _resolve(regularizers, model, size):
     """The regularizer terms with Diversity's default layer named."""
-    return [replace(t, layer=models.last_spatial_layer(model, size)) if t.layer == LAST_SPATIAL else t
+    return [replace(t, layer=models.last_wide_layer(model, size)) if t.layer == LAST_WIDE else t
             for t in _terms(regularizers)]
 
 

@@ -1002,6 +1002,19 @@ def last_spatial_layer(model, size=None):
     return _spatial_outputs(model, _probe(model, size))[-1][0]
 
 
+def _larger_than_one(outputs):
+    """Name of the last of these (name, shape, features last) outputs whose map is larger than 1x1, else of
+    the last one."""
+    return next((name for name, shape, _ in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])
+
+
+def last_wide_layer(model, size=None):
+    """Name of the last spatial layer whose map is larger than 1x1 (the last spatial layer if none is):
+    Diversity's default, as a Gram matrix of one position is only the pooled vector's outer product (the
+    last map of a torchvision ResNet at 32 px is 1x1)."""
+    return _larger_than_one(_spatial_outputs(model, _probe(model, size)))
+
+
 def last_map_layer(model, images):
     """Name of the last layer whose output for these images (B, C, H, W) is a map larger than 1x1 (the last
     spatial layer if none is): Grad-CAM's default, as a 1x1 map, the last layer of a torchvision ResNet at 32
@@ -1010,7 +1023,7 @@ def last_map_layer(model, images):
     x = first_image(model, images)
     every = _spatial_outputs(model, x)
     outputs = [(name, shape, last) for name, shape, last in every if not last] or every
-    chosen = next((name for name, shape, _ in reversed(outputs) if shape[-2] * shape[-1] > 1), outputs[-1][0])
+    chosen = _larger_than_one(outputs)
     # after its last entry (a block that hands on a layer's output goes by that layer's name too)
     after = every[max(i for i, (name, _, _) in enumerate(every) if name == chosen) + 1:]
     later = [name for name, shape, last in after if last and shape[-2] * shape[-1] > 1]

@@ -472,6 +472,21 @@ def test_grad_cam_defaults_to_the_last_map_larger_than_1x1_and_takes_non_square_
     assert attribution.grad_cam(wide, torch.rand(2, 3, 16, 48), 1).shape == (2, 16, 48)
 
 
+def test_diversity_defaults_to_the_last_map_larger_than_1x1():
+    """A Gram matrix of one position is the pooled vector's outer product: Diversity's default layer is the
+    last map larger than 1x1."""
+    model = resnet18()  # layer4.1.relu, its last spatial layer, is 1x1 at 32 px; layer3.1.relu 2x2
+    assert models.last_wide_layer(model, 32) == "layer3.1.relu" and models.last_wide_layer(cnn(32)) == "block3.act2"
+    flat = nn.Sequential(nn.Conv2d(3, 4, 32), nn.ReLU(), nn.Flatten(), nn.Linear(4, 10))  # only 1x1 maps
+    flat.config = dict(in_channels=3)
+    assert models.last_wide_layer(flat, 32) == "1"
+    kw = dict(images_per_target=2, steps=3, size=32, progress=False)
+    images = fv.render(model, [1], regularizers=[fv.Diversity()], **kw).images
+    assert torch.equal(images, fv.render(model, [1], regularizers=[fv.Diversity(layer="layer3.1.relu")], **kw).images)
+    assert not torch.equal(images, fv.render(model, [1], regularizers=[fv.Diversity(layer="layer4.1.relu")],
+                                             **kw).images)
+
+
 class AllLast(nn.Module):
     """Linear layers on the pixels of a channels-last map: every map keeps its features last."""
 
