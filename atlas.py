@@ -14,7 +14,8 @@ Plain HTML and CSS with PNG images: no server, no network, no JavaScript; it ope
 system and can be shared as a folder. Each layer is one render of all its channels and one pass over
 the test set. Every finished layer is recorded in atlas.json under a key of the model, the VAE, their
 device, the data and the settings: an interrupted build resumes at the next layer, and a build under another key
-starts afresh, so stale pages are never reused; the layers are not in the key, so adding one renders only it.
+starts afresh beside the old atlas (`staging`), which it replaces when whole, so stale pages are never reused and
+an atlas is never lost to a rebuild that stops; the layers are not in the key, so adding one renders only it.
 """
 import argparse
 import hashlib
@@ -78,13 +79,16 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     key = fingerprint(VERSION, model, vae, techniques, steps, d.name, d.classes, d.test_x, d.test_y,
                       cov, magnitude, _code())
 
-    def one_step():  # one step of one channel and one class per technique, before a stale atlas is emptied
-        for how in hows.values():
+    if saved is None or saved["key"] != key:  # a build that cannot work for its model fails before it writes a file
+        for how in hows.values():  # one step of one channel and one class per technique
             how(model, [fv.Channel(layers[0], 0), fv.Class(len(d.classes) - 1)], steps=1, size=d.size, progress=False)
-    site = Site(out, d, techniques)
+    # a whole atlas of other settings stays as it is while this one is built beside it
+    rebuild = saved is not None and saved["key"] not in (key, None)
+    where = staging(out) if rebuild else out
+    site = Site(where, d, techniques)
     last_layer = models.last_spatial_layer(model, d.size)  # the layer whose channels the class pages may list
-    done = _reused(site, _resume(out, saved, key, one_step), layers, last_layer)
-    _save_manifest(out, key, done)  # before any other file: a build interrupted at once resumes too
+    done = _reused(site, _resume(where, key), layers, last_layer)
+    _save_manifest(where, key, done)  # before any other file: a build interrupted at once resumes too
     site.write("atlas.css", CSS)
     _link(site, layers, done)  # a half-built atlas opens at its finished pages, and links no other
     site.remove_unfinished(layers, done)
@@ -98,8 +102,12 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
                 bar.set_postfix_str(unit)
                 done[unit] = (_class_pages(model, d, hows, steps, site, last_layer, last_layer in layers, bar)
                               if unit == CLASSES else _layer_page(model, d, unit, sizes[unit], hows, steps, site, bar))
-                _save_manifest(out, key, done)
+                _save_manifest(where, key, done)
                 _link(site, layers, done)
+    if rebuild:
+        _swap(where, out)
+    elif (staging(out) / MANIFEST).is_file():  # a rebuild of other settings, given up
+        shutil.rmtree(staging(out))
     return out / "index.html"
 
 
@@ -177,25 +185,50 @@ def saved_manifest(out):
     return None
 
 
-def _resume(out, saved, key, before_emptying):
-    """The finished units recorded under this key in the manifest `saved` (saved_manifest); a folder built under
-    another key is emptied first, after before_emptying() (which raises if the build cannot work). Its manifest
-    is kept but first records no key and nothing done, so that a build interrupted while emptying it, under
-    either key, empties it again."""
+def _resume(out, key):
+    """The finished units recorded under this key in the manifest of the folder `out`; a folder built under
+    another key (or under none: emptied or swapped in part when a build stopped) is emptied first. Its manifest is
+    kept but first records no key and nothing done, so that a build interrupted while emptying it, under either
+    key, empties it again."""
+    saved = saved_manifest(out)
     if saved is None:
         return {}
     if saved["key"] == key:
         return saved["done"]
-    before_emptying()
     _save_manifest(out, None, {})
+    _empty(out)
+    return {}
+
+
+def staging(out):
+    """The folder, beside `out` and hidden, where a rebuild under other settings is built until it is whole."""
+    out = Path(out).expanduser().resolve()
+    return out.with_name(f".{out.name}.next")
+
+
+def _swap(new, out):
+    """Puts the finished atlas in the folder `new` in place of the one in `out` (a file of the user's there stays)
+    and removes `new`. out's manifest first records no key: a swap cut short leaves an atlas that the next build
+    empties and builds afresh, whatever its settings; `new`'s manifest, moved last, makes out whole."""
+    _save_manifest(out, None, {})
+    _empty(out)
+    for path in new.iterdir():
+        if path.name != MANIFEST:
+            path.replace(out / path.name)
+    (new / MANIFEST).replace(out / MANIFEST)
+    new.rmdir()
+
+
+def _empty(out):
+    """Removes what the atlas wrote in the folder `out`, but its manifest; a file of the user's (a zip of the
+    atlas, notes) stays."""
     for path in out.iterdir():
         if not _written_by_atlas(path.name) or path.name == MANIFEST:
-            continue  # a file of the user's (a zip of the atlas, notes) stays
+            continue
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
-    return {}
 
 
 def _written_by_atlas(name):

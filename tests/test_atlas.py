@@ -323,8 +323,8 @@ def test_a_rebuild_that_fails_for_its_model_leaves_the_finished_atlas_as_it_was(
 
 
 @pytest.mark.parametrize("again", [STEPS + 1, STEPS], ids=["new-settings", "old-settings"])
-def test_an_interrupted_wipe_of_a_stale_atlas_is_wiped_again_under_either_settings(tiny, tmp_path, monkeypatch,
-                                                                                    again):
+def test_an_atlas_swapped_in_part_is_emptied_and_built_again_under_either_settings(tiny, tmp_path, monkeypatch,
+                                                                                     again):
     model, d, vae = tiny
     atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS, progress=False)
     removed, real_unlink = [], os.unlink
@@ -337,7 +337,7 @@ def test_an_interrupted_wipe_of_a_stale_atlas_is_wiped_again_under_either_settin
         real_unlink(path, *a, **k)
 
     monkeypatch.setattr(os, "unlink", unlink)
-    with pytest.raises(KeyboardInterrupt):  # other settings: the folder is emptied, and interrupted
+    with pytest.raises(KeyboardInterrupt):  # other settings: built beside it, then swapped in, and interrupted
         atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS + 1, progress=False)
     monkeypatch.setattr(os, "unlink", real_unlink)
     assert (tmp_path / atlas.MANIFEST).exists() and len(removed) == 3
@@ -346,9 +346,45 @@ def test_an_interrupted_wipe_of_a_stale_atlas_is_wiped_again_under_either_settin
     monkeypatch.setattr(atlas, "_layer_page", lambda *a: pages.append(a[2]) or real_layer(*a))
     atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], again, progress=False)
     assert pages == ["block3.act2"]  # built again, even under the settings of the half-emptied atlas
+    assert not atlas.staging(tmp_path).exists()
     html_text = "".join(p.read_text() for p in tmp_path.glob("*.html"))
     linked = set(re.findall(r'<img src="([^"]+)"', html_text))
     assert linked and all((tmp_path / src).exists() for src in linked)
+
+
+def test_a_rebuild_is_built_beside_the_atlas_which_stays_whole_until_the_new_one_is(tiny, tmp_path, monkeypatch):
+    model, d, vae = tiny
+    layers = models.block_layers(model, 32)[-2:]
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS, progress=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    old = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    calls, real_layer = [], atlas._layer_page
+
+    def second_interrupted(*a):
+        calls.append(a[2])
+        if a[2] == layers[1]:
+            raise KeyboardInterrupt
+        return real_layer(*a)
+
+    monkeypatch.setattr(atlas, "_layer_page", second_interrupted)
+    with pytest.raises(KeyboardInterrupt):  # other settings, stopped in their second layer
+        atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS + 1, progress=False)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == old
+    new = atlas.staging(tmp_path)
+    assert new.parent == tmp_path.parent and (new / f"layer-{atlas.safe(layers[0])}.html").is_file()
+    monkeypatch.setattr(atlas, "_layer_page", lambda *a: calls.append(a[2]) or real_layer(*a))
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS + 1, progress=False)
+    assert calls == [layers[0], layers[1], layers[1]]  # resumed beside the old atlas, then swapped in
+    assert not new.exists() and (tmp_path / "notes.txt").read_text() == "mine"
+    links_resolve(tmp_path)
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS + 1, progress=False)
+    assert len(calls) == 3  # the new atlas, recorded under its own settings, is reused
+    monkeypatch.setattr(atlas, "_layer_page", second_interrupted)
+    with pytest.raises(KeyboardInterrupt):  # a rebuild given up: the next build under the folder's settings
+        atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS, progress=False)
+    assert new.exists()
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS + 1, progress=False)
+    assert len(calls) == 5 and not new.exists()  # reused the atlas there, and removed the one beside it
 
 
 def test_a_build_interrupted_in_its_first_layer_resumes_and_credits_no_channels_without_a_page(tiny, tmp_path,
