@@ -156,6 +156,8 @@ def check_batch(images, channels=None, name="images"):
 def check_labels(labels, n, num_classes=None, name="labels"):
     """labels as (n,) int64 class indices on the CPU, in 0..num_classes-1 where num_classes is given; a clear
     error otherwise (a float label would be truncated, an out-of-range one wrap or fail deep in torch)."""
+    if labels is None:
+        raise ValueError(f"{name} must be ({n},) integer class indices, one per image; got None")
     y = torch.as_tensor(labels).cpu()
     if y.shape != (n,) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ValueError(f"{name} must be ({n},) integer class indices, one per image; got {y.dtype} of shape "

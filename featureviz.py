@@ -1576,7 +1576,8 @@ class Techniques(dict):
         if name not in TECHNIQUE_NAMES:
             raise KeyError(f"unknown technique {name!r}; choose one of {', '.join(TECHNIQUE_NAMES)}")
         if name in LATENT_TECHNIQUES:
-            raise KeyError(f"technique {name!r} draws through a VAE: pass vae=... (a trained models.VAE)")
+            raise KeyError(f"technique {name!r} draws through a VAE: pass vae=... (a trained models.VAE; it draws "
+                           f"32x32 images, so the notebooks leave it out, with the latent techniques, at another size)")
         raise KeyError("technique 'maco' keeps the data's magnitude spectrum: pass magnitude=magnitude_spectrum("
                        "train_images, color_cov), or a Technique from techniques(vae, color_cov, magnitude)")
 

@@ -26,6 +26,9 @@ import training
 
 def confusion_matrix(y_true, y_pred, num_classes):
     """(K, K) counts, rows = true class, columns = predicted class."""
+    if y_true is None or y_pred is None:  # a notebook's predictions reset by a training cell that stopped
+        raise ValueError(f"y_true and y_pred must be (N,) class indices of the same images; got "
+                         f"{'None' if y_true is None else 'labels'} and {'None' if y_pred is None else 'labels'}")
     y_true, y_pred = torch.as_tensor(y_true).cpu(), torch.as_tensor(y_pred).cpu()
     if y_true.dim() != 1 or y_pred.shape != y_true.shape:
         raise ValueError(f"y_true and y_pred must be (N,) class indices of the same images; got shapes "

@@ -5,6 +5,7 @@ hyperparameters, warm-up then linear decay, label smoothing, lookahead (EMA) of 
 flip + translate augmentation, and flip + translate test-time augmentation (TTA).
 """
 import csv
+import glob
 import math
 import numbers
 import os
@@ -276,8 +277,11 @@ def load_checkpoint(path, device=None, hint="train the model first (or fix the p
     returns (model in eval mode, checkpoint dict). The global random states are left as they were (the new
     model's initial weights draw from them)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}: {hint}")
+    if not path.exists():  # those of other presets beside it: a model trained on another device's defaults
+        others = sorted(p.name for p in path.parent.glob(glob.escape(path.stem.rsplit("_", 1)[0]) + "_*.pt")
+                        if not p.name.endswith(".partial.pt"))
+        raise FileNotFoundError(f"no checkpoint at {path}: {hint}" +
+                                (f" (beside it: {', '.join(others)})" if others else ""))
     device = get_device(device)  # a bad device is the caller's error, not the checkpoint's
     try:  # on the CPU: a device out of memory is no fault of the file's
         ckpt = torch.load(path, weights_only=True, map_location="cpu")

@@ -419,6 +419,11 @@ def test_labels_are_class_indices_one_per_image(nets):
         metrics.confusion_matrix(torch.tensor([0.0, 1.7]), torch.tensor([0, 1]), 3)
     with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
         metrics.confusion_matrix(Y, Y, 10.0)
+    # a notebook's predictions, reset by a training cell that stopped: named, not torch's "infer dtype"
+    with pytest.raises(ValueError, match="y_true and y_pred must be .* got labels and None"):
+        metrics.confusion_matrix(Y, None, 10)
+    with pytest.raises(ValueError, match=r"pred must be \(8,\) integer class indices, one per image; got None"):
+        utils.plot_misclassified(_good(), Y, None)
     for level in (3, -1, "flip", True):
         with pytest.raises(ValueError, match=r"tta_level must be 0 \(none\), 1 \(mirror\) or 2"):
             training.predict(cnn, _good(), tta_level=level)

@@ -106,8 +106,13 @@ def test_checkpoint_round_trip(trained, tiny_data, tmp_path):
 
 
 def test_missing_and_corrupt_checkpoints_fail_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train the model first"):
+    with pytest.raises(FileNotFoundError, match=r"train the model first \(or fix the path\)$"):
         training.load_checkpoint(tmp_path / "none.pt")
+    # another preset's, trained on another device's defaults, is named; a stopped run's or another data's is not
+    for name in ("classifier_x[1]_airbench.pt", "classifier_x[1]_small.partial.pt", "classifier_y_small.pt"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"first \(beside it: classifier_x\[1\]_airbench\.pt\)$"):
+        training.load_checkpoint(tmp_path / "classifier_x[1]_compact.pt", hint="run Classifier.ipynb first")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="corrupt"):
         training.load_checkpoint(tmp_path / "bad.pt")
