@@ -201,6 +201,7 @@ def load_data(name="cifar10", root=None, seed=0, val_size=None, **synthetic_kwar
     base name in `root`. The Data's name is that base name, so both spellings share checkpoints.
     """
     root, name = data_dir(root), os.fspath(name)  # a pathlib.Path too
+    check_count("seed", seed, 0)  # before a download or a decode
     templates = None
     if synthetic_kwargs and name not in ("synthetic", "synthetic-hard"):
         raise ValueError(f"unknown option(s) {', '.join(sorted(synthetic_kwargs))} for {name!r}: load_data takes name, "
@@ -370,13 +371,17 @@ def find_image_folder(name, root):
     """The folder or archive that `name` means: a path, or a short name looked up in root (also in the
     current folder; an error if it names a different dataset in each)."""
     path = Path(name).expanduser()
-    if os.sep in name or "/" in name or name in (".", "..") or name.endswith(ARCHIVE_SUFFIXES):
+    if not name:  # not DATA_DIR itself
+        raise ValueError(f"the dataset's name is empty; choose one of {', '.join(DATASETS)}, or give an image "
+                         f"folder or archive")
+    if os.sep in name or "/" in name or name in (".", ".."):
         if path.exists():
             return path
         raise FileNotFoundError(
             f"dataset path {name!r} does not exist; give a folder or a .tar/.tar.gz archive laid out "
             f"as train/<class>/*.jpg and test/<class>/*.jpg")
-    in_root = [c for c in [root / name] + [root / f"{name}{s}" for s in ARCHIVE_SUFFIXES] if c.exists()]
+    suffixes = () if name.endswith(ARCHIVE_SUFFIXES) else ARCHIVE_SUFFIXES  # an archive's name as it is, too
+    in_root = [c for c in [root / name] + [root / f"{name}{s}" for s in suffixes] if c.exists()]
     if in_root and path.exists() and not path.samefile(in_root[0]):
         raise ValueError(f"dataset {name!r} is both {in_root[0]} (in DATA_DIR) and {path.resolve()} (in the "
                          f"current folder): give the one you mean as a path, {str(in_root[0])!r} or "
@@ -387,8 +392,8 @@ def find_image_folder(name, root):
         return path
     raise ValueError(
         f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, give the path of an image folder "
-        f"or archive (train/<class>/*, test/<class>/*), or put {name}.tar.gz or the folder {name}/ into "
-        f"{root.resolve()} (DATA_DIR)")
+        f"or archive (train/<class>/*, test/<class>/*), or put "
+        f"{name if suffixes == () else f'{name}.tar.gz or the folder {name}/'} into {root.resolve()} (DATA_DIR)")
 
 
 CACHE_FORMAT = 3  # a cache decoded by an older loader (one that merged a second copy of the dataset, or skipped an
@@ -519,12 +524,25 @@ def _read_files(path):
     if path.is_dir():
         for f in _tree(path):
             if f.is_dir() or _is_image(f.name):
-                yield f.relative_to(path).as_posix(), None if f.is_dir() else f.read_bytes
+                yield f.relative_to(path).as_posix(), None if f.is_dir() else functools.partial(_file_bytes, path, f)
         return
     with tarfile.open(path, "r:*") as tar:
         for member in tar:  # an image stored as a link (a hard link, a symbolic one) too, as its folder holds it
             if member.isdir() or ((member.isfile() or member.islnk() or member.issym()) and _is_image(member.name)):
                 yield member.name, None if member.isdir() else functools.partial(_member_bytes, path, tar, member)
+
+
+def _file_bytes(path, f):
+    """The bytes of a folder's image file; an error naming one that cannot be read (a link to nothing, no
+    permission, not a file: a pipe would never end)."""
+    rel = f.relative_to(path).as_posix()
+    if not f.is_file():
+        raise ValueError(f"{rel} in {path} is {'a link to nothing' if f.is_symlink() else 'not a file'}: "
+                         f"remove it or put the image there")
+    try:
+        return f.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {rel} in {path} ({e.strerror or e}): fix its permissions or remove it") from e
 
 
 def _member_bytes(path, tar, member):

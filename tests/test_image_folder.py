@@ -370,6 +370,33 @@ def test_unreadable_image_is_named(tmp_path, as_archive):
     assert leftovers(tmp_path / "cache") == []
 
 
+def test_an_image_file_that_cannot_be_read_is_named_not_torchs_error(tmp_path):
+    tree = write_tree(tmp_path / "pets")
+    link = tree / "train" / "cat" / "001.png"
+    link.unlink()
+    link.symlink_to(tmp_path / "moved.png")  # a link to nothing: was a bare FileNotFoundError
+    with pytest.raises(ValueError, match=r"train/cat/001.png in .*pets is a link to nothing: remove it"):
+        data.load_data(str(tree), tmp_path / "cache")
+    link.unlink()
+    os.mkfifo(link)  # not a file: reading it would never end
+    with pytest.raises(ValueError, match=r"train/cat/001.png in .*pets is not a file"):
+        data.load_data(str(tree), tmp_path / "cache")
+    assert leftovers(tmp_path / "cache") == []
+
+
+def test_an_archive_is_found_in_data_dir_by_its_file_name_too(tmp_path, monkeypatch):
+    make_tar(write_tree(tmp_path / "src"), tmp_path / "pets.tar.gz")
+    monkeypatch.chdir(tmp_path / "src")  # not beside it
+    assert data.load_data("pets.tar.gz", tmp_path).name == "pets"  # was: "dataset path does not exist"
+    with pytest.raises(ValueError, match=r"unknown dataset 'dogs.tar'; .* or put dogs.tar into"):
+        data.load_data("dogs.tar", tmp_path)
+    with pytest.raises(ValueError, match="the dataset's name is empty; choose one of cifar10"):
+        data.load_data("", tmp_path)  # was DATA_DIR itself
+    for seed in (-1, 1.0, "0", True):
+        with pytest.raises(ValueError, match=f"seed must be an int >= 0, got {re.escape(repr(seed))}"):
+            data.load_data("pets", tmp_path, seed=seed)
+
+
 def test_other_files_are_ignored(tmp_path):
     tree = write_tree(tmp_path / "pets")
     (tree / "README.txt").write_text("about")
