@@ -4,6 +4,7 @@ The classifier recipe is a port of airbench94 (Keller Jordan): Nesterov SGD with
 hyperparameters, warm-up then linear decay, label smoothing, lookahead (EMA) of the weights,
 flip + translate augmentation, and flip + translate test-time augmentation (TTA).
 """
+import argparse
 import csv
 import glob
 import math
@@ -180,6 +181,15 @@ def _within(value, low, high):
 
 def _bounds(low, high):
     return f"in {low}..{high}" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
+
+
+def at_least(low):
+    """An argparse type: an int >= low (a count on a command line: steps, seeds, rounds)."""
+    def parse(text):
+        if not text.lstrip("-").isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}")
+        return int(text)
+    return parse
 
 
 def from_environment(parser, args, settings):

@@ -37,11 +37,15 @@ def parse_args():
                    help="the notebooks' classifier preset (default: PRESET, else this device's)")
     p.add_argument("--seed", type=int, help="the notebooks' SEED (their train/val split; default: SEED, else 0)")
     p.add_argument("--weights", type=weights, default="0,0.5,1,1.25,1.5,2,3", help="comma-separated Diversity weights")
-    p.add_argument("--images", type=int, default=6, help="images per unit")
+    p.add_argument("--images", type=training.at_least(2), default=6,
+                   help=f"images per unit, 2 to {3 * metrics.R} (a channel's exemplars: its top {3 * metrics.R})")
     p.add_argument("--technique", default="fourier", choices=("pixel", "pixel+reg", "fourier", "maco"))
-    p.add_argument("--steps", type=int, default=256)
-    p.add_argument("--seeds", type=int, default=3, help="render seeds per weight: means over them, the lowest of all")
+    p.add_argument("--steps", type=training.at_least(1), default=256)
+    p.add_argument("--seeds", type=training.at_least(1), default=3,
+                   help="render seeds per weight: means over them, the lowest of all")
     args = p.parse_args()
+    if args.images > 3 * metrics.R:
+        p.error(f"argument --images: at most {3 * metrics.R}, a channel's top exemplars, got {args.images}")
     training.from_environment(p, args, [
         ("dataset", "DATASET", "cifar10-jpeg", {}),
         ("preset", "PRESET", training.device_defaults()["preset"], dict(choices=models.CNN_PRESETS)),
@@ -110,14 +114,14 @@ def measure(how, model, other, ref, units, offset, w, args):
         terms = [*how.settings.get("regularizers", ()), fv.Diversity(w)]  # the technique's own terms kept
         r = how(model, units, steps=args.steps, images_per_target=args.images, regularizers=terms, seed=seed,
                 progress=False)
-        act = r.activation / ref.real.max(0).values[r.target_index + offset]
-        row = dict(div=metrics.diversity(other, r.images, r.target_index), mean=act.mean().item())
+        act = metrics.normalized_activation(r.activation, ref.real[:, r.target_index + offset])  # NaN: no real image fires
+        row = dict(div=metrics.diversity(other, r.images, r.target_index), mean=act.nanmean().item())
         if offset == 0:
             row["nat"] = metrics.knn_ratio(ref.stats(r.images), r.target_index, ref.stats.train, ref.train_y,
                                            ref.held, ref.held_y)
             row["path"] = ref.path_check(r.images, r.target_index)[0]
         seeds.append(row)
-        low = min(low, act.min().item())
+        low = min(low, act.nan_to_num(float("inf")).min().item())
     out = {key: torch.tensor([float(row[key]) for row in seeds]) for key in seeds[0]}
     return dict(low=low, **{key: (v.mean().item(), v.std().item() if len(v) > 1 else 0.0) for key, v in out.items()})
 

@@ -65,45 +65,39 @@ def names_in(choices):
     return parse
 
 
-def at_least(low):
-    """An argparse type: an int >= low."""
-    def parse(text):
-        if not text.lstrip("-").isdigit() or int(text) < low:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}")
-        return int(text)
-    return parse
-
-
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", help="a dataset name or image-folder path (data.load_data; default: DATASET, "
                    "else cifar10-jpeg)")
     p.add_argument("--speed", action="store_true", help="time render() against Lucent instead")
     p.add_argument("--quick", action="store_true", help="smoke run: small models, few steps")
-    p.add_argument("--seeds", type=at_least(2), default=4, help="renders per technique, at least 2 for a spread "
-                   "(>= 4 for the table)")
-    p.add_argument("--steps", type=int, default=256)
-    p.add_argument("--rounds", type=at_least(1), default=5, help="--speed: interleaved rounds; ratios are taken within a round")
+    p.add_argument("--seeds", type=training.at_least(2), default=4,
+                   help="renders per technique, at least 2 for a spread (>= 4 for the table)")
+    p.add_argument("--steps", type=training.at_least(1), default=256)
+    p.add_argument("--rounds", type=training.at_least(1), default=5,
+                   help="--speed: interleaved rounds; ratios are taken within a round")
     p.add_argument("--preset", choices=sorted(models.CNN_PRESETS), default=None,
                    help="classifier preset (default airbench, small with --speed, whose CPU goal is the small "
                         "CNN's; with --notebook-models PRESET, else the device's)")
     p.add_argument("--vae-preset", choices=sorted(models.VAE_PRESETS), default=None,
                    help="VAE preset (default default; with --notebook-models VAE_PRESET, else the device's default)")
-    p.add_argument("--epochs", type=int, default=5, help="classifier epochs")
+    p.add_argument("--epochs", type=training.at_least(1), default=5, help="classifier epochs")
     p.add_argument("--batch-size", type=int, default=1024, help="classifier batch size")
-    p.add_argument("--vae-epochs", type=int, default=20)
+    p.add_argument("--vae-epochs", type=training.at_least(1), default=20)
     p.add_argument("--vae-batch-size", type=int, default=training.VAE_HYP["batch_size"])
     p.add_argument("--vae-lr", type=float, default=training.VAE_HYP["lr"])
-    p.add_argument("--techniques", type=names_in(fv.TECHNIQUE_NAMES), default=",".join(fv.TECHNIQUE_NAMES),
-                   help="comma-separated names")
+    p.add_argument("--techniques", type=names_in(fv.TECHNIQUE_NAMES), default=None,
+                   help="comma-separated names (default: all; without the latent ones for data of another size than "
+                        "the VAE's 32 px)")
     p.add_argument("--transforms", type=names_in(tuple(TRANSFORMS)), default=None,
                    help=f"comma-separated names of {', '.join(TRANSFORMS)}: each technique also renders with its "
                         f"transforms swapped for each of them (a row 'technique/name'; hybrid: its second stage)")
     p.add_argument("--lucent-224", action="store_true", help="also render Lucent at 224 px (slow on CPU)")
     p.add_argument("--png", default=None, help="comparison grid (default outputs/bench_featureviz_<dataset>.png)")
-    p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints" / "bench"))
+    p.add_argument("--ckpt-dir", default=None, help="the models' folder (default checkpoints/bench; with "
+                   "--notebook-models the notebooks', checkpoints/, or a smoke run's, checkpoints/smoke)")
     p.add_argument("--notebook-models", action="store_true",
-                   help="use the notebooks' checkpoints (checkpoints/), of their PRESET, VAE_PRESET and SEED")
+                   help="use the notebooks' checkpoints, of their PRESET, VAE_PRESET and SEED")
     p.add_argument("--seed", type=int, help="with --notebook-models: the notebooks' SEED (their train/val split; "
                    "default: SEED, else 0)")
     args = p.parse_args()
@@ -116,6 +110,9 @@ def parse_args():
     if args.quick and args.notebook_models:
         p.error("argument --quick: trains small models of its own on a slice of the data; --notebook-models loads "
                 "the notebooks' (give one of the two)")
+    if args.speed and args.notebook_models:
+        p.error("argument --speed: times the small CNN's render step on random weights; --notebook-models loads "
+                "the notebooks' models for the quality table (give one of the two)")
     if args.seed is not None and not args.notebook_models:
         p.error("argument --seed: the notebooks' SEED, for --notebook-models only")
     training.from_environment(p, args, settings)
@@ -140,15 +137,19 @@ def load_data(args):
 
 
 def load_models(args, d):
-    """(classifier, independent classifier, VAE), trained once and reused from checkpoints/bench/, or
-    those the notebooks wrote (--notebook-models)."""
+    """(classifier, independent classifier, VAE or None where no latent technique is asked for), trained once
+    and reused from checkpoints/bench/, or those the notebooks wrote (--notebook-models)."""
+    latent = any(name in fv.LATENT_TECHNIQUES for name in args.techniques)  # else no VAE (none at 64 px)
     if args.notebook_models:
-        ckpt, hint = ROOT / "checkpoints", "run the three notebooks first, with the same DATASET, presets and SEED"
-        return tuple(training.load_trained(ckpt / name, d, seed, hint=hint)[0] for name, seed in (
-            (f"classifier_{d.name}_{args.preset}.pt", args.seed),
-            (f"independent_{d.name}.pt", args.seed + 1),  # the notebook's SEED + 1
-            (f"vae_{d.name}_{args.vae_preset}.pt", args.seed)))
-    ckpt = Path(args.ckpt_dir)
+        ckpt = Path(args.ckpt_dir or ROOT / "checkpoints")
+        hint = "run the three notebooks first, with the same DATASET, presets and SEED"
+
+        def load(name, seed):
+            return training.load_trained(ckpt / name, d, seed, hint=hint)[0]
+        vae = load(f"vae_{d.name}_{args.vae_preset}.pt", args.seed) if latent else None
+        return (load(f"classifier_{d.name}_{args.preset}.pt", args.seed),
+                load(f"independent_{d.name}.pt", args.seed + 1), vae)  # the independent one: the notebook's SEED + 1
+    ckpt = Path(args.ckpt_dir or ROOT / "checkpoints" / "bench")
     tag = f"{d.name}{'_quick' if args.quick else ''}"
     widths = models.CNN_PRESETS[args.preset]["widths"]
     other_widths = [w * 3 // 4 if w > 32 else w * 3 // 2 for w in widths]  # an independent architecture
@@ -156,8 +157,10 @@ def load_models(args, d):
     model, _ = training.train_classifier(d, ckpt / f"cnn_{args.preset}_{tag}.pt", args.preset, hyp, seed=0)
     other, _ = training.train_classifier(d, ckpt / f"cnn_other_{args.preset}_{tag}.pt", args.preset, hyp,
                                          seed=1, widths=other_widths)
-    vae, _ = training.train_vae(d, ckpt / f"vae_{args.vae_preset}_{tag}.pt", args.vae_preset,
-                                dict(epochs=args.vae_epochs, batch_size=args.vae_batch_size, lr=args.vae_lr), seed=0)
+    vae = None
+    if latent:
+        hyp = dict(epochs=args.vae_epochs, batch_size=args.vae_batch_size, lr=args.vae_lr)
+        vae, _ = training.train_vae(d, ckpt / f"vae_{args.vae_preset}_{tag}.pt", args.vae_preset, hyp, seed=0)
     return model, other, vae
 
 
@@ -176,10 +179,10 @@ def lucent_usable(device):
         return False
     return True
 
-def lucent_classes(model, classes, steps, size=None, seed=0, channels=3, frozen=False):
-    """Lucent's render of several classes in one batch (summed objectives); images (T, C, 32, 32). Lucent, as it
-    comes, leaves the weights' gradients on (each step computes them too); frozen=True turns them off, as
-    render() does."""
+def lucent_classes(model, classes, steps, size=None, seed=0, channels=3, frozen=False, side=32):
+    """Lucent's render of several classes in one batch (summed objectives); images (T, C, side, side), shown to
+    the model at `size` (None: Lucent's 224 px). Lucent, as it comes, leaves the weights' gradients on (each step
+    computes them too); frozen=True turns them off, as render() does."""
     training.seed_everything(seed)  # Lucent draws from the global RNGs
     model = copy.deepcopy(model)    # Lucent leaves its hooks on the model
     model.requires_grad_(not frozen)
@@ -188,7 +191,7 @@ def lucent_classes(model, classes, steps, size=None, seed=0, channels=3, frozen=
     else:
         obj = functools.reduce(operator.add, [lucent_objectives.channel("head", k, batch=i)
                                               for i, k in enumerate(classes)])
-    param_f = lambda: lucent_param.image(32, batch=len(classes), channels=channels,  # noqa: E731
+    param_f = lambda: lucent_param.image(side, batch=len(classes), channels=channels,  # noqa: E731
                                          decorrelate=channels == 3)
     out = lucent_render.render_vis(model, obj, param_f, thresholds=(steps,), show_image=False,
                                    progress=False, preprocess=False, fixed_image_size=size)
@@ -199,6 +202,12 @@ def lucent_classes(model, classes, steps, size=None, seed=0, channels=3, frozen=
 
 def quality(args):
     d = load_data(args)
+    on_vae = d.size == models.VAE.image_size  # the latent techniques draw through a 32 px VAE
+    args.techniques = args.techniques or [t for t in fv.TECHNIQUE_NAMES if on_vae or t not in fv.LATENT_TECHNIQUES]
+    latent = [t for t in args.techniques if t in fv.LATENT_TECHNIQUES]
+    if latent and not on_vae:
+        sys.exit(f"--techniques: {', '.join(latent)} draw through the VAE, which makes {models.VAE.image_size} px "
+                 f"images, and {d.name} is {d.size} px: leave them out")
     model, other, vae = load_models(args, d)
     cov = fv.color_covariance(d.train_x)
     every = fv.techniques(vae, cov, fv.magnitude_spectrum(d.train_x[:10000], cov))
@@ -206,11 +215,11 @@ def quality(args):
     if args.transforms:
         techniques.update(swapped(techniques, args.transforms))
     if lucent_usable(models.device_of(model)):
-        for name, size in [("lucent@32", 32)] + ([("lucent@224", None)] if args.lucent_224 else []):
+        for name, size in [(f"lucent@{d.size}", d.size)] + ([("lucent@224", None)] if args.lucent_224 else []):
             def lucent(targets, seed, size=size):  # classes only
                 if not isinstance(targets[0], fv.Class):
                     return None
-                return lucent_classes(model, [t.idx for t in targets], args.steps, size, seed, d.channels)
+                return lucent_classes(model, [t.idx for t in targets], args.steps, size, seed, d.channels, side=d.size)
             techniques[name] = lucent
     elif lucent_render is None:
         print(f"(Lucent not importable: {LUCENT_ERROR}; pip install torch-lucent --no-deps kornia==0.4.1 "
