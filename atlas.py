@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import html
 import json
+import os
 import re
 import shlex
 import shutil
@@ -47,6 +48,7 @@ VERSION = 1                            # of the pages: a new version never reuse
 CLASSES = "classes"                    # the manifest's entry for the class pages
 MANIFEST = "atlas.json"
 NAV = re.compile(r"<nav>.*?</nav>", re.S)  # the bar of links atop a layer's or a class's page
+TEMPORARY = re.compile(r"\..*\.[0-9a-f]{12}\.tmp")  # a file being written (data.atomic_write), or a killed one
 
 
 # ----------------------------------------------------------------------------- the build
@@ -82,9 +84,10 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     if saved is None or saved["key"] != key:  # a build that cannot work for its model fails before it writes a file
         for how in hows.values():  # one step of one channel and one class per technique
             how(model, [fv.Channel(layers[0], 0), fv.Class(len(d.classes) - 1)], steps=1, size=d.size, progress=False)
-    # a whole atlas of other settings stays as it is while this one is built beside it
-    rebuild = saved is not None and saved["key"] not in (key, None)
-    where = staging(out) if rebuild else out
+    # a whole atlas of other settings stays as it is while this one is built beside it, where it can be
+    beside = staging(out)
+    rebuild = saved is not None and saved["key"] not in (key, None) and beside is not None
+    where = beside if rebuild else out
     site = Site(where, d, techniques)
     last_layer = models.last_spatial_layer(model, d.size)  # the layer whose channels the class pages may list
     done = _reused(site, _resume(where, key), layers, last_layer)
@@ -106,8 +109,8 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
                 _link(site, layers, done)
     if rebuild:
         _swap(where, out)
-    elif (staging(out) / MANIFEST).is_file():  # a rebuild of other settings, given up
-        shutil.rmtree(staging(out))
+    elif beside is not None and (beside / MANIFEST).is_file():  # a rebuild of other settings, given up
+        shutil.rmtree(beside)
     return out / "index.html"
 
 
@@ -179,7 +182,7 @@ def saved_manifest(out):
             saved = None
         if isinstance(saved, dict) and set(saved) == {"key", "done"}:
             return saved
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(not TEMPORARY.fullmatch(path.name) for path in out.iterdir()):  # a killed first write
         raise ValueError(f"out={str(out)!r} is a folder with other files in it (and no {MANIFEST} of an atlas): "
                          f"choose an empty or new folder for the atlas")
     return None
@@ -201,8 +204,12 @@ def _resume(out, key):
 
 
 def staging(out):
-    """The folder, beside `out` and hidden, where a rebuild under other settings is built until it is whole."""
+    """The folder, beside the atlas folder `out` and hidden, where a rebuild under other settings is built until it
+    is whole; None where there can be none: out is new, its parent not writable, or out a mount point (no rename
+    crosses filesystems). There, a rebuild empties the old atlas first."""
     out = Path(out).expanduser().resolve()
+    if not out.is_dir() or not os.access(out.parent, os.W_OK) or out.stat().st_dev != out.parent.stat().st_dev:
+        return None
     return out.with_name(f".{out.name}.next")
 
 
@@ -235,7 +242,7 @@ def _written_by_atlas(name):
     """Whether a file or folder of the atlas's folder is one that build_atlas writes (or a temporary file of one
     that a killed build left)."""
     return (name in ("index.html", "atlas.css", "img", MANIFEST) or re.fullmatch(r"(layer|class)-.*\.html", name)
-            or re.fullmatch(r"\..*\.[0-9a-f]{12}\.tmp", name)) is not None
+            or TEMPORARY.fullmatch(name)) is not None
 
 
 def _save_manifest(out, key, done):

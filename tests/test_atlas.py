@@ -366,11 +366,13 @@ def test_a_rebuild_is_built_beside_the_atlas_which_stays_whole_until_the_new_one
             raise KeyboardInterrupt
         return real_layer(*a)
 
+    new = atlas.staging(tmp_path)
+    new.mkdir()
+    (new / ".atlas.json.0123456789ab.tmp").write_text("")  # the first write of a killed rebuild: no other file
     monkeypatch.setattr(atlas, "_layer_page", second_interrupted)
     with pytest.raises(KeyboardInterrupt):  # other settings, stopped in their second layer
         atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS + 1, progress=False)
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == old
-    new = atlas.staging(tmp_path)
     assert new.parent == tmp_path.parent and (new / f"layer-{atlas.safe(layers[0])}.html").is_file()
     monkeypatch.setattr(atlas, "_layer_page", lambda *a: calls.append(a[2]) or real_layer(*a))
     atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS + 1, progress=False)
@@ -385,6 +387,13 @@ def test_a_rebuild_is_built_beside_the_atlas_which_stays_whole_until_the_new_one
     assert new.exists()
     atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS + 1, progress=False)
     assert len(calls) == 5 and not new.exists()  # reused the atlas there, and removed the one beside it
+    # no folder beside it where a new one cannot go (a parent not writable, a mount point): emptied first, as before
+    assert atlas.staging(tmp_path / "new") is None
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    assert atlas.staging(tmp_path) is None
+    with pytest.raises(KeyboardInterrupt):
+        atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS, progress=False)
+    assert not new.exists() and not (tmp_path / f"layer-{atlas.safe(layers[1])}.html").exists()
 
 
 def test_a_build_interrupted_in_its_first_layer_resumes_and_credits_no_channels_without_a_page(tiny, tmp_path,
