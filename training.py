@@ -6,7 +6,6 @@ flip + translate augmentation, and flip + translate test-time augmentation (TTA)
 """
 import argparse
 import csv
-import glob
 import math
 import numbers
 import os
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from data import Loader, atomic_write, check_count, check_labels, plain, to_float, warn, writable_dir
 from models import (BatchNorm, build_model, check_input, check_logits, cnn_config, config_of, device_of, dtype_of,
-                    evaluating, exact, first_image, frozen, vae_config)
+                    evaluating, exact, first_image, frozen, vae_config, CNN_PRESETS, VAE_PRESETS)
 
 CNN_HYP = dict(
     epochs=10,               # airbench94 trains 9.9 epochs
@@ -288,8 +287,9 @@ def load_checkpoint(path, device=None, hint="train the model first (or fix the p
     model's initial weights draw from them)."""
     path = Path(path)
     if not path.exists():  # those of other presets beside it: a model trained on another device's defaults
-        others = sorted(p.name for p in path.parent.glob(glob.escape(path.stem.rsplit("_", 1)[0]) + "_*.pt")
-                        if not p.name.endswith(".partial.pt"))
+        prefix = path.stem.rsplit("_", 1)[0]
+        others = [f"{prefix}_{preset}.pt" for preset in {**CNN_PRESETS, **VAE_PRESETS}
+                  if (path.parent / f"{prefix}_{preset}.pt").is_file()]
         raise FileNotFoundError(f"no checkpoint at {path}: {hint}" +
                                 (f" (beside it: {', '.join(others)})" if others else ""))
     device = get_device(device)  # a bad device is the caller's error, not the checkpoint's

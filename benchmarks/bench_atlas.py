@@ -4,8 +4,9 @@
 
 Builds into outputs/atlas_bench/ (emptied first, so nothing is reused; a folder given with --out is
 emptied only if it holds an atlas): every channel of every block's last spatial layer and the classes,
-under both techniques at 256 steps (STEPS or --steps, if set, changes them: the goals are at 256). Goals: the CPU default model (`compact`) in at most 15
-minutes on 2 CPU cores; `airbench` in at most 1 minute on a GPU. Then, where Playwright and Chromium are
+under both techniques at 256 steps (STEPS or --steps, if set, changes them: the goals are at 256). Goals:
+the CPU default model (`compact`) in at most 15 minutes on 2 CPU cores; `airbench` in at most 1 minute on a
+GPU. Then, where Playwright and Chromium are
 installed, a screenshot of the last layer's page goes to screenshot.png in that folder (copy it to
 docs/atlas_layer.png to update the README's).
 """

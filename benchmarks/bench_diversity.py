@@ -114,7 +114,8 @@ def measure(how, model, other, ref, units, offset, w, args):
         terms = [*how.settings.get("regularizers", ()), fv.Diversity(w)]  # the technique's own terms kept
         r = how(model, units, steps=args.steps, images_per_target=args.images, regularizers=terms, seed=seed,
                 progress=False)
-        act = metrics.normalized_activation(r.activation, ref.real[:, r.target_index + offset])  # NaN: no real image fires
+        # NaN for a unit that no real image excites
+        act = metrics.normalized_activation(r.activation, ref.real[:, r.target_index + offset])
         row = dict(div=metrics.diversity(other, r.images, r.target_index), mean=act.nanmean().item())
         if offset == 0:
             row["nat"] = metrics.knn_ratio(ref.stats(r.images), r.target_index, ref.stats.train, ref.train_y,

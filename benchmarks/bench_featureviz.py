@@ -82,9 +82,9 @@ def parse_args():
     p.add_argument("--vae-preset", choices=sorted(models.VAE_PRESETS), default=None,
                    help="VAE preset (default default; with --notebook-models VAE_PRESET, else the device's default)")
     p.add_argument("--epochs", type=training.at_least(1), default=5, help="classifier epochs")
-    p.add_argument("--batch-size", type=int, default=1024, help="classifier batch size")
+    p.add_argument("--batch-size", type=training.at_least(1), default=1024, help="classifier batch size")
     p.add_argument("--vae-epochs", type=training.at_least(1), default=20)
-    p.add_argument("--vae-batch-size", type=int, default=training.VAE_HYP["batch_size"])
+    p.add_argument("--vae-batch-size", type=training.at_least(1), default=training.VAE_HYP["batch_size"])
     p.add_argument("--vae-lr", type=float, default=training.VAE_HYP["lr"])
     p.add_argument("--techniques", type=names_in(fv.TECHNIQUE_NAMES), default=None,
                    help="comma-separated names (default: all; without the latent ones for data of another size than "

@@ -192,7 +192,7 @@ if __name__ == "__main__":
     t.add_argument("--rounds", type=training.at_least(1), default=2)
     r = sub.add_parser("precision")
     r.add_argument("--preset", default="compact", choices=sorted(models.CNN_PRESETS))
-    r.add_argument("--batch", type=int, default=1024)
+    r.add_argument("--batch", type=training.at_least(1), default=1024)
     r.add_argument("--rounds", type=training.at_least(1), default=3)
     args = p.parse_args()
     {"accuracy": accuracy, "throughput": throughput, "precision": precision}[args.cmd](args)

@@ -109,7 +109,8 @@ def test_missing_and_corrupt_checkpoints_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"train the model first \(or fix the path\)$"):
         training.load_checkpoint(tmp_path / "none.pt")
     # another preset's, trained on another device's defaults, is named; a stopped run's or another data's is not
-    for name in ("classifier_x[1]_airbench.pt", "classifier_x[1]_small.partial.pt", "classifier_y_small.pt"):
+    for name in ("classifier_x[1]_airbench.pt", "classifier_x[1]_small.partial.pt", "classifier_y_small.pt",
+                 "classifier_x[1]_v2_small.pt"):  # another data's, whose name goes on
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"first \(beside it: classifier_x\[1\]_airbench\.pt\)$"):
         training.load_checkpoint(tmp_path / "classifier_x[1]_compact.pt", hint="run Classifier.ipynb first")
@@ -301,7 +302,7 @@ def test_a_bad_device_is_not_blamed_on_a_good_checkpoint(trained):
     training.load_checkpoint(path, device="cpu")  # the checkpoint itself is fine
 
 
-@pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.exists(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.usefixtures("debian_fashion_mnist")
 def test_fashion_mnist_short_run_beats_85_percent(tmp_path):
     d = data.load_data("fashion-mnist", root=tmp_path / "data")
     model, ckpt = training.train_classifier(d, tmp_path / "fm.pt", preset="small",
@@ -310,9 +311,9 @@ def test_fashion_mnist_short_run_beats_85_percent(tmp_path):
     assert acc > 0.85, acc
 
 
-def test_fit_autocasts_to_bfloat16_only_where_the_device_has_it(tiny_data, monkeypatch):
+def test_fit_autocasts_to_bfloat16_only_where_the_device_has_it(tiny_data, monkeypatch, tmp_path):
     """Training steps run in bfloat16 where `bf16_training` says so, in float32 elsewhere; validation runs in
-    float32 either way; both learn."""
+    float32 either way; the checkpoint records which; both learn."""
     assert not training.bf16_training(torch.device("mps"))
     for units in (False, True):  # a GPU with bfloat16 units (Ampere and later), or one that emulates them
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: units)
@@ -338,8 +339,9 @@ def test_fit_autocasts_to_bfloat16_only_where_the_device_has_it(tiny_data, monke
         model = models.build_model(models.cnn_config("small", image_size=32))
         seen = set()
         model.block1.conv1.register_forward_hook(lambda module, args, out: seen.add((module.training, out.dtype)))
-        rows = training.fit(model, tiny_data, hyp=TINY, progress=False)
+        rows = training.fit(model, tiny_data, hyp=TINY, ckpt_path=tmp_path / f"{bf16}.pt", progress=False)
         assert seen == {(True, torch.bfloat16 if bf16 else torch.float32), (False, torch.float32)}, bf16
+        assert torch.load(tmp_path / f"{bf16}.pt", weights_only=True)["precision"] == ("bf16" if bf16 else "fp32")
         assert rows[-1]["val_acc"] > 0.5, (bf16, rows[-1])
 
 
