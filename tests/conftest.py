@@ -20,15 +20,28 @@ CIFAR10_JPEG = Path(os.environ.get("CIFAR10_JPEG") or
                     Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
 
 
+def missing(reason):
+    """A dataset the tests need is missing: skip, or fail under CI (whose run provides it)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def cifar10_jpeg_path():
     """The CIFAR-10 JPEG archive (CIFAR10_JPEG, else ../shared/data/); missing: skip, or fail under CI."""
     if not CIFAR10_JPEG.exists():
-        reason = f"the CIFAR-10 JPEG archive is not at {CIFAR10_JPEG} (set CIFAR10_JPEG to its path)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing(f"the CIFAR-10 JPEG archive is not at {CIFAR10_JPEG} (set CIFAR10_JPEG to its path)")
     return CIFAR10_JPEG
+
+
+@pytest.fixture(scope="session")
+def debian_fashion_mnist():
+    """Fashion-MNIST from the Debian package dataset-fashion-mnist (.ci/run installs it); missing: skip, or fail
+    under CI."""
+    import data
+    if not data.DEBIAN_FASHION_MNIST.exists():
+        missing(f"dataset-fashion-mnist is not installed (no {data.DEBIAN_FASHION_MNIST})")
 
 
 @pytest.fixture(scope="session")

@@ -613,7 +613,7 @@ def test_a_reused_checkpoint_whose_csv_cannot_be_written_loads_with_a_warning(fi
     assert ckpt_dict["history"] and not csv.exists()
 
 
-@pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.exists(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.usefixtures("debian_fashion_mnist")
 def test_fashion_mnist_reads_the_debian_files_in_place(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")  # a DATA_DIR that could hold nothing: it is never needed

@@ -222,7 +222,7 @@ def test_fashion_mnist_downloaded_before_is_read_from_a_folder_that_cannot_be_wr
         data.load_data("fashion-mnist", root=tmp_path / "empty")
 
 
-@pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST.exists(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.usefixtures("debian_fashion_mnist")
 def test_fashion_mnist_from_the_debian_package(tmp_path):
     d = data.load_data("fashion-mnist", root=tmp_path)
     assert d.train_x.shape[1:] == (1, 32, 32) and d.channels == 1

@@ -751,9 +751,11 @@ def test_restarts_keep_the_best_candidate():
 
 
 def test_one_channel_model_renders():
-    r = fv.render(cnn(channels=1), [fv.Channel("block1.act2", 0)], steps=20, progress=False)
+    model, target = cnn(channels=1), fv.Channel("block1.act2", 0)
+    r = fv.render(model, [target], steps=20, progress=False)
     assert r.images.shape == (1, 1, 32, 32)
-    assert r.history[-1, 0] > r.history[0, 0]
+    grey = fv.activations(model, torch.full((1, 1, 32, 32), 0.5), [target])[0, 0]  # 0 (a ReLU's)
+    assert r.history[-1, 0] > r.history[0, 0] + 0.25 and r.activation[0] > grey + 0.25  # 0.57, 0.001 unoptimized
 
 
 @pytest.mark.parametrize("target", [fv.Class(4), fv.Channel("block2.act2", 3)])
@@ -1163,11 +1165,16 @@ def test_stages_take_names_and_a_prior_goes_to_the_latent_stage_only():
 
 def test_a_bfloat16_vae_draws_the_latent_techniques_images_as_a_float32_one_does():
     model, vae = cnn(), vae_with_stats()
+    with torch.no_grad():  # untrained, its images barely depend on z; with weights x2, two seeds' are 0.06 apart
+        for p in vae.parameters():
+            p.mul_(2)
     for name in ("latent", "whitened", "hybrid"):
         ref = fv.techniques(vae)[name](model, [0, 1], steps=3, seed=1, progress=False)
         low = fv.techniques(copy.deepcopy(vae).to(torch.bfloat16))[name](model, [0, 1], steps=3, seed=1, progress=False)
         assert low.images.dtype == torch.float32, name  # render() returns float32 images, whatever made them
-        assert (low.images - ref.images).abs().max() < (0.05 if name != "hybrid" else 0.3), name  # bfloat16's rounding
+        other = fv.techniques(vae)[name](model, [0, 1], steps=3, seed=2, progress=False)  # another start
+        # bfloat16's rounding (0.001-0.002 on average) is far below the images' own dependence on their latent
+        assert (low.images - ref.images).abs().mean() < 0.1 * (other.images - ref.images).abs().mean(), name
     low = copy.deepcopy(vae).to(torch.bfloat16)
     for kind in ("latent", "whitened"):  # the shift and the resampling take its images too (rfft2 takes no bfloat16)
         for transforms in (fv.STANDARD, fv.AFFINE):

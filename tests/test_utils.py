@@ -120,6 +120,8 @@ def test_plot_misclassified_titles():
     true, pred = torch.tensor([3, 1, 5, 2, 0]), torch.tensor([5, 1, 3, 2, 8])
     fig = utils.plot_misclassified(images(5), true, pred, CLASSES, n=2)
     assert titles(fig) == ["True: cat\nPred: dog", "True: dog\nPred: cat"]
+    for ax, i in zip(image_axes(fig), (0, 2)):  # each title over its own image
+        np.testing.assert_allclose(ax.images[0].get_array(), images(5)[i].permute(1, 2, 0).numpy())
     fig = utils.plot_misclassified(images(5), true, pred, CLASSES)
     assert len(image_axes(fig)) == 3 and "True: plane\nPred: ship" in titles(fig)
     fig = utils.plot_misclassified(images(2), true[:2] * 0, pred[:2] * 0, CLASSES)  # none wrong
@@ -307,10 +309,13 @@ def test_plot_curves_with_vae_metrics_and_spectrum(tmp_path):
 
 
 def test_plot_unit_shows_visualization_and_exemplars(tmp_path):
-    fig = utils.plot_unit(torch.rand(3, 32, 32), torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8),
-                          torch.tensor([3.0, 2.5, 2.0, 1.0]), title="unit", save=tmp_path / "u.png")
+    vis, exemplars = torch.rand(3, 32, 32), torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    fig = utils.plot_unit(vis, exemplars, torch.tensor([3.0, 2.5, 2.0, 1.0]), title="unit", save=tmp_path / "u.png")
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["visualization", "3.00", "2.50", "2.00", "1.00"] and len(fig.axes[0].images) == 1
+    shown = [ax.images[0].get_array() for ax in fig.axes]  # the visualization, then the exemplars in order
+    for array, image in zip(shown, [vis, *exemplars.float().div(255)]):
+        np.testing.assert_allclose(array, image.permute(1, 2, 0).numpy(), rtol=1e-6)
     assert (tmp_path / "u.png").stat().st_size > 0
     assert all(not ax.lines for ax in fig.axes)  # nothing marked unless asked
     plt.close(fig)
