@@ -305,8 +305,8 @@ def _head_inputs(head):
 
 def head_reads(model, layer, images):
     """True if the model's head is an nn.Linear that reads the layer's channels one to one, each pooled
-    over the map (by its mean or its max), as checked on these images: not a hidden layer of the same
-    width between them, whose units the class pages would take for the layer's channels."""
+    over the map (by its mean or its max, after a ReLU or not), as checked on these images: not a hidden layer
+    of the same width between them, whose units the class pages would take for the layer's channels."""
     head = _head(model, images)
     if not isinstance(head, nn.Linear):
         return False
@@ -314,8 +314,9 @@ def head_reads(model, layer, images):
         maps = models.capture(model, images, [layer, None])[layer].float().cpu().flatten(2)  # None: run it all
     read = inputs[-1]
     rtol = max(1e-4, torch.finfo(models.dtype_of(model)).eps)  # a bfloat16 model's pooling: one unit in its last place
-    return any(read.shape == pooled.shape and torch.allclose(read, pooled, rtol=rtol, atol=1e-5)
-               for pooled in (maps.mean(2), maps.amax(2)))
+    # by its mean or its max, of the map or of its ReLU where the forward applies one that is no layer (DenseNet's)
+    return any(read.shape == m.shape[:2] and torch.allclose(read, pool(m), rtol=rtol, atol=1e-5)
+               for m in (maps, maps.clamp_min(0)) for pool in (lambda m: m.mean(2), lambda m: m.amax(2)))
 
 
 def _layer_page(model, d, layer, n, hows, steps, site, bar):

@@ -13,6 +13,8 @@ from urllib.parse import urlparse
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import atlas
 import data
@@ -692,3 +694,18 @@ def test_head_reads_only_a_head_on_the_layers_pooled_channels(tiny):
     half = copy.deepcopy(direct).to(torch.bfloat16)  # its average pool rounds to bfloat16: not another head
     assert atlas.head_reads(half, "1", d.test_x[:8]) and not atlas.head_reads(hidden.to(torch.bfloat16), "1", d.test_x[:8])
     assert not atlas.head_reads(UnusedLastLinear(), "net.0", d.test_x[:8])  # its nn.Linear never runs: was an IndexError
+    dense = DenseNetHead().eval()  # its last layer, a batch norm, is pooled after a functional ReLU
+    assert models.last_spatial_layer(dense, 32) == "features" and atlas.head_reads(dense, "features", d.test_x[:8])
+
+
+class DenseNetHead(nn.Module):
+    """torchvision's DenseNet's ending: F.relu(features(x)), pooled, then the classifier; no layer is that ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.classifier = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.classifier(F.adaptive_avg_pool2d(F.relu(self.features(x)), 1).flatten(1))
