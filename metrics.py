@@ -114,9 +114,10 @@ def block_activations(model, images, reduce, layers=None, batch_size=500):
     layers = models.block_layers(model, images.shape[-1]) if layers is None else models.as_names(layers)
     device = models.device_of(model)
     out = []
-    for x in images.split(batch_size):  # each batch reduced at once: no whole set's maps held in memory
-        maps = models.capture(model, data.to_float(x.to(device)), layers)
-        out.append({name: reduce(a.float()).cpu() for name, a in maps.items()})  # a bfloat16 model's too, in float32
+    with models.capturing(model, layers) as read:
+        for x in images.split(batch_size):  # each batch reduced at once: no whole set's maps held in memory
+            maps = read(data.to_float(x.to(device)))
+            out.append({name: reduce(a.float()).cpu() for name, a in maps.items()})  # a bfloat16 model's in float32
     return [torch.cat([o[name] for o in out]) for name in layers]
 
 

@@ -885,10 +885,21 @@ def capture(model, images, layers):
     [0, 1]), as {name: tensor}, each a layer's output as `Recorder` defines it, in the standard memory
     format; the model is left as found (`frozen`, which runs ours channels-last on a CPU, where that is faster)."""
     check_input(model, images)
+    with capturing(model, layers) as read:
+        return read(images)
+
+
+@contextmanager
+def capturing(model, layers):
+    """Yields read(images) -> `capture(model, images, layers)`, for batch after batch: one Recorder reads them
+    all, so that only its first pass learns the model and runs it whole (the later ones stop after the last
+    layer asked for)."""
     layers = as_names(layers)
     with frozen(model) as layout, Recorder(model, layers).hooked() as run:
-        out = run(layout(to_float(images.to(device_of(model)))))
-    return {name: out[name].contiguous() for name in layers}
+        def read(images):
+            out = run(layout(to_float(check_input(model, images).to(device_of(model)))))
+            return {name: out[name].contiguous() for name in layers}
+        yield read
 
 
 def first_image(model, images):

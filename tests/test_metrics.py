@@ -515,6 +515,22 @@ def test_block_statistics_of_a_bfloat16_model_are_reduced_in_float32(reference):
     assert seen == [torch.float32]  # the mean and SD of a map rounded to bfloat16 were 0.4% off
 
 
+def test_block_statistics_run_the_whole_model_for_the_first_batch_only():
+    """One Recorder reads every batch: it learns the model on the first (a pass, and another where an output is
+    overwritten in place, as by DenseNet's functional ReLU), and stops the later ones after the last block."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    heads = []
+    model[-1].register_forward_hook(lambda *a: heads.append(1))
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    a = metrics.block_activations(model, images, metrics.pooled, ["0", "2"], batch_size=2)  # overwritten in place
+    assert len(heads) == 2  # 4 batches: 8 whole passes when each batch learned the model anew
+    with torch.no_grad():
+        first = model[0](images)
+    assert torch.allclose(a[0], metrics.pooled(first), atol=1e-6)  # before its ReLU wrote over it
+
+
 def test_the_path_check_flags_an_image_unlike_the_natural_ones_at_a_single_block(reference, monkeypatch):
     n = len(reference.layers)
     p = torch.ones(2, n)
