@@ -393,7 +393,8 @@ def find_image_folder(name, root):
     raise ValueError(
         f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, give the path of an image folder "
         f"or archive (train/<class>/*, test/<class>/*), or put "
-        f"{name if suffixes == () else f'{name}.tar.gz or the folder {name}/'} into {root.resolve()} (DATA_DIR)")
+        f"{name if suffixes == () else f'{name}.tar.gz or the folder {name}/'} into {root.resolve()} (DATA_DIR)"
+        + (f"; {name}.zip there is not read: extract it" if (root / f"{name}.zip").exists() else ""))
 
 
 CACHE_FORMAT = 3  # a cache decoded by an older loader (one that merged a second copy of the dataset, or skipped an

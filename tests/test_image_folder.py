@@ -390,6 +390,9 @@ def test_an_archive_is_found_in_data_dir_by_its_file_name_too(tmp_path, monkeypa
     assert data.load_data("pets.tar.gz", tmp_path).name == "pets"  # was: "dataset path does not exist"
     with pytest.raises(ValueError, match=r"unknown dataset 'dogs.tar'; .* or put dogs.tar into"):
         data.load_data("dogs.tar", tmp_path)
+    (tmp_path / "cats.zip").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"unknown dataset 'cats'; .*; cats.zip there is not read: extract it$"):
+        data.load_data("cats", tmp_path)
     with pytest.raises(ValueError, match="the dataset's name is empty; choose one of cifar10"):
         data.load_data("", tmp_path)  # was DATA_DIR itself
     for seed in (-1, 1.0, "0", True):
