@@ -46,6 +46,7 @@ STRIP = 8                              # most selective channels per layer on th
 CONTRIBUTORS = 8                       # channels listed per class
 VERSION = 1                            # of the pages: a new version never reuses older pages
 CLASSES = "classes"                    # the manifest's entry for the class pages
+SWAPPING = "swapping in"               # the manifest's only entry while a rebuild's files move in
 MANIFEST = "atlas.json"
 NAV = re.compile(r"<nav>.*?</nav>", re.S)  # the bar of links atop a layer's or a class's page
 TEMPORARY = re.compile(r"\..*\.[0-9a-f]{12}\.tmp")  # a file being written (data.atomic_write), or a killed one
@@ -81,11 +82,15 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     key = fingerprint(VERSION, model, vae, techniques, steps, d.name, d.classes, d.test_x, d.test_y,
                       cov, magnitude, _code())
 
+    beside = staging(out)
+    staged = saved_manifest(beside) if beside and (beside / MANIFEST).is_file() else None
+    if saved is not None and saved["key"] is None and staged and staged["key"] == key:  # only a whole one is swapped
+        _swap(beside, out, key)  # a swap cut short: finished
+        saved = saved_manifest(out)
     if saved is None or saved["key"] != key:  # a build that cannot work for its model fails before it writes a file
         for how in hows.values():  # one step of one channel and one class per technique
             how(model, [fv.Channel(layers[0], 0), fv.Class(len(d.classes) - 1)], steps=1, size=d.size, progress=False)
     # a whole atlas of other settings stays as it is while this one is built beside it, where it can be
-    beside = staging(out)
     rebuild = saved is not None and saved["key"] not in (key, None) and beside is not None
     where = beside if rebuild else out
     site = Site(where, d, techniques)
@@ -108,7 +113,7 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
                 _save_manifest(where, key, done)
                 _link(site, layers, done)
     if rebuild:
-        _swap(where, out)
+        _swap(where, out, key)
     elif beside is not None and (beside / MANIFEST).is_file():  # a rebuild of other settings, given up
         shutil.rmtree(beside)
     return out / "index.html"
@@ -213,12 +218,15 @@ def staging(out):
     return out.with_name(f".{out.name}.next")
 
 
-def _swap(new, out):
-    """Puts the finished atlas in the folder `new` in place of the one in `out` (a file of the user's there stays)
-    and removes `new`. out's manifest first records no key: a swap cut short leaves an atlas that the next build
-    empties and builds afresh, whatever its settings; `new`'s manifest, moved last, makes out whole."""
-    _save_manifest(out, None, {})
-    _empty(out)
+def _swap(new, out, key):
+    """Puts the finished atlas in the folder `new`, built under `key`, in place of the one in `out` (a file of the
+    user's there stays) and removes `new`. out's manifest first records no key, then, once out is emptied, that it
+    takes new's files: a swap cut short (out under no key, new under `key`) is finished by the next build under
+    that key, and any other build empties out and builds afresh. new's manifest, moved last, makes out whole."""
+    if saved_manifest(out)["done"] != {SWAPPING: key}:  # not emptied yet, or not wholly: what out holds is old
+        _save_manifest(out, None, {})
+        _empty(out)
+        _save_manifest(out, None, {SWAPPING: key})  # from here on, out holds only new's files
     for path in new.iterdir():
         if path.name != MANIFEST:
             path.replace(out / path.name)

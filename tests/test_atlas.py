@@ -324,34 +324,43 @@ def test_a_rebuild_that_fails_for_its_model_leaves_the_finished_atlas_as_it_was(
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
-@pytest.mark.parametrize("again", [STEPS + 1, STEPS], ids=["new-settings", "old-settings"])
-def test_an_atlas_swapped_in_part_is_emptied_and_built_again_under_either_settings(tiny, tmp_path, monkeypatch,
-                                                                                     again):
+@pytest.mark.parametrize("cut", ["emptying", "moving"])
+@pytest.mark.parametrize("again", [STEPS + 1, STEPS], ids=["its-settings", "the-old-settings"])
+def test_a_swap_cut_short_is_finished_under_its_settings_and_built_afresh_under_others(tiny, tmp_path, monkeypatch,
+                                                                                       again, cut):
     model, d, vae = tiny
     atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS, progress=False)
-    removed, real_unlink = [], os.unlink
+    calls, real_unlink, real_replace = [], os.unlink, Path.replace
 
-    def unlink(path, *a, **k):
+    def unlink(path, *a, **k):  # the old atlas's files, as the swap empties the folder
         if not os.path.basename(path).startswith("."):  # not the temporary file of a manifest
-            removed.append(path)
-            if len(removed) == 3:
+            calls.append(path)
+            if cut == "emptying" and len(calls) == 3:
                 raise KeyboardInterrupt
         real_unlink(path, *a, **k)
 
+    def replace(path, target):  # the new atlas's files, as they move in
+        calls.append(path)
+        if cut == "moving" and len(calls) > 3 and path.name != atlas.MANIFEST:
+            raise KeyboardInterrupt
+        return real_replace(path, target)
+
     monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(Path, "replace", replace)
     with pytest.raises(KeyboardInterrupt):  # other settings: built beside it, then swapped in, and interrupted
         atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS + 1, progress=False)
-    monkeypatch.setattr(os, "unlink", real_unlink)
-    assert (tmp_path / atlas.MANIFEST).exists() and len(removed) == 3
+    monkeypatch.undo()
+    assert atlas.saved_manifest(tmp_path)["key"] is None
     pages = []
     real_layer = atlas._layer_page
     monkeypatch.setattr(atlas, "_layer_page", lambda *a: pages.append(a[2]) or real_layer(*a))
     atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], again, progress=False)
-    assert pages == ["block3.act2"]  # built again, even under the settings of the half-emptied atlas
-    assert not atlas.staging(tmp_path).exists()
-    html_text = "".join(p.read_text() for p in tmp_path.glob("*.html"))
-    linked = set(re.findall(r'<img src="([^"]+)"', html_text))
-    assert linked and all((tmp_path / src).exists() for src in linked)
+    # its own settings: the swap finished, nothing rendered; the half-emptied atlas's: built again
+    assert pages == ([] if again == STEPS + 1 else ["block3.act2"])
+    assert not atlas.staging(tmp_path).exists() and atlas.saved_manifest(tmp_path)["key"] is not None
+    links_resolve(tmp_path)
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], again, progress=False)
+    assert len(pages) == (again == STEPS) * 1  # whole: reused
 
 
 def test_a_rebuild_is_built_beside_the_atlas_which_stays_whole_until_the_new_one_is(tiny, tmp_path, monkeypatch):
