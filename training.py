@@ -321,7 +321,7 @@ def check_trained_on(ckpt, data, seed, hint="re-run the training cell after the 
     (trained_on): a notebook whose data cell was re-run with another DATASET, and not its training cell, would
     score the earlier model on the new images, under their class names."""
     if ckpt is None:  # the notebooks' after a stopped training cell
-        raise RuntimeError(f"{name} has no checkpoint: its training did not finish; {hint}")
+        raise RuntimeError(f"{name} has no checkpoint: its training or loading did not finish; {hint}")
     differ = [f"{key} {ckpt.get(key)!r}, not {value!r}" if key != "data" else "other images (or another split)"
               for key, value in trained_on(data, seed).items() if ckpt.get(key) != value]
     if differ:

@@ -114,6 +114,33 @@ assert labels == d.classes[:len(channels)], labels
 """
 
 
+# And its load cell stopped midway (the independent classifier's training interrupted): no cell goes on with the
+# models of before; each asks for the load cell again.
+STOPPED_LOAD = """
+cell, train, kept = {cell!r}, training.train_classifier, (model, ckpt, vae, other, TECHNIQUES)
+
+def stopped(*args, **kwargs):
+    raise KeyboardInterrupt
+
+training.train_classifier = stopped
+try:
+    try:
+        exec(cell)
+    except KeyboardInterrupt:
+        pass
+    assert ckpt is None and other is None and TECHNIQUES is None, "the stopped load left models behind"
+    try:
+        show_unit("block3.act2", 0, "pixel")
+    except RuntimeError as e:
+        assert "re-run the load cell" in str(e), e
+    else:
+        raise AssertionError("rendered with the models of before the stopped load")
+finally:
+    training.train_classifier = train
+    model, ckpt, vae, other, TECHNIQUES = kept
+"""
+
+
 def _smoke_checks(name, nb):
     """The cells appended to notebook `name` after its own (above), made from its cells."""
     if name in TRAINING:
@@ -121,7 +148,9 @@ def _smoke_checks(name, nb):
         return RERUN_TRAINING.format(cell=cell, **TRAINING[name])
     cell = next(c.source for c in nb.cells if "atlas.command(" in c.source)
     channels = next(c.source for c in nb.cells if "CHANNEL_LAYER =" in c.source)
-    return PRESS_RENDER + NEURON_RING + PRINTED_COMMAND.format(cell=cell) + RERUN_CHANNELS.format(cell=channels)
+    load = next(c.source for c in nb.cells if "other_ckpt =" in c.source)
+    return (PRESS_RENDER + NEURON_RING + PRINTED_COMMAND.format(cell=cell) + RERUN_CHANNELS.format(cell=channels)
+            + STOPPED_LOAD.format(cell=load))
 
 
 def test_notebooks_run_in_smoke_mode(monkeypatch):
