@@ -84,9 +84,12 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
 
     beside = staging(out)
     staged = saved_manifest(beside) if beside and (beside / MANIFEST).is_file() else None
-    if saved is not None and saved["key"] is None and staged and staged["key"] == key:  # only a whole one is swapped
-        _swap(beside, out, key)  # a swap cut short: finished
-        saved = saved_manifest(out)
+    if saved is not None and saved["key"] is None and staged:  # a swap cut short (only a whole atlas is swapped)
+        if staged["key"] == key:
+            _swap(beside, out, key)  # finished
+            saved = saved_manifest(out)
+        else:  # given up: part of it may be in out already, so it is never resumed
+            shutil.rmtree(beside)
     if saved is None or saved["key"] != key:  # a build that cannot work for its model fails before it writes a file
         for how in hows.values():  # one step of one channel and one class per technique
             how(model, [fv.Channel(layers[0], 0), fv.Class(len(d.classes) - 1)], steps=1, size=d.size, progress=False)

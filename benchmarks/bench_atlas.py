@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 import atlas  # noqa: E402
 import models  # noqa: E402
 import training  # noqa: E402
@@ -26,15 +27,17 @@ import training  # noqa: E402
 def main():
     args = atlas.arguments(__doc__.split("\n")[0])
     out = Path(args.out).expanduser()
-    if out.resolve() == atlas.ATLAS_DIR.resolve():  # never the notebooks' own atlas, however it is spelled
-        out = Path("outputs/atlas_bench")
+    if out.resolve() == (ROOT / atlas.ATLAS_DIR).resolve():  # never the notebooks' own atlas, from any folder
+        out = ROOT / "outputs" / "atlas_bench"
     try:
         atlas.saved_manifest(out)  # emptied below: only an atlas's folder, or a new or empty one
     except (OSError, ValueError) as e:
         sys.exit(f"--out: {e}")
     model, d, vae = atlas.notebook_models(args.dataset, args.data_dir, args.preset, args.vae_preset, args.techniques,
                                           args.seed, args.checkpoints)
-    shutil.rmtree(out, ignore_errors=True)
+    if out.is_dir():  # from scratch: the atlas's own files go (a file of the user's stays, as build_atlas keeps it)
+        atlas._empty(out)
+        (out / atlas.MANIFEST).unlink(missing_ok=True)
     layers = models.block_layers(model, d.size)
     channels = sum(models.layer_channels(model, layer, d.size) for layer in layers)
     start = time.perf_counter()

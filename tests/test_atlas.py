@@ -363,6 +363,35 @@ def test_a_swap_cut_short_is_finished_under_its_settings_and_built_afresh_under_
     assert len(pages) == (again == STEPS) * 1  # whole: reused
 
 
+def test_a_swap_cut_short_and_given_up_is_never_resumed(tiny, tmp_path, monkeypatch):
+    """Its images moved into the folder, which another build then empties: were it resumed later, its pages
+    (still beside the folder) would link images that are gone."""
+    model, d, vae = tiny
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS, progress=False)
+    real_replace, real_layer = Path.replace, atlas._layer_page
+
+    def replace(path, target):  # the swap stops with img/ moved in, and no page
+        real_replace(path.parent / "img", Path(target).parent / "img")
+        raise KeyboardInterrupt
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS + 1, progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(atlas, "_layer_page", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # a third setting: the folder is emptied, its img/ with it
+        atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS + 2, progress=False)
+    assert not atlas.staging(tmp_path).exists()
+    pages = []
+    monkeypatch.setattr(atlas, "_layer_page", lambda *a: pages.append(a[2]) or real_layer(*a))
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS + 1, progress=False)
+    assert pages == ["block3.act2"]  # rendered again, not taken from the half-moved atlas
+    links_resolve(tmp_path)
+
+
 def test_a_rebuild_is_built_beside_the_atlas_which_stays_whole_until_the_new_one_is(tiny, tmp_path, monkeypatch):
     model, d, vae = tiny
     layers = models.block_layers(model, 32)[-2:]
