@@ -545,7 +545,10 @@ def _ramp_axes(h, w, fraction, device):
     """The phase ramp of the largest shift along each axis, -2 pi f d: (h, 1) and (1, w//2+1), made once.
     A Nyquist frequency (even sides) keeps its phase: a real image cannot move it by a fraction of a pixel."""
     fy, fx = torch.fft.fftfreq(h), torch.fft.rfftfreq(w)
-    fy[fy == -0.5], fx[fx == 0.5] = 0.0, 0.0
+    if h % 2 == 0:  # by index: at 82 px fftfreq's -0.5 is -0.5 + 2**-25 (a float32 product), no equality finds it
+        fy[h // 2] = 0.0
+    if w % 2 == 0:
+        fx[-1] = 0.0
     return ((fy * (-2 * math.pi * fraction * h))[:, None].to(device),
             (fx * (-2 * math.pi * fraction * w))[None, :].to(device))
 

@@ -541,6 +541,19 @@ def test_shift_moves_each_image_by_its_drawn_subpixel_amount(side):
     assert moved.abs().max() > 0.8 * px and (moved > 0).any() and (moved < 0).any()
 
 
+@pytest.mark.parametrize("side", [32, 82, 33])
+def test_a_shift_keeps_the_nyquist_stripes_where_a_side_has_them(side):
+    """A pattern at the Nyquist frequency cannot move by a fraction of a pixel: it comes back as it was, at any
+    even side (at 82 px fftfreq's -0.5 is off by 2**-25, which an equality test missed); an odd side has none."""
+    stripes = torch.sigmoid(torch.tensor([1.0, -1.0]).repeat((side + 1) // 2)[:side])  # along the height
+    x = stripes[:, None].expand(8, 1, side, side)
+    y = fv.Shift(2 / 32)(x, torch.Generator().manual_seed(0))
+    if side % 2 == 0:
+        assert torch.allclose(y, x, atol=1e-5)
+    else:
+        assert not torch.allclose(y, x, atol=1e-2)  # the nearest frequencies move (the test can fail)
+
+
 @pytest.mark.parametrize("cls", [fv.FourierParam, fv.MaCoParam])
 def test_shift_inside_a_fourier_parameterization_is_the_shift_of_its_images(cls):
     gen = torch.Generator().manual_seed(0)
