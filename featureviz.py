@@ -248,6 +248,18 @@ def _rms(magnitude, size):
     return ((magnitude ** 2 * weight).sum() / (magnitude.shape[0] * size * size)).sqrt()
 
 
+def _one_sided(magnitude, size):
+    """The magnitude (..., size, size//2+1) with each mirror pair (-ky, ky) of the self-conjugate columns held once:
+    at ky (the upper half) twice over, at -ky 0, the real bins as they are. The inverse keeps a column's Hermitian
+    part, (X(ky) + conj X(-ky)) / 2: from two free phases that is m |cos((a + b) / 2)|, anywhere in [0, m] (half
+    the power on average, along the height only); from these, m with ky's phase, as a real image has it."""
+    out = magnitude.clone()
+    columns = list(_self_conjugate_columns(size))
+    out[..., 1:(size + 1) // 2, columns] *= 2
+    out[..., size // 2 + 1:, columns] = 0
+    return out
+
+
 def _real_bins(size):
     """(size, size//2+1) bool: the bins of a real size x size image's rfft2 that are real, their own
     conjugates: the DC term and, for an even size, the Nyquist ones."""
@@ -284,8 +296,9 @@ class _Polar(torch.autograd.Function):
 class MaCoParam(nn.Module):
     """MaCo (Fel et al. 2023): only the Fourier phase is optimized; the magnitude spectrum stays the
     data's own (magnitude_spectrum(train images)), so every image has natural-image frequency content.
-    The magnitude is scaled once so that every image's RMS about its mean is about `contrast`, whatever
-    its phases (Parseval: no per-image standardization needed). The DC term's phase sets the image's mean,
+    The magnitude is scaled once so that every image's RMS about its mean is `contrast`, whatever its phases
+    (Parseval: no per-image standardization needed; up to the few real bins, whose phase sets their share), and
+    the first column's mirror pairs are held once (_one_sided), so that each bin, these too, keeps its magnitude. The DC term's phase sets the image's mean,
     between plus and minus the data's mean distance from mid-gray (magnitude_spectrum), scaled as the rest
     of the spectrum. Then the colours are correlated as in FourierParam, and a sigmoid."""
 
@@ -308,7 +321,7 @@ class MaCoParam(nn.Module):
         if not ((magnitude >= 0).all() and spread > 1e-6 * magnitude.max()):  # NaN and inf fail one or the other
             raise ValueError("magnitude must be finite, >= 0 and not all 0 beyond its DC term [:, 0, 0], as "
                              "magnitude_spectrum(images) returns for images that are not each one flat colour")
-        self.register_buffer("magnitude", magnitude * (contrast / spread))  # (C, H, W//2+1)
+        self.register_buffer("magnitude", _one_sided(magnitude * (contrast / spread), size))  # (C, H, W//2+1)
         _register_color(self, color_sqrt(color_cov, channels))
         phase = (2 * torch.rand((n, *shape), generator=generator) - 1) * math.pi
         self.phase = nn.Parameter(phase)                                # (N, C, H, W//2+1)
