@@ -1388,6 +1388,8 @@ def _optimize(step, param, gen, lr, history, progress):
             _set_lr(opt, schedule(i / steps))
             history[i] = replay() if replay is not None else _eager_step(step, opt, project)
             bar.update()
+    if replay is not None:  # the gradients live in the graph's memory pool: a module of the caller's kept it alive
+        opt.zero_grad(set_to_none=True)
 
 
 def _schedule(lr):

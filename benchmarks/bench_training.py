@@ -148,7 +148,8 @@ def precision(args):
     interleaved rounds (fit's step adds label smoothing and the lookahead, the same in both)."""
     torch.manual_seed(0)
     device = training.get_device()
-    model = models.build_model(models.cnn_config(args.preset)).to(device, memory_format=torch.channels_last)
+    layout = torch.contiguous_format if device.type == "cuda" else torch.channels_last  # as fit lays out the weights
+    model = models.build_model(models.cnn_config(args.preset)).to(device, memory_format=layout)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
     x = torch.rand(args.batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,), device=device)

@@ -552,8 +552,8 @@ def test_render_asks_cudnn_for_its_deterministic_algorithms_and_restores_the_fla
 
 # how far two renders of the same seed may differ on a GPU: pixel+reg's resampling backward (grid_sample)
 # and the latent techniques' jitter backward (a gather) have no deterministic CUDA kernel (README)
-SAME_SEED_ON_A_GPU = {"pixel": 0, "fourier": 0, "maco": 0, "hybrid": 0, "pixel+reg": 1e-2, "whitened": 1e-2,
-                      "latent": 1e-2}
+SAME_SEED_ON_A_GPU = {"pixel": 0, "fourier": 0, "maco": 0, "hybrid": 1e-2, "pixel+reg": 1e-2, "whitened": 1e-2,
+                      "latent": 1e-2}  # hybrid: whitened's first stage (it came out the same three times)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -647,7 +647,8 @@ def test_a_model_on_another_gpu_than_the_current_one_is_graphed_on_its_own(monke
 @pytest.mark.parametrize("technique", ["pixel+reg", "fourier", "maco", "whitened"])
 def test_cuda_graph_matches_eager(monkeypatch, technique):
     """Replayed steps compute what eager steps compute: images within 2e-3 after 64 steps (float32 on
-    the GPU: the two differ only in the order of floating-point reductions)."""
+    the GPU: the two differ only in the order of floating-point reductions), or within what two eager runs
+    of the technique may differ by (SAME_SEED_ON_A_GPU)."""
     model = cnn(32).cuda()
     magnitude = fv.magnitude_spectrum(torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     how = fv.techniques(vae().cuda(), magnitude=magnitude)[technique]
@@ -658,7 +659,7 @@ def test_cuda_graph_matches_eager(monkeypatch, technique):
             warnings.simplefilter("always")
             out[graphs] = how(model, [0, 1, fv.Channel("block2.act2", 3)], steps=64, progress=False)
         assert not [str(w.message) for w in caught if "graph" in str(w.message)]
-    assert (out[True].images - out[False].images).abs().max() < 2e-3
+    assert (out[True].images - out[False].images).abs().max() < max(2e-3, SAME_SEED_ON_A_GPU[technique])
     assert torch.allclose(out[True].history, out[False].history, rtol=1e-2, atol=1e-2)
 
 

@@ -145,7 +145,8 @@ def test_fit_vae_autocasts_its_convolutions_to_bfloat16_only_where_the_device_ha
     and KL in float32 (in bfloat16 the difference of two CDFs a level apart would lose most of its digits);
     validation is float32 either way; the checkpoint records the precision; both learn."""
     real_nll, real_elbo = models.mixture_logistic_nll, models.VAE.loss_terms
-    for bf16 in (False, True):
+    autocasts = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()  # not a GPU older than Ampere
+    for bf16 in (False, True) if autocasts else (False,):
         monkeypatch.setattr(training, "bf16_training", lambda device: bf16)
         seen, likelihood, kl = set(), set(), set()
 
