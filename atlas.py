@@ -83,13 +83,7 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
                       cov, magnitude, _code())
 
     beside = staging(out)
-    staged = saved_manifest(beside) if beside and (beside / MANIFEST).is_file() else None
-    if saved is not None and saved["key"] is None and staged:  # a swap cut short (only a whole atlas is swapped)
-        if staged["key"] == key:
-            _swap(beside, out, key)  # finished
-            saved = saved_manifest(out)
-        else:  # given up: part of it may be in out already, so it is never resumed
-            shutil.rmtree(beside)
+    saved = _settled(out, saved, beside, key)
     if saved is None or saved["key"] != key:  # a build that cannot work for its model fails before it writes a file
         for how in hows.values():  # one step of one channel and one class per technique
             how(model, [fv.Channel(layers[0], 0), fv.Class(len(d.classes) - 1)], steps=1, size=d.size, progress=False)
@@ -219,6 +213,19 @@ def staging(out):
     if not out.is_dir() or not os.access(out.parent, os.W_OK) or out.stat().st_dev != out.parent.stat().st_dev:
         return None
     return out.with_name(f".{out.name}.next")
+
+
+def _settled(out, saved, beside, key):
+    """out's manifest `saved` once a swap cut short (out under no key, a whole atlas in `beside`) is settled:
+    finished if that atlas is of this key, else removed, as part of it may be in out already."""
+    staged = saved_manifest(beside) if beside and (beside / MANIFEST).is_file() else None
+    if saved is None or saved["key"] is not None or staged is None:
+        return saved
+    if staged["key"] != key:
+        shutil.rmtree(beside)
+        return saved
+    _swap(beside, out, key)
+    return saved_manifest(out)
 
 
 def _swap(new, out, key):
