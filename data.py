@@ -18,6 +18,7 @@ import re
 import struct
 import sys
 import tarfile
+import time
 import uuid
 import warnings
 import zlib
@@ -436,6 +437,12 @@ def _remove_stale_caches(root, path, cache):
         if source is None or source == os.path.realpath(path) or not os.path.exists(source):
             with contextlib.suppress(OSError):  # another load removed it already, or holds it open (Windows)
                 stale.unlink()
+    # and the temporary files of a decode that was killed (atomic_write's), as large as a cache: an hour old, so
+    # that one another process is writing now stays
+    for killed in root.glob(f".{glob.escape(name)}.*.pt.*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - killed.stat().st_mtime > 3600:
+                killed.unlink()
 
 
 def _cached_source(cache):

@@ -398,6 +398,9 @@ class BestKeeper:
         self.model, self.key, self.sign = model, key, 1 if higher else -1
         self.ckpt_path, self.csv_path, self.info = ckpt_path, csv_path, info
         self.rows, self.best, self.state = [], None, None
+        if ckpt_path and partial_path(ckpt_path).exists():  # said before the first epoch ends, not after
+            warn(f"{partial_path(ckpt_path)} holds the best epoch of a run that stopped; this run replaces it "
+                 f"when its first epoch ends: copy it first to keep it")
 
     def update(self, row):
         """Record one epoch's metrics; keep the weights if the epoch is the best so far. A metric that is not

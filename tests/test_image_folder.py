@@ -3,6 +3,7 @@ import os
 import re
 import shutil
 import tarfile
+import time
 import warnings
 from pathlib import Path
 
@@ -490,6 +491,19 @@ def test_short_training_run_on_cifar10_jpeg_beats_the_floor(cifar10_jpeg, tmp_pa
     acc = training.evaluate(model, d.test_x, d.test_y)["acc"]
     assert acc > CIFAR10_SHORT_RUN_FLOOR, f"test accuracy {acc:.3f} after one epoch"
     assert ckpt["dataset"] == "cifar10-jpeg"
+
+
+def test_a_killed_decodes_temporary_file_goes_once_an_hour_old(tmp_path):
+    """A decode killed while it wrote its cache leaves a temporary file as large as the cache; the next decode
+    removes it, but not one that another process may be writing now."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    old, fresh = cache_dir / ".pets.0123456789abcdef.pt.0123456789ab.tmp", cache_dir / ".pets.0.pt.fedcba987654.tmp"
+    for f in (old, fresh):
+        f.write_bytes(b"half a cache")
+    os.utime(old, (time.time() - 7200,) * 2)
+    data.load_data(str(write_tree(tmp_path / "pets")), cache_dir)
+    assert not old.exists() and fresh.exists()
 
 
 def test_a_dataset_keeps_its_cache_when_another_with_a_longer_name_loads(tmp_path):

@@ -172,6 +172,12 @@ def test_interrupted_run_leaves_whole_files_and_is_not_reused(tiny_data, tmp_pat
     model, loaded = training.load_checkpoint(tmp_path / "cnn.partial.pt", partial=True)  # the first epoch's
     assert loaded["epoch"] == 1 and not model.training
     assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match=r"cnn.partial.pt holds the best epoch of a run that stopped; this run "
+                                         r"replaces it when its first epoch ends: copy it first"):
+        calls[:] = [1]  # the next run, stopped in its first validation
+        with pytest.raises(KeyboardInterrupt):
+            training.train_classifier(tiny_data, tmp_path / "cnn.pt", preset="small", hyp=TINY, retrain=True,
+                                      progress=False)
 
 
 def test_our_models_are_evaluated_channels_last_on_a_cpu_and_left_as_found():
