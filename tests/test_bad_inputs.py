@@ -93,8 +93,9 @@ def test_a_run_interrupted_while_it_saves_is_trained_again_and_leaves_its_csv_be
         training.train_classifier(tiny_data, ckpt, preset="small", hyp={**TINY, "epochs": 1}, csv_path=csv,
                                   progress=False)
     monkeypatch.setattr(training, "write_csv", real)
-    _, saved = training.train_classifier(tiny_data, ckpt, preset="small", hyp={**TINY, "epochs": 1}, csv_path=csv,
-                                         progress=False)
+    with pytest.warns(UserWarning, match="holds the best epoch of a run that stopped"):  # the interrupted one's
+        _, saved = training.train_classifier(tiny_data, ckpt, preset="small", hyp={**TINY, "epochs": 1},
+                                             csv_path=csv, progress=False)
     assert len(training.read_csv(csv)) == len(saved["history"]) == 1
 
 
