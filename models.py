@@ -884,8 +884,7 @@ def capture(model, images, layers):
     """Outputs of the named layers (one name or several) for a batch of images (B, C, H, W) (uint8 or float in
     [0, 1]), as {name: tensor}, each a layer's output as `Recorder` defines it, in the standard memory
     format; the model is left as found (`frozen`, which runs ours channels-last on a CPU, where that is faster)."""
-    check_input(model, images)
-    with capturing(model, layers) as read:
+    with capturing(model, layers) as read:  # (read checks the images)
         return read(images)
 
 
