@@ -82,11 +82,11 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     key = fingerprint(VERSION, model, vae, techniques, steps, d.name, d.classes, d.test_x, d.test_y,
                       cov, magnitude, _code())
 
-    beside = staging(out)
-    saved = _settled(out, saved, beside, key)
-    if saved is None or saved["key"] != key:  # a build that cannot work for its model fails before it writes a file
+    if saved is None or saved["key"] != key:  # a build that cannot work for its model fails before it touches a file
         for how in hows.values():  # one step of one channel and one class per technique
             how(model, [fv.Channel(layers[0], 0), fv.Class(len(d.classes) - 1)], steps=1, size=d.size, progress=False)
+    beside = staging(out)
+    saved = _settled(out, saved, beside, key)
     # a whole atlas of other settings stays as it is while this one is built beside it, where it can be
     rebuild = saved is not None and saved["key"] not in (key, None) and beside is not None
     where = beside if rebuild else out
@@ -111,8 +111,8 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
                 _link(site, layers, done)
     if rebuild:
         _swap(where, out, key)
-    elif beside is not None and (beside / MANIFEST).is_file():  # a rebuild of other settings, given up
-        shutil.rmtree(beside)
+    elif beside is not None and beside.is_dir() and all(_written_by_atlas(p.name) for p in beside.iterdir()):
+        shutil.rmtree(beside)  # a rebuild of other settings, given up (or emptied by a swap stopped at its end)
     return out / "index.html"
 
 

@@ -410,6 +410,7 @@ def load_image_folder(path, root):
     files = _list_archive(path) if path.is_file() else _list_folder(path)
     key = hashlib.sha256(repr((CACHE_FORMAT, files)).encode()).hexdigest()[:16]
     cache = root / f"{folder_name(path)}.{key}.pt"
+    _remove_killed_writes(root, folder_name(path))
     c = _read_cache(cache)
     if c is None:
         writable_dir(root)  # before the decode, not after it
@@ -425,6 +426,16 @@ def load_image_folder(path, root):
     return _mixed(c["train_x"], c["train_y"]), _mixed(c["test_x"], c["test_y"]), list(c["classes"])
 
 
+def _remove_killed_writes(root, name):
+    """Delete the temporary files (atomic_write's) of this dataset's caches whose decode was killed outright, each
+    as large as a cache, once an hour old: one that another process is writing now stays."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{16}}\.pt\.[0-9a-f]{{12}}\.tmp")  # not another's
+    for killed in root.glob(f".{glob.escape(name)}.*.tmp"):
+        with contextlib.suppress(OSError):  # gone already, or a DATA_DIR that is read-only
+            if pattern.fullmatch(killed.name) and time.time() - killed.stat().st_mtime > 3600:
+                killed.unlink()
+
+
 def _remove_stale_caches(root, path, cache):
     """Delete the older caches of this dataset: those of its name (not of another whose name starts the same)
     decoded from this path, or from a path that is gone (a moved folder). A dataset of the same name
@@ -437,12 +448,6 @@ def _remove_stale_caches(root, path, cache):
         if source is None or source == os.path.realpath(path) or not os.path.exists(source):
             with contextlib.suppress(OSError):  # another load removed it already, or holds it open (Windows)
                 stale.unlink()
-    # and the temporary files of a decode that was killed (atomic_write's), as large as a cache: an hour old, so
-    # that one another process is writing now stays
-    for killed in root.glob(f".{glob.escape(name)}.*.pt.*.tmp"):
-        with contextlib.suppress(OSError):
-            if time.time() - killed.stat().st_mtime > 3600:
-                killed.unlink()
 
 
 def _cached_source(cache):

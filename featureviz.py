@@ -299,9 +299,9 @@ class MaCoParam(nn.Module):
     The magnitude is scaled once so that every image's RMS about its mean is `contrast`, whatever its phases
     (Parseval: no per-image standardization needed; up to the few real bins, whose phase sets their share), and
     the mirror pairs of the first column (and of the last, at even sizes) are held once (_one_sided), so that
-    each bin, these too, keeps its magnitude. The DC term's phase sets the image's mean, between plus and minus the data's mean distance
-    from mid-gray (magnitude_spectrum), scaled as the rest of the spectrum. Then the colours are correlated
-    as in FourierParam, and a sigmoid."""
+    each bin, these too, keeps its magnitude. The DC term's phase sets the image's mean, between plus and minus
+    the data's mean distance from mid-gray (magnitude_spectrum), scaled as the rest of the spectrum. Then the
+    colours are correlated as in FourierParam, and a sigmoid."""
 
     shifts_in_spectrum = True  # as FourierParam
 

@@ -895,6 +895,7 @@ def capturing(model, layers):
     layer asked for)."""
     layers = as_names(layers)
     with frozen(model) as layout, Recorder(model, layers).hooked() as run:
+        @torch.no_grad()
         def read(images):
             out = run(layout(to_float(check_input(model, images).to(device_of(model)))))
             return {name: out[name].contiguous() for name in layers}

@@ -27,7 +27,8 @@ import training  # noqa: E402
 def main():
     args = atlas.arguments(__doc__.split("\n")[0])
     out = Path(args.out).expanduser()
-    if out.resolve() == (ROOT / atlas.ATLAS_DIR).resolve():  # never the notebooks' own atlas, from any folder
+    # never the notebooks' own atlas, from any folder (the default --out, relative, means theirs too)
+    if args.out == str(atlas.ATLAS_DIR) or out.resolve() == (ROOT / atlas.ATLAS_DIR).resolve():
         out = ROOT / "outputs" / "atlas_bench"
     try:
         atlas.saved_manifest(out)  # emptied below: only an atlas's folder, or a new or empty one

@@ -427,6 +427,13 @@ def test_a_rebuild_is_built_beside_the_atlas_which_stays_whole_until_the_new_one
     assert new.exists()
     atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS + 1, progress=False)
     assert len(calls) == 5 and not new.exists()  # reused the atlas there, and removed the one beside it
+    new.mkdir()  # emptied by a swap stopped before its last step, removing it
+    (new / "notes.txt").write_text("mine")
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS + 1, progress=False)
+    assert new.exists()  # a file of the user's: left alone
+    (new / "notes.txt").unlink()
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS + 1, progress=False)
+    assert len(calls) == 5 and not new.exists()
     # no folder beside it where a new one cannot go (a parent not writable, a mount point): emptied first, as before
     assert atlas.staging(tmp_path / "new") is None
     monkeypatch.setattr(os, "access", lambda *a, **k: False)
@@ -745,5 +752,5 @@ class DenseNetHead(nn.Module):
         self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16))
         self.classifier = nn.Linear(16, 10)
 
-    def forward(self, x):
-        return self.classifier(F.adaptive_avg_pool2d(F.relu(self.features(x)), 1).flatten(1))
+    def forward(self, x):  # in place, as torchvision's: the map the layer made is overwritten
+        return self.classifier(F.adaptive_avg_pool2d(F.relu(self.features(x), inplace=True), 1).flatten(1))

@@ -153,7 +153,8 @@ def test_a_notebooks_model_is_checked_against_data_loaded_after_it(finished, tin
     with pytest.raises(RuntimeError, match=r"the model was trained on dataset 'synthetic', not 'synthetic-hard', "
                                            r"other images \(or another split\): re-run the training cell after"):
         training.check_trained_on(ckpt, hard, 0)
-    with pytest.raises(RuntimeError, match=r"the model has no checkpoint: its training or loading did not finish; re-run"):
+    with pytest.raises(RuntimeError, match=r"the model has no checkpoint: its training or loading did not finish; "
+                                           r"re-run"):
         training.check_trained_on(None, tiny_data, 0)  # the notebooks' after a stopped training cell
 
 

@@ -494,16 +494,19 @@ def test_short_training_run_on_cifar10_jpeg_beats_the_floor(cifar10_jpeg, tmp_pa
 
 
 def test_a_killed_decodes_temporary_file_goes_once_an_hour_old(tmp_path):
-    """A decode killed while it wrote its cache leaves a temporary file as large as the cache; the next decode
-    removes it, but not one that another process may be writing now."""
-    cache_dir = tmp_path / "cache"
-    cache_dir.mkdir()
-    old, fresh = cache_dir / ".pets.0123456789abcdef.pt.0123456789ab.tmp", cache_dir / ".pets.0.pt.fedcba987654.tmp"
-    for f in (old, fresh):
+    """A decode killed while it wrote its cache leaves a temporary file as large as the cache; the next load
+    removes it (a cache it reads too), but not one that another process may be writing now, nor another's."""
+    cache_dir, tree = tmp_path / "cache", write_tree(tmp_path / "pets")
+    data.load_data(str(tree), cache_dir)  # the cache the next loads read
+    old = cache_dir / ".pets.0123456789abcdef.pt.0123456789ab.tmp"
+    fresh = cache_dir / ".pets.fedcba9876543210.pt.fedcba987654.tmp"
+    other = cache_dir / ".pets.v2.0123456789abcdef.pt.0123456789ab.tmp"  # of the dataset pets.v2
+    for f in (old, fresh, other):
         f.write_bytes(b"half a cache")
-    os.utime(old, (time.time() - 7200,) * 2)
-    data.load_data(str(write_tree(tmp_path / "pets")), cache_dir)
-    assert not old.exists() and fresh.exists()
+    for f in (old, other):
+        os.utime(f, (time.time() - 7200,) * 2)
+    data.load_data(str(tree), cache_dir)
+    assert not old.exists() and fresh.exists() and other.exists()
 
 
 def test_a_dataset_keeps_its_cache_when_another_with_a_longer_name_loads(tmp_path):
