@@ -20,9 +20,6 @@ def _untouched(model):
         yield
 
 
-_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)  # not bool: True is no class
-
-
 def _prepare(images, targets, model):
     """A detached float copy of the images (B, C, H, W) on the model's device, and the targets (B,),
     checked against the images' number and the model's channels and outputs."""
@@ -35,8 +32,10 @@ def _prepare(images, targets, model):
         t = torch.as_tensor(targets, device=x.device)
     except (TypeError, ValueError, RuntimeError):  # None, a class name, ...
         t = None
-    if t is None or t.dtype not in _INTEGERS or t.dim() > 1 or (t.dim() == 1 and len(t) != len(x)):
+    integer = t is not None and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)  # True: none
+    if not integer or t.dim() > 1 or (t.dim() == 1 and len(t) != len(x)):
         raise ValueError(f"targets must be a class index (int) or {len(x)} of them (one per image); got {targets!r}")
+    t = t.long()  # (a NumPy uint32 array's tensor has no comparisons)
     with _untouched(model), torch.no_grad():
         logits = model(x[:1])
     models.check_logits(model, logits)
@@ -47,7 +46,6 @@ def _prepare(images, targets, model):
         shown = [f"{flat[i].item()} (image {i})" if t.dim() else str(t.item()) for i in bad[:5]]
         raise ValueError(f"targets must be class indices in 0..{k - 1}; got {', '.join(shown)}"
                          f"{', ...' if len(bad) > 5 else ''}")
-    t = t.long()
     return x, t.expand(len(x)).contiguous() if t.dim() == 0 else t
 
 
@@ -57,7 +55,7 @@ def saliency(model, images, targets):
     x, t = _prepare(images, targets, model)
     with _untouched(model):
         attr = Saliency(model).attribute(x, target=t, abs=True)  # (B, C, H, W)
-    return attr.amax(1).detach().float()
+    return _finite("saliency", attr.amax(1).detach().float())
 
 
 @torch.inference_mode(False)
@@ -89,7 +87,7 @@ def grad_cam(model, images, targets, layer=None):
     rows, cols = models.cell_centres(model, name, x)
     place = [_linear_weights(c, side).to(cam.device) for c, side in zip((rows, cols), x.shape[-2:])]
     cam = torch.einsum("yi,bij,xj->byx", place[0], cam.detach()[:, 0].float(), place[1])  # each cell at its centre
-    return cam.clamp_min(0).float()  # (B, H, W)
+    return _finite("Grad-CAM", cam.clamp_min(0).float())  # (B, H, W)
 
 
 def _linear_weights(centres, size):
@@ -123,6 +121,7 @@ def integrated_gradients(model, images, targets, baseline=None, steps=32, intern
     off by more than COMPLETENESS for some image."""
     check_count("steps", steps, 1)
     check_count("internal_batch_size", internal_batch_size, 1)
+    steps, internal_batch_size = int(steps), int(internal_batch_size)  # a NumPy int is no size to Tensor.split
     x, t = _prepare(images, targets, model)
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):
         baseline = float(baseline)  # 0 is black, as 0.0 is
@@ -147,7 +146,7 @@ def integrated_gradients(model, images, targets, baseline=None, steps=32, intern
                 ends.append(torch.stack([model(v).float().gather(1, ts[:, None])[:, 0] for v in (xs, bs)]))
     attr, ends = torch.cat(attr), models.exact(torch.cat(ends, 1))  # mps has no float64
     _check_complete(models.exact(attr), ends, steps, models.dtype_of(model))
-    return attr.float()
+    return _finite("integrated gradients", attr.float())
 
 
 COMPLETENESS = 0.05  # the largest share of f(image) - f(baseline) that the attributions' sum may be off unwarned
@@ -162,10 +161,20 @@ def _check_complete(attr, ends, steps, dtype):
     delta, size = attr.sum((1, 2, 3)) - (ends[0] - ends[1]), ends.abs().sum(0)
     rounding = torch.finfo(dtype).eps / COMPLETENESS * (size + attr.abs().sum((1, 2, 3)))
     change = (ends[0] - ends[1]).abs().maximum(0.01 * size).maximum(rounding).clamp_min(1e-3)
-    off = (delta.abs() / change).max().item()
+    off = (delta.abs() / change).nan_to_num(0.0, posinf=0.0).max().item()  # (not finite: _finite says so)
     if off > COMPLETENESS:
         warn(f"integrated gradients in {steps} steps are off the logit's change f(image) - f(baseline) by "
              f"up to {off:.0%} of it, over {COMPLETENESS:.0%}: pass more steps")
+
+
+def _finite(method, maps):
+    """The maps (B, ...), with a warning naming the images whose map is not finite: a model whose logits or
+    gradients overflow (a half one, say) gives maps that show nothing, and a plot draws them blank."""
+    bad = (~maps.flatten(1).isfinite().all(1)).nonzero().flatten().tolist()
+    if bad:
+        warn(f"{method} is NaN or inf for image(s) {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''}: "
+             f"the model's logits or gradients overflow there (a float16 model? try float32)")
+    return maps
 
 
 def to_heatmap(attr, signed=False):

@@ -470,3 +470,29 @@ def test_cell_centres_of_a_layer_without_a_map_are_refused_by_name():
         models.cell_centres(flat, "1", torch.rand(1, 3, 32, 32))
     with pytest.raises(ValueError, match="cells must be an int >= 2, got 1"):  # one row: no spacing to measure
         models.cell_centres(flat, "0", torch.rand(1, 3, 32, 32), cells=1)
+
+
+def test_maps_that_are_not_finite_are_named_and_numpy_and_unsigned_numbers_are_taken():
+    """A model whose logits overflow for an image (in float32 here, as a float16 model does sooner) gives maps
+    that show nothing: each method names the image, as a plot would draw its map blank. And the counts and
+    targets NumPy gives are taken."""
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3)).eval()
+
+    class Overflowing(nn.Module):  # its logits times e^(100 x the brightest pixel): inf for a pixel at 1.0
+        def forward(self, x):
+            return linear(x) * torch.exp(100 * x.amax((1, 2, 3)))[:, None]
+
+    model = Overflowing().eval()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5
+    x[0, 0, 0, 0] = 1.0
+    for method, call in [("saliency", lambda t: attribution.saliency(model, x, t)),
+                         ("integrated gradients", lambda t: attribution.integrated_gradients(model, x, t, steps=8))]:
+        with pytest.warns(UserWarning, match=rf"^{method} is NaN or inf for image\(s\) 0: the model's logits"):
+            maps = call(1)
+        assert not maps[0].isfinite().all() and maps[1].isfinite().all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model that does not overflow: no word
+        assert attribution.saliency(linear, x, np.array([0, 2], dtype=np.uint32)).isfinite().all()  # was refused
+    ig = attribution.integrated_gradients(linear, x, 0, steps=np.int64(8), internal_batch_size=np.int64(1))
+    assert torch.allclose(ig, attribution.integrated_gradients(linear, x, 0, steps=8), atol=1e-6)  # a TypeError
