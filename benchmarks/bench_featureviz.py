@@ -136,10 +136,9 @@ def load_data(args):
     return d
 
 
-def load_models(args, d):
-    """(classifier, independent classifier, VAE or None where no latent technique is asked for), trained once
+def load_models(args, d, latent):
+    """(classifier, independent classifier, VAE: None unless `latent` techniques are asked for), trained once
     and reused from checkpoints/bench/, or those the notebooks wrote (--notebook-models)."""
-    latent = any(name in fv.LATENT_TECHNIQUES for name in args.techniques)  # else no VAE (none at 64 px)
     if args.notebook_models:
         ckpt = Path(args.ckpt_dir or ROOT / "checkpoints")
         hint = "run the three notebooks first, with the same DATASET, presets and SEED"
@@ -208,7 +207,7 @@ def quality(args):
     if latent and not on_vae:
         sys.exit(f"--techniques: {', '.join(latent)} draw through the VAE, which makes {models.VAE.image_size} px "
                  f"images, and {d.name} is {d.size} px: leave them out")
-    model, other, vae = load_models(args, d)
+    model, other, vae = load_models(args, d, bool(latent))  # no VAE for the others (none at 64 px)
     cov = fv.color_covariance(d.train_x)
     every = fv.techniques(vae, cov, fv.magnitude_spectrum(d.train_x[:10000], cov))
     techniques = {name: every[name] for name in args.techniques}
