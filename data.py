@@ -135,7 +135,8 @@ def check_images(images, name="images"):
     if images.numel():
         lo, hi = torch.aminmax(images.detach())
         if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # rounding's error either way (un-normalized images); NaN fails
-            hint = " (floats in 0-255: divide by 255, or pass uint8)" if hi > 1.5 else ""
+            hint = (" (normalized images? undo it: images * std + mean)" if lo < -1e-3
+                    else " (floats in 0-255: divide by 255, or pass uint8)" if hi > 1.5 else "")
             raise ValueError(f"{name} must be {IMAGE_FORMS}; got floats in [{lo.item():.4g}, {hi.item():.4g}]{hint}")
     return images
 

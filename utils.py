@@ -8,6 +8,7 @@ the notebook shows it at the cell's end: a script that draws many closes each (`
 import csv
 import functools
 import math
+import numbers
 import textwrap
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def _wrap(label, width):
 
 
 MOST_COLUMNS = 32  # images side by side in one row: 33 would make a figure over 50 inches wide
+MOST_IMAGES = 512  # images in one grid: 10,000 would make a figure 1,400 inches tall
 
 
 def _check_columns(name, n, beside=0):
@@ -103,12 +105,6 @@ def _finish(fig, save):
         path = Path(save).expanduser()
         atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:] or "png", bbox_inches="tight"))
     return fig
-
-
-def _minmax(x, eps=1e-12):
-    """Scale an array to [0, 1] (a constant array becomes zeros)."""
-    x = np.asarray(x, dtype=np.float64)
-    return (x - x.min()) / max(x.max() - x.min(), eps)
 
 
 def _symmetric(x, eps=1e-12):
@@ -139,7 +135,12 @@ def _no_figure_on_error(plot):
 @_no_figure_on_error
 def show_images(images, labels=None, classes=None, ncols=10, title=None, save=None):
     """A grid of images, each titled with its class name when labels are given."""
+    check_count("ncols", ncols, 1)
+    _check_columns("ncols", ncols)
     x = _numpy_images(images)
+    if len(x) > MOST_IMAGES:
+        raise ValueError(f"images has {len(x)} images; at most {MOST_IMAGES} fit one figure: pass the first "
+                         f"{MOST_IMAGES}, or plot them in parts")
     if labels is not None and len(labels) != len(x):
         gray = (" (a (3, H, W) tensor is one colour image: pass 3 gray ones as images[:, None])"
                 if len(x) == 1 and len(labels) == 3 else "")
@@ -175,17 +176,19 @@ def plot_curves(rows, metrics=("loss", "acc"), save=None):
         return [float(r[key]) if r.get(key) not in (None, "") else math.nan for r in rows]
 
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-    if rows:
-        recorded = sorted({k.split("_", 1)[1] for k in rows[0] if k.startswith(("train_", "val_"))})
-        unknown = [m for m in metrics if m not in recorded]
-        if unknown:
-            raise ValueError(f"no train_ or val_ column for metric(s) {unknown}; these rows record "
-                             f"{', '.join(recorded)}")
+    if not rows or "epoch" not in rows[0]:
+        raise ValueError("rows must be one metric row (a dict with an 'epoch' key) per epoch, or the CSV a fit "
+                         f"wrote; got {'no rows' if not rows else 'columns ' + ', '.join(map(str, rows[0]))}")
+    recorded = sorted({k.split("_", 1)[1] for k in rows[0] if k.startswith(("train_", "val_"))})
+    unknown = [m for m in metrics if m not in recorded]
+    if unknown:
+        raise ValueError(f"no train_ or val_ column for metric(s) {unknown}; these rows record "
+                         f"{', '.join(recorded)}")
     epochs = column("epoch")
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for split in ("train", "val"):
-            if rows and f"{split}_{metric}" in rows[0]:
+            if f"{split}_{metric}" in rows[0]:
                 ax.plot(epochs, column(f"{split}_{metric}"), marker="o", ms=3, label=split)
         ax.set_xlabel("epoch")
         ax.set_title(TITLES.get(metric, metric))
@@ -197,7 +200,8 @@ def plot_curves(rows, metrics=("loss", "acc"), save=None):
 @_no_figure_on_error
 def plot_confusion(cm, classes=None, normalize=True, save=None):
     """Confusion matrix (rows true, cols predicted); colour is the row fraction if normalize, text the counts
-    (up to 30 classes), the class names (default: the indices) on the axes (every n-th past 100 classes)."""
+    (up to 30 classes; a matrix of fractions is written to two decimals), the class names (default: the
+    indices) on the axes (every n-th past 100 classes)."""
     classes = [str(i) for i in range(len(cm))] if classes is None else classes
     counts = np.asarray(check_confusion(cm, classes).detach().cpu(), dtype=np.float64)  # (K, K)
     shown = counts / np.maximum(counts.sum(1, keepdims=True), 1) if normalize else counts
@@ -213,9 +217,10 @@ def plot_confusion(cm, classes=None, normalize=True, save=None):
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     high = 0.5 if normalize else shown.max() / 2  # white text on dark cells
+    digits = 0 if np.all(counts == np.round(counts)) else 2
     for i in range(k if k <= 30 else 0):  # beyond 30 classes the counts would not fit their cells
         for j in range(k):
-            ax.text(j, i, f"{counts[i, j]:.0f}", ha="center", va="center", fontsize=8,
+            ax.text(j, i, f"{counts[i, j]:.{digits}f}", ha="center", va="center", fontsize=8,
                     color="white" if shown[i, j] > high else "black")
     return _finish(fig, save)
 
@@ -225,6 +230,7 @@ def plot_misclassified(images, true, pred, classes=None, n=16, save=None):
     """The first n images whose prediction is wrong, titled 'True: cat / Pred: dog' (by index where classes
     is None). true and pred: one class index per image (pred: the predicted classes, logits.argmax(1), not the
     logits)."""
+    check_count("n", n, 1)
     k = None if classes is None else len(classes)
     true, pred = (check_labels(y, len(images), k, name) for y, name in ((true, "true"), (pred, "pred")))
     wrong = (true != pred).nonzero().flatten()[:n]
@@ -243,23 +249,28 @@ def plot_misclassified(images, true, pred, classes=None, n=16, save=None):
 
 @_no_figure_on_error
 def plot_filters(weight, save=None):
-    """Conv filters (O, I, kh, kw): RGB when I == 3, else the first input channel in gray; each scaled by its
-    largest |weight| around mid-gray (0), so that a flat filter shows as flat and a colour-opponent one as
-    the colours it adds (brighter) and takes away (darker)."""
+    """Conv filters (O, I, kh, kw): RGB when I == 3, else the first input channel in gray (the title says so past
+    one); each scaled by its largest |weight| shown around mid-gray (0), so that a flat filter shows as flat and a
+    colour-opponent one as the colours it adds (brighter) and takes away (darker)."""
     w = torch.as_tensor(weight).detach().cpu().float().numpy()
     if w.ndim != 4:
         raise ValueError(f"weight must be convolution filters (O, I, kh, kw), such as a Conv2d's weight; got shape "
                          f"{tuple(w.shape)}")
+    inputs = w.shape[1]
+    w = w if inputs == 3 else w[:, :1]
     fig, axes = _grid(len(w), 16, size=0.8)
     for ax, f in zip(axes.flat, w):
         f = 0.5 + 0.5 * _symmetric(f)
         _imshow(ax, f.transpose(1, 2, 0) if f.shape[0] == 3 else f[0])  # (kh, kw, 3) or (kh, kw)
+    if inputs not in (1, 3):
+        fig.suptitle(f"input channel 0 of {inputs}", fontsize=10)
     return _finish(fig, save)
 
 
 @_no_figure_on_error
 def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_active=True):
-    """One row per layer of (C, H, W) maps of one image: the most active (or first) max_channels channels."""
+    """One row per layer of (C, H, W) maps of one image: the most active (or first) max_channels channels, each
+    in its own colour range, whose top its title gives (a faint channel looks as bright as a strong one)."""
     check_count("max_channels", max_channels, 1)
     _check_columns("max_channels", max_channels, image is not None)
     if not feature_maps:
@@ -281,9 +292,9 @@ def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_
         for ax, c in zip(cells, channels.tolist()):
             ax.set_visible(True)
             ax.imshow(fmap[c].numpy(), cmap="viridis", interpolation="nearest")
-            ax.set_title(f"ch {c}", fontsize=8)
+            ax.set_title(f"ch {c} (max {fmap[c].max().item():.2g})", fontsize=8)
             _clean(ax)
-        cells[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+        cells[0].set_ylabel(_wrap(name, 16), fontsize=9)  # upright, a long name wrapped: the maps keep their width
     if image is not None:
         axes[0, 0].set_visible(True)
         _imshow(axes[0, 0], _numpy_images(image, "image")[0])
@@ -292,10 +303,13 @@ def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_
 
 
 @_no_figure_on_error
-def plot_heatmaps(images, maps, titles=None, row_labels=None, signed=None, save=None):
+def plot_heatmaps(images, maps, titles=None, row_labels=None, signed=None, outliers=1.0, save=None):
     """The images on top, then one row per method with its map (normalized per image) overlaid: (B, h, w), or
-    (B, C, h, w) attributions, reduced to one map per image as attribution.to_heatmap does. A signed method
-    (to_heatmap(..., signed=True)) is shown around 0: red positive, blue negative, white 0.
+    (B, C, h, w) attributions, reduced to one map per image as attribution.to_heatmap does. An unsigned map runs
+    from its lowest value (blue) to its highest (red); a signed method (to_heatmap(..., signed=True)) is shown
+    around 0: red positive, blue negative, white 0, its row label says so. The top `outliers` percent of each
+    map's values (of |value| if signed) saturate, so that one extreme pixel cannot wash out the rest (captum's
+    visualize_image_attr clips 2% likewise); 0 scales by the extreme. A flat map is left off, its image marked.
 
     maps: one method's maps (named "map"), or {method name: maps}. titles: one per image. row_labels: one per
     method (the top row is 'input'), or one more to name the top row too; default the method names. signed:
@@ -303,6 +317,12 @@ def plot_heatmaps(images, maps, titles=None, row_labels=None, signed=None, save=
     value."""
     x = _numpy_images(images)
     _check_columns("images", len(x))
+    if not len(x):
+        raise ValueError("images must hold at least one image; got none")
+    ok = not isinstance(outliers, bool) and isinstance(outliers, numbers.Real) and 0 <= outliers < 50
+    if not ok:
+        raise ValueError(f"outliers must be a percentage from 0 to under 50 (the share of each map's values that "
+                         f"saturate); got {outliers!r}")
     if isinstance(maps, (list, tuple)):
         raise ValueError("maps must be one method's maps (B, h, w) or {method name: maps}; got a "
                          f"{type(maps).__name__} of {len(maps)}: name them in a dict")
@@ -324,11 +344,14 @@ def plot_heatmaps(images, maps, titles=None, row_labels=None, signed=None, save=
     for row, (name, m) in zip(axes[1:], heat.items()):
         for ax, img, mj in zip(row, x, m.numpy()):
             _imshow(ax, img)
-            shown = _symmetric(mj) if around_zero[name] else _minmax(mj)
+            shown = _overlay(mj, around_zero[name], outliers)
+            if shown is None:
+                ax.set_xlabel("flat map", fontsize=8)
+                continue
             ax.imshow(shown, cmap="RdBu_r" if around_zero[name] else "jet", alpha=0.5,
                       vmin=-1 if around_zero[name] else 0, vmax=1, interpolation="bilinear")
-    for ax, label in zip(axes[:, 0], labels):
-        ax.set_ylabel(label, fontsize=9)
+    for ax, label, method in zip(axes[:, 0], labels, [None, *maps]):
+        ax.set_ylabel(f"{label}\n(red +, blue −)" if around_zero.get(method) else label, fontsize=9)
     return _finish(fig, save)
 
 
@@ -357,6 +380,20 @@ def _row_labels(row_labels, methods):
                      f"top row and them ({len(methods) + 1}); got {len(row_labels)}")
 
 
+def _overlay(m, signed, outliers):
+    """One map (h, w) scaled for its overlay: around 0 to [-1, 1] if signed, else from its lowest value to [0, 1],
+    the top `outliers` percent saturated (all of the map if that share is 0 there: a sparse map keeps its peaks).
+    None for a flat map (a constant, up to float rounding), which has nothing to show."""
+    m = np.asarray(m, dtype=np.float64)
+    lo, hi = m.min(), m.max()
+    if hi - lo <= 1e-6 * max(abs(lo), abs(hi)):
+        return None
+    size = np.abs(m) if signed else m - lo
+    top = np.percentile(size, 100 - outliers, method="lower")  # a value of the map: in a small one, its 2nd largest
+    top = top if top > 0 else size.max()
+    return np.clip(m / top, -1, 1) if signed else np.clip(size / top, 0, 1)
+
+
 def _heatmap(name, maps, x, signed):
     """One method's maps as (N, H, W) at the size of the images x (N, H, W[, 3]), as to_heatmap(maps, signed)
     reduces them."""
@@ -365,6 +402,10 @@ def _heatmap(name, maps, x, signed):
     if m.dim() != 3 or len(m) != len(x):
         raise ValueError(f"maps of {name!r} must be one per image ({len(x)}): (B, h, w), or attributions (B, C, h, w); "
                          f"got shape {tuple(given.shape)}")
+    bad = (~torch.isfinite(m)).flatten(1).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"maps of {name!r} hold NaN or inf for image(s) {bad}: a plot would draw them blank (the "
+                         f"model's logits or gradients overflowed?)")
     if m.shape[-2:] != x.shape[1:3]:
         m = F.interpolate(m[:, None], size=x.shape[1:3], mode="bilinear")[:, 0]
     return m
@@ -377,6 +418,8 @@ def comparison_grid(rows, col_labels=None, max_cols=16, save=None):
     max_cols columns (100 classes, say) the grid wraps: the rows again for each further max_cols columns (a
     row with fewer images is left blank there)."""
     check_count("max_cols", max_cols, 1)
+    if not rows:
+        raise ValueError("rows must name at least one row: {label: its images (N, C, H, W)}")
     # one (C, H, W) image: one column
     shown = {label: _numpy_images(images, f"rows[{label!r}]") for label, images in rows.items()}
     ncols = max(len(x) for x in shown.values())
@@ -423,10 +466,15 @@ def plot_unit(image, exemplars, values=None, title=None, mark=None, save=None):
     """A visualization (C, H, W) beside the dataset images that excite the same unit (with activations). mark:
     (y, x) in pixels, where the unit looks (a neuron's, featureviz.looks_at), ringed on every image, the
     visualization's too (rendered at the exemplars' size, as visualize_unit does by default)."""
-    ex = _numpy_images(exemplars, "exemplars")
+    ex, shown = _numpy_images(exemplars, "exemplars"), _numpy_images(image, "image")[0]
     _check_columns("exemplars", len(ex), 1)  # and the visualization
+    if values is not None and len(values) != len(ex):
+        raise ValueError(f"values must give one activation per exemplar ({len(ex)}); got {len(values)}")
+    if mark is not None and shown.shape[:2] != ex.shape[1:3]:
+        raise ValueError(f"mark is a pixel of the exemplars ({ex.shape[1]}x{ex.shape[2]}), which the visualization "
+                         f"({shown.shape[0]}x{shown.shape[1]}) does not share: render it at the exemplars' size")
     fig, axes = plt.subplots(1, len(ex) + 1, figsize=(1.5 * (len(ex) + 1), 2.0), squeeze=False)
-    _imshow(axes[0, 0], _numpy_images(image, "image")[0])
+    _imshow(axes[0, 0], shown)
     axes[0, 0].set_title("visualization", fontsize=9)
     for k, (ax, img) in enumerate(zip(axes[0, 1:], ex)):
         _imshow(ax, img)

@@ -160,9 +160,9 @@ def test_plot_feature_maps_rows_and_labels():
     axes = np.array(fig.axes).reshape(2, 9)
     assert axes[0, 0].get_title() == "input"
     assert [axes[0, 1].get_ylabel(), axes[1, 1].get_ylabel()] == ["block1.act2", "block3.act2"]
-    assert [axes[0, 1].get_title(), axes[0, 2].get_title()] == ["ch 7", "ch 2"]
+    assert [axes[0, 1].get_title(), axes[0, 2].get_title()] == ["ch 7 (max 2)", "ch 2 (max 1)"]  # own colour range
     fig = utils.plot_feature_maps(maps, max_channels=3, most_active=False)
-    assert len(image_axes(fig)) == 6 and fig.axes[0].get_title() == "ch 0"
+    assert len(image_axes(fig)) == 6 and fig.axes[0].get_title() == "ch 0 (max 0)"
     with pytest.raises(ValueError, match="max_channels must be an int >= 1, got 0"):
         utils.plot_feature_maps(maps, max_channels=0, image=images(1)[0])
     with pytest.raises(ValueError, match="feature_maps must name at least one layer"):
@@ -173,7 +173,7 @@ def test_plot_heatmaps_overlays_normalized_maps():
     m = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
     m = m * torch.tensor([1.0, 10.0, 0.1])[:, None, None] + torch.tensor([5.0, 0.0, 3.0])[:, None, None]
     # (B, H, W): three maps, not in [0, 1], each image in its own range
-    fig = utils.plot_heatmaps(images(3), m, titles=CLASSES[:3])
+    fig = utils.plot_heatmaps(images(3), m, titles=CLASSES[:3], outliers=0)  # scaled by the extremes
     assert len(image_axes(fig)) == 6 and titles(fig)[:3] == CLASSES[:3]
     for j in range(3):  # one scale for all would leave images 0 and 2 each in a narrow band
         overlay = image_axes(fig)[3 + j].images[1].get_array()
@@ -185,24 +185,25 @@ def test_plot_heatmaps_overlays_normalized_maps():
     assert all(len(ax.images) == 2 for ax in axes[1:].flat)
     assert axes[2, 0].images[1].get_array().shape == (8, 8)  # upsampled to the image size
     attributions = torch.randn(2, 3, 8, 8)  # (B, C, h, w), as integrated gradients gives them
-    fig = utils.plot_heatmaps(images(2), attributions, signed=False)
+    fig = utils.plot_heatmaps(images(2), attributions, signed=False, outliers=0)
     shown = np.array(fig.axes).reshape(2, 2)[1, 0].images[1].get_array()
     summed = attributions[0].abs().sum(0).numpy()  # channels summed as magnitudes, then scaled to [0, 1]
     assert np.allclose(shown, (summed - summed.min()) / (summed.max() - summed.min()), atol=1e-6)
     for signed in (None, True):  # signed (said, or read from the negative values): the channels' signed sum
-        overlay = np.array(utils.plot_heatmaps(images(2), attributions, signed=signed).axes).reshape(2, 2)[1, 0].images[1]
+        fig = utils.plot_heatmaps(images(2), attributions, signed=signed, outliers=0)
+        overlay = np.array(fig.axes).reshape(2, 2)[1, 0].images[1]
         summed = attributions[0].sum(0).numpy()
         assert overlay.get_cmap().name == "RdBu_r" and np.allclose(overlay.get_array(), summed / np.abs(summed).max())
 
 
 def test_signed_maps_are_shown_around_zero():
     m = torch.linspace(-1, 3, 64).view(1, 8, 8)  # integrated gradients' signed sum: zero must stay zero
-    overlay = image_axes(utils.plot_heatmaps(images(1), m))[1].images[1]
+    overlay = image_axes(utils.plot_heatmaps(images(1), m, outliers=0))[1].images[1]
     assert overlay.get_cmap().name == "RdBu_r" and overlay.get_clim() == (-1, 1)
     assert np.allclose(overlay.get_array(), m[0].numpy() / 3)  # was min-max scaled: -1 showed as "no heat"
     # said, not guessed: a signed method whose maps happen to be positive, or one with a stray negative value
     maps = {"ig": torch.linspace(1, 3, 64).view(1, 8, 8), "saliency": m}
-    shown = [ax.images[1] for ax in image_axes(utils.plot_heatmaps(images(1), maps, signed="ig"))[1:]]
+    shown = [ax.images[1] for ax in image_axes(utils.plot_heatmaps(images(1), maps, signed="ig", outliers=0))[1:]]
     assert [im.get_cmap().name for im in shown] == ["RdBu_r", "jet"]
     assert np.allclose(shown[0].get_array(), maps["ig"][0].numpy() / 3)  # its smallest value is no blue
     assert np.allclose(shown[1].get_array(), (m[0].numpy() + 1) / 4)
@@ -410,3 +411,83 @@ def test_wrong_images_labels_metrics_and_class_names_are_named():
         utils.plot_curves(ROWS, metrics=("los",))
     with pytest.raises(ValueError, match=r"cm must be \(K, K\) for the K = 5 class names; got shape \(10, 10\)"):
         utils.plot_confusion(torch.eye(10), CLASSES[:5])
+
+
+def test_one_extreme_pixel_does_not_wash_out_a_heatmap():
+    m = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.1
+    m[0, 0, 0] = 10.0  # one saturating pixel, as saliency maps of trained models have
+    clipped, scaled = (np.asarray(image_axes(utils.plot_heatmaps(images(1), m, outliers=p))[1].images[1].get_array())
+                       for p in (1.0, 0))
+    assert np.median(clipped) > 0.3 and clipped.max() == 1  # the rest keeps its range
+    assert np.median(scaled) < 0.01  # by the extreme alone, every other pixel shows as "no heat"
+    signed = torch.linspace(-1, 1, 64).view(1, 8, 8).clone()
+    signed[0, 7, 7] = 50.0
+    shown = image_axes(utils.plot_heatmaps(images(1), signed, signed=True))[1].images[1].get_array()
+    assert shown.min() < -0.9 and shown[0, 0] < -0.9 and shown[7, 7] == 1  # the negative evidence stays blue
+
+
+def test_flat_and_non_finite_maps_are_not_drawn_as_heat():
+    maps = torch.stack([torch.full((8, 8), 5.0), 5 + 1e-7 * torch.rand(8, 8), torch.rand(8, 8)])
+    cells = np.array(utils.plot_heatmaps(images(3), maps).axes).reshape(2, 3)[1]
+    assert [len(ax.images) for ax in cells] == [1, 1, 2]  # no overlay on the flat ones (float noise included)
+    assert [ax.get_xlabel() for ax in cells] == ["flat map", "flat map", ""]
+    bad = torch.rand(3, 8, 8)
+    bad[1, 0, 0], bad[2, 3, 3] = float("nan"), float("-inf")
+    with pytest.raises(ValueError, match=r"maps of 'ig' hold NaN or inf for image\(s\) \[1, 2\]"):
+        utils.plot_heatmaps(images(3), {"ig": bad})
+    for outliers in (-1, 50, True, "2"):
+        with pytest.raises(ValueError, match=rf"outliers must be a percentage from 0 to under 50.*got {outliers!r}"):
+            utils.plot_heatmaps(images(3), maps, outliers=outliers)
+
+
+def test_a_signed_row_says_what_its_colours_mean():
+    maps = {"saliency": torch.rand(2, 8, 8), "ig": torch.randn(2, 8, 8)}
+    fig = utils.plot_heatmaps(images(2), maps, signed="ig", row_labels=["grad", "IG"])
+    labels = [ax.get_ylabel() for ax in np.array(fig.axes).reshape(3, 2)[:, 0]]
+    assert labels == ["input", "grad", "IG\n(red +, blue −)"]
+
+
+def test_deeper_filters_and_long_layer_names_say_what_is_shown():
+    w = torch.zeros(2, 64, 3, 3)
+    w[:, 0] = torch.linspace(-0.01, 0.01, 9).view(3, 3)  # the shown channel is faint beside the others
+    w[:, 1:] = 5.0
+    fig = utils.plot_filters(w)
+    shown = image_axes(fig)[0].images[0].get_array()
+    assert fig._suptitle.get_text() == "input channel 0 of 64" and np.isclose(shown.min(), 0) and np.isclose(
+        shown.max(), 1)  # scaled by what is shown, not by the channels left out
+    assert utils.plot_filters(torch.rand(2, 3, 3, 3))._suptitle is None
+    name = "features.denseblock4.denselayer16.conv2"
+    fig = utils.plot_feature_maps({name: torch.rand(4, 8, 8)}, max_channels=4, image=images(1)[0])
+    label = fig.axes[1].get_ylabel()
+    assert label.replace("\n", "") == name and max(map(len, label.splitlines())) <= 16
+
+
+def test_counts_sizes_and_empty_inputs_are_named():
+    for ncols, message in ((0, "ncols must be an int >= 1, got 0"), (40, "ncols has 40 images side by side")):
+        with pytest.raises(ValueError, match=message):
+            utils.show_images(images(2), ncols=ncols)
+    with pytest.raises(ValueError, match=r"images has 513 images; at most 512 fit one figure"):
+        utils.show_images(torch.rand(513, 1, 2, 2))
+    with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):  # was "no misclassified images"
+        utils.plot_misclassified(images(2), [0, 1], [1, 0], n=0)
+    with pytest.raises(ValueError, match=r"values must give one activation per exemplar \(3\); got 4"):
+        utils.plot_unit(images(1)[0], images(3), values=[1.0, 2.0, 3.0, 4.0])
+    with pytest.raises(ValueError, match=r"mark is a pixel of the exemplars \(8x8\), which the visualization \(16x16"):
+        utils.plot_unit(torch.rand(3, 16, 16), images(3), mark=(2, 2))
+    with pytest.raises(ValueError, match=r"rows must be one metric row .*got no rows"):
+        utils.plot_curves([])
+    with pytest.raises(ValueError, match=r"rows must be one metric row .*got columns loss"):
+        utils.plot_curves([{"loss": 1.0}])
+    with pytest.raises(ValueError, match=r"rows must name at least one row"):
+        utils.comparison_grid({})
+    with pytest.raises(ValueError, match=r"images must hold at least one image"):
+        utils.plot_heatmaps(images(0), torch.rand(0, 8, 8))
+    with pytest.raises(ValueError, match=r"normalized images\? undo it: images \* std \+ mean"):
+        utils.show_images(images(2) * 4.6 - 2.1)  # ImageNet-normalized: not "divide by 255"
+
+
+def test_a_confusion_matrix_of_fractions_is_written_as_fractions():
+    texts = [t.get_text() for t in utils.plot_confusion([[0.9, 0.1], [0.3, 0.7]], ["a", "b"]).axes[0].texts]
+    assert texts == ["0.90", "0.10", "0.30", "0.70"]  # was "1 0 / 0 1"
+    texts = [t.get_text() for t in utils.plot_confusion([[9, 1], [3, 7]], ["a", "b"]).axes[0].texts]
+    assert texts == ["9", "1", "3", "7"]
