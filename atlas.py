@@ -49,6 +49,8 @@ CLASSES = "classes"                    # the manifest's entry for the class page
 SWAPPING = "swapping in"               # the manifest's only entry while a rebuild's files move in
 MANIFEST = "atlas.json"
 NAV = re.compile(r"<nav>.*?</nav>", re.S)  # the bar of links atop a layer's or a class's page
+SOURCE = re.compile(r'<img src="([^"]+)"')  # an image a page shows
+TESTS = "~test"  # img/~test: the test images the pages show (no layer's folder: `safe` names have no "~")
 TEMPORARY = re.compile(r"\..*\.[0-9a-f]{12}\.tmp")  # a file being written (data.atomic_write), or a killed one
 
 
@@ -90,7 +92,7 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     # a whole atlas of other settings stays as it is while this one is built beside it, where it can be
     rebuild = saved is not None and saved["key"] not in (key, None) and beside is not None
     where = beside if rebuild else out
-    site = Site(where, d, techniques)
+    site = Site(where, d, techniques, f"atlas of {type(model).__name__} on {d.name}")
     last_layer = models.last_spatial_layer(model, d.size)  # the layer whose channels the class pages may list
     done = _reused(site, _resume(where, key), layers, last_layer)
     _save_manifest(where, key, done)  # before any other file: a build interrupted at once resumes too
@@ -350,7 +352,8 @@ def _layer_page(model, d, layer, n, hows, steps, site, bar):
     cards = [site.card(layer, c, top.indices[:, c], top.values[:, c], bottom.indices[:, c], bottom.values[:, c],
                        means[:, c]) for c in range(n)]
     sel = selectivity(means)
-    nav = '<p class="nav">channel: ' + " ".join(f'<a href="#c{c}">{c}</a>' for c in range(n)) + "</p>"
+    nav = ('<nav aria-label="channels">channel: ' + " ".join(f'<a href="#c{c}">{c}</a>' for c in range(n)) +
+           "</nav>")
     site.write(site.layer_file(layer), site.page(f"{layer}: {n} channels", f'{nav}<div class="cards">{"".join(cards)}</div>'))
     return dict(channels=n, selective=sel.argsort(descending=True)[:STRIP].tolist())
 
@@ -365,12 +368,12 @@ def _class_pages(model, d, hows, steps, site, last_layer, has_page, bar):
     for name, how in hows.items():
         site.save_images(CLASSES, name, how(model, targets, steps=steps, size=d.size, progress=False).images)
         bar.update(k)
-    if contrib is None or not has_page or not head_reads(model, last_layer, d.test_x[:8]):
-        contrib = None  # no page for the layer the head reads, or it does not read its channels one to one
+    unlisted = ("which this atlas has no page for" if not has_page else
+                "but not one to one" if contrib is None or not head_reads(model, last_layer, d.test_x[:8]) else None)
     top = logits.topk(min(TOP, len(logits)), dim=0)
     for c in range(k):
         body = site.class_body(c, top.indices[:, c], top.values[:, c], cm, last_layer,
-                               None if contrib is None else contrib[c])
+                               unlisted or contrib[c])
         site.write(f"class-{c}.html", site.page(f"class {c}: {d.classes[c]}", body))
     return dict(accuracy=(cm.diag().sum() / cm.sum()).item(), lists_channels=has_page)
 
@@ -384,8 +387,8 @@ def _index(site, layers, done):
                     f"augmentation). ") if CLASSES in done else ("<p>not built yet</p>", "")
     body = (f"<p>{acc}Each channel's card shows its visualizations ({', '.join(site.techniques)}), its top {TOP} "
             f"and bottom {BOTTOM} test images with their activations, and its mean activation per class.</p>"
-            f"<h2>Layers</h2>{rows}<h2>Classes</h2>{classes}")
-    return site.page("atlas", body, nav=False)
+            f'<h2>Layers</h2>{rows}<h2 id="all-classes">Classes</h2>{classes}')
+    return site.page(site.title, body, nav=False)
 
 
 # ----------------------------------------------------------------------------- the files
@@ -414,10 +417,15 @@ img{image-rendering:pixelated;width:64px;height:64px;display:block}
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;border-radius:6px;padding:8px;width:590px}
 .card:target{border-color:#14c;box-shadow:0 0 6px #14c}.row{display:flex;gap:4px;align-items:flex-end;margin:4px 0}
 figure{margin:0;text-align:center;font-size:11px}.label{width:52px;font-size:12px;color:#555}
-.bars{display:flex;gap:var(--g);align-items:flex-end;height:48px}.bar{width:var(--w);background:#5a8;min-height:1px}.bar.neg{background:#c66}
+.bars{display:flex;gap:var(--g);align-items:flex-start;height:48px}
+.bar{width:var(--w);background:#5a8;min-height:1px;forced-color-adjust:none}
+.bar.neg{background:#c66}.card h2{font-size:1em;margin:0}
 .barlabels{display:flex;gap:var(--g)}.barlabel{width:var(--w);font-size:9px;overflow:hidden;text-align:center}.strip{display:flex;gap:6px;flex-wrap:wrap}
 nav{margin:0 0 .8em;font-size:14px}nav b{color:#000}
 table{border-collapse:collapse}.row .label{align-self:center}td,th{padding:2px 8px;text-align:left}"""
+
+
+BAR_HEIGHT = 48  # px: the chart of class means (.bars)
 
 
 def bar_layout(classes, card=590):
@@ -428,10 +436,11 @@ def bar_layout(classes, card=590):
 
 
 class Site:
-    """Writes the atlas's files into one folder: pages, images, the stylesheet."""
+    """Writes the atlas's files into one folder: pages, images, the stylesheet. title: the index's, which every
+    page's ends with (what model on what data), so that two atlases open side by side are told apart."""
 
-    def __init__(self, out, d, techniques):
-        self.out, self.d, self.techniques = Path(out), d, techniques
+    def __init__(self, out, d, techniques, title="atlas"):
+        self.out, self.d, self.techniques, self.title = Path(out), d, techniques, title
 
     def write(self, name, text):
         data.atomic_write(self.out / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -452,7 +461,7 @@ class Site:
 
     def test_image(self, i):
         """The path of test image i, written the first time a page shows it."""
-        rel = f"img/test/{i}.png"
+        rel = f"img/{TESTS}/{i}.png"
         if not (self.out / rel).exists():
             self.save_png(rel, self.d.test_x[i])
         return rel
@@ -465,8 +474,11 @@ class Site:
         return [f"class-{c}.html" for c in range(len(self.d.classes))] if unit == CLASSES else [self.layer_file(unit)]
 
     def has_pages(self, unit):
-        """Whether every page of the unit is in the folder (one deleted by hand is not)."""
-        return all((self.out / page).is_file() for page in self.pages(unit))
+        """Whether every page of the unit is in the folder, with every image it shows (a page or an image folder
+        deleted by hand is not)."""
+        paths = [self.out / page for page in self.pages(unit)]
+        return all(path.is_file() for path in paths) and all(
+            (self.out / src).is_file() for path in paths for src in SOURCE.findall(path.read_text(encoding="utf-8")))
 
     def remove_unfinished(self, layers, done):
         """Removes the pages of every unit not done (of an earlier build: a layer left out, class pages listing
@@ -475,94 +487,113 @@ class Site:
         for path in [*self.out.glob("layer-*.html"), *self.out.glob("class-*.html")]:
             if path.name not in pages:
                 path.unlink()
-        folders = {safe(unit) for unit in layers + [CLASSES]} | {"test"}  # img/test: the test images shown
+        folders = {safe(unit) for unit in layers + [CLASSES]} | {TESTS}
         for path in (self.out / "img").glob("*"):
             if path.is_dir() and path.name not in folders:
                 shutil.rmtree(path)
 
     def page(self, title, body, nav=True):
         """A page of the atlas; nav: whether it has the bar of links atop (filled in by _link), not the index."""
-        return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        tab = title if title == self.title else f"{title} · {self.title}"
+        return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(tab)}</title>'
                 f'<link rel="stylesheet" href="atlas.css"></head><body>{"<nav></nav>" if nav else ""}'
                 f'<h1>{html.escape(title)}</h1>{body}</body></html>\n')
 
     def nav(self, layers, done, here):
         """The bar of links atop a page: the index, each layer's page (the layer `here` in bold, one not built
-        yet unlinked) and the first class's page."""
+        yet unlinked) and the index's list of classes."""
         def link(unit, href, label):
             if unit == here:
-                return f"<b>{html.escape(label)}</b>"
+                return f'<b aria-current="page">{html.escape(label)}</b>'
             if unit not in done:
                 return f'<span title="not built yet">{html.escape(label)}</span>'
             return f'<a href="{href}">{html.escape(label)}</a>'
         units = [link(layer, self.layer_file(layer), layer) for layer in layers]
         return (f'<nav><a href="index.html">&larr; atlas</a> | layers: {" ".join(units)} | '
-                f'{link(CLASSES, "class-0.html", "classes")}</nav>')
+                f'{link(CLASSES, "index.html#all-classes", "classes")}</nav>')
 
-    def figure(self, src, caption, href=None):
+    def figure(self, src, caption, href=None, alt=None):
+        """An image with its caption; alt: what it shows, for a reader who cannot see it (default the caption)."""
         # lazy: a layer of 512 channels shows 7,000 images
-        img = f'<img src="{src}" alt="{html.escape(caption)}" loading="lazy" decoding="async" width="64" height="64">'
+        alt = html.escape(caption if alt is None else alt)
+        img = f'<img src="{src}" alt="{alt}" loading="lazy" decoding="async" width="64" height="64">'
         link = f'<a href="{href}">{img}</a>' if href else img
         return f"<figure>{link}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
     def exemplar_row(self, label, indices, values):
-        figs = "".join(self.figure(self.test_image(i), f"{v:.2f}") for i, v in zip(indices.tolist(), values.tolist()))
+        figs = "".join(self.figure(self.test_image(i), f"{v:.2f}", alt=f"test image {i}, a {self.d.classes[y]}")
+                       for i, v, y in zip(indices.tolist(), values.tolist(), self.d.test_y[indices].tolist()))
         return f'<div class="row"><span class="label">{label}</span>{figs}</div>'
 
     def bars(self, values):
-        """Mean activation per class as CSS bars, as high as its size, red where negative (exact values on hover)."""
-        scale = max(values.nan_to_num(0).abs().max().item(), 1e-8)
-        bars = "".join(self._bar(name, v, scale) for name, v in zip(self.d.classes, values.tolist()))
+        """Mean activation per class as CSS bars from a zero line: up where positive, down (and red) where negative,
+        as long as its size (exact values on hover, and all of them read out to a screen reader)."""
+        known = values.nan_to_num(0)
+        up, down = known.clamp_min(0).max().item(), (-known).clamp_min(0).max().item()
+        span = max(up + down, 1e-8)
+        zero = BAR_HEIGHT * up / span  # px from the top
+        bars = "".join(self._bar(name, v, zero, span) for name, v in zip(self.d.classes, values.tolist()))
         labels = "".join(f'<div class="barlabel">{html.escape(name[:4])}</div>' for name in self.d.classes)
         style = "--w:{}px;--g:{}px".format(*bar_layout(len(self.d.classes)))
-        return f'<div class="bars" style="{style}">{bars}</div><div class="barlabels" style="{style}">{labels}</div>'
+        said = ", ".join(f"{name} {v:.3f}" if v == v else f"{name} none" for name, v in zip(self.d.classes,
+                                                                                          values.tolist()))
+        return (f'<div class="bars" style="{style}" role="img" aria-label="{html.escape(said)}">{bars}</div>'
+                f'<div class="barlabels" style="{style}" aria-hidden="true">{labels}</div>')
 
     @staticmethod
-    def _bar(name, value, scale):
-        """One class's bar: red for a negative mean; empty for a class without test images (NaN)."""
-        height, title = (abs(value) / scale * 100, f"{value:.3f}") if value == value else (0, "no test images")
-        kind = "bar neg" if value < 0 else "bar"
-        return f'<div class="{kind}" style="height:{height:.0f}%" title="{html.escape(name)}: {title}"></div>'
+    def _bar(name, value, zero, span):
+        """One class's bar, `zero` px from the chart's top and `span` the chart's range of values: red for a
+        negative mean; empty for a class without test images (NaN)."""
+        size, title = (abs(value) / span * BAR_HEIGHT, f"{value:.3f}") if value == value else (0, "no test images")
+        top, kind = (zero, "bar neg") if value < 0 else (zero - size, "bar")
+        return (f'<div class="{kind}" style="height:{size:.0f}px;margin-top:{top:.0f}px" '
+                f'title="{html.escape(name)}: {title}"></div>')
 
     def card(self, layer, c, top, top_values, bottom, bottom_values, means):
-        vis = "".join(self.figure(self.vis_file(layer, t, c), t) for t in self.techniques)
-        return (f'<div class="card" id="c{c}"><b>channel {c}</b><div class="row">{vis}</div>'
+        vis = "".join(self.figure(self.vis_file(layer, t, c), t, alt=f"{t} visualization of channel {c}")
+                      for t in self.techniques)
+        return (f'<div class="card" id="c{c}"><h2>channel {c}</h2><div class="row">{vis}</div>'
                 f'{self.exemplar_row("top", top, top_values)}{self.exemplar_row("bottom", bottom, bottom_values)}'
                 f'<div>mean activation per class</div>{self.bars(means)}</div>')
 
     def class_body(self, c, top, top_values, cm, last_layer, contrib):
+        """A class's page below its title; contrib: the mean contribution to its logit of each channel of the
+        last layer, or why they are not listed (a sentence's end)."""
         names = self.d.classes
-        vis = "".join(self.figure(self.vis_file(CLASSES, t, c), t) for t in self.techniques)
+        vis = "".join(self.figure(self.vis_file(CLASSES, t, c), t, alt=f"{t} visualization of {names[c]}")
+                      for t in self.techniques)
         both = cm[c] + cm[:, c]  # confusions either way
         others = [j for j in both.argsort(descending=True).tolist() if j != c and both[j] > 0][:3]
         rows = "".join(f'<tr><td><a href="class-{j}.html">{html.escape(names[j])}</a></td><td>{int(cm[c, j])}</td>'
                        f'<td>{int(cm[j, c])}</td></tr>' for j in others)
+        table = (f'<table><tr><th>class</th><th>{html.escape(names[c])} taken for it</th><th>it taken for '
+                 f'{html.escape(names[c])}</th></tr>{rows}</table>' if others else
+                 "<p>No other class, either way, on the test images.</p>")
         body = (f'<div class="row">{vis}</div><h2>Top test images (logit)</h2>{self.exemplar_row("top", top, top_values)}'
-                f'<h2>Most confused with</h2><table><tr><th>class</th><th>{html.escape(names[c])} taken for it</th>'
-                f'<th>it taken for {html.escape(names[c])}</th></tr>{rows}</table>')
-        if contrib is None:
-            return body + (f"<p>The head reads the channels of {html.escape(last_layer)}, which this atlas has no "
-                           f"page for, or does not read them one to one.</p>")
+                f'<h2>Most confused with</h2>{table}')
+        if isinstance(contrib, str):
+            return body + f"<p>The head reads the channels of {html.escape(last_layer)}, {contrib}.</p>"
         if contrib.isnan().all():  # the class's mean over no test images
             return body + (f"<p>No test images of this class: no mean contribution of the channels of "
                            f"{html.escape(last_layer)} to its logit.</p>")
         top_ch = contrib.argsort(descending=True)[:CONTRIBUTORS].tolist()
         figs = "".join(self.figure(self.vis_file(last_layer, self.techniques[0], j), f"ch {j}: {contrib[j]:+.2f}",
-                                   f"{self.layer_file(last_layer)}#c{j}") for j in top_ch)
+                                   f"{self.layer_file(last_layer)}#c{j}", f"channel {j}, adding {contrib[j]:+.2f}")
+                       for j in top_ch)
         return body + (f"<h2>Channels of {html.escape(last_layer)} that add most to its logit</h2>"
                        f"<p>head weight x the channel's value the head reads, averaged over the class's test "
                        f"images, in logit units</p><div class=\"strip\">{figs}</div>")
 
     def layer_entry(self, layer, summary):
         href = self.layer_file(layer)
-        figs = "".join(self.figure(self.vis_file(layer, self.techniques[0], c), f"ch {c}", f"{href}#c{c}")
-                       for c in summary["selective"])
+        figs = "".join(self.figure(self.vis_file(layer, self.techniques[0], c), f"ch {c}", f"{href}#c{c}",
+                                   f"channel {c} of {layer}") for c in summary["selective"])
         return (f'<h3><a href="{href}">{html.escape(layer)}</a> ({summary["channels"]} channels)</h3>'
                 f'<div>most class-selective channels:</div><div class="strip">{figs}</div>')
 
     def class_strip(self):
-        figs = "".join(self.figure(self.vis_file(CLASSES, self.techniques[0], c), name, f"class-{c}.html")
-                       for c, name in enumerate(self.d.classes))
+        figs = "".join(self.figure(self.vis_file(CLASSES, self.techniques[0], c), name, f"class-{c}.html",
+                                   f"class {name}") for c, name in enumerate(self.d.classes))
         return f'<div class="strip">{figs}</div>'
 
 

@@ -45,14 +45,16 @@ def built(tiny, tmp_path_factory):
 
 
 class Links(HTMLParser):
-    """Every href and img src of a page, and the ids of its channel cards."""
+    """Every href and img src of a page, the ids of its channel cards and of any element."""
 
     def __init__(self):
         super().__init__()
-        self.hrefs, self.srcs, self.cards = [], [], []
+        self.hrefs, self.srcs, self.cards, self.ids = [], [], [], []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
+        if "id" in a:
+            self.ids.append(a["id"])
         if tag == "a":
             self.hrefs.append(a["href"])
         if tag in ("img", "link"):
@@ -68,7 +70,7 @@ def parse(path):
 
 
 def links_resolve(out):
-    """Every link and image of every page of the atlas in `out` is a file of the folder (a card of its page)."""
+    """Every link and image of every page of the atlas in `out` is a file of the folder (an element of it)."""
     for page in out.glob("*.html"):
         links = parse(page)
         for ref in links.hrefs + links.srcs:
@@ -77,7 +79,7 @@ def links_resolve(out):
             path = out / (target.path or page.name)  # "#c3": a card on this page
             assert path.is_file(), f"{page.name} links to a missing {ref}"
             if target.fragment:
-                assert target.fragment in parse(path).cards, ref
+                assert target.fragment in parse(path).ids, ref
 
 
 def test_every_channel_of_every_block_has_its_card_and_every_link_resolves(tiny, built):
@@ -223,7 +225,7 @@ def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_pat
     index = (tmp_path / "index.html").read_text()  # the finished layers open from the index, the rest are named
     assert all(f'href="layer-{atlas.safe(layer)}.html"' in index for layer in layers)
     assert all((tmp_path / f"layer-{atlas.safe(layer)}.html").exists() for layer in layers)
-    assert "<h2>Classes</h2><p>not built yet</p>" in index and "Test accuracy" not in index
+    assert '<h2 id="all-classes">Classes</h2><p>not built yet</p>' in index and "Test accuracy" not in index
     page = (tmp_path / f"layer-{atlas.safe(layers[0])}.html").read_text()  # its bar links to what is built
     assert f'href="layer-{atlas.safe(layers[1])}.html"' in page and '<span title="not built yet">classes' in page
     monkeypatch.setattr(atlas, "_class_pages", real_classes)
@@ -299,7 +301,7 @@ def test_adding_a_layer_renders_only_it_and_a_layer_left_out_is_removed(tiny, tm
     with pytest.raises(KeyboardInterrupt):  # the class pages listed the last layer's channels: to be built again
         atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, [first], STEPS, progress=False)
     links_resolve(tmp_path)  # the old class pages linked the removed layer's cards
-    assert not list(tmp_path.glob("class-*.html")) and "<h2>Classes</h2><p>not built yet</p>" in (
+    assert not list(tmp_path.glob("class-*.html")) and '<h2 id="all-classes">Classes</h2><p>not built yet</p>' in (
         tmp_path / "index.html").read_text()
 
 
@@ -472,35 +474,90 @@ def test_class_names_are_escaped_wherever_a_page_shows_them(tmp_path):
 
 
 def test_classes_without_test_images_and_three_classes_read_right(tmp_path):
-    d = SimpleNamespace(classes=["cat", "dog", "bird"], test_x=torch.zeros(3, 3, 32, 32, dtype=torch.uint8))
+    d = SimpleNamespace(classes=["cat", "dog", "bird"], test_x=torch.zeros(3, 3, 32, 32, dtype=torch.uint8),
+                        test_y=torch.tensor([0, 2, 2]))
     site = atlas.Site(tmp_path, d, ["maco"])
     means = atlas.class_means(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([0, 2]), 3)  # no dog
     assert means[1].isnan().all()
     assert atlas.selectivity(means).tolist() == pytest.approx([1.5, 0.0])  # over cat and bird alone
     bars = site.bars(means[:, 0])
-    assert "nan" not in bars and "dog: no test images" in bars and "height:100%" in bars
+    assert "nan" not in bars and "dog: no test images" in bars and "height:48px;margin-top:0px" in bars
+    assert 'aria-label="cat 1.000, dog none, bird 3.000"' in bars  # every value, read out
     style = "--w:22px;--g:3px"
-    assert f'<div class="bars" style="{style}">' in bars and f'<div class="barlabels" style="{style}">' in bars
+    assert f'<div class="bars" style="{style}" role="img"' in bars
+    assert f'<div class="barlabels" style="{style}" aria-hidden' in bars
     for k in (10, 23, 100, 140, 149, 200, 590):  # a hundred classes' bars fit the card as ten do, each as wide as
         w, gap = atlas.bar_layout(k)           # it can be; past 148, closer together (they overflowed at 3 px)
         assert k * w + (k - 1) * gap <= 590 < k * (w + 1) + (k - 1) * gap or w == 22
         assert gap == 3 or k > 148 and k * w + (k - 1) * (gap + 1) > 590
     assert atlas.bar_layout(10) == atlas.bar_layout(23) == (22, 3) and atlas.bar_layout(100) == (2, 3)
-    signed = site.bars(torch.tensor([-2.0, 1.0, 0.0]))  # a signed map (the whitening conv's): both sizes shown
-    assert '<div class="bar neg" style="height:100%" title="cat: -2.000">' in signed
-    assert '<div class="bar" style="height:50%" title="dog: 1.000">' in signed
+    signed = site.bars(torch.tensor([-2.0, 1.0, 0.0]))  # a signed map (the whitening conv's): both ways from 0
+    assert '<div class="bar neg" style="height:32px;margin-top:16px" title="cat: -2.000">' in signed  # down from 0
+    assert '<div class="bar" style="height:16px;margin-top:0px" title="dog: 1.000">' in signed  # up to it
+    assert '<div class="bar" style="height:0px;margin-top:16px" title="bird: 0.000">' in signed
     cm = torch.tensor([[50, 3, 1], [4, 40, 2], [0, 5, 45]])
-    body = site.class_body(0, torch.tensor([0]), torch.tensor([1.0]), cm, "block3.act2", None)
+    body = site.class_body(0, torch.tensor([0]), torch.tensor([1.0]), cm, "block3.act2", "but not one to one")
+    assert "The head reads the channels of block3.act2, but not one to one." in body
+    assert 'alt="test image 0, a cat"' in body and 'alt="maco visualization of cat"' in body
     confused = body[body.index("Most confused with"):]
     assert 'href="class-1.html"' in confused and 'href="class-2.html"' in confused
     assert 'href="class-0.html"' not in confused  # never a class with itself
     cm = torch.tensor([[50, 3, 0], [4, 40, 2], [0, 5, 45]])
-    confused = site.class_body(0, torch.tensor([0]), torch.tensor([1.0]), cm, "block3.act2", None)
+    confused = site.class_body(0, torch.tensor([0]), torch.tensor([1.0]), cm, "block3.act2", "x")
     assert 'href="class-2.html"' not in confused  # never confused either way: no confusion to list
+    alone = site.class_body(0, torch.tensor([0]), torch.tensor([1.0]), torch.eye(3), "block3.act2", "x")
+    assert "<table>" not in alone and "No other class, either way" in alone
     contrib = 2.0 * means  # (classes, channels): the dog's row NaN, as head_contributions gives it
     dog = site.class_body(1, torch.tensor([0]), torch.tensor([1.0]), cm, "block3.act2", contrib[1])
     assert "nan" not in dog and "No test images of this class" in dog and "ch 0" not in dog
     assert "ch 0: +6.00" in site.class_body(2, torch.tensor([0]), torch.tensor([1.0]), cm, "block3.act2", contrib[2])
+
+
+class Parsed(HTMLParser):
+    """The tags of a page, the text it shows, and each image's alt beside its figure's caption."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.text, self.alts = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.alts.append(dict(attrs).get("alt"))
+
+    def handle_data(self, text):
+        self.text.append(text)
+
+
+def test_hostile_names_and_lost_images_in_a_whole_build(tiny, tmp_path, monkeypatch):
+    """An image folder's class names are the user's, shown and never parsed on every page; a page whose images
+    were deleted (a copy that lost img/) is built again, not reused with broken images."""
+    model, d, _ = tiny
+    hostile = copy.copy(d)
+    hostile.classes = ['a"b', "<i>x", "R&D", *d.classes[3:]]
+    layer = models.block_layers(model, 32)[-1]
+    calls, real_layer = [], atlas._layer_page
+    monkeypatch.setattr(atlas, "_layer_page", lambda *a: calls.append(a[2]) or real_layer(*a))
+    atlas.build_atlas(model, hostile, None, ("maco",), tmp_path, layer, steps=1, progress=False)
+    links_resolve(tmp_path)
+    for page in tmp_path.glob("*.html"):
+        parsed = Parsed()
+        parsed.feed(page.read_text())
+        assert "i" not in parsed.tags, page.name  # <i>x is text, not markup
+        assert parsed.tags.count("h1") == 1 and all(parsed.alts), page.name  # one title; every image said
+    index = (tmp_path / "index.html").read_text()
+    assert "&lt;i&gt;x" in index and "R&amp;D" in index and f"<title>atlas of CNN on {d.name}</title>" in index
+    first = (tmp_path / "class-1.html").read_text()
+    assert f"<title>class 1: &lt;i&gt;x · atlas of CNN on {d.name}</title>" in first
+    assert 'href="index.html#all-classes"' in first and '<h2 id="all-classes">' in index  # every class, from any page
+    layer_page = (tmp_path / f"layer-{atlas.safe(layer)}.html").read_text()
+    assert '<h2>channel 0</h2>' in layer_page and 'alt="maco visualization of channel 0"' in layer_page
+    shutil.rmtree(tmp_path / "img" / atlas.TESTS)
+    atlas.build_atlas(model, hostile, None, ("maco",), tmp_path, layer, steps=1, progress=False)
+    assert calls == [layer, layer]  # its page showed deleted test images: built again
+    links_resolve(tmp_path)
+    atlas.build_atlas(model, hostile, None, ("maco",), tmp_path, layer, steps=1, progress=False)
+    assert calls == [layer, layer]  # whole: reused
 
 
 def test_the_printed_command_builds_the_atlas_the_notebook_would():
@@ -602,7 +659,7 @@ def test_the_cards_show_the_channels_own_exemplars(tiny, built):
     ex = fv.exemplars(model, d.test_x, fv.Channel(layer, 5), k=atlas.TOP)
     page = (out / f"layer-{atlas.safe(layer)}.html").read_text()
     card = page[page.index('id="c5"'):page.index('id="c6"')]
-    shown = [int(s.split(".png")[0]) for s in card.split("img/test/")[1:]]
+    shown = [int(s.split(".png")[0]) for s in card.split(f"img/{atlas.TESTS}/")[1:]]
     assert shown[:atlas.TOP] == ex.top.tolist()
     assert shown[atlas.TOP:] == fv.exemplars(model, d.test_x, fv.Channel(layer, 5), k=atlas.BOTTOM).bottom.tolist()
     # its bars: channel 5's own mean activation per class (the exact value on hover)
@@ -687,17 +744,23 @@ def test_the_atlas_opens_offline_in_a_browser(built, browser, tmp_path):
     page.click("h3 a")                    # index -> the first layer
     _loaded(page, errors)
     assert "layer-" in page.url
-    page.click(".nav a >> nth=3")         # layer -> its channel 3
+    page.click("nav[aria-label=channels] a >> nth=3")  # layer -> its channel 3
     assert page.url.endswith("#c3") and page.is_visible("#c3")
     _loaded(page, errors)                 # the images the jump brought into view, before the page is left
     page.goto(home)
+    _loaded(page, errors)                 # leaving it while its images load would abort them
     page.click(".strip a >> nth=0")       # index -> a selective channel's card
     _loaded(page, errors)
     card = urlparse(page.url).fragment
     assert card.startswith("c") and page.is_visible(f"#{card}")
     page.goto(home)
+    _loaded(page, errors)
     page.click('a[href="class-0.html"]')  # index -> a class
     _loaded(page, errors)
+    assert page.title().startswith("class 0: ") and page.eval_on_selector_all(
+        "img", "imgs => imgs.every(i => i.alt && i.alt !== i.closest('figure').innerText)")
+    page.click('nav a:has-text("classes")')  # a class -> the list of every class
+    assert page.url.endswith("index.html#all-classes") and page.is_visible("#all-classes")
     page.screenshot(path=str(tmp_path / "class.png"))
     page.goto((out / f"layer-{atlas.safe('block3.act2')}.html").resolve().as_uri())
     _loaded(page, errors)
