@@ -362,8 +362,19 @@ def _changes(key, saved, wanted):
     if isinstance(saved, dict) and isinstance(wanted, dict):
         keys = wanted if key == "hyp" else {**saved, **wanted}
         return [f"{key}[{k!r}]: {_shown(saved, k)} in the checkpoint, {_shown(wanted, k)} now"
-                for k in keys if k not in saved or k not in wanted or saved[k] != wanted[k]]
-    return [] if saved == wanted else [f"{key}: {saved!r} in the checkpoint, {wanted!r} now"]
+                for k in keys if k not in saved or k not in wanted or not _same(saved[k], wanted[k])]
+    return [] if _same(saved, wanted) else [f"{key}: {saved!r} in the checkpoint, {wanted!r} now"]
+
+
+def _same(saved, wanted):
+    """Whether a setting is unchanged: floats within 1e-6 of each other, as the data's channel statistics summed
+    on another machine's CPU (AVX2, AVX-512) differ in their last bits, which must not force a retrain."""
+    if isinstance(saved, (list, tuple)) and isinstance(wanted, (list, tuple)):
+        return len(saved) == len(wanted) and all(map(_same, saved, wanted))
+    if any(isinstance(v, float) for v in (saved, wanted)) and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (saved, wanted)):
+        return math.isclose(saved, wanted, rel_tol=1e-6)
+    return saved == wanted
 
 
 def _shown(settings, key):
@@ -655,9 +666,11 @@ def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progre
             row = end_epoch(epoch, sums, seen)
             keeper.update(dict(epoch=epoch + 1, **row, seconds=time.perf_counter() - start))
             bar.set_postfix(epoch=epoch + 1, **{keeper.key: f"{row[keeper.key]:.4f}"})
-    except BaseException:
+    except BaseException as e:
         if keeper.state is not None:  # not the weights of a diverged or half-done epoch
             keeper.restore()
+        if isinstance(e, KeyboardInterrupt):  # the other stops say it in their message
+            e.add_note(f"Training stopped. {keeper.left()}")
         raise
     finally:
         bar.close()

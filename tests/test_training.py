@@ -596,3 +596,56 @@ def test_evaluate_is_the_plain_cross_entropy_and_accuracy_of_the_models_logits(t
     assert got["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y.long()).item(), rel=1e-4)
     assert got["acc"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
     assert 0.2 < got["acc"] < 1  # neither chance nor every image: a score that can tell
+
+
+def test_fit_trains_on_the_training_images_alone_and_picks_on_the_validation_ones(tiny_data, monkeypatch):
+    """The split's roles: a leak of validation or test images into training (or a pick on the test set) would
+    only make the figures look better, and no other test would notice."""
+    seen, scored, real_loader, real_evaluate = [], [], training.Loader, training.evaluate
+    monkeypatch.setattr(training, "Loader", lambda x, y, *a, **kw: seen.append((x, y)) or real_loader(x, y, *a, **kw))
+    monkeypatch.setattr(training, "evaluate", lambda m, x, y, *a, **kw: scored.append((x, y)) or
+                        real_evaluate(m, x, y, *a, **kw))
+    training.fit(models.build_model(models.cnn_config("small")), tiny_data, hyp=dict(epochs=2, batch_size=200),
+                 device="cpu", progress=False)
+    assert len(seen) == 1 and seen[0][0] is tiny_data.train_x and seen[0][1] is tiny_data.train_y
+    assert len(scored) == 2 and all(x is tiny_data.val_x and y is tiny_data.val_y for x, y in scored)
+
+
+def test_a_run_on_the_cpu_is_repeated_exactly_by_its_seed(tiny_data):
+    def run(seed):
+        torch.manual_seed(seed)
+        model = models.build_model(models.cnn_config("small"))
+        rows = training.fit(model, tiny_data, hyp=dict(epochs=2, batch_size=200), device="cpu", seed=seed,
+                            progress=False)
+        return model.state_dict(), [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    (first, rows), (again, rows_again), (other, other_rows) = run(0), run(0), run(1)
+    assert rows == rows_again and all(torch.equal(v, again[k]) for k, v in first.items())
+    assert rows != other_rows  # the seed matters: the test could fail
+
+
+def test_an_interrupted_run_says_where_its_best_epoch_is(tiny_data, tmp_path, monkeypatch):
+    calls, real = [], training.evaluate
+
+    def stopped_in_the_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(training, "evaluate", stopped_in_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt) as stop:
+        training.train_classifier(tiny_data, tmp_path / "cnn.pt", preset="small", hyp=TINY, progress=False)
+    assert stop.value.__notes__ == [f"Training stopped. Any finished checkpoint at {tmp_path / 'cnn.pt'} is "
+                                    f"untouched; the best epoch so far is in {tmp_path / 'cnn.partial.pt'} "
+                                    f"(training.load_checkpoint(path, partial=True) loads it)."]
+
+
+def test_channel_statistics_summed_in_another_order_reuse_the_checkpoint(trained, tiny_data):
+    _, ckpt, path = trained
+    config = dict(ckpt["config"])
+    nudged = [float(np.nextafter(np.float32(m), np.float32(1))) for m in config["mean"]]  # a float32 bit
+    assert nudged != config["mean"]
+    assert training.changed_settings(path / "cnn.pt", config=dict(config, mean=nudged), hyp=ckpt["hyp"]) == []
+    moved = [m + 1e-3 for m in config["mean"]]
+    assert training.changed_settings(path / "cnn.pt", config=dict(config, mean=moved), hyp=ckpt["hyp"]) == [
+        f"config['mean']: {config['mean']!r} in the checkpoint, {moved!r} now"]
