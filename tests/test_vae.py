@@ -373,3 +373,38 @@ def test_bad_sample_arguments_are_named():
             vae.sample(2, temperature=t)
     with pytest.raises(ValueError, match="jitter must be a finite number >= 0, got -1"):
         vae.latent_cholesky(jitter=-1)
+
+
+def test_the_bound_draws_each_code_from_its_posterior(monkeypatch):
+    """z ~ N(mu, exp(logvar)) for each image: z = mu alone (or a wrong spread) would leave every other test
+    passing while the bits/dim stopped being an estimate of the bound."""
+    vae = small_vae().eval()
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).expand(4000, -1, -1, -1)
+    drawn, real = [], vae.decode_params
+    monkeypatch.setattr(vae, "decode_params", lambda z: drawn.append(z.detach()) or real(z))
+    with torch.no_grad():
+        vae.loss_terms(x, generator=torch.Generator().manual_seed(1))
+        mu, logvar = vae.encode(x[:1])
+    z = drawn[0]
+    torch.testing.assert_close(z.mean(0), mu[0], atol=4 * (0.5 * logvar[0]).exp().max().item() / 4000 ** 0.5,
+                               rtol=0)
+    torch.testing.assert_close(z.std(0), (0.5 * logvar[0]).exp(), rtol=0.1, atol=0)
+
+
+def test_the_statistics_are_those_of_the_best_epoch_whichever_it_is(tiny, tmp_path, monkeypatch):
+    """A run whose first epoch validates best ends with that epoch's weights, and the latent statistics are
+    measured on them, not on the last epoch's."""
+    scores, states, real = iter([1.0, 2.0]), [], training.evaluate_vae
+
+    def scored(vae, *a, **k):
+        states.append({name: v.detach().clone() for name, v in vae.state_dict().items()})
+        return dict(real(vae, *a, **k), bpd=next(scores))
+    monkeypatch.setattr(training, "evaluate_vae", scored)
+    vae, ckpt = training.train_vae(tiny, tmp_path / "vae.pt", preset="small", hyp=dict(epochs=2, batch_size=64),
+                                   progress=False)
+    assert ckpt["epoch"] == 1 and [r["val_bpd"] for r in ckpt["history"]] == [1.0, 2.0]
+    weights = [name for name in states[0] if not name.startswith("latent_")]
+    assert not all(torch.equal(states[0][name], states[1][name]) for name in weights)  # the epochs differ
+    assert all(torch.equal(vae.state_dict()[name], states[0][name]) for name in weights)  # the first's
+    expected = training.latent_statistics(vae, tiny.train_x)
+    assert all(torch.allclose(getattr(vae, name), value, atol=1e-6) for name, value in expected.items())
