@@ -23,7 +23,8 @@ import data  # noqa: E402
 import featureviz as fv  # noqa: E402
 import metrics  # noqa: E402
 import training  # noqa: E402
-from bench_featureviz import at_least, names_in  # noqa: E402
+from bench_featureviz import names_in  # noqa: E402
+from training import at_least  # noqa: E402
 
 
 def parse_args():
