@@ -273,8 +273,9 @@ class PlantedDetector:
     """Finds the classes of the harder synthetic set (data.HARD_FEATURES) wherever the feature is and
     however large: per class, the peak amplitude over positions and three scales of the image's Gabor
     response, on the class's colour axis, at its orientation and wavelength; z-scored on real training
-    images. detector(images) -> (N,) the class whose feature stands out most. Fixed by the set's
-    definition, not tuned on visualizations."""
+    images. detector(images) -> (N,) the class whose feature stands out most, or -1 (no class) where none stands
+    above its mean on the training images (a blank or flat image, which would otherwise name one class every
+    time, right for 1 in 10). Fixed by the set's definition, not tuned on visualizations."""
 
     SCALES = (data.HARD_SCALE[0], 1.0, data.HARD_SCALE[1])  # the set's smallest, natural and largest scale
 
@@ -309,7 +310,8 @@ class PlantedDetector:
         return torch.cat(out)
 
     def __call__(self, images):
-        return ((self.scores(images) - self.mean) / self.sd).argmax(1)
+        best = ((self.scores(images) - self.mean) / self.sd).max(1)
+        return torch.where(best.values > 0, best.indices, -1)
 
 
 # ----------------------------------------------------------------------------- processing path and two-choice
@@ -547,20 +549,20 @@ RANKED_BY = ("naturalness", "path_flagged")
 def _off_real(row, key):
     """How far a row is from real images on a ranked metric, lower is better: the share the path check
     flags as it is; naturalness as its distance from a real image's 1.0 either way (|log|), since images
-    closer to the training images than held-out real ones are copies, not more natural."""
+    closer to the training images than held-out real ones are copied from them, not more natural."""
     if key != "naturalness":
         return row[key]
-    return abs(math.log(row[key])) if row[key] > 0 else math.inf  # 0: a copy of a training image
+    return abs(math.log(row[key])) if row[key] > 0 else math.inf  # 0: on k training images at once
 
 
 def rank_techniques(rows, names):
     """The rows of the named techniques, best first: by the sum of their ranks on naturalness and on
     the path check (_off_real: lower is better on both), among the techniques whose class evidence holds
-    (normalized activation >= 1 and transfer >= 0.9) and whose scores are numbers (not NaN); equal values
+    (normalized activation > 1 and transfer >= 0.9) and whose scores are numbers (not NaN); equal values
     share their average rank, and equal sums go to the more natural (then by name), so the order of the
     rows does not matter. names: technique names, or one name."""
     names = models.as_names(names, "names")  # one name is not its substrings ('pixel' in 'pixel+reg')
-    candidates = [r for r in rows if r["technique"] in names and r["act"] >= 1.0 and r["transfer"] >= 0.9
+    candidates = [r for r in rows if r["technique"] in names and r["act"] > 1.0 and r["transfer"] >= 0.9
                   and all(math.isfinite(r[key]) for key in RANKED_BY)]
     ranks = {r["technique"]: sum(_average_rank(_off_real(r, key), [_off_real(c, key) for c in candidates])
                                  for key in RANKED_BY) for r in candidates}

@@ -41,7 +41,7 @@ VAE_HYP = dict(
     epochs=30,
     batch_size=128,
     lr=2e-3,                 # Adam, cosine decay to 10%
-    kl_warmup_epochs=3,      # KL weight rises linearly from 0 to 1 over these epochs
+    kl_warmup_epochs=3,      # KL weight rises linearly from 0 to 1 over these epochs (at most half the run)
     free_bits=0.0,           # nats per latent dim below which the KL is not penalized
     grad_clip=200.0,         # max gradient norm
     flip=True,               # augmentation: horizontal flip only (the likelihood is per pixel)
@@ -865,7 +865,8 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
                     translate=0, drop_last=drops_last(len(data.train_y), hyp["batch_size"]), device=device,
                     seed=seed)
     total = total_steps(len(loader), hyp["epochs"])
-    warm = max(1, int(len(loader) * hyp["kl_warmup_epochs"]))
+    # a run shorter than twice the warm-up spends its second half at the full KL, the bound it reports
+    warm = max(1, int(min(len(loader) * hyp["kl_warmup_epochs"], total / 2)))
     opt = torch.optim.Adam(vae.parameters(), lr=hyp["lr"])
     def lr_factor_at(step):  # cosine from 1 down to 0.1
         return 0.1 + 0.45 * (1 + math.cos(math.pi * min(step, total) / total))

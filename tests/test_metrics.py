@@ -304,6 +304,8 @@ def test_planted_detector_on_real_samples_and_where_it_must_fail(hard):
     noise = (detector(torch.rand(1000, 3, 32, 32)) == d.test_y).float().mean().item()
     assert acc > 0.9 and flipped > 0.9, (acc, flipped)
     assert shuffled < 0.25 and noise < 0.25, (shuffled, noise)
+    flat = torch.full((10, 3, 32, 32), 0.5) + torch.linspace(-0.4, 0.4, 10)[:, None, None, None]  # grey to white
+    assert (detector(flat) == -1).all()  # no class, not one class every time (right for 1 in 10)
     with pytest.raises(ValueError, match="images must be 32x32, the side of the training images"):
         detector(torch.rand(2, 3, 28, 28))
 
@@ -382,7 +384,8 @@ def test_rank_techniques_gives_equal_values_one_rank_whatever_the_order_of_the_r
 
 def test_rank_techniques_takes_class_evidence_at_its_bounds():
     row = lambda name, act, transfer: dict(technique=name, naturalness=1.0, path_flagged=0.5, act=act, transfer=transfer)
-    rows = [row("at both", 1.0, 0.9), row("act under", 0.99, 1.0), row("transfer under", 2.0, 0.89)]
+    rows = [row("at both", 1.01, 0.9), row("act at 1", 1.0, 1.0), row("transfer under", 2.0, 0.89)]
+    # an activation of exactly 1 is that of the class's top test image: returning it is no visualization
     assert [r["technique"] for r in metrics.rank_techniques(rows, [r["technique"] for r in rows])] == ["at both"]
 
 

@@ -408,3 +408,19 @@ def test_the_statistics_are_those_of_the_best_epoch_whichever_it_is(tiny, tmp_pa
     assert all(torch.equal(vae.state_dict()[name], states[0][name]) for name in weights)  # the first's
     expected = training.latent_statistics(vae, tiny.train_x)
     assert all(torch.allclose(getattr(vae, name), value, atol=1e-6) for name, value in expected.items())
+
+
+def test_a_run_shorter_than_twice_the_kl_warm_up_ends_at_the_full_kl(tiny, monkeypatch):
+    """The warm-up takes at most half the run: a 2-epoch run under the 3-epoch default used to end at a weight
+    of 2/3, never training on the bound it reports."""
+    weights, real = [], models.VAE.loss_terms
+
+    def recording(self, x, kl_weight=1.0, *args, **kwargs):
+        if self.training:  # not validation's
+            weights.append(kl_weight)
+        return real(self, x, kl_weight, *args, **kwargs)
+    monkeypatch.setattr(models.VAE, "loss_terms", recording)
+    rows = training.fit_vae(small_vae(), tiny, hyp=dict(epochs=2, batch_size=100), progress=False)
+    assert training.VAE_HYP["kl_warmup_epochs"] > 2 and len(weights) == 10  # 5 full batches an epoch
+    assert weights == pytest.approx([0, 0.2, 0.4, 0.6, 0.8] + [1.0] * 5)  # the second epoch at the full KL
+    assert [r["kl_weight"] for r in rows] == pytest.approx([0.8, 1.0])
