@@ -65,6 +65,19 @@ class Data:
                              f"them to one side to train and visualize a model on them")
         return w
 
+    def class_index(self, label):
+        """A class's index from its index or its name ("cat"); an error that lists the names otherwise."""
+        if isinstance(label, str):
+            if label not in self.classes:
+                shown = ", ".join(map(repr, self.classes[:20])) + (", ..." if len(self.classes) > 20 else "")
+                raise ValueError(f"{label!r} is not a class of {self.name}; its classes are {shown}")
+            return self.classes.index(label)
+        check_count("a class index", label, 0)
+        if label >= len(self.classes):
+            raise ValueError(f"class index {label} is out of range: {self.name} has {len(self.classes)} classes "
+                             f"(0..{len(self.classes) - 1})")
+        return int(label)
+
     def fingerprint(self):
         """A short hash of the training and validation images and labels: what a checkpoint was trained on."""
         h = hashlib.sha256()

@@ -750,7 +750,7 @@ class Neuron:
     __post_init__ = _plain_indices
 
     def __str__(self):
-        at = "the center" if self.y is None and self.x is None else f"({self.y}, {self.x})"
+        at = "the center" if self.y is None and self.x is None else f"y={self.y}, x={self.x}"
         return f"{self.layer} channel {self.channel} at {at}"
 
     def position(self, shape):

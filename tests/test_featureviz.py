@@ -1012,7 +1012,7 @@ def test_visualize_unit_builds_the_right_target():
         fv.visualize_unit(model, "head", 0, neuron=(1, 1), **kw)
     assert [str(t) for t in (fv.Class(3), fv.Channel("block1.act2", 2), fv.Neuron("block1.act2", 0, 3, 4),
                              fv.Neuron("block1.act2", 0), fv.Direction("block1.act2", torch.ones(16)))] == [
-        "class 3", "block1.act2 channel 2", "block1.act2 channel 0 at (3, 4)", "block1.act2 channel 0 at the center",
+        "class 3", "block1.act2 channel 2", "block1.act2 channel 0 at y=3, x=4", "block1.act2 channel 0 at the center",
         "a direction in block1.act2"]
     for channels in (torch.arange(2), np.arange(2)):  # index tensors and arrays, as for class targets
         assert fv.visualize_unit(model, "block1.act2", channels, **kw).targets == [

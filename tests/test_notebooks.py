@@ -83,9 +83,15 @@ rows, cols = models.cell_centres(model, "block3.act2", d.test_x)
 fig = show_unit("block3.act2", 0, "pixel", (2, 0))
 rings = [(line.get_xdata()[0], line.get_ydata()[0]) for ax in fig.axes for line in ax.lines]
 assert rings == [(cols[0].item(), rows[2].item())] * len(fig.axes), rings
-assert "block3.act2 channel 0 at (2, 0)" in fig._suptitle.get_text(), fig._suptitle.get_text()
-fig = show_unit("head", 3, "pixel")
+assert "block3.act2 channel 0 at y=2, x=0" in fig._suptitle.get_text(), fig._suptitle.get_text()
+fig = show_unit("head", d.classes[3], "pixel")  # a class by its name, as by its index
 assert fig._suptitle.get_text().startswith(f"{d.classes[3]}: pixel reaches") and "(logit)" in fig._suptitle.get_text()
+try:
+    show_unit("head", "no such class", "pixel")
+except ValueError as e:
+    assert f"'no such class' is not a class of {d.name}; its classes are {d.classes[0]!r}" in str(e), e
+else:
+    raise AssertionError("an unknown class name rendered")
 assert not any(ax.lines for ax in fig.axes), "a class reads the whole image: no ring"
 """
 
