@@ -412,20 +412,19 @@ def safe(name):
     return re.sub(r"(?i)^(con|prn|aux|nul|com[1-9]|lpt[1-9])(?=\.|$)", r"\1_", name)
 
 
+BAR_HEIGHT = 48  # px: the chart of class means (.bars)
 CSS = """body{font-family:sans-serif;margin:1.5em;color:#222}a{color:#14c}h2{margin-top:1.4em}
 img{image-rendering:pixelated;width:64px;height:64px;display:block}
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;border-radius:6px;padding:8px;width:590px}
 .card:target{border-color:#14c;box-shadow:0 0 6px #14c}.row{display:flex;gap:4px;align-items:flex-end;margin:4px 0}
 figure{margin:0;text-align:center;font-size:11px}.label{width:52px;font-size:12px;color:#555}
-.bars{display:flex;gap:var(--g);align-items:flex-start;height:48px}
+.bars{display:flex;gap:var(--g);align-items:flex-start;height:BAR_HEIGHTpx}
 .bar{width:var(--w);background:#5a8;min-height:1px;forced-color-adjust:none}
 .bar.neg{background:#c66}.card h2{font-size:1em;margin:0}
 .barlabels{display:flex;gap:var(--g)}.barlabel{width:var(--w);font-size:9px;overflow:hidden;text-align:center}.strip{display:flex;gap:6px;flex-wrap:wrap}
 nav{margin:0 0 .8em;font-size:14px}nav b{color:#000}
-table{border-collapse:collapse}.row .label{align-self:center}td,th{padding:2px 8px;text-align:left}"""
-
-
-BAR_HEIGHT = 48  # px: the chart of class means (.bars)
+table{border-collapse:collapse}.row .label{align-self:center}td,th{padding:2px 8px;text-align:left}""".replace(
+    "BAR_HEIGHT", str(BAR_HEIGHT))
 
 
 def bar_layout(classes, card=590):
@@ -531,7 +530,7 @@ class Site:
         known = values.nan_to_num(0)
         up, down = known.clamp_min(0).max().item(), (-known).clamp_min(0).max().item()
         span = max(up + down, 1e-8)
-        zero = BAR_HEIGHT * up / span  # px from the top
+        zero = round(BAR_HEIGHT * up / span) if up + down else BAR_HEIGHT  # px from the top; a dead channel: the foot
         bars = "".join(self._bar(name, v, zero, span) for name, v in zip(self.d.classes, values.tolist()))
         labels = "".join(f'<div class="barlabel">{html.escape(name[:4])}</div>' for name in self.d.classes)
         style = "--w:{}px;--g:{}px".format(*bar_layout(len(self.d.classes)))
@@ -544,9 +543,10 @@ class Site:
     def _bar(name, value, zero, span):
         """One class's bar, `zero` px from the chart's top and `span` the chart's range of values: red for a
         negative mean; empty for a class without test images (NaN)."""
-        size, title = (abs(value) / span * BAR_HEIGHT, f"{value:.3f}") if value == value else (0, "no test images")
-        top, kind = (zero, "bar neg") if value < 0 else (zero - size, "bar")
-        return (f'<div class="{kind}" style="height:{size:.0f}px;margin-top:{top:.0f}px" '
+        known = value == value
+        size, title = (round(abs(value) / span * BAR_HEIGHT), f"{value:.3f}") if known else (0, "no test images")
+        top, kind = (zero, "bar neg") if value < 0 else (zero - size, "bar")  # every bar meets the zero line
+        return (f'<div class="{kind}" style="height:{size}px;margin-top:{top}px" '
                 f'title="{html.escape(name)}: {title}"></div>')
 
     def card(self, layer, c, top, top_values, bottom, bottom_values, means):

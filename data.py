@@ -13,6 +13,7 @@ import hashlib
 import io
 import math
 import numbers
+import operator
 import os
 import re
 import struct
@@ -72,7 +73,13 @@ class Data:
                 shown = ", ".join(map(repr, self.classes[:20])) + (", ..." if len(self.classes) > 20 else "")
                 raise ValueError(f"{label!r} is not a class of {self.name}; its classes are {shown}")
             return self.classes.index(label)
-        check_count("a class index", label, 0)
+        try:
+            index = None if isinstance(label, bool) else operator.index(label)  # Python, NumPy, 0-d tensor ints
+        except TypeError:  # a float, a batch
+            index = None
+        if index is None or index < 0:
+            raise ValueError(f"a class must be an index from 0 or a name of {self.name}'s classes; got {label!r}")
+        label = index
         if label >= len(self.classes):
             raise ValueError(f"class index {label} is out of range: {self.name} has {len(self.classes)} classes "
                              f"(0..{len(self.classes) - 1})")

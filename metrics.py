@@ -275,7 +275,8 @@ class PlantedDetector:
     response, on the class's colour axis, at its orientation and wavelength; z-scored on real training
     images. detector(images) -> (N,) the class whose feature stands out most, or -1 (no class) where none stands
     above its mean on the training images (a blank or flat image, which would otherwise name one class every
-    time, right for 1 in 10). Fixed by the set's definition, not tuned on visualizations."""
+    time, right for 1 in 10): compare it with labels, never index class names with it. Fixed by the set's
+    definition, not tuned on visualizations."""
 
     SCALES = (data.HARD_SCALE[0], 1.0, data.HARD_SCALE[1])  # the set's smallest, natural and largest scale
 

@@ -367,8 +367,9 @@ def _changes(key, saved, wanted):
 
 
 def _same(saved, wanted):
-    """Whether a setting is unchanged: floats within 1e-6 of each other, as the data's channel statistics summed
-    on another machine's CPU (AVX2, AVX-512) differ in their last bits, which must not force a retrain."""
+    """Whether a setting is unchanged: floats within a relative 1e-6 of each other, as the data's channel
+    statistics summed on another machine's CPU (AVX2, AVX-512) differ in their last bits, which must not force a
+    retrain."""
     if isinstance(saved, (list, tuple)) and isinstance(wanted, (list, tuple)):
         return len(saved) == len(wanted) and all(map(_same, saved, wanted))
     if any(isinstance(v, float) for v in (saved, wanted)) and all(
@@ -865,7 +866,8 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
                     translate=0, drop_last=drops_last(len(data.train_y), hyp["batch_size"]), device=device,
                     seed=seed)
     total = total_steps(len(loader), hyp["epochs"])
-    # a run shorter than twice the warm-up spends its second half at the full KL, the bound it reports
+    # a run shorter than twice the warm-up spends its second half at the full KL, the bound it reports (a run of
+    # one step, at weight 0, has no second half)
     warm = max(1, int(min(len(loader) * hyp["kl_warmup_epochs"], total / 2)))
     opt = torch.optim.Adam(vae.parameters(), lr=hyp["lr"])
     def lr_factor_at(step):  # cosine from 1 down to 0.1

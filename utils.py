@@ -204,7 +204,8 @@ def plot_confusion(cm, classes=None, normalize=True, save=None):
     indices) on the axes (every n-th past 100 classes)."""
     classes = [str(i) for i in range(len(cm))] if classes is None else classes
     counts = np.asarray(check_confusion(cm, classes).detach().cpu(), dtype=np.float64)  # (K, K)
-    shown = counts / np.maximum(counts.sum(1, keepdims=True), 1) if normalize else counts
+    rows = counts.sum(1, keepdims=True)
+    shown = counts / np.where(rows > 0, rows, 1) if normalize else counts  # a matrix of fractions too
     k = len(classes)
     cell = min(0.6, 30 / k)  # inches: past 50 classes the matrix stays 30 inches wide (60 for 100 at 0.6)
     fig, ax = plt.subplots(figsize=(cell * k + 2.5, cell * k + 1.5))
@@ -303,7 +304,7 @@ def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_
 
 
 @_no_figure_on_error
-def plot_heatmaps(images, maps, titles=None, row_labels=None, signed=None, outliers=1.0, save=None):
+def plot_heatmaps(images, maps, titles=None, row_labels=None, signed=None, save=None, outliers=1.0):
     """The images on top, then one row per method with its map (normalized per image) overlaid: (B, h, w), or
     (B, C, h, w) attributions, reduced to one map per image as attribution.to_heatmap does. An unsigned map runs
     from its lowest value (blue) to its highest (red); a signed method (to_heatmap(..., signed=True)) is shown
@@ -382,15 +383,15 @@ def _row_labels(row_labels, methods):
 
 def _overlay(m, signed, outliers):
     """One map (h, w) scaled for its overlay: around 0 to [-1, 1] if signed, else from its lowest value to [0, 1],
-    the top `outliers` percent saturated (all of the map if that share is 0 there: a sparse map keeps its peaks).
-    None for a flat map (a constant, up to float rounding), which has nothing to show."""
+    the top `outliers` percent saturated, but never scaled by less than 1% of its extreme: a sparse map (a few
+    peaks over float noise) keeps its peaks and its noise stays dark. None for a flat map (a constant, up to float
+    rounding), which has nothing to show."""
     m = np.asarray(m, dtype=np.float64)
     lo, hi = m.min(), m.max()
     if hi - lo <= 1e-6 * max(abs(lo), abs(hi)):
         return None
     size = np.abs(m) if signed else m - lo
-    top = np.percentile(size, 100 - outliers, method="lower")  # a value of the map: in a small one, its 2nd largest
-    top = top if top > 0 else size.max()
+    top = max(np.percentile(size, 100 - outliers, method="lower"), 0.01 * size.max())  # lower: a value of the map
     return np.clip(m / top, -1, 1) if signed else np.clip(size / top, 0, 1)
 
 

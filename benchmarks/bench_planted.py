@@ -79,7 +79,7 @@ def main():
     for label, images in (("real test images", d.test_x), ("the test images' pixels shuffled (must fail)",
                                                            metrics._shuffled(d.test_x, 0)),
                           ("uniform noise (must fail)", noise)):
-        print(f"detector on {label}: {(detector(images) == d.test_y).float().mean().item():.3f} (chance 0.1)")
+        print(f"detector on {label}: {(detector(images) == d.test_y).float().mean().item():.3f} right (chance 0.1)")
     ckpt = Path(args.ckpt_dir) / ("quick" if args.quick else "full")
     build = dict(ours=lambda: training.train_classifier(d, ckpt / "cnn_small_hard.pt", "small",
                                                         dict(epochs=args.epochs, batch_size=256))[0],

@@ -495,6 +495,10 @@ def test_classes_without_test_images_and_three_classes_read_right(tmp_path):
     assert '<div class="bar neg" style="height:32px;margin-top:16px" title="cat: -2.000">' in signed  # down from 0
     assert '<div class="bar" style="height:16px;margin-top:0px" title="dog: 1.000">' in signed  # up to it
     assert '<div class="bar" style="height:0px;margin-top:16px" title="bird: 0.000">' in signed
+    uneven = site.bars(torch.tensor([0.7, 0.26, -0.3]))  # rounded once: every bar meets the line at 34 px
+    assert "height:12px;margin-top:22px" in uneven and "height:14px;margin-top:34px" in uneven
+    dead = site.bars(torch.zeros(3))  # a channel that never fires: its bars stand on the foot, not hang from the top
+    assert dead.count("height:0px;margin-top:48px") == 3
     cm = torch.tensor([[50, 3, 1], [4, 40, 2], [0, 5, 45]])
     body = site.class_body(0, torch.tensor([0]), torch.tensor([1.0]), cm, "block3.act2", "but not one to one")
     assert "The head reads the channels of block3.act2, but not one to one." in body

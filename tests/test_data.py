@@ -340,10 +340,11 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_gives_each_write_its_own
 def test_a_class_is_found_by_its_index_or_its_name():
     d = data.load_data("synthetic", n_train=100, n_test=20)
     assert d.class_index(3) == 3 and d.class_index(d.classes[3]) == 3 and d.class_index(np.int64(2)) == 2
+    assert d.class_index(d.test_y[0]) == d.test_y[0].item()  # a label as the data hold it
     with pytest.raises(ValueError, match=rf"'cat' is not a class of synthetic; its classes are {d.classes[0]!r}, "):
         d.class_index("cat")
     with pytest.raises(ValueError, match=r"class index 10 is out of range: synthetic has 10 classes \(0\.\.9\)"):
         d.class_index(10)
-    for bad in (-1, 2.0, True):
-        with pytest.raises(ValueError, match="a class index must be an int >= 0"):
+    for bad in (-1, 2.0, True, torch.arange(2)):
+        with pytest.raises(ValueError, match="a class must be an index from 0 or a name of synthetic's classes"):
             d.class_index(bad)

@@ -424,6 +424,11 @@ def test_one_extreme_pixel_does_not_wash_out_a_heatmap():
     signed[0, 7, 7] = 50.0
     shown = image_axes(utils.plot_heatmaps(images(1), signed, signed=True))[1].images[1].get_array()
     assert shown.min() < -0.9 and shown[0, 0] < -0.9 and shown[7, 7] == 1  # the negative evidence stays blue
+    sparse = 1e-6 * torch.randn(1, 32, 32, generator=torch.Generator().manual_seed(1))
+    sparse[0, 0, :5] = 1.0  # a few peaks over float noise, under 1% of the pixels
+    picture = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # the map's own size
+    shown = np.asarray(image_axes(utils.plot_heatmaps(picture, sparse, signed=True))[1].images[1].get_array())
+    assert np.allclose(shown[0, :5], 1) and np.abs(shown[1:]).max() < 0.01  # the noise stays white
 
 
 def test_flat_and_non_finite_maps_are_not_drawn_as_heat():
@@ -491,3 +496,5 @@ def test_a_confusion_matrix_of_fractions_is_written_as_fractions():
     assert texts == ["0.90", "0.10", "0.30", "0.70"]  # was "1 0 / 0 1"
     texts = [t.get_text() for t in utils.plot_confusion([[9, 1], [3, 7]], ["a", "b"]).axes[0].texts]
     assert texts == ["9", "1", "3", "7"]
+    shown = utils.plot_confusion([[0.45, 0.05], [0.15, 0.35]], ["a", "b"]).axes[0].images[0].get_array()
+    assert np.allclose(shown, [[0.9, 0.1], [0.3, 0.7]])  # fractions of all: coloured as fractions of the true class
