@@ -18,6 +18,7 @@ import functools
 import inspect
 import math
 import numbers
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields as fields_of, replace
 
@@ -1165,14 +1166,31 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     # them comes back; with several, every candidate is pushed from the other images' (and from its rivals)
     if images_per_target == 1 and any(isinstance(t, Diversity) for t in terms):
         raise ValueError("Diversity pushes apart the images of one target: it needs images_per_target >= 2, got 1")
-    with _prepared(model, targets, param, transforms, terms, groups, size, seed) as (param, step, gen, score):
+    # an enclosing autocast would run the model in its dtype and read the parameterization, updated in place, from
+    # the copy it cast at the first step: the images would barely move
+    with torch.autocast(device.type, enabled=False), _prepared(model, targets, param, transforms, terms, groups, size,
+                                                               seed) as (param, step, gen, score):
         history = torch.zeros(steps, len(groups), device=device)  # on the device: no host sync per step
         _optimize(step, param, gen, lr, history, progress)
         with torch.no_grad():
             images = param().contiguous()  # as the user expects them (a Fourier one's are channels_last)
             final = score(images)
     keep = _best_of_restarts(final, restarts).cpu()
-    return Render(images.detach().float().cpu()[keep], final.cpu()[keep], history.cpu()[:, keep], targets)  # float32
+    r = Render(images.detach().float().cpu()[keep], final.cpu()[keep], history.cpu()[:, keep], targets)  # float32
+    _warn_non_finite(r)
+    return r
+
+
+def _warn_non_finite(r):
+    """A warning naming the targets whose image or activation became NaN or inf, and the first step it did (a
+    plot draws such an image blank, and nothing else would say why)."""
+    bad = ~(r.images.flatten(1).isfinite().all(1) & r.activation.isfinite() & r.history.isfinite().all(0))
+    if bad.any():
+        first = int((~r.history.isfinite()).any(1).float().argmax()) if not r.history.isfinite().all() else None
+        when = f" from step {first}" if first is not None else ""
+        names = sorted({str(r.targets[t]) for t in r.target_index[bad].tolist()})
+        warnings.warn(f"the render of {', '.join(names)} became NaN or inf{when}, which a plot draws blank (a "
+                      f"float16 model's overflow, or too large an lr?)", stacklevel=2)
 
 
 @contextmanager
@@ -1219,7 +1237,7 @@ def _best_of_restarts(final, restarts):
     """(N / restarts,) indices of the images to keep: images come in runs of `restarts` candidates for
     the same image (target-major), and each run keeps its candidate with the highest final activation."""
     starts = torch.arange(0, len(final), restarts, device=final.device)
-    return final.view(-1, restarts).argmax(1) + starts
+    return final.nan_to_num(nan=-math.inf).view(-1, restarts).argmax(1) + starts  # argmax would take a NaN
 
 
 def _image_size(model, param, size):
@@ -1523,10 +1541,27 @@ def render_in_stages(model, targets, first, second, steps=256, **common):
     if isinstance(second.get("param"), nn.Module):  # before the first stage runs
         raise TypeError("the second stage's param must be a parameterization name or Recipe, not a built module: "
                         "it starts from the first stage's images")
+    for name, stage in (("first", first), ("second", second)):
+        _check_stage(name, stage)
     a = render(model, targets, steps=steps // 2, **first)
     second["param"] = _as_recipe(second.get("param", "fourier")).starting_from(a.images)  # render()'s default
     b = render(model, targets, steps=steps - steps // 2, **second)
     return Render(b.images, b.activation, torch.cat([a.history, b.history]), a.targets)
+
+
+def _check_stage(name, stage):
+    """A stage's render() settings, checked before either runs: a typo or a bad value in the second stage would
+    otherwise fail only after the first had spent its steps."""
+    defaults = {k: p.default for k, p in inspect.signature(render).parameters.items() if p.default is not p.empty}
+    unknown = sorted(set(stage) - set(defaults) | ({"steps"} & set(stage)))
+    if unknown:
+        raise TypeError(f"the {name} stage's settings {unknown} are not a stage's render() arguments: it takes "
+                        f"{', '.join(k for k in defaults if k != 'steps')} (steps are the two stages' together)")
+    s = {**defaults, **stage}
+    _check_settings(s["steps"], s["lr"], s["transforms"], s["images_per_target"], s["restarts"], s["seed"])
+    if not isinstance(s["param"], nn.Module):
+        _as_recipe(s["param"])
+    _terms(s["regularizers"])
 
 
 def _priors_where_they_apply(stages):

@@ -732,7 +732,9 @@ def test_render_leaves_the_model_as_found():
 
 def test_render_cleans_up_when_interrupted_mid_run():
     model = cnn()
-    before = snapshot(model)
+    model.train()
+    model.block2.eval()  # a mixed state must come back exactly, after a stop too
+    before, flag = snapshot(model), torch.backends.cudnn.deterministic
     calls = []
 
     def interrupt_at_step_3(x, gen):
@@ -745,6 +747,7 @@ def test_render_cleans_up_when_interrupted_mid_run():
         fv.render(model, [fv.Class(0), fv.Channel("block1.act2", 0)], transforms=interrupt_at_step_3,
                   steps=10, progress=False)
     assert_untouched(model, before)
+    assert torch.backends.cudnn.deterministic == flag  # set for the render, restored on the stop
 
 
 def test_render_output_shapes_and_ranges():
@@ -1275,3 +1278,35 @@ def test_a_neuron_looks_at_its_cells_centre_and_other_targets_at_no_one_place():
         assert fv.looks_at(model, target, images) is None
     with pytest.raises(ValueError, match=r"neuron position \(y=3, x=0\) out of range: layer 'block3.act2' is 3x3"):
         fv.looks_at(model, fv.Neuron("block3.act2", 5, 3, 0), images)
+
+
+def test_a_second_stage_is_checked_before_the_first_runs():
+    model, calls = cnn(), []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    for second, error, match in ((dict(param="fourir"), ValueError, "fourir"),
+                                 (dict(param="fourier", lr=-1), ValueError, "lr must be a finite number > 0"),
+                                 (dict(param="fourier", step=3), TypeError, r"the second stage's settings \['step'\]")):
+        with pytest.raises(error, match=match):
+            fv.render_in_stages(model, [0], dict(param="pixel"), second, steps=4, progress=False)
+    assert calls == []  # the first stage spent nothing
+
+
+def test_a_render_that_becomes_nan_says_so_and_restarts_never_keep_a_nan():
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[4].weight.fill_(float("inf"))  # a logit that overflows
+    with pytest.warns(UserWarning, match=r"the render of class 0 became NaN or inf from step 0, which a plot draws"):
+        fv.render(model, [0], param="pixel", steps=2, size=8, progress=False)
+    final = torch.tensor([1.0, float("nan"), 0.5, 2.0, float("nan"), -1.0])
+    assert fv._best_of_restarts(final, 2).tolist() == [0, 3, 5]  # torch's argmax takes a NaN as the largest
+
+
+def test_a_render_inside_autocast_is_the_render_outside_it():
+    """Autocast would run the model in bfloat16 and read the parameterization, updated in place, from its first
+    cast copy; a render turns it off for its duration."""
+    model = cnn()
+    plain = fv.render(model, [0, 1], param="fourier", steps=4, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = fv.render(model, [0, 1], param="fourier", steps=4, progress=False)
+    assert torch.equal(inside.images, plain.images) and torch.equal(inside.history, plain.history)
