@@ -79,11 +79,10 @@ class Data:
             index = None
         if index is None or index < 0:
             raise ValueError(f"a class must be an index from 0 or a name of {self.name}'s classes; got {label!r}")
-        label = index
-        if label >= len(self.classes):
-            raise ValueError(f"class index {label} is out of range: {self.name} has {len(self.classes)} classes "
+        if index >= len(self.classes):
+            raise ValueError(f"class index {index} is out of range: {self.name} has {len(self.classes)} classes "
                              f"(0..{len(self.classes) - 1})")
-        return int(label)
+        return index
 
     def fingerprint(self):
         """A short hash of the training and validation images and labels: what a checkpoint was trained on."""

@@ -1186,8 +1186,8 @@ def _warn_non_finite(r):
     plot draws such an image blank, and nothing else would say why)."""
     bad = ~(r.images.flatten(1).isfinite().all(1) & r.activation.isfinite() & r.history.isfinite().all(0))
     if bad.any():
-        first = int((~r.history.isfinite()).any(1).float().argmax()) if not r.history.isfinite().all() else None
-        when = f" from step {first}" if first is not None else ""
+        steps = (~r.history.isfinite()).any(1).nonzero().flatten()  # the steps whose activations are not numbers
+        when = f" from step {steps[0].item()}" if len(steps) else ""
         names = sorted({str(r.targets[t]) for t in r.target_index[bad].tolist()})
         warnings.warn(f"the render of {', '.join(names)} became NaN or inf{when}, which a plot draws blank (a "
                       f"float16 model's overflow, or too large an lr?)", stacklevel=2)
