@@ -323,7 +323,9 @@ def load_cifar10(root):
             f"CIFAR-10 is not in {Path(root).resolve()} and could not be downloaded ({e}). "
             f"Put cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html) or its "
             f"extracted folder cifar-10-batches-py/ into {Path(root).resolve()}, or set DATA_DIR to the "
-            f"folder that holds it. To work offline, use DATASET=fashion-mnist or DATASET=synthetic."
+            f"folder that holds it. To work offline, set DATASET to the path of an image folder or archive of "
+            f"CIFAR-10 (a JPEG copy, say: README, Data), or use DATASET=synthetic, or DATASET=fashion-mnist with "
+            f"the Debian package dataset-fashion-mnist installed."
         ) from e
     return _to_tensors(train), _to_tensors(test), list(train.classes)
 

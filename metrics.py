@@ -64,6 +64,9 @@ def hardest_pairs(cm, classes, k=5):
 
 def check_confusion(cm, classes):
     """cm as a (K, K) tensor for the K class names, or an error that names both."""
+    if cm is None:  # a notebook's, reset with its model: the cell that computes it has not run since
+        raise ValueError("cm is None, not a confusion matrix: compute it (metrics.confusion_matrix of the labels "
+                         "and the predictions) after the model it is of")
     cm = torch.as_tensor(cm)
     if cm.shape != (len(classes), len(classes)):
         raise ValueError(f"cm must be (K, K) for the K = {len(classes)} class names; got shape {tuple(cm.shape)}")

@@ -249,17 +249,18 @@ def plot_misclassified(images, true, pred, classes=None, n=16, save=None):
 
 
 @_no_figure_on_error
-def plot_filters(weight, save=None):
+def plot_filters(weight, save=None, ncols=16):
     """Conv filters (O, I, kh, kw): RGB when I == 3, else the first input channel in gray (the title says so past
     one); each scaled by its largest |weight| shown around mid-gray (0), so that a flat filter shows as flat and a
-    colour-opponent one as the colours it adds (brighter) and takes away (darker)."""
+    colour-opponent one as the colours it adds (brighter) and takes away (darker). ncols: filters per row."""
+    check_count("ncols", ncols, 1)
     w = torch.as_tensor(weight).detach().cpu().float().numpy()
     if w.ndim != 4:
         raise ValueError(f"weight must be convolution filters (O, I, kh, kw), such as a Conv2d's weight; got shape "
                          f"{tuple(w.shape)}")
     inputs = w.shape[1]
     w = w if inputs == 3 else w[:, :1]
-    fig, axes = _grid(len(w), 16, size=0.8)
+    fig, axes = _grid(len(w), ncols, size=0.8)
     for ax, f in zip(axes.flat, w):
         f = 0.5 + 0.5 * _symmetric(f)
         _imshow(ax, f.transpose(1, 2, 0) if f.shape[0] == 3 else f[0])  # (kh, kw, 3) or (kh, kw)

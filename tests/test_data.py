@@ -157,6 +157,8 @@ def test_cifar10_offline_error_says_where_to_put_the_archive(tmp_path, monkeypat
     with pytest.raises(data.DatasetUnavailable, match="cifar-10-python.tar.gz") as e:
         data.load_data("cifar10", root=tmp_path)
     assert str(tmp_path) in str(e.value) and "DATASET=synthetic" in str(e.value)
+    assert "the path of an image folder or archive of CIFAR-10" in str(e.value)  # the JPEG copy, offline
+    assert "DATASET=fashion-mnist with the Debian package dataset-fashion-mnist" in str(e.value)  # no download
 
 
 def test_cifar10_in_a_folder_that_cannot_be_written_is_read(tmp_path, monkeypatch):

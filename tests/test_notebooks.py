@@ -58,6 +58,21 @@ finally:
 TRAINING = {"Classifier.ipynb": dict(trainer="train_classifier", result="model", preset="compact", prefix="classifier"),
             "VAE.ipynb": dict(trainer="train_vae", result="vae", preset="default", prefix="vae")}
 
+# Appended to Classifier's smoke run, first: its analysis cells read what they say they read. The matrix counted
+# by hand (rows true, columns predicted), of the predictions with TTA, which the accuracy it prints is of; the
+# attributions explain the plain predictions of the images they show.
+CLASSIFIER_WIRING = """
+import torch
+counted = torch.zeros(len(d.classes), len(d.classes), dtype=torch.long)
+for t, p in zip(d.test_y.tolist(), pred.tolist()):
+    counted[t, p] += 1
+assert torch.equal(torch.as_tensor(cm).long(), counted), "the confusion matrix is not rows true, columns predicted"
+assert torch.equal(pred, training.predict(model, d.test_x, tta_level=2).argmax(1).cpu())
+assert torch.equal(images.cpu(), d.test_x[:N_ATTR].float().div(255))
+assert torch.equal(targets.cpu(), training.predict(model, images).argmax(1).cpu())
+assert labels[1].endswith(models.last_map_layer(model, images)) and labels[2].endswith(f"{IG_STEPS} steps")
+"""
+
 # Appended to Visualization's smoke run: the explorer renders when its button is pressed, once, not as the
 # widgets move (a layer with fewer channels clamps the channel slider, a second change), and shows it once.
 PRESS_RENDER = """
@@ -163,7 +178,8 @@ def _smoke_checks(name, nb):
     """The cells appended to notebook `name` after its own (above), made from its cells."""
     if name in TRAINING:
         cell = next(c.source for c in nb.cells if f"training.{TRAINING[name]['trainer']}(" in c.source)
-        return RERUN_TRAINING.format(cell=cell, **TRAINING[name])
+        wiring = CLASSIFIER_WIRING if name == "Classifier.ipynb" else ""  # before the re-run resets pred and cm
+        return wiring + RERUN_TRAINING.format(cell=cell, **TRAINING[name])
     cell = next(c.source for c in nb.cells if "atlas.command(" in c.source)
     channels = next(c.source for c in nb.cells if "CHANNEL_LAYER =" in c.source)
     load = next(c.source for c in nb.cells if "other_ckpt =" in c.source)

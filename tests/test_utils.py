@@ -461,6 +461,8 @@ def test_deeper_filters_and_long_layer_names_say_what_is_shown():
     assert fig._suptitle.get_text() == "input channel 0 of 64" and np.isclose(shown.min(), 0) and np.isclose(
         shown.max(), 1)  # scaled by what is shown, not by the channels left out
     assert utils.plot_filters(torch.rand(2, 3, 3, 3))._suptitle is None
+    fig = utils.plot_filters(torch.rand(24, 3, 2, 2), ncols=12)  # the whitening's: filters above, negatives below
+    assert np.array(fig.axes).shape == (24,) and fig.axes[12].get_position().y0 < fig.axes[11].get_position().y0
     name = "features.denseblock4.denselayer16.conv2"
     fig = utils.plot_feature_maps({name: torch.rand(4, 8, 8)}, max_channels=4, image=images(1)[0])
     label = fig.axes[1].get_ylabel()
@@ -498,3 +500,11 @@ def test_a_confusion_matrix_of_fractions_is_written_as_fractions():
     assert texts == ["9", "1", "3", "7"]
     shown = utils.plot_confusion([[0.45, 0.05], [0.15, 0.35]], ["a", "b"]).axes[0].images[0].get_array()
     assert np.allclose(shown, [[0.9, 0.1], [0.3, 0.7]])  # fractions of all: coloured as fractions of the true class
+
+
+def test_a_confusion_matrix_not_yet_computed_is_named():
+    import metrics
+    with pytest.raises(ValueError, match="cm is None, not a confusion matrix: compute it"):
+        utils.plot_confusion(None, CLASSES)
+    with pytest.raises(ValueError, match="cm is None"):
+        metrics.per_class_report(None, CLASSES)
