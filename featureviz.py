@@ -18,7 +18,6 @@ import functools
 import inspect
 import math
 import numbers
-import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields as fields_of, replace
 
@@ -1162,14 +1161,13 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     device, size = models.device_of(model), _image_size(model, param, size)
     groups = torch.arange(len(targets), device=device).repeat_interleave(images_per_target * restarts)  # targets
     terms = _resolve(regularizers, model, size)
-    # with one image per target only the candidates of that image (restarts) would be pushed apart, and one of
-    # them comes back; with several, every candidate is pushed from the other images' (and from its rivals)
-    if images_per_target == 1 and any(isinstance(t, Diversity) for t in terms):
-        raise ValueError("Diversity pushes apart the images of one target: it needs images_per_target >= 2, got 1")
+    _check_diversity(terms, images_per_target)
     # an enclosing autocast would run the model in its dtype and read the parameterization, updated in place, from
     # the copy it cast at the first step: the images would barely move
-    with torch.autocast(device.type, enabled=False), _prepared(model, targets, param, transforms, terms, groups, size,
-                                                               seed) as (param, step, gen, score):
+    no_autocast = torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else \
+        nullcontext()  # a device without autocast (meta) has none to turn off
+    prepared = _prepared(model, targets, param, transforms, terms, groups, size, seed)
+    with no_autocast, prepared as (param, step, gen, score):
         history = torch.zeros(steps, len(groups), device=device)  # on the device: no host sync per step
         _optimize(step, param, gen, lr, history, progress)
         with torch.no_grad():
@@ -1181,6 +1179,14 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     return r
 
 
+def _check_diversity(terms, images_per_target):
+    """Diversity pushes apart the images of one target: an error where a target has one (only the candidates of
+    that image, its restarts, would be pushed apart, and one of them comes back; with several images, every
+    candidate is pushed from the other images' and from its rivals)."""
+    if images_per_target == 1 and any(isinstance(t, Diversity) for t in terms):
+        raise ValueError("Diversity pushes apart the images of one target: it needs images_per_target >= 2, got 1")
+
+
 def _warn_non_finite(r):
     """A warning naming the targets whose image or activation became NaN or inf, and the first step it did (a
     plot draws such an image blank, and nothing else would say why)."""
@@ -1189,8 +1195,8 @@ def _warn_non_finite(r):
         steps = (~r.history.isfinite()).any(1).nonzero().flatten()  # the steps whose activations are not numbers
         when = f" from step {steps[0].item()}" if len(steps) else ""
         names = sorted({str(r.targets[t]) for t in r.target_index[bad].tolist()})
-        warnings.warn(f"the render of {', '.join(names)} became NaN or inf{when}, which a plot draws blank (a "
-                      f"float16 model's overflow, or too large an lr?)", stacklevel=2)
+        data.warn(f"the render of {', '.join(names)} became NaN or inf{when}, which a plot draws blank (a float16 "
+                  f"model's overflow, or too large an lr?)")
 
 
 @contextmanager
@@ -1561,7 +1567,7 @@ def _check_stage(name, stage):
     _check_settings(s["steps"], s["lr"], s["transforms"], s["images_per_target"], s["restarts"], s["seed"])
     if not isinstance(s["param"], nn.Module):
         _as_recipe(s["param"])
-    _terms(s["regularizers"])
+    _check_diversity(_terms(s["regularizers"]), s["images_per_target"])
 
 
 def _priors_where_they_apply(stages):

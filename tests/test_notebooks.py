@@ -69,8 +69,12 @@ for t, p in zip(d.test_y.tolist(), pred.tolist()):
 assert torch.equal(torch.as_tensor(cm).long(), counted), "the confusion matrix is not rows true, columns predicted"
 assert torch.equal(pred, training.predict(model, d.test_x, tta_level=2).argmax(1).cpu())
 assert torch.equal(images.cpu(), d.test_x[:N_ATTR].float().div(255))
-assert torch.equal(targets.cpu(), training.predict(model, images).argmax(1).cpu())
-assert labels[1].endswith(models.last_map_layer(model, images)) and labels[2].endswith(f"{IG_STEPS} steps")
+plain = training.predict(model, images).argmax(1)  # what is drawn: the maps of these images, these targets, steps
+assert torch.equal(maps["saliency"].cpu(), attribution.saliency(model, images, plain).cpu())
+assert torch.equal(maps["Grad-CAM"].cpu(), attribution.grad_cam(model, images, plain,
+                                                                layer=labels[1].split("\\n")[1]).cpu())
+ig = attribution.integrated_gradients(model, images, plain, steps=int(labels[2].split("\\n")[1].split()[0]))
+assert torch.equal(maps["integrated gradients"].cpu(), attribution.to_heatmap(ig, signed=True).cpu())
 """
 
 # Appended to Visualization's smoke run: the explorer renders when its button is pressed, once, not as the
