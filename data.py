@@ -299,13 +299,39 @@ def _to_tensors(dset):
     return x.contiguous(), torch.as_tensor(dset.targets, dtype=torch.int64)
 
 
+@contextlib.contextmanager
+def _alone(root, name):
+    """One process at a time in root for `name`'s download and extraction (two notebooks started at once would
+    write one archive over each other): an exclusive lock on root/.{name}.lock, waited for. None where the folder
+    cannot be written, as nothing is written there then, or the system has no fcntl (Windows)."""
+    try:
+        import fcntl
+        lock = open(Path(root) / f".{name}.lock", "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with lock:  # closing the file releases the lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def load_cifar10(root):
-    """CIFAR-10 through torchvision; downloads into root, or extracts cifar-10-python.tar.gz there."""
+    """CIFAR-10 through torchvision; downloads into root, or extracts cifar-10-python.tar.gz there (one process
+    at a time)."""
+    from torchvision.datasets import CIFAR10
+
+    if not (Path(root) / CIFAR10.base_folder).exists():
+        writable_dir(root)  # the archive is extracted, or downloaded, into it; extracted files are only read
+    with _alone(root, "cifar10"):
+        return _cifar10_in(root)
+
+
+def _cifar10_in(root):
+    """load_cifar10's work, alone in root."""
     from torchvision.datasets import CIFAR10, cifar
 
     folder, archive = Path(root) / CIFAR10.base_folder, Path(root) / CIFAR10.filename
     if not folder.exists():
-        writable_dir(root)  # the archive is extracted, or downloaded, into it; extracted files are only read
         if archive.exists() and not cifar.check_integrity(str(archive), CIFAR10.tgz_md5):
             raise DatasetUnavailable(f"the CIFAR-10 archive {archive} is corrupt or truncated (its checksum does "
                                      f"not match): delete it, and download it again or let torchvision download it")

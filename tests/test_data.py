@@ -161,6 +161,26 @@ def test_cifar10_offline_error_says_where_to_put_the_archive(tmp_path, monkeypat
     assert "DATASET=fashion-mnist with the Debian package dataset-fashion-mnist" in str(e.value)  # no download
 
 
+def test_a_second_cifar10_load_waits_for_the_first_to_download_and_extract(tmp_path, monkeypatch):
+    """Two notebooks started at once: the second waits on the first's lock instead of reading (or writing) a
+    half-downloaded archive."""
+    import fcntl
+    import threading
+    import torchvision.datasets.cifar as tv_cifar
+
+    _write_cifar(tmp_path)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+    loaded = []
+    with open(tmp_path / ".cifar10.lock", "a") as first:  # the first process, at work
+        fcntl.flock(first, fcntl.LOCK_EX)
+        second = threading.Thread(target=lambda: loaded.append(data.load_data("cifar10", root=tmp_path)))
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive() and not loaded  # waiting
+    second.join(timeout=60)  # the first is done: its file closed, the lock released
+    assert len(loaded) == 1 and len(loaded[0].test_y) == 20
+
+
 def test_cifar10_in_a_folder_that_cannot_be_written_is_read(tmp_path, monkeypatch):
     import torchvision.datasets.cifar as tv_cifar
 
