@@ -370,7 +370,8 @@ def load_fashion_mnist(root):
         if not raw.is_dir():  # to be downloaded; files already there are only read
             writable_dir(root)
         try:
-            train, test = (_to_tensors(FashionMNIST(root, train=t, download=True)) for t in (True, False))
+            with _alone(root, "fashion-mnist"):  # a second notebook started at once waits
+                train, test = (_to_tensors(FashionMNIST(root, train=t, download=True)) for t in (True, False))
         except Exception as e:
             raise DatasetUnavailable(
                 f"Fashion-MNIST is not in {Path(root).resolve()} and could not be downloaded, or its files in "
