@@ -303,15 +303,20 @@ def _to_tensors(dset):
 def _alone(root, name):
     """One process at a time in root for `name`'s download and extraction (two notebooks started at once would
     write one archive over each other): an exclusive lock on root/.{name}.lock, waited for. None where the folder
-    cannot be written, as nothing is written there then, or the system has no fcntl (Windows)."""
+    cannot be written, as nothing is written there then, or that cannot lock (Windows, some network file systems)."""
     try:
         import fcntl
         lock = open(Path(root) / f".{name}.lock", "a")
     except (ImportError, OSError):
+        lock = None
+    if lock is None:  # not yielded inside the except: an error of the body would read as raised handling it
         yield
         return
     with lock:  # closing the file releases the lock
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network ones): as on Windows
+            pass
         yield
 
 
