@@ -158,9 +158,12 @@ def test_interrupted_run_leaves_whole_files_and_is_not_reused(tiny_data, tmp_pat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
     monkeypatch.setattr(training, "evaluate", flaky)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stop:
         training.train_classifier(tiny_data, tmp_path / "cnn.pt", preset="small", hyp=TINY,
                                   csv_path=tmp_path / "m.csv", progress=False)
+    assert stop.value.__notes__ == [f"Training stopped. Any finished checkpoint at {tmp_path / 'cnn.pt'} is "
+                                    f"untouched; the best epoch so far is in {tmp_path / 'cnn.partial.pt'} "
+                                    f"(training.load_checkpoint(path, partial=True) loads it)."]  # said, under Ctrl-C
     assert not (tmp_path / "cnn.pt").exists() and not (tmp_path / "m.csv").exists()  # nothing finished yet
     assert len(training.read_csv(tmp_path / "m.partial.csv")) == 1
     ckpt = torch.load(tmp_path / "cnn.partial.pt", weights_only=True)
@@ -623,22 +626,6 @@ def test_a_run_on_the_cpu_is_repeated_exactly_by_its_seed(tiny_data):
     (first, rows), (again, rows_again), (other, other_rows) = run(0), run(0), run(1)
     assert rows == rows_again and all(torch.equal(v, again[k]) for k, v in first.items())
     assert rows != other_rows  # fit's seed matters (its batches, flips and crops): the test could fail
-
-
-def test_an_interrupted_run_says_where_its_best_epoch_is(tiny_data, tmp_path, monkeypatch):
-    calls, real = [], training.evaluate
-
-    def stopped_in_the_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-    monkeypatch.setattr(training, "evaluate", stopped_in_the_second_epoch)
-    with pytest.raises(KeyboardInterrupt) as stop:
-        training.train_classifier(tiny_data, tmp_path / "cnn.pt", preset="small", hyp=TINY, progress=False)
-    assert stop.value.__notes__ == [f"Training stopped. Any finished checkpoint at {tmp_path / 'cnn.pt'} is "
-                                    f"untouched; the best epoch so far is in {tmp_path / 'cnn.partial.pt'} "
-                                    f"(training.load_checkpoint(path, partial=True) loads it)."]
 
 
 def test_channel_statistics_summed_in_another_order_reuse_the_checkpoint(trained, tiny_data):
