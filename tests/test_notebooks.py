@@ -78,20 +78,27 @@ assert torch.equal(maps["integrated gradients"].cpu(), attribution.to_heatmap(ig
 """
 
 # Appended to Visualization's smoke run: the explorer renders when its button is pressed, once, not as the
-# widgets move (a layer with fewer channels clamps the channel slider, a second change), and shows it once.
+# widgets move (a layer with fewer channels clamps the channel slider, a second change), with its steps and seed,
+# and shows it once. Re-run with LAYER = None, as show_unit takes it, it starts at the classes.
 PRESS_RENDER = """
-drawn, show = [], show_unit
-show_unit = lambda *args: drawn.append(args) or "its figure"  # as show_unit returns the figure it drew
+cell, drawn, show, was = {cell!r}, [], show_unit, (LAYER, CHANNEL)
+show_unit = lambda *args, **kwargs: drawn.append((args, kwargs)) or "its figure"  # as show_unit returns its figure
 try:
     channel_box.value = channel_box.max
     layer_box.value = "head"
     technique_box.value = next(name for name in TECHNIQUES if name != TECHNIQUE)  # the box's, not the cell's
+    steps_box.value, seed_box.value = UNIT_STEPS + 1, UNIT_SEED + 7
     assert drawn == [], drawn
     ui.manual_button.click()
-    assert drawn == [("head", len(d.classes) - 1, technique_box.value)], drawn
+    called = ("head", len(d.classes) - 1, technique_box.value), dict(steps=UNIT_STEPS + 1, seed=UNIT_SEED + 7)
+    assert drawn == [called], drawn
     assert ui.result is None, "the figure, handed to the widget, is displayed a second time under the one drawn"
+    LAYER, CHANNEL = None, d.classes[2]
+    exec(cell)
+    assert (layer_box.value, channel_box.value, channel_box.max) == ("head", 2, len(d.classes) - 1)
 finally:
     show_unit = show
+    LAYER, CHANNEL = was
 """
 
 
@@ -187,8 +194,9 @@ def _smoke_checks(name, nb):
     cell = next(c.source for c in nb.cells if "atlas.command(" in c.source)
     channels = next(c.source for c in nb.cells if "CHANNEL_LAYER =" in c.source)
     load = next(c.source for c in nb.cells if "other_ckpt =" in c.source)
-    return (PRESS_RENDER + NEURON_RING + PRINTED_COMMAND.format(cell=cell) + RERUN_CHANNELS.format(cell=channels)
-            + STOPPED_LOAD.format(cell=load))
+    explorer = next(c.source for c in nb.cells if "widgets.interactive(" in c.source)
+    return (PRESS_RENDER.format(cell=explorer) + NEURON_RING + PRINTED_COMMAND.format(cell=cell)
+            + RERUN_CHANNELS.format(cell=channels) + STOPPED_LOAD.format(cell=load))
 
 
 def test_notebooks_run_in_smoke_mode(monkeypatch):
