@@ -66,7 +66,8 @@ def weights(text):
 
 def load(args):
     d, ckpt, seed = data.load_data(args.dataset, seed=args.seed), Path(args.ckpt_dir), args.seed  # their split
-    hint = f"run the notebooks first, with the same DATASET, PRESET={args.preset} and SEED={seed}"
+    hint = (f"run the notebooks first with DATASET={args.dataset}, PRESET={args.preset} and SEED={seed}, or give "
+            f"this script theirs (--dataset...)")
     model = training.load_trained(ckpt / f"classifier_{d.name}_{args.preset}.pt", d, seed, hint=hint)[0]
     other = training.load_trained(ckpt / f"independent_{d.name}.pt", d, seed + 1, hint=hint)[0]  # as the notebook
     return d, model, other

@@ -141,7 +141,8 @@ def load_models(args, d, latent):
     and reused from checkpoints/bench/, or those the notebooks wrote (--notebook-models)."""
     if args.notebook_models:
         ckpt = Path(args.ckpt_dir or ROOT / "checkpoints")
-        hint = "run the three notebooks first, with the same DATASET, presets and SEED"
+        hint = (f"run the three notebooks first with DATASET={args.dataset}, PRESET={args.preset}, "
+                f"VAE_PRESET={args.vae_preset} and SEED={args.seed}, or give this script theirs (--dataset...)")
 
         def load(name, seed):
             return training.load_trained(ckpt / name, d, seed, hint=hint)[0]

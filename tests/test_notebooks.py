@@ -12,6 +12,8 @@ from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ["Classifier.ipynb", "VAE.ipynb", "Visualization.ipynb"]  # in dependency order
+# the settings a user may have exported for Jupyter: the smoke run takes its own (DATA_DIR stays the user's)
+SETTINGS = ("PRESET", "VAE_PRESET", "EPOCHS", "VAE_EPOCHS", "BATCH", "STEPS", "SEEDS", "SEED")
 
 
 def _committed(name):
@@ -201,6 +203,8 @@ def _smoke_checks(name, nb):
 
 def test_notebooks_run_in_smoke_mode(monkeypatch):
     """All three in one test, in order: each reads the checkpoints of those before it (also under pytest -n)."""
+    for key in SETTINGS:
+        monkeypatch.delenv(key, raising=False)
     for key, value in dict(SMOKE="1", DATASET="synthetic", RETRAIN="1", MPLBACKEND="Agg", ATLAS="1").items():
         monkeypatch.setenv(key, value)
     full_runs = {p: p.stat().st_mtime_ns for p in (ROOT / "checkpoints").glob("*.pt")}  # a user's, if any
