@@ -27,22 +27,29 @@ from bench_featureviz import names_in  # noqa: E402
 from training import at_least  # noqa: E402
 
 
+# the counts' defaults, and --quick's, for the counts not given
+DEFAULTS = dict(seeds=4, steps=256, epochs=4, plain_epochs=12, vae_epochs=10)
+QUICK = dict(seeds=2, steps=16, epochs=1, plain_epochs=1, vae_epochs=1)
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=at_least(2), default=4, help="at least 2, for a spread")
-    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--seeds", type=at_least(2), help="at least 2, for a spread: default 4 (2 with --quick)")
+    p.add_argument("--steps", type=at_least(1), help="default 256 (16 with --quick)")
     p.add_argument("--techniques", type=names_in(fv.TECHNIQUE_NAMES), default=",".join(fv.TECHNIQUE_NAMES),
                    help="comma-separated names")
     p.add_argument("--models", type=names_in(("ours", "plain")), default="ours,plain",
                    help="which of the two models: ours, plain")
-    p.add_argument("--epochs", type=int, default=4, help="epochs of our classifier")
-    p.add_argument("--plain-epochs", type=int, default=12, help="epochs of the nn.Sequential")
-    p.add_argument("--vae-epochs", type=int, default=10)
+    p.add_argument("--epochs", type=at_least(1), help="epochs of our classifier: default 4 (1 with --quick)")
+    p.add_argument("--plain-epochs", type=at_least(1), help="epochs of the nn.Sequential: default 12 (1 with --quick)")
+    p.add_argument("--vae-epochs", type=at_least(1),
+                   help="trained only for the latent techniques: default 10 (1 with --quick)")
     p.add_argument("--quick", action="store_true", help="smoke run: small data, 1 epoch, few steps")
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints" / "bench"))
     args = p.parse_args()
-    if args.quick:
-        args.seeds, args.steps, args.epochs, args.plain_epochs, args.vae_epochs = min(args.seeds, 2), 16, 1, 1, 1
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     return args
 
 
@@ -85,8 +92,10 @@ def main():
                                                         dict(epochs=args.epochs, batch_size=256))[0],
                  plain=lambda: train_plain(sequential(), d, args.plain_epochs))
     nets = {name: build[name]() for name in args.models}
-    vae, _ = training.train_vae(d, ckpt / "vae_small_hard.pt", "small", dict(epochs=args.vae_epochs, batch_size=64,
-                                                                             lr=3e-3, kl_warmup_epochs=1))
+    vae = None
+    if set(args.techniques) & set(fv.LATENT_TECHNIQUES):
+        vae, _ = training.train_vae(d, ckpt / "vae_small_hard.pt", "small",
+                                    dict(epochs=args.vae_epochs, batch_size=64, lr=3e-3, kl_warmup_epochs=1))
     cov = fv.color_covariance(d.train_x)
     every = fv.techniques(vae, cov, fv.magnitude_spectrum(d.train_x, cov))
     labels = dict(ours="our small CNN", plain="nn.Sequential")
