@@ -191,6 +191,17 @@ def at_least(low):
     return parse
 
 
+def positive(text):
+    """An argparse type: a finite number > 0 (a learning rate, epochs that may end midway)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
 def from_environment(parser, args, settings):
     """Fill in each (attribute, variable, default, checks) of `settings` that no flag gave (None) with the
     environment variable, as `setting` reads it (checks: its low, high or choices); a bad variable is the

@@ -5,6 +5,7 @@ Images are tensors (or arrays) of shape (N, C, H, W), C = 1 or 3, floats in [0, 
 (atomically). No backend is forced here, so notebooks keep their inline backend. The figure stays open, as
 the notebook shows it at the cell's end: a script that draws many closes each (`plt.close(fig)`).
 """
+import argparse
 import csv
 import functools
 import math
@@ -13,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.backend_bases import FigureCanvasBase
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -96,6 +98,16 @@ def _check_columns(name, n, beside=0):
         where = " beside the rest" if beside else ""
         raise ValueError(f"{name} has {n} images side by side; at most {most} fit a row{where}: pass the first "
                          f"{most}, or plot them in parts")
+
+
+def figure_file(text):
+    """An argparse type: the path of a figure in a format matplotlib writes, named by its suffix (none: png),
+    checked before a benchmark's run rather than at its end."""
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(text).suffix[1:] not in ("", *formats):
+        raise argparse.ArgumentTypeError(f"{text!r} is no figure format matplotlib writes; end it in one of "
+                                         f"{', '.join('.' + f for f in sorted(formats))}")
+    return text
 
 
 def _finish(fig, save):

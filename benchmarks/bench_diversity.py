@@ -13,6 +13,7 @@ Each figure is a mean over --seeds render seeds (the naturalness metrics with th
 the lowest activation is the lowest of any image of any seed.
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -101,14 +102,19 @@ def main():
     for w in args.weights:
         c = measure(how, model, other, ref, ref.units[:n_cls], 0, w, args)
         h = measure(how, model, other, ref, channels, n_cls, w, args)
-        print(f"| {w:g} | {c['div'][0]:.2f} | {c['low']:.2f} / {c['mean'][0]:.2f} | {c['nat'][0]:.2f} ± {c['nat'][1]:.2f} | "
-              f"{c['path'][0]:.2f} ± {c['path'][1]:.2f} | {h['div'][0]:.2f} | {h['low']:.2f} / {h['mean'][0]:.2f} |",
-              flush=True)
+        print(f"| {w:g} | {c['div'][0]:.2f} | {c['low']:.2f} / {c['mean'][0]:.2f} | {spread(c['nat'])} | "
+              f"{spread(c['path'])} | {h['div'][0]:.2f} | {h['low']:.2f} / {h['mean'][0]:.2f} |", flush=True)
+
+
+def spread(mean_sd):
+    """"mean ± SD", or the mean alone where one seed gives no SD."""
+    mean, sd = mean_sd
+    return f"{mean:.2f}" + ("" if sd != sd else f" ± {sd:.2f}")
 
 
 def measure(how, model, other, ref, units, offset, w, args):
     """Per seed, the diversity, the mean normalized activation and (for the classes, offset 0) the
-    naturalness metrics of args.images images per unit at weight w, as {key: (mean, SD over seeds)};
+    naturalness metrics of args.images images per unit at weight w, as {key: (mean, SD over seeds: NaN for one)};
     and "low", the lowest normalized activation of any image of any seed. offset: the units' first row in ref."""
     seeds, low = [], float("inf")
     for seed in range(args.seeds):
@@ -125,7 +131,7 @@ def measure(how, model, other, ref, units, offset, w, args):
         seeds.append(row)
         low = min(low, act.nan_to_num(float("inf")).min().item())
     out = {key: torch.tensor([float(row[key]) for row in seeds]) for key in seeds[0]}
-    return dict(low=low, **{key: (v.mean().item(), v.std().item() if len(v) > 1 else 0.0) for key, v in out.items()})
+    return dict(low=low, **{key: (v.mean().item(), v.std().item() if len(v) > 1 else math.nan) for key, v in out.items()})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python benchmarks/bench_featureviz.py --dataset fashion-mnist      # quality table + grid PNG
     python benchmarks/bench_featureviz.py --dataset synthetic          # + planted-template recovery
     python benchmarks/bench_featureviz.py --speed                      # timings, ratios vs Lucent (small CNN)
-    add --quick for a smoke run (small models, few steps, a data subset)
+    add --quick to the quality table for a smoke run (small models, few steps, a data subset); --steps 16 to --speed
 
     python benchmarks/bench_featureviz.py --notebook-models            # the notebooks' own checkpoints
     python benchmarks/bench_featureviz.py --notebook-models --techniques fourier,maco --transforms AFFINE,LIGHT
@@ -65,27 +65,39 @@ def names_in(choices):
     return parse
 
 
+# each mode's defaults, for the options not given; an option given to a mode that does not read it is an error
+QUALITY = dict(seeds=4, steps=256, preset="airbench", vae_preset="default", epochs=5, batch_size=1024, vae_epochs=20,
+               vae_batch_size=training.VAE_HYP["batch_size"], vae_lr=training.VAE_HYP["lr"])
+QUICK = dict(QUALITY, seeds=2, steps=16, preset="small", vae_preset="small", epochs=1, batch_size=256, vae_epochs=1)
+SPEED = dict(steps=256, preset="small", rounds=5)
+TRAINING = ("epochs", "batch_size", "vae_epochs", "vae_batch_size", "vae_lr")
+UNREAD = {"--speed": ("dataset", "quick", "seeds", "vae_preset", "techniques", "transforms", "lucent_224", "png",
+                      "ckpt_dir", *TRAINING),
+          "--notebook-models": ("rounds", *TRAINING), "the quality table": ("rounds",)}
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", help="a dataset name or image-folder path (data.load_data; default: DATASET, "
                    "else cifar10-jpeg)")
     p.add_argument("--speed", action="store_true", help="time render() against Lucent instead")
-    p.add_argument("--quick", action="store_true", help="smoke run: small models, few steps")
-    p.add_argument("--seeds", type=training.at_least(2), default=4,
-                   help="renders per technique, at least 2 for a spread (>= 4 for the table)")
-    p.add_argument("--steps", type=training.at_least(1), default=256)
-    p.add_argument("--rounds", type=training.at_least(1), default=5,
-                   help="--speed: interleaved rounds; ratios are taken within a round")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: small models, few steps (the defaults in brackets below)")
+    p.add_argument("--seeds", type=training.at_least(2),
+                   help="renders per technique, at least 2 for a spread (>= 4 for the table): default 4 (2)")
+    p.add_argument("--steps", type=training.at_least(1), help="default 256 (16)")
+    p.add_argument("--rounds", type=training.at_least(1),
+                   help="--speed: interleaved rounds; ratios are taken within a round: default 5")
     p.add_argument("--preset", choices=sorted(models.CNN_PRESETS), default=None,
-                   help="classifier preset (default airbench, small with --speed, whose CPU goal is the small "
-                        "CNN's; with --notebook-models PRESET, else the device's)")
+                   help="classifier preset (default airbench (small), small with --speed, whose CPU goal is the "
+                        "small CNN's; with --notebook-models PRESET, else the device's)")
     p.add_argument("--vae-preset", choices=sorted(models.VAE_PRESETS), default=None,
-                   help="VAE preset (default default; with --notebook-models VAE_PRESET, else the device's default)")
-    p.add_argument("--epochs", type=training.at_least(1), default=5, help="classifier epochs")
-    p.add_argument("--batch-size", type=training.at_least(1), default=1024, help="classifier batch size")
-    p.add_argument("--vae-epochs", type=training.at_least(1), default=20)
-    p.add_argument("--vae-batch-size", type=training.at_least(1), default=training.VAE_HYP["batch_size"])
-    p.add_argument("--vae-lr", type=float, default=training.VAE_HYP["lr"])
+                   help="VAE preset (default default (small); with --notebook-models VAE_PRESET, else the device's)")
+    p.add_argument("--epochs", type=training.at_least(1), help="classifier epochs: default 5 (1)")
+    p.add_argument("--batch-size", type=training.at_least(1), help="classifier batch size: default 1024 (256)")
+    p.add_argument("--vae-epochs", type=training.at_least(1), help="default 20 (1)")
+    p.add_argument("--vae-batch-size", type=training.at_least(1), help=f"default {QUALITY['vae_batch_size']}")
+    p.add_argument("--vae-lr", type=training.positive, help=f"default {QUALITY['vae_lr']}")
     p.add_argument("--techniques", type=names_in(fv.TECHNIQUE_NAMES), default=None,
                    help="comma-separated names (default: all; without the latent ones for data of another size than "
                         "the VAE's 32 px)")
@@ -93,7 +105,8 @@ def parse_args():
                    help=f"comma-separated names of {', '.join(TRANSFORMS)}: each technique also renders with its "
                         f"transforms swapped for each of them (a row 'technique/name'; hybrid: its second stage)")
     p.add_argument("--lucent-224", action="store_true", help="also render Lucent at 224 px (slow on CPU)")
-    p.add_argument("--png", default=None, help="comparison grid (default outputs/bench_featureviz_<dataset>.png)")
+    p.add_argument("--png", type=utils.figure_file, default=None,
+                   help="comparison grid (default outputs/bench_featureviz_<dataset>[_quick|_notebook].png)")
     p.add_argument("--ckpt-dir", default=None, help="the models' folder (default checkpoints/bench; with "
                    "--notebook-models the notebooks', checkpoints/, or a smoke run's, checkpoints/smoke)")
     p.add_argument("--notebook-models", action="store_true",
@@ -101,12 +114,6 @@ def parse_args():
     p.add_argument("--seed", type=int, help="with --notebook-models: the notebooks' SEED (their train/val split; "
                    "default: SEED, else 0)")
     args = p.parse_args()
-    settings = [("dataset", "DATASET", "cifar10-jpeg", {})]
-    if args.notebook_models:  # the notebooks' settings, read as they read them
-        device = training.device_defaults()
-        settings += [("preset", "PRESET", device["preset"], dict(choices=models.CNN_PRESETS)),
-                     ("vae_preset", "VAE_PRESET", device["vae_preset"], dict(choices=models.VAE_PRESETS)),
-                     ("seed", "SEED", 0, dict(low=0, high=training.MAX_SEED))]
     if args.quick and args.notebook_models:
         p.error("argument --quick: trains small models of its own on a slice of the data; --notebook-models loads "
                 "the notebooks' (give one of the two)")
@@ -115,12 +122,21 @@ def parse_args():
                 "the notebooks' models for the quality table (give one of the two)")
     if args.seed is not None and not args.notebook_models:
         p.error("argument --seed: the notebooks' SEED, for --notebook-models only")
+    mode = "--speed" if args.speed else "--notebook-models" if args.notebook_models else "the quality table"
+    for key in UNREAD[mode]:
+        if getattr(args, key) not in (None, False):
+            p.error(f"argument --{key.replace('_', '-')}: not used by {mode}")
+    settings = [("dataset", "DATASET", "cifar10-jpeg", {})]
+    if args.notebook_models:  # the notebooks' settings, read as they read them
+        device = training.device_defaults()
+        settings += [("preset", "PRESET", device["preset"], dict(choices=models.CNN_PRESETS)),
+                     ("vae_preset", "VAE_PRESET", device["vae_preset"], dict(choices=models.VAE_PRESETS)),
+                     ("seed", "SEED", 0, dict(low=0, high=training.MAX_SEED))]
     training.from_environment(p, args, settings)
-    args.preset = args.preset or ("small" if args.speed else "airbench")
-    args.vae_preset, args.seed = args.vae_preset or "default", args.seed or 0
-    if args.quick:
-        args.seeds, args.steps, args.epochs, args.vae_epochs = min(args.seeds, 2), 16, 1, 1
-        args.preset, args.vae_preset = "small", "small"
+    for key, value in (SPEED if args.speed else QUICK if args.quick else QUALITY).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.seed = args.seed or 0
     return args
 
 
@@ -153,7 +169,7 @@ def load_models(args, d, latent):
     tag = f"{d.name}{'_quick' if args.quick else ''}"
     widths = models.CNN_PRESETS[args.preset]["widths"]
     other_widths = [w * 3 // 4 if w > 32 else w * 3 // 2 for w in widths]  # an independent architecture
-    hyp = dict(epochs=args.epochs, batch_size=256 if args.quick else args.batch_size)
+    hyp = dict(epochs=args.epochs, batch_size=args.batch_size)
     model, _ = training.train_classifier(d, ckpt / f"cnn_{args.preset}_{tag}.pt", args.preset, hyp, seed=0)
     other, _ = training.train_classifier(d, ckpt / f"cnn_other_{args.preset}_{tag}.pt", args.preset, hyp,
                                          seed=1, widths=other_widths)
@@ -279,7 +295,8 @@ def save_grid(grid, model, d, args):
     if d.templates is not None:
         rows["planted template"] = d.templates if d.channels == 3 else d.templates[:, :1]
     rows.update(grid)
-    path = Path(args.png or ROOT / "outputs" / f"bench_featureviz_{d.name}.png")
+    run = "_quick" if args.quick else "_notebook" if args.notebook_models else ""  # a full run's grid kept apart
+    path = Path(args.png or ROOT / "outputs" / f"bench_featureviz_{d.name}{run}.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     utils.comparison_grid(rows, col_labels=[c[:12] for c in d.classes], save=path)
     print(f"\ngrid: {path}")
@@ -485,7 +502,7 @@ def print_lockstep(times):
     medians = {}
     for name, ts in times.items():
         r = [t / b for t, b in zip(ts, times[BARE])]
-        q1, medians[name], q3 = statistics.quantiles(r, n=4)
+        q1, medians[name], q3 = statistics.quantiles(r, n=4) if len(r) > 1 else r * 3  # one cycle: no quartiles
         print(f"| {name} | {1000 * statistics.median(ts):.2f} | {medians[name]:.3f}x ({q1:.3f}-{q3:.3f}) |")
     met = all(medians[n] <= 1.15 for n in IMAGE_SPACE)
     print(f"goal: every image-space technique within 1.15x of the bare step (step by step): "

@@ -32,14 +32,20 @@ import models  # noqa: E402
 from bench_featureviz import IMAGE_SPACE, timing_techniques  # noqa: E402
 
 
-def per_call(fn, calls=3000):
-    """Microseconds per call of fn(), after a warm-up."""
-    for _ in range(100):
-        fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
+def per_call(runs, calls=300, rounds=10):
+    """{name: microseconds per call of runs[name]()}: the median over `rounds` rounds of `calls` calls, the runs
+    interleaved in each round (a machine's speed drifts within seconds), after a warm-up."""
+    for fn in runs.values():
+        for _ in range(100):
+            fn()
+    us = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            us[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(times) for name, times in us.items()}
 
 
 def backward_of(forward, x, grad):
@@ -110,7 +116,9 @@ def in_step(steps=64, rounds=3, top=12):
             for op, us in profiled(lambda: fn(model, list(range(10)), steps=steps, progress=False), steps).items():
                 samples[name, op].append(us)
     ops = {op for _, op in samples}
-    cost = {(name, op): statistics.median(samples.get((name, op), [0.0])) for name in runs for op in ops}
+    # an op absent from a round took 0 us in it
+    cost = {(name, op): statistics.median(samples[name, op] + [0.0] * (rounds - len(samples[name, op])))
+            for name in runs for op in ops}
     heavy = sorted(op for op in ops if cost["pixel", op] > 100)  # the model's kernels: their spread hides the rest
     ops -= set(heavy)
     extra = {name: {op: cost[name, op] - cost["pixel", op] for op in ops} for name in added}
@@ -133,9 +141,10 @@ def main():
     p.add_argument("--in-step", action="store_true", help="also profile whole render steps of each technique")
     args = p.parse_args()
     runs, (terms, x) = parts()
-    print(f"{torch.get_num_threads()} threads, 10 images of 3 x 32 x 32\n\n| part | us per call |\n|---|---|")
-    for name, fn in runs.items():
-        print(f"| {name} | {per_call(fn):.1f} |")
+    print(f"{torch.get_num_threads()} threads, 10 images of 3 x 32 x 32\n\n| part | us per call (median of 10 "
+          f"interleaved rounds of 300 calls) |\n|---|---|")
+    for name, us in per_call(runs).items():
+        print(f"| {name} | {us:.1f} |")
     if args.compile:
         compiled = torch.compile(fv._image_terms_gradient)
         start = time.perf_counter()
@@ -143,7 +152,7 @@ def main():
         took = time.perf_counter() - start
         assert torch.allclose(compiled(terms, x), fv._image_terms_gradient(terms, x), atol=1e-6)
         print(f"| pixel+reg's penalty gradients, summed, torch.compile ({took:.0f} s to compile) | "
-              f"{per_call(lambda: compiled(terms, x)):.1f} |")
+              f"{per_call({'compiled': lambda: compiled(terms, x)})['compiled']:.1f} |")
     if args.in_step:
         in_step()
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import models  # noqa: E402
 import training  # noqa: E402
@@ -184,10 +185,10 @@ if __name__ == "__main__":
     a.add_argument("--dataset", default=training.setting("DATASET", "cifar10-jpeg"),
                    help="a dataset name or image-folder path (data.load_data; default: DATASET, else cifar10-jpeg)")
     a.add_argument("--preset", default="airbench", choices=sorted(models.CNN_PRESETS))
-    a.add_argument("--epochs", type=float, default=10)
+    a.add_argument("--epochs", type=training.positive, default=10)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--data-dir", default=None)
-    a.add_argument("--ckpt-dir", default="checkpoints/bench")
+    a.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints" / "bench"))
     t = sub.add_parser("throughput")
     t.add_argument("--images", type=training.at_least(1), default=8192, help="images per measurement (small models)")
     t.add_argument("--rounds", type=training.at_least(1), default=2)

@@ -13,26 +13,30 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import models  # noqa: E402
 import training  # noqa: E402
+import utils  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=training.setting("DATASET", "cifar10-jpeg"),
                    help="a dataset name or image-folder path (data.load_data; default: DATASET, else cifar10-jpeg)")
-    p.add_argument("--epochs", type=float, default=8)
+    p.add_argument("--epochs", type=training.positive, default=8)
     p.add_argument("--preset", default="default", choices=sorted(models.VAE_PRESETS))
     p.add_argument("--data-dir", default=None)
     p.add_argument("--ckpt", default=None, help="default checkpoints/bench/vae_<dataset>_<preset>.pt")
-    p.add_argument("--png", default="outputs/figures/vae_bpd_vs_time.png")
-    p.add_argument("--mixtures", type=int, default=models.MIXTURES, help="logistic components per pixel")
+    p.add_argument("--png", type=utils.figure_file,
+                   default=str(ROOT / "outputs" / "figures" / "vae_bpd_vs_time.png"))
+    p.add_argument("--mixtures", type=training.at_least(1), default=models.MIXTURES,
+                   help="logistic components per pixel")
     args = p.parse_args()
 
     d = data.load_data(args.dataset, args.data_dir)
-    ckpt_path = args.ckpt or f"checkpoints/bench/vae_{d.name}_{args.preset}.pt"
+    ckpt_path = args.ckpt or ROOT / "checkpoints" / "bench" / f"vae_{d.name}_{args.preset}.pt"
     start = time.perf_counter()
     vae, ckpt = training.train_vae(d, ckpt_path, preset=args.preset, hyp=dict(epochs=args.epochs), retrain=True,
                                    progress=False, mixtures=args.mixtures)

@@ -13,13 +13,14 @@ case "$(echo "${SMOKE:-}" | tr '[:upper:]' '[:lower:]' | xargs)" in  # as traini
   *) smoke=smoke/ ;;  # a smoke run's checkpoints and executed copies, apart from a full run's
 esac
 PY=${PY:-.venv/bin/python}
-log=outputs/notebooks_wall_time.log
-mkdir -p outputs
-echo "$(date -u +%FT%TZ) ${smoke:+SMOKE }DATASET=${DATASET:-cifar10} on $($PY -c 'import training; print(training.get_device())'), $(nproc) cores" | tee -a "$log"
+device=$($PY -c 'import training; print(training.get_device())') || { echo "$PY cannot import the project: give PY=" >&2; exit 1; }
+out=outputs/${smoke}
+log=${out}notebooks_wall_time.log  # a smoke run's times apart from a full run's
+mkdir -p "$out"
+echo "$(date -u +%FT%TZ) ${smoke:+SMOKE }DATASET=${DATASET:-cifar10} on $device, $(nproc) cores" | tee -a "$log"
 total=0
 notebooks=("$@")  # default: all three, in order
 [ ${#notebooks[@]} -gt 0 ] || notebooks=(Classifier.ipynb VAE.ipynb Visualization.ipynb)
-out=outputs/${smoke}
 trap 'echo "${nb:-setup}: FAILED (see the error above); no total" | tee -a "$log"' ERR
 for nb in "${notebooks[@]}"; do
   start=$(date +%s)

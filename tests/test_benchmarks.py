@@ -1,10 +1,12 @@
 """Every benchmark starts: its imports resolve and its command line parses (a benchmark is run by hand, and
 nothing else would notice one that no longer starts after a helper moved)."""
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("bench_*.py"))
 
@@ -19,3 +21,46 @@ def test_a_benchmark_starts_and_lists_its_options(script, tmp_path):
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "usage:" in run.stdout and "--" in run.stdout.replace("--help", "")  # an option of its own
+
+
+# A bad value is refused by name when the command line is read, before any data are loaded or models trained.
+BAD_VALUES = [
+    ("bench_featureviz.py", ["--speed", "--epochs", "3"], "argument --epochs: not used by --speed"),
+    ("bench_featureviz.py", ["--rounds", "3"], "argument --rounds: not used by the quality table"),
+    ("bench_featureviz.py", ["--png", "grid.pgn"], "argument --png: 'grid.pgn' is no figure format"),
+    ("bench_featureviz.py", ["--vae-lr", "0"], "argument --vae-lr: must be a number > 0"),
+    ("bench_planted.py", ["--steps", "0"], "argument --steps: must be an int >= 1"),
+    ("bench_vae.py", ["--epochs", "nan"], "argument --epochs: must be a number > 0"),
+    ("bench_training.py", ["accuracy", "--epochs", "-1"], "argument --epochs: must be a number > 0"),
+    ("bench_diversity.py", ["--seeds", "0"], "argument --seeds: must be an int >= 1"),
+]
+
+
+@pytest.mark.parametrize("script, args, message", BAD_VALUES, ids=lambda v: v if isinstance(v, str) else None)
+def test_a_bad_value_is_named_before_the_run(script, args, message, tmp_path):
+    run = subprocess.run([sys.executable, str(BENCHMARKS[0].parent / script), *args], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+
+
+def test_the_speed_tables_time_every_run(monkeypatch, capsys):
+    """--speed at 1 step and 1 round (one lockstep cycle, no quartiles) on the CPU: the helpers of render() it
+    calls in this process (fv._prepared, _eager_step, _resolve...) are still there, and each table has every run."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS[0].parent))  # the benchmarks import one another by name
+    import bench_featureviz as bench
+    monkeypatch.setattr(bench.training, "get_device", lambda: torch.device("cpu"))
+    bench.speed(argparse.Namespace(preset="small", steps=1, rounds=1))
+    tables = capsys.readouterr().out.split("Step by step")
+    assert len(tables) == 2, tables
+    for table in tables:
+        for name in (bench.BARE, *bench.IMAGE_SPACE, *map(bench.by_hand, bench.BY_HAND)):
+            assert f"\n| {name} | " in table, (name, table)
+    assert "(step by step): " in tables[1]
+
+
+def test_every_step_part_is_timed(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS[0].parent))
+    import bench_step_parts
+    runs, _ = bench_step_parts.parts()
+    us = bench_step_parts.per_call(runs, calls=1, rounds=2)
+    assert list(us) == list(runs) and all(0 < v < 1e6 for v in us.values()), us
