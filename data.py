@@ -179,7 +179,12 @@ def check_labels(labels, n, num_classes=None, name="labels"):
     error otherwise (a float label would be truncated, an out-of-range one wrap or fail deep in torch)."""
     if labels is None:
         raise ValueError(f"{name} must be ({n},) integer class indices, one per image; got None")
-    y = torch.as_tensor(labels).cpu()
+    try:
+        y = torch.as_tensor(labels).cpu()
+    except (TypeError, ValueError, RuntimeError):  # names, or targets (a render's r.targets)
+        shown = type(labels[0]).__name__ if isinstance(labels, (list, tuple)) and labels else type(labels).__name__
+        raise ValueError(f"{name} must be ({n},) integer class indices, one per image (a render's: "
+                         f"r.target_index); got {type(labels).__name__} of {shown}") from None
     if y.shape != (n,) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ValueError(f"{name} must be ({n},) integer class indices, one per image; got {y.dtype} of shape "
                          f"{tuple(y.shape)}")

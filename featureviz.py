@@ -1523,6 +1523,10 @@ def looks_at(model, target, images):
     """Where a Neuron target looks in images like these: its cell's centre (y, x) in pixels, as
     models.cell_centres measures it, to be marked on its exemplars (whole images: the neuron sees a part). None for
     any other target (a class or a channel reads the whole image)."""
+    if isinstance(target, bool) or not isinstance(target, (*TARGETS, numbers.Integral)):  # (images, target) swapped
+        raise TypeError(f"target must be a Class, Channel, Neuron or Direction, or a class index "
+                        f"(looks_at(model, target, images)); got {type(target).__name__}")
+    images = models.check_input(model, images)
     if not isinstance(target, Neuron):
         return None
     shape = models.capture(model, images[:1], target.layer)[target.layer].shape[1:]
@@ -1547,8 +1551,11 @@ def render_in_stages(model, targets, first, second, steps=256, **common):
     if isinstance(second.get("param"), nn.Module):  # before the first stage runs
         raise TypeError("the second stage's param must be a parameterization name or Recipe, not a built module: "
                         "it starts from the first stage's images")
-    for name, stage in (("first", first), ("second", second)):
-        _check_stage(name, stage)
+    settings = [_check_stage(name, stage) for name, stage in (("first", first), ("second", second))]
+    for key in ("images_per_target", "size"):  # the second stage starts from the first's images
+        if settings[0][key] != settings[1][key]:
+            raise ValueError(f"the two stages' {key} differ, {settings[0][key]} and {settings[1][key]}: the second "
+                             f"starts from the first's images, so give it once, in common")
     a = render(model, targets, steps=steps // 2, **first)
     second["param"] = _as_recipe(second.get("param", "fourier")).starting_from(a.images)  # render()'s default
     b = render(model, targets, steps=steps - steps // 2, **second)
@@ -1556,8 +1563,8 @@ def render_in_stages(model, targets, first, second, steps=256, **common):
 
 
 def _check_stage(name, stage):
-    """A stage's render() settings, checked before either runs: a typo or a bad value in the second stage would
-    otherwise fail only after the first had spent its steps."""
+    """A stage's render() settings, checked before either runs (a typo or a bad value in the second stage would
+    otherwise fail only after the first had spent its steps), with render()'s defaults for those not given."""
     defaults = {k: p.default for k, p in inspect.signature(render).parameters.items() if p.default is not p.empty}
     unknown = sorted(set(stage) - set(defaults) | ({"steps"} & set(stage)))
     if unknown:
@@ -1568,6 +1575,7 @@ def _check_stage(name, stage):
     if not isinstance(s["param"], nn.Module):
         _as_recipe(s["param"])
     _check_diversity(_terms(s["regularizers"]), s["images_per_target"])
+    return s
 
 
 def _priors_where_they_apply(stages):
@@ -1658,6 +1666,9 @@ def visualize_unit(model, layer, channel=0, neuron=None, technique="fourier", va
     `channel` may be a list (all render in one batch); `technique` is a name or a Technique; `common`
     (steps, seed, progress, ...) goes to it.
     """
+    if isinstance(technique, Technique) and any(x is not None for x in (vae, color_cov, magnitude)):
+        raise ValueError("vae, color_cov and magnitude build a technique given by name; a Technique has its own "
+                         "(featureviz.techniques(vae, color_cov, magnitude) builds them with yours)")
     how = technique if isinstance(technique, Technique) else get_technique(technique, vae, color_cov, magnitude)
     channels = [_as_index(c) for c in ([channel] if _is_one(channel) else channel)]
     if layer in ("head", None):

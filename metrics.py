@@ -43,7 +43,7 @@ def confusion_matrix(y_true, y_pred, num_classes):
 def per_class_report(cm, classes):
     """Per-class precision, recall and support from a confusion matrix. A class never predicted has
     precision 0, and one without true examples (support 0) recall 0 (sklearn's zero_division=0)."""
-    cm = check_confusion(cm, classes).cpu().double()
+    cm = check_confusion(cm, classes, counts=True).cpu().double()
     tp = cm.diag()
     precision = tp / cm.sum(0).clamp_min(1)
     recall = tp / cm.sum(1).clamp_min(1)
@@ -55,21 +55,25 @@ def hardest_pairs(cm, classes, k=5):
     """The k most frequent (true, predicted) confusions, as (true name, predicted name, count); fewer when
     fewer pairs were ever confused (a pair never confused is no confusion)."""
     data.check_count("k", k, 0)
-    off = check_confusion(cm, classes).clone()
+    off = check_confusion(cm, classes, counts=True).clone()
     off.fill_diagonal_(0)
     counts, flat = off.flatten().topk(min(k, off.numel()))
     n = len(classes)
     return [(classes[i // n], classes[i % n], int(c)) for c, i in zip(counts.tolist(), flat.tolist()) if c > 0]
 
 
-def check_confusion(cm, classes):
-    """cm as a (K, K) tensor for the K class names, or an error that names both."""
+def check_confusion(cm, classes, counts=False):
+    """cm as a (K, K) tensor for the K class names, or an error that names both; `counts`: of whole counts >= 0,
+    as confusion_matrix returns (a matrix of fractions would give each class a support of 0 or 1)."""
     if cm is None:  # a notebook's, reset with its model: the cell that computes it has not run since
         raise ValueError("cm is None, not a confusion matrix: compute it (metrics.confusion_matrix of the labels "
                          "and the predictions) after the model it is of")
     cm = torch.as_tensor(cm)
     if cm.shape != (len(classes), len(classes)):
         raise ValueError(f"cm must be (K, K) for the K = {len(classes)} class names; got shape {tuple(cm.shape)}")
+    if counts and not (cm.dtype != torch.bool and (cm >= 0).all() and (cm == cm.round()).all()):
+        raise ValueError("cm must hold counts, whole numbers >= 0, as metrics.confusion_matrix returns; not a "
+                         "matrix of fractions")
     return cm
 
 
@@ -120,6 +124,10 @@ def block_activations(model, images, reduce, layers=None, batch_size=500):
     with models.capturing(model, layers) as read:
         for x in images.split(batch_size):  # each batch reduced at once: no whole set's maps held in memory
             maps = read(data.to_float(x.to(device)))
+            for name, a in maps.items():
+                if a.dim() != 4:
+                    raise ValueError(f"layer {name!r} gives {tuple(a.shape)}, not a map (B, C, H, W): give layers "
+                                     f"with a spatial output (models.block_layers)")
             out.append({name: reduce(a.float()).cpu() for name, a in maps.items()})  # a bfloat16 model's in float32
     return [torch.cat([o[name] for o in out]) for name in layers]
 
@@ -151,7 +159,7 @@ def normalized_activation(vis_act, real_acts):
 @torch.no_grad()
 def transferability(other_model, images, labels):
     """Top-1 accuracy of an independently trained classifier on the class visualizations."""
-    n = len(models.check_input(other_model, images))
+    n = len(models.check_input(models.check_model(other_model, "other_model"), images))
     data.check_labels(labels, n)  # before the pass over the images; their range after it
     with models.frozen(other_model) as layout:
         logits = other_model(layout(_as_input(other_model, images)))
@@ -228,21 +236,14 @@ def naturalness(other, vis, vis_labels, train_x, train_y, heldout_x, heldout_y, 
 
 def diversity(feature_model, images, groups):
     """Mean pairwise feature distance between images of the same group (target), averaged over groups."""
-    _groups(groups, len(models.check_input(feature_model, images)))  # before the pass over the images
+    n = len(models.check_input(models.check_model(feature_model, "feature_model"), images))
+    data.check_labels(groups, n, name="groups")  # before the pass over the images
     return feature_diversity(features(feature_model, images), groups)
-
-
-def _groups(groups, n):
-    """groups as an (n,) CPU tensor, one group per image, or an error that says so."""
-    groups = torch.as_tensor(groups).cpu()
-    if groups.shape != (n,):
-        raise ValueError(f"groups must give one group per image: {n} images, groups of shape {tuple(groups.shape)}")
-    return groups
 
 
 def feature_diversity(f, groups):
     """diversity() on features already computed, (N, D)."""
-    groups = _groups(groups, len(f))
+    groups = data.check_labels(groups, len(f), name="groups")  # one group (a target's index) per image
     means = []
     for g in groups.unique():
         fg = f[groups == g]
@@ -523,9 +524,13 @@ def quality_table(model, other, d, techniques, seeds=4, steps=256, n_ref=10000, 
     returning images (or None for channel targets it cannot render), for renderers of other libraries.
     """
     _check_techniques(techniques)
+    models.check_model(other, "other")
     for name, value, low in (("seeds", seeds, 1), ("steps", steps, 0), ("n_ref", n_ref, 1)):
         data.check_count(name, value, low)
     channels = channel_sample(model, size=d.size) if channels is None else channels
+    if not all(isinstance(c, (fv.Channel, fv.Neuron, fv.Direction)) for c in channels):  # an int would be a class
+        raise TypeError(f"channels must be Channel, Neuron or Direction targets (as channel_sample(model) returns); "
+                        f"got {[type(c).__name__ for c in channels]}")
     ref = Reference(model, other, d, channels, n_ref)
     classes, rows, grid = ref.units[:len(d.classes)], [], {}
     makers = {**baselines(d, ref), **{name: _renderer(how, model, steps, d.size) for name, how in techniques.items()}}
@@ -615,6 +620,9 @@ COLUMNS = dict(technique="technique", seconds="s / seed", act="normalized activa
 
 def format_table(rows):
     """Markdown table of quality_table rows: mean ± SD over the seeds; "-" where a row has no value."""
+    if not rows:
+        raise ValueError("rows is empty: no row to tabulate (rank_techniques keeps only the techniques that reach "
+                         "their units, act > 1, and that another model reads, transfer >= 0.9)")
     keys = [k for k in COLUMNS if k in rows[0]]
     lines = ["| " + " | ".join(COLUMNS[k] for k in keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_cell(r, k) for k in keys) + " |" for r in rows]

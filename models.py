@@ -469,7 +469,8 @@ ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GEL
 
 def list_layers(model):
     """Names of the layers a user can target: convolutions, activations, and the head. Not the linear layers
-    that never run as modules, as attention reads their weights (_unrun)."""
+    that never run as modules, as attention reads their weights (_unrun). Listed in registration order, with
+    the layers a model runs only in training (googlenet's aux classifiers), which a target refuses."""
     kinds = (nn.Conv2d, nn.Linear, *ACTIVATIONS)
     unrun = {layer for m in model.modules() for layer in _unrun(m)}
     return [name for name, m in model.named_modules() if name and isinstance(m, kinds) and m not in unrun]
@@ -557,9 +558,18 @@ def exact(t):
     return (t.cpu() if t.device.type == "mps" else t).double()
 
 
+def check_model(model, name="model"):
+    """The model, or an error naming the argument when it is no nn.Module (a notebook's None, left by a training
+    or loading cell that stopped)."""
+    if not isinstance(model, nn.Module):
+        hint = ": the cell that trains or loads it did not finish; re-run it" if model is None else ""
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}{hint}")
+    return model
+
+
 def device_of(model):
     """The device of the model's first parameter (or buffer); the CPU for a model with neither."""
-    t = next(model.parameters(), None)
+    t = next(check_model(model).parameters(), None)
     t = next(model.buffers(), None) if t is None else t
     return torch.device("cpu") if t is None else t.device
 
@@ -606,7 +616,7 @@ def _recorded_channels(model):
 def check_input(model, images, name="images"):
     """The images, checked as a batch the model takes (data.check_batch): of the channels it records
     (_recorded_channels; any for a model that records none, whose first nn.Conv2d need not be its stem)."""
-    return check_batch(images, _recorded_channels(model), name)
+    return check_batch(images, _recorded_channels(check_model(model)), name)
 
 
 def input_size(model, size=None):
@@ -816,7 +826,7 @@ class Recorder:
     @contextmanager
     def hooked(self):
         """Yield run(x) -> outputs; the hooks are removed on exit."""
-        out, seen, versions = {}, dict.fromkeys(self.modules, 0), {}
+        out, seen, versions, shapes = {}, dict.fromkeys(self.modules, 0), {}, {}
 
         def hook(name):
             def save(module, args, output):
@@ -824,6 +834,8 @@ class Recorder:
                     raise TypeError(f"layer {name!r} outputs a {type(output).__name__}, not a tensor: pick "
                                     f"another layer (models.list_layers)")
                 seen[name] += 1
+                if self.calls is None:  # the first pass: each call's shape, for _counted
+                    shapes.setdefault(name, []).append(tuple(output.shape[1:]))
                 if name in self.copied or output.is_inference():  # an inference tensor keeps no version
                     out[name], versions[name] = output.clone(), None
                 else:
@@ -837,13 +849,14 @@ class Recorder:
                 self.last = _features_last(self.model, self.modules, x[:1].to(self.dtype))
             out.clear()
             versions.clear()
+            shapes.clear()
             seen.update(dict.fromkeys(self.modules, 0))
             try:
                 out[None] = inner(self.model)(x.to(self.dtype))  # a half or bfloat16 model takes its own dtype
             except _Stop:
                 pass
             if self.calls is None:
-                self.calls = self._counted(seen)
+                self.calls = self._counted(seen, shapes)
                 if self.full:
                     check_logits(self.model, out[None])
             stale = {name for name, v in versions.items() if v is not None and out[name]._version != v}
@@ -861,12 +874,19 @@ class Recorder:
             for h in handles:
                 h.remove()
 
-    def _counted(self, seen):
-        """The calls of each module in the first pass; an error for a module that did not run."""
+    def _counted(self, seen, shapes):
+        """The calls of each module in the first pass; an error for a module that did not run, and a warning
+        for one that runs on outputs of several shapes (one ReLU module a tutorial CNN applies after each of
+        its layers), whose name reads its last call alone."""
         idle = [name for name, n in seen.items() if n == 0]
         if idle:
             raise ValueError(f"layer {idle[0]!r} does not run in {type(self.model).__name__}'s forward pass in eval "
                              f"mode (a layer some models run only in training, such as googlenet's aux classifiers)")
+        for name, each in shapes.items():
+            if len(set(each)) > 1:
+                warn(f"layer {name!r} is one module that runs {len(each)} times in a pass, on outputs of shapes "
+                     f"{', '.join(map(str, each))}: its name reads the last call's, {each[-1]}; give each use its "
+                     f"own module to read the others")
         return dict(seen)
 
 
@@ -904,7 +924,8 @@ def capturing(model, layers):
 
 def first_image(model, images):
     """The first of a batch of images (checked), as the model takes it: (1, C, H, W) float on its device."""
-    return to_float(check_input(model, images)[:1]).to(device_of(model), dtype_of(model))
+    # in the standard layout: a model that views its maps flat fails on a channels-last image
+    return to_float(check_input(model, images)[:1]).to(device_of(model), dtype_of(model)).contiguous()
 
 
 def last_to_run(model, x, kinds):
@@ -1112,6 +1133,9 @@ def _gradient_mass(recorder, image, axis, index):
     (layer,) = recorder.modules
     with torch.enable_grad(), evaluating(recorder.model), recorder.hooked() as run:
         a = run(images)[layer]
+        if not a.requires_grad:
+            raise ValueError(f"layer {layer!r} is computed without gradients (under torch.no_grad in the model's "
+                             f"forward, a frozen backbone's): where its neurons look cannot be measured")
         pick = torch.zeros(len(index), a.shape[2 + axis], device=a.device, dtype=a.dtype)
         pick[torch.arange(len(index)), index] = 1
         pick = pick[:, None, :, None] if axis == 0 else pick[:, None, None, :]

@@ -189,6 +189,13 @@ def test_last_spatial_layer_is_read_from_the_forward_pass():
     tutorial, x = _OneReLU().eval(), torch.rand(2, 3, 32, 32)
     assert models.last_spatial_layer(tutorial, 32) == "conv2" and models.block_layers(tutorial, 32) == ["conv1", "conv2"]
     assert torch.equal(attribution.grad_cam(tutorial, x, 1), attribution.grad_cam(tutorial, x, 1, layer="conv2"))
+    # named by the user, it warns that it reads fc1's output; a BasicBlock's ReLU, twice on one shape, does not
+    with pytest.warns(UserWarning, match=r"layer 'relu' is one module that runs 3 times in a pass, on outputs of "
+                                         r"shapes \(6, 28, 28\), \(16, 10, 10\), \(120,\): its name reads the last"):
+        assert models.layer_channels(tutorial, "relu", 32) == 120
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        models.capture(resnet18(), x, "layer1.0.relu")
 
 
 class _OneReLU(nn.Module):
@@ -683,6 +690,9 @@ def test_channels_last_images_reach_a_model_that_views_its_feature_maps():
     torch.testing.assert_close(training.predict(net, x), training.predict(net, plain))
     torch.testing.assert_close(attribution.saliency(net, x, 1), attribution.saliency(net, plain, 1))
     torch.testing.assert_close(models.capture(net, x, ["conv2"])["conv2"], models.capture(net, plain, ["conv2"])["conv2"])
+    neuron = fv.Neuron("conv2", 0, 1, 2)  # its cell found by a pass of the first image alone
+    assert fv.looks_at(net, neuron, x) == fv.looks_at(net, neuron, plain)
+    assert models.last_map_layer(net, x) == "conv2"
     y = torch.tensor([1, 2])
     expected = (training.predict(net, plain).argmax(1) == y).float().mean().item()
     assert training.evaluate(net, x, y.int())["acc"] == pytest.approx(expected)  # int32 labels too
@@ -1087,3 +1097,25 @@ def test_a_pool_of_fourier_draws_keeps_fewer_images_than_it_was_built_for(kind):
     options = dict(magnitude=_magnitude(3, 9)) if kind == "maco" else {}
     result = fv.render(cnn(9), [0], param=fv.parameterization(kind, pool=4, **options), steps=2, progress=False)
     assert result.images.shape == (1, 3, 9, 9) and result.images.isfinite().all()
+
+
+class _LinearProbe(nn.Module):
+    """A frozen backbone run under torch.no_grad, and a linear head on its features."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        with torch.no_grad():
+            f = self.backbone(x)
+        return self.head(f)
+
+
+def test_where_a_neuron_computed_without_gradients_looks_is_an_error_that_says_why():
+    model, x = _LinearProbe().eval(), torch.rand(2, 3, 32, 32)
+    assert models.capture(model, x, "backbone.1")["backbone.1"].shape == (2, 8, 30, 30)  # it can be read
+    with pytest.raises(ValueError, match="layer 'backbone.1' is computed without gradients .* cannot be measured"):
+        fv.looks_at(model, fv.Neuron("backbone.1", 0, 3, 3), x)

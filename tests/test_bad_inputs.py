@@ -440,7 +440,7 @@ def test_counts_and_shapes_of_the_helpers_are_named_before_any_work(nets, tiny_d
         (lambda: attribution.integrated_gradients(cnn, _good(), 0, steps=2.5), "steps must be an int >= 1"),
         (lambda: data.Loader(tiny_data.train_x, tiny_data.train_y, batch_size=0), "batch_size must be an int >= 1"),
         (lambda: data.Loader(tiny_data.train_x, tiny_data.train_y[:5]), r"y must be \(\d+,\) integer class indices"),
-        (lambda: metrics.diversity(cnn, _good(), [0, 0, 1]), "groups must give one group per image: 8 images"),
+        (lambda: metrics.diversity(cnn, _good(), [0, 0, 1]), "groups must be \\(8,\\) integer class indices"),
         (lambda: metrics.template_recovery(_good(), torch.rand(10, 1, 32, 32)), "templates must have the images'"),
         (lambda: metrics.hardest_pairs(torch.eye(10), list("abc")), r"cm must be \(K, K\) for the K = 3 class names"),
         (lambda: metrics.hardest_pairs(torch.eye(3), list("abc"), k=-1), "k must be an int >= 0, got -1"),
@@ -458,6 +458,39 @@ def test_counts_and_shapes_of_the_helpers_are_named_before_any_work(nets, tiny_d
             call()
 
 
+def test_an_argument_of_the_wrong_kind_is_named(nets):
+    """Each of these ran deep into torch, or gave a wrong answer with no error."""
+    cnn, _ = nets
+    neuron, fourier = fv.Neuron("block3.act2", 0, 1, 1), fv.techniques()["fourier"]
+    for call, error, match in [
+        # a notebook's model left None by a stopped cell
+        (lambda: fv.visualize_unit(None, "head", 0, steps=1), TypeError,
+         "model must be a torch.nn.Module, got NoneType: the cell that trains or loads it did not finish"),
+        (lambda: fv.exemplars(None, _good(), 0), TypeError, "model must be a torch.nn.Module, got NoneType"),
+        (lambda: metrics.transferability(None, _good(), Y), TypeError, "other_model must be a torch.nn.Module"),
+        (lambda: metrics.diversity("cnn", _good(), Y), TypeError, "feature_model must be a torch.nn.Module, got str"),
+        # a render's targets, or class names, for labels
+        (lambda: metrics.diversity(cnn, _good(), [fv.Class(0)] * 8), ValueError,
+         r"groups must be \(8,\) integer class indices, one per image \(a render's: r.target_index\); "
+         r"got list of Class"),
+        (lambda: metrics.transferability(cnn, _good(), ["cat"] * 8), ValueError, "labels must be .* got list of str"),
+        # a confusion matrix of fractions: every support 0 or 1, every pair count 0
+        (lambda: metrics.per_class_report(torch.eye(3) / 2, list("abc")), ValueError, "cm must hold counts"),
+        (lambda: metrics.hardest_pairs(torch.full((3, 3), 0.25), list("abc")), ValueError, "cm must hold counts"),
+        # (images, target) in exemplars' order: was None, no ring
+        (lambda: fv.looks_at(cnn, _good(), neuron), TypeError, "target must be a Class, Channel, Neuron or Direction"),
+        (lambda: metrics.block_activations(cnn, _good(), metrics.pooled, ["head"]), ValueError,
+         r"layer 'head' gives \(8, 10\), not a map"),
+        # ignored: the Technique carries its own colour covariance
+        (lambda: fv.visualize_unit(cnn, "head", 0, technique=fourier, color_cov=torch.eye(3)), ValueError,
+         "vae, color_cov and magnitude build a technique given by name; a Technique has its own"),
+        (lambda: metrics.format_table([]), ValueError, "rows is empty"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()
+    assert metrics.per_class_report(torch.eye(3, dtype=torch.float64) * 4, list("abc"))[0]["support"] == 4  # floats
+
+
 def test_naturalness_and_diversity_check_their_inputs_before_their_pass_over_the_images(nets, monkeypatch):
     cnn, _ = nets
     for name in ("block_activations", "features"):
@@ -470,7 +503,7 @@ def test_naturalness_and_diversity_check_their_inputs_before_their_pass_over_the
         metrics.naturalness(cnn, _good(), range(10), _good(), Y, _good(), Y)
     with pytest.raises(ValueError, match=r"heldout_y must be \(8,\) integer class indices"):
         metrics.naturalness(cnn, _good(), Y, _good(), Y, _good(), Y[:5])
-    with pytest.raises(ValueError, match="groups must give one group per image: 8 images"):
+    with pytest.raises(ValueError, match="groups must be \\(8,\\) integer class indices"):
         metrics.diversity(cnn, _good(), [0, 0, 1])
 
 
@@ -483,9 +516,12 @@ def test_the_quality_table_checks_its_arguments_before_scoring_anything(nets, ti
         (dict(steps=-1), ValueError, "steps must be an int >= 0, got -1"),
         (dict(techniques=list(techniques)), TypeError, "techniques must map names to techniques"),
         (dict(techniques={"pixel": "pixel"}), TypeError, r"techniques\['pixel'\] must be a Technique .*got 'pixel'"),
+        (dict(channels=[3, 7]), TypeError,
+         r"channels must be Channel, Neuron or Direction targets .* \['int', 'int'\]"),
+        (dict(other=None), TypeError, "other must be a torch.nn.Module, got NoneType"),
     ]:
         with pytest.raises(error, match=match):
-            metrics.quality_table(cnn, cnn, tiny_data, **{"techniques": techniques, **kwargs})
+            metrics.quality_table(cnn, kwargs.pop("other", cnn), tiny_data, **{"techniques": techniques, **kwargs})
 
 
 def test_the_quality_table_refuses_a_classifier_of_other_classes_first(nets, tiny_data, monkeypatch):

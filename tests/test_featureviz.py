@@ -1285,7 +1285,9 @@ def test_a_second_stage_is_checked_before_the_first_runs():
     model.register_forward_hook(lambda *a: calls.append(1))
     for second, error, match in ((dict(param="fourir"), ValueError, "fourir"),
                                  (dict(param="fourier", lr=-1), ValueError, "lr must be a finite number > 0"),
-                                 (dict(param="fourier", step=3), TypeError, r"the second stage's settings \['step'\]")):
+                                 (dict(param="fourier", step=3), TypeError, r"the second stage's settings \['step'\]"),
+                                 (dict(param="fourier", images_per_target=2), ValueError,
+                                  "the two stages' images_per_target differ, 1 and 2: the second starts from")):
         with pytest.raises(error, match=match):
             fv.render_in_stages(model, [0], dict(param="pixel"), second, steps=4, progress=False)
     assert calls == []  # the first stage spent nothing
