@@ -3,6 +3,7 @@ nothing else would notice one that no longer starts after a helper moved)."""
 import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,5 @@ def test_every_step_part_is_timed(monkeypatch):
     runs, _ = bench_step_parts.parts()
     us = bench_step_parts.per_call(runs, calls=1, rounds=2)
     assert list(us) == list(runs) and all(0 < v < 1e6 for v in us.values()), us
+    slept = bench_step_parts.per_call({"1 ms": lambda: time.sleep(1e-3)}, calls=3, rounds=2)["1 ms"]
+    assert 1000 <= slept < 20000, slept  # microseconds a call

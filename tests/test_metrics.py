@@ -566,6 +566,10 @@ def test_two_choice_queries_are_the_units_next_top_images_apart_from_the_others(
         groups = [set(top[u, :R].tolist()), set(top[u, R:2 * R].tolist()), set(top[u, 2 * R:].tolist()),
                   set(bottom[u].tolist())]
         assert sum(map(len, groups)) == len(set().union(*groups)) == 4 * R, u
+        # top: the unit's strongest test images, strongest first; bottom: its weakest (ties in any order)
+        real = reference.real[:, u]
+        assert real[top[u]].tolist() == sorted(real.tolist(), reverse=True)[:3 * R], u
+        assert real[bottom[u]].sort().values.tolist() == sorted(real.tolist())[:R], u
     queries = []
     two_choice = metrics.two_choice
     monkeypatch.setattr(metrics, "two_choice", lambda refs, f_top, f_bottom: (
@@ -617,3 +621,16 @@ def test_the_table_gives_each_metric_its_mean_and_standard_deviation_over_the_se
     row, = [r for r in metrics.quality_table(reference.model, reference.other, d, {"mine": mine}, seeds=1,
                                              channels=[], progress=False)[0] if r["technique"] == "mine"]
     assert row["act"] == 1 and math.isnan(row["act_sd"])
+
+
+def test_the_quality_tables_planted_column_on_the_harder_set_is_the_detectors(hard):
+    """On synthetic-hard the table's planted recovery is PlantedDetector's: real test images of each class recover
+    their feature, uniform noise and shuffled pixels do not (untrained models: the column reads no model)."""
+    d, _ = hard
+    torch.manual_seed(0)
+    model, other = (models.build_model(models.cnn_config("small")).eval() for _ in range(2))
+    rows, _ = metrics.quality_table(model, other, d, {}, seeds=2, n_ref=200, channels=[], progress=False)
+    by = {r["technique"]: r for r in rows}
+    assert by["real test images"]["planted"] >= 0.9
+    assert by["uniform noise"]["planted"] <= 0.3 and by["shuffled pixels"]["planted"] <= 0.3
+    assert by["another class"]["planted"] <= 0.3  # the feature of the class it is, not of the one it stands for

@@ -95,6 +95,22 @@ def test_best_checkpoint_is_the_best_epoch(trained, tiny_data):
     assert training.evaluate(model, tiny_data.val_x, tiny_data.val_y)["acc"] == pytest.approx(best["val_acc"])
 
 
+def test_a_run_whose_first_epoch_validates_best_ends_with_that_epochs_weights(tiny_data, tmp_path, monkeypatch):
+    """Returned and saved: the weights the best epoch validated, not the last epoch's under its number."""
+    scores, states, real = iter([0.9, 0.6, 0.7]), [], training.evaluate
+
+    def scored(model, *a, **k):
+        states.append({name: v.detach().clone() for name, v in model.state_dict().items()})
+        return dict(real(model, *a, **k), acc=next(scores))
+    monkeypatch.setattr(training, "evaluate", scored)
+    model, ckpt = training.train_classifier(tiny_data, tmp_path / "cnn.pt", preset="small", hyp=TINY,
+                                            progress=False)
+    assert ckpt["epoch"] == 1 and ckpt["val_acc"] == 0.9 and len(states) == 3
+    assert not all(torch.equal(states[0][name], states[2][name]) for name in states[0])  # the epochs differ
+    for weights in (model.state_dict(), training.load_checkpoint(tmp_path / "cnn.pt")[0].state_dict()):
+        assert all(torch.equal(weights[name].cpu(), states[0][name].cpu()) for name in states[0])
+
+
 def test_checkpoint_round_trip(trained, tiny_data, tmp_path):
     model, _, _ = trained
     training.save_checkpoint(tmp_path / "c.pt", model, note="x")
@@ -465,8 +481,11 @@ def test_paths_with_the_home_folder_are_expanded(tiny_data, tmp_path, monkeypatc
 def test_predict_runs_a_bfloat16_model_in_its_dtype(trained, tiny_data):
     model = models.build_model(trained[1]["config"])
     model.load_state_dict(trained[0].state_dict())
-    logits = training.predict(model.to(torch.bfloat16), tiny_data.test_x[:8])  # float32 images used to fail
-    assert logits.dtype == torch.float32 and logits.shape == (8, 10)
+    logits = training.predict(model.to(torch.bfloat16), tiny_data.test_x[:64])  # float32 images used to fail
+    assert logits.dtype == torch.float32 and logits.shape == (64, 10)
+    full = training.predict(trained[0], tiny_data.test_x[:64]).cpu()  # the float32 model's, to bfloat16's precision
+    torch.testing.assert_close(logits.cpu(), full, rtol=0.05, atol=0.1 * full.abs().max().item())
+    assert (logits.cpu().argmax(1) == full.argmax(1)).float().mean() >= 0.9
 
 
 def test_notebook_settings_from_the_environment(monkeypatch):
