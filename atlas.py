@@ -65,6 +65,8 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
       models.block_layers). Either may be one name.
     """
     data.check_count("steps", steps, 1)
+    if d.channels not in (1, 3):  # a PNG of 2 or 4 would take the last for transparency
+        raise ValueError(f"the atlas's pages show gray or colour images; {d.name} has {d.channels} channels")
     out = Path(out).expanduser()
     saved = saved_manifest(out)
     techniques = list(dict.fromkeys(models.as_names(techniques, "techniques")))  # each once

@@ -33,11 +33,25 @@ import models
 
 # ----------------------------------------------------------------------------- data statistics
 
+STATISTICS_VALUES = 2 ** 25  # values in a batch of the data statistics below: 10,000 images at 32 px in one
+
+
+def _batches(images):
+    """Checked images (data.check_batch), as floats a batch of at most STATISTICS_VALUES values at a time: a set of
+    large images (10,000 at 224 px: 6 GB in float32, more in the sums' float64) in bounded memory."""
+    for x in images.split(max(1, STATISTICS_VALUES // images[0].numel())):
+        yield data.to_float(x)
+
+
 def color_covariance(images):
-    """(C, C) covariance of the pixel colours of a set of images (uint8 or float)."""
-    x = models.exact(data.to_float(data.check_batch(images)).transpose(0, 1).flatten(1))  # (C, N*H*W)
-    x = x - x.mean(1, keepdim=True)
-    return (x @ x.T / (x.size(1) - 1)).float()
+    """(C, C) covariance of the pixel colours of a set of images (uint8 or float), summed in float64."""
+    images = data.check_batch(images)
+    n = images[:, 0].numel()  # pixels
+
+    def pixels():  # (C, B*H*W) a batch
+        return (models.exact(x.transpose(0, 1).flatten(1)) for x in _batches(images))
+    mean = sum(x.sum(1, keepdim=True) for x in pixels()) / n
+    return (sum((x - mean) @ (x - mean).T for x in pixels()) / (n - 1)).float()
 
 
 def spectrum(images):
@@ -53,9 +67,10 @@ def magnitude_spectrum(images, color_cov=None):
     MaCo keeps fixed. Its DC term [:, 0, 0] is the images' mean distance from mid-gray (times the side), so
     MaCo's images can be brighter, darker or more tinted in proportion to the data's, relative to the
     contrast."""
-    x = data.to_float(data.check_batch(images)) - 0.5
-    x = _decorrelate(color_sqrt(color_cov, x.size(1)).to(x.device), x)
-    return torch.fft.rfft2(x, norm="ortho").abs().mean(0)
+    images = data.check_batch(images)
+    color = color_sqrt(color_cov, images.size(1)).to(images.device)
+    return sum(torch.fft.rfft2(_decorrelate(color, x - 0.5), norm="ortho").abs().sum(0)
+               for x in _batches(images)) / len(images)
 
 
 def _decorrelate(color, x):

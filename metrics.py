@@ -205,6 +205,7 @@ class Statistics:
         if len(models.check_input(other, train_x, "train_x")) < 2:
             raise ValueError(f"train_x must hold at least 2 images to standardize on; got {len(train_x)}")
         self.other, self.layers = other, models.block_layers(other, train_x.shape[-1])
+        self.shape = tuple(train_x.shape[-2:])  # statistics of maps of another size are of other numbers
         ref = block_activations(other, train_x, spatial_statistics, self.layers)
         sds = [s.std(0) for s in ref]
         for layer, sd in zip(self.layers, sds):
@@ -216,7 +217,8 @@ class Statistics:
         self.train = self._standardize(ref)
 
     def __call__(self, images):
-        """(N, D) the standardized statistics of images."""
+        """(N, D) the standardized statistics of images of the training images' size."""
+        _check_size(images, self.shape)
         return self._standardize(block_activations(self.other, images, spatial_statistics, self.layers))
 
     def _standardize(self, stats):
@@ -230,8 +232,18 @@ def naturalness(other, vis, vis_labels, train_x, train_y, heldout_x, heldout_y, 
     for name, x, y_name, y in (("vis", vis, "vis_labels", vis_labels), ("train_x", train_x, "train_y", train_y),
                                ("heldout_x", heldout_x, "heldout_y", heldout_y)):  # before the pass over train_x
         data.check_labels(y, len(models.check_input(other, x, name)), name=y_name)
+    for name, x in (("vis", vis), ("heldout_x", heldout_x)):
+        _check_size(x, tuple(train_x.shape[-2:]), name)
     stats = Statistics(other, train_x)
     return knn_ratio(stats(vis), vis_labels, stats.train, train_y, stats(heldout_x), heldout_y, k)
+
+
+def _check_size(images, shape, name="images"):
+    """An error for images of another size than the reference images' `shape` (H, W)."""
+    if tuple(images.shape[-2:]) != shape:
+        raise ValueError(f"{name} are {'x'.join(map(str, images.shape[-2:]))}, the reference images "
+                         f"{'x'.join(map(str, shape))}: their statistics would not compare; render at size="
+                         f"{shape[-1]}")
 
 
 def diversity(feature_model, images, groups):

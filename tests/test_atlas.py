@@ -613,6 +613,10 @@ def test_bad_arguments_name_what_is_wrong(tiny, tmp_path, monkeypatch, capsys):
     named = torch.nn.Sequential(collections.OrderedDict(classes=torch.nn.Conv2d(3, 4, 3), pool=torch.nn.Flatten()))
     with pytest.raises(ValueError, match=r"layer 'classes' and the class pages would write their images to the same"):
         atlas.build_atlas(named, d, vae, TECHNIQUES, tmp_path, ["classes"], STEPS, progress=False)
+    four = copy.copy(d)  # its PNGs would take the fourth channel for transparency
+    four.train_x = torch.cat([d.train_x, d.train_x[:, :1]], 1)
+    with pytest.raises(ValueError, match="the atlas's pages show gray or colour images; .* has 4 channels"):
+        atlas.build_atlas(model, four, vae, TECHNIQUES, tmp_path, steps=STEPS, progress=False)
     assert not any(tmp_path.iterdir())  # refused before anything is written
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="other files in it"):

@@ -485,6 +485,10 @@ def test_an_argument_of_the_wrong_kind_is_named(nets):
         (lambda: fv.visualize_unit(cnn, "head", 0, technique=fourier, color_cov=torch.eye(3)), ValueError,
          "vae, color_cov and magnitude build a technique given by name; a Technique has its own"),
         (lambda: metrics.format_table([]), ValueError, "rows is empty"),
+        # renders at 64 px scored against 32 px images: the statistics of larger maps, a number that meant nothing
+        (lambda: metrics.naturalness(cnn, torch.rand(8, 3, 64, 64), Y, _good(), Y, _good(), Y), ValueError,
+         "vis are 64x64, the reference images 32x32: their statistics would not compare; render at size=32"),
+        (lambda: metrics.Statistics(cnn, _good())(torch.rand(2, 3, 40, 40)), ValueError, "images are 40x40"),
     ]:
         with pytest.raises(error, match=match):
             call()

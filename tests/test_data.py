@@ -285,6 +285,9 @@ def test_synthetic_hard_is_deterministic_balanced_and_has_no_fixed_template():
     assert torch.bincount(a.test_y, minlength=10).tolist() == [20] * 10
     easy = data.load_data("synthetic", n_train=1000, n_test=200)
     assert _template_strength(a) < 0.5 * _template_strength(easy)  # measured: 0.11 against 0.90
+    with pytest.raises(ValueError, match="size must be an int >= 28, got 16"):  # its fine stripes would alias
+        data.load_data("synthetic-hard", n_train=100, n_test=20, size=16)
+    assert data.load_data("synthetic-hard", n_train=100, n_test=20, size=28).test_x.shape == (20, 3, 28, 28)
 
 
 def test_options_of_the_synthetic_sets_are_refused_elsewhere(tmp_path):
@@ -329,7 +332,7 @@ def test_edge_arguments_of_the_synthetic_sets_the_loader_and_the_image_check():
                                                                                              n_test=0)  # by identity
     for name, kwargs, match in [("synthetic", dict(n_train=1.5e4), "n_train must be an int >= 0, got 15000.0"),
                                 ("synthetic-hard", dict(n_test=-1), "n_test must be an int >= 0, got -1"),
-                                ("synthetic-hard", dict(size=0), "size must be an int >= 1, got 0"),
+                                ("synthetic-hard", dict(size=0), "size must be an int >= 28, got 0"),
                                 ("synthetic", dict(noise=-0.1), "noise must be a finite number >= 0")]:
         with pytest.raises(ValueError, match=match):
             data.load_data(name, **kwargs)

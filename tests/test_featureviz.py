@@ -340,6 +340,20 @@ def test_color_covariance_matches_torch_cov():
     assert torch.allclose(fv.color_covariance(x.float() / 255), ref, atol=1e-6)
 
 
+def test_the_data_statistics_of_a_large_set_are_summed_a_batch_at_a_time(monkeypatch):
+    """Large images are never all in float at once: 4 at a time here, with the statistics of the whole set."""
+    x = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    whole = fv.color_covariance(x), fv.magnitude_spectrum(x, torch.eye(3) * 0.05)
+    seen, to_float = [], fv.data.to_float
+    monkeypatch.setattr(fv, "STATISTICS_VALUES", 4 * 3 * 8 * 8)
+    monkeypatch.setattr(fv.data, "to_float", lambda images, *a: seen.append(len(images)) or to_float(images, *a))
+    torch.testing.assert_close(fv.color_covariance(x), whole[0], rtol=1e-6, atol=0)
+    assert seen == [4, 4, 2] * 2  # a pass for the mean, one for the products
+    seen.clear()
+    torch.testing.assert_close(fv.magnitude_spectrum(x, torch.eye(3) * 0.05), whole[1], rtol=1e-5, atol=0)
+    assert seen == [4, 4, 2]
+
+
 def test_colour_mixing_in_blocks_of_pixels_is_the_plain_product():
     # _to_image mixes up to 4 pixels a row with a block-diagonal matrix: the same numbers as the (C, C)
     # product, whether 4, 2 or 1 of them divide the pixels
