@@ -1182,7 +1182,7 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     no_autocast = torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else \
         nullcontext()  # a device without autocast (meta) has none to turn off
     prepared = _prepared(model, targets, param, transforms, terms, groups, size, seed)
-    with no_autocast, prepared as (param, step, gen, score):
+    with no_autocast, _own_random_numbers(device, seed), prepared as (param, step, gen, score):
         history = torch.zeros(steps, len(groups), device=device)  # on the device: no host sync per step
         _optimize(step, param, gen, lr, history, progress)
         with torch.no_grad():
@@ -1192,6 +1192,19 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
     r = Render(images.detach().float().cpu()[keep], final.cpu()[keep], history.cpu()[:, keep], targets)  # float32
     _warn_non_finite(r)
     return r
+
+
+@contextmanager
+def _own_random_numbers(device, seed):
+    """The global random numbers that a model draws in eval mode (MC dropout, a noisy layer), on the CPU and on
+    the model's GPU, drawn from the render's seed and handed back after: the caller's stream is left where it
+    was, and such a model's render repeats by its seed as any other's."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 def _check_diversity(terms, images_per_target):

@@ -1,3 +1,4 @@
+import hashlib
 import pickle
 import urllib.error
 
@@ -373,3 +374,18 @@ def test_a_class_is_found_by_its_index_or_its_name():
     for bad in (-1, 2.0, True, torch.arange(2)):
         with pytest.raises(ValueError, match="a class must be an index from 0 or a name of synthetic's classes"):
             d.class_index(bad)
+
+
+def test_the_fingerprint_is_hashed_again_only_when_the_data_change(monkeypatch):
+    d = data.load_data("synthetic", n_train=200, n_test=20)
+    first, hashed, sha256 = d.fingerprint(), [], hashlib.sha256
+    monkeypatch.setattr(data.hashlib, "sha256", lambda *a: hashed.append(1) or sha256(*a))
+    assert d.fingerprint() == first and hashed == []  # the same tensors, unchanged: not hashed again
+    d.train_x[0, 0, 0, 0] ^= 1  # changed in place
+    assert d.fingerprint() != first and len(hashed) == 1
+    d.train_x[0, 0, 0, 0] ^= 1
+    assert d.fingerprint() == first and len(hashed) == 2
+    d.val_y = d.val_y.clone()  # another tensor of the same values
+    assert d.fingerprint() == first and len(hashed) == 3
+    d.val_y = d.val_y.flip(0)
+    assert d.fingerprint() != first

@@ -1347,3 +1347,22 @@ def test_a_render_inside_autocast_is_the_render_outside_it():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = fv.render(model, [0, 1], param="fourier", steps=4, progress=False)
     assert torch.equal(inside.images, plain.images) and torch.equal(inside.history, plain.history)
+
+
+class _AlwaysDropout(torch.nn.Module):
+    """MC dropout: on in eval mode too, drawing from the global random numbers."""
+
+    def forward(self, x):
+        return torch.nn.functional.dropout(x, 0.5, training=True)
+
+
+def test_a_model_that_draws_random_numbers_renders_by_its_seed_and_leaves_the_callers_stream():
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), _AlwaysDropout(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    state = torch.get_rng_state()
+    first = fv.render(model, [0, 1], param="pixel", steps=3, size=16, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream where it was
+    again = fv.render(model, [0, 1], param="pixel", steps=3, size=16, progress=False)
+    assert torch.equal(first.images, again.images) and torch.equal(first.history, again.history)
