@@ -1551,6 +1551,7 @@ def looks_at(model, target, images):
     """Where a Neuron target looks in images like these: its cell's centre (y, x) in pixels, as
     models.cell_centres measures it, to be marked on its exemplars (whole images: the neuron sees a part). None for
     any other target (a class or a channel reads the whole image)."""
+    target = _as_index(target)  # a NumPy or 0-d tensor class index too
     if isinstance(target, bool) or not isinstance(target, (*TARGETS, numbers.Integral)):  # (images, target) swapped
         raise TypeError(f"target must be a Class, Channel, Neuron or Direction, or a class index "
                         f"(looks_at(model, target, images)); got {type(target).__name__}")
@@ -1579,11 +1580,13 @@ def render_in_stages(model, targets, first, second, steps=256, **common):
     if isinstance(second.get("param"), nn.Module):  # before the first stage runs
         raise TypeError("the second stage's param must be a parameterization name or Recipe, not a built module: "
                         "it starts from the first stage's images")
-    settings = [_check_stage(name, stage) for name, stage in (("first", first), ("second", second))]
-    for key in ("images_per_target", "size"):  # the second stage starts from the first's images
-        if settings[0][key] != settings[1][key]:
-            raise ValueError(f"the two stages' {key} differ, {settings[0][key]} and {settings[1][key]}: the second "
-                             f"starts from the first's images, so give it once, in common")
+    one, two = [_check_stage(name, stage) for name, stage in (("first", first), ("second", second))]
+    # the second stage starts from the first's images, and its history goes on from theirs: as many, of their size
+    fits = dict(images_per_target=one["images_per_target"] == two["images_per_target"],
+                size=None in (one["size"], two["size"]) or one["size"] == two["size"])  # None: the model's
+    for key in (k for k, ok in fits.items() if not ok):
+        raise ValueError(f"the two stages' {key} differ, {one[key]} and {two[key]}: the second starts from the "
+                         f"first's images, so give it once, in common")
     a = render(model, targets, steps=steps // 2, **first)
     second["param"] = _as_recipe(second.get("param", "fourier")).starting_from(a.images)  # render()'s default
     b = render(model, targets, steps=steps - steps // 2, **second)

@@ -876,14 +876,16 @@ class Recorder:
 
     def _counted(self, seen, shapes):
         """The calls of each module in the first pass; an error for a module that did not run, and a warning
-        for one that runs on outputs of several shapes (one ReLU module a tutorial CNN applies after each of
-        its layers), whose name reads its last call alone."""
+        for one whose calls output maps and vectors both (one ReLU module that a tutorial CNN applies after each
+        of its layers, read at its last call, the linear layer's). Not for one that runs on maps of several
+        shapes, as a torchvision Bottleneck's ReLU does, whose last call is its block's output, as captum reads
+        it."""
         idle = [name for name, n in seen.items() if n == 0]
         if idle:
             raise ValueError(f"layer {idle[0]!r} does not run in {type(self.model).__name__}'s forward pass in eval "
                              f"mode (a layer some models run only in training, such as googlenet's aux classifiers)")
         for name, each in shapes.items():
-            if len(set(each)) > 1:
+            if len({len(shape) for shape in each}) > 1:
                 warn(f"layer {name!r} is one module that runs {len(each)} times in a pass, on outputs of shapes "
                      f"{', '.join(map(str, each))}: its name reads the last call's, {each[-1]}; give each use its "
                      f"own module to read the others")

@@ -104,7 +104,7 @@ def figure_file(text):
     """An argparse type: the path of a figure in a format matplotlib writes, named by its suffix (none: png),
     checked before a benchmark's run rather than at its end."""
     formats = FigureCanvasBase.get_supported_filetypes()
-    if Path(text).suffix[1:] not in ("", *formats):
+    if Path(text).suffix[1:].lower() not in ("", *formats):  # as savefig reads it
         raise argparse.ArgumentTypeError(f"{text!r} is no figure format matplotlib writes; end it in one of "
                                          f"{', '.join('.' + f for f in sorted(formats))}")
     return text
@@ -323,7 +323,8 @@ def plot_heatmaps(images, maps, titles=None, row_labels=None, signed=None, save=
     from its lowest value (blue) to its highest (red); a signed method (to_heatmap(..., signed=True)) is shown
     around 0: red positive, blue negative, white 0, its row label says so. The top `outliers` percent of each
     map's values (of |value| if signed) saturate, so that one extreme pixel cannot wash out the rest (captum's
-    visualize_image_attr clips 2% likewise); 0 scales by the extreme. A flat map is left off, its image marked.
+    visualize_image_attr clips too, where the values that hold the top 2% of the map's total mass begin: for a
+    peaky map that is fewer pixels); 0 scales by the extreme. A flat map is left off, its image marked.
 
     maps: one method's maps (named "map"), or {method name: maps}. titles: one per image. row_labels: one per
     method (the top row is 'input'), or one more to name the top row too; default the method names. signed:

@@ -80,7 +80,7 @@ def reference_diversity(f, pools, k, draws=5):
     gen, out = torch.Generator().manual_seed(0), []
     for pool in pools:
         picks = [pool[torch.randperm(len(pool), generator=gen)[:k]] for _ in range(draws)]
-        out.append(sum(metrics.feature_diversity(f[idx], torch.zeros(k)) for idx in picks) / draws)
+        out.append(sum(metrics.feature_diversity(f[idx], torch.zeros(k, dtype=torch.long)) for idx in picks) / draws)
     return sum(out) / len(out)
 
 
@@ -93,7 +93,8 @@ def main():
     ref = metrics.Reference(model, other, d, channels, n_ref=10000)
     k, n_cls = args.images, len(d.classes)
     real_cls = reference_diversity(ref.f_test, [(d.test_y == c).nonzero()[:, 0] for c in range(n_cls)], k)
-    real_ch = sum(metrics.feature_diversity(ref.f_test[ref.top[n_cls + j, :k]], torch.zeros(k))
+    one_group = torch.zeros(k, dtype=torch.long)
+    real_ch = sum(metrics.feature_diversity(ref.f_test[ref.top[n_cls + j, :k]], one_group)
                   for j in range(len(channels))) / len(channels)
     print(f"{d.name}, {args.technique}, {k} images per unit, {args.steps} steps; reference diversity: "
           f"{real_cls:.2f} (random real images of a class), {real_ch:.2f} (a channel's top {k} exemplars)\n")
@@ -131,7 +132,8 @@ def measure(how, model, other, ref, units, offset, w, args):
         seeds.append(row)
         low = min(low, act.nan_to_num(float("inf")).min().item())
     out = {key: torch.tensor([float(row[key]) for row in seeds]) for key in seeds[0]}
-    return dict(low=low, **{key: (v.mean().item(), v.std().item() if len(v) > 1 else math.nan) for key, v in out.items()})
+    return dict(low=low, **{key: (v.mean().item(), v.std().item() if len(v) > 1 else math.nan)
+                            for key, v in out.items()})
 
 
 if __name__ == "__main__":

@@ -133,11 +133,16 @@ def parse_args():
                      ("vae_preset", "VAE_PRESET", device["vae_preset"], dict(choices=models.VAE_PRESETS)),
                      ("seed", "SEED", 0, dict(low=0, high=training.MAX_SEED))]
     training.from_environment(p, args, settings)
-    for key, value in (SPEED if args.speed else QUICK if args.quick else QUALITY).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, SPEED if args.speed else QUICK if args.quick else QUALITY)
     args.seed = args.seed or 0
     return args
+
+
+def fill_defaults(args, defaults):
+    """Set each option of `defaults` that the command line did not give (None) to its default."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 # ----------------------------------------------------------------------------- models

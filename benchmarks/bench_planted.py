@@ -23,7 +23,7 @@ import data  # noqa: E402
 import featureviz as fv  # noqa: E402
 import metrics  # noqa: E402
 import training  # noqa: E402
-from bench_featureviz import names_in  # noqa: E402
+from bench_featureviz import fill_defaults, names_in  # noqa: E402
 from training import at_least  # noqa: E402
 
 
@@ -47,9 +47,7 @@ def parse_args():
     p.add_argument("--quick", action="store_true", help="smoke run: small data, 1 epoch, few steps")
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints" / "bench"))
     args = p.parse_args()
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, QUICK if args.quick else DEFAULTS)
     return args
 
 

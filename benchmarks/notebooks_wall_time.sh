@@ -13,7 +13,8 @@ case "$(echo "${SMOKE:-}" | tr '[:upper:]' '[:lower:]' | xargs)" in  # as traini
   *) smoke=smoke/ ;;  # a smoke run's checkpoints and executed copies, apart from a full run's
 esac
 PY=${PY:-.venv/bin/python}
-device=$($PY -c 'import training; print(training.get_device())') || { echo "$PY cannot import the project: give PY=" >&2; exit 1; }
+device=$($PY -c 'import training; print(training.get_device())') ||
+  { echo "$PY cannot import the project: give PY=" >&2; exit 1; }
 out=outputs/${smoke}
 log=${out}notebooks_wall_time.log  # a smoke run's times apart from a full run's
 mkdir -p "$out"

@@ -189,13 +189,15 @@ def test_last_spatial_layer_is_read_from_the_forward_pass():
     tutorial, x = _OneReLU().eval(), torch.rand(2, 3, 32, 32)
     assert models.last_spatial_layer(tutorial, 32) == "conv2" and models.block_layers(tutorial, 32) == ["conv1", "conv2"]
     assert torch.equal(attribution.grad_cam(tutorial, x, 1), attribution.grad_cam(tutorial, x, 1, layer="conv2"))
-    # named by the user, it warns that it reads fc1's output; a BasicBlock's ReLU, twice on one shape, does not
+    # named by the user, it warns that it reads fc1's output; a BasicBlock's ReLU, twice on one shape, and a
+    # Bottleneck's, on maps of three shapes (its block's output last, as captum reads it), do not
     with pytest.warns(UserWarning, match=r"layer 'relu' is one module that runs 3 times in a pass, on outputs of "
                                          r"shapes \(6, 28, 28\), \(16, 10, 10\), \(120,\): its name reads the last"):
         assert models.layer_channels(tutorial, "relu", 32) == 120
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         models.capture(resnet18(), x, "layer1.0.relu")
+        models.capture(torchvision.models.resnet50(weights=None, num_classes=10).eval(), x, "layer2.0.relu")
 
 
 class _OneReLU(nn.Module):

@@ -920,3 +920,24 @@ def test_warnings_pass_over_every_module_of_the_lab():
     """data.warn shows a warning at the first frame outside these: a module left out would show its own."""
     root = Path(data.__file__).resolve().parent
     assert sorted(data._OURS) == sorted(p.resolve() for p in root.glob("*.py"))
+
+
+def test_inputs_that_look_odd_but_are_valid_still_work(nets, tiny_data, monkeypatch):
+    """Accepted as before the checks of the wrong kinds: a 0-d tensor class index, an upper-case figure suffix,
+    a generator of channels (which the check of their kinds used to empty)."""
+    cnn, _ = nets
+    assert fv.looks_at(cnn, torch.tensor(3), _good()) is None  # a class reads the whole image
+    assert utils.figure_file("grid.PNG") == "grid.PNG"
+    given = []
+
+    class Stop(Exception):
+        pass
+
+    def reference(model, other, d, channels, n_ref):
+        given.append(channels)
+        raise Stop
+    monkeypatch.setattr(metrics, "Reference", reference)
+    channels = [fv.Channel("block2.act2", 0), fv.Channel("block3.act2", 1)]
+    with pytest.raises(Stop):
+        metrics.quality_table(cnn, cnn, tiny_data, {}, channels=iter(channels), progress=False)
+    assert given == [channels]

@@ -1321,11 +1321,17 @@ def test_a_second_stage_is_checked_before_the_first_runs():
     for second, error, match in ((dict(param="fourir"), ValueError, "fourir"),
                                  (dict(param="fourier", lr=-1), ValueError, "lr must be a finite number > 0"),
                                  (dict(param="fourier", step=3), TypeError, r"the second stage's settings \['step'\]"),
-                                 (dict(param="fourier", images_per_target=2), ValueError,
-                                  "the two stages' images_per_target differ, 1 and 2: the second starts from")):
+                                 (dict(param="fourier", images_per_target=2), ValueError,  # failed at the end
+                                  "the two stages' images_per_target differ, 1 and 2: the second starts from"),
+                                 (dict(param="fourier", size=24), ValueError,
+                                  "the two stages' size differ, 32 and 24")):
         with pytest.raises(error, match=match):
-            fv.render_in_stages(model, [0], dict(param="pixel"), second, steps=4, progress=False)
+            first = dict(param="pixel", **({"size": 32} if "size" in second else {}))
+            fv.render_in_stages(model, [0], first, second, steps=4, progress=False)
     assert calls == []  # the first stage spent nothing
+    # a size given to one stage alone is the model's for the other: it renders
+    r = fv.render_in_stages(model, [0], dict(param="pixel"), dict(param="fourier", size=32), steps=2, progress=False)
+    assert r.images.shape == (1, 3, 32, 32)
 
 
 def test_a_render_that_becomes_nan_says_so_and_restarts_never_keep_a_nan():
