@@ -160,11 +160,17 @@ def _check_complete(attr, ends, steps, dtype):
     COMPLETENESS of: in bfloat16 the sum can miss a small change by tens of percent however many the steps."""
     delta, size = attr.sum((1, 2, 3)) - (ends[0] - ends[1]), ends.abs().sum(0)
     rounding = torch.finfo(dtype).eps / COMPLETENESS * (size + attr.abs().sum((1, 2, 3)))
-    change = (ends[0] - ends[1]).abs().maximum(0.01 * size).maximum(rounding).clamp_min(1e-3)
-    off = (delta.abs() / change).nan_to_num(0.0, posinf=0.0).max().item()  # (not finite: _finite says so)
-    if off > COMPLETENESS:
+    change = (ends[0] - ends[1]).abs().maximum(0.01 * size).clamp_min(1e-3)
+
+    def worst(scale):  # the largest share of the change that the sum is off (not finite: _finite says so)
+        return (delta.abs() / scale).nan_to_num(0.0, posinf=0.0).max().item()
+    if worst(change.maximum(rounding)) > COMPLETENESS:
         warn(f"integrated gradients in {steps} steps are off the logit's change f(image) - f(baseline) by "
-             f"up to {off:.0%} of it, over {COMPLETENESS:.0%}: pass more steps")
+             f"up to {worst(change.maximum(rounding)):.0%} of it, over {COMPLETENESS:.0%}: pass more steps")
+    elif worst(change) > COMPLETENESS:  # within the rounding: unmended by steps, but the maps' sum is not the change
+        warn(f"integrated gradients of a {str(dtype).removeprefix('torch.')} model are off the logit's change "
+             f"f(image) - f(baseline) by up to {worst(change):.0%} of it, within its rounding, which more steps "
+             f"cannot mend: for maps that add up to the change, pass model.float()")
 
 
 def _finite(method, maps):
