@@ -1183,15 +1183,27 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
         nullcontext()  # a device without autocast (meta) has none to turn off
     prepared = _prepared(model, targets, param, transforms, terms, groups, size, seed)
     with no_autocast, _own_random_numbers(device, seed), prepared as (param, step, gen, score):
-        history = torch.zeros(steps, len(groups), device=device)  # on the device: no host sync per step
-        _optimize(step, param, gen, lr, history, progress)
-        with torch.no_grad():
-            images = param().contiguous()  # as the user expects them (a Fourier one's are channels_last)
-            final = score(images)
-    keep = _best_of_restarts(final, restarts).cpu()
-    r = Render(images.detach().float().cpu()[keep], final.cpu()[keep], history.cpu()[:, keep], targets)  # float32
+        # on the device: no host sync per step; NaN: a step not taken (a stopped render's)
+        history = torch.full((steps, len(groups)), math.nan, device=device)
+        try:
+            _optimize(step, param, gen, lr, history, progress)
+        except KeyboardInterrupt as stop:  # Ctrl-C: the images so far go with it
+            stop.render = _result(param, score, history, restarts, targets)
+            stop.add_note("render() stopped: the images so far are in this exception's .render (in a notebook, "
+                          "sys.last_value.render), with NaN in its history for the steps not taken")
+            raise
+        r = _result(param, score, history, restarts, targets)
     _warn_non_finite(r)
     return r
+
+
+def _result(param, score, history, restarts, targets):
+    """The Render of the parameterization's images as they are: the best of each target's restarts."""
+    with torch.no_grad():
+        images = param().contiguous()  # as the user expects them (a Fourier one's are channels_last)
+        final = score(images)
+    keep = _best_of_restarts(final, restarts).cpu()
+    return Render(images.detach().float().cpu()[keep], final.cpu()[keep], history.cpu()[:, keep], targets)  # float32
 
 
 @contextmanager

@@ -767,11 +767,19 @@ def test_render_cleans_up_when_interrupted_mid_run():
             raise KeyboardInterrupt
         return x
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         fv.render(model, [fv.Class(0), fv.Channel("block1.act2", 0)], transforms=interrupt_at_step_3,
                   steps=10, progress=False)
     assert_untouched(model, before)
     assert torch.backends.cudnn.deterministic == flag  # set for the render, restored on the stop
+    # the images so far go with the stop: one step taken (the third call; the first checks the transform), the
+    # rest NaN in the history
+    r = stopped.value.render
+    assert "the images so far are in this exception's .render" in stopped.value.__notes__[0]
+    assert r.images.shape == (2, 3, 32, 32) and r.history.shape == (10, 2)
+    assert r.history[:1].isfinite().all() and r.history[1:].isnan().all()
+    model.eval()  # its activations are the eval-mode model's, as a finished render's
+    torch.testing.assert_close(r.activation, fv.activations(model, r.images, r.targets).diagonal())
 
 
 def test_render_output_shapes_and_ranges():
