@@ -8,6 +8,7 @@ import numbers
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from captum.attr import IntegratedGradients, LayerGradCam, Saliency
 
 import models
@@ -58,11 +59,17 @@ def saliency(model, images, targets):
     return _finite("saliency", attr.amax(1).detach().float())
 
 
+UPSAMPLING = ("centres", "bilinear", None)
+
+
 @torch.inference_mode(False)
-def grad_cam(model, images, targets, layer=None):
+def grad_cam(model, images, targets, layer=None, upsample="centres"):
     """Grad-CAM at `layer` (a name or a module; default the model's last layer with a map larger than 1x1,
-    `models.last_map_layer`), relu'd and upsampled to the input linearly between its cells' centres in the image
-    (`models.cell_centres`), not stretched evenly over it: (B, H, W)."""
+    `models.last_map_layer`), relu'd: (B, H, W), upsampled to the input linearly between its cells' centres in the
+    image (`models.cell_centres`), not stretched evenly over it. upsample="bilinear" stretches it evenly, as
+    pytorch-grad-cam draws it (bilinear, align_corners=False); None returns the layer's own (B, h, w) map."""
+    if upsample not in UPSAMPLING:
+        raise ValueError(f"upsample must be one of {', '.join(map(repr, UPSAMPLING))}; got {upsample!r}")
     x, t = _prepare(images, targets, model)
     chosen = layer is None
     if chosen:
@@ -84,10 +91,14 @@ def grad_cam(model, images, targets, layer=None):
     layer = models.get_layer(model, name)
     with _untouched(model):
         cam = LayerGradCam(models.inner(model), layer).attribute(x, target=t, relu_attributions=True)  # (B, 1, h, w)
-    rows, cols = models.cell_centres(model, name, x)
-    place = [_linear_weights(c, side).to(cam.device) for c, side in zip((rows, cols), x.shape[-2:])]
-    cam = torch.einsum("yi,bij,xj->byx", place[0], cam.detach()[:, 0].float(), place[1])  # each cell at its centre
-    return _finite("Grad-CAM", cam.clamp_min(0).float())  # (B, H, W)
+    cam = cam.detach()[:, 0].float()
+    if upsample == "bilinear":
+        cam = F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    elif upsample == "centres":
+        rows, cols = models.cell_centres(model, name, x)
+        place = [_linear_weights(c, side).to(cam.device) for c, side in zip((rows, cols), x.shape[-2:])]
+        cam = torch.einsum("yi,bij,xj->byx", place[0], cam, place[1])  # each cell at its centre
+    return _finite("Grad-CAM", cam.clamp_min(0).float())  # (B, H, W), or (B, h, w) unsampled
 
 
 def _linear_weights(centres, size):

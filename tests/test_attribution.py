@@ -343,6 +343,11 @@ def test_grad_cam_draws_each_cell_at_the_centre_of_what_it_sees():
     assert not torch.allclose(got, stretched, atol=1e-3)  # Grad-CAM as usually drawn: up to 3.3 px off
     blue = got[:, 24:, 24:].mean() / got.mean()  # the blue patch's corner: read by the last cells only
     assert blue > stretched[:, 24:, 24:].mean() / stretched.mean()
+    # as pytorch-grad-cam draws it, stretched evenly; or the layer's own map
+    assert torch.allclose(attribution.grad_cam(model, x, 1, layer="pool", upsample="bilinear"), stretched, atol=1e-6)
+    assert torch.allclose(attribution.grad_cam(model, x, 1, layer="pool", upsample=None), cam, atol=1e-6)
+    with pytest.raises(ValueError, match="upsample must be one of 'centres', 'bilinear', None; got 'nearest'"):
+        attribution.grad_cam(model, x, 1, layer="pool", upsample="nearest")
 
 
 def test_cell_centres_of_known_geometries():
