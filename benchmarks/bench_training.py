@@ -94,7 +94,8 @@ def throughput(args):
         print(f"data path alone, {name}: {value:.0f} images/s (best of {args.rounds} passes after a warm-up)")
     pil_alone = alone["DataLoader+PIL, 0 workers"]
 
-    print(f"throughput in images/s, {torch.get_num_threads()} threads; each row one process, same model")
+    print(f"throughput in images/s, {torch.get_num_threads()} threads; each row one process, same model; each "
+          f"cell the best of {args.rounds} interleaved rounds")
     print("| model | bare step on one batch | our Loader | DataLoader+PIL (0 workers) | DataLoader+PIL (2 workers) "
           "| ours / bare | ours / PIL best | bound: 1 + bare / PIL alone |")
     print("|---|---|---|---|---|---|---|---|")
