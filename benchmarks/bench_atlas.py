@@ -48,6 +48,7 @@ def main():
     print(f"atlas of {args.preset} on {d.name}: {channels} channels in {len(layers)} layers + {len(d.classes)} "
           f"classes, techniques {', '.join(args.techniques)}, {args.steps} steps, {torch.get_num_threads()} threads, "
           f"{device}: {took:.0f} s ({took / 60:.1f} min); {verdict(args, device, took)}")
+    screenshot(out / f"layer-{atlas.safe(layers[-1])}.html", out / "screenshot.png")
 
 
 def verdict(args, device, seconds):
@@ -58,7 +59,6 @@ def verdict(args, device, seconds):
     if args.preset != preset or args.steps != 256 or not (gpu or torch.get_num_threads() == 2):
         return f"the goal is {minutes} min for {preset} at 256 steps{'' if gpu else ' on 2 CPU threads'}: not this run"
     return f"goal {minutes} min: {'met' if seconds <= 60 * minutes else 'NOT met'}"
-    screenshot(out / f"layer-{atlas.safe(layers[-1])}.html", out / "screenshot.png")
 
 
 def screenshot(page_path, png):
