@@ -67,3 +67,14 @@ def test_every_step_part_is_timed(monkeypatch):
     assert list(us) == list(runs) and all(0 < v < 1e6 for v in us.values()), us
     slept = bench_step_parts.per_call({"1 ms": lambda: time.sleep(1e-3)}, calls=3, rounds=2)["1 ms"]
     assert 1000 <= slept < 20000, slept  # microseconds a call
+
+
+def test_the_atlas_benchmark_judges_only_a_run_of_its_goal(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS[0].parent))
+    import bench_atlas
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cpu, goal = torch.device("cpu"), argparse.Namespace(preset="compact", steps=256)
+    assert bench_atlas.verdict(goal, cpu, 899) == "goal 15 min: met"
+    assert bench_atlas.verdict(goal, cpu, 901) == "goal 15 min: NOT met"
+    other = argparse.Namespace(preset="small", steps=256)
+    assert bench_atlas.verdict(other, cpu, 10).endswith("on 2 CPU threads: not this run")
