@@ -37,7 +37,7 @@ def _prepare(images, targets, model):
     if not integer or t.dim() > 1 or (t.dim() == 1 and len(t) != len(x)):
         raise ValueError(f"targets must be a class index (int) or {len(x)} of them (one per image); got {targets!r}")
     t = t.long()  # (a NumPy uint32 array's tensor has no comparisons)
-    with _untouched(model), torch.no_grad():
+    with _untouched(model), torch.no_grad(), models.probing(model, x[:1]):  # images too small: said so
         logits = model(x[:1])
     models.check_logits(model, logits)
     k = logits.shape[1]

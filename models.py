@@ -846,7 +846,10 @@ class Recorder:
 
         def run(x):
             if self.calls is None:  # the recorder's hooks fire in that pass too: cleared below
-                self.last = _features_last(self.model, self.modules, x[:1].to(self.dtype))
+                # the first pass, of one image, learns the model: one that refuses the images (too small for its
+                # pooling) says so
+                with probing(self.model, x[:1]):
+                    self.last = _features_last(self.model, self.modules, x[:1].to(self.dtype))
             out.clear()
             versions.clear()
             shapes.clear()

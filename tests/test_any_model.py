@@ -1121,3 +1121,14 @@ def test_where_a_neuron_computed_without_gradients_looks_is_an_error_that_says_w
     assert models.capture(model, x, "backbone.1")["backbone.1"].shape == (2, 8, 30, 30)  # it can be read
     with pytest.raises(ValueError, match="layer 'backbone.1' is computed without gradients .* cannot be measured"):
         fv.looks_at(model, fv.Neuron("backbone.1", 0, 3, 3), x)
+
+
+def test_images_too_small_for_the_model_are_named_by_every_entry_point():
+    """As inception_v3 refuses 32 px images: capture and the attributions said only torch's "Output size is too
+    small", where render and exemplars already named the images' size."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 5), nn.MaxPool2d(8), nn.Flatten(), nn.Linear(4, 10)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    for call in (lambda: models.capture(model, x, "0"), lambda: attribution.saliency(model, x, 1),
+                 lambda: attribution.grad_cam(model, x, 1, layer="0"), lambda: fv.exemplars(model, x, 1)):
+        with pytest.raises(ValueError, match=r"Sequential fails on a 3-channel 8x8 image .* Output size is too small"):
+            call()
