@@ -50,26 +50,38 @@ def _prepare(images, targets, model):
     return x, t.expand(len(x)).contiguous() if t.dim() == 0 else t
 
 
+def _batched(method, x, t, batch_size):
+    """captum's method.attribute(images, target=...) (keywords: its options) over the images batch_size at a
+    time, concatenated: a test set's maps in the memory of one batch's graph."""
+    def attribute(**options):
+        return torch.cat([method.attribute(xs.detach().requires_grad_(), target=ts, **options).detach()
+                          for xs, ts in zip(x.split(batch_size), t.split(batch_size))])
+    return attribute
+
+
 @torch.inference_mode(False)  # gradients, even when called under no_grad or inference_mode
-def saliency(model, images, targets):
-    """|d logit_target / d pixel|, max over channels: (B, H, W), non-negative."""
+def saliency(model, images, targets, batch_size=256):
+    """|d logit_target / d pixel|, max over channels: (B, H, W), non-negative; batch_size images at a time."""
+    check_count("batch_size", batch_size, 1)
     x, t = _prepare(images, targets, model)
     with _untouched(model):
-        attr = Saliency(model).attribute(x, target=t, abs=True)  # (B, C, H, W)
-    return _finite("saliency", attr.amax(1).detach().float())
+        attr = _batched(Saliency(model), x, t, int(batch_size))(abs=True)  # (B, C, H, W)
+    return _finite("saliency", attr.amax(1).float())
 
 
 UPSAMPLING = ("centres", "bilinear", None)
 
 
 @torch.inference_mode(False)
-def grad_cam(model, images, targets, layer=None, upsample="centres"):
+def grad_cam(model, images, targets, layer=None, upsample="centres", batch_size=256):
     """Grad-CAM at `layer` (a name or a module; default the model's last layer with a map larger than 1x1,
     `models.last_map_layer`), relu'd: (B, H, W), upsampled to the input linearly between its cells' centres in the
     image (`models.cell_centres`), not stretched evenly over it. upsample="bilinear" stretches it evenly, as
-    pytorch-grad-cam draws it (bilinear, align_corners=False); None returns the layer's own (B, h, w) map."""
+    pytorch-grad-cam draws it (bilinear, align_corners=False); None returns the layer's own (B, h, w) map.
+    batch_size images at a time."""
     if upsample not in UPSAMPLING:
         raise ValueError(f"upsample must be one of {', '.join(map(repr, UPSAMPLING))}; got {upsample!r}")
+    check_count("batch_size", batch_size, 1)
     x, t = _prepare(images, targets, model)
     chosen = layer is None
     if chosen:
@@ -90,8 +102,8 @@ def grad_cam(model, images, targets, layer=None, upsample="centres"):
              f"(every pixel gets the same weight): {why}")
     layer = models.get_layer(model, name)
     with _untouched(model):
-        cam = LayerGradCam(models.inner(model), layer).attribute(x, target=t, relu_attributions=True)  # (B, 1, h, w)
-    cam = cam.detach()[:, 0].float()
+        cam = _batched(LayerGradCam(models.inner(model), layer), x, t, int(batch_size))(relu_attributions=True)
+    cam = cam[:, 0].float()  # (B, h, w)
     if upsample == "bilinear":
         cam = F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     elif upsample == "centres":

@@ -544,3 +544,18 @@ def test_integrated_gradients_on_a_cnn_are_a_path_integral_by_hand():
     reference = grads.view(len(alphas), *x.shape).mean(0) * x
     # measured: within 8e-4 of the largest attribution (captum's 64 Gauss-Legendre steps against 256 midpoints)
     torch.testing.assert_close(ig, reference, atol=2e-3 * reference.abs().max().item(), rtol=0)
+
+
+def test_saliency_and_grad_cam_take_batch_size_images_at_a_time(monkeypatch):
+    model, x, t = _small_cnn(), torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(5)), torch.arange(5)
+    whole = attribution.saliency(model, x, t), attribution.grad_cam(model, x, t)
+    sizes, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda x: sizes.append(len(x)) or forward(x))
+    torch.testing.assert_close(attribution.saliency(model, x, t, batch_size=2), whole[0], atol=1e-6, rtol=1e-5)
+    assert sizes[-3:] == [2, 2, 1] and max(sizes) <= 2
+    sizes.clear()
+    torch.testing.assert_close(attribution.grad_cam(model, x, t, batch_size=2), whole[1], atol=1e-6, rtol=1e-5)
+    assert 5 not in sizes and sizes.count(2) >= 2
+    for method in (attribution.saliency, attribution.grad_cam):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+            method(model, x, t, batch_size=0)
