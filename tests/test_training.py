@@ -2,6 +2,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -111,9 +112,13 @@ def test_a_run_whose_first_epoch_validates_best_ends_with_that_epochs_weights(ti
         assert all(torch.equal(weights[name].cpu(), states[0][name].cpu()) for name in states[0])
 
 
-def test_checkpoint_round_trip(trained, tiny_data, tmp_path):
+def test_checkpoint_round_trip(trained, tiny_data, tmp_path, monkeypatch):
     model, _, _ = trained
+    synced, fsync, replace = [], training.os.fsync, training.os.replace
+    monkeypatch.setattr(training.os, "fsync", lambda fd: synced.append(os.fstat(fd).st_size) or fsync(fd))
+    monkeypatch.setattr(data.os, "replace", lambda a, b: synced.append("renamed") or replace(a, b))
     training.save_checkpoint(tmp_path / "c.pt", model, note="x")
+    assert len(synced) == 2 and synced[0] > 1000 and synced[1] == "renamed"  # the whole file on disk, then named
     loaded, ckpt = training.load_checkpoint(tmp_path / "c.pt")
     assert ckpt["note"] == "x" and ckpt["config"] == model.config and not loaded.training
     x = tiny_data.test_x[:16].float().div(255).to(next(model.parameters()).device)  # cuda where trained there
