@@ -420,7 +420,7 @@ img{image-rendering:pixelated;width:64px;height:64px;display:block}
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;border-radius:6px;padding:8px;width:590px}
 .card:target{border-color:#14c;box-shadow:0 0 6px #14c}.row{display:flex;gap:4px;align-items:flex-end;margin:4px 0}
 figure{margin:0;text-align:center;font-size:11px}.label{width:52px;font-size:12px;color:#555}
-.bars{display:flex;gap:var(--g);align-items:flex-start;height:BAR_HEIGHTpx}
+.chart{overflow-x:auto}.bars{display:flex;gap:var(--g);align-items:flex-start;height:BAR_HEIGHTpx}
 .bar{width:var(--w);background:#5a8;min-height:1px;forced-color-adjust:none}
 .bar.neg{background:#c66}.card h2{font-size:1em;margin:0}
 .barlabels{display:flex;gap:var(--g)}.barlabel{width:var(--w);font-size:9px;overflow:hidden;text-align:center}.strip{display:flex;gap:6px;flex-wrap:wrap}
@@ -538,8 +538,9 @@ class Site:
         style = "--w:{}px;--g:{}px".format(*bar_layout(len(self.d.classes)))
         said = ", ".join(f"{name} {v:.3f}" if v == v else f"{name} none" for name, v in zip(self.d.classes,
                                                                                           values.tolist()))
-        return (f'<div class="bars" style="{style}" role="img" aria-label="{html.escape(said)}">{bars}</div>'
-                f'<div class="barlabels" style="{style}" aria-hidden="true">{labels}</div>')
+        # in a chart that scrolls: past 590 classes, bars of 1 px are wider than the card
+        return (f'<div class="chart"><div class="bars" style="{style}" role="img" aria-label="{html.escape(said)}">'
+                f'{bars}</div><div class="barlabels" style="{style}" aria-hidden="true">{labels}</div></div>')
 
     @staticmethod
     def _bar(name, value, zero, span):

@@ -1188,9 +1188,13 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
         try:
             _optimize(step, param, gen, lr, history, progress)
         except KeyboardInterrupt as stop:  # Ctrl-C: the images so far go with it
-            stop.render = _result(param, score, history, restarts, targets)
-            stop.add_note("render() stopped: the images so far are in this exception's .render (in a notebook, "
-                          "sys.last_value.render), with NaN in its history for the steps not taken")
+            try:
+                stop.render = _result(param, score, history, restarts, targets)
+            except Exception:  # stopped mid-capture on a GPU, say: none to give, and the stop goes on up as it is
+                stop.render = None
+            else:
+                stop.add_note("render() stopped: the images so far are in this exception's .render (in a "
+                              "notebook, sys.last_value.render), with NaN in its history for the steps not taken")
             raise
         r = _result(param, score, history, restarts, targets)
     _warn_non_finite(r)

@@ -484,8 +484,10 @@ def test_classes_without_test_images_and_three_classes_read_right(tmp_path):
     assert "nan" not in bars and "dog: no test images" in bars and "height:48px;margin-top:0px" in bars
     assert 'aria-label="cat 1.000, dog none, bird 3.000"' in bars  # every value, read out
     style = "--w:22px;--g:3px"
-    assert f'<div class="bars" style="{style}" role="img"' in bars
+    assert bars.startswith(f'<div class="chart"><div class="bars" style="{style}" role="img"') and bars.endswith(
+        "</div></div>")
     assert f'<div class="barlabels" style="{style}" aria-hidden' in bars
+    assert ".chart{overflow-x:auto}" in atlas.CSS  # past 590 classes the bars scroll, in the card
     for k in (10, 23, 100, 140, 149, 200, 590):  # a hundred classes' bars fit the card as ten do, each as wide as
         w, gap = atlas.bar_layout(k)           # it can be; past 148, closer together (they overflowed at 3 px)
         assert k * w + (k - 1) * gap <= 590 < k * (w + 1) + (k - 1) * gap or w == 22

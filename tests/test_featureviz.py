@@ -782,6 +782,24 @@ def test_render_cleans_up_when_interrupted_mid_run():
     torch.testing.assert_close(r.activation, fv.activations(model, r.images, r.targets).diagonal())
 
 
+def test_a_stop_whose_images_cannot_be_read_goes_up_as_a_stop(monkeypatch):
+    """(As one mid-capture on a GPU would): not as the error of reading them, chained onto it."""
+    def unreadable(*args):
+        raise RuntimeError("the images cannot be read")
+
+    calls = []
+
+    def stop_at_the_second_step(x, gen):  # the first call checks the transform
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return x
+    monkeypatch.setattr(fv, "_result", unreadable)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        fv.render(cnn(), [0], transforms=stop_at_the_second_step, steps=5, progress=False)
+    assert stopped.value.render is None and not getattr(stopped.value, "__notes__", [])
+
+
 def test_render_output_shapes_and_ranges():
     model = cnn()
     r = fv.render(model, [fv.Class(2), fv.Channel("block2.act2", 1), fv.Neuron("block1.conv1", 0)],
