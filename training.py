@@ -226,11 +226,20 @@ def device_defaults(device=None):
 
 
 class Forecast:
-    """Prints a run's expected duration once, from the pace of its first steps after a warm-up step."""
+    """Prints a run's expected duration from the pace of its first steps after a warm-up step, and again
+    after its first epoch, validation included (the first steps of a run on a CPU are the slowest)."""
 
     def __init__(self, total, desc, device, steps=10):
         self.total, self.desc, self.device = total, desc, device
-        self.steps, self.start = min(steps, total - 1), None
+        self.steps, self.start, self.epochs_said = min(steps, total - 1), None, False
+
+    def epoch(self, seconds, steps):
+        """Call after each epoch with its seconds (validation included) and the steps done so far."""
+        if self.steps < 1 or self.epochs_said or steps >= self.total:
+            return
+        self.epochs_said = True
+        tqdm.write(f"{self.desc}: the first epoch took {_duration(seconds)} with its validation, so about "
+                   f"{_duration(seconds * self.total / steps)} in all")
 
     def update(self, step):
         """Call after each step with the number of steps done."""
@@ -683,6 +692,7 @@ def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progre
                     break
             row = end_epoch(epoch, sums, seen)
             keeper.update(dict(epoch=epoch + 1, **row, seconds=time.perf_counter() - start))
+            forecast.epoch(time.perf_counter() - start, step)
             bar.set_postfix(epoch=epoch + 1, **{keeper.key: f"{row[keeper.key]:.4f}"})
     except BaseException as e:
         if keeper.state is not None:  # not the weights of a diverged or half-done epoch

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.colors import PowerNorm
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -221,20 +222,22 @@ def plot_confusion(cm, classes=None, normalize=True, save=None):
     k = len(classes)
     cell = min(0.6, 30 / k)  # inches: past 50 classes the matrix stays 30 inches wide (60 for 100 at 0.6)
     fig, ax = plt.subplots(figsize=(cell * k + 2.5, cell * k + 1.5))
-    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
+    # a square-root scale: a confusion of 10% (a well-trained model's largest) shows as a third of the colour range,
+    # where a linear one left every cell off the diagonal near white
+    im = ax.imshow(shown, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1 if normalize else max(shown.max(), 1)))
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04,
+                 label=f"{'fraction of true class' if normalize else 'count'} (square-root scale)")
     every = math.ceil(k / 100)  # past 100 classes, every n-th name, so that names stay 0.3 inch apart
     ticks, names = range(0, k, every), list(classes)[::every]
     ax.set_xticks(ticks, names, rotation=45, ha="right")
     ax.set_yticks(ticks, names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    high = 0.5 if normalize else shown.max() / 2  # white text on dark cells
     digits = 0 if np.all(counts == np.round(counts)) else 2
     for i in range(k if k <= 30 else 0):  # beyond 30 classes the counts would not fit their cells
         for j in range(k):
             ax.text(j, i, f"{counts[i, j]:.{digits}f}", ha="center", va="center", fontsize=8,
-                    color="white" if shown[i, j] > high else "black")
+                    color="white" if im.norm(shown[i, j]) > 0.6 else "black")  # white text on dark cells
     return _finish(fig, save)
 
 

@@ -7,7 +7,9 @@
 # Settings come from the environment as in the notebooks; the CPU or GPU defaults apply otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export RETRAIN=1 MPLBACKEND=Agg  # the notebooks train their models afresh, the independent classifier too; other datasets' stay
+# the notebooks train their models afresh, the independent classifier too (other datasets' stay); MPLBACKEND is
+# left to the kernel, whose inline backend puts the figures into the executed copies
+export RETRAIN=1
 case "$(echo "${SMOKE:-}" | tr '[:upper:]' '[:lower:]' | xargs)" in  # as training.setting reads it
   ""|0|false|no|off) smoke="" ;;
   *) smoke=smoke/ ;;  # a smoke run's checkpoints and executed copies, apart from a full run's

@@ -400,6 +400,13 @@ def test_forecast_extrapolates_the_pace_of_the_first_steps(monkeypatch, capsys):
         forecast.update(step)  # reads the clock at steps 1 and 11 only (a third read would fail)
     out = capsys.readouterr().out
     assert out.count("training:") == 1 and "about 10.0 min for all 600 steps" in out
+    # and once more after the first epoch (60 of 600 steps), from its time with its validation
+    for seconds, steps in ((90.0, 60), (80.0, 120)):
+        forecast.epoch(seconds, steps)
+    out = capsys.readouterr().out
+    assert out.count("training:") == 1 and "the first epoch took 1.5 min with its validation, so about 15.0 min in all" in out
+    forecast.epoch(5.0, 600)  # a one-epoch run says nothing after it
+    assert capsys.readouterr().out == ""
 
 
 def test_synchronize_waits_on_the_device_it_is_given(monkeypatch):
@@ -416,6 +423,7 @@ def test_forecast_is_silent_without_progress(monkeypatch, capsys):
     forecast = training.Forecast(total=600, desc="training", device=torch.device("cpu"), steps=0)
     for step in range(1, 20):
         forecast.update(step)
+    forecast.epoch(10.0, 60)
     assert capsys.readouterr().out == ""
 
 

@@ -88,6 +88,9 @@ def test_plot_confusion_labels_and_counts():
     # each count in its cell: row i (true class) at y = i, column j (predicted) at x = j
     assert [t.get_position() for t in ax.texts] == [(j, i) for i in range(3) for j in range(3)]
     np.testing.assert_allclose(ax.images[0].get_array(), (cm / cm.sum(1, keepdim=True)).numpy())  # rows normalized
+    # on a square-root scale: a 10% confusion a third of the way up the colours, not a tenth
+    assert ax.images[0].norm(0.1) == pytest.approx(0.1 ** 0.5) and ax.images[0].norm(1.0) == pytest.approx(1.0)
+    assert [t.get_color() for t in ax.texts[:3]] == ["white", "black", "black"]  # 5/6 on dark, 1/6 and 0 on light
     fig = utils.plot_confusion(cm.numpy(), CLASSES[:3], normalize=False)
     np.testing.assert_allclose(fig.axes[0].images[0].get_array(), cm.numpy())
 
