@@ -421,7 +421,7 @@ img{image-rendering:pixelated;width:64px;height:64px;display:block}
 .card:target{border-color:#14c;box-shadow:0 0 6px #14c}.row{display:flex;gap:4px;align-items:flex-end;margin:4px 0}
 figure{margin:0;text-align:center;font-size:11px}.label{width:52px;font-size:12px;color:#555}
 .chart{overflow-x:auto}.bars{display:flex;gap:var(--g);align-items:flex-start;height:BAR_HEIGHTpx}
-.bar{width:var(--w);background:#5a8;min-height:1px;forced-color-adjust:none}
+.bar,.barlabel{flex:none}.bar{width:var(--w);background:#5a8;min-height:1px;forced-color-adjust:none}
 .bar.neg{background:#c66}.card h2{font-size:1em;margin:0}
 .barlabels{display:flex;gap:var(--g)}.barlabel{width:var(--w);font-size:9px;overflow:hidden;text-align:center}.strip{display:flex;gap:6px;flex-wrap:wrap}
 nav{margin:0 0 .8em;font-size:14px}nav b{color:#000}

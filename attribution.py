@@ -50,13 +50,11 @@ def _prepare(images, targets, model):
     return x, t.expand(len(x)).contiguous() if t.dim() == 0 else t
 
 
-def _batched(method, x, t, batch_size):
-    """captum's method.attribute(images, target=...) (keywords: its options) over the images batch_size at a
-    time, concatenated: a test set's maps in the memory of one batch's graph."""
-    def attribute(**options):
-        return torch.cat([method.attribute(xs.detach().requires_grad_(), target=ts, **options).detach()
-                          for xs, ts in zip(x.split(batch_size), t.split(batch_size))])
-    return attribute
+def _batches(method, x, t, batch_size, **options):
+    """captum's method.attribute(images, target=..., **options), one batch of batch_size images at a time: a test
+    set's maps in the memory of one batch's graph."""
+    for xs, ts in zip(x.split(batch_size), t.split(batch_size)):
+        yield method.attribute(xs.detach().requires_grad_(), target=ts, **options).detach()
 
 
 @torch.inference_mode(False)  # gradients, even when called under no_grad or inference_mode
@@ -65,8 +63,8 @@ def saliency(model, images, targets, batch_size=256):
     check_count("batch_size", batch_size, 1)
     x, t = _prepare(images, targets, model)
     with _untouched(model):
-        attr = _batched(Saliency(model), x, t, int(batch_size))(abs=True)  # (B, C, H, W)
-    return _finite("saliency", attr.amax(1).float())
+        maps = torch.cat([a.amax(1) for a in _batches(Saliency(model), x, t, int(batch_size), abs=True)])
+    return _finite("saliency", maps.float())
 
 
 UPSAMPLING = ("centres", "bilinear", None)
@@ -102,7 +100,8 @@ def grad_cam(model, images, targets, layer=None, upsample="centres", batch_size=
              f"(every pixel gets the same weight): {why}")
     layer = models.get_layer(model, name)
     with _untouched(model):
-        cam = _batched(LayerGradCam(models.inner(model), layer), x, t, int(batch_size))(relu_attributions=True)
+        cam = torch.cat(list(_batches(LayerGradCam(models.inner(model), layer), x, t, int(batch_size),
+                                      relu_attributions=True)))
     cam = cam[:, 0].float()  # (B, h, w)
     if upsample == "bilinear":
         cam = F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -110,7 +109,7 @@ def grad_cam(model, images, targets, layer=None, upsample="centres", batch_size=
         rows, cols = models.cell_centres(model, name, x)
         place = [_linear_weights(c, side).to(cam.device) for c, side in zip((rows, cols), x.shape[-2:])]
         cam = torch.einsum("yi,bij,xj->byx", place[0], cam, place[1])  # each cell at its centre
-    return _finite("Grad-CAM", cam.clamp_min(0).float())  # (B, H, W), or (B, h, w) unsampled
+    return _finite("Grad-CAM", cam.clamp_min(0).float())  # (B, H, W), or (B, h, w) not upsampled
 
 
 def _linear_weights(centres, size):
@@ -141,7 +140,8 @@ def _name_of(model, layer):
 def integrated_gradients(model, images, targets, baseline=None, steps=32, internal_batch_size=64):
     """Integrated gradients from `baseline` (default black) to the images: signed, (B, C, H, W). Their sum over
     an image's pixels is f(image) - f(baseline) in the limit of many steps: a warning says when `steps` leave it
-    off by more than COMPLETENESS for some image."""
+    off by more than COMPLETENESS for some image, and another when a model in a low precision (bfloat16) leaves
+    it off within its rounding, which no steps mend."""
     check_count("steps", steps, 1)
     check_count("internal_batch_size", internal_batch_size, 1)
     steps, internal_batch_size = int(steps), int(internal_batch_size)  # a NumPy int is no size to Tensor.split
@@ -180,17 +180,19 @@ def _check_complete(attr, ends, steps, dtype):
     (2, B) f(image), f(baseline)) by more than COMPLETENESS of it: the integral is taken in too few steps. A
     change smaller than 1% of the logits' size (or than 1e-3) counts as that much, as does, for a model in a low
     precision (dtype), one that its rounding of the logits and attributions (eps of their size) would be
-    COMPLETENESS of: in bfloat16 the sum can miss a small change by tens of percent however many the steps."""
+    COMPLETENESS of: in bfloat16 the sum can miss a small change by tens of percent however many the steps,
+    which a warning of its own says (pass a float32 model)."""
     delta, size = attr.sum((1, 2, 3)) - (ends[0] - ends[1]), ends.abs().sum(0)
     rounding = torch.finfo(dtype).eps / COMPLETENESS * (size + attr.abs().sum((1, 2, 3)))
     change = (ends[0] - ends[1]).abs().maximum(0.01 * size).clamp_min(1e-3)
 
     def worst(scale):  # the largest share of the change that the sum is off (not finite: _finite says so)
         return (delta.abs() / scale).nan_to_num(0.0, posinf=0.0).max().item()
-    if worst(change.maximum(rounding)) > COMPLETENESS:
+    off = worst(change.maximum(rounding))
+    if off > COMPLETENESS:
         warn(f"integrated gradients in {steps} steps are off the logit's change f(image) - f(baseline) by "
-             f"up to {worst(change.maximum(rounding)):.0%} of it, over {COMPLETENESS:.0%}: pass more steps")
-    elif worst(change) > COMPLETENESS:  # within the rounding: unmended by steps, but the maps' sum is not the change
+             f"up to {off:.0%} of it, over {COMPLETENESS:.0%}: pass more steps")
+    elif torch.finfo(dtype).bits < 32 and worst(change) > COMPLETENESS:  # within the rounding: no steps mend it
         warn(f"integrated gradients of a {str(dtype).removeprefix('torch.')} model are off the logit's change "
              f"f(image) - f(baseline) by up to {worst(change):.0%} of it, within its rounding, which more steps "
              f"cannot mend: for maps that add up to the change, pass model.float()")

@@ -1603,10 +1603,26 @@ def render_in_stages(model, targets, first, second, steps=256, **common):
     for key in (k for k, ok in fits.items() if not ok):
         raise ValueError(f"the two stages' {key} differ, {one[key]} and {two[key]}: the second starts from the "
                          f"first's images, so give it once, in common")
-    a = render(model, targets, steps=steps // 2, **first)
+    with _whole_history(None, steps - steps // 2):
+        a = render(model, targets, steps=steps // 2, **first)
     second["param"] = _as_recipe(second.get("param", "fourier")).starting_from(a.images)  # render()'s default
-    b = render(model, targets, steps=steps - steps // 2, **second)
+    with _whole_history(a.history, 0):
+        b = render(model, targets, steps=steps - steps // 2, **second)
     return Render(b.images, b.activation, torch.cat([a.history, b.history]), a.targets)
+
+
+@contextmanager
+def _whole_history(before, after):
+    """A stage stopped by Ctrl-C carries the images so far with the two stages' history: the first stage's
+    (`before`, None for none) ahead of its own, NaN for the `after` steps of the second stage not taken."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        r = getattr(stop, "render", None)
+        if r is not None:
+            parts = [r.history, torch.full((after, r.history.shape[1]), math.nan)]
+            stop.render = replace(r, history=torch.cat(parts if before is None else [before, *parts]))
+        raise
 
 
 def _check_stage(name, stage):

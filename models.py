@@ -967,9 +967,12 @@ def _probe(model, size=None):
 @contextmanager
 def probing(model, probe):
     """Around a dry run of the model on a probe image (1, C, H, W): an error of the model's own (an image
-    too small for its pooling, a size its linear layer does not fit) says which input it was given."""
+    too small for its pooling, a size its linear layer does not fit) says which input it was given. The device's
+    own errors (out of memory, a device-side assert) stand as they are: no input would mend them."""
     try:
         yield
+    except (torch.OutOfMemoryError, torch.AcceleratorError):
+        raise
     except RuntimeError as e:
         c, h, w = probe.shape[1:]
         raise ValueError(f"{type(model).__name__} fails on a {c}-channel {h}x{w} image (the images' side where images "

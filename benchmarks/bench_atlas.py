@@ -56,7 +56,8 @@ def verdict(args, device, seconds):
     or 2 CPU threads)."""
     gpu = device.type == "cuda"
     preset, minutes = ("airbench", 1) if gpu else ("compact", 15)
-    if args.preset != preset or args.steps != 256 or not (gpu or torch.get_num_threads() == 2):
+    cpu = device.type == "cpu" and torch.get_num_threads() == 2  # an Apple GPU's run is neither goal's
+    if args.preset != preset or args.steps != 256 or not (gpu or cpu):
         return f"the goal is {minutes} min for {preset} at 256 steps{'' if gpu else ' on 2 CPU threads'}: not this run"
     return f"goal {minutes} min: {'met' if seconds <= 60 * minutes else 'NOT met'}"
 

@@ -1132,3 +1132,9 @@ def test_images_too_small_for_the_model_are_named_by_every_entry_point():
                  lambda: attribution.grad_cam(model, x, 1, layer="0"), lambda: fv.exemplars(model, x, 1)):
         with pytest.raises(ValueError, match=r"Sequential fails on a 3-channel 8x8 image .* Output size is too small"):
             call()
+    # the device's own errors stand as they are: no input size would mend them
+    class OutOfMemory(nn.Module):
+        def forward(self, x):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
+        models.capture(nn.Sequential(nn.Conv2d(3, 4, 3), OutOfMemory()), torch.rand(2, 3, 32, 32), "0")

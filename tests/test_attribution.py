@@ -1,4 +1,5 @@
 """Attribution maps on tiny models whose evidence sits at known pixels / regions."""
+import copy
 import warnings
 
 import numpy as np
@@ -456,7 +457,7 @@ def test_integrated_gradients_in_bfloat16_allow_for_its_rounding():
     assert len(w) == 1 and "pass more steps" not in str(w[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        attribution.integrated_gradients(model.float(), x, t, steps=256)
+        attribution.integrated_gradients(copy.deepcopy(model).float(), x, t, steps=256)  # the model stays bf16
     with pytest.warns(UserWarning, match="integrated gradients in 2 steps are off"):
         attribution.integrated_gradients(model, x, t, steps=2)
 

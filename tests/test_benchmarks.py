@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
+import featureviz as fv
+import training
+
 BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("bench_*.py"))
 
 
@@ -43,6 +47,8 @@ def test_a_bad_value_is_named_before_the_run(script, args, message, monkeypatch,
     """Run as a script in this process (started apart above): its parser's error, exit status 2."""
     monkeypatch.syspath_prepend(str(BENCHMARKS[0].parent))  # the benchmarks import one another by name
     monkeypatch.setattr(sys, "argv", [script, *args])
+    for module, name in ((data, "load_data"), (training, "train_classifier"), (training, "train_vae"), (fv, "render")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail(f"{script} {args} started its run"))
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(BENCHMARKS[0].parent / script), run_name="__main__")
     err = capsys.readouterr().err
@@ -83,3 +89,4 @@ def test_the_atlas_benchmark_judges_only_a_run_of_its_goal(monkeypatch):
     assert bench_atlas.verdict(goal, cpu, 901) == "goal 15 min: NOT met"
     other = argparse.Namespace(preset="small", steps=256)
     assert bench_atlas.verdict(other, cpu, 10).endswith("on 2 CPU threads: not this run")
+    assert bench_atlas.verdict(goal, torch.device("mps"), 10).endswith("not this run")  # an Apple GPU: neither

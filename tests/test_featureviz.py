@@ -782,6 +782,29 @@ def test_render_cleans_up_when_interrupted_mid_run():
     torch.testing.assert_close(r.activation, fv.activations(model, r.images, r.targets).diagonal())
 
 
+def test_a_stopped_two_stage_render_carries_both_stages_history():
+    """Stopped in its second stage: the first stage's 3 steps, the second's 1, then NaN (its history was the
+    stage's own alone)."""
+    calls = []
+
+    def stop_at_the_second_step(x, gen):  # the first call checks the transform
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return x
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        fv.render_in_stages(cnn(), [0, 1], dict(param="pixel"), dict(param="fourier",
+                            transforms=stop_at_the_second_step), steps=6, progress=False)
+    history = stopped.value.render.history
+    assert history.shape == (6, 2) and history[:4].isfinite().all() and history[4:].isnan().all()
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt) as stopped:  # in its first: NaN for the whole second stage too
+        fv.render_in_stages(cnn(), [0, 1], dict(param="pixel", transforms=stop_at_the_second_step),
+                            dict(param="fourier"), steps=6, progress=False)
+    history = stopped.value.render.history
+    assert history.shape == (6, 2) and history[:1].isfinite().all() and history[1:].isnan().all()
+
+
 def test_a_stop_whose_images_cannot_be_read_goes_up_as_a_stop(monkeypatch):
     """(As one mid-capture on a GPU would): not as the error of reading them, chained onto it."""
     def unreadable(*args):
