@@ -754,26 +754,29 @@ def test_render_leaves_the_model_as_found():
     torch.testing.assert_close(r.activation, fv.activations(model, r.images, r.targets).diagonal())
 
 
+def _stop_at_the_second_step():
+    """A transform that stops its render (Ctrl-C) at the second step: its third call, the first checking it."""
+    calls = []
+
+    def transform(x, gen):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return x
+    return transform
+
+
 def test_render_cleans_up_when_interrupted_mid_run():
     model = cnn()
     model.train()
     model.block2.eval()  # a mixed state must come back exactly, after a stop too
     before, flag = snapshot(model), torch.backends.cudnn.deterministic
-    calls = []
-
-    def interrupt_at_step_3(x, gen):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return x
-
     with pytest.raises(KeyboardInterrupt) as stopped:
-        fv.render(model, [fv.Class(0), fv.Channel("block1.act2", 0)], transforms=interrupt_at_step_3,
+        fv.render(model, [fv.Class(0), fv.Channel("block1.act2", 0)], transforms=_stop_at_the_second_step(),
                   steps=10, progress=False)
     assert_untouched(model, before)
     assert torch.backends.cudnn.deterministic == flag  # set for the render, restored on the stop
-    # the images so far go with the stop: one step taken (the third call; the first checks the transform), the
-    # rest NaN in the history
+    # the images so far go with the stop: one step taken, the rest NaN in the history
     r = stopped.value.render
     assert "the images so far are in this exception's .render" in stopped.value.__notes__[0]
     assert r.images.shape == (2, 3, 32, 32) and r.history.shape == (10, 2)
@@ -785,21 +788,13 @@ def test_render_cleans_up_when_interrupted_mid_run():
 def test_a_stopped_two_stage_render_carries_both_stages_history():
     """Stopped in its second stage: the first stage's 3 steps, the second's 1, then NaN (its history was the
     stage's own alone)."""
-    calls = []
-
-    def stop_at_the_second_step(x, gen):  # the first call checks the transform
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return x
     with pytest.raises(KeyboardInterrupt) as stopped:
         fv.render_in_stages(cnn(), [0, 1], dict(param="pixel"), dict(param="fourier",
-                            transforms=stop_at_the_second_step), steps=6, progress=False)
+                            transforms=_stop_at_the_second_step()), steps=6, progress=False)
     history = stopped.value.render.history
     assert history.shape == (6, 2) and history[:4].isfinite().all() and history[4:].isnan().all()
-    calls.clear()
     with pytest.raises(KeyboardInterrupt) as stopped:  # in its first: NaN for the whole second stage too
-        fv.render_in_stages(cnn(), [0, 1], dict(param="pixel", transforms=stop_at_the_second_step),
+        fv.render_in_stages(cnn(), [0, 1], dict(param="pixel", transforms=_stop_at_the_second_step()),
                             dict(param="fourier"), steps=6, progress=False)
     history = stopped.value.render.history
     assert history.shape == (6, 2) and history[:1].isfinite().all() and history[1:].isnan().all()
@@ -809,17 +804,9 @@ def test_a_stop_whose_images_cannot_be_read_goes_up_as_a_stop(monkeypatch):
     """(As one mid-capture on a GPU would): not as the error of reading them, chained onto it."""
     def unreadable(*args):
         raise RuntimeError("the images cannot be read")
-
-    calls = []
-
-    def stop_at_the_second_step(x, gen):  # the first call checks the transform
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return x
     monkeypatch.setattr(fv, "_result", unreadable)
     with pytest.raises(KeyboardInterrupt) as stopped:
-        fv.render(cnn(), [0], transforms=stop_at_the_second_step, steps=5, progress=False)
+        fv.render(cnn(), [0], transforms=_stop_at_the_second_step(), steps=5, progress=False)
     assert stopped.value.render is None and not getattr(stopped.value, "__notes__", [])
 
 
