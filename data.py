@@ -99,6 +99,10 @@ class Data:
         self.__dict__["_fingerprint"] = [(weakref.ref(t), t._version) for t in tensors], h.hexdigest()[:16]
         return self.__dict__["_fingerprint"][1]
 
+    def __getstate__(self):
+        """Pickled (torch.save, a worker process) without the fingerprint's cache: its weak references are not."""
+        return {k: v for k, v in self.__dict__.items() if k != "_fingerprint"}
+
     def channel_stats(self):
         """Per-channel mean and std of the training images in [0, 1] (for the model's Normalize)."""
         x = self.train_x.float().div_(255).transpose(0, 1).flatten(1)  # (C, N*H*W)

@@ -389,3 +389,5 @@ def test_the_fingerprint_is_hashed_again_only_when_the_data_change(monkeypatch):
     assert d.fingerprint() == first and len(hashed) == 3
     d.val_y = d.val_y.flip(0)
     assert d.fingerprint() != first
+    copy = pickle.loads(pickle.dumps(d))  # the cache's weak references stay behind
+    assert copy.fingerprint() == d.fingerprint() and torch.equal(copy.train_x, d.train_x)
