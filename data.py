@@ -283,14 +283,18 @@ def check_seed(d, seed):
                          f"them again with seed={seed} (in a notebook: re-run the data cell after changing SEED)")
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, sync=False):
     """Call write(tmp_path), then rename onto path: a crash never leaves a half-written file. The temporary
-    name is random, so that two processes writing one file (even with one pid, in two containers) never share it."""
+    name is random, so that two processes writing one file (even with one pid, in two containers) never share it.
+    sync: the file synced (os.fsync) before the rename, so that a system crash leaves no name on an empty file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # not mkstemp: keep the umask's mode
     try:
         write(tmp)
+        if sync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -921,7 +921,7 @@ class Objective:
         """Per-sample activation shape of every needed layer, from one dry run on a (C, H, W) input (which
         also teaches the recorder how the model runs)."""
         x = torch.zeros(1, *input_shape, device=self.device)
-        with models.probing(model, x), self.hooked() as run:
+        with self.hooked() as run:  # its first pass names images the model refuses (models.probing)
             acts = run(x)
         return {name: tuple(acts[name].shape[1:]) for name in self.layers}
 

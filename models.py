@@ -983,9 +983,7 @@ def probing(model, probe):
 
 def layer_channels(model, name, size=None):
     """Number of channels (or features) the named layer outputs."""
-    x = _probe(model, size)
-    with probing(model, x):
-        return capture(model, x, [name])[name].shape[1]
+    return capture(model, _probe(model, size), [name])[name].shape[1]  # its first pass probes (Recorder)
 
 
 def _spatial_outputs(model, x):

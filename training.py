@@ -297,13 +297,7 @@ def _match_csv(path, history):
 def save_checkpoint(path, model, **info):
     """Save the state_dict with the config that rebuilds the model, plus any info (metrics...)."""
     ckpt = dict(config=model.config, state_dict=model.state_dict(), **info)
-
-    def write(tmp):  # on the disk before the rename: a power cut leaves no checkpoint's name on an empty file
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp), sync=True)
 
 
 def load_checkpoint(path, device=None, hint="train the model first (or fix the path)", partial=False):
