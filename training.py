@@ -229,13 +229,15 @@ class Forecast:
     """Prints a run's expected duration from the pace of its first steps after a warm-up step, and again
     after its first epoch, validation included (the first steps of a run on a CPU are the slowest)."""
 
-    def __init__(self, total, desc, device, steps=10):
-        self.total, self.desc, self.device = total, desc, device
-        self.steps, self.start, self.epochs_said = min(steps, total - 1), None, False
+    def __init__(self, total, desc, device, steps=10, per_epoch=None):
+        self.total, self.desc, self.device, self.start = total, desc, device, None
+        self.epochs_said = steps < 1  # no forecast at all
+        # the paced steps lie in the first epoch: a pace across a validation would count it twice
+        self.steps = min(steps, total - 1, (total if per_epoch is None else per_epoch) - 1)
 
     def epoch(self, seconds, steps):
         """Call after each epoch with its seconds (validation included) and the steps done so far."""
-        if self.steps < 1 or self.epochs_said or steps >= self.total:
+        if self.epochs_said or steps >= self.total:
             return
         self.epochs_said = True
         tqdm.write(f"{self.desc}: the first epoch took {_duration(seconds)} with its validation, so about "
@@ -669,7 +671,7 @@ def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progre
     error or an interrupt leaves the model with the best epoch's weights so far, in eval mode, as a finished run."""
     step = 0
     bar = tqdm(total=total, desc=desc, disable=not progress)
-    forecast = Forecast(total, desc, device_of(model), steps=10 if progress else 0)
+    forecast = Forecast(total, desc, device_of(model), steps=10 if progress else 0, per_epoch=len(loader))
     try:
         for epoch in range(math.ceil(total / len(loader))):
             start = time.perf_counter()

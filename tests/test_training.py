@@ -409,6 +409,21 @@ def test_forecast_extrapolates_the_pace_of_the_first_steps(monkeypatch, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_forecast_paces_steps_within_the_first_epoch(monkeypatch, capsys):
+    clock = iter([100.0, 104.0])  # step 1 done at 100 s, step 5 at 104 s: 1 s per step, no validation between
+    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    forecast = training.Forecast(total=20, desc="training", device=torch.device("cpu"), per_epoch=5)
+    for step in range(1, 6):
+        forecast.update(step)  # a read at step 11, after two validations, would fail
+    assert "over steps 2-5, so about 20 s for all 20 steps" in capsys.readouterr().out
+    forecast.epoch(9.0, 5)  # and the first epoch's forecast, validation included
+    assert "so about 36 s in all" in capsys.readouterr().out
+    single = training.Forecast(total=20, desc="training", device=torch.device("cpu"), per_epoch=1)
+    single.update(1)  # one step an epoch: no pace without a validation in it, only the epoch's forecast
+    single.epoch(2.0, 1)
+    assert capsys.readouterr().out.count("training:") == 1
+
+
 def test_synchronize_waits_on_the_device_it_is_given(monkeypatch):
     waited = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
