@@ -355,11 +355,13 @@ class VAE(nn.Module):
 
     def decode(self, z):
         """The decoder's mean image in [0, 1] (differentiable in z): each component's channel means,
-        coupled through the component's own means, averaged with the mixture weights."""
+        coupled through the component's own means, averaged with the mixture weights. A channel's mean is
+        clamped to the pixel range [-1, 1] before it feeds the next channel, as a pixel drawn past an end
+        lands in its end bin (a saturated red of mean 1.3 is 1: green and blue are coupled to that)."""
         logits, means, _, coeffs = self.decode_params(z)
         mean = torch.zeros_like(means)
         for _ in range(means.shape[2]):  # channel j's mean needs the means of the channels before it
-            mean = coupled_means(means, coeffs, mean)
+            mean = coupled_means(means, coeffs, mean).clamp(-1, 1)
         weights = torch.softmax(logits, dim=1).unsqueeze(2)
         return ((weights * mean).sum(1).clamp(-1, 1) + 1) / 2
 

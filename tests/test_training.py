@@ -670,7 +670,7 @@ def test_a_run_on_the_cpu_is_repeated_exactly_by_its_seed(tiny_data):
                             progress=False)
         return model.state_dict(), [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
-    (first, rows), (again, rows_again), (other, other_rows) = run(0), run(0), run(1)
+    (first, rows), (again, rows_again), (_, other_rows) = run(0), run(0), run(1)
     assert rows == rows_again and all(torch.equal(v, again[k]) for k, v in first.items())
     assert rows != other_rows  # fit's seed matters (its batches, flips and crops): the test could fail
 

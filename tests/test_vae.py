@@ -331,16 +331,18 @@ def test_the_vaes_image_methods_take_the_two_image_forms_and_refuse_others():
 
 def test_the_mean_image_is_the_mixtures_mean_with_each_channel_coupled_to_the_ones_before_it(monkeypatch):
     """decode by hand, on fixed mixture parameters (2 components, 3 channels, 2x2 images): channel j's mean in
-    component k is mu_kj + sum over i < j of c_k(ij) m_ki, and the image is the components' mean, weighted by
-    the softmax of their logits, from [-1, 1] to [0, 1]."""
+    component k is mu_kj + sum over i < j of c_k(ij) m_ki, clamped to [-1, 1], and the image is the components'
+    mean, weighted by the softmax of their logits, from [-1, 1] to [0, 1]."""
     vae = small_vae()
     g = torch.Generator().manual_seed(0)
     logits, mu = torch.randn(1, 2, 2, 2, generator=g), torch.rand(1, 2, 3, 2, 2, generator=g) * 1.2 - 0.6
     coeffs = torch.rand(1, 2, 3, 2, 2, generator=g) * 2 - 1  # pairs (0, 1), (0, 2), (1, 2)
+    mu[0, 0, 0, 0, 0], coeffs[0, 0, 0, 0, 0] = 1.0, 1.0  # green past 1 (1.0 + its own mean): clamped as it feeds blue
     monkeypatch.setattr(vae, "decode_params", lambda z: (logits, mu, None, coeffs))
     m0 = mu[:, :, 0]
-    m1 = mu[:, :, 1] + coeffs[:, :, 0] * m0
-    m2 = mu[:, :, 2] + coeffs[:, :, 1] * m0 + coeffs[:, :, 2] * m1
+    m1 = (mu[:, :, 1] + coeffs[:, :, 0] * m0).clamp(-1, 1)
+    m2 = (mu[:, :, 2] + coeffs[:, :, 1] * m0 + coeffs[:, :, 2] * m1).clamp(-1, 1)
+    assert (mu[:, :, 1] + coeffs[:, :, 0] * m0).amax() > 1  # the clamp matters
     weights = torch.softmax(logits, 1)[:, :, None]
     want = ((weights * torch.stack([m0, m1, m2], 2)).sum(1).clamp(-1, 1) + 1) / 2
     assert torch.allclose(vae.decode(torch.zeros(1, vae.latent_dim)), want, atol=1e-6)
