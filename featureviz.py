@@ -403,7 +403,8 @@ class LatentParam(nn.Module):
         return self.vae.decode(self.z.to(self.dtype)).float()
 
     def penalty(self):
-        """(N,) ||z||^2 / D: the prior's negative log density, up to constants."""
+        """(N,) ||z||^2 / D: the N(0, I) prior's negative log density, times 2 / D, up to a constant (a pull
+        towards 0)."""
         return self.z.pow(2).mean(1)
 
     @torch.no_grad()
@@ -430,6 +431,7 @@ class WhitenedLatentParam(nn.Module):
             z = _encode(vae, init)
             u = torch.linalg.solve_triangular(self.chol, (z - self.mean).T, upper=False).T
         self.u = nn.Parameter(u)  # (N, D)
+        self.project()  # the start inside the box too, as LatentParam's: the first step's penalty is of a z drawn
 
     def latent(self):
         """(N, D) z before clipping."""
@@ -440,7 +442,8 @@ class WhitenedLatentParam(nn.Module):
         return self.vae.decode(torch.maximum(torch.minimum(z, self.hi), self.lo).to(self.dtype)).float()
 
     def penalty(self):
-        """(N,) ||u||^2 / D: the squared Mahalanobis distance of z from the data's latents."""
+        """(N,) ||u||^2 / D: the squared Mahalanobis distance of z from the mean of the data's latents, under the
+        Gaussian fitted to them, over D (a pull towards latent_mean, where `latent`'s pulls towards 0)."""
         return self.u.pow(2).mean(1)
 
     @torch.no_grad()
@@ -1058,7 +1061,9 @@ class Blur(ImageTerm):
 
 
 class Prior(Term):
-    """A latent parameterization's prior: its penalty() (the VAE's negative log density of z)."""
+    """A latent parameterization's prior: its penalty(), a squared distance over D: ||z||^2 / D under the VAE's
+    N(0, I) prior for `latent`, the Mahalanobis one from the data's latents for `whitened` (one weight means
+    other pulls for the two)."""
 
     def __call__(self, images, acts, param, groups, values):
         return self.weight * param.penalty()

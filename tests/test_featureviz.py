@@ -448,6 +448,19 @@ def test_the_whitened_latent_decodes_inside_the_range():
     assert torch.equal(decoded[0], torch.stack([p.hi, p.lo]))  # decoded at the bounds
 
 
+def test_the_whitened_latent_starts_inside_the_range():
+    vae = vae_with_stats()
+    with torch.no_grad():  # a tight box: an sd-1 start in u falls outside it in most coordinates
+        vae.latent_lo.copy_(vae.latent_mean - 0.1)
+        vae.latent_hi.copy_(vae.latent_mean + 0.1)
+    tol = 1e-4
+    for init in (None, torch.rand(2, 3, 32, 32)):
+        p = fv.WhitenedLatentParam(2, 3, 32, vae, generator=torch.Generator().manual_seed(0), init=init)
+        z = p.latent().detach()
+        assert ((z >= p.lo - tol) & (z <= p.hi + tol)).all()  # the penalty's first z is one decoded
+        assert (((z - p.lo).abs() < tol) | ((z - p.hi).abs() < tol)).any()  # it was outside: moved onto a bound
+
+
 def _decoding(vae):
     """The codes vae decodes from now on, in order (each step's, and the final pass's)."""
     decoded, decode = [], vae.decode
