@@ -405,7 +405,12 @@ class VAE(nn.Module):
                              "the same code (identical images?), so the latent cannot be whitened; measure it on "
                              "varied images (training.latent_statistics)")
         eye = torch.eye(self.latent_dim, dtype=cov.dtype, device=cov.device)
-        return torch.linalg.cholesky(cov + jitter * cov.diagonal().mean() * eye).to(self.latent_cov)  # its device too
+        try:
+            chol = torch.linalg.cholesky(cov + jitter * cov.diagonal().mean() * eye)
+        except torch.linalg.LinAlgError:  # singular: only at jitter 0, as the covariance is measured in float64
+            raise ValueError(f"the VAE's latent covariance is singular (directions of no variance) and cannot be "
+                             f"whitened with jitter={jitter!r}: pass a jitter > 0 (the default is 1e-4)") from None
+        return chol.to(self.latent_cov)  # its device too
 
     @torch.no_grad()
     def latent_summary(self):
