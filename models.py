@@ -435,7 +435,8 @@ class VAE(nn.Module):
     def elbo(self, x, kl_weight=1.0, free_bits=0.0, generator=None):
         """Loss terms per image, in nats summed over pixels (and in bits/dim for the negative ELBO), of images x
         (B, C, H, W), uint8 or float in [0, 1] (checked: images in [-1, 1] or 0-255 would give a number of
-        nothing). The bits/dim are a one-sample estimate of the negative ELBO (one z drawn per image)."""
+        nothing). The bits/dim are a one-sample estimate of the negative ELBO (one z drawn per image). Floats off
+        the 1/255 grid are encoded as given and scored as rounded to it: the bound is of the rounded image."""
         return self.loss_terms(to_float(check_input(self, x, "x")), kl_weight, free_bits, generator)
 
     def loss_terms(self, x, kl_weight=1.0, free_bits=0.0, generator=None):
