@@ -293,7 +293,7 @@ def atomic_write(path, write, sync=False):
     try:
         write(tmp)
         if sync:
-            with open(tmp, "rb") as f:
+            with open(tmp, "r+b") as f:  # a handle that may write: Windows' fsync (FlushFileBuffers) needs one
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:

@@ -113,9 +113,14 @@ def test_a_run_whose_first_epoch_validates_best_ends_with_that_epochs_weights(ti
 
 
 def test_checkpoint_round_trip(trained, tiny_data, tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")  # POSIX: a handle's access mode
     model, _, _ = trained
     synced, fsync, replace = [], training.os.fsync, training.os.replace
-    monkeypatch.setattr(training.os, "fsync", lambda fd: synced.append(os.fstat(fd).st_size) or fsync(fd))
+    def sync(fd):  # on a handle that may write, as Windows' fsync needs (a read-only one fails there)
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        synced.append(os.fstat(fd).st_size)
+        fsync(fd)
+    monkeypatch.setattr(training.os, "fsync", sync)
     monkeypatch.setattr(data.os, "replace", lambda a, b: synced.append("renamed") or replace(a, b))
     training.save_checkpoint(tmp_path / "c.pt", model, note="x")
     assert len(synced) == 2 and synced[0] > 1000 and synced[1] == "renamed"  # the whole file on disk, then named
