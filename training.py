@@ -437,10 +437,12 @@ class BestKeeper:
                  f"when its first epoch ends: copy it first to keep it")
 
     def update(self, row):
-        """Record one epoch's metrics; keep the weights if the epoch is the best so far. A metric that is not
-        a number stops the run: NaN would stay the best, as no later epoch compares greater."""
-        if not math.isfinite(row[self.key]):
-            raise FloatingPointError(f"{self.key} became {row[self.key]} in epoch {row['epoch']}; training stopped. "
+        """Record one epoch's metrics; keep the weights if the epoch is the best so far. Any metric that is not
+        a number stops the run: NaN in the key would stay the best, as no later epoch compares greater, and NaN
+        weights after the epoch's last step give a NaN validation loss beside a finite accuracy (class 0)."""
+        bad = next((k for k, v in row.items() if not math.isfinite(v)), None)
+        if bad is not None:
+            raise FloatingPointError(f"{bad} became {row[bad]} in epoch {row['epoch']}; training stopped. "
                                      f"{self.left()} Try a lower lr.")
         self.rows.append(row)
         if self.best is None or self.sign * row[self.key] >= self.sign * self.best[self.key]:  # a tie: the later
@@ -668,7 +670,8 @@ def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progre
     forecast; train_step(step, x, y) runs one step and returns its sums {name: tensor} (kept on the
     device, no host sync per step); end_epoch(epoch, sums, seen) returns the epoch's metrics row
     (validation included), which goes to `keeper` with the epoch number and its seconds. A run stopped by an
-    error or an interrupt leaves the model with the best epoch's weights so far, in eval mode, as a finished run."""
+    error or an interrupt leaves the model in eval mode, as a finished run, with the best epoch's weights so far (before
+    the first epoch ends, with the weights the stop found)."""
     step = 0
     bar = tqdm(total=total, desc=desc, disable=not progress)
     forecast = Forecast(total, desc, device_of(model), steps=10 if progress else 0, per_epoch=len(loader))
@@ -693,6 +696,8 @@ def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progre
     except BaseException as e:
         if keeper.state is not None:  # not the weights of a diverged or half-done epoch
             keeper.restore()
+        else:
+            model.eval()
         if isinstance(e, KeyboardInterrupt):  # the other stops say it in their message
             e.add_note(f"Training stopped. {keeper.left()}")
         raise

@@ -217,12 +217,17 @@ def test_the_best_epoch_is_the_best_not_the_last_and_a_nan_metric_stops_the_run(
     saving = training.BestKeeper(model, "val_bpd", False, tmp_path / "v.pt")  # a first epoch has no partial file
     with pytest.raises(FloatingPointError, match=r"v.pt is untouched; no epoch of this run was kept\. Try"):
         saving.update(dict(epoch=1, val_bpd=float("nan")))
+    # NaN weights from an epoch's last step: the validation loss is NaN, the accuracy a finite guess of class 0
+    with pytest.raises(FloatingPointError, match=r"val_loss became nan in epoch 6; training stopped"):
+        keeper.update(dict(epoch=6, val_loss=float("nan"), val_acc=0.1))
+    assert keeper.rows[-1]["epoch"] == 5 and keeper.best["epoch"] == 4
 
 
 @pytest.mark.parametrize("stop", [FloatingPointError("loss became nan"), KeyboardInterrupt()])
 def test_a_stopped_run_leaves_the_best_epochs_weights_in_eval_mode(stop):
     """An error or an interrupt in epoch 3 leaves the model as a finished run does: the best epoch's weights (the
-    first's), not those of the epoch it stopped in, in eval mode; nothing kept yet, the weights stay as they are."""
+    first's), not those of the epoch it stopped in, in eval mode; nothing kept yet, the weights stay as they are,
+    in eval mode too."""
     model = torch.nn.Linear(2, 2)
     keeper = training.BestKeeper(model, "val_acc", True)
 
@@ -242,7 +247,7 @@ def test_a_stopped_run_leaves_the_best_epochs_weights_in_eval_mode(stop):
     with pytest.raises(type(stop)):  # stopped in the first epoch: no best epoch to go back to
         training.run_epochs(model, [(None, torch.zeros(1))] * 3, 5, train_step, end_epoch, fresh, "test",
                             progress=False)
-    assert (model.weight == 2).all() and model.training
+    assert (model.weight == 2).all() and not model.training
 
 
 def test_nan_loss_stops_the_classifier(finished, tiny_data, monkeypatch):
