@@ -728,13 +728,15 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
                          f"with num_classes={len(data.classes)} (models.cnn_config)")
     _dry_run(model, data.train_x)
     device = get_device(device)
+    autocast, precision = training_precision(device)
+    keeper = BestKeeper(model, "val_acc", True, ckpt_path, csv_path, hyp=hyp, precision=precision,
+                        **extra)  # its paths checked (a folder is named) before the model is changed
     drop = drops_last(len(data.train_y), hyp["batch_size"])
     loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=True,
                     translate=min(at_size(hyp["translate"], data.size), data.size - 1), drop_last=drop,  # < the side
                     device=device, seed=seed, channels_last=True)
     seed_everything(seed)
     model.init_whiten(data.train_x[:5000])  # draws no random numbers
-    autocast, precision = training_precision(device)
     model.to(device)
     # batches come channels-last on every device; on CUDA cuDNN follows the input's layout, so only the CPU and mps
     # need the weights so too (the GPU timings in the README were measured so)
@@ -747,8 +749,6 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     # airbench's 0.95 a step, taken ema_every steps at a time, ramped up over the run
     ema_decay = 0.95 ** hyp["ema_every"] * (torch.arange(total + 1) / total) ** 3
     lookahead = Lookahead(model)
-    keeper = BestKeeper(model, "val_acc", True, ckpt_path, csv_path, hyp=hyp, precision=precision,
-                        **extra)
 
     def train_step(step, x, y):
         model.whiten.bias.requires_grad_(step < len(loader) * hyp["whiten_bias_epochs"])
@@ -884,8 +884,12 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     """
     hyp, extra = hyperparameters(VAE_HYP, hyp), _extra(extra, "val_bpd")
     check_input(vae, data.train_x[:1], "data.train_x")  # before anything of the model is changed
+    _dry_run(vae, data.train_x)  # images of another size than the VAE's, named
     _check_covariance_images(len(data.train_x), "data.train_x")  # before training, not after it
     device = get_device(device)  # a bad one named before the model is changed
+    autocast, precision = training_precision(device)
+    keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, precision=precision,
+                        **extra)  # its paths checked before the model is changed
     for name, value in vae.prior_statistics().items():  # a model trained before: not its old statistics if stopped
         getattr(vae, name).copy_(value)
     seed_everything(seed)
@@ -903,9 +907,6 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_at)
     gen = torch.Generator(device=device).manual_seed(seed)
-    autocast, precision = training_precision(device)
-    keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, precision=precision,
-                        **extra)
 
     def kl_weight(step):  # rising to 1 over the warm-up; with no warm-up epochs, 1 from the first step
         return min(1.0, step / warm) if hyp["kl_warmup_epochs"] else 1.0

@@ -1,4 +1,5 @@
 """Bad inputs and faults: each gets a clear error, and nothing good is lost or silently wrong."""
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -628,6 +629,19 @@ def test_a_checkpoint_path_that_is_a_folder_is_named_before_training(tiny_data, 
     with pytest.raises(ValueError, match=r"extra must not set \['precision', 'val_bpd'\]"):
         training.fit_vae(models.build_model(models.vae_config("small")), tiny_data, dict(epochs=1),
                          extra=dict(precision="fp32", val_bpd=1.0))
+    # fit and fit_vae called directly: the folder is named before the model is changed
+    with pytest.raises(IsADirectoryError, match=r"ckpt_path .* is a folder"):
+        training.fit(model, tiny_data, TINY, ckpt_path=tmp_path)
+    assert torch.equal(model.whiten.weight, whiten)
+    vae = models.build_model(models.vae_config("small"))
+    with torch.no_grad():
+        vae.latent_mean.fill_(0.5)  # a trained VAE's statistics: reset to the prior's only once training starts
+    with pytest.raises(IsADirectoryError, match=r"ckpt_path .* is a folder"):
+        training.fit_vae(vae, tiny_data, dict(epochs=1), ckpt_path=tmp_path)
+    small = dataclasses.replace(tiny_data, train_x=tiny_data.train_x[:, :, :28, :28])
+    with pytest.raises(ValueError, match=r"the VAE takes 32x32 images"):
+        training.fit_vae(vae, small, dict(epochs=1))
+    assert (vae.latent_mean == 0.5).all()
 
 
 def test_an_unreadable_checkpoint_is_retrained_with_a_warning(tmp_path):
