@@ -808,12 +808,13 @@ class Neuron:
 
 @dataclass(frozen=True, eq=False)
 class Direction:
-    """Dot product of a layer's mean spatial activation with a vector (C,)."""
+    """Dot product of a layer's mean spatial activation with a vector (C,); layer None: of the logits, a
+    weighted sum of classes (Lucid's `direction`; Lucent's is a cosine at each position)."""
     layer: str
     vector: torch.Tensor
 
     def __str__(self):
-        return f"a direction in {self.layer}"
+        return f"a direction in {'the logits' if self.layer is None else self.layer}"
 
     def check(self, shape):
         if not isinstance(self.vector, torch.Tensor) or not torch.isfinite(self.vector).all():

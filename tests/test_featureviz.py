@@ -628,10 +628,10 @@ def test_activations_match_a_direct_forward():
     model = cnn()
     before = snapshot(model)
     x = torch.rand(7, 3, 32, 32)
-    v = torch.randn(32)
+    v, w = torch.randn(32), torch.tensor([0, 0, 0, 1.0, 0, -1.0, 0, 0, 0, 0])  # w: class 3 against class 5
     targets = [fv.Class(3), fv.Channel("block1.act2", 5), fv.Class(7), fv.Neuron("block1.act2", 2, 4, 9),
                fv.Class(3, log_prob=True), fv.Neuron("block2.act2", 1), fv.Direction("block3.act2", v),
-               fv.Channel("block1.act2", 0)]  # interleaved kinds and layers
+               fv.Channel("block1.act2", 0), fv.Direction(None, w)]  # interleaved kinds and layers; the logits
     got = fv.activations(model, x, targets, batch_size=3)
     with torch.no_grad():
         h = model.whiten_act(model.whiten(model.normalize(x)))
@@ -640,8 +640,8 @@ def test_activations_match_a_direct_forward():
         b3 = model.block3(b2)
         out = model(x)
     ref = torch.stack([out[:, 3], b1[:, 5].mean((1, 2)), out[:, 7], b1[:, 2, 4, 9], out.log_softmax(1)[:, 3],
-                       b2[:, 1, 3, 3], b3.mean((2, 3)) @ v, b1[:, 0].mean((1, 2))], 1)
-    assert got.shape == (7, 8)
+                       b2[:, 1, 3, 3], b3.mean((2, 3)) @ v, b1[:, 0].mean((1, 2)), out[:, 3] - out[:, 5]], 1)
+    assert got.shape == (7, 9)
     assert torch.allclose(got, ref, atol=1e-4)
     assert torch.allclose(fv.activations(model, (x * 255).round().to(torch.uint8), targets),
                           fv.activations(model, (x * 255).round() / 255, targets), atol=1e-5)
@@ -1087,9 +1087,10 @@ def test_visualize_unit_builds_the_right_target():
     with pytest.raises(ValueError, match=r"neuron=\(1, 1\) needs a spatial layer; layer 'head' means a class"):
         fv.visualize_unit(model, "head", 0, neuron=(1, 1), **kw)
     assert [str(t) for t in (fv.Class(3), fv.Channel("block1.act2", 2), fv.Neuron("block1.act2", 0, 3, 4),
-                             fv.Neuron("block1.act2", 0), fv.Direction("block1.act2", torch.ones(16)))] == [
+                             fv.Neuron("block1.act2", 0), fv.Direction("block1.act2", torch.ones(16)),
+                             fv.Direction(None, torch.ones(10)))] == [
         "class 3", "block1.act2 channel 2", "block1.act2 channel 0 at y=3, x=4", "block1.act2 channel 0 at the center",
-        "a direction in block1.act2"]
+        "a direction in block1.act2", "a direction in the logits"]
     for channels in (torch.arange(2), np.arange(2)):  # index tensors and arrays, as for class targets
         assert fv.visualize_unit(model, "block1.act2", channels, **kw).targets == [
             fv.Channel("block1.act2", 0), fv.Channel("block1.act2", 1)]
