@@ -759,7 +759,8 @@ class Channel:
 
 @dataclass(frozen=True)
 class Neuron:
-    """One channel at one spatial position (default: the center) of a named layer."""
+    """One channel at one spatial position (default: the center) of a named layer: y (the row) first, as the
+    map is indexed, where Lucent's neuron(layer, n, x, y) takes x first."""
     layer: str
     channel: int
     y: int = None
