@@ -1220,13 +1220,20 @@ def _result(param, score, history, restarts, targets):
 @contextmanager
 def _own_random_numbers(device, seed):
     """The global random numbers that a model draws in eval mode (MC dropout, a noisy layer), on the CPU and on
-    the model's GPU, drawn from the render's seed and handed back after: the caller's stream is left where it
-    was, and such a model's render repeats by its seed as any other's."""
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    the model's accelerator (CUDA, mps, ...), drawn from the render's seed and handed back after: the caller's
+    stream is left where it was, and such a model's render repeats by its seed as any other's."""
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+        return
+    index = device.index if device.index is not None else torch.accelerator.current_device_index()
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
         torch.default_generator.manual_seed(seed)
-        for index in cuda:
+        if device.type == "cuda":  # the model's GPU, not the current one
             torch.cuda.default_generators[index].manual_seed(seed)
+        else:  # mps has one device
+            torch.get_device_module(device.type).manual_seed(seed)
         yield
 
 

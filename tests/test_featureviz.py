@@ -3,6 +3,7 @@
 Unit tests use untrained models; the planted-feature and transfer tests use a small classifier, an
 independent one and a small VAE trained once on the synthetic dataset (module fixtures).
 """
+import contextlib
 import copy
 import dataclasses
 import math
@@ -1423,3 +1424,19 @@ def test_a_model_that_draws_random_numbers_renders_by_its_seed_and_leaves_the_ca
     torch.manual_seed(123)  # moved: the render's draws are its seed's, not the caller's
     again = fv.render(model, [0, 1], param="pixel", steps=3, size=16, progress=False)
     assert torch.equal(first.images, again.images) and torch.equal(first.history, again.history)
+
+
+def test_a_render_on_mps_seeds_and_hands_back_the_mps_stream(monkeypatch):
+    """The accelerator's stream as CUDA's (no mps here: its calls recorded)."""
+    calls = []
+
+    @contextlib.contextmanager
+    def fork(devices, device_type=None):
+        calls.append(("fork", list(devices), device_type))
+        yield
+    monkeypatch.setattr(torch.random, "fork_rng", fork)
+    monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: calls.append(("seed", seed)))
+    with fv._own_random_numbers(torch.device("mps", 0), 7):  # a model's parameters are on mps:0
+        pass
+    assert calls == [("fork", [0], "mps"), ("seed", 7)]
+
