@@ -168,6 +168,14 @@ class ConvBlock(nn.Module):
         return self.act2(self.bn2(self.conv2(x)))
 
 
+class GlobalMaxPool(nn.Module):
+    """The max over positions, (B, C, 1, 1): nn.AdaptiveMaxPool2d(1)'s values, whose backward CUDA has no
+    deterministic kernel for (torch.use_deterministic_algorithms(True) refused every step); amax's has one."""
+
+    def forward(self, x):
+        return x.amax((2, 3), keepdim=True)
+
+
 class CNN(nn.Module):
     """airbench94-style classifier: frozen patch-whitening conv, three conv blocks, max pool, linear."""
 
@@ -182,7 +190,7 @@ class CNN(nn.Module):
         self.block1 = ConvBlock(2 * c * k * k, w[0], config["bn_momentum"])  # (B, w0, 15, 15)
         self.block2 = ConvBlock(w[0], w[1], config["bn_momentum"])  # (B, w1, 7, 7)
         self.block3 = ConvBlock(w[1], w[2], config["bn_momentum"])  # (B, w2, 3, 3)
-        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.pool = GlobalMaxPool()
         self.head = nn.Linear(w[2], config["num_classes"], bias=False)
         self.logit_scale = config["logit_scale"]
 

@@ -237,3 +237,14 @@ def test_the_whitening_is_fitted_only_to_images_of_the_models_channels():
     with pytest.raises(ValueError, match="images have 1 channel.*the model takes 3"):  # gray images would broadcast into three equal channels
         rgb.init_whiten(torch.rand(8, 1, 32, 32))
     assert torch.equal(rgb.whiten.weight, before)
+
+
+def test_the_cnns_global_pool_is_adaptive_max_pools_values_and_gradient_with_a_deterministic_backward():
+    x = torch.randn(4, 8, 3, 5, requires_grad=True)  # distinct values: one maximum per channel
+    ours, theirs = models.GlobalMaxPool()(x), torch.nn.AdaptiveMaxPool2d(1)(x)
+    assert torch.equal(ours, theirs)
+    g = torch.randn_like(ours)
+    assert torch.equal(*(torch.autograd.grad(y, x, g)[0] for y in (ours, theirs)))
+    # AdaptiveMaxPool2d's CUDA backward refuses torch.use_deterministic_algorithms(True) (no GPU here to show it)
+    model = models.build_model(models.cnn_config("small"))
+    assert not any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in model.modules())
