@@ -980,16 +980,24 @@ def _probe(model, size=None):
     return torch.zeros(1, input_channels(model), side, side, device=device_of(model), dtype=dtype_of(model))
 
 
+def device_error(e):
+    """Whether an error is the device's own (out of memory, a device-side assert, cuDNN's or cuBLAS's status) or
+    a tensor left on another device (a plain tensor attribute that model.to() does not move)."""
+    return isinstance(e, (torch.OutOfMemoryError, torch.AcceleratorError)) or any(
+        s in str(e) for s in ("same device", "expected device", "CUDNN_STATUS", "CUBLAS_STATUS"))
+
+
 @contextmanager
 def probing(model, probe):
     """Around a dry run of the model on a probe image (1, C, H, W): an error of the model's own (an image
     too small for its pooling, a size its linear layer does not fit) says which input it was given. The device's
-    own errors (out of memory, a device-side assert) stand as they are: no input would mend them."""
+    own errors (out of memory, a device-side assert, a tensor left on another device) stand as they are: no input
+    would mend them."""
     try:
         yield
-    except (torch.OutOfMemoryError, torch.AcceleratorError):
-        raise
     except RuntimeError as e:
+        if device_error(e):
+            raise
         c, h, w = probe.shape[1:]
         raise ValueError(f"{type(model).__name__} fails on a {c}-channel {h}x{w} image (the images' side where images "
                          f"are given, else size= or the model's image_size): {e}. If {h} is not the side it takes, "
@@ -1124,7 +1132,9 @@ def cell_centres(model, layer, images, cells=4):
             raise ValueError(f"layer {layer!r} gives {tuple(shape)}, not a map (B, C, H, W): its cells have no place")
         try:
             grown = run(noise)[layer].shape[-2:]
-        except (RuntimeError, ValueError, AssertionError):  # a model for one input size only
+        except (RuntimeError, ValueError, AssertionError) as e:  # a model for one input size only
+            if isinstance(e, RuntimeError) and device_error(e):
+                raise
             grown = shape[-2:]
     centres = []
     for axis, (side, k, big) in enumerate(zip(x.shape[-2:], shape[-2:], grown)):

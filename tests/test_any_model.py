@@ -1138,3 +1138,32 @@ def test_images_too_small_for_the_model_are_named_by_every_entry_point():
             raise torch.OutOfMemoryError("CUDA out of memory")
     with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
         models.capture(nn.Sequential(nn.Conv2d(3, 4, 3), OutOfMemory()), torch.rand(2, 3, 32, 32), "0")
+
+
+class _Offset(nn.Module):
+    """A plain tensor attribute, which model.to() leaves where it was made (here: the meta device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = torch.zeros(1, device="meta")
+
+    def forward(self, x):
+        return x + self.offset
+
+
+class _OutOfMemoryOnLarge(nn.Module):
+    def forward(self, x):
+        if x.shape[-1] > 32:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return x
+
+
+def test_a_tensor_left_on_another_device_and_a_device_error_are_not_called_an_image_size_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _Offset(), nn.Flatten()).eval()
+    with pytest.raises(RuntimeError, match="expected device") as caught:
+        models.capture(model, torch.rand(2, 3, 32, 32), "0")
+    assert not isinstance(caught.value, ValueError)  # not "fails on a 3-channel 32x32 image ... give size="
+    # cell_centres' larger noise pass: an out-of-memory stands, not an even stretch in silence
+    oom = nn.Sequential(_OutOfMemoryOnLarge(), nn.Conv2d(3, 4, 3, padding=1)).eval()
+    with pytest.raises(torch.OutOfMemoryError):
+        models.cell_centres(oom, "1", torch.rand(1, 3, 32, 32))
