@@ -139,11 +139,14 @@ def as_device(device):
 
 
 def synchronize(device):
-    """Wait for the work queued on the device (a GPU, its own one of several, or mps); on a CPU, nothing."""
+    """Wait for the work queued on the device (a GPU, its own one of several, mps or another accelerator); on a
+    CPU, nothing."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+    elif device.type != "cpu":  # xpu and the others torch.accelerator knows
+        torch.accelerator.synchronize(device)
 
 
 FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}

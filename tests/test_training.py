@@ -433,9 +433,11 @@ def test_synchronize_waits_on_the_device_it_is_given(monkeypatch):
     waited = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
     monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
-    for device in ("cuda:1", "mps", "cpu"):
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda device: waited.append(device))
+    for device in ("cuda:1", "mps", "cpu", "xpu:0"):
         training.synchronize(torch.device(device))
-    assert waited == [torch.device("cuda:1"), "mps"]  # the model's GPU, not the current one; a CPU has no queue
+    # the model's GPU, not the current one; a CPU has no queue
+    assert waited == [torch.device("cuda:1"), "mps", torch.device("xpu:0")]
 
 
 def test_forecast_is_silent_without_progress(monkeypatch, capsys):
