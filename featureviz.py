@@ -68,14 +68,15 @@ def magnitude_spectrum(images, color_cov=None):
     MaCo's images can be brighter, darker or more tinted in proportion to the data's, relative to the
     contrast."""
     images = data.check_batch(images)
-    color = color_sqrt(color_cov, images.size(1)).to(images.device)
+    color = color_sqrt(color_cov, images.size(1))
     return sum(torch.fft.rfft2(_decorrelate(color, x - 0.5), norm="ortho").abs().sum(0)
                for x in _batches(images)) / len(images)
 
 
 def _decorrelate(color, x):
-    """x (N, C, H, W) in the decorrelated colour space of the (C, C) colour transform `color`."""
-    return torch.einsum("dc,nchw->ndhw", torch.linalg.pinv(color), x)
+    """x (N, C, H, W) in the decorrelated colour space of the (C, C) colour transform `color`, inverted on the CPU
+    in float64 (a (C, C) matrix: no device has less to do, and mps has no float64)."""
+    return torch.einsum("dc,nchw->ndhw", torch.linalg.pinv(models.exact(color).cpu()).to(x), x)
 
 
 def _to_image(mixing, x):

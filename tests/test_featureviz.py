@@ -1440,3 +1440,12 @@ def test_a_render_on_mps_seeds_and_hands_back_the_mps_stream(monkeypatch):
         pass
     assert calls == [("fork", [0], "mps"), ("seed", 7)]
 
+
+
+def test_the_colour_transform_is_inverted_on_the_cpu_in_float64(monkeypatch):
+    """As mps would need (no float64 there); the images keep their own dtype and device."""
+    seen, pinv = [], torch.linalg.pinv
+    monkeypatch.setattr(torch.linalg, "pinv", lambda a: seen.append((a.device.type, a.dtype)) or pinv(a))
+    cov = fv.color_covariance(torch.rand(20, 3, 8, 8))
+    spectrum = fv.magnitude_spectrum(torch.rand(20, 3, 8, 8), cov)
+    assert seen and set(seen) == {("cpu", torch.float64)} and spectrum.dtype == torch.float32
