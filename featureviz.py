@@ -1171,7 +1171,9 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
       the transforms).
     lr: Adam's learning rate, or a schedule f(fraction of steps done) -> lr such as cosine(0.3).
     transforms: t(x, gen) -> x applied to the images at each step (a Shift, as the default, goes inside the
-      spectrum of a fourier or maco parameterization); None optimizes the raw images.
+      spectrum of a fourier or maco parameterization); None optimizes the raw images. On a GPU the steps replay
+      one captured CUDA graph: a transform or term of one's own draws its randomness from gen, as tensors (a
+      Python branch is taken once, at the capture; featureviz.CUDA_GRAPHS = False runs every step eagerly).
     regularizers: weighted terms added to the loss, one or a list: TV(2.0), [L2(1.0), TV(2.0)], [Diversity()].
     restarts: optimize this many candidates per image and keep the one with the highest activation.
     size: the side of the images, if the model does not record it (models.input_size).
