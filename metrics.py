@@ -428,7 +428,8 @@ class Reference:
         self.test_x, self.test_y, self.templates = d.test_x, d.test_y, d.templates
         self.detector = PlantedDetector(d.train_x[:2000]) if d.name == "synthetic-hard" else None
         self.real = fv.activations(model, d.test_x, self.units)  # (N_test, U)
-        order = self.real.argsort(0, descending=True).T          # (U, N_test), strongest first
+        # strongest first; stable, as exemplars' order: a channel's many equal (zero) images in the test set's order
+        order = self.real.argsort(dim=0, descending=True, stable=True).T  # (U, N_test)
         self.top, self.bottom = order[:, :3 * R], order[:, -R:]
         self.f_test = features(other, d.test_x)
         self.layers = models.block_layers(model, d.size)
@@ -488,9 +489,9 @@ class Reference:
 
 
 def _pick(d, targets, seed, avoid, shift=0):
-    """One random test image per target: of the target's class (+ shift) for a Class, any for another; not
-    one of avoid[i], the test images target i's row is compared with (a draw among them takes the next one
-    of the pool that is not; where the whole pool is among them, the draw stands)."""
+    """One random test image per target: of the target's class (+ shift) for a Class, any for another; drawn
+    evenly among those that are not one of avoid[i], the test images target i's row is compared with (where
+    the whole pool is among them, among the whole pool)."""
     gen, k = torch.Generator().manual_seed(seed), len(d.classes)
     idx = []
     for t, skip in zip(targets, avoid):
@@ -498,9 +499,9 @@ def _pick(d, targets, seed, avoid, shift=0):
         if not len(pool):
             raise ValueError(f"the real-image rows need a test image of class {(t.idx + shift) % k} "
                              f"({d.classes[(t.idx + shift) % k]}); {d.name} has none")
-        pool = pool.roll(-torch.randint(len(pool), (1,), generator=gen).item())  # the draw first, then the next
         kept = pool[~torch.isin(pool, skip)]
-        idx.append((kept if len(kept) else pool)[:1])
+        pool = kept if len(kept) else pool
+        idx.append(pool[torch.randint(len(pool), (1,), generator=gen)])
     return d.test_x[torch.cat(idx)]
 
 

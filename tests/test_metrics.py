@@ -602,6 +602,15 @@ def test_the_real_image_rows_never_draw_an_image_their_unit_is_compared_with(ref
     assert checked > 100
 
 
+def test_a_real_image_is_drawn_evenly_among_those_its_unit_is_not_compared_with():
+    d = SimpleNamespace(name="synthetic", classes=list("ab"), test_x=torch.arange(10).view(10, 1, 1, 1),
+                        test_y=torch.zeros(10, dtype=torch.long))
+    avoid = [torch.arange(6)]  # a run of six: a draw that took the next image left gave image 6 seven chances in ten
+    drawn = torch.cat([metrics._pick(d, [fv.Class(0)], seed, avoid) for seed in range(400)]).flatten()
+    counts = torch.bincount(drawn, minlength=10)
+    assert counts[:6].sum() == 0 and (counts[6:] > 60).all() and (counts[6:] < 140).all()  # 100 each, evenly
+
+
 def test_the_table_gives_each_metric_its_mean_and_standard_deviation_over_the_seeds(reference, monkeypatch):
     """Each row's metric is the mean of its seeds' scores and `_sd` their standard deviation; one seed has no
     spread (NaN); only techniques are timed (the baselines' `seconds` is NaN)."""
