@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.colors import PowerNorm
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -204,6 +205,7 @@ def plot_curves(rows, metrics=("loss", "acc"), save=None):
             if f"{split}_{metric}" in rows[0]:
                 ax.plot(epochs, column(f"{split}_{metric}"), marker="o", ms=3, label=split)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # no tick at 0.98 for a run of one epoch
         ax.set_title(TITLES.get(metric, metric))
         ax.grid(alpha=0.3)
         ax.legend()
@@ -286,8 +288,9 @@ def plot_filters(weight, save=None, ncols=16):
 
 @_no_figure_on_error
 def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_active=True):
-    """One row per layer of (C, H, W) maps of one image: the most active (or first) max_channels channels, each
-    in its own colour range, whose top its title gives (a faint channel looks as bright as a strong one)."""
+    """One row per layer of (C, H, W) maps of one image: the most active (highest mean, or the first)
+    max_channels channels, each in its own colour range, which its title gives, [lowest, highest] (a faint or
+    nearly flat channel looks as contrasted as a strong one: its range says which it is)."""
     check_count("max_channels", max_channels, 1)
     _check_columns("max_channels", max_channels, image is not None)
     if not feature_maps:
@@ -309,7 +312,7 @@ def plot_feature_maps(feature_maps, max_channels=8, image=None, save=None, most_
         for ax, c in zip(cells, channels.tolist()):
             ax.set_visible(True)
             ax.imshow(fmap[c].numpy(), cmap="viridis", interpolation="nearest")
-            ax.set_title(f"ch {c} (max {fmap[c].max().item():.2g})", fontsize=8)
+            ax.set_title(f"ch {c} [{fmap[c].min().item():.2g}, {fmap[c].max().item():.2g}]", fontsize=8)
             _clean(ax)
         cells[0].set_ylabel(_wrap(name, 16), fontsize=9)  # upright, a long name wrapped: the maps keep their width
     if image is not None:
@@ -332,7 +335,9 @@ def plot_heatmaps(images, maps, titles=None, row_labels=None, signed=None, save=
     maps: one method's maps (named "map"), or {method name: maps}. titles: one per image. row_labels: one per
     method (the top row is 'input'), or one more to name the top row too; default the method names. signed:
     True or False for every method, or the names of the signed ones; default those whose maps have a negative
-    value."""
+    value. A map smaller than its image is stretched evenly over it (bilinear, as pytorch-grad-cam draws it),
+    which misplaces a layer's cells where its map does not span the image evenly: grad_cam's default
+    (upsample="centres") gives image-sized maps with each cell where it looks."""
     x = _numpy_images(images)
     _check_columns("images", len(x))
     if not len(x):
@@ -462,16 +467,19 @@ def comparison_grid(rows, col_labels=None, max_cols=16, save=None):
 
 @_no_figure_on_error
 def plot_spectrum(eigenvalues, title="latent covariance spectrum", save=None):
-    """Sorted eigenvalues on a log scale, with the cumulative share of variance."""
-    ev = torch.as_tensor(eigenvalues).detach().cpu().double().sort(descending=True).values.clamp_min(1e-12).numpy()
+    """Sorted eigenvalues on a log scale, with the cumulative share of variance. Eigenvalues at or below 0 (a
+    direction of no variance, or float rounding below one) have no place on a log scale: they are left off,
+    and the legend counts them."""
+    ev = torch.as_tensor(eigenvalues).detach().cpu().double().sort(descending=True).values.clamp_min(0).numpy()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    a.semilogy(np.arange(1, len(ev) + 1), ev, marker=".")
+    n = np.arange(1, len(ev) + 1)
+    a.semilogy(n[ev > 0], ev[ev > 0], marker=".", label=f"{(ev <= 0).sum()} at 0 left off" if (ev <= 0).any() else None)
     a.axhline(1.0, color="gray", ls="--", lw=1, label="N(0, I) prior: 1")
     a.set_xlabel("component")
     a.set_ylabel("variance (eigenvalue)")
     a.set_title(title)
     a.legend(fontsize=8)
-    b.plot(np.arange(1, len(ev) + 1), np.cumsum(ev) / ev.sum())
+    b.plot(n, np.cumsum(ev) / ev.sum())
     b.set_xlabel("components")
     b.set_title("cumulative share of variance")
     for ax in (a, b):

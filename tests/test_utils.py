@@ -163,9 +163,13 @@ def test_plot_feature_maps_rows_and_labels():
     axes = np.array(fig.axes).reshape(2, 9)
     assert axes[0, 0].get_title() == "input"
     assert [axes[0, 1].get_ylabel(), axes[1, 1].get_ylabel()] == ["block1.act2", "block3.act2"]
-    assert [axes[0, 1].get_title(), axes[0, 2].get_title()] == ["ch 7 (max 2)", "ch 2 (max 1)"]  # own colour range
+    assert [axes[0, 1].get_title(), axes[0, 2].get_title()] == ["ch 7 [2, 2]", "ch 2 [1, 1]"]  # own colour range
+    ramp = torch.linspace(2.08, 2.1, 36).view(1, 6, 6)  # nearly flat: its range says so, where a top alone did not
+    flat = utils.plot_feature_maps({"x": ramp}, max_channels=1)
+    assert flat.axes[0].get_title() == "ch 0 [2.1, 2.1]"
+    assert flat.axes[0].images[0].get_clim() == pytest.approx((2.08, 2.1))
     fig = utils.plot_feature_maps(maps, max_channels=3, most_active=False)
-    assert len(image_axes(fig)) == 6 and fig.axes[0].get_title() == "ch 0 (max 0)"
+    assert len(image_axes(fig)) == 6 and fig.axes[0].get_title() == "ch 0 [0, 0]"
     with pytest.raises(ValueError, match="max_channels must be an int >= 1, got 0"):
         utils.plot_feature_maps(maps, max_channels=0, image=images(1)[0])
     with pytest.raises(ValueError, match="feature_maps must name at least one layer"):
@@ -187,6 +191,7 @@ def test_plot_heatmaps_overlays_normalized_maps():
     assert [ax.get_ylabel() for ax in axes[:, 0]] == ["input", "saliency", "grad-cam"]
     assert all(len(ax.images) == 2 for ax in axes[1:].flat)
     assert axes[2, 0].images[1].get_array().shape == (8, 8)  # upsampled to the image size
+    assert all(ax.images[1].get_extent() == ax.images[0].get_extent() for ax in axes[1:].flat)  # over its image
     attributions = torch.randn(2, 3, 8, 8)  # (B, C, h, w), as integrated gradients gives them
     fig = utils.plot_heatmaps(images(2), attributions, signed=False, outliers=0)
     shown = np.array(fig.axes).reshape(2, 2)[1, 0].images[1].get_array()
@@ -307,9 +312,14 @@ def test_plot_curves_with_vae_metrics_and_spectrum(tmp_path):
     plt.close(fig)
     fig = utils.plot_spectrum(torch.tensor([1.0, 4.0, 2.0]), save=tmp_path / "s.png")
     assert list(fig.axes[0].lines[0].get_ydata()) == [4.0, 2.0, 1.0]
+    assert all(float(t).is_integer() for t in utils.plot_curves(rows[:1], "bpd").axes[0].get_xticks())  # 1, no 0.98
     assert fig.axes[1].lines[0].get_ydata()[-1] == pytest.approx(1.0)
     assert (tmp_path / "s.png").stat().st_size > 0
     plt.close(fig)
+    collapsed = utils.plot_spectrum(torch.tensor([2.0, 0.5, -1e-9, 0.0]))  # float rounding below 0 and a dead one
+    line = collapsed.axes[0].lines[0]
+    assert list(line.get_ydata()) == [2.0, 0.5] and line.get_label() == "2 at 0 left off"  # no floor at 1e-12
+    plt.close(collapsed)
 
 
 def test_plot_unit_shows_visualization_and_exemplars(tmp_path):
