@@ -571,31 +571,38 @@ RANKED_BY = ("naturalness", "path_flagged")
 
 
 def _off_real(row, key):
-    """How far a row is from real images on a ranked metric, lower is better: the share the path check
-    flags as it is; naturalness as its distance from a real image's 1.0 either way (|log|), since images
-    closer to the training images than held-out real ones are copied from them, not more natural."""
+    """How far a row is from real images on a ranked metric, lower is better, and its spread over the seeds
+    (0 where the row has none): the share the path check flags as it is; naturalness as its distance from a
+    real image's 1.0 either way (|log|), since images closer to the training images than held-out real ones are
+    copied from them, not more natural, its spread SD / value (to first order)."""
+    value, sd = row[key], row.get(key + "_sd", math.nan)
+    sd = sd if math.isfinite(sd) else 0.0  # one seed: no spread, only equal values tie
     if key != "naturalness":
-        return row[key]
-    return abs(math.log(row[key])) if row[key] > 0 else math.inf  # 0: on k training images at once
+        return value, sd
+    return (abs(math.log(value)), sd / value) if value > 0 else (math.inf, 0.0)  # 0: on k training images at once
 
 
 def rank_techniques(rows, names):
     """The rows of the named techniques, best first: by the sum of their ranks on naturalness and on
     the path check (_off_real: lower is better on both), among the techniques whose class evidence holds
-    (normalized activation > 1 and transfer >= 0.9) and whose scores are numbers (not NaN); equal values
-    share their average rank, and equal sums go to the more natural (then by name), so the order of the
-    rows does not matter. names: technique names, or one name."""
+    (normalized activation > 1 and transfer >= 0.9) and whose scores are numbers (not NaN); values within
+    each other's seed spread (_average_rank) share their average rank, and equal sums go to the more natural
+    (then by name), so the order of the rows does not matter. names: technique names, or one name."""
     names = models.as_names(names, "names")  # one name is not its substrings ('pixel' in 'pixel+reg')
     candidates = [r for r in rows if r["technique"] in names and r["act"] > 1.0 and r["transfer"] >= 0.9
                   and all(math.isfinite(r[key]) for key in RANKED_BY)]
     ranks = {r["technique"]: sum(_average_rank(_off_real(r, key), [_off_real(c, key) for c in candidates])
                                  for key in RANKED_BY) for r in candidates}
-    return sorted(candidates, key=lambda r: (ranks[r["technique"]], _off_real(r, "naturalness"), r["technique"]))
+    return sorted(candidates, key=lambda r: (ranks[r["technique"]], _off_real(r, "naturalness")[0], r["technique"]))
 
 
-def _average_rank(value, values):
-    """The 0-based rank of value among values, lowest first; equal values share their average rank."""
-    below, equal = sum(v < value for v in values), sum(v == value for v in values)
+def _average_rank(mine, others):
+    """The 0-based rank of a (value, spread) among others (itself one of them), lowest first: another is below
+    it only where lower by more than their spreads together (sqrt(sd1^2 + sd2^2), as for independent rows);
+    those within it tie with it, and ties share their average rank. Without spreads: equal values tie."""
+    value, sd = mine
+    below = sum(value - v > math.hypot(sd, s) for v, s in others)
+    equal = sum(v == value or abs(v - value) <= math.hypot(sd, s) for v, s in others)  # inf == inf
     return below + (equal - 1) / 2
 
 
