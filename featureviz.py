@@ -1233,10 +1233,11 @@ def _own_random_numbers(device, seed):
     index = device.index if device.index is not None else torch.accelerator.current_device_index()
     with torch.random.fork_rng(devices=[index], device_type=device.type):
         torch.default_generator.manual_seed(seed)
-        if device.type == "cuda":  # the model's GPU, not the current one
-            torch.cuda.default_generators[index].manual_seed(seed)
-        else:  # mps has one device
-            torch.get_device_module(device.type).manual_seed(seed)
+        module = torch.get_device_module(device.type)
+        if hasattr(module, "default_generators"):  # the model's device, not the current one (cuda, xpu)
+            module.default_generators[index].manual_seed(seed)
+        else:  # mps: one device
+            module.manual_seed(seed)
         yield
 
 

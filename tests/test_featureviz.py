@@ -7,6 +7,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1426,8 +1427,8 @@ def test_a_model_that_draws_random_numbers_renders_by_its_seed_and_leaves_the_ca
     assert torch.equal(first.images, again.images) and torch.equal(first.history, again.history)
 
 
-def test_a_render_on_mps_seeds_and_hands_back_the_mps_stream(monkeypatch):
-    """The accelerator's stream as CUDA's (no mps here: its calls recorded)."""
+def test_a_render_on_another_accelerator_seeds_and_hands_back_its_stream(monkeypatch):
+    """mps and xpu as CUDA (neither is here: their calls recorded)."""
     calls = []
 
     @contextlib.contextmanager
@@ -1439,7 +1440,12 @@ def test_a_render_on_mps_seeds_and_hands_back_the_mps_stream(monkeypatch):
     with fv._own_random_numbers(torch.device("mps", 0), 7):  # a model's parameters are on mps:0
         pass
     assert calls == [("fork", [0], "mps"), ("seed", 7)]
-
+    calls.clear()
+    generators = [SimpleNamespace(manual_seed=lambda seed, i=i: calls.append(("seed", i, seed))) for i in range(2)]
+    monkeypatch.setattr(torch.xpu, "default_generators", generators, raising=False)
+    with fv._own_random_numbers(torch.device("xpu", 1), 7):  # the model's device of two, not the current one
+        pass
+    assert calls == [("fork", [1], "xpu"), ("seed", 1, 7)]
 
 
 def test_the_colour_transform_is_inverted_on_the_cpu_in_float64(monkeypatch):
