@@ -576,7 +576,7 @@ def _off_real(row, key):
     real image's 1.0 either way (|log|), since images closer to the training images than held-out real ones are
     copied from them, not more natural, its spread SD / value (to first order)."""
     value, sd = row[key], row.get(key + "_sd", math.nan)
-    sd = sd if math.isfinite(sd) else 0.0  # one seed: no spread, only equal values tie
+    sd = 0.0 if math.isnan(sd) else sd  # one seed: no spread, only equal values tie
     if key != "naturalness":
         return value, sd
     return (abs(math.log(value)), sd / value) if value > 0 else (math.inf, 0.0)  # 0: on k training images at once
@@ -585,25 +585,31 @@ def _off_real(row, key):
 def rank_techniques(rows, names):
     """The rows of the named techniques, best first: by the sum of their ranks on naturalness and on
     the path check (_off_real: lower is better on both), among the techniques whose class evidence holds
-    (normalized activation > 1 and transfer >= 0.9) and whose scores are numbers (not NaN); values within
-    each other's seed spread (_average_rank) share their average rank, and equal sums go to the more natural
-    (then by name), so the order of the rows does not matter. names: technique names, or one name."""
+    (normalized activation > 1 and transfer >= 0.9) and whose scores are numbers (not NaN); values within the
+    seed spread of each other tie (_tied_ranks), and equal sums go to the more natural (then by name), so the
+    order of the rows does not matter. names: technique names, or one name."""
     names = models.as_names(names, "names")  # one name is not its substrings ('pixel' in 'pixel+reg')
     candidates = [r for r in rows if r["technique"] in names and r["act"] > 1.0 and r["transfer"] >= 0.9
                   and all(math.isfinite(r[key]) for key in RANKED_BY)]
-    ranks = {r["technique"]: sum(_average_rank(_off_real(r, key), [_off_real(c, key) for c in candidates])
-                                 for key in RANKED_BY) for r in candidates}
+    sums = [sum(ranks) for ranks in zip(*(_tied_ranks([_off_real(r, key) for r in candidates]) for key in RANKED_BY))]
+    ranks = {r["technique"]: total for r, total in zip(candidates, sums)}
     return sorted(candidates, key=lambda r: (ranks[r["technique"]], _off_real(r, "naturalness")[0], r["technique"]))
 
 
-def _average_rank(mine, others):
-    """The 0-based rank of a (value, spread) among others (itself one of them), lowest first: another is below
-    it only where lower by more than their spreads together (sqrt(sd1^2 + sd2^2), as for independent rows);
-    those within it tie with it, and ties share their average rank. Without spreads: equal values tie."""
-    value, sd = mine
-    below = sum(value - v > math.hypot(sd, s) for v, s in others)
-    equal = sum(v == value or abs(v - value) <= math.hypot(sd, s) for v, s in others)  # inf == inf
-    return below + (equal - 1) / 2
+def _tied_ranks(scores):
+    """0-based ranks of (value, spread) pairs, lowest value first. In value order, neighbours within their
+    spreads together (sqrt(sd1^2 + sd2^2), as for independent rows) join one group, whose members share its
+    average rank: a difference inside the spread decides no place, and no group ranks before one of lower
+    values. Without spreads, equal values tie."""
+    order = sorted(range(len(scores)), key=lambda i: scores[i][0])
+    ranks, start = [0.0] * len(scores), 0
+    for end in range(1, len(order) + 1):
+        (a, sa), (b, sb) = scores[order[end - 1]], scores[order[end]] if end < len(order) else (math.nan, 0.0)
+        if not (a == b or abs(b - a) <= math.hypot(sa, sb)):  # a gap: the group ends (inf == inf ties)
+            for i in order[start:end]:
+                ranks[i] = (start + end - 1) / 2
+            start = end
+    return ranks
 
 
 def _check_techniques(techniques):

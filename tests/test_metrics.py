@@ -401,6 +401,15 @@ def test_rank_techniques_ties_values_within_their_seed_spread():
         r["technique"] for r in metrics.rank_techniques(means, list(table))]
 
 
+def test_tied_ranks_are_groups_of_neighbours_within_their_spread():
+    # a spread that reaches its neighbour ties the two: the noisy better mean is never ranked behind it
+    assert metrics._tied_ranks([(0.0, 1.0), (0.1, 0.0), (0.5, 0.0), (0.9, 0.0)]) == [0.5, 0.5, 2.0, 3.0]
+    assert metrics._tied_ranks([(0.2, 0.08), (0.0, 0.08), (0.1, 0.08)]) == [1.0, 1.0, 1.0]  # a chain: one group
+    assert metrics._tied_ranks([(2.0, 0.0), (1.0, 0.0), (2.0, 0.0)]) == [1.5, 0.0, 1.5]  # no spread: equal values
+    assert metrics._tied_ranks([(math.inf, 0.0), (1.0, math.inf), (0.0, 0.0)]) == [1.0] * 3  # an inf spread: both sides
+    assert metrics._tied_ranks([]) == []
+
+
 def test_rank_techniques_takes_class_evidence_at_its_bounds():
     row = lambda name, act, transfer: dict(technique=name, naturalness=1.0, path_flagged=0.5, act=act, transfer=transfer)
     rows = [row("at both", 1.01, 0.9), row("act at 1", 1.0, 1.0), row("transfer under", 2.0, 0.89)]
