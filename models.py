@@ -415,9 +415,9 @@ class VAE(nn.Module):
         eye = torch.eye(self.latent_dim, dtype=cov.dtype, device=cov.device)
         try:
             chol = torch.linalg.cholesky(cov + jitter * cov.diagonal().mean() * eye)
-        except torch.linalg.LinAlgError:  # singular: only at jitter 0, as the covariance is measured in float64
+        except torch.linalg.LinAlgError:  # singular: at jitter 0, or one too small for float64's rounding
             raise ValueError(f"the VAE's latent covariance is singular (directions of no variance) and cannot be "
-                             f"whitened with jitter={jitter!r}: pass a jitter > 0 (the default is 1e-4)") from None
+                             f"whitened with jitter={jitter!r}: pass a larger jitter (the default is 1e-4)") from None
         return chol.to(self.latent_cov)  # its device too
 
     @torch.no_grad()

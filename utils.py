@@ -479,7 +479,10 @@ def plot_spectrum(eigenvalues, title="latent covariance spectrum", save=None):
     a.set_ylabel("variance (eigenvalue)")
     a.set_title(title)
     a.legend(fontsize=8)
-    b.plot(n, np.cumsum(ev) / ev.sum())
+    if ev.sum() > 0:
+        b.plot(n, np.cumsum(ev) / ev.sum())
+    else:  # no variance at all (codes of identical images): no shares to plot
+        b.text(0.5, 0.5, "no variance", ha="center", va="center", transform=b.transAxes)
     b.set_xlabel("components")
     b.set_title("cumulative share of variance")
     for ax in (a, b):

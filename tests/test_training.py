@@ -5,6 +5,11 @@ import math
 import os
 from types import SimpleNamespace
 
+try:
+    import fcntl
+except ImportError:  # Windows, whose fsync itself refuses a read-only handle
+    fcntl = None
+
 import numpy as np
 import pytest
 import torch
@@ -113,11 +118,11 @@ def test_a_run_whose_first_epoch_validates_best_ends_with_that_epochs_weights(ti
 
 
 def test_checkpoint_round_trip(trained, tiny_data, tmp_path, monkeypatch):
-    fcntl = pytest.importorskip("fcntl")  # POSIX: a handle's access mode
     model, _, _ = trained
     synced, fsync, replace = [], training.os.fsync, training.os.replace
-    def sync(fd):  # on a handle that may write, as Windows' fsync needs (a read-only one fails there)
-        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+    def sync(fd):  # on a handle that may write, as Windows' fsync needs (a read-only one fails there, as it is)
+        if fcntl is not None:  # POSIX: the handle's access mode
+            assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
         synced.append(os.fstat(fd).st_size)
         fsync(fd)
     monkeypatch.setattr(training.os, "fsync", sync)

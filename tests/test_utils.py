@@ -2,6 +2,7 @@
 import csv
 from collections import OrderedDict
 from pathlib import Path
+import warnings
 
 import matplotlib
 
@@ -312,7 +313,9 @@ def test_plot_curves_with_vae_metrics_and_spectrum(tmp_path):
     plt.close(fig)
     fig = utils.plot_spectrum(torch.tensor([1.0, 4.0, 2.0]), save=tmp_path / "s.png")
     assert list(fig.axes[0].lines[0].get_ydata()) == [4.0, 2.0, 1.0]
-    assert all(float(t).is_integer() for t in utils.plot_curves(rows[:1], "bpd").axes[0].get_xticks())  # 1, no 0.98
+    one = utils.plot_curves(rows[:1], "bpd")
+    assert all(float(t).is_integer() for t in one.axes[0].get_xticks())  # 1, no 0.98
+    plt.close(one)
     assert fig.axes[1].lines[0].get_ydata()[-1] == pytest.approx(1.0)
     assert (tmp_path / "s.png").stat().st_size > 0
     plt.close(fig)
@@ -320,6 +323,11 @@ def test_plot_curves_with_vae_metrics_and_spectrum(tmp_path):
     line = collapsed.axes[0].lines[0]
     assert list(line.get_ydata()) == [2.0, 0.5] and line.get_label() == "2 at 0 left off"  # no floor at 1e-12
     plt.close(collapsed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0 / 0 in the shares warned, and drew NaN
+        dead = utils.plot_spectrum(torch.zeros(4))
+    assert not dead.axes[1].lines and dead.axes[1].texts[0].get_text() == "no variance"
+    plt.close(dead)
 
 
 def test_plot_unit_shows_visualization_and_exemplars(tmp_path):
