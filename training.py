@@ -423,15 +423,21 @@ def _extra(extra, key):
     return extra
 
 
+def check_paths(ckpt_path, csv_path):
+    """A folder given as the checkpoint's or the CSV's path, named before training (else found only when the
+    finished run is saved)."""
+    for name, path in (("ckpt_path", ckpt_path), ("csv_path", csv_path)):
+        if path and Path(path).is_dir():
+            raise IsADirectoryError(f"{name} {path} is a folder: give the path of the file to write")
+
+
 class BestKeeper:
     """Per-epoch bookkeeping of both training loops: the metrics CSV and the best epoch's weights, in
     memory and in files beside the finished ones (`partial_path`); `restore` loads the best weights
     back into the model, and `finish` replaces the finished checkpoint and CSV with this run's."""
 
     def __init__(self, model, key, higher, ckpt_path=None, csv_path=None, **info):
-        for name, path in (("ckpt_path", ckpt_path), ("csv_path", csv_path)):
-            if path and Path(path).is_dir():  # else found only when the finished run is saved
-                raise IsADirectoryError(f"{name} {path} is a folder: give the path of the file to write")
+        check_paths(ckpt_path, csv_path)
         self.model, self.key, self.sign = model, key, 1 if higher else -1
         self.ckpt_path, self.csv_path, self.info = ckpt_path, csv_path, info
         self.rows, self.best, self.state = [], None, None
@@ -731,15 +737,14 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
                          f"with num_classes={len(data.classes)} (models.cnn_config)")
     _dry_run(model, data.train_x)
     device = get_device(device)
-    autocast, precision = training_precision(device)
-    keeper = BestKeeper(model, "val_acc", True, ckpt_path, csv_path, hyp=hyp, precision=precision,
-                        **extra)  # its paths checked (a folder is named) before the model is changed
+    check_paths(ckpt_path, csv_path)  # before the model is changed
     drop = drops_last(len(data.train_y), hyp["batch_size"])
     loader = Loader(data.train_x, data.train_y, hyp["batch_size"], shuffle=True, augment=True,
                     translate=min(at_size(hyp["translate"], data.size), data.size - 1), drop_last=drop,  # < the side
                     device=device, seed=seed, channels_last=True)
     seed_everything(seed)
     model.init_whiten(data.train_x[:5000])  # draws no random numbers
+    autocast, precision = training_precision(device)
     model.to(device)
     # batches come channels-last on every device; on CUDA cuDNN follows the input's layout, so only the CPU and mps
     # need the weights so too (the GPU timings in the README were measured so)
@@ -752,6 +757,8 @@ def fit(model, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=Non
     # airbench's 0.95 a step, taken ema_every steps at a time, ramped up over the run
     ema_decay = 0.95 ** hyp["ema_every"] * (torch.arange(total + 1) / total) ** 3
     lookahead = Lookahead(model)
+    keeper = BestKeeper(model, "val_acc", True, ckpt_path, csv_path, hyp=hyp, precision=precision,
+                        **extra)
 
     def train_step(step, x, y):
         model.whiten.bias.requires_grad_(step < len(loader) * hyp["whiten_bias_epochs"])
@@ -890,9 +897,7 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
     _dry_run(vae, data.train_x)  # images of another size than the VAE's, named
     _check_covariance_images(len(data.train_x), "data.train_x")  # before training, not after it
     device = get_device(device)  # a bad one named before the model is changed
-    autocast, precision = training_precision(device)
-    keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, precision=precision,
-                        **extra)  # its paths checked before the model is changed
+    check_paths(ckpt_path, csv_path)
     for name, value in vae.prior_statistics().items():  # a model trained before: not its old statistics if stopped
         getattr(vae, name).copy_(value)
     seed_everything(seed)
@@ -910,6 +915,9 @@ def fit_vae(vae, data, hyp=None, device=None, seed=0, ckpt_path=None, csv_path=N
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_at)
     gen = torch.Generator(device=device).manual_seed(seed)
+    autocast, precision = training_precision(device)
+    keeper = BestKeeper(vae, "val_bpd", False, ckpt_path, csv_path, hyp=hyp, precision=precision,
+                        **extra)
 
     def kl_weight(step):  # rising to 1 over the warm-up; with no warm-up epochs, 1 from the first step
         return min(1.0, step / warm) if hyp["kl_warmup_epochs"] else 1.0
