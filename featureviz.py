@@ -819,12 +819,13 @@ class Direction:
         return f"a direction in {'the logits' if self.layer is None else self.layer}"
 
     def check(self, shape):
+        each, many, where = (("class", "classes", "the model's output") if self.layer is None else
+                             ("channel", "channels", f"layer {self.layer!r}"))
         if not isinstance(self.vector, torch.Tensor) or not torch.isfinite(self.vector).all():
-            raise ValueError(f"direction vector must be a finite tensor ({shape[0]},), one weight per channel of "
-                             f"layer {self.layer!r}; got {self.vector!r:.60}")
+            raise ValueError(f"direction vector must be a finite tensor ({shape[0]},), one weight per {each} of "
+                             f"{where}; got {self.vector!r:.60}")
         if self.vector.shape != (shape[0],):
-            raise ValueError(f"direction has shape {tuple(self.vector.shape)}; layer {self.layer!r} "
-                             f"has {shape[0]} channels")
+            raise ValueError(f"direction has shape {tuple(self.vector.shape)}; {where} has {shape[0]} {many}")
 
     @staticmethod
     def columns(targets, shape, device):

@@ -713,6 +713,7 @@ def test_exemplars_of_equal_activations_come_in_the_images_order(monkeypatch):
     (fv.Neuron("block2.act2", 40), "has 32 channels"),
     (fv.Class(10), "has 10 classes"),
     (fv.Direction("block1.act2", torch.ones(5)), "has 16 channels"),
+    (fv.Direction(None, torch.ones(16)), r"direction has shape \(16,\); the model's output has 10 classes"),
 ])
 def test_render_rejects_bad_targets_clearly_and_leaves_no_hooks(target, match):
     model = cnn()

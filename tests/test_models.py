@@ -245,6 +245,11 @@ def test_the_cnns_global_pool_is_adaptive_max_pools_values_and_gradient_with_a_d
     assert torch.equal(ours, theirs)
     g = torch.randn_like(ours)
     assert torch.equal(*(torch.autograd.grad(y, x, g)[0] for y in (ours, theirs)))
+    # where a channel's largest value is tied (often so in bf16), amax shares its gradient, where the pool gave it
+    # to one position: the one difference, which retrained the bf16 classifiers to other weights
+    tied = torch.tensor([[[[1.0, 3.0], [3.0, 0.0]]]], requires_grad=True)
+    assert torch.autograd.grad(models.GlobalMaxPool()(tied).sum(), tied)[0].flatten().tolist() == [0, 0.5, 0.5, 0]
+    assert torch.autograd.grad(torch.nn.AdaptiveMaxPool2d(1)(tied).sum(), tied)[0].sum() == 1
     # AdaptiveMaxPool2d's CUDA backward refuses torch.use_deterministic_algorithms(True) (no GPU here to show it)
     model = models.build_model(models.cnn_config("small"))
     assert not any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in model.modules())
