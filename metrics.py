@@ -542,6 +542,9 @@ def quality_table(model, other, d, techniques, seeds=4, steps=256, n_ref=10000, 
     models.check_model(other, "other")
     for name, value, low in (("seeds", seeds, 1), ("steps", steps, 0), ("n_ref", n_ref, 1)):
         data.check_count(name, value, low)
+    if seeds > R:
+        data.warn(f"seeds={seeds}: the dataset exemplars row has {R} images per unit (its top test images "
+                  f"{2 * R + 1}-{3 * R}), so its seeds past {R} take them again and its spread is not of new draws")
     channels = channel_sample(model, size=d.size) if channels is None else list(channels)  # a generator too
     if not all(isinstance(c, (fv.Channel, fv.Neuron, fv.Direction)) for c in channels):  # an int would be a class
         raise TypeError(f"channels must be Channel, Neuron or Direction targets (as channel_sample(model) returns); "

@@ -658,6 +658,9 @@ def test_the_table_gives_each_metric_its_mean_and_standard_deviation_over_the_se
     row, = [r for r in metrics.quality_table(reference.model, reference.other, d, {"mine": mine}, seeds=1,
                                              channels=[], progress=False)[0] if r["technique"] == "mine"]
     assert row["act"] == 1 and math.isnan(row["act_sd"])
+    with pytest.warns(UserWarning, match=r"seeds=11: the dataset exemplars row has 10 images per unit .* again"):
+        metrics.quality_table(reference.model, reference.other, d, {"mine": mine}, seeds=11, channels=[],
+                              progress=False)
 
 
 def test_the_quality_tables_planted_column_on_the_harder_set_is_the_detectors(hard):
