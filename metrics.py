@@ -604,15 +604,23 @@ def _tied_ranks(scores):
     spreads together (sqrt(sd1^2 + sd2^2), as for independent rows) join one group, whose members share its
     average rank: a difference inside the spread decides no place, and no group ranks before one of lower
     values. Without spreads, equal values tie."""
-    order = sorted(range(len(scores)), key=lambda i: scores[i][0])
+    groups = []
+    for i in sorted(range(len(scores)), key=lambda i: scores[i][0]):
+        if groups and _within(scores[groups[-1][-1]], scores[i]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
     ranks, start = [0.0] * len(scores), 0
-    for end in range(1, len(order) + 1):
-        (a, sa), (b, sb) = scores[order[end - 1]], scores[order[end]] if end < len(order) else (math.nan, 0.0)
-        if not (a == b or abs(b - a) <= math.hypot(sa, sb)):  # a gap: the group ends (inf == inf ties)
-            for i in order[start:end]:
-                ranks[i] = (start + end - 1) / 2
-            start = end
+    for group in groups:
+        for i in group:
+            ranks[i] = start + (len(group) - 1) / 2
+        start += len(group)
     return ranks
+
+
+def _within(a, b):
+    """Whether two (value, spread) pairs lie within their spreads together (inf == inf: equal)."""
+    return a[0] == b[0] or abs(a[0] - b[0]) <= math.hypot(a[1], b[1])
 
 
 def _check_techniques(techniques):

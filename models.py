@@ -1133,7 +1133,7 @@ def cell_centres(model, layer, images, cells=4):
         try:
             grown = run(noise)[layer].shape[-2:]
         except (RuntimeError, ValueError, AssertionError) as e:  # a model for one input size only
-            if isinstance(e, RuntimeError) and device_error(e):
+            if device_error(e):
                 raise
             grown = shape[-2:]
     centres = []
