@@ -1226,19 +1226,18 @@ def _own_random_numbers(device, seed):
     """The global random numbers that a model draws in eval mode (MC dropout, a noisy layer), on the CPU and on
     the model's accelerator (CUDA, mps, ...), drawn from the render's seed and handed back after: the caller's
     stream is left where it was, and such a model's render repeats by its seed as any other's."""
-    if device.type == "cpu":
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            yield
-        return
-    index = device.index if device.index is not None else torch.accelerator.current_device_index()
-    with torch.random.fork_rng(devices=[index], device_type=device.type):
+    # the CPU's generator is forked whatever the devices; an accelerator's, the model's own (meta draws none, and
+    # fork_rng given device_type "meta" would fork nothing, not even the CPU's)
+    devices = [] if device.type in ("cpu", "meta") else [
+        device.index if device.index is not None else torch.accelerator.current_device_index()]
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else None):
         torch.default_generator.manual_seed(seed)
-        module = torch.get_device_module(device.type)
-        if hasattr(module, "default_generators"):  # the model's device, not the current one (cuda, xpu)
-            module.default_generators[index].manual_seed(seed)
-        else:  # mps: one device
-            module.manual_seed(seed)
+        module = torch.get_device_module(device.type) if devices else None
+        for index in devices:
+            if hasattr(module, "default_generators"):  # the model's device, not the current one (cuda, xpu)
+                module.default_generators[index].manual_seed(seed)
+            else:  # mps: one device
+                module.manual_seed(seed)
         yield
 
 

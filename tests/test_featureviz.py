@@ -1429,7 +1429,11 @@ def test_a_model_that_draws_random_numbers_renders_by_its_seed_and_leaves_the_ca
 
 
 def test_a_render_on_another_accelerator_seeds_and_hands_back_its_stream(monkeypatch):
-    """mps and xpu as CUDA (neither is here: their calls recorded)."""
+    """mps and xpu as CUDA (neither is here: their calls recorded); meta, which draws none, as the CPU."""
+    state = torch.get_rng_state()
+    with fv._own_random_numbers(torch.device("meta"), 7):
+        torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), state)  # fork_rng's device_type "meta" forked not even the CPU's
     calls = []
 
     @contextlib.contextmanager
