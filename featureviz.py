@@ -102,41 +102,44 @@ def _cached(maxsize=16):
 
 
 def _irfft2(spec, size):
-    """The size x size real images (ortho) of one-sided spectra (..., size, size//2+1) that need not be the
-    spectra of real images. A real image's is Hermitian in its first column, and in its last for an even size:
-    the bins at -ky and ky are conjugates, the DC and Nyquist bins real. A Fourier parameterization's are not,
-    and what irfft2 makes of that is the backend's to choose (pytorch/pytorch#154496): a CPU's takes their
+    """The real images (..., H, W) (ortho) of size (H, W) of one-sided spectra (..., H, W//2+1) that need not be
+    the spectra of real images. A real image's is Hermitian in its first column, and in its last for an even
+    width: the bins at -ky and ky are conjugates, the DC and Nyquist bins real. A Fourier parameterization's are
+    not, and what irfft2 makes of that is the backend's to choose (pytorch/pytorch#154496): a CPU's takes their
     Hermitian part; cuFFT's is undefined. So on any other device the inverse is taken in two steps that make
     the same images: along the height, then along the width, the columns' imaginary parts cleared between
     them (_hermitian_irfft2). On a CPU irfft2 already does it; the two steps would add 0.03-0.08x of a bare step."""
     if spec.device.type == "cpu":
-        return torch.fft.irfft2(spec, s=(size, size), norm="ortho")
+        return torch.fft.irfft2(spec, s=size, norm="ortho")
     return _hermitian_irfft2(spec, size)
 
 
 def _hermitian_irfft2(spec, size):
-    """irfft2 of the Hermitian part of spectra (..., size, size//2+1), on any backend: after the inverse
-    transform along the height, the first column (and the last for an even size) holds each row's DC (and
+    """irfft2 to size (H, W) of the Hermitian part of spectra (..., H, W//2+1), on any backend: after the inverse
+    transform along the height, the first column (and the last for an even width) holds each row's DC (and
     Nyquist) bin, which must be real; the imaginary part cleared there is the anti-Hermitian part's."""
-    parts = torch.view_as_real(torch.fft.ifft(spec, n=size, dim=-2, norm="ortho"))  # (..., H, W//2+1, 2)
-    parts = parts * _real_where_self_conjugate(size, parts.device, parts.dtype)
-    return torch.fft.irfft(torch.view_as_complex(parts), n=size, dim=-1, norm="ortho")
+    h, w = size
+    parts = torch.view_as_real(torch.fft.ifft(spec, n=h, dim=-2, norm="ortho"))  # (..., H, W//2+1, 2)
+    parts = parts * _real_where_self_conjugate(w, parts.device, parts.dtype)
+    return torch.fft.irfft(torch.view_as_complex(parts), n=w, dim=-1, norm="ortho")
 
 
 @_cached()
-def _real_where_self_conjugate(size, device, dtype):
-    """(size//2+1, 2) factors of the (real, imaginary) parts of a one-sided spectrum's columns: 0 for the
+def _real_where_self_conjugate(width, device, dtype):
+    """(width//2+1, 2) factors of the (real, imaginary) parts of a one-sided spectrum's columns: 0 for the
     imaginary parts of the self-conjugate columns, 1 elsewhere. Made once per device, before any CUDA graph
     is captured (render's eager warm-up steps make it): no host-to-device copy in a step."""
-    keep = torch.ones(size // 2 + 1, 2, dtype=dtype)
-    keep[list(_self_conjugate_columns(size)), 1] = 0
+    keep = torch.ones(width // 2 + 1, 2, dtype=dtype)
+    keep[list(_own_mirrors(width)), 1] = 0
     return keep.to(device)
 
 
-def _self_conjugate_columns(size):
-    """The columns of a size x size real image's one-sided spectrum (..., size, size//2+1) that stand for
-    themselves alone, not also for their mirror image: the first and, for an even size, the last."""
-    return (0, size // 2) if size % 2 == 0 else (0,)
+def _own_mirrors(n):
+    """The indices of the frequencies, along an axis of n pixels, that are their own mirror image (k = -k mod n):
+    0 and, for an even n, n/2. Of a real image's one-sided spectrum (..., H, W//2+1), these columns (of n = W)
+    stand for themselves alone, not also for their mirror image, and these rows (of n = H) mirror onto
+    themselves."""
+    return (0, n // 2) if n % 2 == 0 else (0,)
 
 
 def _register_color(module, color):
@@ -171,8 +174,9 @@ def _logit(x, eps=1e-3):
 
 
 # ----------------------------------------------------------------------------- parameterizations
-# Each is an nn.Module built as Cls(n, channels, size, ...) whose forward() returns (n, channels, size, size)
-# images in [0, 1] (the Fourier ones channels_last: `_to_image`; .reshape, not .view, or .contiguous()).
+# Each is an nn.Module built as Cls(n, channels, size, ...), size a side or (height, width) (models.image_shape),
+# whose forward() returns (n, channels, height, width) images in [0, 1] (the Fourier ones channels_last:
+# `_to_image`; .reshape, not .view, or .contiguous()).
 # render() builds them from a Recipe (`parameterization(kind, **options)`).
 
 class PixelParam(nn.Module):
@@ -180,7 +184,7 @@ class PixelParam(nn.Module):
 
     def __init__(self, n, channels, size, sd=0.01, generator=None, init=None):
         super().__init__()
-        x = sd * torch.randn(n, channels, size, size, generator=generator)
+        x = sd * torch.randn(n, channels, *models.image_shape(size), generator=generator)
         if init is not None:
             x = _logit(data.to_float(init, "init").cpu())
         self.logits = nn.Parameter(x)  # (N, C, H, W)
@@ -190,14 +194,16 @@ class PixelParam(nn.Module):
 
 
 def fourier_scale(size, decay=1.0, spectrum=None):
-    """(H, W//2+1) per-frequency scale: 1/f^decay (f floored at 1/size) or a measured spectrum, RMS 1."""
+    """(H, W//2+1) per-frequency scale for images of size (H, W) (or a side: models.image_shape): 1/f^decay (f
+    floored at 1/max(H, W), the lowest frequency) or a measured spectrum, RMS 1."""
+    h, w = models.image_shape(size)
     if spectrum is None:
-        fy = torch.fft.fftfreq(size)[:, None]
-        fx = torch.fft.rfftfreq(size)[None, :]
-        scale = (fy ** 2 + fx ** 2).sqrt().clamp_min(1 / size) ** -decay
+        fy = torch.fft.fftfreq(h)[:, None]
+        fx = torch.fft.rfftfreq(w)[None, :]
+        scale = (fy ** 2 + fx ** 2).sqrt().clamp_min(1 / max(h, w)) ** -decay
     else:
-        if tuple(spectrum.shape) != (size, size // 2 + 1):
-            raise ValueError(f"spectrum must be ({size}, {size // 2 + 1}) for {size}x{size} images, as "
+        if tuple(spectrum.shape) != (h, w // 2 + 1):
+            raise ValueError(f"spectrum must be ({h}, {w // 2 + 1}) for {h}x{w} images, as "
                              f"spectrum(images) of such images returns; got {tuple(spectrum.shape)}")
         scale = spectrum.float().cpu()  # made on the CPU, whatever the spectrum's device; the module moves it
         if not (torch.isfinite(scale).all() and scale.min() >= 0 and scale.max() > 0):
@@ -233,10 +239,10 @@ class FourierParam(nn.Module):
     def __init__(self, n, channels, size, color_cov=None, decay=1.0, spectrum=None, sd=0.01, generator=None,
                  init=None):
         super().__init__()
-        self.size = size
-        self.register_buffer("scale", fourier_scale(size, decay, spectrum))  # (H, W//2+1)
+        self.size = h, w = models.image_shape(size)
+        self.register_buffer("scale", fourier_scale(self.size, decay, spectrum))  # (H, W//2+1)
         _register_color(self, color_sqrt(color_cov, channels))
-        shape = (n, channels, size, size // 2 + 1, 2)
+        shape = (n, channels, h, w // 2 + 1, 2)
         self.coeffs = nn.Parameter(sd * torch.randn(shape, generator=generator))
         if init is not None:
             self.set_images(init)
@@ -257,31 +263,35 @@ class FourierParam(nn.Module):
 
 
 def _rms(magnitude, size):
-    """RMS over (C, H, W) of the image whose ortho rfft2 has this magnitude, for any phases (Parseval):
-    every column but the first (and, for an even size, the last) stands for itself and its conjugate."""
+    """RMS over (C, H, W) of the image of size (H, W) whose ortho rfft2 has this magnitude, for any phases
+    (Parseval): every column but the first (and, for an even width, the last) stands for itself and its
+    conjugate."""
+    h, w = size
     weight = torch.full((magnitude.shape[-1],), 2.0)
-    weight[list(_self_conjugate_columns(size))] = 1.0
-    return ((magnitude ** 2 * weight).sum() / (magnitude.shape[0] * size * size)).sqrt()
+    weight[list(_own_mirrors(w))] = 1.0
+    return ((magnitude ** 2 * weight).sum() / (magnitude.shape[0] * h * w)).sqrt()
 
 
 def _one_sided(magnitude, size):
-    """The magnitude (..., size, size//2+1) with each mirror pair (-ky, ky) of the self-conjugate columns held once:
-    at ky (the upper half) twice over, at -ky 0, the real bins as they are. The inverse keeps a column's Hermitian
-    part, (X(ky) + conj X(-ky)) / 2: from two free phases that is m |cos((a + b) / 2)|, anywhere in [0, m] (half
-    the power on average, along the height only); from these, m with ky's phase, as a real image has it."""
+    """The magnitude (..., H, W//2+1) of images of size (H, W) with each mirror pair (-ky, ky) of the
+    self-conjugate columns held once: at ky (the upper half) twice over, at -ky 0, the real bins as they are.
+    The inverse keeps a column's Hermitian part, (X(ky) + conj X(-ky)) / 2: from two free phases that is
+    m |cos((a + b) / 2)|, anywhere in [0, m] (half the power on average, along the height only); from these, m
+    with ky's phase, as a real image has it."""
+    h, w = size
     out = magnitude.clone()
-    columns = list(_self_conjugate_columns(size))
-    out[..., 1:(size + 1) // 2, columns] *= 2
-    out[..., size // 2 + 1:, columns] = 0
+    columns = list(_own_mirrors(w))
+    out[..., 1:(h + 1) // 2, columns] *= 2
+    out[..., h // 2 + 1:, columns] = 0
     return out
 
 
 def _real_bins(size):
-    """(size, size//2+1) bool: the bins of a real size x size image's rfft2 that are real, their own
-    conjugates: the DC term and, for an even size, the Nyquist ones."""
-    real = torch.zeros(size, size // 2 + 1, dtype=torch.bool)
-    ends = list(_self_conjugate_columns(size))  # the rows 0 and size/2 are their own mirrors too
-    real[[[e] for e in ends], ends] = True
+    """(H, W//2+1) bool: the bins of the rfft2 of a real image of size (H, W) that are real, their own
+    conjugates: the DC term and, for an even side, the Nyquist ones (the rows and columns of _own_mirrors)."""
+    h, w = size
+    real = torch.zeros(h, w // 2 + 1, dtype=torch.bool)
+    real[[[r] for r in _own_mirrors(h)], list(_own_mirrors(w))] = True
     return real
 
 
@@ -323,22 +333,22 @@ class MaCoParam(nn.Module):
 
     def __init__(self, n, channels, size, magnitude=None, color_cov=None, contrast=1.0, generator=None, init=None):
         super().__init__()
-        self.size = size
-        shape = (channels, size, size // 2 + 1)
+        self.size = h, w = models.image_shape(size)
+        shape = (channels, h, w // 2 + 1)
         if magnitude is None:
             raise ValueError("MaCo needs the data's magnitude spectrum: parameterization('maco', "
                              "magnitude=magnitude_spectrum(train_images, color_cov), color_cov=color_cov)")
         magnitude = torch.as_tensor(magnitude).float().cpu()
         if tuple(magnitude.shape) != shape:
-            raise ValueError(f"magnitude must be {shape} for {channels}-channel {size}x{size} images, as "
+            raise ValueError(f"magnitude must be {shape} for {channels}-channel {h}x{w} images, as "
                              f"magnitude_spectrum(images) returns; got {tuple(magnitude.shape)}")
         varying = magnitude.clone()
         varying[:, 0, 0] = 0  # the DC term is the images' mean: `contrast` is their RMS about it
-        spread = _rms(varying, size)
+        spread = _rms(varying, self.size)
         if not ((magnitude >= 0).all() and spread > 1e-6 * magnitude.max()):  # NaN and inf fail one or the other
             raise ValueError("magnitude must be finite, >= 0 and not all 0 beyond its DC term [:, 0, 0], as "
                              "magnitude_spectrum(images) returns for images that are not each one flat colour")
-        self.register_buffer("magnitude", _one_sided(magnitude * (contrast / spread), size))  # (C, H, W//2+1)
+        self.register_buffer("magnitude", _one_sided(magnitude * (contrast / spread), self.size))  # (C, H, W//2+1)
         _register_color(self, color_sqrt(color_cov, channels))
         phase = (2 * torch.rand((n, *shape), generator=generator) - 1) * math.pi
         self.phase = nn.Parameter(phase)                                # (N, C, H, W//2+1)
@@ -370,11 +380,11 @@ def _check_vae_fits(vae, channels, size):
     if vae is None:
         raise ValueError("a latent parameterization needs a VAE: parameterization('latent', vae=vae) with a trained "
                          "models.VAE")
-    made = (vae.config["in_channels"], vae.image_size)
-    if made != (channels, size):
-        raise ValueError(f"the VAE makes {made[0]}-channel {made[1]}x{made[1]} images and the model takes "
-                         f"{channels}-channel {size}x{size} ones: the latent techniques need a VAE trained on "
-                         f"images of the model's size and channels (or use 'pixel' or 'fourier')")
+    h, w = models.image_shape(size)
+    if (vae.config["in_channels"], vae.image_size, vae.image_size) != (channels, h, w):
+        raise ValueError(f"the VAE makes {vae.config['in_channels']}-channel {vae.image_size}x{vae.image_size} "
+                         f"images and the model takes {channels}-channel {h}x{w} ones: the latent techniques need a "
+                         f"VAE trained on images of the model's size and channels (or use 'pixel' or 'fourier')")
 
 
 def _encode(vae, init):
@@ -473,10 +483,10 @@ class Recipe:
         init = self.options.get("init")
         if not isinstance(init, torch.Tensor):  # no init (or one of another type, which the class names)
             return self.cls(n, channels, size, generator=generator, **self.options)
-        targets = n // per_target
-        if init.dim() != 4 or tuple(init.shape[1:]) != (channels, size, size) or len(init) not in (1, targets, n):
-            raise ValueError(f"init images must be {(n, channels, size, size)}, {(targets, channels, size, size)} "
-                             f"(one per target) or {(1, channels, size, size)} (one for all) at the model's size; "
+        targets, image = n // per_target, (channels, *models.image_shape(size))
+        if init.dim() != 4 or tuple(init.shape[1:]) != image or len(init) not in (1, targets, n):
+            raise ValueError(f"init images must be {(n, *image)}, {(targets, *image)} "
+                             f"(one per target) or {(1, *image)} (one for all) at the model's size; "
                              f"got {tuple(init.shape)}")
         # one image for all, or each target's for its images_per_target x restarts images
         init = init.expand(n, -1, -1, -1) if len(init) == 1 else init.repeat_interleave(n // len(init), 0)
@@ -531,15 +541,16 @@ def _check_options(options):
 
 # ----------------------------------------------------------------------------- transforms
 # Each transform is t(x, gen) -> x on a batch (N, C, H, W), drawing one random value per image. Amounts
-# are fractions of the image side, so one transform serves 28, 32 and 64 px alike.
+# are fractions of the image side (of each side its own), so one transform serves 28, 32 and 64 px alike, and
+# images that are not square.
 
 def jitter(fraction):
-    """Shift each image by its own integer offset of up to fraction x its side (at least 1 px),
+    """Shift each image by its own integer offset of up to fraction x its shorter side (at least 1 px),
     reflecting at the border; same size."""
     data.check_real("jitter's fraction (of the image side)", fraction, 0)
 
     def t(x, gen):
-        px = max(1, round(fraction * x.shape[-1]))
+        px = max(1, round(fraction * min(x.shape[-2:])))
         if px >= min(x.shape[-2:]):
             raise ValueError(f"jitter({fraction}) shifts by up to {px} px, not less than the image's side "
                              f"{min(x.shape[-2:])}: the fraction must be well below 1 (LIGHT is jitter(1 / 32))")
@@ -893,8 +904,7 @@ class Objective:
         self.recorder = models.Recorder(model, self.layers)
         self.device = models.device_of(model)
         if input_shape is None:
-            side = models.input_size(model)
-            input_shape = (models.input_channels(model), side, side)
+            input_shape = (models.input_channels(model), *models.input_size(model))
         self.targets, self.shape_of = targets, self.shapes(model, input_shape)
         for t in targets:
             t.check(self.shape_of[t.layer])
@@ -1177,7 +1187,8 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
       Python branch is taken once, at the capture; featureviz.CUDA_GRAPHS = False runs every step eagerly).
     regularizers: weighted terms added to the loss, one or a list: TV(2.0), [L2(1.0), TV(2.0)], [Diversity()].
     restarts: optimize this many candidates per image and keep the one with the highest activation.
-    size: the side of the images, if the model does not record it (models.input_size).
+    size: the side of square images, or their (height, width), if the model does not record it
+      (models.input_size).
     seed: seeds the initialization and the transforms; the same seed gives the same images for the same
       targets in the same order (the draws follow the order: a target alone starts otherwise than in a batch).
     """
@@ -1270,11 +1281,11 @@ def _prepared(model, targets, param, transforms, terms, groups, size, seed):
     a pool's best draws come in that order); terms: the regularizers as _resolve returns them."""
     device, channels = models.device_of(model), models.input_channels(model)
     with models.frozen(model, _vae_on(param, device)) as layout, _deterministic_convolutions():
-        objective = Objective(model, targets, [t.layer for t in terms if t.layer], (channels, size, size))
+        objective = Objective(model, targets, [t.layer for t in terms if t.layer], (channels, *size))
         with objective.hooked(layout) as run:
             param = _build(param, len(groups), channels, size, len(groups) // len(targets), objective, run, seed)
             param = param.to(device)
-            first = _check_param(param, (len(groups), channels, size, size), terms)
+            first = _check_param(param, (len(groups), channels, *size), terms)
             _check_transforms(transforms, first)
             gen = torch.Generator(device=device).manual_seed(seed)
             own = objective.own(groups)
@@ -1309,13 +1320,13 @@ def _best_of_restarts(final, restarts):
 
 
 def _image_size(model, param, size):
-    """The side of the images to render: `size`, else the model's own, else a built parameterization's."""
+    """(height, width) of the images to render: `size`, else the model's own, else a built parameterization's."""
     if size is None and isinstance(param, nn.Module):
         try:
             return models.input_size(model)
         except ValueError:
             with torch.no_grad():
-                size = param().shape[-1]
+                size = tuple(param().shape[-2:])
     return models.input_size(model, size)
 
 
@@ -1406,7 +1417,7 @@ def _step(param, own, run, transforms, terms, groups, gen):
 
     def step():
         if inside:
-            x = param(transforms.phase(len(groups), param.size, param.size, gen, groups.device))  # shifted
+            x = param(transforms.phase(len(groups), *param.size, gen, groups.device))  # shifted
             acts = run(x)
         else:
             x = param()                                              # (N, C, H, W)
@@ -1655,6 +1666,8 @@ def _check_stage(name, stage):
     _check_settings(s["steps"], s["lr"], s["transforms"], s["images_per_target"], s["restarts"], s["seed"])
     if not isinstance(s["param"], nn.Module):
         _as_recipe(s["param"])
+    if s["size"] is not None:  # 32 and (32, 32) are one size
+        s["size"] = models.image_shape(s["size"])
     _check_diversity(_terms(s["regularizers"]), s["images_per_target"])
     return s
 

@@ -118,7 +118,7 @@ def block_activations(model, images, reduce, layers=None, batch_size=500):
     reduce(activation (B, C, H, W)) of the images."""
     models.check_input(model, images)
     data.check_count("batch_size", batch_size, 1)
-    layers = models.block_layers(model, images.shape[-1]) if layers is None else models.as_names(layers)
+    layers = models.block_layers(model, tuple(images.shape[-2:])) if layers is None else models.as_names(layers)
     device = models.device_of(model)
     out = []
     with models.capturing(model, layers) as read:
@@ -204,7 +204,7 @@ class Statistics:
     def __init__(self, other, train_x):
         if len(models.check_input(other, train_x, "train_x")) < 2:
             raise ValueError(f"train_x must hold at least 2 images to standardize on; got {len(train_x)}")
-        self.other, self.layers = other, models.block_layers(other, train_x.shape[-1])
+        self.other, self.layers = other, models.block_layers(other, tuple(train_x.shape[-2:]))
         self.shape = tuple(train_x.shape[-2:])  # statistics of maps of another size are of other numbers
         ref = block_activations(other, train_x, spatial_statistics, self.layers)
         sds = [s.std(0) for s in ref]
@@ -245,7 +245,7 @@ def _check_size(images, shape, name="images"):
     if tuple(images.shape[-2:]) != shape:
         raise ValueError(f"{name} are {'x'.join(map(str, images.shape[-2:]))}, the reference images "
                          f"{'x'.join(map(str, shape))}: their statistics would not compare; render at size="
-                         f"{shape[-1]}")
+                         f"{shape[0] if shape[0] == shape[1] else shape}")
 
 
 def diversity(feature_model, images, groups):

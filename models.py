@@ -636,20 +636,31 @@ def check_input(model, images, name="images"):
 
 
 def input_size(model, size=None):
-    """Side in pixels of the square images the model takes: `size` if given, else what the model records
-    (`model.image_size` or `model.config['image_size']`); an error asking for size= otherwise."""
-    given = size is not None
-    if not given:
-        size = getattr(inner(model), "image_size", None) or config_of(model).get("image_size")
-    if size is None:
+    """(height, width) of the images the model takes: `size` if given, else what the model records
+    (`model.image_size` or `model.config['image_size']`); either a side (square images) or a pair (height, width)
+    (image_shape). An error asking for size= otherwise."""
+    if size is not None:
+        return image_shape(size)
+    recorded = getattr(inner(model), "image_size", None) or config_of(model).get("image_size")
+    if recorded is None:
         raise ValueError(f"cannot tell the image size {type(model).__name__} takes (it records none): pass "
-                         f"size=..., the side in pixels of its input images (e.g. size=32 for CIFAR-10)")
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        if given:
-            raise ValueError(f"size must be an int >= 1 (pixels), got {size!r}")
-        raise ValueError(f"{type(model).__name__}'s recorded image_size must be an int >= 1 (pixels), got {size!r} "
-                         f"(pass size=..., the side in pixels of its square input images)")
-    return int(size)
+                         f"size=..., the side in pixels of its square input images (e.g. size=32 for CIFAR-10) "
+                         f"or their (height, width)")
+    return image_shape(recorded, f"{type(model).__name__}'s recorded image_size")
+
+
+def image_shape(size, name="size"):
+    """(height, width) in pixels of an image size given as one side (square images) or a pair (height, width);
+    an error naming `name` for anything else."""
+    pair = (size, size) if isinstance(size, numbers.Integral) else size
+    try:
+        h, w = pair
+    except (TypeError, ValueError):
+        h = w = None
+    if not all(_positive_int(v) for v in (h, w)):
+        raise ValueError(f"{name} must be an int >= 1 (the side of square images, in pixels) or a pair (height, "
+                         f"width) of them, got {size!r}")
+    return int(h), int(w)
 
 
 class _Stop(Exception):
@@ -975,9 +986,9 @@ def keeps_features_last(model, images, name):
 
 
 def _probe(model, size=None):
-    """A zero image of the model's input shape on its device: (1, C, H, W)."""
-    side = input_size(model, size)
-    return torch.zeros(1, input_channels(model), side, side, device=device_of(model), dtype=dtype_of(model))
+    """A zero image of the model's input shape on its device: (1, C, H, W); size as input_size takes it."""
+    return torch.zeros(1, input_channels(model), *input_size(model, size), device=device_of(model),
+                       dtype=dtype_of(model))
 
 
 def device_error(e):
@@ -999,10 +1010,11 @@ def probing(model, probe):
         if device_error(e):
             raise
         c, h, w = probe.shape[1:]
-        raise ValueError(f"{type(model).__name__} fails on a {c}-channel {h}x{w} image (the images' side where images "
-                         f"are given, else size= or the model's image_size): {e}. If {h} is not the side it takes, "
-                         f"give size=; if {c} are not its channels (models.input_channels: what it records, else "
-                         f"its first registered nn.Conv2d's), set model.image_channels") from e
+        raise ValueError(f"{type(model).__name__} fails on a {c}-channel {h}x{w} image (the images' size where "
+                         f"images are given, else size= or the model's image_size): {e}. If {h}x{w} is not the size "
+                         f"it takes, give size= (a side, or (height, width)); if {c} are not its channels "
+                         f"(models.input_channels: what it records, else its first registered nn.Conv2d's), set "
+                         f"model.image_channels") from e
 
 
 def layer_channels(model, name, size=None):

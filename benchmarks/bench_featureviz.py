@@ -343,13 +343,13 @@ def bare_step(model, classes, steps, bounded=True, recipe=None):
 def bare_stepper(stack, model, classes, bounded=True, recipe=None):
     """step() taking one bare step (bare_step's), the model frozen in a context entered on `stack`."""
     device, n = models.device_of(model), len(classes)
-    side, channels = models.input_size(model), models.input_channels(model)
+    size, channels = models.input_size(model), models.input_channels(model)
     if recipe is None:
-        x = torch.rand(n, channels, side, side, device=device, requires_grad=True)
+        x = torch.rand(n, channels, *size, device=device, requires_grad=True)
         params, images = [x], lambda: x
     else:
-        param, gen = recipe(n, channels, side).to(device), torch.Generator(device=device).manual_seed(0)
-        params, images = list(param.parameters()), lambda: param(fv.STANDARD.phase(n, side, side, gen, device))
+        param, gen = recipe(n, channels, size).to(device), torch.Generator(device=device).manual_seed(0)
+        params, images = list(param.parameters()), lambda: param(fv.STANDARD.phase(n, *size, gen, device))
     idx = torch.arange(n, device=device)
     cls = torch.tensor(classes, device=device)
     opt = torch.optim.Adam(params, lr=0.05, fused=True)  # as render() steps
@@ -373,10 +373,10 @@ def render_stepper(stack, model, technique, classes, steps):
     defaults = {name: p.default for name, p in inspect.signature(fv.render).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     settings = {**defaults, **technique.settings}  # what render() takes when called with the technique's settings
-    side, groups = models.input_size(model), torch.arange(len(classes), device=models.device_of(model))
-    terms = fv._resolve(settings["regularizers"], model, side)
+    size, groups = models.input_size(model), torch.arange(len(classes), device=models.device_of(model))
+    terms = fv._resolve(settings["regularizers"], model, size)
     param, one, _, _ = stack.enter_context(fv._prepared(model, fv.as_targets(classes), settings["param"],
-                                                        settings["transforms"], terms, groups, side, 0))
+                                                        settings["transforms"], terms, groups, size, 0))
     opt = torch.optim.Adam(param.parameters(), lr=settings["lr"], fused=True)
     history, done = torch.zeros(steps, len(classes)), iter(range(steps))
 
@@ -420,9 +420,9 @@ def by_hand(name):
     return f"{name} by hand (its images, no render())"
 
 
-def timing_techniques(side):
+def timing_techniques(size):
     """fv.techniques() with the statistics of random images: any statistics time the same."""
-    images = torch.rand(64, 3, side, side, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(64, 3, *size, generator=torch.Generator().manual_seed(0))
     cov = fv.color_covariance(images)
     return fv.techniques(color_cov=cov, magnitude=fv.magnitude_spectrum(images, cov))
 

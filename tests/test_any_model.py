@@ -1,7 +1,8 @@
 """Feature visualization, exemplars and attribution for models that are not ours and sizes other than 32 px.
 
 The four kinds of model: a 28 px 1-channel nn.Sequential (Fashion-MNIST-like), our 32 px CNN, a
-torchvision resnet18 at 32 px, and our CNN at 64 px. Weights are untrained: what is checked is that every
+torchvision resnet18 at 32 px, and our CNN at 64 px; and a fifth, an nn.Sequential that takes only 24x40
+images (not square). Weights are untrained: what is checked is that every
 technique that applies renders at the model's own size and raises the activation, and that the rest
 fail with an error that says what to do.
 """
@@ -38,6 +39,13 @@ def sequential_28():
                          nn.Flatten(), nn.Linear(16 * 7 * 7, 10)).eval()
 
 
+def sequential_24x40():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(16 * 6 * 10, 10)).eval()  # its linear layer fits 24x40 alone
+
+
 def cnn(size):
     torch.manual_seed(0)
     return models.build_model(models.cnn_config("small", image_size=size)).eval()
@@ -59,35 +67,39 @@ MODELS = {
     "our CNN at 32 px": (lambda: cnn(32), None, 3, fv.Channel("block2.act2", 3)),
     "resnet18 at 32 px": (resnet18, 32, 3, fv.Channel("layer3.1.conv2", 7)),
     "our CNN at 64 px": (lambda: cnn(64), None, 3, fv.Channel("block3.act2", 1)),
+    "sequential 24x40 px": (sequential_24x40, (24, 40), 3, fv.Channel("3", 5)),
 }
 LATENT_FITS = {"our CNN at 32 px", "resnet18 at 32 px"}  # the VAE draws 3-channel 32 px images
 KNOWN_CHANNELS = {"sequential 28 px, 1 channel": 16, "our CNN at 32 px": 32, "resnet18 at 32 px": 512,
-                  "our CNN at 64 px": 32}  # the channels of each one's last spatial layer
+                  "our CNN at 64 px": 32, "sequential 24x40 px": 16}  # the channels of each one's last spatial layer
 
 
 def _size_kw(size):
     return {} if size is None else dict(size=size)
 
 
-def _magnitude(channels, side):
-    """A magnitude spectrum for MaCo at the model's channels and size (of random images: any will do)."""
-    return fv.magnitude_spectrum(torch.rand(8, channels, side, side, generator=torch.Generator().manual_seed(0)))
+def _magnitude(channels, size):
+    """A magnitude spectrum for MaCo at the model's channels and size (a side or (h, w)) (of random images: any
+    will do)."""
+    shape = (8, channels, *models.image_shape(size))
+    return fv.magnitude_spectrum(torch.rand(shape, generator=torch.Generator().manual_seed(0)))
 
 
 @pytest.mark.parametrize("technique", fv.TECHNIQUE_NAMES)
 @pytest.mark.parametrize("name", MODELS)
 def test_every_technique_renders_at_the_model_size_or_says_why_not(name, technique):
     build, size, channels, channel = MODELS[name]
-    model, side = build(), size or models.input_size(build())
+    model = build()
+    h, w = models.input_size(model, size)
     how = fv.techniques(vae()) if technique in fv.LATENT_TECHNIQUES else fv.techniques(
-        magnitude=_magnitude(channels, side))
+        magnitude=_magnitude(channels, (h, w)))
     if technique in fv.LATENT_TECHNIQUES and name not in LATENT_FITS:
         with pytest.raises(ValueError, match=rf"the VAE makes 3-channel 32x32 images and the model takes "
-                                             rf"{channels}-channel {side}x{side} ones"):
+                                             rf"{channels}-channel {h}x{w} ones"):
             how[technique](model, [0], steps=2, progress=False, **_size_kw(size))
         return
     r = how[technique](model, [fv.Class(1), channel], steps=24, progress=False, **_size_kw(size))
-    assert r.images.shape == (2, channels, side, side)
+    assert r.images.shape == (2, channels, h, w)
     assert r.images.min() >= 0 and r.images.max() <= 1
     if technique != "pixel+reg":  # (its penalties outweigh an untrained model's tiny activations)
         assert (r.history[-4:].mean(0) > r.history[:4].mean(0)).all(), r.history  # it climbs on every target
@@ -98,13 +110,13 @@ def test_every_technique_renders_at_the_model_size_or_says_why_not(name, techniq
 def test_diversity_and_exemplars_follow_the_model(name):
     build, size, channels, channel = MODELS[name]
     model = build()
-    side = size or models.input_size(model)
-    layer = models.last_spatial_layer(model, side)
+    h, w = models.input_size(model, size)
+    layer = models.last_spatial_layer(model, size)
     kw = dict(images_per_target=2, steps=3, progress=False, **_size_kw(size))
     r = fv.render(model, [channel], regularizers=[fv.Diversity(1.0)], **kw)
-    assert r.images.shape == (2, channels, side, side)
+    assert r.images.shape == (2, channels, h, w)
     assert not torch.equal(r.images, fv.render(model, [channel], regularizers=[fv.Diversity(0.0)], **kw).images)
-    images = torch.randint(0, 256, (20, channels, side, side), dtype=torch.uint8)
+    images = torch.randint(0, 256, (20, channels, h, w), dtype=torch.uint8)
     ex = fv.exemplars(model, images, channel, k=3)
     with torch.no_grad():  # the channel's mean, one image at a time, through a plain hook
         maps = []
@@ -117,7 +129,17 @@ def test_diversity_and_exemplars_follow_the_model(name):
     assert torch.equal(ex.top, by_hand.topk(3).indices)
     assert models.layer_channels(model, layer, size) == KNOWN_CHANNELS[name]
     cam = attribution.grad_cam(model, images[:2], 0)  # default layer: the last spatial one
-    assert cam.shape == (2, side, side)
+    assert cam.shape == (2, h, w)
+
+
+def test_naturalness_reads_a_model_of_images_that_are_not_square_at_their_size():
+    """The independent model's blocks are found at the images' (height, width): this one's linear layer takes
+    24x40 images alone. Renders of another size are refused, naming the size to render at."""
+    other, gen = sequential_24x40(), torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 3, 24, 40, generator=gen), torch.arange(40) % 2
+    assert metrics.naturalness(other, x[:4], y[:4], x[:30], y[:30], x[30:], y[30:]) > 0
+    with pytest.raises(ValueError, match=r"vis are 40x24, the reference images 24x40: .* render at size=\(24, 40\)"):
+        metrics.naturalness(other, x[:4].mT, y[:4], x[:30], y[:30], x[30:], y[30:])
 
 
 def test_a_layer_reads_the_same_whatever_runs_after_it():
@@ -374,14 +396,18 @@ def test_a_size_the_model_cannot_tell_asks_for_size():
             fv.render(model, [0], steps=1, progress=False)
         with pytest.raises(ValueError, match=r"pass size="):
             models.layer_channels(model, "fc" if isinstance(model, torchvision.models.ResNet) else "7")
-    with pytest.raises(ValueError, match="size must be an int >= 1"):
-        models.input_size(cnn(32), 0)
+    for bad in (0, (28, 0), (28,), (28, 28, 28), "28", 28.0, True, (28, 2.5)):
+        with pytest.raises(ValueError, match=r"^size must be an int >= 1 \(the side of square images, in pixels\) "
+                                             r"or a pair \(height, width\) of them, got "):
+            models.input_size(cnn(32), bad)
     recorded = sequential_28()
-    recorded.image_size = (28, 28)  # a model's own record, not the size= argument, is named as the culprit
-    with pytest.raises(ValueError, match=r"^Sequential's recorded image_size must be an int >= 1 \(pixels\), got "
-                                         r"\(28, 28\) \(pass size="):
+    recorded.image_size = (28, -28)  # a model's own record, not the size= argument, is named as the culprit
+    with pytest.raises(ValueError, match=r"^Sequential's recorded image_size must be an int >= 1 .*got \(28, -28\)"):
         models.input_size(recorded)
-    assert models.input_size(cnn(64)) == 64 and models.input_size(vae()) == 32
+    recorded.image_size = (28, 28)  # a pair is a size
+    assert models.input_size(recorded) == (28, 28) == models.input_size(cnn(32), np.int64(28))
+    assert models.input_size(cnn(64)) == (64, 64) and models.input_size(vae()) == (32, 32)
+    assert models.input_size(cnn(32), (24, 40)) == (24, 40) == models.input_size(cnn(32), torch.Size([24, 40]))
     # a size the model cannot take fails inside it; a built parameterization gives its own size
     r = fv.render(sequential_28(), [0], param=fv.PixelParam(1, 1, 28), steps=1, progress=False)
     assert r.images.shape == (1, 1, 28, 28)

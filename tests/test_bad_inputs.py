@@ -756,7 +756,10 @@ def test_attribution_targets_out_of_range_and_a_layer_without_space(nets):
     (dict(seed="a"), r"seed must be an int in 0..18446744073709551615, got 'a'"),
     (dict(seed=-1), r"seed must be an int in 0..18446744073709551615, got -1"),  # torch would wrap it to 2**64 - 2
     (dict(seed=2 ** 64), r"seed must be an int in 0..18446744073709551615, got 18446744073709551616"),
-    (dict(size=7), r"CNN fails on a 3-channel 7x7 image \(.*size=.*\): .*too small.*\. If 7 is not the side it takes, give size=; if 3 are not its channels .*set model.image_channels$"),
+    (dict(size=7), r"CNN fails on a 3-channel 7x7 image \(.*size=.*\): .*too small.*\. If 7x7 is not the size it "
+                   r"takes, give size= \(a side, or \(height, width\)\); if 3 are not its channels .*set "
+                   r"model.image_channels$"),
+    (dict(size=(32, 0)), r"size must be an int >= 1 \(the side of square images, in pixels\) or a pair"),
 ])
 def test_render_refuses_bad_settings_by_name(nets, kwargs, match):
     cnn, _ = nets
@@ -804,11 +807,13 @@ def test_helpers_name_a_bad_argument(nets):
     with pytest.raises(ValueError, match=r"neuron must be a \(y, x\) position in layer 'block2.act2', got \(1, 2, 3\)"):
         fv.visualize_unit(cnn, "block2.act2", 1, neuron=(1, 2, 3), steps=1, progress=False)
     for probe in (lambda: models.layer_channels(cnn, "block3.act2", size=6), lambda: models.last_spatial_layer(cnn, 6)):
-        with pytest.raises(ValueError, match=r"CNN fails on a 3-channel 6x6 image \(.*\): .*If 6 is not the side it takes"):
+        with pytest.raises(ValueError, match=r"CNN fails on a 3-channel 6x6 image \(.*\): .*If 6x6 is not the size "
+                                             r"it takes"):
             probe()
     for small in (lambda: fv.exemplars(cnn, torch.rand(4, 3, 6, 6), fv.Channel("block2.act2", 1)),  # no size= to
                   lambda: fv.activations(cnn, torch.rand(4, 3, 6, 6), [0])):                        # blame: the images
-        with pytest.raises(ValueError, match=r"6x6 image \(the images' side where images are given.*If 6 is not the side"):
+        with pytest.raises(ValueError, match=r"6x6 image \(the images' size where images are given.*If 6x6 is not "
+                                             r"the size"):
             small()
     with pytest.raises(TypeError, match=r"lr=cosine makes a schedule: call it .* lr=cosine\(0.3\)"):
         fv.render(cnn, [0], steps=1, lr=fv.cosine, progress=False)

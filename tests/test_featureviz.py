@@ -85,37 +85,39 @@ def test_param_images_in_range_and_gradients_reach_parameters(kind, channels):
     assert params[0].grad is not None and params[0].grad.abs().sum() > 0
 
 
-def _interior(spec):
-    """The rfft2 bins of a real image that are not real: all but the DC bin and, for an even size, the Nyquist
-    ones (flattened)."""
-    return spec[..., ~fv._real_bins(spec.shape[-2])]
+def _interior(spec, size):
+    """The rfft2 bins of a real image of size (h, w) that are not real: all but the DC bin and, for an even side,
+    the Nyquist ones (flattened)."""
+    return spec[..., ~fv._real_bins(size)]
 
 
-@pytest.mark.parametrize("size", [16, 15])
+@pytest.mark.parametrize("size", [16, 15, (12, 17), (15, 8), (15, 9)])
 def test_maco_keeps_the_data_magnitude_and_optimizes_only_the_phase(size):
-    """Every bin keeps the data's magnitude, those of the first column (and the last, for an even size) too,
+    """Every bin keeps the data's magnitude, those of the first column (and the last, for an even width) too,
     whose mirror pairs (-ky, ky) a one-sided spectrum holds twice: two free phases there left anywhere from
-    none to all of a pair's magnitude, half the power along the height on average."""
+    none to all of a pair's magnitude, half the power along the height on average. Square or not."""
     gen = torch.Generator().manual_seed(0)
-    magnitude = torch.rand(3, size, size // 2 + 1, generator=gen) + 0.1
+    h, w = models.image_shape(size)
+    magnitude = torch.rand(3, h, w // 2 + 1, generator=gen) + 0.1
     magnitude = (magnitude + magnitude.flip(1).roll(1, 1)) / 2  # |X(-ky)| = |X(ky)|, as for real images
     p = fv.MaCoParam(2, 3, size, magnitude=magnitude, generator=gen)  # no color_cov: the identity
+    assert p().shape == (2, 3, h, w)
     assert [name for name, _ in p.named_parameters()] == ["phase"]
     x = torch.logit(p().detach().double())
     rms = (x - x.mean((2, 3), keepdim=True)).pow(2).mean((1, 2, 3)).sqrt()  # the contrast, whatever the phases
-    assert torch.allclose(rms, torch.ones(2, dtype=torch.double), rtol=0.01 if size % 2 == 0 else 1e-6), rms
+    assert torch.allclose(rms, torch.ones(2, dtype=torch.double), rtol=0.01 if h % 2 == 0 or w % 2 == 0 else 1e-6), rms
     opt = torch.optim.Adam(p.parameters(), lr=0.1)
     for _ in range(5):  # after some steps of any objective, the magnitude is still the data's
         opt.zero_grad()
-        (p() * torch.linspace(0, 1, size)).sum().backward()
+        (p() * torch.linspace(0, 1, w)).sum().backward()
         opt.step()
-    got = _interior(torch.fft.rfft2(torch.logit(p().detach().double()), norm="ortho").abs())
-    ratio = got / _interior(magnitude).double()  # one scale for all (the contrast)
+    got = _interior(torch.fft.rfft2(torch.logit(p().detach().double()), norm="ortho").abs(), (h, w))
+    ratio = got / _interior(magnitude, (h, w)).double()  # one scale for all (the contrast)
     assert torch.allclose(ratio, ratio.flatten().mean(), rtol=1e-3)
-    images = torch.rand(2, 3, size, size, generator=gen) * 0.8 + 0.1
+    images = torch.rand(2, 3, h, w, generator=gen) * 0.8 + 0.1
     p.set_images(images)  # their phases, the data's magnitude
-    want = _interior(torch.fft.rfft2(torch.logit(images.double()), norm="ortho"))
-    got = _interior(torch.fft.rfft2(torch.logit(p().detach().double()), norm="ortho"))
+    want = _interior(torch.fft.rfft2(torch.logit(images.double()), norm="ortho"), (h, w))
+    got = _interior(torch.fft.rfft2(torch.logit(p().detach().double()), norm="ortho"), (h, w))
     assert (torch.angle(got / want)).abs().max() < 1e-3
 
 
@@ -129,46 +131,47 @@ def test_maco_polar_matches_torch_polar_and_its_gradient():
     grads = []
     for polar in (fv._Polar.apply, lambda m, p: torch.polar(m.expand_as(p), p)):
         spec = polar(magnitude, phase)
-        (fv._irfft2(spec, 8) * weight).sum().backward()
+        (fv._irfft2(spec, (8, 8)) * weight).sum().backward()
         grads.append((spec.detach(), phase.grad))
         phase.grad = None
     (ours, g_ours), (want, g_want) = grads
     assert torch.allclose(ours, want, atol=1e-6)
-    real = fv._real_bins(8)  # the DC term and the three Nyquist bins
+    real = fv._real_bins((8, 8))  # the DC term and the three Nyquist bins
     assert real.sum() == 4 and real[0, 0] and real[4, 4]
     assert torch.allclose(g_ours, g_want, atol=1e-5) and g_want[..., real].abs().min() > 0
 
 
 def _hermitian_reference(spec, size):
-    """The real images of the Hermitian part of one-sided spectra (..., size, size//2+1): the whole spectrum
-    written out, each bin of the self-conjugate columns (the first; the last for an even size) averaged with
-    its mirror's conjugate, then a complex inverse FFT, whose imaginary part is then nothing."""
-    mirror = (-torch.arange(size)) % size  # row -ky of each row ky
-    full = torch.zeros(*spec.shape[:-1], size, dtype=spec.dtype)
+    """The real images of size (H, W) of the Hermitian part of one-sided spectra (..., H, W//2+1): the whole
+    spectrum written out, each bin of the self-conjugate columns (the first; the last for an even width) averaged
+    with its mirror's conjugate, then a complex inverse FFT, whose imaginary part is then nothing."""
+    h, w = size
+    mirror = (-torch.arange(h)) % h  # row -ky of each row ky
+    full = torch.zeros(*spec.shape[:-1], w, dtype=spec.dtype)
     full[..., : spec.shape[-1]] = spec
-    for k in range(spec.shape[-1], size):  # the columns rfft2 leaves out: conjugates of mirrored ones
-        full[..., k] = spec[..., mirror, size - k].conj()
-    for k in (0, size // 2) if size % 2 == 0 else (0,):
+    for k in range(spec.shape[-1], w):  # the columns rfft2 leaves out: conjugates of mirrored ones
+        full[..., k] = spec[..., mirror, w - k].conj()
+    for k in (0, w // 2) if w % 2 == 0 else (0,):
         full[..., k] = (spec[..., k] + spec[..., mirror, k].conj()) / 2
     x = torch.fft.ifft2(full, norm="ortho")
-    assert x.imag.abs().max() < 1e-12 * size
+    assert x.imag.abs().max() < 1e-12 * max(h, w)
     return x.real
 
 
-@pytest.mark.parametrize("size", [8, 9])
+@pytest.mark.parametrize("size", [(8, 8), (9, 9), (8, 9), (9, 6)])
 def test_the_inverse_fft_of_a_spectrum_that_is_not_hermitian_takes_its_hermitian_part(size, monkeypatch):
     """A Fourier parameterization's spectra are not Hermitian where a real image's are: a CPU's irfft2 takes
     their Hermitian part, and _hermitian_irfft2 (used on other devices, whose irfft2 may not) does the same,
-    handing on to its inverse along the width only bins that are real where they must be."""
-    gen = torch.Generator().manual_seed(size)
-    spec = torch.randn(2, 3, size, size // 2 + 1, dtype=torch.complex128, generator=gen)
-    weight = torch.randn(size, size, dtype=torch.float64, generator=gen)
+    handing on to its inverse along the width only bins that are real where they must be. Square or not."""
+    (h, w), gen = size, torch.Generator().manual_seed(sum(size))
+    spec = torch.randn(2, 3, h, w // 2 + 1, dtype=torch.complex128, generator=gen)
+    weight = torch.randn(h, w, dtype=torch.float64, generator=gen)
     handed = []
     irfft = torch.fft.irfft
     monkeypatch.setattr(torch.fft, "irfft", lambda y, **kw: handed.append(y.detach()) or irfft(y, **kw))
     got = []
     for inverse in (lambda s: _hermitian_reference(s, size),
-                    lambda s: torch.fft.irfft2(s, s=(size, size), norm="ortho"),
+                    lambda s: torch.fft.irfft2(s, s=size, norm="ortho"),
                     lambda s: fv._hermitian_irfft2(s, size)):
         leaf = spec.clone().requires_grad_()
         x = inverse(leaf)
@@ -177,7 +180,7 @@ def test_the_inverse_fft_of_a_spectrum_that_is_not_hermitian_takes_its_hermitian
     (want, g_want), *others = got
     for x, g in others:  # the images and their gradient, in every bin
         assert torch.allclose(x, want, atol=1e-12) and torch.allclose(g, g_want, atol=1e-12)
-    ends = [0, size // 2] if size % 2 == 0 else [0]
+    ends = [0, w // 2] if w % 2 == 0 else [0]
     assert handed and handed[0][..., ends].imag.abs().max() == 0 and handed[0][..., 1].imag.abs().max() > 0
 
 
@@ -186,8 +189,8 @@ def test_the_inverse_fft_takes_two_steps_off_the_cpu_only(monkeypatch):
     calls = []
     monkeypatch.setattr(fv, "_hermitian_irfft2", lambda spec, size: calls.append(spec.device.type) or spec.real)
     cpu = torch.randn(1, 1, 8, 5, dtype=torch.complex64)
-    assert torch.equal(fv._irfft2(cpu, 8), torch.fft.irfft2(cpu, s=(8, 8), norm="ortho")) and calls == []
-    fv._irfft2(torch.empty(1, 1, 8, 5, dtype=torch.complex64, device="meta"), 8)
+    assert torch.equal(fv._irfft2(cpu, (8, 8)), torch.fft.irfft2(cpu, s=(8, 8), norm="ortho")) and calls == []
+    fv._irfft2(torch.empty(1, 1, 8, 5, dtype=torch.complex64, device="meta"), (8, 8))
     assert calls == ["meta"]
 
 
@@ -403,13 +406,28 @@ def test_fourier_scale_is_one_over_frequency():
     assert torch.allclose(scale.flatten()[[1, 40, 200]], scale[0, 0].expand(3))  # the rest flat, not 1/f
 
 
-def test_fourier_and_pixel_params_start_from_given_images():
-    images = torch.rand(3, 3, 32, 32) * 0.9 + 0.05
+def test_fourier_scale_of_an_image_that_is_not_square_follows_each_side():
+    """At 24x40 entry [0, k] is frequency k/40 across the width, [k, 0] k/24 down the height, and the floor is
+    the lowest frequency, 1/40."""
+    s = fv.fourier_scale((24, 40))
+    assert s.shape == (24, 21)
+    assert torch.isclose(s[0, 1] / s[1, 0], torch.tensor(40 / 24), rtol=1e-5)
+    assert torch.isclose(s[0, 0], s[0, 1])  # floored at 1/40
+    assert torch.isclose(s[3, 5], s[0, 1] / (3 ** 2 * (40 / 24) ** 2 + 5 ** 2) ** 0.5, rtol=1e-5)  # radial
+    with pytest.raises(ValueError, match=r"spectrum must be \(24, 21\) for 24x40 images.*got \(40, 13\)"):
+        fv.fourier_scale((24, 40), spectrum=fv.spectrum(torch.rand(2, 3, 40, 24)))
+
+
+@pytest.mark.parametrize("size", [32, (24, 17), (15, 8)])
+def test_fourier_and_pixel_params_start_from_given_images(size):
+    images = torch.rand(3, 3, *models.image_shape(size)) * 0.9 + 0.05
     cov = torch.tensor([[1.0, 0.5, 0.2], [0.5, 1.0, 0.3], [0.2, 0.3, 1.0]])
     for kind in ("fourier", "pixel"):
         options = dict(color_cov=cov) if kind == "fourier" else {}
-        p = fv.parameterization(kind, init=images, **options)(3, 3, 32)
+        p = fv.parameterization(kind, init=images, **options)(3, 3, size)
         assert torch.allclose(p(), images, atol=1e-4)
+    with pytest.raises(ValueError, match=r"init images must be \(3, 3, 32, 33\), .*got \(3, 3, 32, 32\)"):
+        fv.parameterization("fourier", init=torch.rand(3, 3, 32, 32))(3, 3, (32, 33))
 
 
 def test_whitened_latent_maps_zero_to_mean_and_has_the_latent_covariance():
@@ -561,6 +579,12 @@ def test_resample_rotates_within_the_degrees_both_ways():
     assert angle.max() > 25 and angle.min() < -25  # 256 draws reach both ends of the range
 
 
+def test_jitter_of_an_image_that_is_not_square_is_in_proportion_to_its_shorter_side():
+    x = torch.arange(40.0).view(1, 1, 1, 40).expand(64, 1, 24, 40)
+    shift = fv.jitter(4 / 32)(x, torch.Generator().manual_seed(0))[:, 0, 0, 20] - 20
+    assert shift.abs().max() == 3  # 4/32 of 24, not of 40 (5)
+
+
 @pytest.mark.parametrize("side", [32, 64])
 def test_jitter_is_an_integer_shift_in_proportion_to_the_side(side):
     x = torch.arange(float(side)).view(1, 1, 1, side).expand(32, 3, side, side)
@@ -599,14 +623,15 @@ def test_a_shift_keeps_the_nyquist_stripes_where_a_side_has_them(side):
         assert not torch.allclose(y, x, atol=1e-2)  # the nearest frequencies move (the test can fail)
 
 
+@pytest.mark.parametrize("size", [(32, 32), (24, 17)])
 @pytest.mark.parametrize("cls", [fv.FourierParam, fv.MaCoParam])
-def test_shift_inside_a_fourier_parameterization_is_the_shift_of_its_images(cls):
-    gen = torch.Generator().manual_seed(0)
-    extra = dict(magnitude=torch.rand(3, 32, 17, generator=gen)) if cls is fv.MaCoParam else dict(sd=0.3)
-    p, t = cls(6, 3, 32, generator=gen, **extra), fv.Shift(1.5 / 32)
+def test_shift_inside_a_fourier_parameterization_is_the_shift_of_its_images(cls, size):
+    (h, w), gen = size, torch.Generator().manual_seed(0)
+    extra = dict(magnitude=torch.rand(3, h, w // 2 + 1, generator=gen)) if cls is fv.MaCoParam else dict(sd=0.3)
+    p, t = cls(6, 3, size, generator=gen, **extra), fv.Shift(1.5 / 32)
     with torch.no_grad():
         outside = t(p(), torch.Generator().manual_seed(1))
-        inside = p(t.phase(6, 32, 32, torch.Generator().manual_seed(1), torch.device("cpu")))
+        inside = p(t.phase(6, h, w, torch.Generator().manual_seed(1), torch.device("cpu")))
         assert not torch.allclose(outside, p(), atol=1e-2)
     assert torch.allclose(inside, outside, atol=1e-5)
 
@@ -1052,12 +1077,12 @@ def test_constants_cached_under_inference_mode_serve_a_later_backward():
     torch.inference_mode must not cache a tensor that a later backward cannot save (sizes no other test uses)."""
     with torch.inference_mode():
         fv.affine_grid(torch.eye(2, 3)[None], 23, 23)
-        fv._hermitian_irfft2(torch.ones(1, 1, 23, 12, dtype=torch.complex64), 23)
+        fv._hermitian_irfft2(torch.ones(1, 1, 23, 12, dtype=torch.complex64), (23, 23))
     theta = torch.eye(2, 3)[None].requires_grad_()
     fv.affine_grid(theta, 23, 23).sum().backward()
     assert theta.grad is not None
     spec = torch.ones(1, 1, 23, 12, dtype=torch.complex64, requires_grad=True)
-    fv._hermitian_irfft2(spec, 23).sum().backward()
+    fv._hermitian_irfft2(spec, (23, 23)).sum().backward()
     assert spec.grad is not None
 
 
@@ -1377,7 +1402,8 @@ def test_a_second_stage_is_checked_before_the_first_runs():
                                  (dict(param="fourier", images_per_target=2), ValueError,  # failed at the end
                                   "the two stages' images_per_target differ, 1 and 2: the second starts from"),
                                  (dict(param="fourier", size=24), ValueError,
-                                  "the two stages' size differ, 32 and 24")):
+                                  r"the two stages' size differ, \(32, 32\) and \(24, 24\)"),
+                                 (dict(param="fourier", size=(32, 0)), ValueError, r"size must be an int >= 1")):
         with pytest.raises(error, match=match):
             first = dict(param="pixel", **({"size": 32} if "size" in second else {}))
             fv.render_in_stages(model, [0], first, second, steps=4, progress=False)
@@ -1385,6 +1411,10 @@ def test_a_second_stage_is_checked_before_the_first_runs():
     # a size given to one stage alone is the model's for the other: it renders
     r = fv.render_in_stages(model, [0], dict(param="pixel"), dict(param="fourier", size=32), steps=2, progress=False)
     assert r.images.shape == (1, 3, 32, 32)
+    # a side and its (height, width) are one size; the model takes any
+    r = fv.render_in_stages(model, [0], dict(param="pixel", size=24), dict(param="fourier", size=(24, 24)), steps=2,
+                            progress=False)
+    assert r.images.shape == (1, 3, 24, 24)
 
 
 def test_a_render_that_becomes_nan_says_so_and_restarts_never_keep_a_nan():

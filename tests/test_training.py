@@ -88,7 +88,7 @@ def test_the_lookahead_pulls_the_weights_onto_their_ema():
 def test_classifier_records_the_size_of_its_training_data(trained, tiny_data):
     model, ckpt, _ = trained
     assert model.config["image_size"] == ckpt["config"]["image_size"] == tiny_data.size == 32
-    assert models.input_size(model) == 32
+    assert models.input_size(model) == (32, 32)
 
 
 def test_best_checkpoint_is_the_best_epoch(trained, tiny_data):
