@@ -1,8 +1,9 @@
 """Feature visualization: parameterizations, transforms, targets, regularizers, render(), exemplars.
 
 Activation maximization for any model and image size: every target (class, channel, neuron,
-direction) of one call renders in ONE batch, one forward pass per step, each image reading only its
-own target. The image size comes from the model (models.input_size) or from size=.
+direction, or a weighted sum of them across layers) of one call renders in ONE batch, one forward pass
+per step, each image reading only its own target. The image size comes from the model (models.input_size)
+or from size=.
 
     r = render(model, [Class(k) for k in range(10)], param=parameterization("fourier", color_cov=cov))
     r.images    # (10, C, H, W) in [0, 1]
@@ -691,8 +692,31 @@ def _plain_indices(t):
         object.__setattr__(t, f.name, _as_index(getattr(t, f.name)))  # frozen dataclasses
 
 
+class _Sums:
+    """Targets add, subtract and scale into a Sum, as Lucent's objectives do: Channel("block2.act2", 3) +
+    0.5 * Channel("block3.act2", 1) - Class(5)."""
+
+    def __add__(self, other):
+        return Sum(((1.0, self), (1.0, other)))
+
+    def __radd__(self, other):  # sum(targets) starts from 0
+        return self if isinstance(other, int) and not isinstance(other, bool) and other == 0 else Sum(
+            ((1.0, other), (1.0, self)))
+
+    def __sub__(self, other):
+        return Sum(((1.0, self), (-1.0, other)))
+
+    def __neg__(self):
+        return Sum(((-1.0, self),))
+
+    def __mul__(self, weight):
+        return Sum(((weight, self),))
+
+    __rmul__ = __mul__
+
+
 @dataclass(frozen=True)
-class Class:
+class Class(_Sums):
     """Class logit (or log-softmax) of the model's output."""
     idx: int
     log_prob: bool = False
@@ -745,7 +769,7 @@ def _check_channel(t, shape):
 
 
 @dataclass(frozen=True)
-class Channel:
+class Channel(_Sums):
     """Mean activation of one channel of a named layer."""
     layer: str
     channel: int
@@ -770,7 +794,7 @@ class Channel:
 
 
 @dataclass(frozen=True)
-class Neuron:
+class Neuron(_Sums):
     """One channel at one spatial position (default: the center) of a named layer: y (the row) first, as the
     map is indexed, where Lucent's neuron(layer, n, x, y) takes x first."""
     layer: str
@@ -820,7 +844,7 @@ class Neuron:
 
 
 @dataclass(frozen=True, eq=False)
-class Direction:
+class Direction(_Sums):
     """Dot product of a layer's mean spatial activation with a vector (C,); layer None: of the logits, a
     weighted sum of classes (Lucid's `direction`; Lucent's is a cosine at each position)."""
     layer: str
@@ -849,7 +873,46 @@ class Direction:
         return lambda a: (_mean_spatial(a).float() * v).sum(1)
 
 
-TARGETS = (Class, Channel, Neuron, Direction)
+@dataclass(frozen=True)
+class Sum(_Sums):
+    """A weighted sum of targets of any kinds and layers, ((weight, target), ...), as `+`, `-` and `*` make it:
+    Channel("block2.act2", 3) + 0.5 * Channel("block3.act2", 1) - Class(5) (Lucent's objectives added; within
+    one layer a Direction weighs its channels in one product). A Sum within a Sum is written out into its terms."""
+    terms: tuple
+
+    def __post_init__(self):
+        if not isinstance(self.terms, tuple) or not self.terms:
+            raise TypeError(f"Sum takes a non-empty tuple of (weight, target) pairs; got {self.terms!r:.60}")
+        flat = []
+        for pair in self.terms:
+            weight, target = _check_term(pair)
+            flat += [(weight * w, t) for w, t in target.terms] if isinstance(target, Sum) else [(weight, target)]
+        object.__setattr__(self, "terms", tuple(flat))
+
+    def __str__(self):
+        text = " ".join(f"{'-' if w < 0 else '+'} {'' if abs(w) == 1 else f'{abs(w):g} x '}{t}" for w, t in self.terms)
+        return text[2:] if text.startswith("+") else text
+
+
+def _check_term(pair):
+    """(weight, target) of a Sum, checked: a finite real weight and a target (not a class index, which `+ 5`
+    would leave in doubt)."""
+    try:
+        weight, target = pair
+    except (TypeError, ValueError):
+        raise TypeError(f"a Sum's terms are (weight, target) pairs; got {pair!r:.60}") from None
+    weight = _as_index(weight)  # a 0-d tensor or NumPy number too
+    if isinstance(weight, torch.Tensor) and weight.dim() == 0:
+        weight = weight.item()
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+        raise TypeError(f"a target's weight in a Sum must be a finite number, got {weight!r:.60}")
+    if not isinstance(target, TARGETS):
+        raise TypeError(f"only targets add up: a Class, Channel, Neuron, Direction or Sum, got {target!r:.60}"
+                        f"{' (a class index: write Class(k))' if _is_int(_as_index(target)) else ''}")
+    return float(weight), target
+
+
+TARGETS = (Class, Channel, Neuron, Direction, Sum)
 
 
 def _is_one(value):
@@ -881,36 +944,40 @@ def as_targets(targets):
     if _is_one(targets):
         targets = [targets]
     if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
-        raise TypeError(f"targets must be a class index, a Class/Channel/Neuron/Direction, or a list of them; "
+        raise TypeError(f"targets must be a class index, a Class/Channel/Neuron/Direction/Sum, or a list of them; "
                         f"got {targets!r}")
     out = []
     for t in map(_as_index, targets):
         if isinstance(t, bool) or not isinstance(t, TARGETS + (int,)):
-            raise TypeError(f"a target must be a class index (int), Class, Channel, Neuron or Direction; got {t!r}")
+            raise TypeError(f"a target must be a class index (int), Class, Channel, Neuron, Direction or Sum; "
+                            f"got {t!r}")
         out.append(Class(t) if isinstance(t, int) else t)
     if not out:
-        raise ValueError("no targets given: give a class index, a Class/Channel/Neuron/Direction, or a non-empty "
+        raise ValueError("no targets given: give a class index, a Class/Channel/Neuron/Direction/Sum, or a non-empty "
                          "list of them")
     return out
 
 
 class Objective:
     """Targets compiled into one function acts -> (B, T), built once per model and target list (and, by
-    own(), into one that gives each image its own target's activation alone)."""
+    own(), into one that gives each image its own target's activation alone). A Sum's terms are read as targets
+    of their own, whose columns `mix` then weighs into the Sum's."""
 
     def __init__(self, model, targets, extra_layers=(), input_shape=None):
         """input_shape: (C, H, W) of one image, default the model's own (models.input_size)."""
-        self.layers = {t.layer for t in targets} | set(extra_layers)  # None: the model output
+        self.targets, self.device = targets, models.device_of(model)
+        terms, mix = _terms_of(targets)
+        self.mix = None if mix is None else mix.to(self.device)  # (terms, T)
+        self.layers = {t.layer for _, _, t in terms} | set(extra_layers)  # None: the model output
         self.recorder = models.Recorder(model, self.layers)
-        self.device = models.device_of(model)
         if input_shape is None:
             input_shape = (models.input_channels(model), *models.input_size(model))
-        self.targets, self.shape_of = targets, self.shapes(model, input_shape)
-        for t in targets:
+        self.shape_of = self.shapes(model, input_shape)
+        for _, _, t in terms:
             t.check(self.shape_of[t.layer])
-        parts = self._compiled(targets, "columns")
+        parts = self._compiled([t for _, _, t in terms], "columns")
         self.parts = [(layer, fn) for layer, _, fn in parts]  # (layer, act -> (B, T_g)) per group
-        self.inverse = torch.argsort(torch.cat([idx for _, idx, _ in parts]))  # column j of the output = target j
+        self.inverse = torch.argsort(torch.cat([idx for _, idx, _ in parts]))  # column j of the output = term j
 
     def _compiled(self, targets, how):
         """[(layer, indices, fn)]: the targets of each kind, layer and options (a group, in order of first
@@ -944,20 +1011,45 @@ class Objective:
 
     def __call__(self, acts):
         cols = [f(acts[layer]).float() for layer, f in self.parts]  # T_g columns per group (a half model's too)
-        if len(cols) == 1:  # one group: its columns are the targets in order
-            return cols[0]
-        return torch.cat(cols, 1)[:, self.inverse]           # (B, T)
+        # one group: its columns are the targets in order
+        out = cols[0] if len(cols) == 1 else torch.cat(cols, 1)[:, self.inverse]  # (B, T), or (B, terms)
+        return out if self.mix is None else out @ self.mix
 
     def own(self, groups):
         """f(acts) -> (N,): image n's activation of target groups[n] alone, the same as
         self(acts)[arange(N), groups] without the other targets' columns (on a CPU render step of 10
         classes about 1% of the step less, near the lockstep's run-to-run spread)."""
-        parts = self._compiled([self.targets[g] for g in groups.tolist()], "own")  # rows: its images
-        if len(parts) == 1:  # every image's target of one kind and layer: no rows to pick
+        picked = [self.targets[g] for g in groups.tolist()]
+        if self.mix is None:
+            return self._own(picked)
+        image, weight, terms = zip(*_terms_of(picked)[0])  # a Sum's terms, each read from its image
+        image, weight = torch.tensor(image, device=self.device), torch.tensor(weight, device=self.device)
+        own = self._own(terms, image)
+        return lambda acts: torch.zeros(len(picked), device=self.device).index_add(0, image, own(acts) * weight)
+
+    def _own(self, targets, images=None):
+        """f(acts) -> (E,): row e's activation of targets[e] alone, read from image images[e] (default: e)."""
+        parts = self._compiled(targets, "own")  # rows: of the targets
+        if len(parts) == 1 and images is None:  # every image's target of one kind and layer: no rows to pick
             layer, _, fn = parts[0]
             return lambda acts: fn(acts[layer]).float()
         inverse = torch.argsort(torch.cat([rows for _, rows, _ in parts]))
-        return lambda acts: torch.cat([fn(acts[layer][rows]).float() for layer, rows, fn in parts])[inverse]
+        reads = [(layer, rows if images is None else images[rows], fn) for layer, rows, fn in parts]
+        return lambda acts: torch.cat([fn(acts[layer][at]).float() for layer, at, fn in reads])[inverse]
+
+
+def _terms_of(targets):
+    """([(target index, weight, plain target)], mix): every term of the targets, a Sum's each (one term of
+    weight 1 for any other target), and the (terms, T) weights that sum the terms' columns into the targets'
+    (None where no target is a Sum: the terms are the targets)."""
+    terms = [(j, w, t) for j, target in enumerate(targets)
+             for w, t in (target.terms if isinstance(target, Sum) else ((1.0, target),))]
+    if not any(isinstance(t, Sum) for t in targets):
+        return terms, None
+    mix = torch.zeros(len(terms), len(targets))
+    for row, (j, w, _) in enumerate(terms):
+        mix[row, j] = w
+    return terms, mix
 
 
 # ----------------------------------------------------------------------------- regularizers
@@ -1595,10 +1687,10 @@ def exemplars(model, images, target, k=8, batch_size=500):
 def looks_at(model, target, images):
     """Where a Neuron target looks in images like these: its cell's centre (y, x) in pixels, as
     models.cell_centres measures it, to be marked on its exemplars (whole images: the neuron sees a part). None for
-    any other target (a class or a channel reads the whole image)."""
+    any other target (a class or a channel reads the whole image; a Sum, its terms' places)."""
     target = _as_index(target)  # a NumPy or 0-d tensor class index too
     if isinstance(target, bool) or not isinstance(target, (*TARGETS, numbers.Integral)):  # (images, target) swapped
-        raise TypeError(f"target must be a Class, Channel, Neuron or Direction, or a class index "
+        raise TypeError(f"target must be a Class, Channel, Neuron, Direction or Sum, or a class index "
                         f"(looks_at(model, target, images)); got {type(target).__name__}")
     images = models.check_input(model, images)
     if not isinstance(target, Neuron):

@@ -484,7 +484,8 @@ def test_an_argument_of_the_wrong_kind_is_named(nets):
         (lambda: metrics.per_class_report(torch.eye(3) / 2, list("abc")), ValueError, "cm must hold counts"),
         (lambda: metrics.hardest_pairs(torch.full((3, 3), 0.25), list("abc")), ValueError, "cm must hold counts"),
         # (images, target) in exemplars' order: was None, no ring
-        (lambda: fv.looks_at(cnn, _good(), neuron), TypeError, "target must be a Class, Channel, Neuron or Direction"),
+        (lambda: fv.looks_at(cnn, _good(), neuron), TypeError,
+         "target must be a Class, Channel, Neuron, Direction or Sum"),
         (lambda: metrics.block_activations(cnn, _good(), metrics.pooled, ["head"]), ValueError,
          r"layer 'head' gives \(8, 10\), not a map"),
         # ignored: the Technique carries its own colour covariance

@@ -658,7 +658,8 @@ def test_activations_match_a_direct_forward():
     v, w = torch.randn(32), torch.tensor([0, 0, 0, 1.0, 0, -1.0, 0, 0, 0, 0])  # w: class 3 against class 5
     targets = [fv.Class(3), fv.Channel("block1.act2", 5), fv.Class(7), fv.Neuron("block1.act2", 2, 4, 9),
                fv.Class(3, log_prob=True), fv.Neuron("block2.act2", 1), fv.Direction("block3.act2", v),
-               fv.Channel("block1.act2", 0), fv.Direction(None, w)]  # interleaved kinds and layers; the logits
+               fv.Channel("block1.act2", 0), fv.Direction(None, w),  # interleaved kinds and layers; the logits
+               fv.Channel("block1.act2", 5) + 0.5 * fv.Neuron("block2.act2", 1) - fv.Class(3, log_prob=True)]  # a Sum
     got = fv.activations(model, x, targets, batch_size=3)
     with torch.no_grad():
         h = model.whiten_act(model.whiten(model.normalize(x)))
@@ -667,12 +668,40 @@ def test_activations_match_a_direct_forward():
         b3 = model.block3(b2)
         out = model(x)
     ref = torch.stack([out[:, 3], b1[:, 5].mean((1, 2)), out[:, 7], b1[:, 2, 4, 9], out.log_softmax(1)[:, 3],
-                       b2[:, 1, 3, 3], b3.mean((2, 3)) @ v, b1[:, 0].mean((1, 2)), out[:, 3] - out[:, 5]], 1)
-    assert got.shape == (7, 9)
+                       b2[:, 1, 3, 3], b3.mean((2, 3)) @ v, b1[:, 0].mean((1, 2)), out[:, 3] - out[:, 5],
+                       b1[:, 5].mean((1, 2)) + 0.5 * b2[:, 1, 3, 3] - out.log_softmax(1)[:, 3]], 1)
+    assert got.shape == (7, 10)
     assert torch.allclose(got, ref, atol=1e-4)
     assert torch.allclose(fv.activations(model, (x * 255).round().to(torch.uint8), targets),
                           fv.activations(model, (x * 255).round() / 255, targets), atol=1e-5)
     assert_untouched(model, before)
+
+
+def test_targets_add_subtract_and_scale_into_a_sum_of_any_layers():
+    a, b, c = fv.Channel("block2.act2", 3), fv.Neuron("block3.act2", 1, 0, 2), fv.Class(5)
+    s = a + 0.5 * b - c
+    assert s.terms == ((1.0, a), (0.5, b), (-1.0, c)) and s == fv.Sum(((1, a), (0.5, b), (-1, c)))
+    assert str(s) == "block2.act2 channel 3 + 0.5 x block3.act2 channel 1 at y=0, x=2 - class 5"
+    assert (2 * (a - b)).terms == ((2.0, a), (-2.0, b)) and (-s).terms == ((-1.0, a), (-0.5, b), (1.0, c))
+    assert sum([a, b]) == a + b and (a * np.float32(0.5)).terms == ((0.5, a),) and hash(s) == hash(a + 0.5 * b - c)
+    for bad, error, match in ((lambda: a + 5, TypeError, r"only targets add up: .* got 5 \(a class index: write Class"),
+                              (lambda: a * a, TypeError, r"weight in a Sum must be a finite number, got Channel"),
+                              (lambda: a * float("nan"), TypeError, "weight in a Sum must be a finite number, got nan"),
+                              (lambda: a * True, TypeError, "finite number, got True"),
+                              (lambda: fv.Sum(()), TypeError, "non-empty tuple of \\(weight, target\\) pairs"),
+                              (lambda: fv.Sum((a,)), TypeError, "terms are \\(weight, target\\) pairs")):
+        with pytest.raises(error, match=match):
+            bad()
+    model = cnn()
+    with pytest.raises(ValueError, match="channel 40 out of range: layer 'block2.act2' has 32 channels"):
+        fv.render(model, [a + fv.Channel("block2.act2", 40)], steps=1, progress=False)
+    # a Sum of one term of weight 1 renders as its target; a Sum's activation climbs as its own
+    one, alone = (fv.render(model, [t, c], steps=6, progress=False) for t in (1 * a, a))
+    assert torch.equal(one.images, alone.images) and torch.equal(one.history, alone.history)
+    r = fv.render(model, [s, a], steps=24, progress=False)
+    assert (r.history[-4:].mean(0) > r.history[:4].mean(0)).all(), r.history
+    assert torch.allclose(r.activation, fv.activations(model, r.images, [s, a]).diagonal(), atol=1e-4)
+    assert fv.looks_at(model, s, torch.rand(2, 3, 32, 32)) is None  # a Sum reads its terms' places
 
 
 def test_a_direction_with_a_graph_is_a_constant_that_render_leaves_alone():
@@ -683,16 +712,19 @@ def test_a_direction_with_a_graph_is_a_constant_that_render_leaves_alone():
     assert r.images.shape == (1, 3, 32, 32) and probe.weight.grad is None  # no gradient reached the probe
 
 
-@pytest.mark.parametrize("mixed", [True, False])
+@pytest.mark.parametrize("mixed", [True, False, "sums"])
 def test_each_images_own_target_is_its_column_of_all_the_targets(mixed):
     """Objective.own, render()'s step objective, picks what the full (B, T) columns give each image, for
-    every kind, interleaved kinds and layers (a map's and the (B, C) head's), and several images per target
-    (value and gradient)."""
+    every kind, interleaved kinds and layers (a map's and the (B, C) head's), Sums of them among them, and several
+    images per target (value and gradient)."""
     model = cnn()
     targets = [fv.Class(3), fv.Channel("block1.act2", 5), fv.Neuron("block1.act2", 2, 4, 9),
                fv.Class(3, log_prob=True), fv.Neuron("block2.act2", 1), fv.Direction("block3.act2", torch.randn(32)),
                fv.Channel("block1.act2", 0), fv.Class(7), fv.Neuron("head", 4)] if mixed else [
                fv.Class(c) for c in (4, 1, 8)]
+    if mixed == "sums":  # terms that share a kind and layer with each other and with plain targets; one of one term
+        targets += [fv.Channel("block1.act2", 5) - 2 * fv.Channel("block1.act2", 1) + fv.Class(7), -fv.Class(4),
+                    0.5 * fv.Neuron("block2.act2", 1) + fv.Direction("block3.act2", torch.randn(32))]
     groups = torch.arange(len(targets)).repeat_interleave(2).flip(0)  # two images each, not in target order
     objective = fv.Objective(model, targets)
     x = torch.rand(len(groups), 3, 32, 32, requires_grad=True)
