@@ -65,7 +65,7 @@ def spectrum(images):
 def magnitude_spectrum(images, color_cov=None):
     """(C, H, W//2+1) mean magnitude of the rfft2 of the images less 0.5, in the decorrelated colour space
     that FourierParam and MaCoParam use (color_sqrt(color_cov)): the data's own spectrum per channel, which
-    MaCo keeps fixed. Its DC term [:, 0, 0] is the images' mean distance from mid-gray (times the side), so
+    MaCo keeps fixed. Its DC term [:, 0, 0] is the images' mean distance from mid-gray (times sqrt(H W)), so
     MaCo's images can be brighter, darker or more tinted in proportion to the data's, relative to the
     contrast."""
     images = data.check_batch(images)
@@ -599,8 +599,9 @@ def _ramp_axes(h, w, fraction, device):
 
 
 def resample(shift=0.0, scale=(1.0, 1.0), degrees=0.0):
-    """Per image, a random shift of up to `shift` x the side, a zoom in `scale` and a rotation in
-    [-degrees, degrees], applied as ONE bilinear resampling that reflects at the border; same size."""
+    """Per image, a random shift of up to `shift` x each side along it, a zoom in `scale` and a rotation in
+    [-degrees, degrees], applied as ONE bilinear resampling that reflects at the border; same size. The rotation
+    is rigid in pixels on images that are not square too (the grid's coordinates span 2 along either side)."""
     data.check_real("resample's shift (a fraction of the image side)", shift, 0)
     data.check_real("degrees", degrees, 0)
     try:
@@ -618,8 +619,10 @@ def resample(shift=0.0, scale=(1.0, 1.0), degrees=0.0):
         u = torch.rand(4, len(x), generator=gen, device=x.device)                  # uniform in [0, 1)
         s, a, tx, ty = torch.addcmul(low[:, None], width[:, None], u)              # (N,) zoom, angle, shifts
         cos, sin = torch.cos(a) / s, torch.sin(a) / s
-        theta = torch.stack([cos, -sin, tx, sin, cos, ty], 1).view(-1, 2, 3)
-        grid = affine_grid(theta, *x.shape[-2:])
+        h, w = x.shape[-2:]
+        across, down = (-sin, sin) if h == w else (-sin * (h / w), sin * (w / h))  # pixels of either side alike
+        theta = torch.stack([cos, across, tx, down, cos, ty], 1).view(-1, 2, 3)
+        grid = affine_grid(theta, h, w)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return t
 
@@ -1759,7 +1762,7 @@ def _check_stage(name, stage):
     if not isinstance(s["param"], nn.Module):
         _as_recipe(s["param"])
     if s["size"] is not None:  # 32 and (32, 32) are one size
-        s["size"] = models.image_shape(s["size"])
+        s["size"] = models.image_shape(s["size"], f"the {name} stage's size")
     _check_diversity(_terms(s["regularizers"]), s["images_per_target"])
     return s
 

@@ -650,13 +650,12 @@ def input_size(model, size=None):
 
 
 def image_shape(size, name="size"):
-    """(height, width) in pixels of an image size given as one side (square images) or a pair (height, width);
-    an error naming `name` for anything else."""
+    """(height, width) in pixels of an image size given as one side (square images) or a pair (height, width),
+    a tuple or list (a torch.Size too); an error naming `name` for anything else (a set has no order)."""
     pair = (size, size) if isinstance(size, numbers.Integral) else size
-    try:
+    h = w = None
+    if isinstance(pair, (tuple, list)) and len(pair) == 2:
         h, w = pair
-    except (TypeError, ValueError):
-        h = w = None
     if not all(_positive_int(v) for v in (h, w)):
         raise ValueError(f"{name} must be an int >= 1 (the side of square images, in pixels) or a pair (height, "
                          f"width) of them, got {size!r}")

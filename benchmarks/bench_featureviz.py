@@ -422,7 +422,7 @@ def by_hand(name):
 
 def timing_techniques(size):
     """fv.techniques() with the statistics of random images: any statistics time the same."""
-    images = torch.rand(64, 3, *size, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(64, 3, *models.image_shape(size), generator=torch.Generator().manual_seed(0))
     cov = fv.color_covariance(images)
     return fv.techniques(color_cov=cov, magnitude=fv.magnitude_spectrum(images, cov))
 

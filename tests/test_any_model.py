@@ -1,7 +1,7 @@
 """Feature visualization, exemplars and attribution for models that are not ours and sizes other than 32 px.
 
 The four kinds of model: a 28 px 1-channel nn.Sequential (Fashion-MNIST-like), our 32 px CNN, a
-torchvision resnet18 at 32 px, and our CNN at 64 px; and a fifth, an nn.Sequential that takes only 24x40
+torchvision resnet18 at 32 px, and our CNN at 64 px; and a fifth, an nn.Sequential that takes only 23x40
 images (not square). Weights are untrained: what is checked is that every
 technique that applies renders at the model's own size and raises the activation, and that the rest
 fail with an error that says what to do.
@@ -39,11 +39,11 @@ def sequential_28():
                          nn.Flatten(), nn.Linear(16 * 7 * 7, 10)).eval()
 
 
-def sequential_24x40():
+def sequential_23x40():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(16 * 6 * 10, 10)).eval()  # its linear layer fits 24x40 alone
+                         nn.Flatten(), nn.Linear(16 * 5 * 10, 10)).eval()  # its linear layer fits 23x40 alone
 
 
 def cnn(size):
@@ -67,11 +67,11 @@ MODELS = {
     "our CNN at 32 px": (lambda: cnn(32), None, 3, fv.Channel("block2.act2", 3)),
     "resnet18 at 32 px": (resnet18, 32, 3, fv.Channel("layer3.1.conv2", 7)),
     "our CNN at 64 px": (lambda: cnn(64), None, 3, fv.Channel("block3.act2", 1)),
-    "sequential 24x40 px": (sequential_24x40, (24, 40), 3, fv.Channel("3", 5)),
+    "sequential 23x40 px": (sequential_23x40, (23, 40), 3, fv.Channel("3", 5)),
 }
 LATENT_FITS = {"our CNN at 32 px", "resnet18 at 32 px"}  # the VAE draws 3-channel 32 px images
 KNOWN_CHANNELS = {"sequential 28 px, 1 channel": 16, "our CNN at 32 px": 32, "resnet18 at 32 px": 512,
-                  "our CNN at 64 px": 32, "sequential 24x40 px": 16}  # the channels of each one's last spatial layer
+                  "our CNN at 64 px": 32, "sequential 23x40 px": 16}  # the channels of each one's last spatial layer
 
 
 def _size_kw(size):
@@ -134,11 +134,11 @@ def test_diversity_and_exemplars_follow_the_model(name):
 
 def test_naturalness_reads_a_model_of_images_that_are_not_square_at_their_size():
     """The independent model's blocks are found at the images' (height, width): this one's linear layer takes
-    24x40 images alone. Renders of another size are refused, naming the size to render at."""
-    other, gen = sequential_24x40(), torch.Generator().manual_seed(0)
-    x, y = torch.rand(40, 3, 24, 40, generator=gen), torch.arange(40) % 2
+    23x40 images alone. Renders of another size are refused, naming the size to render at."""
+    other, gen = sequential_23x40(), torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 3, 23, 40, generator=gen), torch.arange(40) % 2
     assert metrics.naturalness(other, x[:4], y[:4], x[:30], y[:30], x[30:], y[30:]) > 0
-    with pytest.raises(ValueError, match=r"vis are 40x24, the reference images 24x40: .* render at size=\(24, 40\)"):
+    with pytest.raises(ValueError, match=r"vis are 40x23, the reference images 23x40: .* render at size=\(23, 40\)"):
         metrics.naturalness(other, x[:4].mT, y[:4], x[:30], y[:30], x[30:], y[30:])
 
 
@@ -407,7 +407,15 @@ def test_a_size_the_model_cannot_tell_asks_for_size():
     recorded.image_size = (28, 28)  # a pair is a size
     assert models.input_size(recorded) == (28, 28) == models.input_size(cnn(32), np.int64(28))
     assert models.input_size(cnn(64)) == (64, 64) and models.input_size(vae()) == (32, 32)
-    assert models.input_size(cnn(32), (24, 40)) == (24, 40) == models.input_size(cnn(32), torch.Size([24, 40]))
+    assert models.input_size(cnn(32), (23, 40)) == (23, 40) == models.input_size(cnn(32), torch.Size([23, 40]))
+    with pytest.raises(ValueError, match=r"size must be .* got \{"):  # a set has no order
+        models.input_size(cnn(32), {23, 40})
+    # a model of images that are not square: its recorded size, or a built parameterization's, is the render's
+    other = sequential_23x40()
+    r = fv.render(other, [0], param=fv.PixelParam(1, 3, (23, 40)), steps=1, progress=False)
+    assert r.images.shape == (1, 3, 23, 40)
+    other.image_size = (23, 40)
+    assert fv.render(other, [0], steps=1, progress=False).images.shape == (1, 3, 23, 40)
     # a size the model cannot take fails inside it; a built parameterization gives its own size
     r = fv.render(sequential_28(), [0], param=fv.PixelParam(1, 1, 28), steps=1, progress=False)
     assert r.images.shape == (1, 1, 28, 28)

@@ -138,6 +138,9 @@ def test_maco_polar_matches_torch_polar_and_its_gradient():
     assert torch.allclose(ours, want, atol=1e-6)
     real = fv._real_bins((8, 8))  # the DC term and the three Nyquist bins
     assert real.sum() == 4 and real[0, 0] and real[4, 4]
+    for size, bins in (((12, 17), [(0, 0), (6, 0)]), ((15, 8), [(0, 0), (0, 4)]), ((15, 9), [(0, 0)]),
+                       ((6, 10), [(0, 0), (0, 5), (3, 0), (3, 5)])):  # a Nyquist row for an even height, column width
+        assert fv._real_bins(size).nonzero().tolist() == [list(b) for b in bins]
     assert torch.allclose(g_ours, g_want, atol=1e-5) and g_want[..., real].abs().min() > 0
 
 
@@ -567,6 +570,22 @@ def test_resample_zoom_is_the_drawn_factor():
     assert torch.allclose(fv.resample(scale=(2.0, 2.0))(x, torch.Generator().manual_seed(0)), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [(24, 40), (40, 24)])
+def test_resample_rotates_rigidly_in_pixels_on_an_image_that_is_not_square(size):
+    """Each output pixel samples the point its rotation moves it to: as far from the centre as it is, whatever
+    the side it lies along (a rotation in the grid's coordinates, which span 2 along either side, would
+    stretch one side against the other)."""
+    (h, w), gen = size, torch.Generator().manual_seed(0)
+    rows = torch.arange(float(h)).view(1, 1, h, 1).expand(64, 1, h, w)
+    cols = torch.arange(float(w)).view(1, 1, 1, w).expand(64, 1, h, w)
+    y = fv.resample(degrees=40)(torch.cat([rows, cols], 1), gen)  # one draw for both maps of an image
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    for py, px in ((h // 2, w // 2 + 5), (h // 2 + 5, w // 2), (h // 2 - 4, w // 2 + 3)):  # within 7 px of the centre
+        sampled = torch.stack([y[:, 0, py, px] - cy, y[:, 1, py, px] - cx], 1)  # (64, 2) the point it sampled
+        assert torch.allclose(sampled.norm(dim=1), torch.tensor(math.hypot(py - cy, px - cx)).expand(64), atol=1e-3)
+    assert (y[:, 0, h // 2, w // 2 + 5] - y[:, 0, h // 2, w // 2]).abs().max() > 2  # it rotated (the test can fail)
+
+
 def test_resample_rotates_within_the_degrees_both_ways():
     side, r = 64, 10
     x = torch.arange(float(side)).view(1, 1, side, 1).expand(256, 1, side, side)  # value = row
@@ -608,6 +627,30 @@ def test_shift_moves_each_image_by_its_drawn_subpixel_amount(side):
     assert torch.allclose(coeff.abs(), torch.full((64,), side / 2), rtol=1e-3)  # the same cosine
     assert moved.abs().max() <= px + 1e-3
     assert moved.abs().max() > 0.8 * px and (moved > 0).any() and (moved < 0).any()
+
+
+@pytest.mark.parametrize("size", [(24, 17), (17, 24)])
+def test_shift_moves_an_image_that_is_not_square_by_a_fraction_of_each_side(size):
+    """A cosine along the width moves by up to 2/32 of the width; one down the height, of the height."""
+    (h, w), k, gen = size, 2, torch.Generator().manual_seed(0)
+    for axis, side in ((-1, w), (-2, h)):
+        wave = torch.sigmoid(torch.cos(2 * math.pi * k * torch.arange(float(side)) / side))
+        x = (wave.view(1, 1, 1, w) if axis == -1 else wave.view(1, 1, h, 1)).expand(64, 1, h, w)
+        y = fv.Shift(2 / 32)(x, gen)[:, 0]
+        line = y[:, 0, :] if axis == -1 else y[:, :, 0]  # (64, side): along the axis
+        coeff = torch.fft.rfft(torch.logit(line), dim=-1)[:, k]
+        moved = -torch.angle(coeff) * side / (2 * math.pi * k)  # in px
+        assert torch.allclose(coeff.abs(), torch.full((64,), side / 2), rtol=1e-3)
+        assert moved.abs().max() <= 2 / 32 * side + 1e-3 and moved.abs().max() > 0.8 * 2 / 32 * side
+
+
+@pytest.mark.parametrize("size", [(9, 8), (8, 9)])
+def test_a_shift_keeps_the_nyquist_stripes_of_an_even_side_beside_an_odd_one(size):
+    """Stripes at the width's Nyquist frequency stay put when the width is even, whatever the height."""
+    (h, w), gen = size, torch.Generator().manual_seed(0)
+    x = torch.sigmoid(torch.tensor([1.0, -1.0]).repeat((w + 1) // 2)[:w]).expand(8, 1, h, w)  # along the width
+    y = fv.Shift(2 / 32)(x, gen)
+    assert torch.allclose(y, x, atol=1e-5) if w % 2 == 0 else not torch.allclose(y, x, atol=1e-2)
 
 
 @pytest.mark.parametrize("side", [32, 82, 33])
@@ -1435,7 +1478,8 @@ def test_a_second_stage_is_checked_before_the_first_runs():
                                   "the two stages' images_per_target differ, 1 and 2: the second starts from"),
                                  (dict(param="fourier", size=24), ValueError,
                                   r"the two stages' size differ, \(32, 32\) and \(24, 24\)"),
-                                 (dict(param="fourier", size=(32, 0)), ValueError, r"size must be an int >= 1")):
+                                 (dict(param="fourier", size=(32, 0)), ValueError,
+                                  r"^the second stage's size must be an int >= 1")):
         with pytest.raises(error, match=match):
             first = dict(param="pixel", **({"size": 32} if "size" in second else {}))
             fv.render_in_stages(model, [0], first, second, steps=4, progress=False)
