@@ -709,6 +709,9 @@ class _Sums:
     def __sub__(self, other):
         return Sum(((1.0, self), (-1.0, other)))
 
+    def __rsub__(self, other):
+        return Sum(((1.0, other), (-1.0, self)))
+
     def __neg__(self):
         return Sum(((-1.0, self),))
 
@@ -716,6 +719,11 @@ class _Sums:
         return Sum(((weight, self),))
 
     __rmul__ = __mul__
+
+    def __truediv__(self, divisor):
+        if _weight(divisor) == 0:
+            raise ZeroDivisionError(f"{self} divided by 0: a target's weight in a Sum must be finite")
+        return Sum(((1.0 / _weight(divisor), self),))
 
 
 @dataclass(frozen=True)
@@ -884,7 +892,9 @@ class Sum(_Sums):
     terms: tuple
 
     def __post_init__(self):
-        if not isinstance(self.terms, tuple) or not self.terms:
+        if isinstance(self.terms, (list, tuple)) and self.terms:  # a list too; a generator, once read, would be gone
+            object.__setattr__(self, "terms", tuple(self.terms))
+        else:
             raise TypeError(f"Sum takes a non-empty tuple of (weight, target) pairs; got {self.terms!r:.60}")
         flat = []
         for pair in self.terms:
@@ -904,15 +914,20 @@ def _check_term(pair):
         weight, target = pair
     except (TypeError, ValueError):
         raise TypeError(f"a Sum's terms are (weight, target) pairs; got {pair!r:.60}") from None
-    weight = _as_index(weight)  # a 0-d tensor or NumPy number too
-    if isinstance(weight, torch.Tensor) and weight.dim() == 0:
-        weight = weight.item()
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
-        raise TypeError(f"a target's weight in a Sum must be a finite number, got {weight!r:.60}")
+    weight = _weight(weight)
     if not isinstance(target, TARGETS):
         raise TypeError(f"only targets add up: a Class, Channel, Neuron, Direction or Sum, got {target!r:.60}"
                         f"{' (a class index: write Class(k))' if _is_int(_as_index(target)) else ''}")
-    return float(weight), target
+    return weight, target
+
+
+def _weight(value):
+    """A Sum's weight as a float: a finite real number (a NumPy one or a 0-d tensor too); an error otherwise."""
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"a target's weight in a Sum must be a finite number, got {value!r:.60}")
+    return float(value)
 
 
 TARGETS = (Class, Channel, Neuron, Direction, Sum)
@@ -968,9 +983,11 @@ class Objective:
 
     def __init__(self, model, targets, extra_layers=(), input_shape=None):
         """input_shape: (C, H, W) of one image, default the model's own (models.input_size)."""
-        self.targets, self.device = targets, models.device_of(model)
-        terms, mix = _terms_of(targets)
-        self.mix = None if mix is None else mix.to(self.device)  # (terms, T)
+        self.targets, self.device, terms = targets, models.device_of(model), _terms_of(targets)
+        self.owner = torch.tensor([j for j, _, _ in terms], device=self.device)  # each term's target
+        self.weight = torch.tensor([w for _, w, _ in terms], device=self.device, dtype=torch.float32)
+        # the terms' columns summed into the targets' where a target is a Sum (else they are the targets')
+        self.mix = _summing(self.owner, len(targets)) if any(isinstance(t, Sum) for t in targets) else None
         self.layers = {t.layer for _, _, t in terms} | set(extra_layers)  # None: the model output
         self.recorder = models.Recorder(model, self.layers)
         if input_shape is None:
@@ -1013,46 +1030,52 @@ class Objective:
         return {name: tuple(acts[name].shape[1:]) for name in self.layers}
 
     def __call__(self, acts):
+        out = self._columns(acts)
+        return out if self.mix is None else self.mix(out * self.weight)  # (B, T)
+
+    def _columns(self, acts):
+        """(B, terms): each term's activation (the targets', where none is a Sum)."""
         cols = [f(acts[layer]).float() for layer, f in self.parts]  # T_g columns per group (a half model's too)
-        # one group: its columns are the targets in order
-        out = cols[0] if len(cols) == 1 else torch.cat(cols, 1)[:, self.inverse]  # (B, T), or (B, terms)
-        return out if self.mix is None else out @ self.mix
+        return cols[0] if len(cols) == 1 else torch.cat(cols, 1)[:, self.inverse]  # one group: in order already
 
     def own(self, groups):
         """f(acts) -> (N,): image n's activation of target groups[n] alone, the same as
         self(acts)[arange(N), groups] without the other targets' columns (on a CPU render step of 10
-        classes about 1% of the step less, near the lockstep's run-to-run spread)."""
-        picked = [self.targets[g] for g in groups.tolist()]
+        classes about 1% of the step less, near the lockstep's run-to-run spread). Where a target is a Sum,
+        each image's terms are picked from all the terms' columns (a column costs less than an image's map
+        copied for each of its terms) and summed."""
         if self.mix is None:
-            return self._own(picked)
-        image, weight, terms = zip(*_terms_of(picked)[0])  # a Sum's terms, each read from its image
-        image, weight = torch.tensor(image, device=self.device), torch.tensor(weight, device=self.device)
-        own = self._own(terms, image)
-        return lambda acts: torch.zeros(len(picked), device=self.device).index_add(0, image, own(acts) * weight)
+            return self._own([self.targets[g] for g in groups.tolist()])
+        image, term = (self.owner[None, :] == groups[:, None]).nonzero().T  # (N x its terms): an image's in a row
+        weight, total = self.weight[term], _summing(image, len(groups))
+        return lambda acts: total(self._columns(acts)[image, term] * weight)
 
-    def _own(self, targets, images=None):
-        """f(acts) -> (E,): row e's activation of targets[e] alone, read from image images[e] (default: e)."""
-        parts = self._compiled(targets, "own")  # rows: of the targets
-        if len(parts) == 1 and images is None:  # every image's target of one kind and layer: no rows to pick
+    def _own(self, targets):
+        """f(acts) -> (N,): image n's activation of targets[n] alone (no Sums)."""
+        parts = self._compiled(targets, "own")  # rows: its images
+        if len(parts) == 1:  # every image's target of one kind and layer: no rows to pick
             layer, _, fn = parts[0]
             return lambda acts: fn(acts[layer]).float()
         inverse = torch.argsort(torch.cat([rows for _, rows, _ in parts]))
-        reads = [(layer, rows if images is None else images[rows], fn) for layer, rows, fn in parts]
-        return lambda acts: torch.cat([fn(acts[layer][at]).float() for layer, at, fn in reads])[inverse]
+        return lambda acts: torch.cat([fn(acts[layer][rows]).float() for layer, rows, fn in parts])[inverse]
 
 
 def _terms_of(targets):
-    """([(target index, weight, plain target)], mix): every term of the targets, a Sum's each (one term of
-    weight 1 for any other target), and the (terms, T) weights that sum the terms' columns into the targets'
-    (None where no target is a Sum: the terms are the targets)."""
-    terms = [(j, w, t) for j, target in enumerate(targets)
-             for w, t in (target.terms if isinstance(target, Sum) else ((1.0, target),))]
-    if not any(isinstance(t, Sum) for t in targets):
-        return terms, None
-    mix = torch.zeros(len(terms), len(targets))
-    for row, (j, w, _) in enumerate(terms):
-        mix[row, j] = w
-    return terms, mix
+    """[(target index, weight, plain target)]: every term of the targets in their order, a Sum's each (one
+    term of weight 1 for any other target)."""
+    return [(j, w, t) for j, target in enumerate(targets)
+            for w, t in (target.terms if isinstance(target, Sum) else ((1.0, target),))]
+
+
+def _summing(owner, count):
+    """f(values (..., E)) -> (..., count): each owner's values summed, value e being owner[e]'s (owner sorted).
+    They are laid out in a zero-padded (count, most) grid and summed along it, not added into place: the same
+    sums on every run of a GPU (its atomic adds come in any order), and an inf stays in its own owner's sum."""
+    slot = torch.arange(len(owner), device=owner.device) - torch.searchsorted(owner, owner)  # within its owner
+    most = int(torch.bincount(owner, minlength=count).max())
+    where = owner * most + slot
+    return lambda v: v.new_zeros(*v.shape[:-1], count * most).index_copy_(v.dim() - 1, where, v).unflatten(
+        -1, (count, most)).sum(-1)
 
 
 # ----------------------------------------------------------------------------- regularizers
@@ -1690,11 +1713,15 @@ def exemplars(model, images, target, k=8, batch_size=500):
 def looks_at(model, target, images):
     """Where a Neuron target looks in images like these: its cell's centre (y, x) in pixels, as
     models.cell_centres measures it, to be marked on its exemplars (whole images: the neuron sees a part). None for
-    any other target (a class or a channel reads the whole image; a Sum, its terms' places)."""
+    any other target (a class or a channel reads the whole image), a Sum's too unless its terms are neurons of one
+    place."""
     target = _as_index(target)  # a NumPy or 0-d tensor class index too
     if isinstance(target, bool) or not isinstance(target, (*TARGETS, numbers.Integral)):  # (images, target) swapped
         raise TypeError(f"target must be a Class, Channel, Neuron, Direction or Sum, or a class index "
                         f"(looks_at(model, target, images)); got {type(target).__name__}")
+    if isinstance(target, Sum) and len({(t.layer, t.y, t.x) if isinstance(t, Neuron) else None
+                                        for _, t in target.terms}) == 1:
+        target = target.terms[0][1]  # its neurons look where the first does (or none is a neuron)
     images = models.check_input(model, images)
     if not isinstance(target, Neuron):
         return None

@@ -702,7 +702,8 @@ def test_activations_match_a_direct_forward():
     targets = [fv.Class(3), fv.Channel("block1.act2", 5), fv.Class(7), fv.Neuron("block1.act2", 2, 4, 9),
                fv.Class(3, log_prob=True), fv.Neuron("block2.act2", 1), fv.Direction("block3.act2", v),
                fv.Channel("block1.act2", 0), fv.Direction(None, w),  # interleaved kinds and layers; the logits
-               fv.Channel("block1.act2", 5) + 0.5 * fv.Neuron("block2.act2", 1) - fv.Class(3, log_prob=True)]  # a Sum
+               fv.Channel("block1.act2", 5) + 0.5 * fv.Neuron("block2.act2", 1) - fv.Class(3, log_prob=True),  # Sums
+               fv.Direction("block3.act2", v) / 2 - fv.Class(7)]
     got = fv.activations(model, x, targets, batch_size=3)
     with torch.no_grad():
         h = model.whiten_act(model.whiten(model.normalize(x)))
@@ -712,8 +713,9 @@ def test_activations_match_a_direct_forward():
         out = model(x)
     ref = torch.stack([out[:, 3], b1[:, 5].mean((1, 2)), out[:, 7], b1[:, 2, 4, 9], out.log_softmax(1)[:, 3],
                        b2[:, 1, 3, 3], b3.mean((2, 3)) @ v, b1[:, 0].mean((1, 2)), out[:, 3] - out[:, 5],
-                       b1[:, 5].mean((1, 2)) + 0.5 * b2[:, 1, 3, 3] - out.log_softmax(1)[:, 3]], 1)
-    assert got.shape == (7, 10)
+                       b1[:, 5].mean((1, 2)) + 0.5 * b2[:, 1, 3, 3] - out.log_softmax(1)[:, 3],
+                       b3.mean((2, 3)) @ v / 2 - out[:, 7]], 1)
+    assert got.shape == (7, 11)
     assert torch.allclose(got, ref, atol=1e-4)
     assert torch.allclose(fv.activations(model, (x * 255).round().to(torch.uint8), targets),
                           fv.activations(model, (x * 255).round() / 255, targets), atol=1e-5)
@@ -726,8 +728,13 @@ def test_targets_add_subtract_and_scale_into_a_sum_of_any_layers():
     assert s.terms == ((1.0, a), (0.5, b), (-1.0, c)) and s == fv.Sum(((1, a), (0.5, b), (-1, c)))
     assert str(s) == "block2.act2 channel 3 + 0.5 x block3.act2 channel 1 at y=0, x=2 - class 5"
     assert (2 * (a - b)).terms == ((2.0, a), (-2.0, b)) and (-s).terms == ((-1.0, a), (-0.5, b), (1.0, c))
-    assert sum([a, b]) == a + b and (a * np.float32(0.5)).terms == ((0.5, a),) and hash(s) == hash(a + 0.5 * b - c)
+    assert sum([a, b]) == a + b and hash(s) == hash(a + 0.5 * b - c) and fv.Sum([(1, a)]) == 1 * a
+    for half in (a * np.float32(0.5), np.float32(0.5) * a, torch.tensor(0.5) * a, a / 2, a / np.int64(2)):
+        assert half.terms == ((0.5, a),)
     for bad, error, match in ((lambda: a + 5, TypeError, r"only targets add up: .* got 5 \(a class index: write Class"),
+                              (lambda: 5 - a, TypeError, r"only targets add up: .* got 5 \(a class index"),
+                              (lambda: a / 0, ZeroDivisionError, r"block2.act2 channel 3 divided by 0"),
+                              (lambda: fv.Sum((1.0, a) for _ in range(2)), TypeError, "non-empty tuple"),
                               (lambda: a * a, TypeError, r"weight in a Sum must be a finite number, got Channel"),
                               (lambda: a * float("nan"), TypeError, "weight in a Sum must be a finite number, got nan"),
                               (lambda: a * True, TypeError, "finite number, got True"),
@@ -744,7 +751,21 @@ def test_targets_add_subtract_and_scale_into_a_sum_of_any_layers():
     r = fv.render(model, [s, a], steps=24, progress=False)
     assert (r.history[-4:].mean(0) > r.history[:4].mean(0)).all(), r.history
     assert torch.allclose(r.activation, fv.activations(model, r.images, [s, a]).diagonal(), atol=1e-4)
-    assert fv.looks_at(model, s, torch.rand(2, 3, 32, 32)) is None  # a Sum reads its terms' places
+    images = torch.rand(2, 3, 32, 32)
+    assert fv.looks_at(model, s, images) is None  # a Sum reads its terms' places
+    place = fv.looks_at(model, b, images)  # ... unless they are one: neurons of one place
+    assert place is not None and fv.looks_at(model, b - 2 * fv.Neuron(b.layer, 7, b.y, b.x), images) == place
+
+
+def test_a_term_that_is_not_finite_stays_in_its_own_sum():
+    """A float16 model's logit that overflows makes its Sum inf, and only its Sum: a weight of 0 for the other
+    targets' columns (a matrix product) would have made every target NaN."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        model[4].bias[0] = float("inf")
+    got = fv.activations(model, torch.rand(5, 3, 8, 8), [fv.Class(1), fv.Class(0) - fv.Class(2), fv.Class(2)])
+    assert got[:, [0, 2]].isfinite().all() and (got[:, 1] == float("inf")).all()
 
 
 def test_a_direction_with_a_graph_is_a_constant_that_render_leaves_alone():
@@ -1011,6 +1032,18 @@ def test_two_stage_render_and_init_pool():
     b = fv.render(model, [0, 1], param=p, steps=3, lr=0.01, progress=False)
     assert torch.allclose(r.images, b.images) and torch.equal(r.history, torch.cat([a.history, b.history]))
     assert not torch.allclose(r.images, a.images, atol=1e-3)  # the refinement changed the images
+
+
+def test_a_built_parameterization_goes_on_from_its_images_call_after_call():
+    """Images along the way, as Lucent's thresholds save them: a built parameterization rendered a few steps at
+    a time holds the images each call returned, and the next call climbs on from them."""
+    model = cnn()
+    p = fv.FourierParam(2, 3, 32, generator=torch.Generator().manual_seed(0))
+    first = fv.render(model, [0, 1], param=p, steps=8, progress=False)
+    with torch.no_grad():
+        assert torch.allclose(p(), first.images)
+    second = fv.render(model, [0, 1], param=p, steps=8, progress=False)
+    assert (second.activation > first.activation).all() and (second.history[0] > first.history[0]).all()
 
 
 def test_init_pool_starts_each_target_from_its_best_draw():
