@@ -8,11 +8,13 @@ fail with an error that says what to do.
 """
 import ast
 import copy
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -388,6 +390,19 @@ def test_a_model_replicated_over_several_gpus_is_refused_and_on_one_device_runs(
                  lambda: models.last_to_run(dp, x, nn.Linear)):
         with pytest.raises(TypeError, match=r"nn.DataParallel over the GPUs \[0, 1\].*pass model.module"):
             call()
+
+
+def test_the_readme_example_for_lucent_users_runs(tmp_path, monkeypatch):
+    """The code block of the README's "Coming from Lucent", as it is written, on an untrained resnet18 (4 steps)."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("## Coming from Lucent", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)  # where it saves its figure
+    monkeypatch.setattr(fv, "visualize_unit", functools.partial(fv.visualize_unit, steps=4, progress=False))
+    names = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), net=resnet18(),
+                 train_images=torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8))
+    exec(compile(block, "README.md", "exec"), names)
+    plt.close("all")
+    assert names["r"].images.shape == (1, 3, 32, 32) and (tmp_path / "channel7.png").is_file()
 
 
 def test_a_size_the_model_cannot_tell_asks_for_size():
