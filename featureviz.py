@@ -702,9 +702,10 @@ class _Sums:
     def __add__(self, other):
         return Sum(((1.0, self), (1.0, other)))
 
-    def __radd__(self, other):  # sum(targets) starts from 0
-        return self if isinstance(other, int) and not isinstance(other, bool) and other == 0 else Sum(
-            ((1.0, other), (1.0, self)))
+    def __radd__(self, other):
+        if _is_int(other) and other == 0:  # sum(targets) starts from 0
+            return self
+        return Sum(((1.0, other), (1.0, self)))
 
     def __sub__(self, other):
         return Sum(((1.0, self), (-1.0, other)))
@@ -886,15 +887,13 @@ class Direction(_Sums):
 
 @dataclass(frozen=True)
 class Sum(_Sums):
-    """A weighted sum of targets of any kinds and layers, ((weight, target), ...), as `+`, `-` and `*` make it:
+    """A weighted sum of targets of any kinds and layers, ((weight, target), ...), as `+`, `-`, `*` and `/` make it:
     Channel("block2.act2", 3) + 0.5 * Channel("block3.act2", 1) - Class(5) (Lucent's objectives added; within
     one layer a Direction weighs its channels in one product). A Sum within a Sum is written out into its terms."""
     terms: tuple
 
     def __post_init__(self):
-        if isinstance(self.terms, (list, tuple)) and self.terms:  # a list too; a generator, once read, would be gone
-            object.__setattr__(self, "terms", tuple(self.terms))
-        else:
+        if not isinstance(self.terms, (list, tuple)) or not self.terms:  # a generator, once read, would be gone
             raise TypeError(f"Sum takes a non-empty tuple of (weight, target) pairs; got {self.terms!r:.60}")
         flat = []
         for pair in self.terms:
@@ -979,7 +978,7 @@ def as_targets(targets):
 class Objective:
     """Targets compiled into one function acts -> (B, T), built once per model and target list (and, by
     own(), into one that gives each image its own target's activation alone). A Sum's terms are read as targets
-    of their own, whose columns `mix` then weighs into the Sum's."""
+    of their own, whose columns are weighed (`weight`) and summed into the Sum's (`mix`)."""
 
     def __init__(self, model, targets, extra_layers=(), input_shape=None):
         """input_shape: (C, H, W) of one image, default the model's own (models.input_size)."""

@@ -748,6 +748,8 @@ def test_targets_add_subtract_and_scale_into_a_sum_of_any_layers():
     # a Sum of one term of weight 1 renders as its target; a Sum's activation climbs as its own
     one, alone = (fv.render(model, [t, c], steps=6, progress=False) for t in (1 * a, a))
     assert torch.equal(one.images, alone.images) and torch.equal(one.history, alone.history)
+    ends = fv.render(model, [(1 - t) * a + t * c for t in (0, 1)], steps=6, progress=False)  # an interpolation's ends
+    assert torch.equal(ends.images, alone.images)
     r = fv.render(model, [s, a], steps=24, progress=False)
     assert (r.history[-4:].mean(0) > r.history[:4].mean(0)).all(), r.history
     assert torch.allclose(r.activation, fv.activations(model, r.images, [s, a]).diagonal(), atol=1e-4)

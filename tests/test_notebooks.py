@@ -33,6 +33,8 @@ def test_committed_without_outputs_and_parameters_first(name):
     assert all(not c["outputs"] and c["execution_count"] is None for c in code), f"clear the outputs of {name}"
     first = "".join(code[0]["source"])
     assert "SMOKE" in first and "DATA_DIR" in first and "training.setting(" in first  # read from the environment
+    ids = [c.get("id") for c in nb["cells"]]  # nbformat 4.5 wants one on every cell: a cell pasted in without one
+    assert None not in ids and len(set(ids)) == len(ids), f"give every cell of {name} an id of its own"
 
 
 # Appended to a training notebook's smoke run: its training cell re-run after PRESET or SEED changed, the data
