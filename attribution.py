@@ -4,6 +4,7 @@ Every function takes images (B, C, H, W), uint8 in [0, 255] or float in [0, 1], 
 (a list, an array or an integer tensor), runs the model in eval mode (and in its own dtype, for a half or bfloat16
 model), leaves the model (mode, requires_grad, hooks) as found, and returns float32 maps.
 """
+import itertools
 import numbers
 from contextlib import contextmanager
 
@@ -21,9 +22,9 @@ def _untouched(model):
         yield
 
 
-def _prepare(images, targets, model):
+def _prepare(images, targets, model, name="targets"):
     """A detached float copy of the images (B, C, H, W) on the model's device, and the targets (B,),
-    checked against the images' number and the model's channels and outputs."""
+    checked against the images' number and the model's channels and outputs (an error calls them `name`)."""
     models.check_input(model, images)
     device = models.device_of(model)
     # in the model's dtype (a half or bfloat16 model takes its own); captum warns unless inputs require grad
@@ -35,7 +36,7 @@ def _prepare(images, targets, model):
         t = None
     integer = t is not None and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)  # True: none
     if not integer or t.dim() > 1 or (t.dim() == 1 and len(t) != len(x)):
-        raise ValueError(f"targets must be a class index (int) or {len(x)} of them (one per image); got {targets!r}")
+        raise ValueError(f"{name} must be a class index (int) or {len(x)} of them (one per image); got {targets!r}")
     t = t.long()  # (a NumPy uint32 array's tensor has no comparisons)
     with _untouched(model), torch.no_grad(), models.probing(model, x[:1]):  # images too small: said so
         logits = model(x[:1])
@@ -45,7 +46,7 @@ def _prepare(images, targets, model):
     bad = ((flat < 0) | (flat >= k)).nonzero().flatten().tolist()
     if bad:  # the first few of them, not every target of a large batch
         shown = [f"{flat[i].item()} (image {i})" if t.dim() else str(t.item()) for i in bad[:5]]
-        raise ValueError(f"targets must be class indices in 0..{k - 1}; got {', '.join(shown)}"
+        raise ValueError(f"{name} must be class indices in 0..{k - 1}; got {', '.join(shown)}"
                          f"{', ...' if len(bad) > 5 else ''}")
     return x, t.expand(len(x)).contiguous() if t.dim() == 0 else t
 
@@ -137,15 +138,18 @@ def _name_of(model, layer):
 
 
 @torch.inference_mode(False)
-def integrated_gradients(model, images, targets, baseline=None, steps=32, internal_batch_size=64):
+def integrated_gradients(model, images, targets, baseline=None, steps=32, internal_batch_size=64, against=None):
     """Integrated gradients from `baseline` (default black) to the images: signed, (B, C, H, W). Their sum over
     an image's pixels is f(image) - f(baseline) in the limit of many steps: a warning says when `steps` leave it
     off by more than COMPLETENESS for some image, and another when a model in a low precision (bfloat16) leaves
-    it off within its rounding, which no steps mend."""
+    it off within its rounding, which no steps mend. against: classes (one, or one per image) whose logit f is
+    less: the attributions of the margin, the targets' logit less theirs (the two attributions' difference, on
+    one path), checked against the margin's change as one logit's would be."""
     check_count("steps", steps, 1)
     check_count("internal_batch_size", internal_batch_size, 1)
     steps, internal_batch_size = int(steps), int(internal_batch_size)  # a NumPy int is no size to Tensor.split
     x, t = _prepare(images, targets, model)
+    rivals = None if against is None else _prepare(images, against, model, "against")[1]
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):
         baseline = float(baseline)  # 0 is black, as 0.0 is
     shapes = (f"a scalar, one value per channel (C,), an image (C, H, W) or one per image (B, C, H, W) for "
@@ -160,13 +164,20 @@ def integrated_gradients(model, images, targets, baseline=None, steps=32, intern
     except RuntimeError:
         raise ValueError(f"baseline must be {shapes}; got shape {tuple(b.shape)}") from None
     ig, attr, ends = IntegratedGradients(model), [], []
+
+    def logit(v, ts, cs):  # f: the targets' logit, or their margin over the rivals'
+        out = model(v).float()
+        return out.gather(1, ts[:, None])[:, 0] - (0 if cs is None else out.gather(1, cs[:, None])[:, 0])
+
+    def attributions(xs, bs, ts):
+        return ig.attribute(xs, baselines=bs, target=ts, n_steps=steps, internal_batch_size=internal_batch_size)
     with _untouched(model):
         # internal_batch_size images at a time: captum puts every image of a call in each of its batches
-        for xs, bs, ts in zip(*(v.split(internal_batch_size) for v in (x, b, t))):
-            attr.append(ig.attribute(xs, baselines=bs, target=ts, n_steps=steps,
-                                     internal_batch_size=internal_batch_size).detach())
+        rival_batches = itertools.repeat(None) if rivals is None else rivals.split(internal_batch_size)
+        for xs, bs, ts, cs in zip(*(v.split(internal_batch_size) for v in (x, b, t)), rival_batches):
+            attr.append((attributions(xs, bs, ts) - (0 if cs is None else attributions(xs, bs, cs))).detach())
             with torch.no_grad():  # f(image), f(baseline)
-                ends.append(torch.stack([model(v).float().gather(1, ts[:, None])[:, 0] for v in (xs, bs)]))
+                ends.append(torch.stack([logit(v, ts, cs) for v in (xs, bs)]))
     attr, ends = torch.cat(attr), models.exact(torch.cat(ends, 1))  # mps has no float64
     _check_complete(models.exact(attr), ends, steps, models.dtype_of(model))
     return _finite("integrated gradients", attr.float())

@@ -59,12 +59,12 @@ class Data:
 
     @property
     def size(self):
-        """Side of the images in pixels; an error for images that are not square, which the models'
-        recorded size and the visualizations need."""
+        """Side of the images in pixels; an error for images that are not square, which training, our models'
+        recorded size and the notebooks need (render() takes size=(height, width) for a model of one's own)."""
         h, w = self.train_x.shape[-2:]
         if h != w:
             raise ValueError(f"the {self.name} images are {w}x{h} (width x height), not square: crop or resize "
-                             f"them to one side to train and visualize a model on them")
+                             f"them to one side to train a model on them and run the notebooks")
         return w
 
     def class_index(self, label):

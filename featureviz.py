@@ -553,7 +553,7 @@ def jitter(fraction):
     def t(x, gen):
         px = max(1, round(fraction * min(x.shape[-2:])))
         if px >= min(x.shape[-2:]):
-            raise ValueError(f"jitter({fraction}) shifts by up to {px} px, not less than the image's side "
+            raise ValueError(f"jitter({fraction}) shifts by up to {px} px, not less than the image's shorter side "
                              f"{min(x.shape[-2:])}: the fraction must be well below 1 (LIGHT is jitter(1 / 32))")
         dy, dx = torch.randint(-px, px + 1, (2, len(x)), generator=gen, device=x.device)
         return data.shift(x, dy, dx)
@@ -561,7 +561,7 @@ def jitter(fraction):
 
 
 class Shift:
-    """Per image, a random sub-pixel shift of up to `fraction` x the side along each axis, circular (what
+    """Per image, a random sub-pixel shift of up to `fraction` x each side along it, circular (what
     leaves one edge comes back at the other) and band-limited: a phase ramp on the spectrum of the images'
     logits, so they stay in (0, 1). The Fourier parameterizations make their images from such a spectrum:
     render() hands them the ramp (param(shift=...)), and the shift costs them no resampling and no FFT of
@@ -1713,23 +1713,24 @@ def looks_at(model, target, images):
     """Where a Neuron target looks in images like these: its cell's centre (y, x) in pixels, as
     models.cell_centres measures it, to be marked on its exemplars (whole images: the neuron sees a part). None for
     any other target (a class or a channel reads the whole image), a Sum's too unless its terms are neurons of one
-    place."""
+    layer at one place."""
     target = _as_index(target)  # a NumPy or 0-d tensor class index too
     if isinstance(target, bool) or not isinstance(target, (*TARGETS, numbers.Integral)):  # (images, target) swapped
         raise TypeError(f"target must be a Class, Channel, Neuron, Direction or Sum, or a class index "
                         f"(looks_at(model, target, images)); got {type(target).__name__}")
-    if isinstance(target, Sum) and len({(t.layer, t.y, t.x) if isinstance(t, Neuron) else None
-                                        for _, t in target.terms}) == 1:
-        target = target.terms[0][1]  # its neurons look where the first does (or none is a neuron)
     images = models.check_input(model, images)
-    if not isinstance(target, Neuron):
+    neurons = [t for _, t in target.terms] if isinstance(target, Sum) else [target]
+    if not all(isinstance(t, Neuron) for t in neurons) or len({t.layer for t in neurons}) > 1:
         return None
-    shape = models.capture(model, images[:1], target.layer)[target.layer].shape[1:]
-    target.check(shape)
-    if len(shape) != 3:  # a neuron of a layer without a map (a linear layer's unit) reads the whole image too
+    layer = neurons[0].layer
+    shape = models.capture(model, images[:1], layer)[layer].shape[1:]
+    for t in neurons:
+        t.check(shape)
+    places = {t.position(shape) for t in neurons}  # the centre, given or by default, is one place
+    if len(shape) != 3 or len(places) > 1:  # a linear layer's unit reads the whole image too
         return None
-    rows, cols = models.cell_centres(model, target.layer, images)
-    y, x = target.position(shape)
+    rows, cols = models.cell_centres(model, layer, images)
+    (y, x), = places
     return rows[y].item(), cols[x].item()
 
 

@@ -111,6 +111,24 @@ def test_integrated_gradients_sign_and_completeness():
     torch.testing.assert_close(ig, reference, atol=1e-4, rtol=1e-3)
 
 
+def test_integrated_gradients_of_a_margin_are_the_difference_and_add_up_to_its_change(recwarn):
+    """against=: the attributions of the target's logit less another class's, summing to the margin's change,
+    and a warning when too few steps leave that sum off, as for one logit."""
+    model, x = PixelModel(), pixel_images()
+    margin = attribution.integrated_gradients(model, x, 2, steps=32, against=[0, 1], internal_batch_size=1)
+    one, other = (attribution.integrated_gradients(model, x, c, steps=32) for c in (2, torch.tensor([0, 1])))
+    torch.testing.assert_close(margin, one - other)
+    with torch.no_grad():
+        out, black = model(x), model(torch.zeros_like(x))
+        change = out[:, 2] - out[[0, 1], [0, 1]] - (black[:, 2] - black[[0, 1], [0, 1]])
+    torch.testing.assert_close(margin.flatten(1).sum(1), change, atol=1e-4, rtol=1e-4)
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match=r"integrated gradients in 1 steps are off the logit's change"):
+        attribution.integrated_gradients(model, x, 2, steps=1, against=0)
+    with pytest.raises(ValueError, match=r"^against must be class indices in 0\.\.2; got 7"):
+        attribution.integrated_gradients(model, x, 2, against=7)
+
+
 def test_integrated_gradients_custom_baseline():
     model, x = PixelModel(), pixel_images()
     ig = attribution.integrated_gradients(model, x, 1, baseline=0.5, steps=16, internal_batch_size=8)

@@ -757,6 +757,9 @@ def test_targets_add_subtract_and_scale_into_a_sum_of_any_layers():
     assert fv.looks_at(model, s, images) is None  # a Sum reads its terms' places
     place = fv.looks_at(model, b, images)  # ... unless they are one: neurons of one place
     assert place is not None and fv.looks_at(model, b - 2 * fv.Neuron(b.layer, 7, b.y, b.x), images) == place
+    centre = fv.looks_at(model, fv.Neuron(b.layer, 2), images)  # (1, 1) of its 3x3 map, given or by default
+    assert fv.looks_at(model, fv.Neuron(b.layer, 2) + fv.Neuron(b.layer, 5, 1, 1), images) == centre != place
+    assert fv.looks_at(model, fv.Neuron(b.layer, 2) + fv.Neuron("block2.act2", 2), images) is None  # two layers
 
 
 def test_a_term_that_is_not_finite_stays_in_its_own_sum():

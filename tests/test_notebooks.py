@@ -35,6 +35,7 @@ def test_committed_without_outputs_and_parameters_first(name):
     assert "SMOKE" in first and "DATA_DIR" in first and "training.setting(" in first  # read from the environment
     ids = [c.get("id") for c in nb["cells"]]  # nbformat 4.5 wants one on every cell: a cell pasted in without one
     assert None not in ids and len(set(ids)) == len(ids), f"give every cell of {name} an id of its own"
+    nbformat.validate(nbformat.from_dict(nb))  # ids of the allowed form, and the rest of the schema
 
 
 # Appended to a training notebook's smoke run: its training cell re-run after PRESET or SEED changed, the data
@@ -64,7 +65,7 @@ TRAINING = {"Classifier.ipynb": dict(trainer="train_classifier", result="model",
 
 # Appended to Classifier's smoke run, first: its analysis cells read what they say they read. The matrix counted
 # by hand (rows true, columns predicted), of the predictions with TTA, which the accuracy it prints is of; the
-# attributions explain the plain predictions of the images they show.
+# attributions explain the plain predictions of the images they show, and the mistakes are the plain model's.
 CLASSIFIER_WIRING = """
 import torch
 counted = torch.zeros(len(d.classes), len(d.classes), dtype=torch.long)
@@ -79,6 +80,14 @@ assert torch.equal(maps["Grad-CAM"].cpu(), attribution.grad_cam(model, images, p
                                                                 layer=labels[1].split("\\n")[1]).cpu())
 ig = attribution.integrated_gradients(model, images, plain, steps=int(labels[2].split("\\n")[1].split()[0]))
 assert torch.equal(maps["integrated gradients"].cpu(), attribution.to_heatmap(ig, signed=True).cpu())
+# the mistakes explained: images the plain model gets wrong, the said class's maps, the true one's, their margin
+assert len(wrong) > 0 and (training.predict(model, d.test_x[wrong]).argmax(1).cpu() != d.test_y[wrong]).all()
+said_now = training.predict(model, mistaken).argmax(1)
+assert torch.equal(explained["said"].cpu(), attribution.grad_cam(model, mistaken, said_now).cpu())
+assert torch.equal(explained["true"].cpu(), attribution.grad_cam(model, mistaken, d.test_y[wrong]).cpu())
+ig = attribution.integrated_gradients(model, mistaken, said_now, steps=IG_STEPS) - attribution.integrated_gradients(
+    model, mistaken, d.test_y[wrong], steps=IG_STEPS)
+assert torch.allclose(explained["margin"].cpu(), attribution.to_heatmap(ig, signed=True).cpu(), atol=1e-5)
 """
 
 # Appended to Visualization's smoke run: the explorer renders when its button is pressed, once, not as the
