@@ -22,14 +22,20 @@ def _untouched(model):
         yield
 
 
-def _prepare(images, targets, model, name="targets"):
+def _prepare(images, targets, model):
     """A detached float copy of the images (B, C, H, W) on the model's device, and the targets (B,),
-    checked against the images' number and the model's channels and outputs (an error calls them `name`)."""
+    checked against the images' number and the model's channels and outputs."""
     models.check_input(model, images)
     device = models.device_of(model)
     # in the model's dtype (a half or bfloat16 model takes its own); captum warns unless inputs require grad
     x = to_float(images).detach().to(device, models.dtype_of(model)).clone(memory_format=torch.contiguous_format)
     x.requires_grad_()  # contiguous: a model that views its feature maps fails on channels_last images
+    return x, _classes(targets, x, model)
+
+
+def _classes(targets, x, model, name="targets"):
+    """The targets (B,) for the prepared images x: a class index or one per image, checked against the model's
+    outputs (an error calls them `name`)."""
     try:
         t = torch.as_tensor(targets, device=x.device)
     except (TypeError, ValueError, RuntimeError):  # None, a class name, ...
@@ -48,7 +54,7 @@ def _prepare(images, targets, model, name="targets"):
         shown = [f"{flat[i].item()} (image {i})" if t.dim() else str(t.item()) for i in bad[:5]]
         raise ValueError(f"{name} must be class indices in 0..{k - 1}; got {', '.join(shown)}"
                          f"{', ...' if len(bad) > 5 else ''}")
-    return x, t.expand(len(x)).contiguous() if t.dim() == 0 else t
+    return t.expand(len(x)).contiguous() if t.dim() == 0 else t
 
 
 def _batches(method, x, t, batch_size, **options):
@@ -149,7 +155,7 @@ def integrated_gradients(model, images, targets, baseline=None, steps=32, intern
     check_count("internal_batch_size", internal_batch_size, 1)
     steps, internal_batch_size = int(steps), int(internal_batch_size)  # a NumPy int is no size to Tensor.split
     x, t = _prepare(images, targets, model)
-    rivals = None if against is None else _prepare(images, against, model, "against")[1]
+    rivals = None if against is None else _classes(against, x, model, "against")  # the images copied once
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):
         baseline = float(baseline)  # 0 is black, as 0.0 is
     shapes = (f"a scalar, one value per channel (C,), an image (C, H, W) or one per image (B, C, H, W) for "
