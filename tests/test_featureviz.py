@@ -1421,8 +1421,12 @@ def test_a_bfloat16_vae_draws_the_latent_techniques_images_as_a_float32_one_does
         low = fv.techniques(copy.deepcopy(vae).to(torch.bfloat16))[name](model, [0, 1], steps=3, seed=1, progress=False)
         assert low.images.dtype == torch.float32, name  # render() returns float32 images, whatever made them
         other = fv.techniques(vae)[name](model, [0, 1], steps=3, seed=2, progress=False)  # another start
-        # bfloat16's rounding (0.001-0.002 on average) is far below the images' own dependence on their latent
-        assert (low.images - ref.images).abs().mean() < 0.1 * (other.images - ref.images).abs().mean(), name
+        # bfloat16's rounding is far below the images' own dependence on their latent: 0.001 on average before a
+        # step; after 3, 0.001 for `latent` and up to 0.008 (0.12x another start's) for the whitened ones, whose
+        # latent statistics the VAE holds in bfloat16 too, and whose first Adam steps (about lr along the sign of
+        # each gradient) go the other way where the rounded statistics turn a gradient's sign (on an Intel CPU
+        # with bfloat16 instructions; under 0.1x on an AMD one)
+        assert (low.images - ref.images).abs().mean() < 0.25 * (other.images - ref.images).abs().mean(), name
     low = copy.deepcopy(vae).to(torch.bfloat16)
     for kind in ("latent", "whitened"):  # the shift and the resampling take its images too (rfft2 takes no bfloat16)
         for transforms in (fv.STANDARD, fv.AFFINE):
