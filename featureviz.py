@@ -857,13 +857,22 @@ class Neuron(_Sums):
 
 @dataclass(frozen=True, eq=False)
 class Direction(_Sums):
-    """Dot product of a layer's mean spatial activation with a vector (C,); layer None: of the logits, a
-    weighted sum of classes (Lucid's `direction`; Lucent's is a cosine at each position)."""
+    """Dot product of a layer's activation with a vector. A vector (C,) weighs the channels' means over positions
+    (Lucid's `direction`); one of the layer's whole shape (C, H, W) weighs each position's channels, averaged over
+    the positions, as an image's own map does (feature inversion: `inversion_targets`). Layer None: the logits, a
+    weighted sum of classes. cossim_pow > 0 multiplies the product by the cosine of the two, floored at 0.1, to
+    that power (Lucid's): it asks for the vector's pattern, not only for more of it. (Lucent's `direction` is a
+    cosine at each position.)"""
     layer: str
     vector: torch.Tensor
+    cossim_pow: float = 0.0
 
     def __str__(self):
         return f"a direction in {'the logits' if self.layer is None else self.layer}"
+
+    @property
+    def options(self):  # what a group of directions compiled together shares
+        return self.vector.dim() if isinstance(self.vector, torch.Tensor) else None
 
     def check(self, shape):
         each, many, where = (("class", "classes", "the model's output") if self.layer is None else
@@ -871,18 +880,52 @@ class Direction(_Sums):
         if not isinstance(self.vector, torch.Tensor) or not torch.isfinite(self.vector).all():
             raise ValueError(f"direction vector must be a finite tensor ({shape[0]},), one weight per {each} of "
                              f"{where}; got {self.vector!r:.60}")
-        if self.vector.shape != (shape[0],):
-            raise ValueError(f"direction has shape {tuple(self.vector.shape)}; {where} has {shape[0]} {many}")
+        if self.vector.shape not in ((shape[0],), shape):
+            whole = f" or its whole shape {shape}" if len(shape) > 1 else ""
+            raise ValueError(f"direction has shape {tuple(self.vector.shape)}; {where} has {shape[0]} {many}: give "
+                             f"one weight per {each}, ({shape[0]},){whole}")
+        if isinstance(self.cossim_pow, bool) or not isinstance(self.cossim_pow, numbers.Real) or \
+                not 0 <= self.cossim_pow < math.inf:
+            raise ValueError(f"Direction cossim_pow must be a number >= 0, got {self.cossim_pow!r}")
 
     @staticmethod
     def columns(targets, shape, device):
-        v = torch.stack([t.vector.detach().float() for t in targets]).to(device)  # (T_g, C); a constant
-        return lambda a: _mean_spatial(a).float() @ v.T  # any model dtype
+        v, cossim_pow, along = Direction._compiled(targets, shape, device)  # (T, D)
+
+        def read(a):  # (B, T)
+            u = along(a)
+            dots = u @ v.T
+            return dots if cossim_pow is None else _cossim_weighted(dots, u.norm(dim=1)[:, None] * v.norm(dim=1),
+                                                                     cossim_pow)
+        return read
 
     @staticmethod
     def own(targets, shape, device):
-        v = torch.stack([t.vector.detach().float() for t in targets]).to(device)  # (B, C); a constant
-        return lambda a: (_mean_spatial(a).float() * v).sum(1)
+        v, cossim_pow, along = Direction._compiled(targets, shape, device)  # (B, D): each image's own
+
+        def read(a):  # (B,)
+            u = along(a)
+            dots = (u * v).sum(1)
+            return dots if cossim_pow is None else _cossim_weighted(dots, u.norm(dim=1) * v.norm(dim=1), cossim_pow)
+        return read
+
+    @staticmethod
+    def _compiled(targets, shape, device):
+        """(vectors (T, D), their cossim_pow (T,) or None where all are 0, a -> (B, D) what they are compared
+        with): the mean over positions, or the whole map, the vectors then scaled by 1 / positions so that the
+        product is the mean over positions of each one's (the vectors of a group are all of one shape)."""
+        v = torch.stack([t.vector.detach().float().flatten() for t in targets]).to(device)  # a constant
+        cossim_pow = torch.tensor([float(t.cossim_pow) for t in targets], device=device)
+        whole = targets[0].vector.dim() > 1
+        if whole:
+            v = v / math.prod(shape[1:])
+        along = (lambda a: a.flatten(1).float()) if whole else (lambda a: _mean_spatial(a).float())  # any dtype
+        return v, (cossim_pow if cossim_pow.any() else None), along
+
+
+def _cossim_weighted(dot, norms, cossim_pow):
+    """dot x max(0.1, cosine)^cossim_pow, the cosine dot / norms (0 where a norm is 0)."""
+    return dot * (dot / norms.clamp_min(1e-30)).clamp_min(0.1) ** cossim_pow
 
 
 @dataclass(frozen=True)
@@ -954,7 +997,8 @@ def _as_index(value):
 
 
 def as_targets(targets):
-    """A list of targets from one target, a list, or class indices (ints or integer tensors)."""
+    """A list of targets from one target, a list, class indices (ints or integer tensors) or channels written as
+    Lucent writes them ("block2.act2:3")."""
     if isinstance(targets, (set, frozenset)):
         raise TypeError("targets must be in an order, not a set: the images, and the random draws each starts "
                         "from, follow it; give a list (sorted(...))")
@@ -965,14 +1009,25 @@ def as_targets(targets):
                         f"got {targets!r}")
     out = []
     for t in map(_as_index, targets):
+        if isinstance(t, str):
+            t = _channel_named(t)
         if isinstance(t, bool) or not isinstance(t, TARGETS + (int,)):
-            raise TypeError(f"a target must be a class index (int), Class, Channel, Neuron, Direction or Sum; "
-                            f"got {t!r}")
+            raise TypeError(f"a target must be a class index (int), Class, Channel, Neuron, Direction or Sum, or a "
+                            f"channel as 'layer:n'; got {t!r}")
         out.append(Class(t) if isinstance(t, int) else t)
     if not out:
         raise ValueError("no targets given: give a class index, a Class/Channel/Neuron/Direction/Sum, or a non-empty "
                          "list of them")
     return out
+
+
+def _channel_named(text):
+    """Channel(layer, n) from Lucent's string "layer:n"."""
+    layer, colon, n = text.rpartition(":")
+    if not (colon and layer and n.isdecimal()):
+        raise TypeError(f"a target given as a string is a channel, 'layer:n' as Lucent writes it ('block2.act2:3'), "
+                        f"and a class its class index (Class(3) or 3); got {text!r}")
+    return Channel(layer, int(n))
 
 
 class Objective:
@@ -1003,7 +1058,8 @@ class Objective:
         appearance), compiled together by their kind's `how`, 'columns' or 'own'."""
         groups = {}
         for i, t in enumerate(targets):
-            groups.setdefault((type(t), t.layer, getattr(t, "log_prob", None)), []).append(i)
+            groups.setdefault((type(t), t.layer, getattr(t, "log_prob", None), getattr(t, "options", None)),
+                            []).append(i)
         parts = []
         for idx in groups.values():
             first = targets[idx[0]]
@@ -1686,6 +1742,15 @@ def activations(model, images, targets, batch_size=500):
             out = [objective(run(data.to_float(x.to(device))))
                    for x in images.split(batch_size)]
     return torch.cat(out).cpu()
+
+
+def inversion_targets(model, images, layer, cossim_pow=1.0):
+    """One Direction target per image, its map at `layer` (C, H, W): rendered, they give what the layer keeps of
+    each image (feature inversion; the deeper the layer, the less of the image and the more of what it is).
+    cossim_pow: the power of the cosine with the map that weighs the product (Lucid's; 0: the product alone,
+    which more of everything the map holds raises, the image's pattern exaggerated, as a caricature)."""
+    maps = models.capture(model, images, layer)[layer].float()  # (N, C, H, W); checks the images and the layer
+    return [Direction(layer, m, cossim_pow) for m in maps]
 
 
 @dataclass

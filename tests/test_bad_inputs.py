@@ -303,6 +303,8 @@ ENTRY_POINTS = {
     "featureviz.parameterization": lambda x, cnn, vae: fv.parameterization("pixel", init=x)(len(x), 3, 32),
     "featureviz.FourierParam.set_images": lambda x, cnn, vae: _set(fv.FourierParam(len(x), 3, 32), x),
     "featureviz.activations": lambda x, cnn, vae: fv.activations(cnn, x, [0]),
+    "featureviz.inversion_targets": lambda x, cnn, vae: torch.stack([t.vector for t in fv.inversion_targets(
+        cnn, x, "block1.act2")]),
     "featureviz.exemplars": lambda x, cnn, vae: fv.exemplars(cnn, x, 0, k=2),
     "metrics.features": lambda x, cnn, vae: metrics.features(cnn, x),
     "metrics.block_activations": lambda x, cnn, vae: metrics.block_activations(cnn, x, metrics.pooled),
@@ -912,9 +914,9 @@ def test_a_target_index_that_is_not_an_int_is_named(nets, target, match):
         fv.render(cnn, target, steps=1, progress=False)
 
 
-def test_targets_as_strings_are_refused_and_integer_tensors_taken(nets):
+def test_targets_as_class_names_are_refused_and_integer_tensors_taken(nets):
     cnn, _ = nets
-    for bad in ("cat", ["cat"], 1.5, torch.tensor(True)):
+    for bad in ("cat", ["cat"], 1.5, torch.tensor(True)):  # a string is a channel, "layer:n"
         with pytest.raises(TypeError, match="class index"):
             fv.render(cnn, bad, steps=1, progress=False)
     a = fv.render(cnn, torch.tensor(3), steps=3, progress=False)

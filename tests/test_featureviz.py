@@ -781,7 +781,7 @@ def test_a_direction_with_a_graph_is_a_constant_that_render_leaves_alone():
     assert r.images.shape == (1, 3, 32, 32) and probe.weight.grad is None  # no gradient reached the probe
 
 
-@pytest.mark.parametrize("mixed", [True, False, "sums"])
+@pytest.mark.parametrize("mixed", [True, False, "sums", "directions"])
 def test_each_images_own_target_is_its_column_of_all_the_targets(mixed):
     """Objective.own, render()'s step objective, picks what the full (B, T) columns give each image, for
     every kind, interleaved kinds and layers (a map's and the (B, C) head's), Sums of them among them, and several
@@ -794,6 +794,10 @@ def test_each_images_own_target_is_its_column_of_all_the_targets(mixed):
     if mixed == "sums":  # terms that share a kind and layer with each other and with plain targets; one of one term
         targets += [fv.Channel("block1.act2", 5) - 2 * fv.Channel("block1.act2", 1) + fv.Class(7), -fv.Class(4),
                     0.5 * fv.Neuron("block2.act2", 1) + fv.Direction("block3.act2", torch.randn(32))]
+    if mixed == "directions":  # of a vector and of a whole map, with and without their cosine, in one layer
+        targets = [fv.Direction("block2.act2", torch.randn(32)), fv.Direction("block2.act2", torch.randn(32, 7, 7), 2),
+                   fv.Class(1), fv.Direction("block2.act2", torch.randn(32, 7, 7)),
+                   fv.Direction("block2.act2", torch.randn(32), 1.5)]
     groups = torch.arange(len(targets)).repeat_interleave(2).flip(0)  # two images each, not in target order
     objective = fv.Objective(model, targets)
     x = torch.rand(len(groups), 3, 32, 32, requires_grad=True)
@@ -805,6 +809,57 @@ def test_each_images_own_target_is_its_column_of_all_the_targets(mixed):
     assert got.shape == (len(groups),)
     assert torch.allclose(got, ref, atol=1e-5)
     assert torch.allclose(grad, ref_grad, atol=1e-6)
+
+
+def test_a_direction_of_a_whole_map_weighs_each_position_and_its_cosine_weighs_the_pattern():
+    model = cnn()
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    b2 = models.capture(model, x, "block2.act2")["block2.act2"]  # (6, 32, 7, 7)
+    v, m = torch.randn(32), b2[0] - b2.mean(0)  # m: image 0's map against the batch's, a cosine above 0.1 for it only
+    dots = (b2 * m).sum((1, 2, 3)) / 49
+    cos = torch.nn.functional.cosine_similarity(b2.flatten(1), m.flatten()[None], dim=1)
+    cos_v = torch.nn.functional.cosine_similarity(b2.mean((2, 3)), v[None], dim=1)
+    everywhere = v[:, None, None].expand(32, 7, 7)
+    got = fv.activations(model, x, [fv.Direction("block2.act2", v), fv.Direction("block2.act2", everywhere),
+                                    fv.Direction("block2.act2", m), fv.Direction("block2.act2", m, 2),
+                                    fv.Direction("block2.act2", v, 1)])
+    assert torch.allclose(got[:, 0], b2.mean((2, 3)) @ v, atol=1e-5)
+    assert torch.allclose(got[:, 1], got[:, 0], atol=1e-5)  # the same vector at every position: the mean's
+    assert torch.allclose(got[:, 2], dots, atol=1e-5)
+    assert cos.min() < 0.1 < cos.max()  # some floored
+    assert torch.allclose(got[:, 3], dots * cos.clamp_min(0.1) ** 2, atol=1e-5)
+    assert torch.allclose(got[:, 4], got[:, 0] * cos_v.clamp_min(0.1), atol=1e-5)
+    # the cosine weighs the pattern, not the size: a map twice as strong gains twice the product, not more
+    two = fv.activations(model, x, [fv.Direction("block2.act2", b2[0]), fv.Direction("block2.act2", b2[0], 1)])
+    assert torch.allclose(two[0, 1], two[0, 0], rtol=1e-4)  # its own map: cosine 1
+    assert (two[1:, 1] < two[1:, 0]).all()  # another image's: a cosine below 1
+
+
+def _smooth_images(n, seed):
+    """n images of low-frequency colour noise (32x32): what a small random conv layer keeps most of."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.interpolate(torch.rand(n, 3, 6, 6, generator=g), size=32, mode="bicubic",
+                                           align_corners=False).clamp(0, 1)
+
+
+def test_rendering_an_images_map_inverts_it_its_cosine_more_faithfully_and_its_mean_alone_does_not():
+    """inversion_targets: the render of each image's map at a shallow layer looks like that image, and like no
+    other of the batch, the more so the more its cosine with the map weighs; the map's mean over positions (a
+    Direction of its channels) keeps no layout to find."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 24, 3, padding=1), torch.nn.ReLU()).eval()
+    images = _smooth_images(4, 1)
+    like = {}
+    for cossim_pow in (0.0, 4.0):
+        targets = fv.inversion_targets(model, images, "1", cossim_pow)
+        assert [t.vector.shape for t in targets] == [(24, 32, 32)] * 4 and targets[0].cossim_pow == cossim_pow
+        r = fv.render(model, targets, param="pixel", transforms=None, steps=150, size=32, progress=False)
+        like[cossim_pow] = corr = metrics.template_recovery(r.images, images)
+        assert metrics.recovered(corr, torch.arange(4)) == 1.0 and corr.diagonal().min() > 0.2, corr
+        means = [fv.Direction("1", t.vector.mean((1, 2)), cossim_pow) for t in targets]
+        r = fv.render(model, means, param="pixel", transforms=None, steps=150, size=32, progress=False)
+        assert metrics.template_recovery(r.images, images).diagonal().abs().max() < 0.15
+    assert like[4.0].diagonal().min() > 0.7 > 0.4 > like[0.0].diagonal().max()  # (0.74 and 0.34 at most)
 
 
 def test_exemplars_are_the_true_top_and_bottom_k():
@@ -839,7 +894,12 @@ def test_exemplars_of_equal_activations_come_in_the_images_order(monkeypatch):
     (fv.Neuron("block2.act2", 40), "has 32 channels"),
     (fv.Class(10), "has 10 classes"),
     (fv.Direction("block1.act2", torch.ones(5)), "has 16 channels"),
-    (fv.Direction(None, torch.ones(16)), r"direction has shape \(16,\); the model's output has 10 classes"),
+    (fv.Direction(None, torch.ones(16)), r"direction has shape \(16,\); the model's output has 10 classes: give one "
+                                         r"weight per class, \(10,\)$"),
+    (fv.Direction("block1.act2", torch.ones(16, 3, 3)), r"give one weight per channel, \(16,\) or its whole shape "
+                                                       r"\(16, 15, 15\)"),
+    (fv.Direction("block1.act2", torch.ones(16), -1), "Direction cossim_pow must be a number >= 0, got -1"),
+    (fv.Direction("block1.act2", torch.ones(16), math.inf), "Direction cossim_pow must be a number >= 0, got inf"),
 ])
 def test_render_rejects_bad_targets_clearly_and_leaves_no_hooks(target, match):
     model = cnn()
@@ -1360,6 +1420,14 @@ def test_several_targets_as_an_array_or_tensor_and_numpy_weights():
     assert two(model, (c for c in range(2)), steps=2, progress=False).targets == [fv.Class(0), fv.Class(1)]
     with pytest.raises(TypeError, match="a target must be a class index"):
         fv.as_targets({0: 1})  # a dict is no list of targets (its keys would be)
+    # Lucent's "layer:n", a channel (the last colon: a layer's name may hold one)
+    assert fv.as_targets("block2.act2:3") == [fv.Channel("block2.act2", 3)]
+    assert fv.as_targets(["a:b:12", 4]) == [fv.Channel("a:b", 12), fv.Class(4)]
+    assert fv.render(model, "block1.act2:1", steps=1, progress=False).targets == [fv.Channel("block1.act2", 1)]
+    for text in ("block2.act2", "block2.act2:", ":3", "block2.act2:-1", "block2.act2:1.5", "block2.act2: 3"):
+        with pytest.raises(TypeError, match=f"a target given as a string is a channel, 'layer:n' as Lucent writes it "
+                                            f".*; got '{text}'"):
+            fv.as_targets(["block1.act2:0", text])
     with pytest.raises(TypeError, match="not a set: .* give a list"):  # its order changes from run to run
         fv.as_targets({fv.Channel("block1.act2", 0), fv.Channel("block1.act2", 1)})
     with pytest.raises(ValueError, match=r"TV weight must be a finite number >= 0, got True"):

@@ -171,6 +171,16 @@ assert labels == d.classes[:len(channels)], labels
 """
 
 
+# And its inversion cell draws the renders of its test images' own maps, layer by layer, under the images.
+INVERSION = """
+import torch
+assert torch.equal(inverted["test image"], d.test_x[INVERT]) and list(inverted)[1:] == list(INVERT_LAYERS)
+for layer in INVERT_LAYERS:
+    targets = featureviz.inversion_targets(model, d.test_x[INVERT], layer)
+    assert torch.equal(inverted[layer], TECHNIQUES[TECHNIQUE](model, targets, steps=STEPS, seed=SEED).images), layer
+"""
+
+
 # And its load cell stopped midway (the independent classifier's training interrupted): no cell goes on with the
 # models of before; each asks for the load cell again.
 STOPPED_LOAD = """
@@ -209,7 +219,7 @@ def _smoke_checks(name, nb):
     load = next(c.source for c in nb.cells if "other_ckpt =" in c.source)
     explorer = next(c.source for c in nb.cells if "widgets.interactive(" in c.source)
     return (PRESS_RENDER.format(cell=explorer) + NEURON_RING + PRINTED_COMMAND.format(cell=cell)
-            + RERUN_CHANNELS.format(cell=channels) + STOPPED_LOAD.format(cell=load))
+            + RERUN_CHANNELS.format(cell=channels) + INVERSION + STOPPED_LOAD.format(cell=load))
 
 
 def test_notebooks_run_in_smoke_mode(monkeypatch):
