@@ -860,15 +860,22 @@ class Direction(_Sums):
     """Dot product of a layer's activation with a vector. A vector (C,) weighs the channels' means over positions
     (Lucid's `direction`); one of the layer's whole shape (C, H, W) weighs each position's channels, averaged over
     the positions, as an image's own map does (feature inversion: `inversion_targets`). Layer None: the logits, a
-    weighted sum of classes. cossim_pow > 0 multiplies the product by the cosine of the two, floored at 0.1, to
-    that power (Lucid's): it asks for the vector's pattern, not only for more of it. (Lucent's `direction` is a
-    cosine at each position.)"""
+    weighted sum of classes. cossim_pow > 0 multiplies the product by the cosine of the two (the vector and the
+    mean activation, or the whole map), floored at 0.1, to that power: it asks for the vector's pattern, not only
+    for more of it (Lucid's floor and power; Lucid takes the cosine at each position, and Lucent's `direction` is
+    that cosine alone)."""
     layer: str
     vector: torch.Tensor
     cossim_pow: float = 0.0
 
+    def __post_init__(self):
+        object.__setattr__(self, "cossim_pow", _cossim_pow(self.cossim_pow))  # frozen
+
     def __str__(self):
-        return f"a direction in {'the logits' if self.layer is None else self.layer}"
+        where = "the logits" if self.layer is None else self.layer
+        whole = isinstance(self.vector, torch.Tensor) and self.vector.dim() > 1
+        cosine = f", cosine^{self.cossim_pow:g}" if self.cossim_pow else ""
+        return f"a {'map' if whole else 'direction'} in {where}{cosine}"
 
     @property
     def options(self):  # what a group of directions compiled together shares
@@ -877,50 +884,65 @@ class Direction(_Sums):
     def check(self, shape):
         each, many, where = (("class", "classes", "the model's output") if self.layer is None else
                              ("channel", "channels", f"layer {self.layer!r}"))
+        whole = f" or its whole shape {shape}" if len(shape) > 1 else ""
         if not isinstance(self.vector, torch.Tensor) or not torch.isfinite(self.vector).all():
-            raise ValueError(f"direction vector must be a finite tensor ({shape[0]},), one weight per {each} of "
+            raise ValueError(f"direction vector must be a finite tensor ({shape[0]},){whole}, one weight per {each} of "
                              f"{where}; got {self.vector!r:.60}")
         if self.vector.shape not in ((shape[0],), shape):
-            whole = f" or its whole shape {shape}" if len(shape) > 1 else ""
             raise ValueError(f"direction has shape {tuple(self.vector.shape)}; {where} has {shape[0]} {many}: give "
                              f"one weight per {each}, ({shape[0]},){whole}")
-        if isinstance(self.cossim_pow, bool) or not isinstance(self.cossim_pow, numbers.Real) or \
-                not 0 <= self.cossim_pow < math.inf:
-            raise ValueError(f"Direction cossim_pow must be a number >= 0, got {self.cossim_pow!r}")
+        if not self.vector.any():
+            raise ValueError(f"direction vector is 0 everywhere: every image's product with it is 0, which no image "
+                             f"could raise (a map of {where} that is all 0: a dead layer for that image?)")
 
     @staticmethod
     def columns(targets, shape, device):
-        v, cossim_pow, along = Direction._compiled(targets, shape, device)  # (T, D)
+        v, norms, cossim_pow, along = Direction._compiled(targets, shape, device)  # (T, D), (T,)
 
         def read(a):  # (B, T)
             u = along(a)
             dots = u @ v.T
-            return dots if cossim_pow is None else _cossim_weighted(dots, u.norm(dim=1)[:, None] * v.norm(dim=1),
-                                                                     cossim_pow)
+            return dots if cossim_pow is None else _cossim_weighted(dots, u.norm(dim=1)[:, None] * norms, cossim_pow)
         return read
 
     @staticmethod
     def own(targets, shape, device):
-        v, cossim_pow, along = Direction._compiled(targets, shape, device)  # (B, D): each image's own
+        v, norms, cossim_pow, along = Direction._compiled(targets, shape, device)  # (B, D): each image's own
 
         def read(a):  # (B,)
             u = along(a)
             dots = (u * v).sum(1)
-            return dots if cossim_pow is None else _cossim_weighted(dots, u.norm(dim=1) * v.norm(dim=1), cossim_pow)
+            return dots if cossim_pow is None else _cossim_weighted(dots, u.norm(dim=1) * norms, cossim_pow)
         return read
 
     @staticmethod
     def _compiled(targets, shape, device):
-        """(vectors (T, D), their cossim_pow (T,) or None where all are 0, a -> (B, D) what they are compared
-        with): the mean over positions, or the whole map, the vectors then scaled by 1 / positions so that the
-        product is the mean over positions of each one's (the vectors of a group are all of one shape)."""
-        v = torch.stack([t.vector.detach().float().flatten() for t in targets]).to(device)  # a constant
-        cossim_pow = torch.tensor([float(t.cossim_pow) for t in targets], device=device)
+        """(vectors (T, D), their norms (T,), their cossim_pow (T,) or None where all are 0, a -> (B, D) what they
+        are compared with): the mean over positions, or the whole map, the vectors then scaled by 1 / positions
+        so that the product is the mean over positions of each one's (the vectors of a group are all of one
+        shape)."""
+        v = torch.stack([t.vector.detach().to(device, torch.float32).flatten() for t in targets])  # a constant
+        cossim_pow = torch.tensor([t.cossim_pow for t in targets], device=device)
         whole = targets[0].vector.dim() > 1
         if whole:
             v = v / math.prod(shape[1:])
         along = (lambda a: a.flatten(1).float()) if whole else (lambda a: _mean_spatial(a).float())  # any dtype
-        return v, (cossim_pow if cossim_pow.any() else None), along
+        return v, v.norm(dim=1), (cossim_pow if cossim_pow.any() else None), along
+
+
+def _plain_number(value):
+    """A Python number from a NumPy or 0-d tensor one; anything else as it is, for its caller to check."""
+    return value.item() if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 0 else value
+
+
+def _cossim_pow(value):
+    """A Direction's cossim_pow as a float: a finite number >= 0 (a NumPy one or a 0-d tensor too)."""
+    value = _plain_number(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Direction cossim_pow must be a number >= 0, got {value!r:.60}")
+    if not 0 <= value < math.inf:
+        raise ValueError(f"Direction cossim_pow must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 def _cossim_weighted(dot, norms, cossim_pow):
@@ -965,8 +987,7 @@ def _check_term(pair):
 
 def _weight(value):
     """A Sum's weight as a float: a finite real number (a NumPy one or a 0-d tensor too); an error otherwise."""
-    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 0:
-        value = value.item()
+    value = _plain_number(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"a target's weight in a Sum must be a finite number, got {value!r:.60}")
     return float(value)
@@ -1749,6 +1770,7 @@ def inversion_targets(model, images, layer, cossim_pow=1.0):
     each image (feature inversion; the deeper the layer, the less of the image and the more of what it is).
     cossim_pow: the power of the cosine with the map that weighs the product (Lucid's; 0: the product alone,
     which more of everything the map holds raises, the image's pattern exaggerated, as a caricature)."""
+    cossim_pow = _cossim_pow(cossim_pow)  # checked before the model runs
     maps = models.capture(model, images, layer)[layer].float()  # (N, C, H, W); checks the images and the layer
     return [Direction(layer, m, cossim_pow) for m in maps]
 

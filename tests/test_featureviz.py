@@ -829,6 +829,14 @@ def test_a_direction_of_a_whole_map_weighs_each_position_and_its_cosine_weighs_t
     assert cos.min() < 0.1 < cos.max()  # some floored
     assert torch.allclose(got[:, 3], dots * cos.clamp_min(0.1) ** 2, atol=1e-5)
     assert torch.allclose(got[:, 4], got[:, 0] * cos_v.clamp_min(0.1), atol=1e-5)
+    # a Sum of whole maps and cosines reads each term as it is alone
+    total = fv.activations(model, x, fv.Direction("block2.act2", m, 2) - 0.5 * fv.Direction("block2.act2", v, 1))
+    assert torch.allclose(total[:, 0], got[:, 3] - 0.5 * got[:, 4], atol=1e-5)
+    # a map or an image of 0 (a dead layer): a product of 0, whose gradient is 0, not NaN
+    dot, norms = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    value = fv._cossim_weighted(dot, norms, torch.full((3,), 2.0))
+    value.sum().backward()
+    assert (value == 0).all() and dot.grad.isfinite().all() and norms.grad.isfinite().all()
     # the cosine weighs the pattern, not the size: a map twice as strong gains twice the product, not more
     two = fv.activations(model, x, [fv.Direction("block2.act2", b2[0]), fv.Direction("block2.act2", b2[0], 1)])
     assert torch.allclose(two[0, 1], two[0, 0], rtol=1e-4)  # its own map: cosine 1
@@ -840,6 +848,20 @@ def _smooth_images(n, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.nn.functional.interpolate(torch.rand(n, 3, 6, 6, generator=g), size=32, mode="bicubic",
                                            align_corners=False).clamp(0, 1)
+
+
+def test_a_directions_cossim_pow_is_a_number_at_least_0_and_its_name_says_what_it_is():
+    assert fv.Direction("b", torch.ones(3), np.float32(2)).cossim_pow == 2.0
+    assert fv.Direction("b", torch.ones(3), torch.tensor(0.5)).cossim_pow == 0.5
+    for bad, kind in ((-1, ValueError), (math.inf, ValueError), (math.nan, ValueError), ("1", TypeError),
+                      (True, TypeError), (torch.ones(2), TypeError)):
+        with pytest.raises(kind, match="Direction cossim_pow must be a number >= 0"):
+            fv.Direction("b", torch.ones(3), bad)
+    with pytest.raises(ValueError, match="cossim_pow must be a number >= 0, got -1"):  # before the model runs
+        fv.inversion_targets(None, torch.rand(2, 3, 32, 32), "block1.act2", -1)
+    assert str(fv.Direction("b", torch.ones(3))) == "a direction in b"
+    assert str(fv.Direction(None, torch.ones(3), 2)) == "a direction in the logits, cosine^2"
+    assert str(fv.Direction("b", torch.ones(3, 2, 2), 1.5)) == "a map in b, cosine^1.5"
 
 
 def test_rendering_an_images_map_inverts_it_its_cosine_more_faithfully_and_its_mean_alone_does_not():
@@ -858,8 +880,9 @@ def test_rendering_an_images_map_inverts_it_its_cosine_more_faithfully_and_its_m
         assert metrics.recovered(corr, torch.arange(4)) == 1.0 and corr.diagonal().min() > 0.2, corr
         means = [fv.Direction("1", t.vector.mean((1, 2)), cossim_pow) for t in targets]
         r = fv.render(model, means, param="pixel", transforms=None, steps=150, size=32, progress=False)
-        assert metrics.template_recovery(r.images, images).diagonal().abs().max() < 0.15
-    assert like[4.0].diagonal().min() > 0.7 > 0.4 > like[0.0].diagonal().max()  # (0.74 and 0.34 at most)
+        assert metrics.template_recovery(r.images, images).diagonal().abs().max() < 0.25  # (0.08 at most)
+    assert like[4.0].diagonal().min() > 0.55 and like[0.0].diagonal().max() < 0.45  # (0.74 at least, 0.34 at most)
+    assert like[4.0].diagonal().mean() > like[0.0].diagonal().mean() + 0.2
 
 
 def test_exemplars_are_the_true_top_and_bottom_k():
@@ -898,8 +921,7 @@ def test_exemplars_of_equal_activations_come_in_the_images_order(monkeypatch):
                                          r"weight per class, \(10,\)$"),
     (fv.Direction("block1.act2", torch.ones(16, 3, 3)), r"give one weight per channel, \(16,\) or its whole shape "
                                                        r"\(16, 15, 15\)"),
-    (fv.Direction("block1.act2", torch.ones(16), -1), "Direction cossim_pow must be a number >= 0, got -1"),
-    (fv.Direction("block1.act2", torch.ones(16), math.inf), "Direction cossim_pow must be a number >= 0, got inf"),
+    (fv.Direction("block1.act2", torch.zeros(16, 15, 15)), "direction vector is 0 everywhere"),
 ])
 def test_render_rejects_bad_targets_clearly_and_leaves_no_hooks(target, match):
     model = cnn()
