@@ -1,4 +1,5 @@
-"""The atlas: a static site of every channel of a trained classifier, browsable offline.
+"""The atlas: a static site of every channel of a trained classifier, browsable offline; and the activation
+atlas of one layer (`activation_atlas`, at the end), one picture of what the layer tells apart across the data.
 
     python atlas.py --dataset cifar10-jpeg      # the notebooks' checkpoints -> outputs/atlas/index.html
     index = atlas.build_atlas(model, d, vae)     # from Python; returns the path of index.html
@@ -26,6 +27,7 @@ import re
 import shlex
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -598,6 +600,83 @@ class Site:
         figs = "".join(self.figure(self.vis_file(CLASSES, self.techniques[0], c), name, f"class-{c}.html",
                                    f"class {name}") for c, name in enumerate(self.d.classes))
         return f'<div class="strip">{figs}</div>'
+
+
+# ----------------------------------------------------------------------------- the activation atlas
+# Carter et al., "Activation Atlas" (Distill, 2019): an activation vector of each image, at one random position of a
+# layer's map, laid out in 2-D by t-SNE; the layout cut into a grid, each cell's vectors averaged, and each average
+# rendered, all in one batch, as a Direction weighed by its cosine: a map of what the layer tells apart across the
+# data, and of where the classes lie on it.
+
+ATLAS_COSSIM_POW = 1.0  # the average's pattern, not its size alone (with 0, the strongest cells' colours saturate)
+
+
+@dataclass
+class ActivationAtlas:
+    """The rendered cells of an activation atlas of `layer` on a grid x grid layout, cell k at row rows[k] and column
+    cols[k]: its render images[k], the number of samples it averages counts[k], their most common label classes[k]
+    and its share of them purity[k]; directions[k] the average it renders."""
+    layer: str
+    grid: int
+    rows: torch.Tensor
+    cols: torch.Tensor
+    images: torch.Tensor
+    counts: torch.Tensor
+    classes: torch.Tensor
+    purity: torch.Tensor
+    directions: list
+
+
+def layer_samples(model, images, layer, seed=0):
+    """(N, C): each image's activation vector at `layer`, at one position of its map drawn at random (seeded; a
+    layer without positions gives its whole output)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    with models.capturing(model, layer) as read:
+        for batch in models.check_input(model, images).split(500):
+            a = read(batch)[layer].float().cpu()
+            a = a.flatten(2) if a.dim() > 2 else a[:, :, None]  # (B, C, positions)
+            out.append(a[torch.arange(len(a)), :, torch.randint(a.shape[2], (len(a),), generator=g)])
+    return torch.cat(out)
+
+
+def atlas_layout(vectors, grid=10, min_count=5, seed=0):
+    """(cell of each vector (N,), its row and column on the grid (K,) each): the vectors' t-SNE layout cut into
+    grid x grid cells, those holding at least min_count vectors kept (cell -1: a vector in none kept)."""
+    from sklearn.manifold import TSNE  # only here: the atlas of units does without it
+    data.check_count("grid", grid, 1)
+    data.check_count("min_count", min_count, 1)
+    if len(vectors) < 2 * min_count:
+        raise ValueError(f"an activation atlas needs at least 2 x min_count = {2 * min_count} samples; got "
+                         f"{len(vectors)}")
+    perplexity = min(30.0, (len(vectors) - 1) / 3)  # scikit-learn's default, or as many neighbours as there are
+    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(vectors.double().numpy())
+    xy = torch.from_numpy(xy)
+    lo, span = xy.min(0).values, (xy.max(0).values - xy.min(0).values).clamp_min(1e-12)
+    row, col = ((xy - lo) / span * grid).long().clamp(max=grid - 1).unbind(1)  # y down the rows, x across
+    cells, cell, counts = (row * grid + col).unique(return_inverse=True, return_counts=True)
+    kept = counts >= min_count
+    renumber = torch.cumsum(kept, 0) - 1  # the kept cells numbered 0.., in the grid's reading order
+    cell = torch.where(kept[cell], renumber[cell], -1)
+    return cell, cells[kept] // grid, cells[kept] % grid
+
+
+def activation_atlas(model, images, labels, layer, technique, grid=10, min_count=5, seed=0, **common):
+    """Render an activation atlas of `layer` on these images (one sample each, `layer_samples`) and their labels:
+    `technique` (a Technique or render) renders every kept cell's average in one batch, `common` going to it
+    (steps, progress, ...). Returns an ActivationAtlas."""
+    labels = data.check_labels(labels, len(models.check_input(model, images)))
+    vectors = layer_samples(model, images, layer, seed)
+    cell, rows, cols = atlas_layout(vectors, grid, min_count, seed)
+    inside = cell >= 0
+    counts = torch.bincount(cell[inside], minlength=len(rows))
+    means = torch.zeros(len(rows), vectors.shape[1]).index_add_(0, cell[inside], vectors[inside]) / counts[:, None]
+    tally = torch.zeros(len(rows), int(labels.max()) + 1).index_put_(
+        (cell[inside], labels[inside]), torch.ones(int(inside.sum())), accumulate=True)  # (K, classes)
+    share, classes = (tally / counts[:, None]).max(1)
+    directions = [fv.Direction(layer, m, ATLAS_COSSIM_POW) for m in means]
+    r = technique(model, directions, seed=seed, **common)
+    return ActivationAtlas(layer, grid, rows, cols, r.images, counts, classes, share, directions)
 
 
 # ----------------------------------------------------------------------------- command line

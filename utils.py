@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.colors import PowerNorm
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 import numpy as np
 import torch
@@ -462,6 +463,29 @@ def comparison_grid(rows, col_labels=None, max_cols=16, save=None):
             row[0].set_ylabel(_wrap(label, 20), fontsize=9)  # lines a row high (1.5 inches)
         for column, label in zip(block.T, labels[first:first + width]):  # on its first image, whichever row has it
             next(ax for ax in column if ax.get_visible()).set_title(_wrap(label, 14), fontsize=9)
+    return _finish(fig, save)
+
+
+@_no_figure_on_error
+def plot_activation_atlas(atlas, classes=None, save=None):
+    """An activation atlas (atlas.activation_atlas) as one picture: each rendered cell at its place on the grid,
+    framed in the colour of its samples' most common class (the legend names them), the cells left out blank."""
+    x = _numpy_images(atlas.images, "atlas.images")
+    x = np.repeat(x[..., None], 3, -1) if x.ndim == 3 else x  # gray renders in colour frames
+    _, h, w, _ = x.shape
+    pad = max(1, h // 16)  # the frame: 2 px at 32
+    tall, wide = h + 2 * pad, w + 2 * pad
+    canvas = np.ones((atlas.grid * tall, atlas.grid * wide, 3))
+    colours = plt.get_cmap("tab10" if int(atlas.classes.max()) < 10 else "tab20")
+    for image, row, col, label in zip(x, atlas.rows.tolist(), atlas.cols.tolist(), atlas.classes.tolist()):
+        canvas[row * tall:(row + 1) * tall, col * wide:(col + 1) * wide] = colours(label % colours.N)[:3]
+        canvas[row * tall + pad:row * tall + pad + h, col * wide + pad:col * wide + pad + w] = image
+    fig, ax = plt.subplots(figsize=(0.6 * atlas.grid + 2.5, 0.6 * atlas.grid))
+    _imshow(ax, canvas)
+    ax.legend(handles=[Patch(color=colours(c % colours.N), label=_name(c, classes))
+                       for c in sorted(set(atlas.classes.tolist()))],
+              loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    ax.set_title(f"activation atlas of {atlas.layer}: {len(x)} cells, {int(atlas.counts.sum())} samples", fontsize=10)
     return _finish(fig, save)
 
 

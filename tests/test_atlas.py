@@ -842,3 +842,75 @@ class DenseNetHead(nn.Module):
 
     def forward(self, x):  # in place, as torchvision's: the map the layer made is overwritten
         return self.classifier(F.adaptive_avg_pool2d(F.relu(self.features(x), inplace=True), 1).flatten(1))
+
+
+# ----------------------------------------------------------------------------- the activation atlas
+
+def test_layer_samples_are_one_position_of_each_images_map_drawn_by_the_seed(tiny):
+    model, d, _ = tiny
+    x = d.test_x[:20]
+    maps = models.capture(model, x, "block2.act2")["block2.act2"].float().flatten(2)  # (20, C, positions)
+    s = atlas.layer_samples(model, x, "block2.act2", seed=0)
+    assert s.shape == maps.shape[:2]
+    # each row is one of its own image's positions, and not the mean over them
+    assert ((maps - s[:, :, None]).abs().amax(1).amin(1) < 1e-5).all()
+    assert torch.equal(s, atlas.layer_samples(model, x, "block2.act2", seed=0))
+    assert not torch.equal(s, atlas.layer_samples(model, x, "block2.act2", seed=1))
+
+
+def test_the_layout_keeps_apart_what_differs_and_drops_sparse_cells():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(3, 8) * 40  # three far-apart clusters of 8-D points, 30 each, and 2 points on their own
+    points = torch.cat([c + torch.randn(30, 8, generator=g) for c in centres] + [torch.full((2, 8), -60.0)])
+    cluster = torch.arange(3).repeat_interleave(30)
+    cell, rows, cols = atlas.atlas_layout(points, grid=4, min_count=3)
+    assert len(cell) == 92 and len(rows) == len(cols) and ((rows >= 0) & (rows < 4) & (cols >= 0) & (cols < 4)).all()
+    assert len(set(zip(rows.tolist(), cols.tolist()))) == len(rows)  # one number per kept cell
+    counts = torch.bincount(cell[cell >= 0], minlength=len(rows))
+    assert (counts >= 3).all() and (cell[-2:] == -1).all()  # the pair: too few for a cell of its own
+    for k in range(len(rows)):
+        assert len(cluster[cell[:90] == k].unique()) <= 1, k  # no cell holds two clusters
+    shuffled = cell[:90][torch.randperm(90, generator=g)]  # the check above fails for a layout that mixes them
+    assert any(len(cluster[shuffled == k].unique()) > 1 for k in range(len(rows)))
+    with pytest.raises(ValueError, match="needs at least 2 x min_count = 200 samples; got 92"):
+        atlas.atlas_layout(points, min_count=100)
+    with pytest.raises(ValueError, match="grid must be an int >= 1, got 0"):
+        atlas.atlas_layout(points, grid=0)
+
+
+def test_each_cell_of_an_activation_atlas_renders_its_own_average(tiny):
+    model, d, _ = tiny
+    x, y = d.test_x, d.test_y
+    a = atlas.activation_atlas(model, x, y, "block3.act2", fv.render, grid=3, min_count=4, param="pixel",
+                               transforms=None, steps=150, progress=False)
+    cell, rows, cols = atlas.atlas_layout(atlas.layer_samples(model, x, "block3.act2"), 3, 4)
+    assert torch.equal(a.rows, rows) and torch.equal(a.cols, cols) and a.images.shape == (len(rows), 3, 32, 32)
+    samples = atlas.layer_samples(model, x, "block3.act2")
+    for k in range(len(rows)):
+        mine = cell == k
+        label, count = collections.Counter(y[mine].tolist()).most_common(1)[0]
+        assert a.counts[k] == mine.sum() and a.classes[k] == label and abs(a.purity[k] - count / mine.sum()) < 1e-6
+        assert torch.allclose(a.directions[k].vector, samples[mine].mean(0), atol=1e-5)
+        assert a.directions[k].cossim_pow == atlas.ATLAS_COSSIM_POW
+    # each cell's direction is raised most by its own render (what the render maximized) of all the atlas's
+    values = fv.activations(model, a.images, a.directions)  # (renders, cells)
+    assert len(rows) >= 3 and torch.equal(values.argmax(0), torch.arange(len(rows))), values
+    assert not torch.equal(values.flip(0).argmax(0), torch.arange(len(rows)))  # renders in another order: not so
+
+
+def test_the_activation_atlas_picture_puts_each_cell_in_its_place_framed_in_its_class_colour():
+    import utils
+    images = torch.stack([torch.full((3, 32, 32), v) for v in (0.0, 0.5, 1.0)])
+    shown = SimpleNamespace(layer="block3.act2", grid=3, rows=torch.tensor([0, 1, 2]), cols=torch.tensor([2, 0, 1]),
+                            images=images, counts=torch.tensor([5, 6, 7]), classes=torch.tensor([1, 4, 1]),
+                            purity=torch.ones(3))
+    fig = utils.plot_activation_atlas(shown, classes=[f"c{i}" for i in range(5)])
+    canvas = fig.axes[0].images[0].get_array()
+    tab10 = utils.plt.get_cmap("tab10")
+    for k, (row, col, label) in enumerate([(0, 2, 1), (1, 0, 4), (2, 1, 1)]):
+        y, x = row * 36, col * 36  # 32 px and a 2 px frame
+        assert (abs(canvas[y + 2:y + 34, x + 2:x + 34] - images[k, 0, 0, 0].item()) < 1e-6).all(), k
+        assert abs(canvas[y, x] - tab10(label)[:3]).max() < 1e-6, k
+    assert (canvas[0:36, 0:36] == 1).all()  # a cell left out: blank
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["c1", "c4"]
+    utils.plt.close(fig)

@@ -176,8 +176,21 @@ INVERSION = """
 import torch
 assert torch.equal(inverted["test image"], d.test_x[INVERT]) and list(inverted)[1:] == list(INVERT_LAYERS)
 for layer in INVERT_LAYERS:
-    targets = featureviz.inversion_targets(model, d.test_x[INVERT], layer)
-    assert torch.equal(inverted[layer], TECHNIQUES[TECHNIQUE](model, targets, steps=STEPS, seed=SEED).images), layer
+    inverting = featureviz.inversion_targets(model, d.test_x[INVERT], layer)
+    assert torch.equal(inverted[layer], TECHNIQUES[TECHNIQUE](model, inverting, steps=STEPS, seed=SEED).images), layer
+"""
+
+
+# And its activation atlas renders the cells of its samples' layout, each its cell's average.
+ACTIVATION_ATLAS = """
+import torch
+samples = atlas.layer_samples(model, d.test_x[:ATLAS_SAMPLES], ATLAS_LAYER, SEED)
+cell, rows, cols = atlas.atlas_layout(samples, GRID, MIN_COUNT, SEED)
+assert torch.equal(layer_atlas.rows, rows) and torch.equal(layer_atlas.cols, cols)
+for k, direction in enumerate(layer_atlas.directions):
+    assert torch.allclose(direction.vector, samples[cell == k].mean(0), atol=1e-5), k
+again = TECHNIQUES[TECHNIQUE](model, layer_atlas.directions, steps=STEPS, seed=SEED).images
+assert torch.equal(layer_atlas.images, again)
 """
 
 
@@ -219,7 +232,8 @@ def _smoke_checks(name, nb):
     load = next(c.source for c in nb.cells if "other_ckpt =" in c.source)
     explorer = next(c.source for c in nb.cells if "widgets.interactive(" in c.source)
     return (PRESS_RENDER.format(cell=explorer) + NEURON_RING + PRINTED_COMMAND.format(cell=cell)
-            + RERUN_CHANNELS.format(cell=channels) + INVERSION + STOPPED_LOAD.format(cell=load))
+            + RERUN_CHANNELS.format(cell=channels) + INVERSION + ACTIVATION_ATLAS
+            + STOPPED_LOAD.format(cell=load))
 
 
 def test_notebooks_run_in_smoke_mode(monkeypatch):
