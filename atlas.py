@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import html
 import json
+import numbers
 import os
 import re
 import shlex
@@ -630,6 +631,7 @@ class ActivationAtlas:
 def layer_samples(model, images, layer, seed=0):
     """(N, C): each image's activation vector at `layer`, at one position of its map drawn at random (seeded; a
     layer without positions gives its whole output)."""
+    _check_seed(seed)
     g = torch.Generator().manual_seed(seed)
     out = []
     with models.capturing(model, layer) as read:
@@ -640,32 +642,61 @@ def layer_samples(model, images, layer, seed=0):
     return torch.cat(out)
 
 
+def _check_seed(seed):
+    """t-SNE's seed (scikit-learn's random_state) is an int in 0..2**32 - 1."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be an int in 0..{2 ** 32 - 1}, got {seed!r}")
+
+
 def atlas_layout(vectors, grid=10, min_count=5, seed=0):
-    """(cell of each vector (N,), its row and column on the grid (K,) each): the vectors' t-SNE layout cut into
-    grid x grid cells, those holding at least min_count vectors kept (cell -1: a vector in none kept)."""
+    """(cell of each vector (N,), its row and column on the grid (K,) each): the vectors' t-SNE layout, its 1st to
+    99th percentiles in each coordinate (a few far-off points would squeeze the rest into a corner), cut into
+    grid x grid cells, the first coordinate down the rows; the cells holding at least min_count vectors are kept,
+    numbered in the grid's reading order (cell -1: a vector in none kept)."""
     from sklearn.manifold import TSNE  # only here: the atlas of units does without it
-    data.check_count("grid", grid, 1)
-    data.check_count("min_count", min_count, 1)
-    if len(vectors) < 2 * min_count:
-        raise ValueError(f"an activation atlas needs at least 2 x min_count = {2 * min_count} samples; got "
-                         f"{len(vectors)}")
+    _check_layout(grid, min_count, seed)
+    vectors = torch.as_tensor(vectors).detach().cpu().double()
+    if vectors.dim() != 2 or len(vectors) < 2 * min_count:
+        raise ValueError(f"an activation atlas needs (N, C) vectors, N at least 2 x min_count = {2 * min_count}; got "
+                         f"{tuple(vectors.shape)}")
+    if not vectors.isfinite().all() or not vectors.std(0).max() > 0:
+        raise ValueError("the vectors are all the same (a dead layer, or the same image again?) or not finite: they "
+                         "have no layout")
     perplexity = min(30.0, (len(vectors) - 1) / 3)  # scikit-learn's default, or as many neighbours as there are
-    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(vectors.double().numpy())
-    xy = torch.from_numpy(xy)
-    lo, span = xy.min(0).values, (xy.max(0).values - xy.min(0).values).clamp_min(1e-12)
-    row, col = ((xy - lo) / span * grid).long().clamp(max=grid - 1).unbind(1)  # y down the rows, x across
-    cells, cell, counts = (row * grid + col).unique(return_inverse=True, return_counts=True)
+    xy = torch.from_numpy(TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(vectors.numpy()))
+    lo, hi = xy.quantile(0.01, dim=0), xy.quantile(0.99, dim=0)
+    where = ((xy.clamp(lo, hi) - lo) / (hi - lo).clamp_min(1e-12) * grid).long().clamp(0, grid - 1)
+    cells, cell, counts = (where[:, 0] * grid + where[:, 1]).unique(return_inverse=True, return_counts=True)
     kept = counts >= min_count
-    renumber = torch.cumsum(kept, 0) - 1  # the kept cells numbered 0.., in the grid's reading order
+    if not kept.any():
+        raise ValueError(f"no cell of the {grid} x {grid} grid holds min_count = {min_count} of the {len(vectors)} "
+                         f"vectors: lower grid or min_count, or give more images")
+    renumber = torch.cumsum(kept, 0) - 1  # `unique` sorts the cells, so the kept ones are numbered in reading order
     cell = torch.where(kept[cell], renumber[cell], -1)
     return cell, cells[kept] // grid, cells[kept] % grid
 
 
+def _check_layout(grid, min_count, seed):
+    data.check_count("grid", grid, 1)
+    data.check_count("min_count", min_count, 1)
+    _check_seed(seed)
+
+
 def activation_atlas(model, images, labels, layer, technique, grid=10, min_count=5, seed=0, **common):
-    """Render an activation atlas of `layer` on these images (one sample each, `layer_samples`) and their labels:
-    `technique` (a Technique or render) renders every kept cell's average in one batch, `common` going to it
-    (steps, progress, ...). Returns an ActivationAtlas."""
+    """Render an activation atlas of `layer` on these images (one sample each, `layer_samples`) and their labels
+    (class indices): `technique` (a Technique or featureviz.render) renders every kept cell's average in one batch,
+    one image each, `common` going to it (steps, progress, ...); a cell whose average is 0 everywhere (of a dead
+    unit) is left out. Returns an ActivationAtlas."""
+    if not callable(technique):
+        raise TypeError(f"technique must be a Technique or featureviz.render, as featureviz.techniques() gives them "
+                        f"(techniques(vae, color_cov, magnitude)['maco']); got {technique!r:.60}")
+    if common.get("images_per_target", 1) != 1:
+        raise ValueError(f"an activation atlas renders one image per cell; got images_per_target="
+                         f"{common['images_per_target']!r}")
+    _check_layout(grid, min_count, seed)  # before the pass over the images
     labels = data.check_labels(labels, len(models.check_input(model, images)))
+    if len(labels) and labels.min() < 0:
+        raise ValueError(f"labels must be class indices >= 0; got {labels.min().item()}")
     vectors = layer_samples(model, images, layer, seed)
     cell, rows, cols = atlas_layout(vectors, grid, min_count, seed)
     inside = cell >= 0
@@ -674,9 +705,11 @@ def activation_atlas(model, images, labels, layer, technique, grid=10, min_count
     tally = torch.zeros(len(rows), int(labels.max()) + 1).index_put_(
         (cell[inside], labels[inside]), torch.ones(int(inside.sum())), accumulate=True)  # (K, classes)
     share, classes = (tally / counts[:, None]).max(1)
-    directions = [fv.Direction(layer, m, ATLAS_COSSIM_POW) for m in means]
+    alive = means.any(1)
+    directions = [fv.Direction(layer, m, ATLAS_COSSIM_POW) for m in means[alive]]
     r = technique(model, directions, seed=seed, **common)
-    return ActivationAtlas(layer, grid, rows, cols, r.images, counts, classes, share, directions)
+    return ActivationAtlas(layer, grid, rows[alive], cols[alive], r.images, counts[alive], classes[alive],
+                           share[alive], directions)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -186,9 +186,10 @@ ACTIVATION_ATLAS = """
 import torch
 samples = atlas.layer_samples(model, d.test_x[:ATLAS_SAMPLES], ATLAS_LAYER, SEED)
 cell, rows, cols = atlas.atlas_layout(samples, GRID, MIN_COUNT, SEED)
-assert torch.equal(layer_atlas.rows, rows) and torch.equal(layer_atlas.cols, cols)
-for k, direction in enumerate(layer_atlas.directions):
-    assert torch.allclose(direction.vector, samples[cell == k].mean(0), atol=1e-5), k
+places = list(zip(rows.tolist(), cols.tolist()))  # the layout's kept cells; the atlas's, less any of dead units
+for row, col, direction in zip(layer_atlas.rows.tolist(), layer_atlas.cols.tolist(), layer_atlas.directions):
+    k = places.index((row, col))
+    assert torch.allclose(direction.vector, samples[cell == k].mean(0), atol=1e-5), (row, col)
 again = TECHNIQUES[TECHNIQUE](model, layer_atlas.directions, steps=STEPS, seed=SEED).images
 assert torch.equal(layer_atlas.images, again)
 """
