@@ -171,9 +171,10 @@ def integrated_gradients(model, images, targets, baseline=None, steps=32, intern
         raise ValueError(f"baseline must be {shapes}; got shape {tuple(b.shape)}") from None
     ig, attr, ends = IntegratedGradients(model), [], []
 
-    def logit(v, ts, cs):  # f: the targets' logit, or their margin over the rivals'
+    def logits(v, ts, cs):  # (B, 2): the targets' logit and the rivals' (0 without), whose difference is f
         out = model(v).float()
-        return out.gather(1, ts[:, None])[:, 0] - (0 if cs is None else out.gather(1, cs[:, None])[:, 0])
+        rival = torch.zeros(len(v), device=out.device) if cs is None else out.gather(1, cs[:, None])[:, 0]
+        return torch.stack([out.gather(1, ts[:, None])[:, 0], rival], 1)
 
     def attributions(xs, bs, ts):
         return ig.attribute(xs, baselines=bs, target=ts, n_steps=steps, internal_batch_size=internal_batch_size)
@@ -182,8 +183,8 @@ def integrated_gradients(model, images, targets, baseline=None, steps=32, intern
         rival_batches = itertools.repeat(None) if rivals is None else rivals.split(internal_batch_size)
         for xs, bs, ts, cs in zip(*(v.split(internal_batch_size) for v in (x, b, t)), rival_batches):
             attr.append((attributions(xs, bs, ts) - (0 if cs is None else attributions(xs, bs, cs))).detach())
-            with torch.no_grad():  # f(image), f(baseline)
-                ends.append(torch.stack([logit(v, ts, cs) for v in (xs, bs)]))
+            with torch.no_grad():  # at the image and the baseline
+                ends.append(torch.stack([logits(v, ts, cs) for v in (xs, bs)]))
     attr, ends = torch.cat(attr), models.exact(torch.cat(ends, 1))  # mps has no float64
     _check_complete(models.exact(attr), ends, steps, models.dtype_of(model))
     return _finite("integrated gradients", attr.float())
@@ -193,15 +194,19 @@ COMPLETENESS = 0.05  # the largest share of f(image) - f(baseline) that the attr
 
 
 def _check_complete(attr, ends, steps, dtype):
-    """Warn where integrated gradients' sum (attr (B, C, H, W)) is off the logit's change along the path (ends:
-    (2, B) f(image), f(baseline)) by more than COMPLETENESS of it: the integral is taken in too few steps. A
+    """Warn where integrated gradients' sum (attr (B, C, H, W)) is off the change of f along the path (ends:
+    (2, B, 2) the target's logit and the rival's, 0 without one, at the image and at the baseline; f their
+    difference) by more than COMPLETENESS of it: the integral is taken in too few steps. A margin's sum is the
+    difference of two integrals, each as far off as its own logit's change allows: it is held to COMPLETENESS of
+    the two changes' sizes together, where the margin's own change may be near 0 (two logits that rise alike). A
     change smaller than 1% of the logits' size (or than 1e-3) counts as that much, as does, for a model in a low
     precision (dtype), one that its rounding of the logits and attributions (eps of their size) would be
     COMPLETENESS of: in bfloat16 the sum can miss a small change by tens of percent however many the steps,
     which a warning of its own says (pass a float32 model)."""
-    delta, size = attr.sum((1, 2, 3)) - (ends[0] - ends[1]), ends.abs().sum(0)
+    f = ends[..., 0] - ends[..., 1]  # (2, B)
+    delta, size = attr.sum((1, 2, 3)) - (f[0] - f[1]), ends.abs().sum((0, 2))
     rounding = torch.finfo(dtype).eps / COMPLETENESS * (size + attr.abs().sum((1, 2, 3)))
-    change = (ends[0] - ends[1]).abs().maximum(0.01 * size).clamp_min(1e-3)
+    change = (ends[0] - ends[1]).abs().sum(1).maximum(0.01 * size).clamp_min(1e-3)  # one logit's: |f's change|
 
     def worst(scale):  # the largest share of the change that the sum is off (not finite: _finite says so)
         return (delta.abs() / scale).nan_to_num(0.0, posinf=0.0).max().item()
