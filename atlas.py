@@ -616,7 +616,8 @@ ATLAS_COSSIM_POW = 1.0  # the average's pattern, not its size alone (with 0, the
 class ActivationAtlas:
     """The rendered cells of an activation atlas of `layer` on a grid x grid layout, cell k at row rows[k] and column
     cols[k]: its render images[k], the number of samples it averages counts[k], their most common label classes[k]
-    and its share of them purity[k]; directions[k] the average it renders."""
+    and its share of them purity[k]; directions[k] the average it renders, members[k] the indices of the images
+    whose samples it averages."""
     layer: str
     grid: int
     rows: torch.Tensor
@@ -626,6 +627,7 @@ class ActivationAtlas:
     classes: torch.Tensor
     purity: torch.Tensor
     directions: list
+    members: list
 
 
 def layer_samples(model, images, layer, seed=0):
@@ -707,9 +709,10 @@ def activation_atlas(model, images, labels, layer, technique, grid=10, min_count
     share, classes = (tally / counts[:, None]).max(1)
     alive = means.any(1)
     directions = [fv.Direction(layer, m, ATLAS_COSSIM_POW) for m in means[alive]]
+    members = [(cell == k).nonzero()[:, 0] for k in alive.nonzero()[:, 0].tolist()]
     r = technique(model, directions, seed=seed, **common)
     return ActivationAtlas(layer, grid, rows[alive], cols[alive], r.images, counts[alive], classes[alive],
-                           share[alive], directions)
+                           share[alive], directions, members)
 
 
 # ----------------------------------------------------------------------------- command line

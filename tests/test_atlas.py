@@ -912,6 +912,7 @@ def test_a_cell_of_dead_units_is_left_out_of_the_atlas(tiny, monkeypatch):
                                steps=1, progress=False)
     assert (a.rows.tolist(), a.cols.tolist(), a.counts.tolist(), len(a.images)) == ([1], [1], [10], 1)
     assert torch.allclose(a.directions[0].vector, vectors[10:].mean(0))
+    assert [m.tolist() for m in a.members] == [list(range(10, 20))]  # the live cell's images
 
 
 def test_an_activation_atlas_names_what_is_wrong_before_the_slow_work(tiny, monkeypatch):
@@ -950,6 +951,7 @@ def test_each_cell_of_an_activation_atlas_renders_its_own_average(tiny):
         assert a.counts[k] == mine.sum() and tally[a.classes[k].item()] == most
         assert abs(a.purity[k] - most / mine.sum()) < 1e-6
         assert torch.allclose(a.directions[k].vector, samples[mine].mean(0), atol=1e-5)
+        assert torch.equal(a.members[k], mine.nonzero()[:, 0])
         assert a.directions[k].cossim_pow == atlas.ATLAS_COSSIM_POW
     # each cell's direction is raised most by its own render (what the render maximized) of all the atlas's
     values = fv.activations(model, a.images, a.directions)  # (renders, cells)

@@ -192,6 +192,9 @@ places = list(zip(rows.tolist(), cols.tolist()))  # the layout's kept cells; the
 for row, col, direction in zip(layer_atlas.rows.tolist(), layer_atlas.cols.tolist(), layer_atlas.directions):
     k = places.index((row, col))
     assert torch.allclose(direction.vector, samples[cell == k].mean(0), atol=1e-5), (row, col)
+# the cell shown beside its images: the fullest's render and its first test images
+fullest = int(layer_atlas.counts.argmax())
+assert ZOOM == fullest and torch.equal(zoomed, d.test_x[:ATLAS_SAMPLES][layer_atlas.members[fullest][:10]])
 again = TECHNIQUES[TECHNIQUE](model, layer_atlas.directions, steps=STEPS, seed=SEED).images
 assert torch.equal(layer_atlas.images, again)
 """
