@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import html
 import json
-import numbers
 import os
 import re
 import shlex
@@ -646,7 +645,8 @@ def layer_samples(model, images, layer, seed=0):
 
 def _check_seed(seed):
     """t-SNE's seed (scikit-learn's random_state) is an int in 0..2**32 - 1."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 32:
+    data.check_count("seed", seed, 0)
+    if seed >= 2 ** 32:
         raise ValueError(f"seed must be an int in 0..{2 ** 32 - 1}, got {seed!r}")
 
 

@@ -210,13 +210,14 @@ def _check_complete(attr, ends, steps, dtype):
 
     def worst(scale):  # the largest share of the change that the sum is off (not finite: _finite says so)
         return (delta.abs() / scale).nan_to_num(0.0, posinf=0.0).max().item()
+    of = "of the two logits' changes together" if ends[..., 1].any() else "of it"  # a margin's, or one logit's
     off = worst(change.maximum(rounding))
     if off > COMPLETENESS:
         warn(f"integrated gradients in {steps} steps are off the logit's change f(image) - f(baseline) by "
-             f"up to {off:.0%} of it, over {COMPLETENESS:.0%}: pass more steps")
+             f"up to {off:.0%} {of}, over {COMPLETENESS:.0%}: pass more steps")
     elif torch.finfo(dtype).bits < 32 and worst(change) > COMPLETENESS:  # within the rounding: no steps mend it
         warn(f"integrated gradients of a {str(dtype).removeprefix('torch.')} model are off the logit's change "
-             f"f(image) - f(baseline) by up to {worst(change):.0%} of it, within its rounding, which more steps "
+             f"f(image) - f(baseline) by up to {worst(change):.0%} {of}, within its rounding, which more steps "
              f"cannot mend: for maps that add up to the change, pass model.float()")
 
 

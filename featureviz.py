@@ -739,6 +739,10 @@ class Class(_Sums):
     def __str__(self):  # for titles; repr() stays the constructor call
         return f"class {self.idx}{' log-probability' if self.log_prob else ''}"
 
+    @property
+    def group(self):  # what the classes compiled together share: logits or log-probabilities
+        return self.log_prob
+
     def check(self, shape):
         _check_int(self, "idx", self.idx)
         if not isinstance(self.log_prob, bool):
@@ -878,7 +882,7 @@ class Direction(_Sums):
         return f"a {'map' if whole else 'direction'} in {where}{cosine}"
 
     @property
-    def options(self):  # what a group of directions compiled together shares
+    def group(self):  # what the directions compiled together share: their vectors' shape, (C,) or a whole map's
         return self.vector.dim() if isinstance(self.vector, torch.Tensor) else None
 
     def check(self, shape):
@@ -938,10 +942,7 @@ def _plain_number(value):
 def _cossim_pow(value):
     """A Direction's cossim_pow as a float: a finite number >= 0 (a NumPy one or a 0-d tensor too)."""
     value = _plain_number(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"Direction cossim_pow must be a number >= 0, got {value!r:.60}")
-    if not 0 <= value < math.inf:
-        raise ValueError(f"Direction cossim_pow must be a number >= 0, got {value!r}")
+    data.check_real("Direction cossim_pow", value, 0)
     return float(value)
 
 
@@ -1000,7 +1001,7 @@ def _is_one(value):
     """One target or index (a Class, ..., an int, a 0-d tensor or array; anything not a collection, which
     as_targets then names), not a list, range, generator, dict view, array or tensor of them."""
     if isinstance(value, (str, bytes, dict, set, frozenset)):
-        return True  # no ordered collection of targets: named as a bad target (a dict would give its keys)
+        return True  # no ordered collection of targets: a "layer:n" string, or a bad target (a dict: its keys)
     if isinstance(value, collections.abc.Iterable) and not isinstance(value, (torch.Tensor, np.ndarray)):
         return False  # np.ndim would take a generator or a view for one object, and convert a list
     return isinstance(value, TARGETS) or np.ndim(value) == 0
@@ -1075,12 +1076,12 @@ class Objective:
         self.inverse = torch.argsort(torch.cat([idx for _, idx, _ in parts]))  # column j of the output = term j
 
     def _compiled(self, targets, how):
-        """[(layer, indices, fn)]: the targets of each kind, layer and options (a group, in order of first
-        appearance), compiled together by their kind's `how`, 'columns' or 'own'."""
+        """[(layer, indices, fn)]: the targets of each kind, layer and `group` (what a kind's targets compiled
+        together share: a Class's log_prob, a Direction's vector shape), in order of first appearance, compiled
+        together by their kind's `how`, 'columns' or 'own'."""
         groups = {}
         for i, t in enumerate(targets):
-            groups.setdefault((type(t), t.layer, getattr(t, "log_prob", None), getattr(t, "options", None)),
-                            []).append(i)
+            groups.setdefault((type(t), t.layer, getattr(t, "group", None)), []).append(i)
         parts = []
         for idx in groups.values():
             first = targets[idx[0]]

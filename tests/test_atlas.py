@@ -923,7 +923,8 @@ def test_an_activation_atlas_names_what_is_wrong_before_the_slow_work(tiny, monk
             (dict(images_per_target=2), ValueError, "one image per cell; got images_per_target=2"),
             (dict(grid=0), ValueError, "grid must be an int >= 1, got 0"),
             (dict(min_count=0), ValueError, "min_count must be an int >= 1, got 0"),
-            (dict(seed=-1), ValueError, r"seed must be an int in 0..4294967295, got -1"),
+            (dict(seed=-1), ValueError, r"seed must be an int >= 0, got -1"),
+            (dict(seed=2 ** 32), ValueError, r"seed must be an int in 0..4294967295, got 4294967296"),
             (dict(labels=y - 1), ValueError, "labels must be class indices >= 0; got -1")]:
         args = dict(labels=y, technique=fv.render) | kwargs
         monkeypatch.setattr(atlas, "layer_samples", None)  # nothing is sampled before the error
@@ -941,9 +942,9 @@ def test_each_cell_of_an_activation_atlas_renders_its_own_average(tiny):
     x, y = d.test_x, d.test_y
     a = atlas.activation_atlas(model, x, y, "block3.act2", fv.render, grid=3, min_count=4, param="pixel",
                                transforms=None, steps=150, progress=False)
-    cell, rows, cols = atlas.atlas_layout(atlas.layer_samples(model, x, "block3.act2"), 3, 4)
-    assert torch.equal(a.rows, rows) and torch.equal(a.cols, cols) and a.images.shape == (len(rows), 3, 32, 32)
     samples = atlas.layer_samples(model, x, "block3.act2")
+    cell, rows, cols = atlas.atlas_layout(samples, 3, 4)
+    assert torch.equal(a.rows, rows) and torch.equal(a.cols, cols) and a.images.shape == (len(rows), 3, 32, 32)
     for k in range(len(rows)):
         mine = cell == k
         tally = collections.Counter(y[mine].tolist())

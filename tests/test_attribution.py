@@ -142,11 +142,12 @@ def test_a_margin_near_0_between_two_logits_that_change_alike_is_held_to_their_c
                                     ends if rival else ends * torch.tensor([1.0, 0.0]), 64, torch.float32)
     check(0.029)  # 2% of the two changes: within
     assert not recwarn.list
-    with pytest.warns(UserWarning, match=r"in 64 steps are off the logit's change f\(image\) - f\(baseline\) by up to 10%"):
+    with pytest.warns(UserWarning, match=r"in 64 steps are off the logit's change f\(image\) - f\(baseline\) by up to "
+                                         r"10% of the two logits' changes together"):
         check(0.148)  # 10% of them
     check(0.029, rival=False)  # one logit, as before: 4% of its change
     assert not recwarn.list
-    with pytest.warns(UserWarning, match="by up to 7%"):
+    with pytest.warns(UserWarning, match="by up to 7% of it, over 5%"):
         check(0.05, rival=False)
 
 

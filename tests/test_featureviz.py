@@ -853,11 +853,10 @@ def _smooth_images(n, seed):
 def test_a_directions_cossim_pow_is_a_number_at_least_0_and_its_name_says_what_it_is():
     assert fv.Direction("b", torch.ones(3), np.float32(2)).cossim_pow == 2.0
     assert fv.Direction("b", torch.ones(3), torch.tensor(0.5)).cossim_pow == 0.5
-    for bad, kind in ((-1, ValueError), (math.inf, ValueError), (math.nan, ValueError), ("1", TypeError),
-                      (True, TypeError), (torch.ones(2), TypeError)):
-        with pytest.raises(kind, match="Direction cossim_pow must be a number >= 0"):
+    for bad in (-1, math.inf, math.nan, "1", True, torch.ones(2)):
+        with pytest.raises(ValueError, match="Direction cossim_pow must be a finite number >= 0, got"):
             fv.Direction("b", torch.ones(3), bad)
-    with pytest.raises(ValueError, match="cossim_pow must be a number >= 0, got -1"):  # before the model runs
+    with pytest.raises(ValueError, match="cossim_pow must be a finite number >= 0, got -1"):  # before the model runs
         fv.inversion_targets(None, torch.rand(2, 3, 32, 32), "block1.act2", -1)
     assert str(fv.Direction("b", torch.ones(3))) == "a direction in b"
     assert str(fv.Direction(None, torch.ones(3), 2)) == "a direction in the logits, cosine^2"
