@@ -629,17 +629,20 @@ class ActivationAtlas:
     members: list
 
 
-def layer_samples(model, images, layer, seed=0):
+def layer_samples(model, images, layer, seed=0, batch_size=500):
     """(N, C): each image's activation vector at `layer`, at one position of its map drawn at random (seeded; a
-    layer without positions gives its whole output)."""
+    layer without positions gives its whole output), batch_size images at a time."""
     _check_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    data.check_count("batch_size", batch_size, 1)
+    images = models.check_input(model, images)
+    # each image's place in [0, 1), drawn at once: the same positions whatever the batches
+    where = torch.rand(len(images), generator=torch.Generator().manual_seed(seed)).split(int(batch_size))
     out = []
     with models.capturing(model, layer) as read:
-        for batch in models.check_input(model, images).split(500):
+        for batch, u in zip(images.split(int(batch_size)), where):
             a = read(batch)[layer].float().cpu()
             a = a.flatten(2) if a.dim() > 2 else a[:, :, None]  # (B, C, positions)
-            out.append(a[torch.arange(len(a)), :, torch.randint(a.shape[2], (len(a),), generator=g)])
+            out.append(a[torch.arange(len(a)), :, (u * a.shape[2]).long().clamp(max=a.shape[2] - 1)])
     return torch.cat(out)
 
 

@@ -855,6 +855,10 @@ def test_layer_samples_are_one_position_of_each_images_map_drawn_by_the_seed(tin
     # each row is one of its own image's positions, and not the mean over them
     assert ((maps - s[:, :, None]).abs().amax(1).amin(1) < 1e-5).all()
     assert torch.equal(s, atlas.layer_samples(model, x, "block2.act2", seed=0))
+    # the same positions in batches of 7 (the model's numbers up to their rounding in batches of another size)
+    assert torch.allclose(s, atlas.layer_samples(model, x, "block2.act2", seed=0, batch_size=7), atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        atlas.layer_samples(model, x, "block2.act2", batch_size=0)
     assert not torch.equal(s, atlas.layer_samples(model, x, "block2.act2", seed=1))
 
 
