@@ -37,7 +37,8 @@ def test_committed_without_outputs_and_parameters_first(name):
     assert None not in ids and len(set(ids)) == len(ids), f"give every cell of {name} an id of its own"
     nbformat.validate(nbformat.from_dict(nb))  # ids of the allowed form, and the rest of the schema
     kinds = [c["cell_type"] for c in nb["cells"]]  # each section's text above its code, none split from it
-    assert ("markdown", "markdown") not in zip(kinds, kinds[1:]), f"two texts in a row in {name}: a section lost its code"
+    assert ("markdown", "markdown") not in zip(kinds, kinds[1:]), f"two texts in a row in {name}: a section lost " \
+                                                                   f"its code"
 
 
 # Appended to a training notebook's smoke run: its training cell re-run after PRESET or SEED changed, the data
