@@ -1800,9 +1800,11 @@ def exemplars(model, images, target, k=8, batch_size=500):
 def looks_at(model, target, images):
     """Where a Neuron target looks in images like these: its cell's centre (y, x) in pixels, as
     models.cell_centres measures it, to be marked on its exemplars (whole images: the neuron sees a part). None for
-    any other target (a class or a channel reads the whole image), a Sum's too unless its terms are neurons of one
-    layer at one place."""
+    any other target (a class or a channel, "layer:n" too, reads the whole image), a Sum's too unless its terms are
+    neurons of one layer at one place."""
     target = _as_index(target)  # a NumPy or 0-d tensor class index too
+    if isinstance(target, str):
+        target = _channel_named(target)  # Lucent's "layer:n"
     if isinstance(target, bool) or not isinstance(target, (*TARGETS, numbers.Integral)):  # (images, target) swapped
         raise TypeError(f"target must be a Class, Channel, Neuron, Direction or Sum, or a class index "
                         f"(looks_at(model, target, images)); got {type(target).__name__}")

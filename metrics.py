@@ -531,9 +531,10 @@ def baselines(d, ref):
 
 def quality_table(model, other, d, techniques, seeds=4, steps=256, n_ref=10000, channels=None, progress=True):
     """Score the baselines and every technique on the classes and a fixed sample of channels
-    (channel_sample(model) unless given), each seed apart: every metric is its mean over the seeds, with
-    its standard deviation under name + "_sd", and "seconds" the time per seed (its class and channel renders
-    and their scoring; NaN for the baselines). Returns (rows, grid): metric dicts, and seed-0 class images.
+    (channel_sample(model) unless given; "layer:n" strings too), each seed apart: every metric is its mean over
+    the seeds, with its standard deviation under name + "_sd", and "seconds" the time per seed (its class and
+    channel renders and their scoring; NaN for the baselines). Returns (rows, grid): metric dicts, and seed-0 class
+    images.
 
     techniques: name -> Technique (as featureviz.techniques() returns), or name -> fn(targets, seed)
     returning images (or None for channel targets it cannot render), for renderers of other libraries.
@@ -545,7 +546,7 @@ def quality_table(model, other, d, techniques, seeds=4, steps=256, n_ref=10000, 
     if seeds > R:
         data.warn(f"seeds={seeds}: the dataset exemplars row has {R} images per unit (its top test images "
                   f"{2 * R + 1}-{3 * R}), so its seeds past {R} take them again and its spread is not of new draws")
-    channels = channel_sample(model, size=d.size) if channels is None else list(channels)  # a generator too
+    channels = channel_sample(model, size=d.size) if channels is None else _as_channels(channels)
     if not all(isinstance(c, (fv.Channel, fv.Neuron, fv.Direction)) for c in channels):  # an int would be a class
         raise TypeError(f"channels must be Channel, Neuron or Direction targets (as channel_sample(model) returns); "
                         f"got {[type(c).__name__ for c in channels]}")
@@ -621,6 +622,13 @@ def _tied_ranks(scores):
 def _within(a, b):
     """Whether two (value, spread) pairs lie within their spreads together (inf == inf: equal)."""
     return a[0] == b[0] or abs(a[0] - b[0]) <= math.hypot(a[1], b[1])
+
+
+def _as_channels(channels):
+    """The quality table's channel targets as a list (from a generator too): "layer:n" strings as Channels, Lucent's
+    way of writing them; [] for none."""
+    channels = [channels] if isinstance(channels, str) else list(channels)
+    return [fv.as_targets(c)[0] if isinstance(c, str) else c for c in channels]
 
 
 def _check_techniques(techniques):

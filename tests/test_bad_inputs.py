@@ -531,6 +531,9 @@ def test_the_quality_table_checks_its_arguments_before_scoring_anything(nets, ti
         (dict(techniques={"pixel": "pixel"}), TypeError, r"techniques\['pixel'\] must be a Technique .*got 'pixel'"),
         (dict(channels=[3, 7]), TypeError,
          r"channels must be Channel, Neuron or Direction targets .* \['int', 'int'\]"),
+        (dict(channels=["block1.act2:0", 3]), TypeError,  # Lucent's "layer:n" is a Channel; an int is not
+         r"channels must be Channel, Neuron or Direction targets .* \['Channel', 'int'\]"),
+        (dict(channels="block1.act2"), TypeError, "a target given as a string is a channel, .*; got 'block1.act2'"),
         (dict(other=None), TypeError, "other must be a torch.nn.Module, got NoneType"),
     ]:
         with pytest.raises(error, match=match):
@@ -954,6 +957,9 @@ def test_inputs_that_look_odd_but_are_valid_still_work(nets, tiny_data, monkeypa
     a generator of channels (which the check of their kinds used to empty)."""
     cnn, _ = nets
     assert fv.looks_at(cnn, torch.tensor(3), _good()) is None  # a class reads the whole image
+    assert fv.looks_at(cnn, "block1.act2:3", _good()) is None  # Lucent's way of writing a channel, which reads it too
+    with pytest.raises(TypeError, match="a target given as a string is a channel, 'layer:n'"):
+        fv.looks_at(cnn, "block1.act2", _good())
     assert utils.figure_file("grid.PNG") == "grid.PNG"
     given = []
 
