@@ -9,7 +9,10 @@ atlas of one layer (`activation_atlas`, at the end), one picture of what the lay
 - one page per layer: every channel as a card with its visualization under two techniques, its top
   and bottom test images with their activations, and its mean activation per class as a bar chart;
 - one page per class: its visualizations, its top test images, the classes it is confused with, and
-  the channels of the last block that add most to its logit, each linking to its card.
+  the channels of the last block that add most to its logit, each linking to its card;
+- the activation atlas of the model's last spatial layer on the test images (`activation_atlas`): its cells in
+  their places on the grid, framed in their most common class's colour, each linking to the cell's card (its
+  classes and its first test images).
 
 Plain HTML and CSS with PNG images: no server, no network, no JavaScript; it opens from the file
 system and can be shared as a folder. Each layer is one render of all its channels and one pass over
@@ -22,6 +25,7 @@ import argparse
 import hashlib
 import html
 import json
+import math
 import os
 import re
 import shlex
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from matplotlib.colors import to_hex
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
@@ -40,6 +45,7 @@ import featureviz as fv
 import metrics
 import models
 import training
+import utils
 
 ATLAS_DIR = Path("outputs") / "atlas"
 ATLAS_TECHNIQUES = ("maco", "whitened")  # the best by the quality table, and the more natural latent technique
@@ -48,6 +54,11 @@ STRIP = 8                              # most selective channels per layer on th
 CONTRIBUTORS = 8                       # channels listed per class
 VERSION = 1                            # of the pages: a new version never reuses older pages
 CLASSES = "classes"                    # the manifest's entry for the class pages
+ACTIVATION = "~activation atlas"       # the manifest's entry for the activation atlas's page (no layer's name)
+ACTIVATION_FILE = "activation-atlas.html"
+ACTIVATION_IMAGES = "~activation"      # img/~activation: its renders (no layer's folder: `safe` names have no "~")
+ACTIVATION_SAMPLES = 4000              # test images, one activation vector each, as in Visualization.ipynb
+ACTIVATION_MIN_SAMPLES = 20            # fewer make no map (its page says so)
 SWAPPING = "swapping in"               # the manifest's only entry while a rebuild's files move in
 MANIFEST = "atlas.json"
 NAV = re.compile(r"<nav>.*?</nav>", re.S)  # the bar of links atop a layer's or a class's page
@@ -103,18 +114,27 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     site.write("atlas.css", CSS)
     _link(site, layers, done)  # a half-built atlas opens at its finished pages, and links no other
     site.remove_unfinished(layers, done)
-    # the bar counts rendered images, so that its time estimate weighs a wide layer as such
+    # the bar counts rendered images, so that its time estimate weighs a wide layer as such (the activation atlas:
+    # its cells, at most grid x grid, in the first technique)
     sizes = {unit: len(d.classes) if unit == CLASSES else models.layer_channels(model, unit, d.size)
              for unit in layers + [CLASSES]}
-    with tqdm(total=sum(sizes.values()) * len(hows), initial=sum(sizes[u] for u in done) * len(hows), desc="atlas",
-              unit=" images", disable=not progress) as bar:
-        for unit in sizes:
-            if unit not in done:
-                bar.set_postfix_str(unit)
-                done[unit] = (_class_pages(model, d, hows, steps, site, last_layer, last_layer in layers, bar)
-                              if unit == CLASSES else _layer_page(model, d, unit, sizes[unit], hows, steps, site, bar))
-                _save_manifest(where, key, done)
-                _link(site, layers, done)
+    cells = activation_grid(min(ACTIVATION_SAMPLES, len(d.test_y)))[0] ** 2
+    images = {unit: n * len(hows) for unit, n in sizes.items()} | {ACTIVATION: cells}
+    with tqdm(total=sum(images.values()), initial=sum(images[u] for u in done), desc="atlas", unit=" images",
+              disable=not progress) as bar:
+        for unit in images:
+            if unit in done:
+                continue
+            bar.set_postfix_str(unit)
+            if unit == CLASSES:
+                done[unit] = _class_pages(model, d, hows, steps, site, last_layer, last_layer in layers, bar)
+            elif unit == ACTIVATION:
+                done[unit] = _activation_page(model, d, last_layer, hows[techniques[0]], steps, site)
+                bar.update(images[unit])
+            else:
+                done[unit] = _layer_page(model, d, unit, sizes[unit], hows, steps, site, bar)
+            _save_manifest(where, key, done)
+            _link(site, layers, done)
     if rebuild:
         _swap(where, out, key)
     elif beside is not None and beside.is_dir() and all(_written_by_atlas(p.name) for p in beside.iterdir()):
@@ -123,10 +143,10 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
 
 
 def _reused(site, done, layers, last_layer):
-    """The finished units (done) that this build keeps: the layers asked for, and the class pages if their
-    list of contributing channels would link as before (to the page of the last layer, or to none); each only
-    while its pages are there (one deleted by hand is built again)."""
-    keep = {unit: summary for unit, summary in done.items() if unit in layers and site.has_pages(unit)}
+    """The finished units (done) that this build keeps: the layers asked for, the activation atlas, and the class
+    pages if their list of contributing channels would link as before (to the page of the last layer, or to none);
+    each only while its pages are there (one deleted by hand is built again)."""
+    keep = {unit: summary for unit, summary in done.items() if unit in [*layers, ACTIVATION] and site.has_pages(unit)}
     lists = last_layer in layers  # whether the class pages are to list that layer's channels
     classes = done.get(CLASSES)  # kept if they list as they are to, and the page they link to is kept too
     if classes and classes["lists_channels"] == lists and (last_layer in keep or not lists) and \
@@ -149,9 +169,9 @@ def _link(site, layers, done):
 
 def _code():
     """The source of every module of ours the pages are made with: featureviz, where every technique's settings
-    and steps are written, the modules that read the model's layers, predictions and the data, and this one,
-    which writes the pages."""
-    return "".join(Path(module.__file__).read_text() for module in (fv, models, metrics, training, data)) + \
+    and steps are written, the modules that read the model's layers, predictions and the data, utils, whose class
+    colours frame the activation atlas's cells, and this one, which writes the pages."""
+    return "".join(Path(module.__file__).read_text() for module in (fv, models, metrics, training, data, utils)) + \
         Path(__file__).read_text()
 
 
@@ -265,8 +285,8 @@ def _empty(out):
 def _written_by_atlas(name):
     """Whether a file or folder of the atlas's folder is one that build_atlas writes (or a temporary file of one
     that a killed build left)."""
-    return (name in ("index.html", "atlas.css", "img", MANIFEST) or re.fullmatch(r"(layer|class)-.*\.html", name)
-            or TEMPORARY.fullmatch(name)) is not None
+    return (name in ("index.html", "atlas.css", "img", MANIFEST, ACTIVATION_FILE)
+            or re.fullmatch(r"(layer|class)-.*\.html", name) or TEMPORARY.fullmatch(name)) is not None
 
 
 def _save_manifest(out, key, done):
@@ -382,6 +402,37 @@ def _class_pages(model, d, hows, steps, site, last_layer, has_page, bar):
     return dict(accuracy=(cm.diag().sum() / cm.sum()).item(), lists_channels=has_page)
 
 
+def activation_grid(samples):
+    """(grid, min_count) of the site's activation atlas of this many samples: the notebook's 12 x 12 cells of at least
+    8 for 4,000, a coarser grid for fewer (about 25 samples a cell or more, 2 x 2 at least), and a cell kept with a
+    third of its share."""
+    grid = min(12, max(2, math.isqrt(samples // 25)))
+    return grid, max(1, min(8, samples // (3 * grid * grid)))
+
+
+def _activation_page(model, d, layer, how, steps, site):
+    """Render the activation atlas of `layer` on the first ACTIVATION_SAMPLES test images with the technique `how`,
+    write its page; returns the summary the index needs."""
+    n = min(ACTIVATION_SAMPLES, len(d.test_y))
+    title = f"activation atlas of {layer}"
+    if n < ACTIVATION_MIN_SAMPLES:
+        site.write(ACTIVATION_FILE, site.page(title, f"<p>An activation atlas needs at least {ACTIVATION_MIN_SAMPLES} "
+                                                     f"test images; {html.escape(d.name)} has {n}.</p>"))
+        return dict(layer=layer, cells=0, samples=n)
+    grid, min_count = activation_grid(n)
+    try:
+        a = activation_atlas(model, d.test_x[:n], d.test_y[:n], layer, how, grid, min_count, steps=steps,
+                             size=d.size, progress=False)
+    except ValueError as e:  # no map of this layer (a dead one, say): the rest of the atlas stands, its page says why
+        site.write(ACTIVATION_FILE, site.page(title, f"<p>No activation atlas of {html.escape(layer)}: "
+                                                     f"{html.escape(str(e))}.</p>"))
+        return dict(layer=layer, cells=0, samples=n)
+    for k, image in enumerate(a.images):
+        site.save_png(site.cell_file(k), image)
+    site.write(ACTIVATION_FILE, site.page(title, site.activation_body(a, n, min_count)))
+    return dict(layer=layer, cells=len(a.rows), samples=n, mapped=int(a.counts.sum()), purity=a.purity.mean().item())
+
+
 def _index(site, layers, done):
     """The index of the finished units; those still to build are named as such (the index is rewritten as each
     unit finishes, so that an atlas being built, or one whose build stopped, opens at what it has)."""
@@ -389,9 +440,11 @@ def _index(site, layers, done):
                    f"<h3>{html.escape(layer)}</h3><p>not built yet</p>" for layer in layers)
     classes, acc = (site.class_strip(), f"Test accuracy {done[CLASSES]['accuracy']:.1%} (without test-time "
                     f"augmentation). ") if CLASSES in done else ("<p>not built yet</p>", "")
+    activation = site.activation_entry(done[ACTIVATION]) if ACTIVATION in done else "<p>not built yet</p>"
     body = (f"<p>{acc}Each channel's card shows its visualizations ({', '.join(site.techniques)}), its top {TOP} "
             f"and bottom {BOTTOM} test images with their activations, and its mean activation per class.</p>"
-            f'<h2>Layers</h2>{rows}<h2 id="all-classes">Classes</h2>{classes}')
+            f'<h2>Layers</h2>{rows}<h2 id="all-classes">Classes</h2>{classes}'
+            f'<h2 id="activation">Activation atlas</h2>{activation}')
     return site.page(site.title, body, nav=False)
 
 
@@ -427,7 +480,12 @@ figure{margin:0;text-align:center;font-size:11px}.label{width:52px;font-size:12p
 .bar.neg{background:#c66}.card h2{font-size:1em;margin:0}
 .barlabels{display:flex;gap:var(--g)}.barlabel{width:var(--w);font-size:9px;overflow:hidden;text-align:center}.strip{display:flex;gap:6px;flex-wrap:wrap}
 nav{margin:0 0 .8em;font-size:14px}nav b{color:#000}
-table{border-collapse:collapse}.row .label{align-self:center}td,th{padding:2px 8px;text-align:left}""".replace(
+table{border-collapse:collapse}.row .label{align-self:center}td,th{padding:2px 8px;text-align:left}
+.map{display:grid;grid-template-columns:repeat(var(--n),70px);grid-template-rows:repeat(var(--n),70px);gap:2px}
+.map a{border:3px solid;forced-color-adjust:none}.map a:hover,.map a:focus{outline:2px solid #000}
+.legend{display:flex;flex-wrap:wrap;gap:4px 12px;font-size:13px;margin:8px 0}
+.swatch{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle}
+.swatch{forced-color-adjust:none}""".replace(
     "BAR_HEIGHT", str(BAR_HEIGHT))
 
 
@@ -462,6 +520,11 @@ class Site:
     def vis_file(self, unit, technique, i):
         return f"img/{safe(unit)}/{safe(technique)}-{i}.png"
 
+    @staticmethod
+    def cell_file(k):
+        """The render of the activation atlas's cell k."""
+        return f"img/{ACTIVATION_IMAGES}/{k}.png"
+
     def test_image(self, i):
         """The path of test image i, written the first time a page shows it."""
         rel = f"img/{TESTS}/{i}.png"
@@ -473,7 +536,10 @@ class Site:
         return f"layer-{safe(layer)}.html"
 
     def pages(self, unit):
-        """The file names of a unit's pages: a layer's one, one per class for the class pages."""
+        """The file names of a unit's pages: a layer's one, one per class for the class pages, the activation atlas's
+        one."""
+        if unit == ACTIVATION:
+            return [ACTIVATION_FILE]
         return [f"class-{c}.html" for c in range(len(self.d.classes))] if unit == CLASSES else [self.layer_file(unit)]
 
     def has_pages(self, unit):
@@ -485,12 +551,14 @@ class Site:
 
     def remove_unfinished(self, layers, done):
         """Removes the pages of every unit not done (of an earlier build: a layer left out, class pages listing
-        another layer's channels) and the images of every layer but these, so that no page links what is gone."""
+        another layer's channels, an activation atlas of another model) and the images of every layer but these
+        (and the activation atlas's renders unless its page is done), so that no page links what is gone."""
         pages = {page for unit in done for page in self.pages(unit)}
-        for path in [*self.out.glob("layer-*.html"), *self.out.glob("class-*.html")]:
+        for path in [*self.out.glob("layer-*.html"), *self.out.glob("class-*.html"), *self.out.glob(ACTIVATION_FILE)]:
             if path.name not in pages:
                 path.unlink()
-        folders = {safe(unit) for unit in layers + [CLASSES]} | {TESTS}
+        folders = {safe(unit) for unit in layers + [CLASSES]} | {TESTS} | ({ACTIVATION_IMAGES} if ACTIVATION in done
+                                                                         else set())  # another map's cells are others
         for path in (self.out / "img").glob("*"):
             if path.is_dir() and path.name not in folders:
                 shutil.rmtree(path)
@@ -504,7 +572,7 @@ class Site:
 
     def nav(self, layers, done, here):
         """The bar of links atop a page: the index, each layer's page (the layer `here` in bold, one not built
-        yet unlinked) and the index's list of classes."""
+        yet unlinked), the index's list of classes and the activation atlas."""
         def link(unit, href, label):
             if unit == here:
                 return f'<b aria-current="page">{html.escape(label)}</b>'
@@ -513,7 +581,8 @@ class Site:
             return f'<a href="{href}">{html.escape(label)}</a>'
         units = [link(layer, self.layer_file(layer), layer) for layer in layers]
         return (f'<nav><a href="index.html">&larr; atlas</a> | layers: {" ".join(units)} | '
-                f'{link(CLASSES, "index.html#all-classes", "classes")}</nav>')
+                f'{link(CLASSES, "index.html#all-classes", "classes")} | '
+                f'{link(ACTIVATION, ACTIVATION_FILE, "activation atlas")}</nav>')
 
     def figure(self, src, caption, href=None, alt=None):
         """An image with its caption; alt: what it shows, for a reader who cannot see it (default the caption)."""
@@ -524,8 +593,12 @@ class Site:
         return f"<figure>{link}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
     def exemplar_row(self, label, indices, values):
-        figs = "".join(self.figure(self.test_image(i), f"{v:.2f}", alt=f"test image {i}, a {self.d.classes[y]}")
-                       for i, v, y in zip(indices.tolist(), values.tolist(), self.d.test_y[indices].tolist()))
+        return self.test_row(label, indices, [f"{v:.2f}" for v in values.tolist()])
+
+    def test_row(self, label, indices, captions):
+        """A row of test images, each with its caption."""
+        figs = "".join(self.figure(self.test_image(i), caption, alt=f"test image {i}, a {self.d.classes[y]}")
+                       for i, caption, y in zip(indices.tolist(), captions, self.d.test_y[indices].tolist()))
         return f'<div class="row"><span class="label">{label}</span>{figs}</div>'
 
     def bars(self, values):
@@ -601,6 +674,52 @@ class Site:
                                    f"class {name}") for c, name in enumerate(self.d.classes))
         return f'<div class="strip">{figs}</div>'
 
+    def activation_entry(self, summary):
+        """The index's paragraph on the activation atlas."""
+        link = f'<a href="{ACTIVATION_FILE}">{html.escape(summary["layer"])}</a>'
+        if not summary["cells"]:
+            return f"<p>{link}: no map (its page says why).</p>"
+        return (f"<p>What {link} tells apart across the test set: {summary['cells']} cells of {summary['mapped']} of "
+                f"the first {summary['samples']} test images, its most common class {summary['purity']:.0%} of a cell "
+                f"on average.</p>")
+
+    def activation_body(self, a, samples, min_count):
+        """The activation atlas's page below its title: its cells in their places on the grid, each framed in its
+        most common class's colour and linking to its card below, a legend of those classes, and the cards."""
+        names, colour = self.d.classes, utils.class_colours(len(self.d.classes))
+        hexes = [to_hex(colour(k)) for k in range(len(names))]
+        cells = "".join(
+            f'<a href="#cell{k}" style="grid-row:{r + 1};grid-column:{c + 1};border-color:{hexes[y]}" '
+            f'title="cell {k}: {n} images, {p:.0%} {html.escape(names[y])}"><img src="{self.cell_file(k)}" '
+            f'alt="cell {k}, mostly {html.escape(names[y])}" width="64" height="64"></a>'
+            for k, (r, c, n, y, p) in enumerate(zip(a.rows.tolist(), a.cols.tolist(), a.counts.tolist(),
+                                                    a.classes.tolist(), a.purity.tolist())))
+        legend = "".join(f'<span><span class="swatch" style="background:{hexes[y]}"></span>'
+                         f'{html.escape(names[y])}</span>' for y in sorted(set(a.classes.tolist())))
+        intro = (f"<p>Each of the first {samples} test images gives its activation vector at one random position of "
+                 f"the map of {html.escape(a.layer)}; t-SNE lays them out in 2-D, and the layout is cut into a "
+                 f"{a.grid} x {a.grid} grid. Each cell that holds at least {min_count} of them shows the render of "
+                 f"their average ({html.escape(self.techniques[0])}), framed in the colour of their images' most "
+                 f"common class: {len(a.rows)} cells of {int(a.counts.sum())} vectors, the most common class "
+                 f"{a.purity.mean():.0%} of a cell on average. Hover over a cell for its count and class; click it "
+                 f"for its images.</p>")
+        cards = "".join(self.cell_card(a, k) for k in range(len(a.rows)))
+        return (f'{intro}<div class="map" style="--n:{a.grid}">{cells}</div><div class="legend">{legend}</div>'
+                f'<h2>Cells</h2><div class="cards">{cards}</div>')
+
+    def cell_card(self, a, k):
+        """Cell k's card: its render, how many test images it averages and their most common classes, the first of
+        them."""
+        names, members = self.d.classes, a.members[k]
+        tally = torch.bincount(self.d.test_y[members], minlength=len(names))
+        common = [j for j in tally.argsort(descending=True, stable=True).tolist() if tally[j] > 0][:3]
+        shares = ", ".join(f"{tally[j] / len(members):.0%} {html.escape(names[j])}" for j in common)
+        render = self.figure(self.cell_file(k), self.techniques[0], alt=f"{self.techniques[0]} render of cell {k}")
+        shown = members[:TOP]
+        return (f'<div class="card" id="cell{k}"><h2>cell {k}: row {int(a.rows[k])}, column {int(a.cols[k])}</h2>'
+                f'<div class="row">{render}</div><p>{len(members)} test images: {shares}</p>'
+                f'{self.test_row("first", shown, [names[y] for y in self.d.test_y[shown].tolist()])}</div>')
+
 
 # ----------------------------------------------------------------------------- the activation atlas
 # Carter et al., "Activation Atlas" (Distill, 2019): an activation vector of each image, at one random position of a
@@ -658,7 +777,7 @@ def atlas_layout(vectors, grid=10, min_count=5, seed=0):
     99th percentiles in each coordinate (a few far-off points would squeeze the rest into a corner), cut into
     grid x grid cells, the first coordinate down the rows; the cells holding at least min_count vectors are kept,
     numbered in the grid's reading order (cell -1: a vector in none kept)."""
-    from sklearn.manifold import TSNE  # only here: the atlas of units does without it
+    from sklearn.manifold import TSNE  # only here: it takes a second to load, and only this needs it
     _check_layout(grid, min_count, seed)
     vectors = torch.as_tensor(vectors).detach().cpu().double()
     if vectors.dim() != 2 or len(vectors) < 2 * min_count:
@@ -711,6 +830,9 @@ def activation_atlas(model, images, labels, layer, technique, grid=10, min_count
         (cell[inside], labels[inside]), torch.ones(int(inside.sum())), accumulate=True)  # (K, classes)
     share, classes = (tally / counts[:, None]).max(1)
     alive = means.any(1)
+    if not alive.any():
+        raise ValueError(f"every cell's average is 0 at {layer} (its units are dead on these images): nothing to "
+                         f"render")
     directions = [fv.Direction(layer, m, ATLAS_COSSIM_POW) for m in means[alive]]
     members = [(cell == k).nonzero()[:, 0] for k in alive.nonzero()[:, 0].tolist()]
     r = technique(model, directions, seed=seed, **common)

@@ -476,7 +476,7 @@ def plot_activation_atlas(atlas, classes=None, save=None):
     pad = max(1, h // 16)  # the frame: 2 px at 32
     tall, wide = h + 2 * pad, w + 2 * pad
     canvas = np.ones((atlas.grid * tall, atlas.grid * wide, 3))
-    colours = _class_colours(len(classes) if classes is not None else int(atlas.classes.max()) + 1)
+    colours = class_colours(len(classes) if classes is not None else int(atlas.classes.max()) + 1)
     for image, row, col, label in zip(x, atlas.rows.tolist(), atlas.cols.tolist(), atlas.classes.tolist()):
         canvas[row * tall:(row + 1) * tall, col * wide:(col + 1) * wide] = colours(label)[:3]
         canvas[row * tall + pad:row * tall + pad + h, col * wide + pad:col * wide + pad + w] = image
@@ -488,7 +488,7 @@ def plot_activation_atlas(atlas, classes=None, save=None):
     return _finish(fig, save)
 
 
-def _class_colours(count):
+def class_colours(count):
     """A colour map of `count` classes, one colour each: tab10's, tab20's, or past 20 as many hues around the wheel."""
     return plt.get_cmap("tab10" if count <= 10 else "tab20" if count <= 20 else "hsv", None if count <= 20 else count)
 

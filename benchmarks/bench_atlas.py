@@ -4,7 +4,8 @@
 
 Builds into outputs/atlas_bench/ (emptied first, so nothing is reused; a folder given with --out is
 emptied only if it holds an atlas): every channel of every block's last spatial layer and the classes,
-under both techniques at 256 steps (STEPS or --steps, if set, changes them: the goals are at 256). Goals:
+under both techniques, and the activation atlas of the last layer under the first, at 256 steps (STEPS or
+--steps, if set, changes them: the goals are at 256). Goals:
 the CPU default model (`compact`) in at most 15 minutes on 2 CPU cores; `airbench` in at most 1 minute on a
 GPU. Then, where Playwright and Chromium are
 installed, a screenshot of the last layer's page goes to screenshot.png in that folder (copy it to
@@ -46,8 +47,9 @@ def main():
     took = time.perf_counter() - start
     device = training.get_device()
     print(f"atlas of {args.preset} on {d.name}: {channels} channels in {len(layers)} layers + {len(d.classes)} "
-          f"classes, techniques {', '.join(args.techniques)}, {args.steps} steps, {torch.get_num_threads()} threads, "
-          f"{device}: {took:.0f} s ({took / 60:.1f} min); {verdict(args, device, took)}")
+          f"classes + the activation atlas, techniques {', '.join(args.techniques)}, {args.steps} steps, "
+          f"{torch.get_num_threads()} threads, {device}: {took:.0f} s ({took / 60:.1f} min); "
+          f"{verdict(args, device, took)}")
     screenshot(out / f"layer-{atlas.safe(layers[-1])}.html", out / "screenshot.png")
 
 

@@ -2,6 +2,7 @@
 stale keys, the selectivity and head-contribution numbers, and a real headless browser."""
 import collections
 import copy
+import dataclasses
 import os
 import re
 import shlex
@@ -14,6 +15,7 @@ from urllib.parse import urlparse
 import pytest
 import torch
 import torch.nn.functional as F
+from matplotlib.colors import to_hex
 from torch import nn
 
 import atlas
@@ -22,6 +24,7 @@ import featureviz as fv
 import metrics
 import models
 import training
+import utils
 
 STEPS = 4
 TECHNIQUES = atlas.ATLAS_TECHNIQUES
@@ -88,7 +91,7 @@ def test_every_channel_of_every_block_has_its_card_and_every_link_resolves(tiny,
     assert index == out / "index.html"
     layers = models.block_layers(model, 32)
     pages = [index] + [out / f"layer-{atlas.safe(layer)}.html" for layer in layers] + \
-            [out / f"class-{c}.html" for c in range(len(d.classes))]
+            [out / f"class-{c}.html" for c in range(len(d.classes))] + [out / atlas.ACTIVATION_FILE]
     for layer in layers:
         cards = parse(out / f"layer-{atlas.safe(layer)}.html").cards
         assert cards == [f"c{c}" for c in range(models.layer_channels(model, layer, 32))]
@@ -196,7 +199,8 @@ def test_the_progress_bar_counts_images_and_the_pages_load_them_lazily(tiny, tmp
     model, d, vae = tiny
     layers = models.block_layers(model, 32)[-2:]
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS)
-    total = len(TECHNIQUES) * (sum(models.layer_channels(model, layer) for layer in layers) + len(d.classes))
+    total = len(TECHNIQUES) * (sum(models.layer_channels(model, layer) for layer in layers) + len(d.classes)) + \
+        atlas.activation_grid(len(d.test_y))[0] ** 2  # the activation atlas's cells, at most
     assert f"{total}/{total}" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
     page = (tmp_path / f"layer-{atlas.safe(layers[0])}.html").read_text()
     tags = re.findall(r"<img [^>]*>", page)
@@ -212,8 +216,10 @@ def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_pat
     model, d, vae = tiny
     layers = models.block_layers(model, 32)[-2:]
     calls = []
-    real_layer, real_classes = atlas._layer_page, atlas._class_pages
+    real_layer, real_classes, real_map = atlas._layer_page, atlas._class_pages, atlas._activation_page
     monkeypatch.setattr(atlas, "_layer_page", lambda *a: calls.append(a[2]) or real_layer(*a))
+    maps = []  # activation atlases built
+    monkeypatch.setattr(atlas, "_activation_page", lambda *a: maps.append(a[2]) or real_map(*a))
 
     def interrupted(*a):
         raise KeyboardInterrupt
@@ -230,9 +236,15 @@ def test_a_finished_build_is_reused_and_an_interrupted_one_resumes(tiny, tmp_pat
     assert f'href="layer-{atlas.safe(layers[1])}.html"' in page and '<span title="not built yet">classes' in page
     monkeypatch.setattr(atlas, "_class_pages", real_classes)
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS, progress=False)
-    assert calls == layers  # the finished layers were kept, only the classes ran
+    assert calls == layers and maps == [layers[-1]]  # the finished layers were kept, the classes and the map ran
     atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS, progress=False)
-    assert calls == layers
+    assert calls == layers and len(maps) == 1
+    other_map = tmp_path / "img" / atlas.ACTIVATION_IMAGES / "999.png"  # a cell of a map before this one
+    other_map.write_bytes(b"")
+    (tmp_path / atlas.ACTIVATION_FILE).unlink()  # deleted by hand: built again, its old renders gone first
+    atlas.build_atlas(model, d, vae, TECHNIQUES, tmp_path, layers, STEPS, progress=False)
+    assert calls == layers and len(maps) == 2 and not other_map.exists()
+    links_resolve(tmp_path)
     stale, mine = tmp_path / "img" / "stale.png", tmp_path / "atlas.zip"
     left = tmp_path / ".class-0.html.0123456789ab.tmp"
     for f in (stale, left, mine):  # a page of other settings, a killed build's temporary file, the user's file
@@ -705,6 +717,67 @@ def test_class_pages_list_the_confusions_both_ways(tiny, built):
         assert rows == [(j, int(cm[c, j]), int(cm[j, c])) for j in expected], c
 
 
+def test_the_activation_atlas_page_places_each_cell_and_lists_its_images(tiny, built):
+    """The site's activation atlas of the last layer: each kept cell of the layout at its row and column, framed in
+    its most common class's colour, linking to its card, which lists the first of the cell's test images."""
+    model, d, _ = tiny
+    out, index = built
+    layer, n = models.last_spatial_layer(model, 32), len(d.test_y)
+    grid, min_count = atlas.activation_grid(n)
+    assert (grid, min_count) == (2, 8)  # 120 test images
+    cell, rows, cols = atlas.atlas_layout(atlas.layer_samples(model, d.test_x, layer), grid, min_count)
+    page = (out / atlas.ACTIVATION_FILE).read_text()
+    placed = re.findall(r'<a href="#cell(\d+)" style="grid-row:(\d+);grid-column:(\d+);border-color:(#\w+)" '
+                        r'title="cell \d+: (\d+) images, \d+% ([^"]+)"><img src="([^"]+)"', page)
+    assert len(placed) == len(rows) > 1
+    colour = utils.class_colours(10)
+    for k, (number, row, col, hex_, count, name, src) in enumerate(placed):
+        members = (cell == k).nonzero()[:, 0]
+        common = torch.bincount(d.test_y[members], minlength=10).argmax().item()
+        assert (int(number), int(row) - 1, int(col) - 1, int(count)) == (k, rows[k], cols[k], len(members))
+        assert (name, hex_, src) == (d.classes[common], to_hex(colour(common)), atlas.Site.cell_file(k))
+        card = page[page.index(f'id="cell{k}"'):]
+        card = card[:card.index("</div></div>")]
+        shown = [int(i) for i in re.findall(r'src="img/~test/(\d+).png"', card)]
+        assert shown == members[:atlas.TOP].tolist()
+    assert f'href="{atlas.ACTIVATION_FILE}"' in index.read_text()
+    assert f'href="{atlas.ACTIVATION_FILE}"' in (out / f"layer-{atlas.safe(layer)}.html").read_text()  # its bar
+
+
+def test_an_atlas_of_too_few_test_images_says_so_instead_of_a_map(tiny, tmp_path):
+    model, d, vae = tiny
+    few = dataclasses.replace(d, test_x=d.test_x[:12], test_y=d.test_y[:12])
+    atlas.build_atlas(model, few, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS, progress=False)
+    assert "needs at least 20 test images; synthetic has 12" in (tmp_path / atlas.ACTIVATION_FILE).read_text()
+    assert "no map (its page says why)" in (tmp_path / "index.html").read_text()
+    links_resolve(tmp_path)
+
+
+def test_a_layer_without_a_map_leaves_the_rest_of_the_atlas_standing(tiny, tmp_path):
+    """A dead last layer (every image's vector the same) has no t-SNE layout: its page says so, and the build ends
+    as a whole atlas."""
+    model, d, vae = tiny
+    dead = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in dead.block3.parameters():
+            p.zero_()
+    atlas.build_atlas(dead, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS, progress=False)
+    page = (tmp_path / atlas.ACTIVATION_FILE).read_text()
+    assert "No activation atlas of block3.act2: the vectors are all the same" in page
+    assert (tmp_path / "class-0.html").is_file() and "no map" in (tmp_path / "index.html").read_text()
+    links_resolve(tmp_path)
+
+
+def test_the_activation_atlas_maps_the_first_test_images_alone(tiny, tmp_path, monkeypatch):
+    model, d, vae = tiny
+    monkeypatch.setattr(atlas, "ACTIVATION_SAMPLES", 60)
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS, progress=False)
+    page = (tmp_path / atlas.ACTIVATION_FILE).read_text()
+    shown = [int(i) for i in re.findall(r'src="img/~test/(\d+).png"', page)]
+    assert "Each of the first 60 test images" in page and shown and max(shown) < 60
+    assert " of the first 60 test images" in (tmp_path / "index.html").read_text()
+
+
 # ----------------------------------------------------------------------------- a real browser
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -786,6 +859,14 @@ def test_the_atlas_opens_offline_in_a_browser(built, browser, tmp_path):
         "img", "imgs => imgs.every(i => i.alt && i.alt !== i.closest('figure').innerText)")
     page.click('nav a:has-text("classes")')  # a class -> the list of every class
     assert page.url.endswith("index.html#all-classes") and page.is_visible("#all-classes")
+    _loaded(page, errors)
+    page.click(f'a[href="{atlas.ACTIVATION_FILE}"]')  # index -> the activation atlas
+    _loaded(page, errors)
+    cell = page.eval_on_selector(".map a", "a => a.getBoundingClientRect().toJSON()")
+    assert cell["width"] == cell["height"] == 70  # a render and its frame: its grid square
+    page.click(".map a >> nth=1")  # -> the card of its cell 1
+    assert page.url.endswith("#cell1") and page.is_visible("#cell1")
+    _loaded(page, errors)
     page.screenshot(path=str(tmp_path / "class.png"))
     page.goto((out / f"layer-{atlas.safe('block3.act2')}.html").resolve().as_uri())
     _loaded(page, errors)
@@ -917,6 +998,11 @@ def test_a_cell_of_dead_units_is_left_out_of_the_atlas(tiny, monkeypatch):
     assert (a.rows.tolist(), a.cols.tolist(), a.counts.tolist(), len(a.images)) == ([1], [1], [10], 1)
     assert torch.allclose(a.directions[0].vector, vectors[10:].mean(0))
     assert [m.tolist() for m in a.members] == [list(range(10, 20))]  # the live cell's images
+    vectors = vectors[:13]  # the dead cell, and 3 live vectors too few for a cell of their own
+    _Layout.xy = _Layout.xy[:13]
+    with pytest.raises(ValueError, match="every cell's average is 0 at block3.act2 .*: nothing to render"):
+        atlas.activation_atlas(model, d.test_x[:13], d.test_y[:13], "block3.act2", fv.render, grid=2, min_count=5,
+                               steps=1, progress=False)
 
 
 def test_an_activation_atlas_names_what_is_wrong_before_the_slow_work(tiny, monkeypatch):
@@ -979,5 +1065,5 @@ def test_the_activation_atlas_picture_puts_each_cell_in_its_place_framed_in_its_
     assert (canvas[0:36, 0:36] == 1).all()  # a cell left out: blank
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["c1", "c4"]
     utils.plt.close(fig)
-    many = utils._class_colours(30)  # past 20 classes, a colour each
+    many = utils.class_colours(30)  # past 20 classes, a colour each
     assert len({tuple(many(c)) for c in range(30)}) == 30
