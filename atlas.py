@@ -61,7 +61,7 @@ ACTIVATION_SAMPLES = 4000              # test images, one activation vector each
 ACTIVATION_MIN_SAMPLES = 20            # fewer make no map (its page says so)
 SWAPPING = "swapping in"               # the manifest's only entry while a rebuild's files move in
 MANIFEST = "atlas.json"
-NAV = re.compile(r"<nav>.*?</nav>", re.S)  # the bar of links atop a layer's or a class's page
+NAV = re.compile(r"<nav>.*?</nav>", re.S)  # the bar of links atop a layer's, a class's or the activation atlas's page
 SOURCE = re.compile(r'<img src="([^"]+)"')  # an image a page shows
 TESTS = "~test"  # img/~test: the test images the pages show (no layer's folder: `safe` names have no "~")
 TEMPORARY = re.compile(r"\..*\.[0-9a-f]{12}\.tmp")  # a file being written (data.atomic_write), or a killed one
@@ -97,7 +97,7 @@ def build_atlas(model, d, vae=None, techniques=ATLAS_TECHNIQUES, out=ATLAS_DIR, 
     # techniques, the layers' reading and the pages, which an edit (under autoreload) changes without a new VERSION
     # not the layers: each has its own entry, so that adding a layer renders only it
     key = fingerprint(VERSION, model, vae, techniques, steps, d.name, d.classes, d.test_x, d.test_y,
-                      cov, magnitude, _code())
+                      cov, magnitude, _code(), class_hexes(len(d.classes)))
 
     if saved is None or saved["key"] != key:  # a build that cannot work for its model fails before it touches a file
         for how in hows.values():  # one step of one channel and one class per technique
@@ -157,7 +157,8 @@ def _reused(site, done, layers, last_layer):
 
 def _link(site, layers, done):
     """Writes the index of the finished units, and the bar of links atop each of their pages anew (to the index,
-    to every layer, to the classes), so that a page built before links to the layers built after it."""
+    to every layer, to the classes, to the activation atlas), so that a page built before links to the units built
+    after it."""
     site.write("index.html", _index(site, layers, done))
     pages = {page: None if unit == CLASSES else unit for unit in done for page in site.pages(unit)}
     for name, here in pages.items():
@@ -169,9 +170,9 @@ def _link(site, layers, done):
 
 def _code():
     """The source of every module of ours the pages are made with: featureviz, where every technique's settings
-    and steps are written, the modules that read the model's layers, predictions and the data, utils, whose class
-    colours frame the activation atlas's cells, and this one, which writes the pages."""
-    return "".join(Path(module.__file__).read_text() for module in (fv, models, metrics, training, data, utils)) + \
+    and steps are written, the modules that read the model's layers, predictions and the data, and this one,
+    which writes the pages."""
+    return "".join(Path(module.__file__).read_text() for module in (fv, models, metrics, training, data)) + \
         Path(__file__).read_text()
 
 
@@ -416,21 +417,25 @@ def _activation_page(model, d, layer, how, steps, site):
     n = min(ACTIVATION_SAMPLES, len(d.test_y))
     title = f"activation atlas of {layer}"
     if n < ACTIVATION_MIN_SAMPLES:
-        site.write(ACTIVATION_FILE, site.page(title, f"<p>An activation atlas needs at least {ACTIVATION_MIN_SAMPLES} "
-                                                     f"test images; {html.escape(d.name)} has {n}.</p>"))
-        return dict(layer=layer, cells=0, samples=n)
+        return _no_map(site, title, layer, n, f"it needs at least {ACTIVATION_MIN_SAMPLES} test images; "
+                                              f"{d.name} has {n}")
     grid, min_count = activation_grid(n)
     try:
         a = activation_atlas(model, d.test_x[:n], d.test_y[:n], layer, how, grid, min_count, steps=steps,
                              size=d.size, progress=False)
-    except ValueError as e:  # no map of this layer (a dead one, say): the rest of the atlas stands, its page says why
-        site.write(ACTIVATION_FILE, site.page(title, f"<p>No activation atlas of {html.escape(layer)}: "
-                                                     f"{html.escape(str(e))}.</p>"))
-        return dict(layer=layer, cells=0, samples=n)
+    except NoMap as e:  # a dead layer, say: the rest of the atlas stands, and the page says why
+        return _no_map(site, title, layer, n, str(e))
     for k, image in enumerate(a.images):
         site.save_png(site.cell_file(k), image)
     site.write(ACTIVATION_FILE, site.page(title, site.activation_body(a, n, min_count)))
     return dict(layer=layer, cells=len(a.rows), samples=n, mapped=int(a.counts.sum()), purity=a.purity.mean().item())
+
+
+def _no_map(site, title, layer, samples, reason):
+    """The activation atlas's page when the layer has no map, saying why; returns its summary for the index."""
+    site.write(ACTIVATION_FILE, site.page(title, f"<p>No activation atlas of {html.escape(layer)}: "
+                                                 f"{html.escape(reason)}.</p>"))
+    return dict(layer=layer, cells=0, samples=samples)
 
 
 def _index(site, layers, done):
@@ -487,6 +492,12 @@ table{border-collapse:collapse}.row .label{align-self:center}td,th{padding:2px 8
 .swatch{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle}
 .swatch{forced-color-adjust:none}""".replace(
     "BAR_HEIGHT", str(BAR_HEIGHT))
+
+
+def class_hexes(count):
+    """Each class's colour as '#rrggbb', those of utils' plots (the activation atlas's frames)."""
+    colour = utils.class_colours(count)
+    return [to_hex(colour(k)) for k in range(count)]
 
 
 def bar_layout(classes, card=590):
@@ -686,8 +697,7 @@ class Site:
     def activation_body(self, a, samples, min_count):
         """The activation atlas's page below its title: its cells in their places on the grid, each framed in its
         most common class's colour and linking to its card below, a legend of those classes, and the cards."""
-        names, colour = self.d.classes, utils.class_colours(len(self.d.classes))
-        hexes = [to_hex(colour(k)) for k in range(len(names))]
+        names, hexes = self.d.classes, class_hexes(len(self.d.classes))
         cells = "".join(
             f'<a href="#cell{k}" style="grid-row:{r + 1};grid-column:{c + 1};border-color:{hexes[y]}" '
             f'title="cell {k}: {n} images, {p:.0%} {html.escape(names[y])}"><img src="{self.cell_file(k)}" '
@@ -726,6 +736,11 @@ class Site:
 # layer's map, laid out in 2-D by t-SNE; the layout cut into a grid, each cell's vectors averaged, and each average
 # rendered, all in one batch, as a Direction weighed by its cosine: a map of what the layer tells apart across the
 # data, and of where the classes lie on it.
+
+class NoMap(ValueError):
+    """The layer's vectors have no activation atlas (all the same, too spread for a cell, or every cell's average
+    0): a fact of the model and the images, not a wrong argument."""
+
 
 ATLAS_COSSIM_POW = 1.0  # the average's pattern, not its size alone (with 0, the strongest cells' colours saturate)
 
@@ -784,8 +799,8 @@ def atlas_layout(vectors, grid=10, min_count=5, seed=0):
         raise ValueError(f"an activation atlas needs (N, C) vectors, N at least 2 x min_count = {2 * min_count}; got "
                          f"{tuple(vectors.shape)}")
     if not vectors.isfinite().all() or not vectors.std(0).max() > 0:
-        raise ValueError("the vectors are all the same (a dead layer, or the same image again?) or not finite: they "
-                         "have no layout")
+        raise NoMap("the vectors are all the same (a dead layer, or the same image again?) or not finite: they "
+                    "have no layout")
     perplexity = min(30.0, (len(vectors) - 1) / 3)  # scikit-learn's default, or as many neighbours as there are
     xy = torch.from_numpy(TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(vectors.numpy()))
     lo, hi = xy.quantile(0.01, dim=0), xy.quantile(0.99, dim=0)
@@ -793,8 +808,8 @@ def atlas_layout(vectors, grid=10, min_count=5, seed=0):
     cells, cell, counts = (where[:, 0] * grid + where[:, 1]).unique(return_inverse=True, return_counts=True)
     kept = counts >= min_count
     if not kept.any():
-        raise ValueError(f"no cell of the {grid} x {grid} grid holds min_count = {min_count} of the {len(vectors)} "
-                         f"vectors: lower grid or min_count, or give more images")
+        raise NoMap(f"no cell of the {grid} x {grid} grid holds min_count = {min_count} of the {len(vectors)} "
+                    f"vectors: lower grid or min_count, or give more images")
     renumber = torch.cumsum(kept, 0) - 1  # `unique` sorts the cells, so the kept ones are numbered in reading order
     cell = torch.where(kept[cell], renumber[cell], -1)
     return cell, cells[kept] // grid, cells[kept] % grid
@@ -831,8 +846,7 @@ def activation_atlas(model, images, labels, layer, technique, grid=10, min_count
     share, classes = (tally / counts[:, None]).max(1)
     alive = means.any(1)
     if not alive.any():
-        raise ValueError(f"every cell's average is 0 at {layer} (its units are dead on these images): nothing to "
-                         f"render")
+        raise NoMap(f"every cell's average is 0 at {layer} (its units are dead on these images): nothing to render")
     directions = [fv.Direction(layer, m, ATLAS_COSSIM_POW) for m in means[alive]]
     members = [(cell == k).nonzero()[:, 0] for k in alive.nonzero()[:, 0].tolist()]
     r = technique(model, directions, seed=seed, **common)

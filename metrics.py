@@ -628,7 +628,10 @@ def _as_channels(channels):
     """The quality table's channel targets as a list (from a generator too): "layer:n" strings as Channels, Lucent's
     way of writing them; [] for none."""
     channels = [channels] if isinstance(channels, str) else list(channels)
-    return [fv.as_targets(c)[0] if isinstance(c, str) else c for c in channels]
+    try:
+        return [fv.as_targets(c)[0] if isinstance(c, str) else c for c in channels]
+    except TypeError as e:  # a string that is no "layer:n"
+        raise TypeError(f"channels: {e}") from None
 
 
 def _check_techniques(techniques):

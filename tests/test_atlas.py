@@ -448,6 +448,10 @@ def test_a_rebuild_is_built_beside_the_atlas_which_stays_whole_until_the_new_one
     (new / "notes.txt").unlink()
     atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS + 1, progress=False)
     assert len(calls) == 5 and not new.exists()
+    new.mkdir()  # given up once it had written its activation atlas's page: the atlas's file, removed as well
+    (new / atlas.ACTIVATION_FILE).write_text("")
+    atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, layers, STEPS + 1, progress=False)
+    assert len(calls) == 5 and not new.exists()
     # no folder beside it where a new one cannot go (a parent not writable, a mount point): emptied first, as before
     assert atlas.staging(tmp_path / "new") is None
     monkeypatch.setattr(os, "access", lambda *a, **k: False)
@@ -771,7 +775,11 @@ def test_a_layer_without_a_map_leaves_the_rest_of_the_atlas_standing(tiny, tmp_p
 def test_the_activation_atlas_maps_the_first_test_images_alone(tiny, tmp_path, monkeypatch):
     model, d, vae = tiny
     monkeypatch.setattr(atlas, "ACTIVATION_SAMPLES", 60)
+    mapped, real = [], atlas.activation_atlas
+    monkeypatch.setattr(atlas, "activation_atlas",
+                        lambda m, x, y, *a, **k: mapped.append((x, y)) or real(m, x, y, *a, **k))
     atlas.build_atlas(model, d, vae, ("pixel",), tmp_path, ["block3.act2"], STEPS, progress=False)
+    assert len(mapped) == 1 and torch.equal(mapped[0][0], d.test_x[:60]) and torch.equal(mapped[0][1], d.test_y[:60])
     page = (tmp_path / atlas.ACTIVATION_FILE).read_text()
     shown = [int(i) for i in re.findall(r'src="img/~test/(\d+).png"', page)]
     assert "Each of the first 60 test images" in page and shown and max(shown) < 60
@@ -867,7 +875,7 @@ def test_the_atlas_opens_offline_in_a_browser(built, browser, tmp_path):
     page.click(".map a >> nth=1")  # -> the card of its cell 1
     assert page.url.endswith("#cell1") and page.is_visible("#cell1")
     _loaded(page, errors)
-    page.screenshot(path=str(tmp_path / "class.png"))
+    page.screenshot(path=str(tmp_path / "activation.png"))
     page.goto((out / f"layer-{atlas.safe('block3.act2')}.html").resolve().as_uri())
     _loaded(page, errors)
     shot = Path(os.environ.get("ATLAS_SCREENSHOT", tmp_path / "layer.png"))

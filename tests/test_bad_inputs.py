@@ -533,7 +533,8 @@ def test_the_quality_table_checks_its_arguments_before_scoring_anything(nets, ti
          r"channels must be Channel, Neuron or Direction targets .* \['int', 'int'\]"),
         (dict(channels=["block1.act2:0", 3]), TypeError,  # Lucent's "layer:n" is a Channel; an int is not
          r"channels must be Channel, Neuron or Direction targets .* \['Channel', 'int'\]"),
-        (dict(channels="block1.act2"), TypeError, "a target given as a string is a channel, .*; got 'block1.act2'"),
+        (dict(channels="block1.act2"), TypeError,
+         "channels: a target given as a string is a channel, .*; got 'block1.act2'"),
         (dict(other=None), TypeError, "other must be a torch.nn.Module, got NoneType"),
     ]:
         with pytest.raises(error, match=match):
