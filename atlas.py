@@ -488,9 +488,8 @@ nav{margin:0 0 .8em;font-size:14px}nav b{color:#000}
 table{border-collapse:collapse}.row .label{align-self:center}td,th{padding:2px 8px;text-align:left}
 .map{display:grid;grid-template-columns:repeat(var(--n),70px);grid-template-rows:repeat(var(--n),70px);gap:2px}
 .map a{border:3px solid;forced-color-adjust:none}.map a:hover,.map a:focus{outline:2px solid #000}
-.legend{display:flex;flex-wrap:wrap;gap:4px 12px;font-size:13px;margin:8px 0}
-.swatch{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle}
-.swatch{forced-color-adjust:none}""".replace(
+.swatch{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle;forced-color-adjust:none}
+.legend{display:flex;flex-wrap:wrap;gap:4px 12px;font-size:13px;margin:8px 0}""".replace(
     "BAR_HEIGHT", str(BAR_HEIGHT))
 
 
