@@ -567,8 +567,9 @@ class Site:
         for path in [*self.out.glob("layer-*.html"), *self.out.glob("class-*.html"), *self.out.glob(ACTIVATION_FILE)]:
             if path.name not in pages:
                 path.unlink()
-        folders = {safe(unit) for unit in layers + [CLASSES]} | {TESTS} | ({ACTIVATION_IMAGES} if ACTIVATION in done
-                                                                         else set())  # another map's cells are others
+        folders = {safe(unit) for unit in layers + [CLASSES]} | {TESTS}
+        if ACTIVATION in done:  # else its renders go: another map's cells are other cells
+            folders.add(ACTIVATION_IMAGES)
         for path in (self.out / "img").glob("*"):
             if path.is_dir() and path.name not in folders:
                 shutil.rmtree(path)
