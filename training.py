@@ -674,13 +674,20 @@ def total_steps(batches, epochs):
     return max(1, math.ceil(round(batches * epochs, 9)))  # at least one step, however few epochs
 
 
+def epochs_done(step, batches):
+    """The epochs done after `step` steps of `batches` each, as the CSV's epoch column and the learning curves give
+    them: a whole number at an epoch's end, the fraction for a last epoch cut short (2.5), rounded down to three
+    decimals, so that it never reads as whole."""
+    return step // batches if step % batches == 0 else math.floor(step / batches * 1000) / 1000
+
+
 def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progress=True):
     """The loop both fits share: `total` steps in epochs over `loader`, a progress bar and a duration
     forecast; train_step(step, x, y) runs one step and returns its sums {name: tensor} (kept on the
     device, no host sync per step); end_epoch(epoch, sums, seen) returns the epoch's metrics row
-    (validation included), which goes to `keeper` with the epoch number and its seconds. A run stopped by an
-    error or an interrupt leaves the model in eval mode, as a finished run, with the best epoch's weights so far (before
-    the first epoch ends, with the weights the stop found)."""
+    (validation included), which goes to `keeper` with the epochs done (epochs_done) and its seconds. A run
+    stopped by an error or an interrupt leaves the model in eval mode, as a finished run, with the best epoch's
+    weights so far (before the first epoch ends, with the weights the stop found)."""
     step = 0
     bar = tqdm(total=total, desc=desc, disable=not progress)
     forecast = Forecast(total, desc, device_of(model), steps=10 if progress else 0, per_epoch=len(loader))
@@ -699,9 +706,10 @@ def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progre
                 if step >= total:
                     break
             row = end_epoch(epoch, sums, seen)
-            keeper.update(dict(epoch=epoch + 1, **row, seconds=time.perf_counter() - start))
+            done = epochs_done(step, len(loader))
+            keeper.update(dict(epoch=done, **row, seconds=time.perf_counter() - start))
             forecast.epoch(time.perf_counter() - start, step)
-            bar.set_postfix(epoch=epoch + 1, **{keeper.key: f"{row[keeper.key]:.4f}"})
+            bar.set_postfix(epoch=done, **{keeper.key: f"{row[keeper.key]:.4f}"})
     except BaseException as e:
         if keeper.state is not None:  # not the weights of a diverged or half-done epoch
             keeper.restore()

@@ -18,6 +18,7 @@ from torch import nn
 import data
 import models
 import training
+import utils
 
 TINY = dict(epochs=3, batch_size=200)
 
@@ -647,6 +648,21 @@ def test_fractional_epochs_take_the_steps_they_say():
     assert training.total_steps(50, 0.14) == 7  # 7.000000000000001
     assert training.total_steps(10, 1e-11) == 1  # the rounding never leaves a run with no step
     assert training.total_steps(10, 1.15) == 12 and training.total_steps(3, 1) == 3 and training.total_steps(3, 0.1) == 1
+
+
+def test_a_last_epoch_cut_short_is_recorded_and_plotted_at_its_fraction(tiny_data, tmp_path, monkeypatch):
+    assert training.epochs_done(4, 2) == 2 and training.epochs_done(3, 2) == 1.5
+    assert training.epochs_done(1999, 2000) == 0.999  # not rounded up to a whole epoch it did not finish
+    loaders, real_loader = [], training.Loader
+    monkeypatch.setattr(training, "Loader", lambda *a, **kw: loaders.append(real_loader(*a, **kw)) or loaders[-1])
+    rows = training.fit(models.build_model(models.cnn_config("small")), tiny_data, hyp=dict(epochs=1.5, batch_size=200),
+                        device="cpu", progress=False, csv_path=tmp_path / "m.csv")
+    batches = len(loaders[0])
+    cut = training.total_steps(batches, 1.5) / batches
+    assert [r["epoch"] for r in rows] == [1, math.floor(cut * 1000) / 1000] and 1 < cut < 2
+    assert [r["epoch"] for r in training.read_csv(tmp_path / "m.csv")] == [1, rows[1]["epoch"]]
+    fig = utils.plot_curves(tmp_path / "m.csv")
+    assert list(fig.axes[0].lines[0].get_xdata()) == [1, rows[1]["epoch"]]  # where the run stopped, not at 2
 
 
 def test_evaluate_is_the_plain_cross_entropy_and_accuracy_of_the_models_logits(trained, tiny_data):
