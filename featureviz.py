@@ -234,33 +234,41 @@ def color_sqrt(color_cov, channels):
 
 
 class FourierParam(nn.Module):
-    """Real-FFT coefficients scaled per frequency (whitened steps), colour-decorrelated, sigmoid."""
+    """Real-FFT coefficients scaled per frequency (whitened steps), colour-decorrelated, sigmoid.
+
+    shared: every image's coefficients are its own plus one set common to the whole batch (`common`, starting at 0),
+    which the gradients of all the images move: the images keep one layout (Lucid's aligned interpolation).
+    """
     shifts_in_spectrum = True  # forward(shift=...) takes a Shift's phase ramps (render() hands them over)
 
-    def __init__(self, n, channels, size, color_cov=None, decay=1.0, spectrum=None, sd=0.01, generator=None,
-                 init=None):
+    def __init__(self, n, channels, size, color_cov=None, decay=1.0, spectrum=None, sd=0.01, shared=False,
+                 generator=None, init=None):
         super().__init__()
         self.size = h, w = models.image_shape(size)
         self.register_buffer("scale", fourier_scale(self.size, decay, spectrum))  # (H, W//2+1)
         _register_color(self, color_sqrt(color_cov, channels))
         shape = (n, channels, h, w // 2 + 1, 2)
         self.coeffs = nn.Parameter(sd * torch.randn(shape, generator=generator))
+        self.common = nn.Parameter(torch.zeros(1, *shape[1:])) if shared else None  # the same draws as without
         if init is not None:
             self.set_images(init)
 
     def forward(self, shift=None):
         """The images; shift: (N, 1, H, W//2+1) phase ramps (Shift.phase) that translate them, or None."""
         factor = self.scale if shift is None else _polar(self.scale, shift)  # scale x exp(i shift)
-        spec = torch.view_as_complex(self.coeffs) * factor                  # (N, C, H, W//2+1)
+        coeffs = self.coeffs if self.common is None else self.coeffs + self.common
+        spec = torch.view_as_complex(coeffs) * factor                       # (N, C, H, W//2+1)
         return _to_image(self.mixing, _irfft2(spec, self.size))  # from (N, C, H, W)
 
     @torch.no_grad()
     def set_images(self, images):
-        """Set the coefficients so that forward() returns `images` (N, C, H, W) in [0, 1]."""
+        """Set the coefficients so that forward() returns `images` (N, C, H, W) in [0, 1] (the common ones to 0)."""
         x = _logit(data.to_float(images, "init").to(self.coeffs.device))
         x = _decorrelate(self.color, x)
         spec = torch.fft.rfft2(x, norm="ortho") / self.scale
         self.coeffs.copy_(torch.view_as_real(spec))
+        if self.common is not None:
+            self.common.zero_()
 
 
 def _rms(magnitude, size):
@@ -502,7 +510,8 @@ def parameterization(kind, pool=0, **options):
     """A recipe for render(param=...): 'pixel', 'fourier', 'maco', 'latent' or 'whitened' with its own
     options (fourier: color_cov, decay, spectrum, sd; maco: magnitude, color_cov, contrast; latent and
     whitened: vae, sd; whitened: jitter, added to the latent covariance before its Cholesky factor; every
-    kind: init images, one for all targets, one per target or one per image).
+    kind: init images, one for all targets, one per target or one per image; fourier: shared=True, one part of
+    the spectrum common to every image, FourierParam's).
 
     pool: draw this many random initializations and start each image from the best ones for its target
     (one forward pass; useful for the latent parameterizations, whose draws differ).
@@ -522,6 +531,9 @@ def parameterization(kind, pool=0, **options):
     data.check_count("pool", pool, 0)
     if pool and options.get("init") is not None:
         raise ValueError("pool draws random starts and init gives the starts: pass one of them, not both")
+    if pool and options.get("shared"):
+        raise ValueError("pool keeps each image's best draws, and shared=True adds one part common to them all: "
+                         "pass one of them, not both")
     _check_options(options)
     return Recipe(PARAMS[kind], options, pool)
 
@@ -535,6 +547,8 @@ def _check_options(options):
     if cov is not None:
         cov = torch.as_tensor(cov)
         color_sqrt(cov, len(cov) if cov.dim() else 0)  # square and finite; its channels are checked by render()
+    if not isinstance(options.get("shared", False), bool):
+        raise TypeError(f"shared must be True or False, got {options['shared']!r}")
     for name, low, inclusive in (("decay", 0, True), ("sd", 0, True), ("contrast", 0, False), ("jitter", 0, True)):
         if name in options:
             data.check_real(name, options[name], low, inclusive)

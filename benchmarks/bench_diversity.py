@@ -29,14 +29,29 @@ import models  # noqa: E402
 import training  # noqa: E402
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def notebook_options(description):
+    """A parser with the options that find the notebooks' classifier checkpoints: --dataset, --ckpt-dir, --preset,
+    --seed (notebook_settings fills in those left out)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--dataset", help="a dataset name or image-folder path (data.load_data; default: DATASET, "
                    "else cifar10-jpeg)")
     p.add_argument("--ckpt-dir", default=str(ROOT / "checkpoints"), help="where the notebooks' checkpoints are")
     p.add_argument("--preset", choices=sorted(models.CNN_PRESETS),
                    help="the notebooks' classifier preset (default: PRESET, else this device's)")
     p.add_argument("--seed", type=int, help="the notebooks' SEED (their train/val split; default: SEED, else 0)")
+    return p
+
+
+def notebook_settings(p, args):
+    """The notebook options left out, from the environment as the notebooks read it, else their defaults."""
+    training.from_environment(p, args, [
+        ("dataset", "DATASET", "cifar10-jpeg", {}),
+        ("preset", "PRESET", training.device_defaults()["preset"], dict(choices=models.CNN_PRESETS)),
+        ("seed", "SEED", 0, dict(low=0, high=training.MAX_SEED))])
+
+
+def parse_args():
+    p = notebook_options(__doc__.split("\n")[0])
     p.add_argument("--weights", type=weights, default="0,0.5,1,1.25,1.5,2,3", help="comma-separated Diversity weights")
     p.add_argument("--images", type=training.at_least(2), default=6,
                    help=f"images per unit, 2 to {3 * metrics.R} (a channel's exemplars: its top {3 * metrics.R})")
@@ -47,10 +62,7 @@ def parse_args():
     args = p.parse_args()
     if args.images > 3 * metrics.R:
         p.error(f"argument --images: at most {3 * metrics.R}, a channel's top exemplars, got {args.images}")
-    training.from_environment(p, args, [
-        ("dataset", "DATASET", "cifar10-jpeg", {}),
-        ("preset", "PRESET", training.device_defaults()["preset"], dict(choices=models.CNN_PRESETS)),
-        ("seed", "SEED", 0, dict(low=0, high=training.MAX_SEED))])
+    notebook_settings(p, args)
     return args
 
 

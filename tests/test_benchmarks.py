@@ -39,6 +39,7 @@ BAD_VALUES = [
     ("bench_vae.py", ["--epochs", "nan"], "argument --epochs: must be a number > 0"),
     ("bench_training.py", ["accuracy", "--epochs", "-1"], "argument --epochs: must be a number > 0"),
     ("bench_diversity.py", ["--seeds", "0"], "argument --seeds: must be an int >= 1"),
+    ("bench_interpolation.py", ["--frames", "2"], "argument --frames: must be an int >= 3"),
 ]
 
 

@@ -433,6 +433,48 @@ def test_fourier_and_pixel_params_start_from_given_images(size):
         fv.parameterization("fourier", init=torch.rand(3, 3, 32, 32))(3, 3, (32, 33))
 
 
+def test_a_shared_fourier_spectrum_is_one_part_common_to_every_image():
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    own, shared = (fv.FourierParam(4, 3, 32, shared=s, generator=gen()) for s in (False, True))
+    assert torch.equal(own(), shared()) and own.common is None  # the same draws, the common part at 0
+    weights = torch.rand(4, 3, 32, 32)
+    (shared() * weights).sum().backward()
+    assert shared.common.grad.abs().sum() > 0  # every image's gradient moves the one common part: their sum
+    torch.testing.assert_close(shared.common.grad, shared.coeffs.grad.sum(0, keepdim=True))
+    with torch.no_grad():
+        shared.common.add_(1.0)
+    images = torch.rand(4, 3, 32, 32) * 0.9 + 0.05
+    shared.set_images(images)  # its own parts hold the images, the common one goes back to 0
+    assert torch.allclose(shared(), images, atol=1e-4) and not shared.common.any()
+    with pytest.raises(TypeError, match="shared must be True or False, got 1"):
+        fv.parameterization("fourier", shared=1)
+    with pytest.raises(ValueError, match="pool keeps each image's best draws, and shared=True"):
+        fv.parameterization("fourier", shared=True, pool=8)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['shared'\] for parameterization 'maco'"):
+        fv.parameterization("maco", shared=True)
+
+
+def _neighbour_correlation(images):
+    x = images.flatten(1) - images.flatten(1).mean(1, keepdim=True)
+    x = x / x.norm(dim=1, keepdim=True)
+    return (x[:-1] * x[1:]).sum(1)
+
+
+@pytest.mark.parametrize("layer, a, b", [("block1.act2", 2, 9), ("block2.act2", 3, 20), ("block3.act2", 5, 17)])
+def test_an_interpolation_with_a_shared_spectrum_keeps_one_layout_and_still_walks(trained, layer, a, b):
+    """Measured at 48 steps: neighbouring frames correlate 0.04-0.46 on their own, 0.75-0.93 sharing, at a higher
+    mean activation (3.9 against 2.8 in block1.act2); each end still excites its own channel two or more times as
+    much as the other end does."""
+    model, ends = trained["model"], [fv.Channel(layer, a), fv.Channel(layer, b)]
+    frames = [(1 - t) * ends[0] + t * ends[1] for t in (0, 0.25, 0.5, 0.75, 1)]
+    own, shared = (fv.render(model, frames, param=fv.parameterization("fourier", shared=s), steps=48, progress=False)
+                   for s in (False, True))
+    assert _neighbour_correlation(shared.images).min() > _neighbour_correlation(own.images).max() + 0.3
+    assert (shared.history[-1] > shared.history[0]).all() and shared.activation.mean() > 0.9 * own.activation.mean()
+    at_the_ends = fv.activations(model, shared.images[[0, -1]], ends)  # still a walk: each end is its channel's
+    assert at_the_ends[0, 0] > at_the_ends[1, 0] and at_the_ends[1, 1] > at_the_ends[0, 1]
+
+
 def test_whitened_latent_maps_zero_to_mean_and_has_the_latent_covariance():
     vae = vae_with_stats()
     p = fv.WhitenedLatentParam(20000, 3, 32, vae, generator=torch.Generator().manual_seed(0))
