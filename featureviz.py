@@ -241,8 +241,8 @@ class FourierParam(nn.Module):
     """
     shifts_in_spectrum = True  # forward(shift=...) takes a Shift's phase ramps (render() hands them over)
 
-    def __init__(self, n, channels, size, color_cov=None, decay=1.0, spectrum=None, sd=0.01, shared=False,
-                 generator=None, init=None):
+    def __init__(self, n, channels, size, color_cov=None, decay=1.0, spectrum=None, sd=0.01, generator=None,
+                 init=None, shared=False):
         super().__init__()
         self.size = h, w = models.image_shape(size)
         self.register_buffer("scale", fourier_scale(self.size, decay, spectrum))  # (H, W//2+1)
@@ -531,7 +531,7 @@ def parameterization(kind, pool=0, **options):
     data.check_count("pool", pool, 0)
     if pool and options.get("init") is not None:
         raise ValueError("pool draws random starts and init gives the starts: pass one of them, not both")
-    if pool and options.get("shared"):
+    if pool and options.get("shared") is True:  # any other value is refused by name below
         raise ValueError("pool keeps each image's best draws, and shared=True adds one part common to them all: "
                          "pass one of them, not both")
     _check_options(options)
@@ -1395,7 +1395,8 @@ def render(model, targets, param="fourier", steps=256, lr=0.05, transforms=STAND
       one captured CUDA graph: a transform or term of one's own draws its randomness from gen, as tensors (a
       Python branch is taken once, at the capture; featureviz.CUDA_GRAPHS = False runs every step eagerly).
     regularizers: weighted terms added to the loss, one or a list: TV(2.0), [L2(1.0), TV(2.0)], [Diversity()].
-    restarts: optimize this many candidates per image and keep the one with the highest activation.
+    restarts: optimize this many candidates per image and keep the one with the highest activation (a Fourier
+      parameterization with shared=True shares its common part among them too).
     size: the side of square images, or their (height, width), if the model does not record it
       (models.input_size).
     seed: seeds the initialization and the transforms; the same seed gives the same images for the same

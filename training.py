@@ -677,8 +677,9 @@ def total_steps(batches, epochs):
 def epochs_done(step, batches):
     """The epochs done after `step` steps of `batches` each, as the CSV's epoch column and the learning curves give
     them: a whole number at an epoch's end, the fraction for a last epoch cut short (2.5), rounded down to three
-    decimals, so that it never reads as whole."""
-    return step // batches if step % batches == 0 else math.floor(step / batches * 1000) / 1000
+    decimals in integers, and at least 0.001 past the whole epochs, so that it never reads as whole."""
+    whole, rest = divmod(step, batches)
+    return whole if not rest else whole + max(rest * 1000 // batches, 1) / 1000
 
 
 def run_epochs(model, loader, total, train_step, end_epoch, keeper, desc, progress=True):

@@ -53,7 +53,7 @@ def ends_apart(model, images, a, b):
 def main():
     args = parse_args()
     model, d, _ = atlas.notebook_models(args.dataset, None, args.preset, None, [], args.seed, args.ckpt_dir)
-    recipe = fv.techniques(color_cov=fv.color_covariance(d.train_x))["fourier"].settings["param"]
+    recipe = fv.techniques(color_cov=fv.color_covariance(d.train_x[:10000]))["fourier"].settings["param"]  # as theirs
     params = {shared: fv.parameterization("fourier", **recipe.options, shared=shared) for shared in (False, True)}
     walk = torch.linspace(0, 1, args.frames).tolist()
     sample = metrics.channel_sample(model, per_block=2 * args.pairs, size=d.size)
@@ -61,8 +61,10 @@ def main():
           "|---|---|---|---|---|---|---|")
     for layer in dict.fromkeys(c.layer for c in sample):
         channels = [c for c in sample if c.layer == layer]
+        if len(channels) < 2:  # a layer of one channel has nothing to walk between
+            continue
         found = {shared: ([], [], []) for shared in params}
-        for a, b in zip(channels[::2], channels[1::2]):
+        for a, b in zip(channels[::2], channels[1::2]):  # a layer of fewer channels gives fewer pairs
             frames = [(1 - t) * a + t * b for t in walk]
             for seed in range(args.seeds):
                 for shared, param in params.items():

@@ -653,13 +653,15 @@ def test_fractional_epochs_take_the_steps_they_say():
 def test_a_last_epoch_cut_short_is_recorded_and_plotted_at_its_fraction(tiny_data, tmp_path, monkeypatch):
     assert training.epochs_done(4, 2) == 2 and training.epochs_done(3, 2) == 1.5
     assert training.epochs_done(1999, 2000) == 0.999  # not rounded up to a whole epoch it did not finish
+    assert training.epochs_done(1, 2000) == 0.001 and training.epochs_done(4001, 2000) == 2.001  # nor down to one
+    assert training.epochs_done(201, 200) == 1.005  # 201 / 200 * 1000 is 1004.9999999999999 in floats
     loaders, real_loader = [], training.Loader
     monkeypatch.setattr(training, "Loader", lambda *a, **kw: loaders.append(real_loader(*a, **kw)) or loaders[-1])
     rows = training.fit(models.build_model(models.cnn_config("small")), tiny_data, hyp=dict(epochs=1.5, batch_size=200),
                         device="cpu", progress=False, csv_path=tmp_path / "m.csv")
     batches = len(loaders[0])
     cut = training.total_steps(batches, 1.5) / batches
-    assert [r["epoch"] for r in rows] == [1, math.floor(cut * 1000) / 1000] and 1 < cut < 2
+    assert [r["epoch"] for r in rows] == [1, pytest.approx(cut, abs=1e-3)] and 1 < rows[1]["epoch"] <= cut
     assert [r["epoch"] for r in training.read_csv(tmp_path / "m.csv")] == [1, rows[1]["epoch"]]
     fig = utils.plot_curves(tmp_path / "m.csv")
     assert list(fig.axes[0].lines[0].get_xdata()) == [1, rows[1]["epoch"]]  # where the run stopped, not at 2
