@@ -505,6 +505,15 @@ class Recipe:
         """The same recipe, its images initialized to `images` (N, C, H, W) instead of random draws."""
         return Recipe(self.cls, {**self.options, "init": images})
 
+    def with_options(self, **options):
+        """The same recipe with these options added or changed, checked as parameterization() checks them:
+        `TECHNIQUES["fourier"].settings["param"].with_options(shared=True)`."""
+        kind = next((name for name, cls in PARAMS.items() if cls is self.cls), None)
+        if kind is None:
+            raise TypeError(f"with_options takes a recipe of parameterization(...), of {', '.join(PARAMS)}; this one "
+                            f"builds {self.cls.__name__}")
+        return parameterization(kind, self.pool, **{**self.options, **options})
+
 
 def parameterization(kind, pool=0, **options):
     """A recipe for render(param=...): 'pixel', 'fourier', 'maco', 'latent' or 'whitened' with its own

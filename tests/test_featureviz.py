@@ -452,6 +452,14 @@ def test_a_shared_fourier_spectrum_is_one_part_common_to_every_image():
         fv.parameterization("fourier", shared=True, pool=8)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['shared'\] for parameterization 'maco'"):
         fv.parameterization("maco", shared=True)
+    fourier = fv.techniques(color_cov=torch.eye(3))["fourier"].settings["param"]  # a technique's recipe, shared
+    recipe = fourier.with_options(shared=True)
+    assert recipe.cls is fv.FourierParam and recipe.options == {**fourier.options, "shared": True} and recipe.pool == 0
+    assert recipe(2, 3, 32).common is not None and fourier(2, 3, 32).common is None  # the technique's own unchanged
+    with pytest.raises(ValueError, match="pool keeps each image's best draws"):  # checked as parameterization() does
+        fv.parameterization("fourier", pool=4).with_options(shared=True)
+    with pytest.raises(TypeError, match="with_options takes a recipe of parameterization.*builds Identity"):
+        fv.Recipe(torch.nn.Identity, {}).with_options(shared=True)
 
 
 def _neighbour_correlation(images):

@@ -184,6 +184,16 @@ for layer in INVERT_LAYERS:
 """
 
 
+# And its walk between two units, again in fourier with a shared spectrum: the same targets, the same images as a
+# render of its own with fourier's recipe and shared=True.
+ALIGNED = """
+import torch
+assert aligned.targets == walk.targets and len(aligned.targets) == len(MIXES)
+recipe = featureviz.parameterization("fourier", color_cov=color_cov, decay=1.5, shared=True)
+assert torch.equal(aligned.images, featureviz.render(model, walk.targets, param=recipe, steps=STEPS, seed=SEED).images)
+"""
+
+
 # And its activation atlas renders the cells of its samples' layout, each its cell's average.
 ACTIVATION_ATLAS = """
 import torch
@@ -239,7 +249,7 @@ def _smoke_checks(name, nb):
     load = next(c.source for c in nb.cells if "other_ckpt =" in c.source)
     explorer = next(c.source for c in nb.cells if "widgets.interactive(" in c.source)
     return (PRESS_RENDER.format(cell=explorer) + NEURON_RING + PRINTED_COMMAND.format(cell=cell)
-            + RERUN_CHANNELS.format(cell=channels) + INVERSION + ACTIVATION_ATLAS
+            + RERUN_CHANNELS.format(cell=channels) + ALIGNED + INVERSION + ACTIVATION_ATLAS
             + STOPPED_LOAD.format(cell=load))
 
 
