@@ -54,7 +54,7 @@ def main():
     args = parse_args()
     model, d, _ = atlas.notebook_models(args.dataset, None, args.preset, None, [], args.seed, args.ckpt_dir)
     recipe = fv.techniques(color_cov=fv.color_covariance(d.train_x[:10000]))["fourier"].settings["param"]  # as theirs
-    params = {shared: fv.parameterization("fourier", **recipe.options, shared=shared) for shared in (False, True)}
+    params = {shared: recipe.with_options(shared=shared) for shared in (False, True)}
     walk = torch.linspace(0, 1, args.frames).tolist()
     sample = metrics.channel_sample(model, per_block=2 * args.pairs, size=d.size)
     print("| layer | neighbour correlation, own | shared | mean activation, own | shared | ends apart, own | shared |\n"
